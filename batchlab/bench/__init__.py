@@ -1,0 +1,1 @@
+"""Benchmarks behind ``batchlab bench ...``; results files live in ``benchmarks/results``."""

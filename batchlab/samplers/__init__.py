@@ -1,0 +1,9 @@
+"""Batch construction: which examples meet in a batch.
+
+Every batch sampler here follows :class:`~batchlab.samplers.base.GlobalBatchSampler`'s
+contract (seed, ``set_epoch``, exact ``__len__``, ``state_dict``, rank split).
+"""
+
+from batchlab.samplers.base import GlobalBatchSampler
+
+__all__ = ["GlobalBatchSampler"]
