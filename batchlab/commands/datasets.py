@@ -1,0 +1,84 @@
+"""``batchlab datasets``: list, build and inspect the offline datasets."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from batchlab.commands._common import EXIT_MISSING, add_common_arguments, add_subcommand
+
+NAMES = ("codesearch", "fashion_mnist")
+
+
+def add_parser(subparsers) -> None:
+    parser = add_subcommand(
+        subparsers,
+        "datasets",
+        help="list, build or inspect the offline datasets",
+        description="The offline datasets: `list` shows them and whether they are available, `info NAME` "
+        "builds (or loads from the cache) and summarises one, writing <out>/<name>.json with a few samples.",
+        example="batchlab datasets info codesearch --samples 3",
+    )
+    parser.add_argument("action", nargs="?", default="list", choices=["list", "info"], help="what to do (default: list)")
+    parser.add_argument("name", nargs="?", choices=NAMES, help="dataset for `info`")
+    parser.add_argument("--samples", type=int, default=2, help="how many examples to print (default: 2)")
+    parser.add_argument("--packages", nargs="*", default=(), help="codesearch: also harvest these installed packages")
+    parser.add_argument("--cache-dir", default=None, help="codesearch cache (default: ~/.cache/batchlab)")
+    parser.add_argument("--path", default=None, help="fashion_mnist: directory with the IDX files")
+    parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    add_common_arguments(parser, out="results/datasets")
+    parser.set_defaults(func=run)
+
+
+def _summary(name: str, args) -> dict:
+    if name == "codesearch":
+        from batchlab.datasets import load_codesearch
+
+        data = load_codesearch(packages=tuple(args.packages), cache_dir=args.cache_dir, progress=args.progress)
+        train, test = data["train"], data["test"]
+        return {
+            "name": name,
+            "train_pairs": len(train),
+            "test_pairs": len(test),
+            "train_modules": len({m for m in train.modules}),
+            "test_modules": len({m for m in test.modules}),
+            "source_hash": data["source_hash"],
+            "samples": [{"query": train.queries[i], "document": train.documents[i]} for i in range(min(args.samples, len(train)))],
+        }
+    from batchlab.datasets import load_fashion_mnist
+
+    train = load_fashion_mnist("train", path=args.path)
+    test = load_fashion_mnist("test", path=args.path)
+    return {
+        "name": name,
+        "train_images": len(train),
+        "test_images": len(test),
+        "classes": list(train.classes),
+        "samples": [{"label": int(train.labels[i]), "caption": train.caption(i)} for i in range(min(args.samples, len(train)))],
+    }
+
+
+def run(args) -> int:
+    if args.action == "list":
+        from batchlab.datasets import fashion_mnist_available
+
+        print("codesearch     (docstring summary, code) pairs from the Python standard library  [always available]")
+        status = "available" if fashion_mnist_available(args.path) else "missing: apt-get install dataset-fashion-mnist"
+        print(f"fashion_mnist  70,000 28x28 images with caption templates  [{status}]")
+        return 0
+    if args.name is None:
+        print("batchlab datasets info: name which dataset, e.g. `batchlab datasets info codesearch`", file=sys.stderr)
+        return 2
+    summary = _summary(args.name, args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.json").write_text(json.dumps(summary, indent=2))
+    for key, value in summary.items():
+        if key != "samples":
+            print(f"{key}: {value}")
+    for sample in summary["samples"]:
+        print("---")
+        for key, value in sample.items():
+            print(f"{key}: {value}")
+    return 0 if summary else EXIT_MISSING
