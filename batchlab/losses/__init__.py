@@ -1,0 +1,28 @@
+"""Contrastive losses with exact reference implementations and memory-efficient fast paths.
+
+Functional API: :func:`info_nce`, :func:`siglip`, :func:`dcl`, :func:`nt_xent`.
+Modules with open_clip's call: :class:`InfoNCELoss`, :class:`SigLIPLoss`,
+:class:`DCLLoss`, :class:`NTXentLoss`. Every function takes ``impl=`` ("auto",
+"reference", "tiled", "triton") and ``distributed=`` ("none", "allgather", "ring", "auto").
+"""
+
+from batchlab.losses._common import LSE
+from batchlab.losses._dispatch import available_impls
+from batchlab.losses.dcl import dcl
+from batchlab.losses.infonce import info_nce
+from batchlab.losses.modules import DCLLoss, InfoNCELoss, NTXentLoss, SigLIPLoss
+from batchlab.losses.nt_xent import nt_xent
+from batchlab.losses.siglip import siglip
+
+__all__ = [
+    "LSE",
+    "available_impls",
+    "info_nce",
+    "siglip",
+    "dcl",
+    "nt_xent",
+    "InfoNCELoss",
+    "SigLIPLoss",
+    "DCLLoss",
+    "NTXentLoss",
+]

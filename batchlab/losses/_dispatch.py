@@ -1,0 +1,89 @@
+"""Choosing an implementation (``impl=``) for a loss family.
+
+Implementations register themselves under ``(family, impl)``. The reference
+implementations live beside each public function; the tiled engine and the Triton
+kernels live in ``batchlab.losses.tiled`` and ``batchlab.losses.triton`` and are
+imported only when first asked for, so ``import batchlab`` stays light.
+
+Every implementation of a family takes the same validated arguments as the
+family's reference function and returns ``(loss, lse_or_None)``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+
+from batchlab.errors import BatchlabInputError
+
+_REGISTRY: dict[tuple[str, str], Callable] = {}
+_BACKEND_MODULES = {"tiled": "batchlab.losses.tiled", "triton": "batchlab.losses.triton"}
+
+#: ``impl="auto"`` uses the reference below this many logits (N * M) and a
+#: memory-efficient backend above it; 4096 x 4096 fp32 logits take 64 MiB.
+AUTO_TILED_MIN_LOGITS = 4096 * 4096
+
+
+def register(family: str, impl: str) -> Callable[[Callable], Callable]:
+    """Decorator: make ``fn`` the ``impl`` implementation of loss ``family``."""
+
+    def decorate(fn: Callable) -> Callable:
+        _REGISTRY[(family, impl)] = fn
+        return fn
+
+    return decorate
+
+
+def _load_backend(impl: str) -> bool:
+    module = _BACKEND_MODULES.get(impl)
+    if module is None:
+        return True
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def _triton_usable(device: torch.device) -> bool:
+    if device.type != "cuda" or not _load_backend("triton"):
+        return False
+    triton_mod = importlib.import_module(_BACKEND_MODULES["triton"])
+    return bool(getattr(triton_mod, "triton_available", lambda d: False)(device))
+
+
+def resolve(family: str, impl: str, n: int, m: int, device: torch.device) -> Callable:
+    """The implementation of ``family`` that ``impl`` names for an (n x m) problem on ``device``."""
+    if impl == "auto":
+        if _triton_usable(device) and (family, "triton") in _REGISTRY:
+            impl = "triton"
+        elif n * m > AUTO_TILED_MIN_LOGITS and _load_backend("tiled") and (family, "tiled") in _REGISTRY:
+            impl = "tiled"
+        else:
+            impl = "reference"
+    else:
+        _load_backend(impl)
+        if impl == "triton" and device.type != "cuda":
+            import os
+
+            if os.environ.get("TRITON_INTERPRET") != "1":
+                raise BatchlabInputError(
+                    f"impl='triton' needs CUDA tensors (got {device}); use impl='tiled' on the CPU, "
+                    "or set TRITON_INTERPRET=1 to run the kernels in Triton's (slow) interpreter"
+                )
+    fn = _REGISTRY.get((family, impl))
+    if fn is None:
+        available = sorted(i for f, i in _REGISTRY if f == family)
+        raise BatchlabInputError(
+            f"impl={impl!r} is not available for {family} in this installation; available: {available}"
+        )
+    return fn
+
+
+def available_impls(family: str) -> list[str]:
+    """The implementations of ``family`` that can be imported here."""
+    for impl in _BACKEND_MODULES:
+        _load_backend(impl)
+    return sorted(i for f, i in _REGISTRY if f == family)

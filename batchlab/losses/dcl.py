@@ -1,0 +1,146 @@
+"""Decoupled contrastive learning (DCL) and its weighted variant (DCLW).
+
+DCL (Yeh et al., 2022) removes the positive from InfoNCE's denominator:
+
+    loss_i = -w_i * mean_{p in P_i} L_ip  +  logsumexp_{j not in P_i} L_ij
+
+with ``L = s * q @ k.T``. Plain DCL has ``w_i = 1``. DCLW weights the positive term by
+the von Mises-Fisher weighting ``w_i = 2 - N * softmax_i(c_i / sigma)``, where
+``c_i`` is the cosine similarity of query i to its positive(s) (the mean when there
+are several) and the softmax runs over the batch. The weights are treated as
+constants (no gradient flows through them), as in lightly's ``DCLWLoss``.
+The symmetric loss averages the query->key and key->query directions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from batchlab.errors import BatchlabInputError
+from batchlab.losses import _dispatch
+from batchlab.losses._common import (
+    LSE,
+    NegMask,
+    check_extra_negatives,
+    check_neg_mask,
+    check_options,
+    compute_dtype,
+    positive_mask,
+    prepare_pair,
+    prepare_positives,
+    prepare_scalar,
+)
+from batchlab.losses._distributed_hook import run_distributed, use_distributed
+from batchlab.losses.infonce import check_no_masked_positive, materialize_neg_mask, reduce_loss
+
+
+def dcl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    logit_scale: torch.Tensor | float,
+    *,
+    weighted: bool = False,
+    sigma: float = 0.5,
+    symmetric: bool = True,
+    targets: torch.Tensor | None = None,
+    pos_mask: torch.Tensor | None = None,
+    extra_negatives: torch.Tensor | None = None,
+    neg_mask: NegMask = None,
+    reduction: str = "mean",
+    return_lse: bool = False,
+    normalize: bool = False,
+    impl: str = "auto",
+    distributed: str = "none",
+    group=None,
+    **impl_options,
+):
+    """Decoupled contrastive loss (DCL), or DCLW with ``weighted=True``.
+
+    Parameters are those of :func:`~batchlab.losses.info_nce`, plus ``weighted`` (DCLW)
+    and ``sigma`` (its temperature, default 0.5 as in the paper). Each query needs at
+    least one negative: N=1 without ``extra_negatives`` is refused.
+
+    Examples
+    --------
+    >>> import torch, torch.nn.functional as F
+    >>> q, k = F.normalize(torch.randn(8, 16), dim=1), F.normalize(torch.randn(8, 16), dim=1)
+    >>> dcl(q, k, 10.0, weighted=True).shape
+    torch.Size([])
+    """
+    check_options(reduction, impl, distributed)
+    if not (isinstance(sigma, (int, float)) and sigma > 0):
+        raise BatchlabInputError(f"sigma must be a positive number, got {sigma!r}")
+    q, k = prepare_pair(q, k, normalize=normalize)
+    scale = prepare_scalar("logit_scale", logit_scale, q)
+    extra_negatives = check_extra_negatives(extra_negatives, q)
+    options = dict(weighted=weighted, sigma=float(sigma), symmetric=symmetric, targets=targets,
+                   pos_mask=pos_mask, extra_negatives=extra_negatives, neg_mask=neg_mask, reduction=reduction)
+    if use_distributed(distributed, group):
+        return run_distributed("dcl", distributed, group, q, k, scale, return_lse=return_lse, impl=impl,
+                               **options, **impl_options)
+    n, m = q.shape[0], k.shape[0]
+    if symmetric and n != m:
+        raise BatchlabInputError(
+            f"the symmetric loss needs as many keys as queries, got {n} and {m}; pass symmetric=False"
+        )
+    has_extra = extra_negatives is not None and extra_negatives.shape[1] > 0
+    if m < 2 and not has_extra:
+        raise BatchlabInputError(
+            "DCL removes the positive from the denominator, so each query needs at least one negative; "
+            f"got {m} key(s) and no extra_negatives"
+        )
+    options["targets"], options["pos_mask"] = prepare_positives(
+        n, m, q.device, targets=targets, pos_mask=pos_mask, need_columns=symmetric
+    )
+    options["neg_mask"] = check_neg_mask(neg_mask, n, m, q.device)
+    fn = _dispatch.resolve("dcl", impl, n, m, q.device)
+    loss, lse = fn(q, k, scale, **options, **impl_options)
+    return (loss, lse) if return_lse else loss
+
+
+def check_has_negatives(row_lse: torch.Tensor) -> None:
+    """A query whose negatives were all masked has an empty denominator (loss -inf)."""
+    empty = torch.isneginf(row_lse).nonzero().flatten()
+    if empty.numel():
+        raise BatchlabInputError(
+            f"{empty.numel()} query(ies) have no negative left after neg_mask (first: {int(empty[0])}); "
+            "DCL needs at least one negative per query"
+        )
+
+
+def dclw_weights(positive_cosine: torch.Tensor, sigma: float) -> torch.Tensor:
+    """DCLW's weights ``2 - N * softmax(c / sigma)`` for (N,) positive cosines, without gradient."""
+    c = positive_cosine.detach()
+    return 2 - c.shape[0] * torch.softmax(c / sigma, dim=0)
+
+
+@_dispatch.register("dcl", "reference")
+def dcl_reference(q, k, scale, *, weighted, sigma, symmetric, targets, pos_mask, extra_negatives, neg_mask,
+                  reduction):
+    """Exact DCL/DCLW over the materialised (N, M) logits."""
+    dtype = compute_dtype(q.dtype)
+    n, m = q.shape[0], k.shape[0]
+    cos = q.to(dtype) @ k.to(dtype).T
+    logits = scale * cos
+    pos = positive_mask(n, m, q.device, targets, pos_mask)
+    neg = materialize_neg_mask(neg_mask, n, m, q.device)
+    check_no_masked_positive(pos, neg)
+    removed = pos if neg is None else pos | neg
+    denom = logits.masked_fill(removed, float("-inf"))
+    pos_f = pos.to(dtype)
+    row_pos = (logits * pos_f).sum(1) / pos_f.sum(1)
+    row_terms = denom
+    if extra_negatives is not None and extra_negatives.shape[1]:
+        extra = scale * torch.einsum("nd,nmd->nm", q.to(dtype), extra_negatives.to(dtype))
+        row_terms = torch.cat([denom, extra], dim=1)
+    row_lse = torch.logsumexp(row_terms, dim=1)
+    check_has_negatives(row_lse)
+    w_row = dclw_weights((cos * pos_f).sum(1) / pos_f.sum(1), sigma) if weighted else 1.0
+    row_loss = row_lse - w_row * row_pos
+    col_loss = col_lse = None
+    if symmetric:
+        col_pos = (logits * pos_f).sum(0) / pos_f.sum(0)
+        col_lse = torch.logsumexp(denom, dim=0)
+        w_col = dclw_weights((cos * pos_f).sum(0) / pos_f.sum(0), sigma) if weighted else 1.0
+        col_loss = col_lse - w_col * col_pos
+    return reduce_loss(row_loss, col_loss, reduction), LSE(row_lse, col_lse)
