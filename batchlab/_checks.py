@@ -65,7 +65,7 @@ def check_normalized(name: str, x: torch.Tensor, *, atol: float = 2e-2, sample: 
     if rows.shape[0] == 0:
         return
     step = max(1, rows.shape[0] // sample)
-    norms = rows[::step][:sample].float().norm(dim=-1)
+    norms = rows.detach()[::step][:sample].float().norm(dim=-1)
     worst = float((norms - 1).abs().max())
     if worst > atol:
         raise BatchlabInputError(
