@@ -35,15 +35,15 @@ def _summary(name: str, args) -> dict:
     if name == "codesearch":
         from batchlab.datasets import load_codesearch
 
-        data = load_codesearch(packages=tuple(args.packages), cache_dir=args.cache_dir, progress=args.progress)
-        train, test = data["train"], data["test"]
+        kw = dict(packages=tuple(args.packages), cache_dir=args.cache_dir, progress=args.progress)
+        train, test = load_codesearch("train", **kw), load_codesearch("test", **kw)
         return {
             "name": name,
             "train_pairs": len(train),
             "test_pairs": len(test),
             "train_modules": len({m for m in train.modules}),
             "test_modules": len({m for m in test.modules}),
-            "source_hash": data["source_hash"],
+            "source_hash": train.source_hash,
             "samples": [{"query": train.queries[i], "document": train.documents[i]} for i in range(min(args.samples, len(train)))],
         }
     from batchlab.datasets import load_fashion_mnist
