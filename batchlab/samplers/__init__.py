@@ -5,5 +5,6 @@ contract (seed, ``set_epoch``, exact ``__len__``, ``state_dict``, rank split).
 """
 
 from batchlab.samplers.base import GlobalBatchSampler
+from batchlab.samplers.jest import JESTSelection, JointExampleSelector
 
-__all__ = ["GlobalBatchSampler"]
+__all__ = ["GlobalBatchSampler", "JointExampleSelector", "JESTSelection"]
