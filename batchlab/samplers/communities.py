@@ -1,0 +1,438 @@
+"""Groups of exactly ``K`` (within one) from a similarity graph: METIS, Louvain, Leiden.
+
+B3 partitions its mutual rank-window graph (:mod:`batchlab.samplers.graph`) with
+METIS into balanced parts of ``K`` examples (min edge cut), and builds each batch
+from ``|B| / K`` random parts. This module offers that partition and two
+community-detection alternatives, all ending in the same size guarantee:
+
+* ``method="metis"`` (default): ``pymetis.part_graph`` into ``round(N / K)`` parts;
+* ``method="louvain"`` / ``"leiden"``: modularity communities from python-igraph
+  (``community_multilevel`` / ``community_leiden``; about 20x faster than
+  networkx's Louvain at the same modularity), or networkx's
+  ``louvain_communities`` with ``backend="networkx"`` (the default when the graph
+  is a ``networkx.Graph``). Communities have no size control, so
+* :func:`repair_sizes` splits big communities and merges small ones along a
+  locality order (reverse Cuthill-McKee, which places graph neighbours near each
+  other) until every group has ``K - 1``, ``K`` or ``K + 1`` members. Nothing is
+  dropped: isolated nodes are merged into groups like any other small piece.
+
+Size guarantee: every group has ``K - 1 .. K + 1`` members whenever that is
+possible, which it is as soon as ``N >= K * (K - 1)`` or so; for smaller ``N`` the
+groups are balanced instead (``max(1, round(N / K))`` groups whose sizes differ by
+at most one) and a warning says so.
+
+Example
+-------
+>>> from batchlab.datasets.synthetic import gaussian_mixture
+>>> from batchlab.samplers.graph import rank_window_graph
+>>> x, y = gaussian_mixture(640, 16, 4, seed=0)
+>>> scores, ids = (x @ x.T).fill_diagonal_(-2).topk(60, dim=1)
+>>> labels = partition_graph(rank_window_graph(ids, scores, window=(10, 60)), 32)
+>>> sizes = np.bincount(labels); int(sizes.min()), int(sizes.max()), len(sizes)
+(31, 33, 20)
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from batchlab._checks import check_choice, check_positive_int
+from batchlab.errors import BatchlabInputError
+
+if TYPE_CHECKING:
+    import scipy.sparse
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("metis", "louvain", "leiden")
+BACKENDS = ("igraph", "networkx")
+
+
+# -- input ---------------------------------------------------------------------
+def _is_networkx(graph: Any) -> bool:
+    return type(graph).__module__.startswith("networkx")
+
+
+def as_csr(graph: Any) -> "scipy.sparse.csr_matrix":
+    """A symmetric float32 CSR matrix from a scipy sparse matrix/array or a networkx graph."""
+    import scipy.sparse as sp
+
+    if _is_networkx(graph):
+        from batchlab.samplers.graph import from_networkx
+
+        return from_networkx(graph)
+    if not sp.issparse(graph):
+        raise BatchlabInputError(
+            f"graph must be a scipy sparse matrix (from rank_window_graph) or a networkx.Graph, "
+            f"got {type(graph).__name__}; never pass a dense N x N matrix"
+        )
+    graph = sp.csr_matrix(graph, dtype=np.float32)
+    if graph.shape[0] != graph.shape[1]:
+        raise BatchlabInputError(f"graph must be square (N, N), got shape {graph.shape}")
+    if graph.nnz and not np.isfinite(graph.data).all():
+        raise BatchlabInputError("graph has NaN or Inf edge weights")
+    if (graph != graph.T).nnz:
+        raise BatchlabInputError(
+            "graph must be symmetric (an undirected graph storing both directions); "
+            "symmetrise it with (graph + graph.T) / 2"
+        )
+    graph.sort_indices()
+    return graph
+
+
+def _positive_weights(w: np.ndarray) -> np.ndarray:
+    """Modularity and METIS need positive weights; a rare negative similarity becomes tiny."""
+    if w.size and w.min() <= 0:
+        logger.info("clipping %d non-positive edge weights to 1e-6", int((w <= 0).sum()))
+        w = np.maximum(w, 1e-6)
+    return w
+
+
+# -- community detection (no size control) -------------------------------------
+def _igraph_communities(graph, method: str, seed: int, resolution: float) -> np.ndarray:
+    import igraph
+    import scipy.sparse as sp
+
+    upper = sp.triu(graph, k=1).tocoo()
+    g = igraph.Graph(n=graph.shape[0], edges=np.column_stack([upper.row, upper.col]).tolist())
+    g.es["weight"] = _positive_weights(upper.data.astype(np.float64))
+    # igraph draws from a process-wide Python RNG (the `random` module by default):
+    # seed a private one for this call and put the default back afterwards.
+    igraph.set_random_number_generator(random.Random(seed))
+    try:
+        if method == "louvain":
+            clustering = g.community_multilevel(weights="weight", resolution=resolution)
+        else:
+            clustering = g.community_leiden(
+                objective_function="modularity", weights="weight", resolution=resolution, n_iterations=-1
+            )
+    finally:
+        igraph.set_random_number_generator(random)
+    return np.asarray(clustering.membership, dtype=np.int64)
+
+
+def _networkx_communities(graph, nx_graph, seed: int, resolution: float) -> np.ndarray:
+    import networkx as nx
+
+    from batchlab.samplers.graph import to_networkx
+
+    if nx_graph is None:
+        nx_graph = to_networkx(graph)
+    communities = nx.community.louvain_communities(nx_graph, weight="weight", resolution=resolution, seed=seed)
+    labels = np.empty(graph.shape[0], dtype=np.int64)
+    for c, members in enumerate(communities):
+        labels[list(members)] = c
+    return labels
+
+
+def detect_communities(
+    graph: Any,
+    *,
+    method: str = "louvain",
+    backend: str | None = None,
+    seed: int = 0,
+    resolution: float = 1.0,
+) -> np.ndarray:
+    """Modularity communities (no size control): ``(N,)`` int64 labels ``0 .. C-1``.
+
+    Parameters
+    ----------
+    graph:
+        Symmetric scipy sparse ``(N, N)`` graph, or a ``networkx.Graph`` with nodes ``0 .. N-1``.
+    method:
+        ``"louvain"`` or ``"leiden"`` (modularity objective).
+    backend:
+        ``"igraph"`` (default for scipy graphs) or ``"networkx"`` (default for networkx
+        graphs; Louvain only, about 20x slower).
+    seed:
+        Seeds the algorithm's random node order; same seed, same labels.
+    resolution:
+        Modularity resolution; larger gives smaller communities.
+
+    >>> import scipy.sparse as sp
+    >>> two_triangles = sp.csr_matrix(np.kron(np.eye(2), np.ones((3, 3))) - np.eye(6))
+    >>> detect_communities(two_triangles).tolist()
+    [0, 0, 0, 1, 1, 1]
+    """
+    method = check_choice("method", method, ("louvain", "leiden"))
+    nx_graph = graph if _is_networkx(graph) else None
+    if backend is None:
+        backend = "networkx" if nx_graph is not None else "igraph"
+    backend = check_choice("backend", backend, BACKENDS)
+    if backend == "networkx" and method == "leiden":
+        raise BatchlabInputError(
+            'networkx has no Leiden implementation of its own; use backend="igraph" or method="louvain"'
+        )
+    csr = as_csr(graph)
+    start = time.perf_counter()
+    if backend == "igraph":
+        labels = _igraph_communities(csr, method, seed, resolution)
+    else:
+        labels = _networkx_communities(csr, nx_graph, seed, resolution)
+    logger.info(
+        "%s (%s): %d communities on %d nodes in %.2fs",
+        method, backend, int(labels.max(initial=-1)) + 1, csr.shape[0], time.perf_counter() - start,
+    )
+    return labels
+
+
+# -- METIS ---------------------------------------------------------------------
+def _metis_parts(graph, n_parts: int, seed: int, use_weights: bool) -> np.ndarray:
+    import pymetis
+
+    n = graph.shape[0]
+    if n_parts == 1 or graph.nnz == 0:
+        # METIS has nothing to cut: one part, or singletons that repair_sizes merges.
+        return np.zeros(n, dtype=np.int64) if n_parts == 1 else np.arange(n, dtype=np.int64)
+    eweights = None
+    if use_weights:
+        # METIS wants positive integer weights: map the float weights onto 1 .. 100.
+        w = graph.data.astype(np.float64)
+        low, high = w.min(), w.max()
+        scaled = (w - low) / (high - low) if high > low else np.zeros_like(w)
+        eweights = (1 + np.rint(99 * scaled)).astype(np.int64)
+    options = pymetis.Options(seed=int(seed))
+    xadj, adjncy = graph.indptr.astype(np.int64), graph.indices.astype(np.int64)
+    if hasattr(pymetis, "CSRAdjacency"):  # pymetis >= 2025.2; xadj/adjncy keywords are deprecated there
+        _, parts = pymetis.part_graph(
+            n_parts, pymetis.CSRAdjacency(xadj, adjncy), eweights=eweights, options=options
+        )
+    else:
+        _, parts = pymetis.part_graph(n_parts, xadj=xadj, adjncy=adjncy, eweights=eweights, options=options)
+    return np.asarray(parts, dtype=np.int64)
+
+
+# -- size repair ---------------------------------------------------------------
+def locality_order(graph) -> np.ndarray:
+    """``(N,)`` position of each node in a reverse Cuthill-McKee order (graph neighbours get close positions)."""
+    from scipy.sparse.csgraph import reverse_cuthill_mckee
+
+    perm = reverse_cuthill_mckee(graph, symmetric_mode=True)
+    position = np.empty(graph.shape[0], dtype=np.int64)
+    position[perm] = np.arange(graph.shape[0])
+    return position
+
+
+def _balanced_chunks(members: np.ndarray, n_chunks: int) -> list[np.ndarray]:
+    return [c for c in np.array_split(members, n_chunks) if c.size]
+
+
+def repair_sizes(
+    labels: np.ndarray,
+    group_size: int,
+    *,
+    position: np.ndarray,
+) -> np.ndarray:
+    """Turn any labelling into groups of ``group_size`` (within one), dropping nothing.
+
+    Parameters
+    ----------
+    labels:
+        ``(N,)`` community labels (any non-negative ints).
+    group_size:
+        ``K``, the wanted group size.
+    position:
+        ``(N,)`` locality order (see :func:`locality_order`): big communities are cut
+        into runs of consecutive positions, small ones are merged with the small
+        ones nearest in this order.
+
+    Returns
+    -------
+    np.ndarray
+        ``(N,)`` int64 group ids ``0 .. G-1``; sizes in ``K-1 .. K+1`` when possible
+        (see the module docstring), else balanced.
+
+    >>> repair_sizes(np.array([0] * 7 + [1, 2, 3]), 5, position=np.arange(10)).tolist()
+    [0, 0, 0, 0, 0, 1, 1, 1, 1, 1]
+    """
+    k = check_positive_int("group_size", group_size)
+    labels = np.asarray(labels, dtype=np.int64)
+    n = labels.size
+    if k > n:
+        raise BatchlabInputError(f"group_size={k} is larger than the number of examples N={n}; use group_size <= N")
+    order = np.lexsort((position, labels))  # by community, then by locality
+    sizes = np.bincount(labels)
+    bounds = np.concatenate([[0], np.cumsum(sizes[sizes > 0])])
+    groups: list[np.ndarray] = []
+    small: list[np.ndarray] = []
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        members, s = order[a:b], int(b - a)
+        if k - 1 <= s <= k + 1:
+            groups.append(members)
+            continue
+        # split: q balanced runs of consecutive positions, if some q makes them all K +- 1
+        q = max(1, s // k)
+        if s > k + 1 and (k - 1) * q <= s <= (k + 1) * q:
+            groups.extend(_balanced_chunks(members, q))
+        elif s > k + 1 and (k - 1) * (q + 1) <= s <= (k + 1) * (q + 1):
+            groups.extend(_balanced_chunks(members, q + 1))
+        else:
+            full = s // k
+            groups.extend(members[i * k : (i + 1) * k] for i in range(full))
+            if s - full * k:
+                small.append(members[full * k :])
+    # merge: the small pieces, nearest first in the locality order, cut into runs of K
+    n_kept = len(groups)
+    leftover = np.zeros(0, dtype=np.int64)
+    if small:
+        small.sort(key=lambda piece: float(position[piece].mean()))
+        stream = np.concatenate(small)
+        n_full = stream.size // k
+        groups.extend(stream[i * k : (i + 1) * k] for i in range(n_full))
+        leftover = stream[n_full * k :]
+        if leftover.size >= k - 1:
+            groups.append(leftover)
+            leftover = leftover[:0]
+    if leftover.size:
+        # one extra member for each of the last merged runs (their neighbours in the
+        # order), then for any group that still has room
+        candidates = [i for i in range(len(groups) - 1, n_kept - 1, -1)] + list(range(n_kept))
+        candidates = [i for i in candidates if groups[i].size <= k]
+        if len(candidates) >= leftover.size:
+            for node, i in zip(leftover, candidates):
+                groups[i] = np.append(groups[i], node)
+            leftover = leftover[:0]
+    if leftover.size:
+        # too few examples for K +- 1 everywhere: balanced groups along the same order
+        n_groups = max(1, round(n / k))
+        key = np.empty(n, dtype=np.int64)
+        for g, members in enumerate(groups + [leftover]):
+            key[members] = g
+        groups = _balanced_chunks(np.lexsort((position, key)), n_groups)
+        sizes_now = [g.size for g in groups]
+        warnings.warn(
+            f"N={n} is too small for groups of {k} +- 1; using {n_groups} balanced groups of "
+            f"{min(sizes_now)}..{max(sizes_now)} examples",
+            stacklevel=2,
+        )
+    out = np.empty(n, dtype=np.int64)
+    for g, members in enumerate(groups):
+        out[members] = g
+    return out
+
+
+# -- the entry point -----------------------------------------------------------
+def partition_graph(
+    graph: Any,
+    group_size: int,
+    *,
+    method: str = "metis",
+    backend: str | None = None,
+    seed: int = 0,
+    resolution: float = 1.0,
+    use_weights: bool = True,
+) -> np.ndarray:
+    """Partition a graph into groups of ``group_size`` (within one): B3's METIS step.
+
+    Parameters
+    ----------
+    graph:
+        Symmetric scipy sparse ``(N, N)`` graph (:func:`~batchlab.samplers.graph.rank_window_graph`)
+        or a ``networkx.Graph`` with nodes ``0 .. N-1``.
+    group_size:
+        ``K``. Must be ``<= N``.
+    method:
+        ``"metis"`` (balanced min-cut parts; B3), ``"louvain"`` or ``"leiden"``
+        (modularity communities, then :func:`repair_sizes`).
+    backend:
+        For Louvain/Leiden: ``"igraph"`` or ``"networkx"`` (see :func:`detect_communities`).
+    seed:
+        Seeds METIS / igraph / networkx; same seed, same groups.
+    resolution:
+        Modularity resolution (Louvain/Leiden only).
+    use_weights:
+        METIS: use the edge weights (mapped onto integers 1..100); else every edge counts 1.
+
+    Returns
+    -------
+    np.ndarray
+        ``(N,)`` int64 group ids ``0 .. G-1``.
+    """
+    method = check_choice("method", method, METHODS)
+    k = check_positive_int("group_size", group_size)
+    if method == "metis" and backend is not None:
+        raise BatchlabInputError(f'backend={backend!r} applies to louvain/leiden only; METIS always uses pymetis')
+    csr = as_csr(graph)
+    n = csr.shape[0]
+    if k > n:
+        raise BatchlabInputError(
+            f"group_size={k} is larger than the number of examples N={n}; use group_size <= N "
+            "(B3 uses 32 for batches of 1024)"
+        )
+    start = time.perf_counter()
+    if method == "metis":
+        labels = _metis_parts(csr, max(1, round(n / k)), seed, use_weights)
+    else:
+        labels = detect_communities(graph, method=method, backend=backend, seed=seed, resolution=resolution)
+    detected = time.perf_counter()
+    groups = repair_sizes(labels, k, position=locality_order(csr))
+    logger.info(
+        "%s: %d groups of %d..%d on %d nodes (partition %.2fs, size repair %.2fs)",
+        method, int(groups.max()) + 1, int(np.bincount(groups).min()), int(np.bincount(groups).max()), n,
+        detected - start, time.perf_counter() - detected,
+    )
+    return groups
+
+
+# -- quality -------------------------------------------------------------------
+def partition_quality(graph: Any, labels: np.ndarray) -> dict[str, float | int]:
+    """Modularity, edge cut and group sizes of a labelling of ``graph``.
+
+    Returns a dict: ``modularity`` (weighted, resolution 1), ``edge_cut`` (total weight
+    of edges between groups), ``cut_fraction`` (share of edges between groups),
+    ``n_groups``, ``size_min``, ``size_max``, ``isolated`` (nodes without edges).
+
+    >>> import scipy.sparse as sp
+    >>> g = sp.csr_matrix(np.kron(np.eye(2), np.ones((3, 3))) - np.eye(6))
+    >>> round(partition_quality(g, np.array([0, 0, 0, 1, 1, 1]))["modularity"], 3)
+    0.5
+    """
+    csr = as_csr(graph)
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape != (csr.shape[0],):
+        raise BatchlabInputError(f"labels must have shape ({csr.shape[0]},), got {labels.shape}")
+    coo = csr.tocoo()
+    same = labels[coo.row] == labels[coo.col]
+    total = float(coo.data.sum())  # 2m: both directions stored
+    sizes = np.bincount(labels)
+    sizes = sizes[sizes > 0]
+    if total > 0:
+        degree = np.asarray(csr.sum(axis=1)).ravel()
+        group_degree = np.bincount(labels, weights=degree)
+        modularity = float(coo.data[same].sum()) / total - float((group_degree**2).sum()) / total**2
+    else:
+        modularity = 0.0
+    return {
+        "modularity": modularity,
+        "edge_cut": float(coo.data[~same].sum()) / 2,
+        "cut_fraction": float((~same).mean()) if coo.nnz else 0.0,
+        "n_groups": int(sizes.size),
+        "size_min": int(sizes.min()),
+        "size_max": int(sizes.max()),
+        "isolated": int((np.diff(csr.indptr) == 0).sum()),
+    }
+
+
+def adjusted_rand_index(labels_true: np.ndarray, labels_pred: np.ndarray) -> float:
+    """Adjusted Rand index of two labellings (1 = identical up to renaming, about 0 = chance).
+
+    >>> adjusted_rand_index(np.array([0, 0, 1, 1]), np.array([5, 5, 2, 2]))
+    1.0
+    """
+    a = np.unique(np.asarray(labels_true), return_inverse=True)[1]
+    b = np.unique(np.asarray(labels_pred), return_inverse=True)[1]
+    if a.shape != b.shape:
+        raise BatchlabInputError(f"labellings differ in length: {a.shape} vs {b.shape}")
+    n = a.size
+    pair = lambda c: float((c * (c - 1) / 2).sum())  # noqa: E731
+    joint = np.unique(a.astype(np.int64) * (b.max(initial=0) + 1) + b, return_counts=True)[1]
+    sum_joint, sum_a, sum_b = pair(joint), pair(np.bincount(a)), pair(np.bincount(b))
+    expected = sum_a * sum_b / (n * (n - 1) / 2) if n > 1 else 0.0
+    best = (sum_a + sum_b) / 2
+    return 1.0 if best == expected else (sum_joint - expected) / (best - expected)

@@ -1,0 +1,341 @@
+"""B3 batches: each batch is ``batch_size / group_size`` random communities of hard negatives.
+
+B3 ("Breaking the Batch Barrier", arXiv 2505.11293): a teacher ranks every
+example's neighbours; the mutual rank-window graph (ranks ``p .. p+m``, so the
+``p`` nearest, likely false negatives, are skipped) is partitioned with METIS into
+groups of ``K``; each epoch, every batch takes ``|B| / K`` groups at random. B3++
+adds ``h`` extra negatives per example, shared by the whole batch, drawn with
+probability proportional to how often each candidate appears in the batch
+members' rank windows (:meth:`CommunityBatchSampler.extra_negatives_for`).
+
+Example
+-------
+>>> from batchlab.datasets.synthetic import gaussian_mixture
+>>> x, _ = gaussian_mixture(2048, 32, 16, seed=0)
+>>> sampler = CommunityBatchSampler(x, 256, group_size=32, rank_window=(10, 60), seed=0)
+>>> len(sampler), sorted(i for b in sampler for i in b) == list(range(2048))
+(8, True)
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+import zlib
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from batchlab._checks import check_embeddings, check_positive_int
+from batchlab.errors import BatchlabInputError, StaleArtifactError
+from batchlab.samplers.base import GlobalBatchSampler
+
+logger = logging.getLogger(__name__)
+
+
+class CommunityBatchSampler(GlobalBatchSampler):
+    """Batches of ``batch_size / group_size`` random B3 communities, every example once per epoch.
+
+    Parameters
+    ----------
+    embeddings:
+        ``(N, d)`` teacher embeddings (L2-normalised for cosine). May be ``None`` when
+        ``neighbours`` or ``groups`` is given.
+    batch_size:
+        The global batch ``|B|``; a multiple of ``group_size`` (a batch is whole groups)
+        and of ``num_replicas``.
+    group_size:
+        ``K``, examples per community (B3: 32). Groups get ``K - 1 .. K + 1`` members
+        (see :mod:`batchlab.samplers.communities`); batches are cut from the shuffled
+        groups, so every batch but the last has exactly ``batch_size`` examples, and when
+        a group has ``K +- 1`` members, one group per batch boundary straddles two batches.
+    rank_window:
+        ``(p, p + m)``: neighbours at 0-based ranks ``p .. p+m-1`` form the graph (B3:
+        ``(30, 130)``; ``p`` guards against false negatives). Clamped to ``N - 1`` with a warning.
+    method:
+        ``"metis"`` (B3), ``"louvain"`` or ``"leiden"`` (see :func:`~batchlab.samplers.communities.partition_graph`).
+    seed:
+        Seeds the partition and each epoch's group order (``seed + epoch``).
+    drop_last, num_replicas, rank:
+        As in :class:`~batchlab.samplers.base.GlobalBatchSampler`: rank ``r`` gets the
+        ``r``-th contiguous slice of each global batch.
+    extra_negatives:
+        ``h`` (B3++: 5): :meth:`extra_negatives_for` draws ``h * len(batch)`` shared hard
+        negatives per batch. Keeps the ``(N, m)`` window ids in memory (int32).
+    weights, backend, resolution:
+        Edge weights (``"similarity"`` or ``"rank"``), community backend and resolution.
+    neighbours:
+        Precomputed ``(scores, ids)`` of shape ``(N, k)``, ``k >= p + m``, self excluded
+        (from :func:`batchlab.index.knn`); skips the search.
+    groups:
+        Precomputed ``(N,)`` group ids (e.g. from ``batchlab build-batches``); skips
+        the search and the partition.
+    index_kwargs:
+        Passed to :func:`batchlab.index.knn` (``kind``, ``progress``, ...).
+
+    Attributes
+    ----------
+    groups : np.ndarray (N,) int64 group id of each example.
+    graph : scipy.sparse.csr_matrix or None, the mutual rank-window graph.
+    window_ids : np.ndarray (N, m) or None, the rank-window neighbours (kept for B3++).
+    """
+
+    def __init__(
+        self,
+        embeddings: torch.Tensor | None,
+        batch_size: int,
+        *,
+        group_size: int = 32,
+        rank_window: tuple[int, int] = (30, 130),
+        method: str = "metis",
+        seed: int = 0,
+        drop_last: bool = False,
+        num_replicas: int | None = None,
+        rank: int | None = None,
+        extra_negatives: int = 0,
+        weights: str = "similarity",
+        backend: str | None = None,
+        resolution: float = 1.0,
+        neighbours: tuple[Any, Any] | None = None,
+        groups: Any = None,
+        index_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(batch_size=batch_size, drop_last=drop_last, seed=seed, num_replicas=num_replicas, rank=rank)
+        self.group_size = check_positive_int("group_size", group_size)
+        self.extra_negatives = check_positive_int("extra_negatives", extra_negatives, minimum=0)
+        if self.batch_size % self.group_size:
+            raise BatchlabInputError(
+                f"batch_size ({self.batch_size}) must be a multiple of group_size ({self.group_size}): "
+                f"a B3 batch is batch_size / group_size whole groups. Use e.g. batch_size="
+                f"{max(1, round(self.batch_size / self.group_size)) * self.group_size} or a group_size that divides it"
+            )
+        self.method = method
+        self.graph = None
+        self.window_ids: np.ndarray | None = None
+        self.rank_window = tuple(rank_window)
+        if groups is not None:
+            self.groups = self._check_groups(groups)
+            if neighbours is not None:
+                self._keep_window(neighbours, self.groups.size)
+        else:
+            self.groups = self._build(embeddings, neighbours, weights, backend, resolution, index_kwargs or {})
+        self.num_examples = int(self.groups.size)
+        if self.extra_negatives and self.window_ids is None:
+            raise BatchlabInputError(
+                "extra_negatives > 0 needs each example's rank-window neighbours: pass embeddings or "
+                "neighbours=(scores, ids), not only groups"
+            )
+        order = np.argsort(self.groups, kind="stable")
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(self.groups))])
+        self._members = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+
+    # -- construction ------------------------------------------------------------
+    def _check_groups(self, groups: Any) -> np.ndarray:
+        groups = np.asarray(groups.cpu() if isinstance(groups, torch.Tensor) else groups)
+        if groups.ndim != 1 or groups.size == 0 or not np.issubdtype(groups.dtype, np.integer) or groups.min() < 0:
+            raise BatchlabInputError(
+                f"groups must be a non-empty (N,) array of non-negative int group ids, got shape "
+                f"{groups.shape} and dtype {groups.dtype}"
+            )
+        if self.group_size > groups.size:
+            raise BatchlabInputError(f"group_size={self.group_size} is larger than N={groups.size}")
+        return groups.astype(np.int64)
+
+    def _keep_window(self, neighbours: tuple[Any, Any], n: int) -> None:
+        from batchlab.samplers.graph import clamp_window
+
+        ids = neighbours[1]
+        ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids)
+        if ids.ndim != 2 or ids.shape[0] != n:
+            raise BatchlabInputError(f"neighbour ids must have shape ({n}, k), got {ids.shape}")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # already warned when the graph was built
+            start, stop = clamp_window(self.rank_window, n)
+        self.window_ids = np.ascontiguousarray(ids[:, start:stop], dtype=np.int32 if n < 2**31 else np.int64)
+
+    def _build(self, embeddings, neighbours, weights, backend, resolution, index_kwargs) -> np.ndarray:
+        from batchlab.samplers.communities import partition_graph
+        from batchlab.samplers.graph import clamp_window, rank_window_graph
+
+        if neighbours is None:
+            if embeddings is None:
+                raise BatchlabInputError("pass embeddings, neighbours=(scores, ids), or groups")
+            check_embeddings("embeddings", embeddings)
+            n = embeddings.shape[0]
+            if self.group_size > n:
+                raise BatchlabInputError(
+                    f"group_size={self.group_size} is larger than the number of examples N={n}; use group_size <= N"
+                )
+            from batchlab.index import knn
+
+            _, stop = clamp_window(self.rank_window, n)
+            index_kwargs.setdefault("progress", False)
+            neighbours = knn(embeddings, stop, exclude_self=True, **index_kwargs)
+        scores, ids = neighbours
+        n = ids.shape[0]
+        if self.group_size > n:
+            raise BatchlabInputError(f"group_size={self.group_size} is larger than the number of examples N={n}")
+        self.graph = rank_window_graph(ids, scores, window=self.rank_window, weights=weights, num_nodes=n)
+        if scores is not None:
+            s = scores.float() if isinstance(scores, torch.Tensor) else torch.as_tensor(np.asarray(scores))
+            finite = s[torch.isfinite(s)]
+            if finite.numel() and float(finite.max() - finite.min()) < 1e-6:
+                warnings.warn(
+                    "all neighbour similarities are equal (identical embeddings?): ranks are ties, so "
+                    "the communities are arbitrary and the batches no harder than random ones",
+                    stacklevel=3,
+                )
+        if self.extra_negatives:
+            self._keep_window((scores, ids), n)
+        return partition_graph(
+            self.graph, self.group_size, method=self.method, backend=backend, seed=self.seed, resolution=resolution
+        )
+
+    @classmethod
+    def from_artifacts(
+        cls,
+        directory: str | Path,
+        batch_size: int,
+        *,
+        embeddings: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> "CommunityBatchSampler":
+        """Load the groups (and window ids, for B3++) written by ``batchlab build-batches``.
+
+        When ``embeddings`` is given, its content hash must match the teacher hash the
+        artifacts were built from (:class:`~batchlab.errors.StaleArtifactError` otherwise).
+        """
+        import json
+
+        directory = Path(directory)
+        meta = json.loads((directory / "meta.json").read_text())
+        if embeddings is not None:
+            from batchlab.index import content_hash
+
+            actual = content_hash(embeddings)
+            if actual != meta["teacher_hash"]:
+                raise StaleArtifactError(
+                    f"the artifacts in {directory} were built from embeddings with hash {meta['teacher_hash']}, "
+                    f"but these embeddings hash to {actual}; rebuild them with `batchlab build-batches`"
+                )
+        groups = np.load(directory / "groups.npy")
+        neighbours = None
+        window_path = directory / "window_ids.npy"
+        if window_path.exists():
+            window = np.load(window_path)
+            p = int(meta["rank_window"][0])
+            # the stored columns are ranks p .. p+m-1: pad the first p so rank indices line up
+            neighbours = (None, np.concatenate([np.full((window.shape[0], p), -1, window.dtype), window], axis=1))
+        kwargs.setdefault("group_size", int(meta["group_size"]))
+        kwargs.setdefault("rank_window", tuple(meta["rank_window"]))
+        kwargs.setdefault("method", meta["method"])
+        return cls(None, batch_size, groups=groups, neighbours=neighbours, **kwargs)
+
+    # -- the plan ----------------------------------------------------------------
+    @property
+    def num_groups(self) -> int:
+        return len(self._members)
+
+    def plan_epoch(self, generator: torch.Generator) -> list[list[int]]:
+        """Shuffle the groups, concatenate them, cut into global batches of ``batch_size``."""
+        perm = torch.randperm(self.num_groups, generator=generator).numpy()
+        order = np.concatenate([self._members[g] for g in perm]).tolist()
+        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    # -- B3++ --------------------------------------------------------------------
+    def extra_negatives_for(self, batch: Sequence[int], *, exclude: Sequence[int] | None = None) -> torch.Tensor:
+        """B3++'s shared hard negatives for one batch: ``h * len(batch)`` dataset ids.
+
+        Candidate ``j`` is drawn (without replacement) with probability proportional to
+        the number of batch members whose rank window contains ``j``; members of the
+        batch (and ``exclude``) are never drawn. Fewer are returned when the windows hold
+        fewer candidates. Deterministic: the draw depends only on ``seed``, the current
+        epoch and the set of ids in ``batch``, so every rank gets the same answer for
+        the same batch. Pass the *global* batch (or each rank its slice, which shards
+        the pool across ranks).
+
+        Returns
+        -------
+        torch.LongTensor ``(h * len(batch),)`` at most.
+
+        >>> from batchlab.datasets.synthetic import gaussian_mixture
+        >>> x, _ = gaussian_mixture(512, 16, 4, seed=0)
+        >>> s = CommunityBatchSampler(x, 64, group_size=16, rank_window=(5, 40), extra_negatives=2)
+        >>> batch = next(iter(s)); neg = s.extra_negatives_for(batch)
+        >>> neg.shape, bool(set(neg.tolist()).isdisjoint(batch))
+        (torch.Size([128]), True)
+        """
+        if self.window_ids is None or self.extra_negatives == 0:
+            raise BatchlabInputError("this sampler was built with extra_negatives=0; pass extra_negatives=h (B3++: 5)")
+        members = np.asarray(batch, dtype=np.int64)
+        if members.ndim != 1 or members.size == 0 or members.min() < 0 or members.max() >= self.num_examples:
+            raise BatchlabInputError(f"batch must be a non-empty list of dataset ids in [0, {self.num_examples})")
+        candidates = self.window_ids[members].ravel()
+        ids, counts = np.unique(candidates[candidates >= 0], return_counts=True)
+        banned = members if exclude is None else np.concatenate([members, np.asarray(exclude, dtype=np.int64)])
+        keep = ~np.isin(ids, banned)
+        ids, counts = ids[keep], counts[keep]
+        wanted = min(self.extra_negatives * members.size, ids.size)
+        if wanted == 0:
+            return torch.zeros(0, dtype=torch.int64)
+        key = zlib.crc32(np.sort(members).tobytes(), zlib.crc32(np.int64([self.seed, self.epoch]).tobytes()))
+        generator = torch.Generator().manual_seed(key)
+        picked = torch.multinomial(torch.as_tensor(counts, dtype=torch.float64), wanted, generator=generator)
+        return torch.as_tensor(ids[picked.numpy()], dtype=torch.int64)
+
+    # -- resumption ----------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state.update(group_size=self.group_size, num_examples=self.num_examples, num_groups=self.num_groups)
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("group_size", "num_examples", "num_groups"):
+            if key in state and state[key] != getattr(self, key):
+                raise BatchlabInputError(
+                    f"cannot resume: the saved state has {key}={state[key]!r} but this sampler has "
+                    f"{key}={getattr(self, key)!r}; rebuild the sampler from the same embeddings and settings"
+                )
+        super().load_state_dict(state)
+
+
+def batch_similarity_stats(
+    embeddings: torch.Tensor,
+    batches: Sequence[Sequence[int]],
+    labels: torch.Tensor | np.ndarray | None = None,
+) -> dict[str, float]:
+    """How hard a set of batches is: mean in-batch similarity of negatives, and false negatives.
+
+    For each batch ``X`` (``b x d``), the mean over ordered pairs ``i != j`` of
+    ``x_i . x_j`` is ``(|sum x|^2 - sum |x|^2) / (b (b - 1))``, computed in
+    ``O(b d)`` without the ``b x b`` matrix. With ``labels``, ``same_label_rate`` is the
+    share of those pairs with equal labels (false negatives, where labels mean "same
+    item"). Both are averaged over batches with at least two members.
+
+    >>> x = torch.eye(4)[[0, 0, 1, 1]]
+    >>> batch_similarity_stats(x, [[0, 1], [2, 3]], labels=np.array([0, 0, 1, 1]))
+    {'mean_negative_similarity': 1.0, 'same_label_rate': 1.0, 'batches': 2}
+    """
+    check_embeddings("embeddings", embeddings)
+    if labels is not None:
+        labels = torch.as_tensor(np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels))
+    sims, same = [], []
+    for batch in batches:
+        b = len(batch)
+        if b < 2:
+            continue
+        index = torch.as_tensor(list(batch), dtype=torch.int64, device=embeddings.device)
+        x = embeddings.index_select(0, index).double()
+        sims.append(float((x.sum(0).square().sum() - x.square().sum()) / (b * (b - 1))))
+        if labels is not None:
+            counts = torch.unique(labels[index.cpu()], return_counts=True)[1].double()
+            same.append(float((counts.square().sum() - b) / (b * (b - 1))))
+    if not sims:
+        raise BatchlabInputError("batch_similarity_stats needs at least one batch with two or more members")
+    return {
+        "mean_negative_similarity": float(np.mean(sims)),
+        "same_label_rate": float(np.mean(same)) if same else None,
+        "batches": len(sims),
+    }

@@ -1,0 +1,270 @@
+"""B3's sparse mutual rank-window graph, built from ranked neighbours.
+
+B3 ("Breaking the Batch Barrier", arXiv 2505.11293) lets a teacher rank every
+example's neighbours, keeps ranks ``p .. p+m`` (the top ``p`` are skipped because
+they are likely false negatives: duplicates or paraphrases of the positive), and
+keeps an edge ``i - j`` only when ``j`` is in ``i``'s window *and* ``i`` is in
+``j``'s. The result is a sparse, symmetric graph whose dense regions are sets of
+examples that are hard negatives for one another.
+
+The graph is a :class:`scipy.sparse.csr_matrix` of shape ``(N, N)`` with float32
+weights, a zero diagonal and both directions of every edge stored. It is never
+dense: building it costs ``O(N m log(N m))`` time and ``O(N m)`` memory.
+
+Example
+-------
+>>> import torch
+>>> from batchlab.datasets.synthetic import gaussian_mixture
+>>> x, _ = gaussian_mixture(400, 16, 4, seed=0)
+>>> scores, ids = (x @ x.T).fill_diagonal_(-2).topk(40, dim=1)
+>>> g = rank_window_graph(ids, scores, window=(5, 40))
+>>> g.shape, bool((g != g.T).nnz == 0)
+((400, 400), True)
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from batchlab._checks import check_choice, check_embeddings
+from batchlab.errors import BatchlabInputError
+
+if TYPE_CHECKING:  # scipy and networkx are imported lazily (import batchlab stays fast)
+    import networkx
+    import scipy.sparse
+
+logger = logging.getLogger(__name__)
+
+WEIGHTS = ("similarity", "rank")
+
+
+def _as_numpy(x: Any, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    if x.ndim != 2:
+        raise BatchlabInputError(f"{name} must have shape (N, k) (ranked neighbours per row), got shape {x.shape}")
+    return x
+
+
+def clamp_window(window: tuple[int, int], n: int, *, available: int | None = None) -> tuple[int, int]:
+    """Check a rank window ``(start, stop)`` and clamp ``stop`` to what ``n`` examples allow.
+
+    An example has at most ``n - 1`` neighbours (itself excluded), and at most
+    ``available`` ranked neighbours were computed. A ``stop`` beyond that is clamped
+    with a warning; a ``start`` that leaves an empty window is an error, because
+    the false-negative guard ``start`` would then swallow every neighbour.
+
+    >>> clamp_window((30, 130), 1000)
+    (30, 130)
+    """
+    try:
+        start, stop = (int(v) for v in window)
+    except (TypeError, ValueError):
+        raise BatchlabInputError(f"rank_window must be a pair (start, stop) of ints, got {window!r}") from None
+    if start < 0 or stop <= start:
+        raise BatchlabInputError(
+            f"rank_window=({start}, {stop}) is empty or negative; expected 0 <= start < stop, "
+            "e.g. (30, 130): skip the 30 nearest neighbours, keep the next 100"
+        )
+    limit = n - 1 if available is None else min(n - 1, available)
+    if stop > limit:
+        if start >= limit:
+            raise BatchlabInputError(
+                f"rank_window=({start}, {stop}) needs more than {start} neighbours per example, but only "
+                f"{limit} are available (N={n} examples). Pass a smaller window, e.g. "
+                f"rank_window=({max(0, limit // 4)}, {limit}), or use more examples"
+            )
+        warnings.warn(
+            f"rank_window=({start}, {stop}) reaches beyond the {limit} neighbours available with N={n}; "
+            f"using ({start}, {limit}) instead",
+            stacklevel=3,
+        )
+        stop = limit
+    return start, stop
+
+
+def rank_window_graph(
+    neighbour_ids: torch.Tensor | np.ndarray,
+    neighbour_scores: torch.Tensor | np.ndarray | None = None,
+    *,
+    window: tuple[int, int] = (30, 130),
+    weights: str = "similarity",
+    num_nodes: int | None = None,
+) -> "scipy.sparse.csr_matrix":
+    """The mutual rank-window graph of B3 from each example's ranked neighbours.
+
+    Parameters
+    ----------
+    neighbour_ids:
+        ``(N, k)`` integer ids of each example's neighbours, best first, as returned
+        by :func:`batchlab.index.knn` with ``exclude_self=True``. Row ``i`` belongs to
+        example ``i``. Ids ``< 0`` (faiss's "no neighbour") and ``i`` itself are ignored.
+    neighbour_scores:
+        ``(N, k)`` similarities matching ``neighbour_ids``; needed for
+        ``weights="similarity"``.
+    window:
+        ``(p, p + m)``: keep the neighbours at 0-based ranks ``p .. p+m-1``
+        (B3: ``(30, 130)``). ``p`` is the false-negative guard. ``k`` must be at
+        least ``p + m``; a window beyond ``N - 1`` is clamped with a warning.
+    weights:
+        ``"similarity"``: the mean of the two directions' scores; ``"rank"``: the
+        mean of ``(stop - rank) / (stop - start)`` over the two directions (1 for
+        the first rank in the window, ``1/m`` for the last).
+    num_nodes:
+        Number of nodes; default ``N`` (rows of ``neighbour_ids``).
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix
+        ``(N, N)`` float32, symmetric, zero diagonal, sorted indices. Examples without
+        a mutual edge are isolated nodes (empty rows), never dropped.
+    """
+    import scipy.sparse as sp
+
+    weights = check_choice("weights", weights, WEIGHTS)
+    ids = _as_numpy(neighbour_ids, "neighbour_ids")
+    n_rows, k = ids.shape
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise BatchlabInputError(f"neighbour_ids must hold integer ids, got dtype {ids.dtype}")
+    n = n_rows if num_nodes is None else int(num_nodes)
+    if n < n_rows:
+        raise BatchlabInputError(f"num_nodes={n} is smaller than the {n_rows} rows of neighbour_ids")
+    if n_rows and (ids.max(initial=-1) >= n):
+        raise BatchlabInputError(f"neighbour_ids holds id {int(ids.max())} but there are only {n} nodes")
+    start, stop = clamp_window(window, n)
+    if k < stop:
+        raise BatchlabInputError(
+            f"neighbour_ids has {k} neighbours per row but window=({start}, {stop}) needs {stop}; "
+            f"search with k >= {stop}"
+        )
+    if weights == "similarity":
+        if neighbour_scores is None:
+            raise BatchlabInputError('weights="similarity" needs neighbour_scores; pass them or use weights="rank"')
+        scores = _as_numpy(neighbour_scores, "neighbour_scores")
+        if scores.shape != ids.shape:
+            raise BatchlabInputError(
+                f"neighbour_scores has shape {scores.shape} but neighbour_ids has shape {ids.shape}; they must match"
+            )
+        w = scores[:, start:stop].astype(np.float32)
+        if not np.isfinite(w).all():
+            raise BatchlabInputError("neighbour_scores contains NaN or Inf in the rank window")
+    else:
+        ranks = np.arange(start, stop, dtype=np.float32)
+        w = np.broadcast_to((stop - ranks) / (stop - start), (n_rows, stop - start))
+    cols = ids[:, start:stop].astype(np.int64)
+    rows = np.repeat(np.arange(n_rows, dtype=np.int64), stop - start).reshape(n_rows, -1)
+    keep = (cols >= 0) & (cols != rows)
+    rows, cols, w = rows[keep], cols[keep], np.ascontiguousarray(w)[keep]
+
+    # Directed edge i -> j as the key i * n + j; sorted keys let one binary search
+    # per edge find its reverse j -> i (memory O(E), never O(N^2)).
+    keys = rows * n + cols
+    order = np.argsort(keys, kind="stable")
+    keys, w = keys[order], w[order]
+    if keys.size:
+        first = np.ones(keys.size, dtype=bool)
+        first[1:] = keys[1:] != keys[:-1]  # an id listed twice in a row counts once
+        keys, w = keys[first], w[first]
+    rows, cols = keys // n, keys % n
+    reverse = cols * n + rows
+    pos = np.searchsorted(keys, reverse)
+    pos_clipped = np.minimum(pos, max(keys.size - 1, 0))
+    mutual = (pos < keys.size) & (keys[pos_clipped] == reverse) if keys.size else np.zeros(0, dtype=bool)
+    w = (w[mutual] + w[pos_clipped[mutual]]) / 2
+    rows, cols = rows[mutual], cols[mutual]
+    graph = sp.csr_matrix((w.astype(np.float32), (rows, cols)), shape=(n, n))
+    graph.sort_indices()
+    isolated = int((np.diff(graph.indptr) == 0).sum())
+    logger.info(
+        "rank-window graph: %d nodes, %d mutual edges (of %d directed), %d isolated, window (%d, %d)",
+        n, graph.nnz // 2, keys.size, isolated, start, stop,
+    )
+    return graph
+
+
+def knn_graph(
+    embeddings: torch.Tensor,
+    *,
+    window: tuple[int, int] = (30, 130),
+    weights: str = "similarity",
+    return_neighbours: bool = False,
+    **index_kwargs: Any,
+):
+    """Teacher embeddings -> B3's mutual rank-window graph, through :func:`batchlab.index.knn`.
+
+    Parameters
+    ----------
+    embeddings:
+        ``(N, d)`` teacher embeddings (L2-normalised for cosine similarity).
+    window, weights:
+        As in :func:`rank_window_graph`; the window is clamped to ``N - 1`` with a warning.
+    return_neighbours:
+        Also return the ``(N, k)`` ``(scores, ids)`` of the search (used for B3++'s
+        extra negatives and saved by ``batchlab build-batches``).
+    **index_kwargs:
+        Passed to :func:`batchlab.index.knn` (index kind, device, progress, ...).
+
+    Returns
+    -------
+    graph or (graph, (scores, ids))
+
+    >>> from batchlab.datasets.synthetic import gaussian_mixture
+    >>> x, _ = gaussian_mixture(300, 16, 3, seed=0)
+    >>> knn_graph(x, window=(5, 30)).shape
+    (300, 300)
+    """
+    from batchlab.index import knn
+
+    check_embeddings("embeddings", embeddings)
+    n = embeddings.shape[0]
+    if n < 2:
+        raise BatchlabInputError(f"a neighbour graph needs at least 2 examples, got N={n}")
+    start, stop = clamp_window(window, n)
+    scores, ids = knn(embeddings, stop, exclude_self=True, **index_kwargs)
+    graph = rank_window_graph(ids, scores, window=(start, stop), weights=weights, num_nodes=n)
+    return (graph, (scores, ids)) if return_neighbours else graph
+
+
+def to_networkx(graph: "scipy.sparse.spmatrix") -> "networkx.Graph":
+    """The CSR graph as an undirected weighted ``networkx.Graph`` (nodes ``0 .. N-1``, attribute ``weight``).
+
+    Meant for small graphs and for users' own analyses: networkx stores every edge
+    as Python objects (about 1 KB each).
+
+    >>> import scipy.sparse as sp
+    >>> g = to_networkx(sp.csr_matrix(([1.0, 1.0], ([0, 1], [1, 0])), shape=(3, 3)))
+    >>> g.number_of_nodes(), g.number_of_edges()
+    (3, 1)
+    """
+    import networkx as nx
+
+    return nx.from_scipy_sparse_array(graph, edge_attribute="weight")
+
+
+def from_networkx(graph: "networkx.Graph", weight: str = "weight") -> "scipy.sparse.csr_matrix":
+    """A networkx graph whose nodes are ``0 .. N-1`` as a symmetric float32 CSR matrix."""
+    import networkx as nx
+    import scipy.sparse as sp
+
+    n = graph.number_of_nodes()
+    if set(graph.nodes) != set(range(n)):
+        raise BatchlabInputError(
+            "the networkx graph's nodes must be the dataset indices 0 .. N-1; relabel them with "
+            "networkx.convert_node_labels_to_integers(graph) and keep the mapping"
+        )
+    if graph.is_directed():
+        raise BatchlabInputError("expected an undirected networkx graph; use graph.to_undirected()")
+    matrix = nx.to_scipy_sparse_array(graph, nodelist=range(n), weight=weight, dtype=np.float32, format="csr")
+    coo = sp.coo_matrix(matrix)
+    off_diagonal = coo.row != coo.col  # self-loops carry no pairing information
+    matrix = sp.csr_matrix(
+        (coo.data[off_diagonal], (coo.row[off_diagonal], coo.col[off_diagonal])), shape=(n, n), dtype=np.float32
+    )
+    matrix.sort_indices()
+    return matrix
