@@ -5,6 +5,7 @@ contract (seed, ``set_epoch``, exact ``__len__``, ``state_dict``, rank split).
 """
 
 from batchlab.samplers.base import GlobalBatchSampler
+from batchlab.samplers.community_sampler import CommunityBatchSampler
 from batchlab.samplers.jest import JESTSelection, JointExampleSelector
 
-__all__ = ["GlobalBatchSampler", "JointExampleSelector", "JESTSelection"]
+__all__ = ["GlobalBatchSampler", "CommunityBatchSampler", "JointExampleSelector", "JESTSelection"]
