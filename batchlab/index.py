@@ -14,6 +14,7 @@ Conventions
 * ``search`` returns ``(scores, ids)``: ``float32 (Q, k)`` sorted descending and
   ``int64 (Q, k)``. Where fewer than ``k`` neighbours exist (``k > N``, or an
   approximate index finds fewer), ids are ``-1`` and scores ``-inf``.
+* Equal scores within a returned row are ordered by id (deterministic with duplicates).
 * ``exclude_self=True`` assumes query row ``i`` *is* indexed row ``i`` (or the row
   given by ``query_ids[i]``) and removes that id, not "the top hit", so duplicate
   vectors are handled: a copy of the query is still a neighbour.
@@ -151,6 +152,18 @@ def _progress_bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, disable=not enabled, unit="q", leave=False)
 
 
+def order_ties_by_id(scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sort each row by score descending, equal scores by id ascending (-1 padding last).
+
+    Makes results deterministic across kinds and block sizes when vectors repeat.
+    """
+    big = torch.iinfo(torch.int64).max
+    order = torch.sort(torch.where(ids < 0, torch.full_like(ids, big), ids), dim=1, stable=True).indices
+    scores, ids = torch.gather(scores, 1, order), torch.gather(ids, 1, order)
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    return torch.gather(scores, 1, order), torch.gather(ids, 1, order)
+
+
 def exact_search(
     corpus: torch.Tensor,
     queries: torch.Tensor,
@@ -225,6 +238,7 @@ def exact_search(
                 best_s = ms
             del s
         best_i = torch.where(torch.isneginf(best_s), torch.full_like(best_i, -1), best_i)
+        best_s, best_i = order_ties_by_id(best_s, best_i)
         out_scores[q0 : q0 + rows, :kk] = best_s
         out_ids[q0 : q0 + rows, :kk] = best_i
         bar.update(rows)
@@ -501,6 +515,7 @@ class EmbeddingIndex:
                 own_sorted = torch.gather(own, 1, order)
                 i = torch.where(own_sorted, torch.full_like(i, -1), i)
                 s = torch.where(own_sorted, torch.full_like(s, float("-inf")), s)
+            s, i = order_ties_by_id(s, i)
             take = min(k, i.shape[1])
             out_s[q0 : q0 + block.shape[0], :take] = s[:, :take]
             out_i[q0 : q0 + block.shape[0], :take] = i[:, :take]
