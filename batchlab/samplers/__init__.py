@@ -5,7 +5,19 @@ contract (seed, ``set_epoch``, exact ``__len__``, ``state_dict``, rank split).
 """
 
 from batchlab.samplers.base import GlobalBatchSampler
+from batchlab.samplers.clusters import ClusterBatchSampler, balanced_kmeans
 from batchlab.samplers.community_sampler import CommunityBatchSampler
+from batchlab.samplers.hard_negatives import HardNegativeBatchSampler
+from batchlab.samplers.tas import TASBalancedBatchSampler
 from batchlab.samplers.jest import JESTSelection, JointExampleSelector
 
-__all__ = ["GlobalBatchSampler", "CommunityBatchSampler", "JointExampleSelector", "JESTSelection"]
+__all__ = [
+    "GlobalBatchSampler",
+    "ClusterBatchSampler",
+    "CommunityBatchSampler",
+    "balanced_kmeans",
+    "TASBalancedBatchSampler",
+    "HardNegativeBatchSampler",
+    "JointExampleSelector",
+    "JESTSelection",
+]
