@@ -6,7 +6,8 @@ one method, :meth:`GlobalBatchSampler.plan_epoch`, which returns the epoch's glo
 batches as lists of dataset indices; this base class supplies the rest:
 
 * ``seed`` and ``set_epoch(epoch)``: the plan of epoch ``e`` depends only on
-  ``(seed, e)`` (a ``torch.Generator`` seeded with ``seed + e``; never a global RNG),
+  ``(seed, e)`` (a ``torch.Generator`` seeded from both, see :func:`epoch_seed`;
+  never a global RNG),
   so every rank builds the same plan without talking to the others;
 * an exact ``__len__``, identical on every rank (the plan is built, then counted);
 * ``state_dict()`` / ``load_state_dict()``: resume mid-epoch with no batch repeated
@@ -42,6 +43,15 @@ from batchlab.errors import BatchlabInputError
 logger = logging.getLogger(__name__)
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The generator seed of ``epoch``: distinct for every (seed, epoch) pair.
+
+    ``seed + epoch`` (sentence-transformers' convention) makes seed 1 at epoch 1 replay
+    seed 2 at epoch 0; packing both into one 64-bit integer avoids that.
+    """
+    return ((int(seed) & 0xFFFFFFFF) << 32) | (int(epoch) & 0xFFFFFFFF)
+
+
 def resolve_replicas(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
     """Fill ``num_replicas`` and ``rank`` from ``torch.distributed`` when it is initialised."""
     dist = torch.distributed
@@ -67,7 +77,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
     drop_last:
         Drop a final global batch smaller than ``batch_size``.
     seed:
-        Base seed; epoch ``e`` uses ``seed + e``.
+        Base seed; epoch ``e`` uses ``epoch_seed(seed, e)``.
     num_replicas, rank:
         Distributed split; default from ``torch.distributed`` when initialised, else 1 and 0.
     """
@@ -113,7 +123,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
     def global_batches(self) -> list[list[int]]:
         """The current epoch's global batches after ``drop_last`` (cached per epoch)."""
         if self._plan_cache is None or self._plan_cache[0] != self.epoch:
-            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
             plan = [list(map(int, b)) for b in self.plan_epoch(generator)]
             if self.drop_last:
                 plan = [b for b in plan if len(b) == self.batch_size]
@@ -167,3 +177,57 @@ class GlobalBatchSampler(Sampler[list[int]]):
             raise BatchlabInputError(
                 f"cannot resume: the state says {self._yielded} batches were yielded but the epoch has {len(self)}"
             )
+
+
+class ShardedBatchSampler(Sampler[list[int]]):
+    """Split the global batches of any batch sampler across ranks.
+
+    Wraps a sampler that yields *global* batches (any ``torch.utils.data`` batch
+    sampler, seeded the same on every rank) and yields rank ``rank``'s contiguous
+    slice of each, so the batch the loss gathers is the batch the sampler built.
+    ``set_epoch``, ``state_dict`` and ``load_state_dict`` pass through to the wrapped
+    sampler when it has them. batchlab's own samplers split by themselves
+    (``num_replicas=``, ``rank=``); this wrapper is for everything else.
+
+    >>> from torch.utils.data import BatchSampler, SequentialSampler
+    >>> inner = BatchSampler(SequentialSampler(range(8)), batch_size=4, drop_last=False)
+    >>> list(ShardedBatchSampler(inner, num_replicas=2, rank=1))
+    [[2, 3], [6, 7]]
+    """
+
+    def __init__(self, batch_sampler, *, num_replicas: int | None = None, rank: int | None = None) -> None:
+        self.batch_sampler = batch_sampler
+        self.num_replicas, self.rank = resolve_replicas(num_replicas, rank)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for batch in self.batch_sampler:
+            batch = list(batch)
+            if len(batch) < self.num_replicas:
+                raise BatchlabInputError(
+                    f"a global batch of {len(batch)} example(s) cannot be split over {self.num_replicas} ranks; "
+                    "use drop_last=True or a batch size that is a multiple of the world size"
+                )
+            base, extra = divmod(len(batch), self.num_replicas)
+            start = self.rank * base + min(self.rank, extra)
+            yield batch[start : start + base + (1 if self.rank < extra else 0)]
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.batch_sampler, "set_epoch"):
+            self.batch_sampler.set_epoch(epoch)
+        elif hasattr(getattr(self.batch_sampler, "sampler", None), "set_epoch"):
+            self.batch_sampler.sampler.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        if not hasattr(self.batch_sampler, "state_dict"):
+            raise BatchlabInputError(
+                f"{type(self.batch_sampler).__name__} has no state_dict, so it cannot be resumed exactly"
+            )
+        return self.batch_sampler.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not hasattr(self.batch_sampler, "load_state_dict"):
+            raise BatchlabInputError(f"{type(self.batch_sampler).__name__} has no load_state_dict")
+        self.batch_sampler.load_state_dict(state)

@@ -1,0 +1,172 @@
+"""Distributed losses (gloo, 2 CPU processes) against the single-process reference.
+
+The convention checked (batchlab.distributed's docstring): the mean over ranks of the
+returned loss is the global loss; each rank's embedding gradient is W times the global
+loss's gradient for its shard; the mean over ranks of the scale/bias gradient equals
+the single-process gradient. Shards are uneven (5 + 3) on purpose. Tolerance 1e-5
+(fp64 inputs; ring sums are reordered) and 3e-2 for bf16 traffic.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+
+from batchlab.losses import dcl, info_nce, nt_xent, siglip
+
+pytestmark = pytest.mark.distributed
+
+SIZES = [5, 3]  # uneven shards: the last batch of an epoch
+N, D, EXTRA = sum(SIZES), 6, 2
+
+
+def global_data(dtype=torch.float64):
+    g = torch.Generator().manual_seed(7)
+    q = F.normalize(torch.randn(N, D, generator=g, dtype=torch.float64), dim=-1)
+    k = F.normalize(torch.randn(N, D, generator=g, dtype=torch.float64), dim=-1)
+    e = F.normalize(torch.randn(N, EXTRA, D, generator=g, dtype=torch.float64), dim=-1)
+    views = F.normalize(torch.randn(3, N, D, generator=g, dtype=torch.float64), dim=-1)
+    targets = torch.randperm(N, generator=g)
+    return q.to(dtype), k.to(dtype), e.to(dtype), views.to(dtype), targets
+
+
+def cases():
+    """(name, strategy, fn(q, k, e, views, targets, s, b, distributed) -> loss, which inputs, dtype)."""
+    out = []
+    for strategy in ("allgather", "ring"):
+        out += [
+            (f"clip-{strategy}", strategy, lambda q, k, e, v, t, s, b, dd: info_nce(q, k, s, distributed=dd), "qks"),
+            (f"clip-extra-{strategy}", strategy,
+             lambda q, k, e, v, t, s, b, dd: info_nce(q, k, s, extra_negatives=e, distributed=dd), "qkes"),
+            (f"oneway-{strategy}", strategy,
+             lambda q, k, e, v, t, s, b, dd: info_nce(q, k, s, symmetric=False, distributed=dd), "qks"),
+            (f"sum-{strategy}", strategy,
+             lambda q, k, e, v, t, s, b, dd: info_nce(q, k, s, reduction="sum", distributed=dd), "qks"),
+            (f"dcl-{strategy}", strategy, lambda q, k, e, v, t, s, b, dd: dcl(q, k, s, distributed=dd), "qks"),
+            (f"dclw-{strategy}", strategy,
+             lambda q, k, e, v, t, s, b, dd: dcl(q, k, s, weighted=True, distributed=dd), "qks"),
+            (f"siglip-{strategy}", strategy,
+             lambda q, k, e, v, t, s, b, dd: siglip(q, k, s, b, extra_negatives=e, distributed=dd), "qkesb"),
+        ]
+    out += [
+        # positives living on the other rank: global targets (a permutation of the global batch)
+        ("clip-targets-allgather", "allgather",
+         lambda q, k, e, v, t, s, b, dd: info_nce(q, k, s, targets=t, distributed=dd), "qks"),
+        ("ntxent2-allgather", "allgather", lambda q, k, e, v, t, s, b, dd: nt_xent(v[:2], s, distributed=dd), "vs"),
+        ("ntxent3-allgather", "allgather", lambda q, k, e, v, t, s, b, dd: nt_xent(v, s, distributed=dd), "vs"),
+    ]
+    return out
+
+
+def _run_case(fn, inputs, q, k, e, views, targets, distributed, shard=None):
+    """Loss and gradients of the named inputs; ``shard`` slices the per-example tensors."""
+    sl = slice(None) if shard is None else shard
+    leaves = {
+        "q": q[sl].clone().requires_grad_(True),
+        "k": k[sl].clone().requires_grad_(True),
+        "e": e[sl].clone().requires_grad_(True),
+        "v": views[:, sl].clone().requires_grad_(True),
+        "s": torch.tensor(4.0, dtype=torch.float64, requires_grad=True),
+        "b": torch.tensor(-2.0, dtype=torch.float64, requires_grad=True),
+    }
+    t = targets[sl]
+    loss = fn(leaves["q"], leaves["k"], leaves["e"], leaves["v"], t, leaves["s"], leaves["b"], distributed)
+    wanted = [leaves[c] for c in inputs]
+    return loss.detach(), [g.detach() for g in torch.autograd.grad(loss, wanted)]
+
+
+def worker(rank, world, init_file, out_dir, dtype_name):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    dtype = getattr(torch, dtype_name)
+    q, k, e, views, targets = global_data(dtype)
+    start = sum(SIZES[:rank])
+    shard = slice(start, start + SIZES[rank])
+    results = {}
+    for name, strategy, fn, inputs in cases():
+        if dtype != torch.float64 and strategy != "ring":
+            continue
+        results[name] = _run_case(fn, inputs, q, k, e, views, targets, strategy, shard)
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _spawn(dtype_name):
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(worker, args=(2, os.path.join(tmp, "init"), tmp, dtype_name), nprocs=2, join=True)
+        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def fp64_results():
+    return _spawn("float64")
+
+
+@pytest.mark.parametrize("name", [c[0] for c in cases()])
+def test_distributed_matches_single_process(fp64_results, name):
+    _, _, fn, inputs = next(c for c in cases() if c[0] == name)
+    q, k, e, views, targets = global_data()
+    loss, grads = _run_case(fn, inputs, q, k, e, views, targets, "none")
+    world = len(SIZES)
+    per_rank = [r[name] for r in fp64_results]
+    tol = dict(rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(torch.stack([lr for lr, _ in per_rank]).mean(), loss, **tol)
+    for i, c in enumerate(inputs):
+        if c in "sb":  # shared parameters: the mean over ranks is the single-process gradient
+            torch.testing.assert_close(torch.stack([g[i] for _, g in per_rank]).mean(), grads[i], **tol)
+        else:  # embeddings: each rank's shard gradient is W times the global one
+            axis = 1 if c == "v" else 0
+            shard_grads = torch.cat([g[i] for _, g in per_rank], dim=axis)
+            torch.testing.assert_close(shard_grads, world * grads[i], **tol)
+
+
+def test_ring_carries_bf16():
+    per_rank = _spawn("bfloat16")
+    q, k, e, views, targets = global_data(torch.bfloat16)
+    for name, strategy, fn, inputs in cases():
+        if strategy != "ring":
+            continue
+        loss, grads = _run_case(fn, inputs, q, k, e, views, targets, "none")
+        mean_loss = torch.stack([r[name][0] for r in per_rank]).mean()
+        torch.testing.assert_close(mean_loss.double(), loss.double(), rtol=3e-2, atol=3e-2)
+        assert all(torch.isfinite(g).all() for r in per_rank for g in r[name][1])
+
+
+def _bad_input_worker(rank, world, init_file, out_dir):
+    from batchlab.errors import BatchlabInputError
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    q, k, *_ = global_data(torch.float32)
+    q, k = q[:4], k[:4]
+    messages = []
+    for call in (
+        lambda: info_nce(q, k, 2.0, pos_mask=torch.eye(4, dtype=torch.bool), distributed="allgather"),
+        lambda: info_nce(q, k, 2.0, targets=torch.arange(4), distributed="ring"),
+        lambda: info_nce(q, k, 2.0, neg_mask=torch.zeros(4, 8, dtype=torch.bool), distributed="allgather"),
+        lambda: nt_xent(torch.stack([q, k]), 2.0, distributed="ring"),
+    ):
+        try:
+            call()
+            messages.append(None)
+        except BatchlabInputError as exc:
+            messages.append(str(exc))
+    torch.save(messages, os.path.join(out_dir, f"bad{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_distributed_bad_input_is_refused_clearly():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_bad_input_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        messages = torch.load(os.path.join(tmp, "bad0.pt"))
+    assert "pos_mask is not supported" in messages[0]
+    assert "use distributed='allgather'" in messages[1]
+    assert "callable" in messages[2]
+    assert "allgather" in messages[3]
