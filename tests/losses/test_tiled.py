@@ -1,0 +1,157 @@
+"""The tiled engine against the exact reference losses: values, LSEs and every gradient.
+
+Tolerances (stated, with reasons):
+* fp32: rtol = 1e-5, atol = 2e-5 * max(1, max|expected|). The two implementations sum the
+  same fp32 terms in a different order (tiles, log-add-exp merges), so they differ by a
+  few ulps of the largest term; gradients of ``reduction="sum"`` are O(1) per entry.
+* bf16: both implementations get the SAME bf16 inputs and accumulate in fp32, so the
+  only difference is the final rounding of the bf16 gradients (2^-8 relative) plus fp32
+  summation order: rtol = atol = 1e-2 * max(1, max|expected|) (relative to the largest entry).
+Random inputs are fresh (seeded per test by the ``gen`` fixture) and unit-norm.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from batchlab.errors import BatchlabInputError
+from batchlab.losses import dcl, info_nce, nt_xent, siglip
+from tests.losses.helpers import unit
+
+TILE = 16
+SIZES = [1, 7, 37, 50]
+
+
+def _close(actual, expected, *, tol: float, what: str) -> None:
+    assert actual is not None and expected is not None, what
+    assert torch.isfinite(actual).all(), f"{what}: non-finite"
+    scale = max(1.0, float(expected.detach().abs().max())) if expected.numel() else 1.0
+    torch.testing.assert_close(
+        actual.detach().double(), expected.detach().double(), rtol=tol / 2, atol=tol * scale,
+        msg=lambda m: f"{what}: {m}",
+    )
+
+
+def _tol(dtype) -> float:
+    return 2e-5 if dtype == torch.float32 else 1e-2
+
+
+def _run(fn, tensors: dict, kwargs: dict, upstream_gen_seed: int):
+    """Call ``fn`` on fresh leaf copies; backward a random weighting of the output; return all."""
+    leaves = {name: t.detach().clone().requires_grad_(True) for name, t in tensors.items()}
+    out = fn(**leaves, **kwargs)
+    loss, lse = out if isinstance(out, tuple) else (out, None)
+    weight = torch.randn(loss.shape, generator=torch.Generator().manual_seed(upstream_gen_seed), dtype=loss.dtype)
+    (loss * weight).sum().backward()
+    return loss, lse, {name: leaf.grad for name, leaf in leaves.items()}
+
+
+def _compare(fn, tensors, kwargs, *, dtype=torch.float32, tile=TILE):
+    ref = _run(fn, tensors, {**kwargs, "impl": "reference"}, 7)
+    til = _run(fn, tensors, {**kwargs, "impl": "tiled", "tile_size": tile}, 7)
+    tol = _tol(dtype)
+    _close(til[0], ref[0], tol=tol, what="loss")
+    if ref[1] is not None:
+        _close(til[1].row, ref[1].row, tol=tol, what="row lse")
+        if ref[1].col is not None:
+            _close(til[1].col, ref[1].col, tol=tol, what="col lse")
+        else:
+            assert til[1].col is None
+    for name, g in ref[2].items():
+        assert g is not None, name
+        _close(til[2][name], g, tol=tol, what=f"grad {name}")
+        assert til[2][name].dtype == tensors[name].dtype
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _pair(n, m, d, gen, dtype, scale, extra=0):
+    t = {"q": unit(n, d, gen, dtype).detach(), "k": unit(m, d, gen, dtype).detach(),
+         "logit_scale": torch.tensor(float(scale))}
+    if extra:
+        t["extra_negatives"] = F.normalize(torch.randn(n, extra, d, generator=gen, dtype=torch.float64), dim=-1).to(dtype)
+    return t
+
+
+def _neg_mask(form: str, n: int, m: int, pos: torch.Tensor, gen):
+    """A random false-negative mask that spares the positives, in one of the three forms."""
+    dense = (torch.rand(n, m, generator=gen) < 0.25) & ~pos
+    if form == "bool":
+        return dense
+    if form == "pairs":
+        return dense.nonzero()
+    return lambda rows, cols: dense[rows][:, cols]
+
+
+def _positives(kind: str, n: int, m: int, gen):
+    """(kwargs, dense positive mask) for: diagonal, a permutation of targets, several positives."""
+    if kind == "diag":
+        return {}, torch.eye(n, m, dtype=torch.bool)
+    if kind == "perm":
+        t = torch.randperm(n, generator=gen)
+        pos = torch.zeros(n, m, dtype=torch.bool)
+        pos[torch.arange(n), t] = True
+        return {"targets": t}, pos
+    pos = (torch.rand(n, m, generator=gen) < 0.15) | torch.eye(n, m, dtype=torch.bool)
+    return {"pos_mask": pos}, pos
+
+
+# option sets: (positives, neg_mask form or None, extra negatives, symmetric, reduction)
+INFONCE_CASES = [
+    ("diag", None, 0, True, "mean"),
+    ("diag", None, 0, False, "sum"),
+    ("perm", "bool", 3, True, "none"),
+    ("multi", "pairs", 0, True, "mean"),
+    ("multi", "callable", 2, False, "none"),
+    ("perm", "callable", 0, False, "mean"),
+    ("diag", "pairs", 4, True, "sum"),
+]
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("case", INFONCE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_info_nce_matches_reference(n, case, gen):
+    positives, neg_form, extra, symmetric, reduction = case
+    t = _pair(n, n, 12, gen, torch.float32, 100.0, extra)
+    pos_kw, pos = _positives(positives, n, n, gen)
+    kwargs = dict(symmetric=symmetric, reduction=reduction, return_lse=True, **pos_kw)
+    if neg_form:
+        kwargs["neg_mask"] = _neg_mask(neg_form, n, n, pos, gen)
+    _compare(info_nce, t, kwargs)
+
+
+@pytest.mark.parametrize("scale", [1.0, 100.0])
+@pytest.mark.parametrize("tile", [(16, 16), (5, 9), 4096])
+def test_info_nce_tiles_and_scales(scale, tile, gen):
+    """Tiles not dividing N, rectangular tiles, tiles larger than N; a tiny and a large scale."""
+    t = _pair(37, 37, 12, gen, torch.float32, scale, extra=2)
+    _compare(info_nce, t, dict(return_lse=True), tile=tile)
+
+
+def test_info_nce_more_keys_than_queries(gen):
+    t = _pair(20, 45, 12, gen, torch.float32, 30.0)
+    _compare(info_nce, t, dict(symmetric=False, targets=torch.randint(0, 45, (20,), generator=gen),
+                               return_lse=True))
+
+
+def test_info_nce_bf16(gen):
+    t = _pair(50, 50, 32, gen, torch.bfloat16, 100.0, extra=3)
+    pos_kw, pos = _positives("perm", 50, 50, gen)
+    _compare(info_nce, t, dict(neg_mask=_neg_mask("pairs", 50, 50, pos, gen), return_lse=True, **pos_kw),
+             dtype=torch.bfloat16)
+
+
+def test_masked_positive_is_refused(gen):
+    t = _pair(7, 7, 8, gen, torch.float32, 10.0)
+    with pytest.raises(BatchlabInputError, match="removes a positive"):
+        info_nce(t["q"], t["k"], 10.0, neg_mask=torch.tensor([[3, 3]]), impl="tiled", tile_size=4)
+
+
+@pytest.mark.parametrize("bad", [0, -3, (4,), (4, 0), "16", 2.5])
+def test_bad_tile_size(bad, gen):
+    t = _pair(7, 7, 8, gen, torch.float32, 10.0)
+    with pytest.raises(BatchlabInputError, match="tile_size"):
+        info_nce(t["q"], t["k"], 10.0, impl="tiled", tile_size=bad)
