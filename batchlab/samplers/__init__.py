@@ -10,6 +10,9 @@ from batchlab.samplers.community_sampler import CommunityBatchSampler
 from batchlab.samplers.hard_negatives import HardNegativeBatchSampler
 from batchlab.samplers.tas import TASBalancedBatchSampler
 from batchlab.samplers.jest import JESTSelection, JointExampleSelector
+from batchlab.samplers.false_negatives import GuidedNegativeMask, guided_negative_mask
+from batchlab.samplers.mining import MinedNegatives, mine_hard_negatives
+from batchlab.samplers.mixing import mix_hard_negatives
 
 __all__ = [
     "GlobalBatchSampler",
@@ -20,4 +23,9 @@ __all__ = [
     "HardNegativeBatchSampler",
     "JointExampleSelector",
     "JESTSelection",
+    "mine_hard_negatives",
+    "MinedNegatives",
+    "guided_negative_mask",
+    "GuidedNegativeMask",
+    "mix_hard_negatives",
 ]
