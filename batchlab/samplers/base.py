@@ -47,9 +47,18 @@ def epoch_seed(seed: int, epoch: int) -> int:
     """The generator seed of ``epoch``: distinct for every (seed, epoch) pair.
 
     ``seed + epoch`` (sentence-transformers' convention) makes seed 1 at epoch 1 replay
-    seed 2 at epoch 0; packing both into one 64-bit integer avoids that.
+    seed 2 at epoch 0. Both are packed into 64 bits and mixed (splitmix64) down to 32
+    bits, because torch's CPU generator (mt19937) keeps only the low 32 bits of its
+    seed: the bare packing gave every seed the same epoch-0 plan.
+
+    >>> len({epoch_seed(s, e) for s in range(50) for e in range(50)})
+    2500
     """
-    return ((int(seed) & 0xFFFFFFFF) << 32) | (int(epoch) & 0xFFFFFFFF)
+    z = (((int(seed) & 0xFFFFFFFF) << 32) | (int(epoch) & 0xFFFFFFFF)) + 0x9E3779B97F4A7C15
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    z ^= z >> 31
+    return (z ^ (z >> 32)) & 0xFFFFFFFF
 
 
 def resolve_replicas(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
