@@ -272,3 +272,25 @@ def test_filters_that_leave_nothing_pad(planted):
     q, c, positives = planted
     mined = mine_hard_negatives(q, c, positives, num_negatives=3, max_score=-5.0, progress=False)
     assert (mined.negative_ids == -1).all() and mined.summary()["filled_fraction"] == 0
+
+
+def test_mine_command_writes_file_matching_the_function(tmp_path, planted):
+    from batchlab.cli import main
+
+    q, c, positives = planted
+    np.save(tmp_path / "q.npy", q.numpy())
+    np.save(tmp_path / "c.npy", c.numpy())
+    (tmp_path / "pos.txt").write_text("\n".join(" ".join(map(str, p)) for p in positives))
+    code = main(["mine", "--queries", str(tmp_path / "q.npy"), "--corpus", str(tmp_path / "c.npy"),
+                 "--positives", str(tmp_path / "pos.txt"), "--num-negatives", "3", "--range-min", "2",
+                 "--relative-margin", "0.05", "--index", "torch", "--no-progress", "--out", str(tmp_path / "out")])
+    assert code == 0
+    back = MinedNegatives.load(tmp_path / "out" / "negatives.npz", q, c)
+    want = mine_hard_negatives(q, c, positives, num_negatives=3, range_min=2, relative_margin=0.05,
+                               index_kwargs={"kind": "torch"}, progress=False)
+    assert torch.equal(back.negative_ids, want.negative_ids)
+    assert back.params["relative_margin"] == 0.05 and (tmp_path / "out" / "mine.json").exists()
+    # bad input is exit code 2 with a message, not a traceback
+    assert main(["mine", "--corpus", str(tmp_path / "c.npy"), "--positives", str(tmp_path / "pos.txt"),
+                 "--no-progress", "--out", str(tmp_path / "bad")]) == 2
+    assert main(["mine", "--corpus", str(tmp_path / "missing.npy"), "--positives", "diagonal"]) == 2
