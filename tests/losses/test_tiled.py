@@ -155,3 +155,115 @@ def test_bad_tile_size(bad, gen):
     t = _pair(7, 7, 8, gen, torch.float32, 10.0)
     with pytest.raises(BatchlabInputError, match="tile_size"):
         info_nce(t["q"], t["k"], 10.0, impl="tiled", tile_size=bad)
+
+
+# ----------------------------------------------------------------------------- DCL / DCLW
+
+DCL_CASES = [
+    ("diag", None, 0, True, "mean", False),
+    ("perm", "bool", 2, True, "none", True),
+    ("multi", "pairs", 0, False, "sum", True),
+    ("diag", "callable", 3, False, "mean", False),
+]
+
+
+@pytest.mark.parametrize("n", [2, 7, 37, 50])
+@pytest.mark.parametrize("case", DCL_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_dcl_matches_reference(n, case, gen):
+    positives, neg_form, extra, symmetric, reduction, weighted = case
+    t = _pair(n, n, 12, gen, torch.float32, 50.0, extra)
+    pos_kw, pos = _positives(positives, n, n, gen)
+    kwargs = dict(symmetric=symmetric, reduction=reduction, weighted=weighted, return_lse=True, **pos_kw)
+    if neg_form:
+        # keep at least one negative per row and column: mask only pairs (i, j) with j > i + 1
+        spare = pos | ~torch.ones(n, n, dtype=torch.bool).triu(2)
+        kwargs["neg_mask"] = _neg_mask(neg_form, n, n, spare, gen)
+    _compare(dcl, t, kwargs)
+
+
+def test_dcl_single_query_with_extra_negatives(gen):
+    t = _pair(1, 1, 12, gen, torch.float32, 10.0, extra=3)
+    _compare(dcl, t, dict(weighted=True, symmetric=False, return_lse=True))
+
+
+def test_dcl_bf16(gen):
+    t = _pair(50, 50, 32, gen, torch.bfloat16, 100.0, extra=2)
+    _compare(dcl, t, dict(weighted=True, return_lse=True), dtype=torch.bfloat16)
+
+
+def test_dcl_without_negatives_is_refused(gen):
+    t = _pair(3, 3, 8, gen, torch.float32, 10.0)
+    everything_but_positive = ~torch.eye(3, dtype=torch.bool)
+    with pytest.raises(BatchlabInputError, match="no negative left"):
+        dcl(t["q"], t["k"], 10.0, neg_mask=everything_but_positive, impl="tiled", tile_size=2)
+
+
+# ----------------------------------------------------------------------------- NT-Xent
+
+
+@pytest.mark.parametrize("v,n", [(2, 1), (2, 7), (3, 11), (4, 9)])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_nt_xent_matches_reference(v, n, reduction, gen):
+    views = F.normalize(torch.randn(v, n, 12, generator=gen, dtype=torch.float64), dim=-1).float()
+    _compare(nt_xent, {"views": views, "logit_scale": torch.tensor(2.0)}, dict(reduction=reduction, return_lse=True))
+
+
+def test_nt_xent_bf16_large_scale(gen):
+    views = F.normalize(torch.randn(3, 13, 32, generator=gen, dtype=torch.float64), dim=-1).to(torch.bfloat16)
+    _compare(nt_xent, {"views": views, "logit_scale": torch.tensor(100.0)}, dict(reduction="sum", return_lse=True),
+             dtype=torch.bfloat16)
+
+
+# ----------------------------------------------------------------------------- SigLIP
+
+SIGLIP_CASES = [
+    ("diag", None, 0, "mean"),
+    ("perm", "bool", 2, "none"),
+    ("multi", "pairs", 3, "sum"),
+    ("diag", "callable", 0, "none"),
+    ("multi", None, 1, "mean"),
+]
+
+
+@pytest.mark.parametrize("n", SIZES)
+@pytest.mark.parametrize("case", SIGLIP_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_siglip_matches_reference(n, case, gen):
+    positives, neg_form, extra, reduction = case
+    t = _pair(n, n, 12, gen, torch.float32, 10.0, extra)
+    t["logit_bias"] = torch.tensor(-10.0)
+    pos_kw, pos = _positives(positives, n, n, gen)
+    kwargs = dict(reduction=reduction, **pos_kw)
+    if neg_form:
+        kwargs["neg_mask"] = _neg_mask(neg_form, n, n, pos, gen)
+    _compare(siglip, t, kwargs)
+
+
+@pytest.mark.parametrize("scale,bias", [(1.0, 0.0), (100.0, -5.0)])
+def test_siglip_scales_more_keys_and_bf16(scale, bias, gen):
+    t = _pair(20, 45, 12, gen, torch.float32, scale)
+    t["logit_bias"] = torch.tensor(bias)
+    _compare(siglip, t, dict(targets=torch.randint(0, 45, (20,), generator=gen)), tile=(7, 4096))
+    tb = {name: x.to(torch.bfloat16) if x.dim() else x for name, x in _pair(50, 50, 32, gen, torch.float32, scale, 2).items()}
+    tb["logit_bias"] = torch.tensor(bias)
+    _compare(siglip, tb, dict(reduction="sum"), dtype=torch.bfloat16)
+
+
+def test_siglip_forward_only_keeps_no_gradients(gen):
+    """Without autograd the single pass computes no gradients (and the loss is still exact)."""
+    t = _pair(37, 37, 12, gen, torch.float32, 10.0)
+    with torch.no_grad():
+        a = siglip(t["q"], t["k"], 10.0, -10.0, impl="tiled", tile_size=16)
+    torch.testing.assert_close(a, siglip(t["q"], t["k"], 10.0, -10.0, impl="reference"), rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def test_auto_picks_tiled_above_threshold(monkeypatch, gen):
+    from batchlab.losses import _dispatch
+
+    monkeypatch.setattr(_dispatch, "AUTO_TILED_MIN_LOGITS", 100)
+    assert _dispatch.resolve("info_nce", "auto", 20, 20, torch.device("cpu")).__name__ == "info_nce_tiled"
+    assert _dispatch.resolve("info_nce", "auto", 5, 5, torch.device("cpu")).__name__ == "info_nce_reference"
+    for family in ("info_nce", "siglip", "dcl", "nt_xent"):
+        assert "tiled" in _dispatch.available_impls(family)

@@ -5,7 +5,7 @@ with :mod:`batchlab.losses._dispatch`; the engine and its block primitives (reus
 the distributed ring) are documented in :mod:`batchlab.losses.tiled.engine`.
 """
 
-from batchlab.losses.tiled import infonce  # noqa: F401  (registers ("info_nce", "tiled"))
+from batchlab.losses.tiled import dcl, infonce, nt_xent, siglip  # noqa: F401  (register the "tiled" impls)
 from batchlab.losses.tiled.engine import (
     BlockStats,
     LSECoefficients,
