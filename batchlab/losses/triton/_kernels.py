@@ -1,0 +1,201 @@
+"""Triton kernels for the contrastive losses (imported only when Triton is asked for).
+
+Everything works in base 2: a tile's logits ``L = s * q_i . k_j`` are kept as
+``L2 = L * log2(e)`` so that every exponential is one ``exp2``; log-sum-exps leave
+the kernels as ``lse2`` and are turned into natural logs by the caller.
+
+Three kernels:
+
+* ``lse_fwd_kernel``: one pass over the (N, M) logits. A program owns BM rows and
+  a group of column tiles; it keeps the rows' online max and sum (exact at any
+  scale) and, when ``COLS``, adds each tile's column sums ``sum_i 2^(L2_ij - ref2)``
+  to a global fp32 vector with one relaxed atomic per column per tile (never in the
+  inner d loop). ``ref2`` is a fixed shift ``B - 64/ln2``-ish chosen by the caller
+  from the bound ``|L| <= |s| max|q| max|k|``: no term can overflow; the caller
+  detects the rare columns whose sum underflowed and recomputes them exactly with
+  this same kernel on swapped inputs.
+* ``lse_bwd_kernel``: recomputes a panel of rows' tiles and writes the logit
+  gradient ``G_ij = g_i softmax_row_ij + h_j softmax_col_ij`` (divided by a global
+  ``gscale`` so that it fits in bf16/fp16) plus per-program partial sums of
+  ``G * (q_i . k_j)`` for the scale gradient. The caller turns ``G`` into ``dq`` and
+  ``dk`` with two matrix products (cuBLAS).
+* ``siglip_kernel``: one pass that writes per-row loss sums and, when asked, the
+  logit gradient of the sigmoid loss the same way (no normaliser, so no statistics).
+
+The d dimension is looped over in chunks of BD with a mask, so any d works.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _tile_dot(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k,
+              BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+              EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """acc[BM, BN] = q[rows] @ k[cols].T in fp32 (rows/cols clamped in range; caller masks)."""
+    rows_c = tl.minimum(rows, N - 1)
+    cols_c = tl.minimum(cols, M - 1)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        dd = d0 + tl.arange(0, BD)
+        q_ptrs = q_ptr + rows_c[:, None].to(tl.int64) * stride_q + dd[None, :]
+        k_ptrs = k_ptr + cols_c[:, None].to(tl.int64) * stride_k + dd[None, :]
+        if EVEN_D:
+            a = tl.load(q_ptrs)
+            b = tl.load(k_ptrs)
+        else:
+            a = tl.load(q_ptrs, mask=dd[None, :] < D, other=0.0)
+            b = tl.load(k_ptrs, mask=dd[None, :] < D, other=0.0)
+        if UPCAST:  # Triton's CPU interpreter computes bf16 dots wrongly; upcast there only
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _valid(rows, cols, N, M, tgt_ptr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr, TGT_ON_COLS: tl.constexpr):
+    """Which tile entries take part: in range, and not an excluded positive (DCL)."""
+    valid = (rows[:, None] < N) & (cols[None, :] < M)
+    if EXCLUDE:
+        if HAS_TGT:
+            if TGT_ON_COLS:  # swapped roles: "row" j is key j, "col" i is query i with target t_i
+                t = tl.load(tgt_ptr + cols, mask=cols < M, other=-1)
+                valid = valid & (t[None, :] != rows[:, None])
+            else:
+                t = tl.load(tgt_ptr + rows, mask=rows < N, other=-1)
+                valid = valid & (cols[None, :] != t[:, None])
+        else:
+            valid = valid & (cols[None, :] != rows[:, None])
+    return valid
+
+
+@triton.jit
+def _panel_tile(q_ptr, k_ptr, r0, r1, M, D, stride_q, stride_k,
+                BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """This program's tile of a row panel [r0, r1): indices, masks and ``q . k`` in fp32."""
+    rows = r0 + tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    acc = _tile_dot(q_ptr, k_ptr, rows, cols, r1, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC)
+    return rows, cols, rows < r1, cols < M, acc
+
+
+@triton.jit
+def _store_logit_grad(out_ptr, g, ginv, rows, cols, r0, stride_out, mask):
+    """Write ``g * ginv`` (in the buffer's dtype) at the panel-relative rows."""
+    out = out_ptr + (rows - r0)[:, None].to(tl.int64) * stride_out + cols[None, :]
+    tl.store(out, (g * ginv).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def lse_fwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ref_ptr,
+                   row_m_ptr, row_l_ptr, col_sum_ptr,
+                   N, M, D, stride_q, stride_k, tiles_per_group,
+                   BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                   COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr, TGT_ON_COLS: tl.constexpr,
+                   EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    rows = pid_m * BM + tl.arange(0, BM)
+    s2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+    if COLS:
+        ref2 = tl.load(ref_ptr)
+    # A finite floor instead of -inf keeps exp2(m_old - m_new) free of inf - inf.
+    m_i = tl.full((BM,), -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros((BM,), dtype=tl.float32)
+    n_tiles = tl.cdiv(M, BN)
+    t_start = pid_g * tiles_per_group
+    t_end = tl.minimum(t_start + tiles_per_group, n_tiles)
+    for t in range(t_start, t_end):
+        cols = t * BN + tl.arange(0, BN)
+        acc = _tile_dot(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC)
+        l2 = acc * s2
+        valid = _valid(rows, cols, N, M, tgt_ptr, EXCLUDE, HAS_TGT, TGT_ON_COLS)
+        l2m = tl.where(valid, l2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(l2m, 1))
+        p = tl.exp2(l2m - m_new[:, None])
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1)
+        m_i = m_new
+        if COLS:
+            pc = tl.where(valid, tl.exp2(l2 - ref2), 0.0)
+            tl.atomic_add(col_sum_ptr + cols, tl.sum(pc, 0), mask=cols < M, sem="relaxed")
+    out = pid_g.to(tl.int64) * N + rows
+    tl.store(row_m_ptr + out, m_i, mask=rows < N)
+    tl.store(row_l_ptr + out, l_i, mask=rows < N)
+
+
+@triton.jit
+def lse_bwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ginv_ptr,
+                   row_lse2_ptr, col_lse2_ptr, g_row_ptr, g_col_ptr,
+                   out_ptr, ds_ptr,
+                   r0, r1, M, D, stride_q, stride_k, stride_out,
+                   BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                   ROWS: tl.constexpr, COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr,
+                   EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """Logit gradient of ``sum_i g_i row_lse_i + sum_j h_j col_lse_j`` for rows [r0, r1)."""
+    rows, cols, rmask, cmask, acc = _panel_tile(q_ptr, k_ptr, r0, r1, M, D, stride_q, stride_k,
+                                                BM, BN, BD, EVEN_D, UPCAST, PREC)
+    s2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+    ginv = tl.load(ginv_ptr)
+    l2 = acc * s2
+    valid = _valid(rows, cols, r1, M, tgt_ptr, EXCLUDE, HAS_TGT, False)
+    g = tl.zeros((BM, BN), dtype=tl.float32)
+    if ROWS:
+        lse_r = tl.load(row_lse2_ptr + rows, mask=rmask, other=0.0)
+        g_r = tl.load(g_row_ptr + rows, mask=rmask, other=0.0)
+        g += g_r[:, None] * tl.exp2(l2 - lse_r[:, None])
+    if COLS:
+        lse_c = tl.load(col_lse2_ptr + cols, mask=cmask, other=0.0)
+        g_c = tl.load(g_col_ptr + cols, mask=cmask, other=0.0)
+        g += g_c[None, :] * tl.exp2(l2 - lse_c[None, :])
+    g = tl.where(valid, g, 0.0)
+    tl.store(ds_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(g * acc, 1), 0))
+    _store_logit_grad(out_ptr, g, ginv, rows, cols, r0, stride_out, rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def siglip_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, bias_ptr, ginv_ptr, g_row_ptr,
+                  row_loss_ptr, out_ptr, ds_ptr, db_ptr,
+                  r0, r1, M, D, stride_q, stride_k, stride_out,
+                  BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                  LOSS: tl.constexpr, GRAD: tl.constexpr, HAS_TGT: tl.constexpr,
+                  EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """SigLIP over rows [r0, r1): per-row sums of softplus(-y z) and/or the logit gradient.
+
+    ``z = s q_i . k_j + b``, ``y = +1`` on (i, target_i) else -1. The gradient written is
+    ``g_i * d softplus(-y z) / dz = -y g_i sigmoid(-y z)``, times ``ginv``.
+    """
+    rows, cols, rmask, cmask, acc = _panel_tile(q_ptr, k_ptr, r0, r1, M, D, stride_q, stride_k,
+                                                BM, BN, BD, EVEN_D, UPCAST, PREC)
+    s = tl.load(scale_ptr).to(tl.float32)
+    b = tl.load(bias_ptr).to(tl.float32)
+    z = acc * s + b
+    if HAS_TGT:
+        t = tl.load(tgt_ptr + rows, mask=rmask, other=-1)
+        pos = cols[None, :] == t[:, None]
+    else:
+        pos = cols[None, :] == rows[:, None]
+    x = tl.where(pos, -z, z)  # the term is softplus(x), x = -y z
+    valid = rmask[:, None] & cmask[None, :]
+    # e = exp(-|x|) in (0, 1]: softplus(x) = max(x, 0) + log(1 + e); sigmoid(x) from e without overflow.
+    e = tl.exp2(-tl.abs(x) * 1.4426950408889634)
+    if LOSS:
+        sp = tl.maximum(x, 0.0) + tl.log2(1.0 + e) * 0.6931471805599453
+        sp = tl.where(valid, sp, 0.0)
+        tl.atomic_add(row_loss_ptr + rows, tl.sum(sp, 1), mask=rmask, sem="relaxed")
+    if GRAD:
+        sig = tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))  # sigmoid(x)
+        g_r = tl.load(g_row_ptr + rows, mask=rmask, other=0.0)
+        g = tl.where(pos, -sig, sig) * g_r[:, None]  # d softplus(x)/dz = sigmoid(x) * dx/dz
+        g = tl.where(valid, g, 0.0)
+        flat = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        tl.store(ds_ptr + flat, tl.sum(tl.sum(g * acc, 1), 0))
+        tl.store(db_ptr + flat, tl.sum(tl.sum(g, 1), 0))
+        _store_logit_grad(out_ptr, g, tl.load(ginv_ptr), rows, cols, r0, stride_out, valid)

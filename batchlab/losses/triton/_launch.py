@@ -1,0 +1,115 @@
+"""Launch settings shared by the Triton losses: tile configs, precision, workspace, fp32 products."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+def interpreting() -> bool:
+    """Whether Triton runs in its CPU interpreter (``TRITON_INTERPRET=1`` when the kernels were defined)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+#: Tile configurations per kernel: block rows, block columns, d chunk, warps, pipeline stages.
+#: Chosen by a sweep on one H100 (d=512, bf16; ``batchlab/losses/triton/sweep.py``).
+#: Edit at run time to try others (the sweep does this).
+CONFIGS: dict[str, dict[str, int]] = {
+    "fwd": dict(BM=128, BN=128, BD=64, num_warps=8, num_stages=3),
+    "bwd": dict(BM=128, BN=128, BD=64, num_warps=8, num_stages=3),
+    "siglip": dict(BM=128, BN=128, BD=64, num_warps=8, num_stages=3),
+}
+#: fp32 inputs double the bytes per chunk: halve the d chunk.
+FP32_BD = 32
+#: Small blocks in the interpreter: several tiles and d chunks even at test sizes.
+INTERPRET_CONFIG = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1)
+
+
+def config(kernel: str, dtype: torch.dtype) -> dict[str, int]:
+    if interpreting():
+        return dict(INTERPRET_CONFIG)
+    cfg = dict(CONFIGS[kernel])
+    if dtype == torch.float32:
+        cfg["BD"] = min(cfg["BD"], FP32_BD)
+    return cfg
+
+
+def kernel_flags(x: torch.Tensor, bd: int) -> dict:
+    """Compile-time flags that depend on the inputs: d divisibility, interpreter, fp32 dot precision."""
+    if x.dtype == torch.float32 and not interpreting():
+        prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+    else:
+        prec = "ieee"
+    return dict(EVEN_D=x.shape[1] % bd == 0, UPCAST=interpreting(), PREC=prec)
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def panel_rows(n: int, m: int, elem_bytes: int, block_rows: int, workspace_bytes: int | None) -> int:
+    """Rows per gradient panel: the (rows x m) gradient buffer stays within ``workspace_bytes``.
+
+    Default: 1 GiB per 65,536 keys, between 1 and 8 GiB, so that panels stay a few
+    thousand rows tall (the products that consume them need that to run at full rate).
+    """
+    if workspace_bytes is None:
+        workspace_bytes = int(min(8 * 2**30, max(2**30, 2**30 * m / 65536)))
+    rows = max(block_rows, workspace_bytes // max(1, m * elem_bytes))
+    rows = (rows // block_rows) * block_rows
+    return int(min(rows, n))
+
+
+_MM_F32: bool | None = None
+
+
+def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` accumulated and returned in fp32 (no bf16 rounding of the result)."""
+    global _MM_F32
+    if a.dtype == torch.float32:
+        return torch.mm(a, b)
+    if _MM_F32 is not False and a.is_cuda:
+        try:
+            out = torch.ops.aten.mm.dtype(a, b, torch.float32)
+            _MM_F32 = True
+            return out
+        except (RuntimeError, AttributeError, NotImplementedError):
+            _MM_F32 = False
+    return torch.mm(a, b).float() if a.is_cuda else torch.mm(a.float(), b.float())
+
+
+def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bool, need_k: bool):
+    """``dq = factor * G @ k`` and ``dk = factor * G.T @ q`` from a logit gradient made panel by panel.
+
+    ``fill(p, r0, r1, buf)`` writes rows [r0, r1) of ``G / factor`` into ``buf[: r1 - r0]``
+    (a (rows_per_panel, M) buffer in the inputs' dtype). The products accumulate in fp32;
+    ``dk`` sums over panels in an fp32 buffer when there is more than one.
+    """
+    n, d = q.shape
+    m = k.shape[0]
+    buf = torch.empty(rows_per_panel, m, device=q.device, dtype=q.dtype)
+    several = n > rows_per_panel
+    dq = torch.empty_like(q) if need_q else None
+    dk32 = torch.zeros(m, d, device=q.device, dtype=torch.float32) if need_k and several else None
+    dk = None
+    for p, r0 in enumerate(range(0, n, rows_per_panel)):
+        r1 = min(n, r0 + rows_per_panel)
+        fill(p, r0, r1, buf)
+        g = buf[: r1 - r0]
+        if need_q:
+            dq[r0:r1] = (mm_f32(g, k) * factor).to(q.dtype)
+        if need_k:
+            part = mm_f32(g.t(), q[r0:r1])
+            if several:
+                dk32 += part
+            else:
+                dk = (part * factor).to(k.dtype)
+    if dk32 is not None:
+        dk = (dk32 * factor).to(k.dtype)
+    return dq, dk

@@ -1,0 +1,165 @@
+"""Row and column log-sum-exp of ``s * q @ k.T`` as one autograd function, on Triton kernels.
+
+``pair_lse(q, k, scale, targets, cols=..., exclude=...)`` returns ``(row_lse (N,),
+col_lse (M,) or None)`` in fp32 without ever holding the (N, M) logits:
+
+* forward: one pass (``lse_fwd_kernel``) gives the rows' exact online log-sum-exp
+  and the columns' sums against a fixed shift; columns whose sum underflowed (only
+  possible when ``|s| > ~55``) are recomputed exactly by a second pass on swapped
+  inputs, so the result is exact at any scale.
+* backward: for each panel of rows, ``lse_bwd_kernel`` recomputes the tiles once
+  and writes the logit gradient ``G`` (bf16/fp16/fp32, like the inputs); two
+  matrix products turn it into ``dq = s G k`` and ``dk = s G^T q`` (fp32
+  accumulation across panels), and the kernel's partial sums give
+  ``ds = sum G * (q . k)``. FLOPs: 1 GEMM forward + 3 backward = ``8 N M d``.
+
+``exclude=True`` leaves each query's target out of both sums (DCL's denominator).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+
+from batchlab.losses.triton import _kernels
+from batchlab.losses.triton._launch import (
+    LN2,
+    LOG2E,
+    config,
+    gradients_from_panels,
+    kernel_flags,
+    num_sms,
+    panel_rows,
+)
+
+#: Columns whose shifted sum falls below this are recomputed exactly: above it, the
+#: terms flushed to zero (each < 2**-126, at most 2**31 of them) are < 2**-29 of the sum.
+_UNDERFLOW = 2.0**-66
+#: The column shift sits this many binary orders below the logits' bound: a term is at
+#: most 2**92 and a sum of up to 2**31 of them stays below fp32's 2**128.
+_HEADROOM2 = 92.0
+
+
+def _column_shift2(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Base-2 column shift ``B log2(e) - 92`` with ``B = |s| max|q_i| max|k_j| >= |L_ij|`` (device scalar)."""
+    qn = torch.linalg.vector_norm(q, dim=1, dtype=torch.float32).max()
+    kn = torch.linalg.vector_norm(k, dim=1, dtype=torch.float32).max()
+    bound = scale.detach().abs().float() * qn * kn * 1.0001  # margin for rounding in the norms
+    return (bound * LOG2E - _HEADROOM2).reshape(1).contiguous()
+
+
+def lse_forward(q, k, scale, targets, *, cols: bool, exclude: bool, targets_on_cols: bool = False):
+    """Base-2 row log-sum-exp (N,) and, when ``cols``, column log-sum-exp (M,) (or None)."""
+    n, d = q.shape
+    m = k.shape[0]
+    cfg = config("fwd", q.dtype)
+    bm, bn = cfg["BM"], cfg["BN"]
+    row_blocks = triton.cdiv(n, bm)
+    n_tiles = triton.cdiv(m, bn)
+    # Split the columns into groups when there are too few row blocks to fill the GPU.
+    groups = max(1, min(n_tiles, math.ceil(4 * num_sms(q.device) / row_blocks)))
+    per_group = triton.cdiv(n_tiles, groups)
+    groups = triton.cdiv(n_tiles, per_group)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    row_m = torch.empty(groups, n, **f32)
+    row_l = torch.empty(groups, n, **f32)
+    col_sum = torch.zeros(m if cols else 1, **f32)
+    ref2 = _column_shift2(q, k, scale) if cols else col_sum
+    scale32 = scale.detach().float().reshape(1).contiguous()
+    tgt = targets if targets is not None else row_m  # unused pointer when there are no targets
+    _kernels.lse_fwd_kernel[(row_blocks, groups)](
+        q, k, tgt, scale32, ref2, row_m, row_l, col_sum,
+        n, m, d, q.stride(0), k.stride(0), per_group,
+        COLS=cols, EXCLUDE=exclude, HAS_TGT=targets is not None, TGT_ON_COLS=targets_on_cols,
+        **cfg, **kernel_flags(q, cfg["BD"]),
+    )
+    if groups == 1:
+        row_lse2 = row_m[0] + torch.log2(row_l[0])
+    else:
+        top = row_m.max(dim=0).values
+        row_lse2 = top + torch.log2((row_l * torch.exp2(row_m - top)).sum(dim=0))
+    if not cols:
+        return row_lse2, None
+    col_lse2 = ref2 + torch.log2(col_sum)
+    low = col_sum < _UNDERFLOW
+    if bool(low.any()):
+        # Exact pass for the columns: keys as rows, queries as columns (online max per key).
+        exact, _ = lse_forward(k, q, scale, targets, cols=False, exclude=exclude, targets_on_cols=True)
+        col_lse2 = torch.where(low, exact, col_lse2)
+    return row_lse2, col_lse2
+
+
+def lse_backward(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, exclude: bool,
+                 workspace_bytes: int | None = None, need_q: bool = True, need_k: bool = True):
+    """Gradients (dq, dk, ds) of ``sum_i g_row_i row_lse_i + sum_j g_col_j col_lse_j``."""
+    n, d = q.shape
+    m = k.shape[0]
+    cfg = config("bwd", q.dtype)
+    bm, bn = cfg["BM"], cfg["BN"]
+    rows_on = g_row is not None
+    cols_on = g_col is not None and col_lse2 is not None
+    f32 = dict(device=q.device, dtype=torch.float32)
+    # G / gscale lies in [-1, 1], so it keeps its precision in bf16/fp16 at any batch size.
+    gscale = torch.zeros((), **f32)
+    if rows_on:
+        g_row = g_row.float().contiguous()
+        gscale = gscale + g_row.abs().max()
+    if cols_on:
+        g_col = g_col.float().contiguous()
+        gscale = gscale + g_col.abs().max()
+    gscale = gscale.clamp_min(1e-30)
+    ginv = (1.0 / gscale).reshape(1)
+    scale32 = scale.detach().float().reshape(1).contiguous()
+    factor = scale32 * gscale  # dq = s * gscale * (G/gscale) @ k
+    rows_per_panel = panel_rows(n, m, q.element_size(), bm, workspace_bytes)
+    col_blocks = triton.cdiv(m, bn)
+    ds_parts = torch.zeros(triton.cdiv(n, rows_per_panel), triton.cdiv(rows_per_panel, bm) * col_blocks, **f32)
+    dummy = ds_parts
+
+    def fill(p, r0, r1, buf):
+        _kernels.lse_bwd_kernel[(triton.cdiv(r1 - r0, bm), col_blocks)](
+            q, k, targets if targets is not None else dummy, scale32, ginv,
+            row_lse2 if rows_on else dummy, col_lse2 if cols_on else dummy,
+            g_row if rows_on else dummy, g_col if cols_on else dummy,
+            buf, ds_parts[p],
+            r0, r1, m, d, q.stride(0), k.stride(0), buf.stride(0),
+            ROWS=rows_on, COLS=cols_on, EXCLUDE=exclude, HAS_TGT=targets is not None,
+            **cfg, **kernel_flags(q, cfg["BD"]),
+        )
+
+    dq, dk = gradients_from_panels(q, k, rows_per_panel, fill, factor, need_q=need_q, need_k=need_k)
+    ds = ds_parts.sum()
+    return dq, dk, ds
+
+
+class PairLSE(torch.autograd.Function):
+    """(row_lse, col_lse) of ``scale * q @ k.T``; col_lse is empty unless ``cols``."""
+
+    @staticmethod
+    def forward(ctx, q, k, scale, targets, cols, exclude, workspace_bytes):
+        row2, col2 = lse_forward(q, k, scale, targets, cols=cols, exclude=exclude)
+        ctx.save_for_backward(q, k, scale, targets, row2, col2 if cols else None)
+        ctx.cols, ctx.exclude, ctx.workspace_bytes = cols, exclude, workspace_bytes
+        col = col2 * LN2 if cols else row2.new_empty(0)
+        return row2 * LN2, col
+
+    @staticmethod
+    def backward(ctx, g_row, g_col):
+        q, k, scale, targets, row2, col2 = ctx.saved_tensors
+        need_q, need_k, need_s = ctx.needs_input_grad[:3]
+        dq, dk, ds = lse_backward(
+            q, k, scale, targets, row2, col2, g_row, g_col if ctx.cols else None,
+            exclude=ctx.exclude, workspace_bytes=ctx.workspace_bytes, need_q=need_q, need_k=need_k,
+        )
+        return dq, dk, (ds.to(scale.dtype) if need_s else None), None, None, None, None
+
+
+def pair_lse(q, k, scale, targets=None, *, cols: bool, exclude: bool = False, workspace_bytes: int | None = None):
+    """Natural-log ``(row_lse (N,), col_lse (M,) | None)`` of ``scale * q @ k.T`` with gradients."""
+    q, k = q.contiguous(), k.contiguous()
+    if targets is not None:
+        targets = targets.contiguous()
+    row, col = PairLSE.apply(q, k, scale, targets, cols, exclude, workspace_bytes)
+    return row, (col if cols else None)

@@ -1,0 +1,111 @@
+"""SigLIP's pairwise sigmoid loss as one autograd function on a Triton kernel.
+
+There is no normaliser, so a single pass over the tiles gives the loss and the
+logit gradient together. With a summed loss (``reduction`` "mean" or "sum") and
+gradients required, the forward already produces ``dq, dk, ds, db`` (one tile pass
+plus two matrix products per panel, ``6 N M d`` FLOPs) and the backward only scales
+them by the incoming scalar. Per-row losses (``reduction="none"``) keep the gradient
+for the backward, which recomputes the tiles with the per-row weights.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+
+from batchlab.losses.triton import _kernels
+from batchlab.losses.triton._launch import config, gradients_from_panels, kernel_flags, panel_rows
+
+
+def siglip_pass(q, k, scale, bias, targets, *, loss: bool, g_row=None, workspace_bytes=None,
+                need_q=True, need_k=True):
+    """Per-row loss sums (N,) when ``loss``; gradients (dq, dk, ds, db) of ``sum_i g_i row_i`` when ``g_row``."""
+    n, d = q.shape
+    m = k.shape[0]
+    cfg = config("siglip", q.dtype)
+    bm, bn = cfg["BM"], cfg["BN"]
+    f32 = dict(device=q.device, dtype=torch.float32)
+    grad = g_row is not None
+    row_loss = torch.zeros(n if loss else 1, **f32)
+    scale32 = scale.detach().float().reshape(1).contiguous()
+    bias32 = bias.detach().float().reshape(1).contiguous()
+    col_blocks = triton.cdiv(m, bn)
+    flags = dict(BM=bm, BN=bn, **{key: cfg[key] for key in ("BD", "num_warps", "num_stages")},
+                 HAS_TGT=targets is not None, **kernel_flags(q, cfg["BD"]))
+    tgt = targets if targets is not None else row_loss
+    if not grad:
+        _kernels.siglip_kernel[(triton.cdiv(n, bm), col_blocks)](
+            q, k, tgt, scale32, bias32, row_loss, row_loss, row_loss, row_loss, row_loss, row_loss,
+            0, n, m, d, q.stride(0), k.stride(0), 0, LOSS=True, GRAD=False, **flags,
+        )
+        return row_loss, None
+    g_row = g_row.float().contiguous()
+    gscale = g_row.abs().max().clamp_min(1e-30)
+    ginv = (1.0 / gscale).reshape(1)
+    rows_per_panel = panel_rows(n, m, q.element_size(), bm, workspace_bytes)
+    parts = torch.zeros(2, triton.cdiv(n, rows_per_panel), triton.cdiv(rows_per_panel, bm) * col_blocks, **f32)
+
+    def fill(p, r0, r1, buf):
+        _kernels.siglip_kernel[(triton.cdiv(r1 - r0, bm), col_blocks)](
+            q, k, tgt, scale32, bias32, ginv, g_row, row_loss, buf, parts[0, p], parts[1, p],
+            r0, r1, m, d, q.stride(0), k.stride(0), buf.stride(0), LOSS=loss, GRAD=True, **flags,
+        )
+
+    dq, dk = gradients_from_panels(q, k, rows_per_panel, fill, scale32 * gscale, need_q=need_q, need_k=need_k)
+    grads = (dq, dk, parts[0].sum(), parts[1].sum())
+    return (row_loss if loss else None), grads
+
+
+class SigLIPSum(torch.autograd.Function):
+    """Total SigLIP loss ``sum_ij softplus(-y_ij z_ij)`` (scalar); gradients made in the forward."""
+
+    @staticmethod
+    def forward(ctx, q, k, scale, bias, targets, workspace_bytes):
+        need = ctx.needs_input_grad
+        want_grad = any(need[:4])
+        g_row = torch.ones(q.shape[0], device=q.device, dtype=torch.float32) if want_grad else None
+        rows, grads = siglip_pass(q, k, scale, bias, targets, loss=True, g_row=g_row,
+                                  workspace_bytes=workspace_bytes, need_q=need[0], need_k=need[1])
+        if want_grad:
+            ctx.save_for_backward(*grads)
+        ctx.dtypes = (scale.dtype, bias.dtype)
+        return rows.sum()
+
+    @staticmethod
+    def backward(ctx, go):
+        dq, dk, ds, db = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        out_dq = (dq * go).to(dq.dtype) if need[0] else None
+        out_dk = (dk * go).to(dk.dtype) if need[1] else None
+        out_ds = (ds * go).to(ctx.dtypes[0]) if need[2] else None
+        out_db = (db * go).to(ctx.dtypes[1]) if need[3] else None
+        return out_dq, out_dk, out_ds, out_db, None, None
+
+
+class SigLIPRows(torch.autograd.Function):
+    """Per-row SigLIP losses (N,); the backward recomputes the tiles with the row weights."""
+
+    @staticmethod
+    def forward(ctx, q, k, scale, bias, targets, workspace_bytes):
+        rows, _ = siglip_pass(q, k, scale, bias, targets, loss=True)
+        ctx.save_for_backward(q, k, scale, bias, targets)
+        ctx.workspace_bytes = workspace_bytes
+        return rows
+
+    @staticmethod
+    def backward(ctx, g_row):
+        q, k, scale, bias, targets = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        _, (dq, dk, ds, db) = siglip_pass(q, k, scale, bias, targets, loss=False, g_row=g_row,
+                                          workspace_bytes=ctx.workspace_bytes, need_q=need[0], need_k=need[1])
+        return (dq, dk, ds.to(scale.dtype) if need[2] else None, db.to(bias.dtype) if need[3] else None,
+                None, None)
+
+
+def siglip_total(q, k, scale, bias, targets=None, *, per_row: bool, workspace_bytes=None):
+    """Summed SigLIP loss (scalar), or per-row sums (N,) when ``per_row``."""
+    q, k = q.contiguous(), k.contiguous()
+    if targets is not None:
+        targets = targets.contiguous()
+    fn = SigLIPRows if per_row else SigLIPSum
+    return fn.apply(q, k, scale, bias, targets, workspace_bytes)
