@@ -290,13 +290,24 @@ def repair_sizes(
             groups.append(leftover)
             leftover = leftover[:0]
     if leftover.size:
-        # one extra member for each of the last merged runs (their neighbours in the
-        # order), then for any group that still has room
-        candidates = [i for i in range(len(groups) - 1, n_kept - 1, -1)] + list(range(n_kept))
-        candidates = [i for i in candidates if groups[i].size <= k]
-        if len(candidates) >= leftover.size:
-            for node, i in zip(leftover, candidates):
+        # r < K-1 examples are left: either give one each to r groups that have room
+        # (K+1 at most), or borrow K-1-r members, one from each of as many groups of
+        # K or K+1, to make one more group of K-1; whichever moves fewer examples.
+        # The last merged runs come first: they are the leftovers' neighbours in the order.
+        nearby = [i for i in range(len(groups) - 1, n_kept - 1, -1)] + list(range(n_kept))
+        receivers = [i for i in nearby if groups[i].size <= k]
+        donors = sorted((i for i in nearby if groups[i].size >= k), key=lambda i: -groups[i].size)
+        need = k - 1 - leftover.size
+        give = len(receivers) >= leftover.size
+        if give and (leftover.size <= need or len(donors) < need):
+            for node, i in zip(leftover, receivers):
                 groups[i] = np.append(groups[i], node)
+            leftover = leftover[:0]
+        elif len(donors) >= need:
+            borrowed = [groups[i][-1] for i in donors[:need]]
+            for i in donors[:need]:
+                groups[i] = groups[i][:-1]
+            groups.append(np.concatenate([leftover, np.asarray(borrowed, dtype=np.int64)]))
             leftover = leftover[:0]
     if leftover.size:
         # too few examples for K +- 1 everywhere: balanced groups along the same order

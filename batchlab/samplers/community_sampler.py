@@ -305,30 +305,44 @@ def batch_similarity_stats(
     embeddings: torch.Tensor,
     batches: Sequence[Sequence[int]],
     labels: torch.Tensor | np.ndarray | None = None,
+    *,
+    top_k: int = 10,
 ) -> dict[str, float]:
-    """How hard a set of batches is: mean in-batch similarity of negatives, and false negatives.
+    """How hard a set of batches is for a contrastive loss, by the teacher's similarities.
 
-    For each batch ``X`` (``b x d``), the mean over ordered pairs ``i != j`` of
-    ``x_i . x_j`` is ``(|sum x|^2 - sum |x|^2) / (b (b - 1))``, computed in
-    ``O(b d)`` without the ``b x b`` matrix. With ``labels``, ``same_label_rate`` is the
-    share of those pairs with equal labels (false negatives, where labels mean "same
-    item"). Both are averaged over batches with at least two members.
+    * ``mean_negative_similarity``: the mean of ``x_i . x_j`` over ordered pairs ``i != j``
+      of a batch, ``(|sum x|^2 - sum |x|^2) / (b (b - 1))`` (``O(b d)``). With ``|B| / K``
+      groups per batch, only ``(K - 1) / (|B| - 1)`` of these pairs are group mates, so
+      this mean moves little.
+    * ``top_k_negative_similarity``: for each anchor, the mean similarity of its ``top_k``
+      most similar batch mates (the negatives that dominate a low-temperature softmax),
+      averaged over anchors; one ``b x b`` product per batch.
+    * ``same_label_rate`` (with ``labels``): the share of ordered pairs with equal labels,
+      i.e. false negatives where labels mean "the same item".
+
+    All are averaged over batches with at least two members.
 
     >>> x = torch.eye(4)[[0, 0, 1, 1]]
-    >>> batch_similarity_stats(x, [[0, 1], [2, 3]], labels=np.array([0, 0, 1, 1]))
-    {'mean_negative_similarity': 1.0, 'same_label_rate': 1.0, 'batches': 2}
+    >>> stats = batch_similarity_stats(x, [[0, 1], [2, 3]], labels=np.array([0, 0, 1, 1]), top_k=1)
+    >>> stats["mean_negative_similarity"], stats["top_k_negative_similarity"], stats["same_label_rate"]
+    (1.0, 1.0, 1.0)
     """
     check_embeddings("embeddings", embeddings)
+    check_positive_int("top_k", top_k)
     if labels is not None:
         labels = torch.as_tensor(np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels))
-    sims, same = [], []
+    sims, tops, same = [], [], []
     for batch in batches:
         b = len(batch)
         if b < 2:
             continue
         index = torch.as_tensor(list(batch), dtype=torch.int64, device=embeddings.device)
-        x = embeddings.index_select(0, index).double()
-        sims.append(float((x.sum(0).square().sum() - x.square().sum()) / (b * (b - 1))))
+        x = embeddings.index_select(0, index).float()
+        total = x.double().sum(0)
+        sims.append(float((total.square().sum() - x.double().square().sum()) / (b * (b - 1))))
+        gram = x @ x.T
+        gram.fill_diagonal_(-float("inf"))
+        tops.append(float(gram.topk(min(top_k, b - 1), dim=1).values.mean()))
         if labels is not None:
             counts = torch.unique(labels[index.cpu()], return_counts=True)[1].double()
             same.append(float((counts.square().sum() - b) / (b * (b - 1))))
@@ -336,6 +350,8 @@ def batch_similarity_stats(
         raise BatchlabInputError("batch_similarity_stats needs at least one batch with two or more members")
     return {
         "mean_negative_similarity": float(np.mean(sims)),
+        "top_k_negative_similarity": float(np.mean(tops)),
+        "top_k": top_k,
         "same_label_rate": float(np.mean(same)) if same else None,
         "batches": len(sims),
     }

@@ -55,10 +55,11 @@ def _as_numpy(x: Any, name: str) -> np.ndarray:
 def clamp_window(window: tuple[int, int], n: int, *, available: int | None = None) -> tuple[int, int]:
     """Check a rank window ``(start, stop)`` and clamp ``stop`` to what ``n`` examples allow.
 
-    An example has at most ``n - 1`` neighbours (itself excluded), and at most
-    ``available`` ranked neighbours were computed. A ``stop`` beyond that is clamped
-    with a warning; a ``start`` that leaves an empty window is an error, because
-    the false-negative guard ``start`` would then swallow every neighbour.
+    An example has at most ``n - 1`` neighbours (itself excluded); ``available``
+    overrides that count (the columns of a neighbour table that lists them all). A
+    ``stop`` beyond it is clamped with a warning; a ``start`` that leaves an empty
+    window is an error, because the false-negative guard ``start`` would then
+    swallow every neighbour.
 
     >>> clamp_window((30, 130), 1000)
     (30, 130)
@@ -72,7 +73,7 @@ def clamp_window(window: tuple[int, int], n: int, *, available: int | None = Non
             f"rank_window=({start}, {stop}) is empty or negative; expected 0 <= start < stop, "
             "e.g. (30, 130): skip the 30 nearest neighbours, keep the next 100"
         )
-    limit = n - 1 if available is None else min(n - 1, available)
+    limit = n - 1 if available is None else available
     if stop > limit:
         if start >= limit:
             raise BatchlabInputError(
@@ -81,7 +82,7 @@ def clamp_window(window: tuple[int, int], n: int, *, available: int | None = Non
                 f"rank_window=({max(0, limit // 4)}, {limit}), or use more examples"
             )
         warnings.warn(
-            f"rank_window=({start}, {stop}) reaches beyond the {limit} neighbours available with N={n}; "
+            f"rank_window=({start}, {stop}) reaches beyond the {limit} neighbours available (N={n} examples); "
             f"using ({start}, {limit}) instead",
             stacklevel=3,
         )
@@ -137,12 +138,14 @@ def rank_window_graph(
         raise BatchlabInputError(f"num_nodes={n} is smaller than the {n_rows} rows of neighbour_ids")
     if n_rows and (ids.max(initial=-1) >= n):
         raise BatchlabInputError(f"neighbour_ids holds id {int(ids.max())} but there are only {n} nodes")
-    start, stop = clamp_window(window, n)
+    start, stop = clamp_window(window, n, available=max(k, n - 1))
     if k < stop:
-        raise BatchlabInputError(
-            f"neighbour_ids has {k} neighbours per row but window=({start}, {stop}) needs {stop}; "
-            f"search with k >= {stop}"
-        )
+        if k < n - 1:  # the search stopped short of the window: more neighbours exist
+            raise BatchlabInputError(
+                f"neighbour_ids has {k} neighbours per row but window=({start}, {stop}) needs {stop}; "
+                f"search with k >= {stop}"
+            )
+        start, stop = clamp_window((start, stop), n, available=k)  # every neighbour is listed
     if weights == "similarity":
         if neighbour_scores is None:
             raise BatchlabInputError('weights="similarity" needs neighbour_scores; pass them or use weights="rank"')
