@@ -333,13 +333,60 @@ class _Ring:
             r.wait()
 
 
-#: rows per chunk inside a ring block: bounds the fp32 logits held at once
-RING_ROW_CHUNK = 8192
+class _ComputeOnlyRing(_Ring):
+    """A ring that moves nothing: every "received" block is a copy of the sent one.
+
+    Used by the benchmark to time the ring's computation alone, so that the share of
+    communication hidden behind compute can be reported. Never use it for training.
+    """
+
+    def start(self, tensors, incoming_rank):
+        n_in = self.sizes[incoming_rank]
+        return [], [t[:n_in].clone() if t.shape[0] >= n_in else t.new_zeros((n_in, *t.shape[1:])) for t in tensors]
 
 
-def _row_chunks(n: int):
-    for start in range(0, n, RING_ROW_CHUNK):
-        yield start, min(n, start + RING_ROW_CHUNK)
+#: the exchange the ring functions use (the benchmark swaps in _ComputeOnlyRing)
+RING_EXCHANGE = _Ring
+
+#: tile edge inside a ring block: bounds the fp32 logits held at once (4096^2 fp32 = 64 MiB on
+#: the CPU; 16384^2 = 1 GiB on a GPU, where fewer, larger products keep the tensor cores busy)
+RING_TILE = 4096
+RING_TILE_CUDA = 16384
+
+
+def default_ring_tile(device: torch.device) -> int:
+    return RING_TILE_CUDA if device.type == "cuda" else RING_TILE
+
+
+def _tiles(n_rows: int, n_cols: int, tile: int):
+    """(row_start, row_end, col_start, col_end) tiles covering an n_rows x n_cols block."""
+    for a in range(0, n_rows, tile):
+        for c in range(0, n_cols, tile):
+            yield a, min(n_rows, a + tile), c, min(n_cols, c + tile)
+
+
+def _cos_tile(q_rows: torch.Tensor, k_cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``q_rows @ k_cols.T`` accumulated and returned in ``dtype`` (fp32).
+
+    On CUDA, bf16/fp16 inputs go through the tensor cores with an fp32 output
+    (``out_dtype``), instead of being upcast (3-8x slower) or rounded to bf16 logits
+    (an error of scale * 2^-8 per logit).
+    """
+    if q_rows.device.type == "cuda" and q_rows.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(q_rows, k_cols.T, out_dtype=dtype)
+        except (TypeError, RuntimeError):
+            pass
+    return q_rows.to(dtype) @ k_cols.to(dtype).T
+
+
+def _diagonal_mask(a: int, b: int, c: int, d: int, device) -> torch.Tensor | None:
+    """Where global-diagonal entries fall inside the tile [a:b) x [c:d) of the home block."""
+    lo, hi = max(a, c), min(b, d)
+    if lo >= hi:
+        return None
+    idx = torch.arange(lo, hi, device=device)
+    return idx - a, idx - c
 
 
 class _RingContrastive(torch.autograd.Function):
@@ -347,29 +394,33 @@ class _RingContrastive(torch.autograd.Function):
 
     Forward: key blocks travel; each block's column log-sum-exp accumulator travels with it
     and arrives home after a full circle. Backward: key blocks, their final column LSE and an
-    accumulating key gradient travel the same way; dq stays local.
+    accumulating key gradient travel the same way; dq stays local. Within a block the work
+    is done in RING_TILE x RING_TILE tiles, so memory is O(n_local * d + RING_TILE^2).
     """
 
     @staticmethod
-    def forward(ctx, q, k, scale, extra, symmetric, decoupled, pos_weight, reduction, group, sizes):
-        ring = _Ring(group, sizes)
+    def forward(ctx, q, k, scale, extra, symmetric, decoupled, pos_weight, reduction, group, sizes, tile):
+        ring = RING_EXCHANGE(group, sizes)
         dtype = compute_dtype(q.dtype)
-        n_global, offset = sum(sizes), _offset(sizes, ring.rank)
-        qf = q.to(dtype)
-        row_lse = torch.full((q.shape[0],), float("-inf"), device=q.device, dtype=dtype)
-        block, col_acc = k, torch.full((k.shape[0],), float("-inf"), device=q.device, dtype=dtype)
+        n_global = sum(sizes)
+        neg_inf = float("-inf")
+        row_lse = torch.full((q.shape[0],), neg_inf, device=q.device, dtype=dtype)
+        block = k
+        col_acc = torch.full((k.shape[0],), neg_inf, device=q.device, dtype=dtype)
         for step in range(ring.world):
             src = ring.source_of(step)
             # keys go out while this block is computed; its column statistics follow after
             if step < ring.world - 1:
                 key_req, (next_block,) = ring.start([block], ring.source_of(step + 1))
             col_acc = col_acc.clone()
-            for a, b in _row_chunks(q.shape[0]):
-                logits = scale * (qf[a:b] @ block.to(dtype).T)
+            for a, b, c, d in _tiles(q.shape[0], block.shape[0], tile):
+                logits = scale * _cos_tile(q[a:b], block[c:d], dtype)
                 if decoupled and src == ring.rank:
-                    logits.diagonal(offset=a).fill_(float("-inf"))  # the positive leaves the denominator
+                    diag = _diagonal_mask(a, b, c, d, q.device)
+                    if diag is not None:
+                        logits[diag] = neg_inf  # the positive leaves the denominator
                 row_lse[a:b] = torch.logaddexp(row_lse[a:b], torch.logsumexp(logits, 1))
-                col_acc = torch.logaddexp(col_acc, torch.logsumexp(logits, 0))
+                col_acc[c:d] = torch.logaddexp(col_acc[c:d], torch.logsumexp(logits, 0))
             acc_req, (col_in,) = ring.start([col_acc], ring.source_of(step + 1))
             ring.wait(acc_req)
             col_acc = col_in
@@ -377,6 +428,7 @@ class _RingContrastive(torch.autograd.Function):
                 ring.wait(key_req)
                 block = next_block
         col_lse = col_acc  # home after the full circle
+        qf = q.to(dtype)
         if extra is not None and extra.shape[1]:
             extra_logits = scale * torch.einsum("nd,nmd->nm", qf, extra.to(dtype))
             row_lse = torch.logaddexp(row_lse, torch.logsumexp(extra_logits, 1))
@@ -385,7 +437,7 @@ class _RingContrastive(torch.autograd.Function):
         rows = row_lse - w * pos
         cols = col_lse - w * pos if symmetric else None
         ctx.save_for_backward(q, k, scale, extra, row_lse, col_lse)
-        ctx.meta = (symmetric, decoupled, pos_weight, reduction, group, sizes)
+        ctx.meta = (symmetric, decoupled, pos_weight, reduction, group, sizes, tile)
         if reduction == "none":
             return rows if cols is None else (rows + cols) / 2
         total = rows.sum() if cols is None else (rows.sum() + cols.sum()) / 2
@@ -394,40 +446,35 @@ class _RingContrastive(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, scale, extra, row_lse, col_lse = ctx.saved_tensors
-        symmetric, decoupled, pos_weight, reduction, group, sizes = ctx.meta
-        ring = _Ring(group, sizes)
+        symmetric, decoupled, pos_weight, reduction, group, sizes, tile = ctx.meta
+        ring = RING_EXCHANGE(group, sizes)
         dtype = compute_dtype(q.dtype)
-        n_global = sum(sizes)
-        qf = q.to(dtype)
-        # coefficient of each row's and column's loss in this rank's output
-        if reduction == "none":
-            c = grad_out.to(dtype) / (2 if symmetric else 1)
-        else:
-            c = grad_out.to(dtype) * (ring.world if reduction == "sum" else ring.world / n_global)
-            c = (c / 2 if symmetric else c).expand(q.shape[0])
-        col_c = c  # the column loss of local key j carries the same coefficient as row j
-        dq = torch.zeros_like(qf)
+        c = _loss_coefficients(grad_out, reduction, ring.world, sum(sizes), q.shape[0], dtype)
+        if symmetric:
+            c = c / 2  # each direction carries half; the column loss of key j has row j's coefficient
+        dq = torch.zeros(q.shape, device=q.device, dtype=dtype)
         dscale = torch.zeros((), device=q.device, dtype=dtype)
-        block, block_col_lse = k, col_lse
-        block_c = col_c
+        block, block_col_lse, block_c = k, col_lse, c
         dk_acc = torch.zeros(k.shape, device=q.device, dtype=dtype)
         for step in range(ring.world):
             src = ring.source_of(step)
             if step < ring.world - 1:
-                nxt = ring.source_of(step + 1)
                 send = [block, block_col_lse, block_c] if symmetric else [block]
-                key_req, incoming = ring.start(send, nxt)
-            kb = block.to(dtype)
-            for a, b in _row_chunks(q.shape[0]):
-                cos = qf[a:b] @ kb.T
+                key_req, incoming = ring.start(send, ring.source_of(step + 1))
+            dk_acc = dk_acc.clone()
+            for a, b, cc, dd in _tiles(q.shape[0], block.shape[0], tile):
+                cos = _cos_tile(q[a:b], block[cc:dd], dtype)
                 logits = scale * cos
                 if decoupled and src == ring.rank:
-                    logits.diagonal(offset=a).fill_(float("-inf"))
+                    diag = _diagonal_mask(a, b, cc, dd, q.device)
+                    if diag is not None:
+                        logits[diag] = float("-inf")
                 g = torch.exp(logits - row_lse[a:b, None]) * c[a:b, None]
                 if symmetric:
-                    g = g + torch.exp(logits - block_col_lse[None, :]) * block_c[None, :]
-                dq[a:b] += scale * (g @ kb)
-                dk_acc += scale * (g.T @ qf[a:b])
+                    g = g + torch.exp(logits - block_col_lse[None, cc:dd]) * block_c[None, cc:dd]
+                g_in = g.to(q.dtype) if q.dtype in (torch.bfloat16, torch.float16) else g
+                dq[a:b] += scale * _mm(g_in, block[cc:dd], dtype)
+                dk_acc[cc:dd] += scale * _mm(g_in.T, q[a:b], dtype)
                 dscale += (g * cos).sum()
             grad_req, (dk_in,) = ring.start([dk_acc], ring.source_of(step + 1))
             ring.wait(grad_req)
@@ -439,10 +486,10 @@ class _RingContrastive(torch.autograd.Function):
                 else:
                     (block,) = incoming
         dk = dk_acc  # home after the full circle
-        # positive terms (local, diagonal of the global batch)
-        kf = k.to(dtype)
+        # positive terms (local: the diagonal of the global batch)
+        qf, kf = q.to(dtype), k.to(dtype)
         w = torch.ones_like(c) if pos_weight is None else pos_weight
-        pos_c = w * (c + (col_c if symmetric else 0))
+        pos_c = w * (2 * c if symmetric else c)
         dq -= scale * pos_c[:, None] * kf
         dk -= scale * pos_c[:, None] * qf
         dscale -= (pos_c * (qf * kf).sum(1)).sum()
@@ -454,7 +501,20 @@ class _RingContrastive(torch.autograd.Function):
             dq += scale * torch.einsum("nm,nmd->nd", ge, ef)
             dextra = (scale * ge[:, :, None] * qf[:, None, :]).to(extra.dtype)
             dscale += (ge * cos_e).sum()
-        return dq.to(q.dtype), dk.to(k.dtype), dscale, dextra, None, None, None, None, None, None
+        return dq.to(q.dtype), dk.to(k.dtype), dscale, dextra, None, None, None, None, None, None, None
+
+
+def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` in ``dtype``, through the tensor cores for bf16/fp16 on CUDA (see _cos_tile)."""
+    return _cos_tile(a, b.T, dtype)
+
+
+def _loss_coefficients(grad_out, reduction, world, n_global, n_local, dtype):
+    """d(returned loss)/d(loss_i) for each local example i."""
+    if reduction == "none":
+        return grad_out.to(dtype)
+    factor = world if reduction == "sum" else world / n_global
+    return (grad_out.to(dtype) * factor).expand(n_local)
 
 
 def _check_ring_pairs(q, k, targets, pos_mask, neg_mask):
@@ -468,7 +528,8 @@ def _check_ring_pairs(q, k, targets, pos_mask, neg_mask):
 
 
 def _ring_contrastive(group, q, k, scale, *, symmetric, targets, pos_mask, extra_negatives, neg_mask, reduction,
-                      return_lse, impl, decoupled=False, weighted=False, sigma=0.5, **impl_options):
+                      return_lse, impl, decoupled=False, weighted=False, sigma=0.5, tile_size=None,
+                      **impl_options):
     _check_ring_pairs(q, k, targets, pos_mask, neg_mask)
     sizes = gather_sizes(q.shape[0], q.device, group)
     weight = None
@@ -481,7 +542,7 @@ def _ring_contrastive(group, q, k, scale, *, symmetric, targets, pos_mask, extra
         start = _offset(sizes, dist.get_rank(group))
         weight = w_all[start : start + q.shape[0]]
     loss = _RingContrastive.apply(q, k, scale, extra_negatives, symmetric, decoupled, weight, reduction, group,
-                                  sizes)
+                                  sizes, tile_size or default_ring_tile(q.device))
     if return_lse:
         raise BatchlabInputError("return_lse is not available with distributed='ring'; use 'allgather'")
     return loss
@@ -496,33 +557,39 @@ def _ring_dcl(group, q, k, scale, **kw):
 
 
 class _RingSigLIP(torch.autograd.Function):
-    """SigLIP over the ring: no normaliser, so each block's terms and gradients are final."""
+    """SigLIP over the ring: no normaliser, so each tile's terms and gradients are final."""
 
     @staticmethod
-    def forward(ctx, q, k, scale, bias, extra, reduction, group, sizes):
-        ring = _Ring(group, sizes)
+    def _labels(logits, own_block, a, b, c, d):
+        labels = -torch.ones_like(logits)
+        if own_block:
+            diag = _diagonal_mask(a, b, c, d, logits.device)
+            if diag is not None:
+                labels[diag] = 1.0
+        return labels
+
+    @staticmethod
+    def forward(ctx, q, k, scale, bias, extra, reduction, group, sizes, tile):
+        ring = RING_EXCHANGE(group, sizes)
         dtype = compute_dtype(q.dtype)
-        qf = q.to(dtype)
         per_row = torch.zeros(q.shape[0], device=q.device, dtype=dtype)
         block = k
         for step in range(ring.world):
-            src = ring.source_of(step)
+            own = ring.source_of(step) == ring.rank
             if step < ring.world - 1:
                 req, (nxt,) = ring.start([block], ring.source_of(step + 1))
-            for a, b in _row_chunks(q.shape[0]):
-                logits = scale * (qf[a:b] @ block.to(dtype).T) + bias
-                labels = -torch.ones_like(logits)
-                if src == ring.rank:
-                    labels.diagonal(offset=a).fill_(1.0)
+            for a, b, c, d in _tiles(q.shape[0], block.shape[0], tile):
+                logits = scale * _cos_tile(q[a:b], block[c:d], dtype) + bias
+                labels = _RingSigLIP._labels(logits, own, a, b, c, d)
                 per_row[a:b] += torch.nn.functional.softplus(-labels * logits).sum(1)
             if step < ring.world - 1:
                 ring.wait(req)
                 block = nxt
         if extra is not None and extra.shape[1]:
-            extra_logits = scale * torch.einsum("nd,nmd->nm", qf, extra.to(dtype)) + bias
+            extra_logits = scale * torch.einsum("nd,nmd->nm", q.to(dtype), extra.to(dtype)) + bias
             per_row += torch.nn.functional.softplus(extra_logits).sum(1)
         ctx.save_for_backward(q, k, scale, bias, extra)
-        ctx.meta = (reduction, group, sizes)
+        ctx.meta = (reduction, group, sizes, tile)
         if reduction == "none":
             return per_row
         return _share(per_row.sum(), reduction, ring.world, sum(sizes))
@@ -530,35 +597,29 @@ class _RingSigLIP(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, scale, bias, extra = ctx.saved_tensors
-        reduction, group, sizes = ctx.meta
-        ring = _Ring(group, sizes)
+        reduction, group, sizes, tile = ctx.meta
+        ring = RING_EXCHANGE(group, sizes)
         dtype = compute_dtype(q.dtype)
-        qf = q.to(dtype)
-        if reduction == "none":
-            c = grad_out.to(dtype)
-        else:
-            c = (grad_out.to(dtype) * (ring.world if reduction == "sum" else ring.world / sum(sizes))).expand(
-                q.shape[0])
-        dq = torch.zeros_like(qf)
+        c = _loss_coefficients(grad_out, reduction, ring.world, sum(sizes), q.shape[0], dtype)
+        dq = torch.zeros(q.shape, device=q.device, dtype=dtype)
         dscale = torch.zeros((), device=q.device, dtype=dtype)
         dbias = torch.zeros((), device=q.device, dtype=dtype)
         block = k
         dk_acc = torch.zeros(k.shape, device=q.device, dtype=dtype)
         for step in range(ring.world):
-            src = ring.source_of(step)
+            own = ring.source_of(step) == ring.rank
             if step < ring.world - 1:
                 req, (nxt,) = ring.start([block], ring.source_of(step + 1))
-            kb = block.to(dtype)
-            for a, b in _row_chunks(q.shape[0]):
-                cos = qf[a:b] @ kb.T
+            dk_acc = dk_acc.clone()
+            for a, b, cc, dd in _tiles(q.shape[0], block.shape[0], tile):
+                cos = _cos_tile(q[a:b], block[cc:dd], dtype)
                 logits = scale * cos + bias
-                labels = -torch.ones_like(logits)
-                if src == ring.rank:
-                    labels.diagonal(offset=a).fill_(1.0)
+                labels = _RingSigLIP._labels(logits, own, a, b, cc, dd)
                 # d softplus(-y z) / dz = -y * sigmoid(-y z)
                 g = -labels * torch.sigmoid(-labels * logits) * c[a:b, None]
-                dq[a:b] += scale * (g @ kb)
-                dk_acc += scale * (g.T @ qf[a:b])
+                g_in = g.to(q.dtype) if q.dtype in (torch.bfloat16, torch.float16) else g
+                dq[a:b] += scale * _mm(g_in, block[cc:dd], dtype)
+                dk_acc[cc:dd] += scale * _mm(g_in.T, q[a:b], dtype)
                 dscale += (g * cos).sum()
                 dbias += g.sum()
             grad_req, (dk_in,) = ring.start([dk_acc], ring.source_of(step + 1))
@@ -569,21 +630,21 @@ class _RingSigLIP(torch.autograd.Function):
                 block = nxt
         dextra = None
         if extra is not None and extra.shape[1]:
-            ef = extra.to(dtype)
+            qf, ef = q.to(dtype), extra.to(dtype)
             cos_e = torch.einsum("nd,nmd->nm", qf, ef)
             ge = torch.sigmoid(scale * cos_e + bias) * c[:, None]
             dq += scale * torch.einsum("nm,nmd->nd", ge, ef)
             dextra = (scale * ge[:, :, None] * qf[:, None, :]).to(extra.dtype)
             dscale += (ge * cos_e).sum()
             dbias += ge.sum()
-        return dq.to(q.dtype), dk_acc.to(k.dtype), dscale, dbias, dextra, None, None, None
+        return dq.to(q.dtype), dk_acc.to(k.dtype), dscale, dbias, dextra, None, None, None, None
 
 
 def _ring_siglip(group, q, k, scale, bias, *, targets, pos_mask, extra_negatives, neg_mask, reduction, impl,
-                 **impl_options):
+                 tile_size=None, **impl_options):
     _check_ring_pairs(q, k, targets, pos_mask, neg_mask)
     sizes = gather_sizes(q.shape[0], q.device, group)
-    return _RingSigLIP.apply(q, k, scale, bias, extra_negatives, reduction, group, sizes)
+    return _RingSigLIP.apply(q, k, scale, bias, extra_negatives, reduction, group, sizes, tile_size or default_ring_tile(q.device))
 
 
 _RING = {"info_nce": _ring_info_nce, "dcl": _ring_dcl, "siglip": _ring_siglip}

@@ -36,30 +36,35 @@ def global_data(dtype=torch.float64):
     return q.to(dtype), k.to(dtype), e.to(dtype), views.to(dtype), targets
 
 
+def _tile(distributed):
+    return {"tile_size": 2} if distributed == "ring" else {}
+
+
 def cases():
     """(name, strategy, fn(q, k, e, views, targets, s, b, distributed) -> loss, which inputs, dtype)."""
     out = []
     for strategy in ("allgather", "ring"):
+        # tile_size=2 makes the ring walk several tiles per block (and passes through allgather)
         out += [
-            (f"clip-{strategy}", strategy, lambda q, k, e, v, t, s, b, dd: info_nce(q, k, s, distributed=dd), "qks"),
+            (f"clip-{strategy}", strategy, lambda q, k, e, v, t, s, b, dd: info_nce(q, k, s, distributed=dd, **_tile(dd)), "qks"),
             (f"clip-extra-{strategy}", strategy,
-             lambda q, k, e, v, t, s, b, dd: info_nce(q, k, s, extra_negatives=e, distributed=dd), "qkes"),
+             lambda q, k, e, v, t, s, b, dd: info_nce(q, k, s, extra_negatives=e, distributed=dd, **_tile(dd)), "qkes"),
             (f"oneway-{strategy}", strategy,
-             lambda q, k, e, v, t, s, b, dd: info_nce(q, k, s, symmetric=False, distributed=dd), "qks"),
+             lambda q, k, e, v, t, s, b, dd: info_nce(q, k, s, symmetric=False, distributed=dd, **_tile(dd)), "qks"),
             (f"sum-{strategy}", strategy,
-             lambda q, k, e, v, t, s, b, dd: info_nce(q, k, s, reduction="sum", distributed=dd), "qks"),
-            (f"dcl-{strategy}", strategy, lambda q, k, e, v, t, s, b, dd: dcl(q, k, s, distributed=dd), "qks"),
+             lambda q, k, e, v, t, s, b, dd: info_nce(q, k, s, reduction="sum", distributed=dd, **_tile(dd)), "qks"),
+            (f"dcl-{strategy}", strategy, lambda q, k, e, v, t, s, b, dd: dcl(q, k, s, distributed=dd, **_tile(dd)), "qks"),
             (f"dclw-{strategy}", strategy,
-             lambda q, k, e, v, t, s, b, dd: dcl(q, k, s, weighted=True, distributed=dd), "qks"),
+             lambda q, k, e, v, t, s, b, dd: dcl(q, k, s, weighted=True, distributed=dd, **_tile(dd)), "qks"),
             (f"siglip-{strategy}", strategy,
-             lambda q, k, e, v, t, s, b, dd: siglip(q, k, s, b, extra_negatives=e, distributed=dd), "qkesb"),
+             lambda q, k, e, v, t, s, b, dd: siglip(q, k, s, b, extra_negatives=e, distributed=dd, **_tile(dd)), "qkesb"),
         ]
     out += [
         # positives living on the other rank: global targets (a permutation of the global batch)
         ("clip-targets-allgather", "allgather",
-         lambda q, k, e, v, t, s, b, dd: info_nce(q, k, s, targets=t, distributed=dd), "qks"),
-        ("ntxent2-allgather", "allgather", lambda q, k, e, v, t, s, b, dd: nt_xent(v[:2], s, distributed=dd), "vs"),
-        ("ntxent3-allgather", "allgather", lambda q, k, e, v, t, s, b, dd: nt_xent(v, s, distributed=dd), "vs"),
+         lambda q, k, e, v, t, s, b, dd: info_nce(q, k, s, targets=t, distributed=dd, **_tile(dd)), "qks"),
+        ("ntxent2-allgather", "allgather", lambda q, k, e, v, t, s, b, dd: nt_xent(v[:2], s, distributed=dd, **_tile(dd)), "vs"),
+        ("ntxent3-allgather", "allgather", lambda q, k, e, v, t, s, b, dd: nt_xent(v, s, distributed=dd, **_tile(dd)), "vs"),
     ]
     return out
 
