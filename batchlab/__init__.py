@@ -7,7 +7,17 @@ kernels make huge batches cheap (``batchlab.losses``). Heavy optional libraries
 
 from batchlab import losses, samplers
 from batchlab.errors import BatchlabInputError, StaleArtifactError
-from batchlab.losses import DCLLoss, InfoNCELoss, NTXentLoss, SigLIPLoss, dcl, info_nce, nt_xent, siglip
+from batchlab.losses import (
+    DCLLoss,
+    EmbeddingCache,
+    InfoNCELoss,
+    NTXentLoss,
+    SigLIPLoss,
+    dcl,
+    info_nce,
+    nt_xent,
+    siglip,
+)
 
 __version__ = "0.1.0"
 
@@ -24,4 +34,5 @@ __all__ = [
     "SigLIPLoss",
     "DCLLoss",
     "NTXentLoss",
+    "EmbeddingCache",
 ]

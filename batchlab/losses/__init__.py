@@ -9,6 +9,7 @@ Modules with open_clip's call: :class:`InfoNCELoss`, :class:`SigLIPLoss`,
 from batchlab.losses._common import LSE
 from batchlab.losses._dispatch import available_impls
 from batchlab.losses.dcl import dcl
+from batchlab.losses.embedding_cache import EmbeddingCache, cached_step
 from batchlab.losses.infonce import info_nce
 from batchlab.losses.modules import DCLLoss, InfoNCELoss, NTXentLoss, SigLIPLoss
 from batchlab.losses.nt_xent import nt_xent
@@ -25,4 +26,6 @@ __all__ = [
     "SigLIPLoss",
     "DCLLoss",
     "NTXentLoss",
+    "EmbeddingCache",
+    "cached_step",
 ]
