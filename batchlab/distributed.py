@@ -321,6 +321,8 @@ class _Ring:
 
     def start(self, tensors: list[torch.Tensor], incoming_rank: int) -> tuple[list, list[torch.Tensor]]:
         """Start sending ``tensors`` forward and receiving the previous rank's; returns (requests, buffers)."""
+        if self.world == 1:  # a ring of one: the block is already home
+            return [], list(tensors)
         n_in = self.sizes[incoming_rank]
         buffers = [t.new_empty((n_in, *t.shape[1:])) for t in tensors]
         ops = [dist.P2POp(dist.isend, t.contiguous(), self.to_rank, self.group) for t in tensors]

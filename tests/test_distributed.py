@@ -175,3 +175,26 @@ def test_distributed_bad_input_is_refused_clearly():
     assert "use distributed='allgather'" in messages[1]
     assert "callable" in messages[2]
     assert "allgather" in messages[3]
+
+
+def _single_rank_worker(rank, world, init_file, out_dir):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    q, k, e, views, targets = global_data()
+    out = {name: _run_case(fn, inputs, q, k, e, views, targets, strategy)
+           for name, strategy, fn, inputs in cases() if strategy == "ring"}
+    torch.save(out, os.path.join(out_dir, "single.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ring_of_one_rank_is_the_single_process_loss():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_single_rank_worker, args=(1, os.path.join(tmp, "init"), tmp), nprocs=1, join=True)
+        got = torch.load(os.path.join(tmp, "single.pt"))
+    q, k, e, views, targets = global_data()
+    for name, strategy, fn, inputs in cases():
+        if strategy == "ring":
+            loss, grads = _run_case(fn, inputs, q, k, e, views, targets, "none")
+            torch.testing.assert_close(got[name][0], loss, rtol=1e-6, atol=1e-9)
+            for a, b in zip(got[name][1], grads):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
