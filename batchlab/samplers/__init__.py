@@ -4,7 +4,7 @@ Every batch sampler here follows :class:`~batchlab.samplers.base.GlobalBatchSamp
 contract (seed, ``set_epoch``, exact ``__len__``, ``state_dict``, rank split).
 """
 
-from batchlab.samplers.base import GlobalBatchSampler
+from batchlab.samplers.base import GlobalBatchSampler, ShardedBatchSampler
 from batchlab.samplers.clusters import ClusterBatchSampler, balanced_kmeans
 from batchlab.samplers.community_sampler import CommunityBatchSampler
 from batchlab.samplers.hard_negatives import HardNegativeBatchSampler
@@ -13,9 +13,11 @@ from batchlab.samplers.jest import JESTSelection, JointExampleSelector
 from batchlab.samplers.false_negatives import GuidedNegativeMask, guided_negative_mask
 from batchlab.samplers.mining import MinedNegatives, mine_hard_negatives
 from batchlab.samplers.mixing import mix_hard_negatives
+from batchlab.samplers.ot import OTPlanSampler, couple, couple_global, wcfm_weights
 
 __all__ = [
     "GlobalBatchSampler",
+    "ShardedBatchSampler",
     "ClusterBatchSampler",
     "CommunityBatchSampler",
     "balanced_kmeans",
@@ -28,4 +30,8 @@ __all__ = [
     "guided_negative_mask",
     "GuidedNegativeMask",
     "mix_hard_negatives",
+    "couple",
+    "couple_global",
+    "OTPlanSampler",
+    "wcfm_weights",
 ]

@@ -1,0 +1,234 @@
+"""couple(): exactness against scipy, Sinkhorn convergence, permutations, conditions, errors."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from scipy.optimize import linear_sum_assignment
+
+from batchlab.errors import BatchlabInputError
+from batchlab.samplers import couple
+from batchlab.samplers.ot import costs, solvers
+
+
+def scipy_cost(C: torch.Tensor) -> float:
+    r, c = linear_sum_assignment(C.double().numpy())
+    return float(C.double().numpy()[r, c].sum())
+
+
+def total(C: torch.Tensor, perm: torch.Tensor) -> float:
+    return float(C.double()[torch.arange(C.shape[0]), perm].sum())
+
+
+def is_perm(p: torch.Tensor, n: int) -> bool:
+    return p.dtype == torch.long and p.shape == (n,) and sorted(p.tolist()) == list(range(n))
+
+
+def problem(gen, n, d, shift=1.0):
+    x0 = torch.randn(n, d, generator=gen)
+    x1 = torch.randn(n, d, generator=gen) * 0.7 + shift * torch.randn(1, d, generator=gen)
+    return x0, x1
+
+
+@pytest.mark.parametrize("solver", ["scipy", "sparse"])
+@pytest.mark.parametrize("n,d", [(40, 2), (300, 2), (300, 64), (400, 512)])
+def test_exact_cost_equals_scipy(gen, solver, n, d):
+    x0, x1 = problem(gen, n, d)
+    perm, info = couple(x0, x1, "exact", solver=solver, return_info=True)
+    assert is_perm(perm, n)
+    C = costs.pairwise_cost(x0, x1)
+    # C is float32; scipy sums its float64 copy; the sparse path certifies on C minus
+    # float32 potentials, so ties may break differently: compare totals, rel 1e-6.
+    assert total(C, perm) == pytest.approx(scipy_cost(C), rel=1e-6)
+    if solver == "sparse":
+        assert info["certified"]
+
+
+def test_sparse_certificate_repairs_a_poor_candidate_set(gen):
+    # k=1 on unpriced costs misses most optimal edges; the dual check must add them.
+    x0, x1 = problem(gen, 200, 8)
+    C = costs.pairwise_cost(x0, x1)
+    perm, info = solvers.sparse_assignment(C, k=1, max_rounds=20)
+    assert info["rounds"] > 1 and info["certified"]
+    assert total(C, perm) == pytest.approx(scipy_cost(C), rel=1e-6)
+
+
+def test_sparse_without_verify_can_miss_and_says_so(gen):
+    x0, x1 = problem(gen, 200, 8)
+    C = costs.pairwise_cost(x0, x1)
+    perm, info = solvers.sparse_assignment(C, k=1, verify=False)
+    assert is_perm(perm, 200) and not info["certified"]
+    assert total(C, perm) >= scipy_cost(C) * (1 - 1e-6)
+
+
+def test_sinkhorn_approaches_exact_as_eps_shrinks(gen):
+    x0, x1 = problem(gen, 128, 4)
+    C = costs.pairwise_cost(x0, x1)
+    exact = scipy_cost(C) / 128  # the plan has total mass 1
+    gaps = []
+    for reg in (1.0, 0.1, 0.01):
+        P = couple(x0, x1, "sinkhorn", reg=reg, return_plan=True, tol=1e-6, max_iter=5000)
+        assert torch.allclose(P.sum(1), torch.full((128,), 1 / 128), atol=1e-5 / 128 * 128)
+        assert torch.allclose(P.sum(0), torch.full((128,), 1 / 128), atol=1e-6)
+        gaps.append(float((P.double() * C.double()).sum()) - exact)
+    assert gaps[0] > gaps[1] > gaps[2] >= -1e-4 * exact
+    assert gaps[2] < 0.02 * exact  # eps = 1% of the cost spread: within 2% of the optimum
+
+
+def test_sinkhorn_permutation_is_near_exact(gen):
+    x0, x1 = problem(gen, 256, 16)
+    C = costs.pairwise_cost(x0, x1)
+    for rounding in ("lsa", "greedy"):
+        perm = couple(x0, x1, "sinkhorn", rounding=rounding)
+        assert is_perm(perm, 256)
+        ident = total(C, torch.arange(256))
+        opt = scipy_cost(C)
+        # the rounded plan keeps at least 90% of the improvement over the identity pairing
+        assert ident - total(C, perm) >= 0.9 * (ident - opt)
+
+
+@pytest.mark.parametrize("method", ["exact", "sinkhorn", "unbalanced", "partial", "bomb", "knn"])
+@pytest.mark.parametrize("n", [1, 2, 17, 64])
+def test_every_method_returns_a_permutation_on_the_device(gen, method, n):
+    x0, x1 = problem(gen, n, 3)
+    kw = {"block": 1} if method == "bomb" and n in (1, 2, 17) else {}
+    perm = couple(x0, x1, method, generator=torch.Generator().manual_seed(0), **kw)
+    assert is_perm(perm, n) and perm.device == x0.device
+
+
+def test_images_are_flattened_and_costs_match_cdist(gen):
+    x0 = torch.randn(20, 3, 4, 4, generator=gen)
+    x1 = torch.randn(20, 3, 4, 4, generator=gen)
+    C = costs.pairwise_cost(x0, x1)
+    ref = torch.cdist(x0.reshape(20, -1).double(), x1.reshape(20, -1).double()) ** 2
+    assert torch.allclose(C.double(), ref, rtol=1e-5, atol=1e-4)
+    assert is_perm(couple(x0, x1), 20)
+
+
+def test_callable_cost_is_used(gen):
+    x0, x1 = problem(gen, 30, 2)
+    l1 = lambda a, b: torch.cdist(a, b, p=1)  # noqa: E731
+    perm = couple(x0, x1, cost=l1)
+    C = torch.cdist(x0, x1, p=1)
+    assert total(C, perm) == pytest.approx(scipy_cost(C), rel=1e-6)
+
+
+def test_return_plan_masses(gen):
+    x0, x1 = problem(gen, 32, 2)
+    P = couple(x0, x1, "exact", return_plan=True)
+    assert P.shape == (32, 32) and float(P.sum()) == pytest.approx(1.0)
+    assert ((P > 0).sum(1) == 1).all()
+    Pp = couple(x0, x1, "partial", mass=0.75, return_plan=True)
+    assert float(Pp.sum()) == pytest.approx(0.75)
+    Pu = couple(x0, x1[:20], "sinkhorn", return_plan=True)  # rectangular plans are fine
+    assert Pu.shape == (32, 20) and float(Pu.sum()) == pytest.approx(1.0, rel=1e-4)
+
+
+def test_unbalanced_plan_sheds_mass_on_outliers(gen):
+    x0, x1 = problem(gen, 64, 2, shift=0.0)
+    x1 = x1.clone()
+    x1[0] = 50.0  # an outlier target
+    P = couple(x0, x1, "unbalanced", reg=0.05, reg_m=0.05, return_plan=True)
+    assert float(P[:, 0].sum()) < 0.5 / 64  # far less than its balanced share 1/64
+    assert float(P.sum()) < 1.0
+
+
+def test_partial_transports_the_cheapest_pairs_exactly():
+    gen = torch.Generator().manual_seed(3)
+    n, s = 6, 4
+    x0, x1 = torch.randn(n, 2, generator=gen), torch.randn(n, 2, generator=gen)
+    x1[5] += 30  # an outlier the partial plan should leave out
+    C = costs.pairwise_cost(x0, x1).double()
+    perm, info = couple(x0, x1, "partial", mass=s / n, return_info=True, generator=gen)
+    tr = info["transported"]
+    assert is_perm(perm, n) and int(tr.sum()) == s and int(perm[tr].eq(5).sum()) == 0
+    best = min(
+        sum(float(C[r, c]) for r, c in zip(rows, cols))
+        for rows in itertools.combinations(range(n), s)
+        for cols in itertools.permutations(range(n), s)
+    )
+    assert float(C[tr.nonzero().squeeze(1), perm[tr]].sum()) == pytest.approx(best, rel=1e-9)
+
+
+def test_bomb_with_one_block_is_exact_and_checks_block(gen):
+    x0, x1 = problem(gen, 48, 3)
+    C = costs.pairwise_cost(x0, x1)
+    assert total(C, couple(x0, x1, "bomb", block=48)) == pytest.approx(scipy_cost(C), rel=1e-6)
+    p = couple(x0, x1, "bomb", block=12)
+    assert is_perm(p, 48) and total(C, p) >= scipy_cost(C) * (1 - 1e-9)
+    with pytest.raises(BatchlabInputError, match="multiple of block"):
+        couple(x0, x1, "bomb", block=10)
+
+
+def test_knn_is_seeded_and_lowers_the_cost(gen):
+    x0, x1 = problem(gen, 512, 8, shift=0.0)
+    C = costs.pairwise_cost(x0, x1)
+    p1 = couple(x0, x1, "knn", knn_k=8, generator=torch.Generator().manual_seed(1))
+    p2 = couple(x0, x1, "knn", knn_k=8, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(p1, p2) and is_perm(p1, 512)
+    assert total(C, p1) < total(C, torch.arange(512)) * 0.97
+
+
+def test_label_conditions_are_respected(gen):
+    n = 120
+    x0, x1 = problem(gen, n, 2)
+    y0 = torch.arange(n) % 4
+    y1 = y0[torch.randperm(n, generator=gen)]
+    free = couple(x0, x1)
+    assert float((y0 == y1[free]).float().mean()) < 0.6  # geometry alone ignores labels
+    for method in ("exact", "sinkhorn", "bomb"):
+        kw = {"block": n} if method == "bomb" else {}
+        perm = couple(x0, x1, method, condition=(y0, y1), condition_weight=1e3, **kw)
+        assert torch.equal(y0, y1[perm]), method
+    auto = couple(x0, x1, condition=(y0, y1))  # "auto" weight: 3 cost std per mismatch
+    assert float((y0 == y1[auto]).float().mean()) > 0.9
+
+
+def test_continuous_conditions_pull_pairs_together(gen):
+    n = 100
+    x0, x1 = problem(gen, n, 2)
+    c0, c1 = torch.randn(n, 5, generator=gen), torch.randn(n, 5, generator=gen)
+    D = costs.condition_cost(c0, c1)
+    base = couple(x0, x1)
+    cond = couple(x0, x1, condition=(c0, c1), condition_ratio=3.0)
+    ar = torch.arange(n)
+    assert float(D[ar, cond].mean()) < 0.5 * float(D[ar, base].mean())
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,match",
+    [
+        ((torch.randn(5, 2), torch.randn(6, 2)), {}, "same batch size"),
+        ((torch.randn(5, 2), torch.randn(6, 2)), {"method": "sinkhorn"}, "same batch size"),
+        ((torch.full((4, 2), float("nan")), torch.randn(4, 2)), {}, "non-finite"),
+        ((torch.randn(4, 2), torch.tensor([[1.0, float("inf")]] * 4)), {}, "non-finite"),
+        ((torch.randn(0, 2), torch.randn(0, 2)), {}, "empty"),
+        ((torch.randn(4, 0), torch.randn(4, 0)), {}, "empty"),
+        ((torch.ones(4, 2, dtype=torch.long), torch.randn(4, 2)), {}, "floating"),
+        (([[0.0, 1.0]], torch.randn(1, 2)), {}, "torch.Tensor"),
+        ((torch.randn(4, 2), torch.randn(4, 3)), {}, "same size"),
+        ((torch.randn(4, 2), torch.randn(4, 2)), {"method": "hungarian"}, "method"),
+        ((torch.randn(4, 2), torch.randn(4, 2)), {"cost": "l1"}, "cost"),
+        ((torch.randn(4, 2), torch.randn(4, 2)), {"reg": 0.0, "method": "sinkhorn"}, "reg"),
+        ((torch.randn(4, 2), torch.randn(4, 2)), {"mass": 1.5, "method": "partial"}, "mass"),
+        ((torch.randn(4, 2), torch.randn(4, 2)), {"solver": "lapjv"}, "solver"),
+        ((torch.randn(4, 2), torch.randn(4, 2)), {"k": 0}, "k"),
+        ((torch.randn(4, 2), torch.randn(4, 2)), {"condition": (torch.arange(3), torch.arange(4))}, "rows"),
+        ((torch.randn(4, 2), torch.randn(4, 2)), {"condition": torch.arange(4)}, "pair"),
+        ((torch.randn(4, 2), torch.randn(4, 2)), {"condition": (torch.arange(4), torch.arange(4)), "condition_weight": -1.0}, "condition_weight"),
+        ((torch.randn(4, 2), torch.randn(4, 2)), {"cost": lambda a, b: a @ b.T[:, :2]}, "cost callable"),
+        ((torch.randn(4, 2), torch.randn(4, 2)), {"cost": lambda a, b: torch.full((4, 4), float("nan"))}, "NaN"),
+    ],
+)
+def test_bad_input_raises_batchlab_error(args, kwargs, match):
+    with pytest.raises(BatchlabInputError, match=match):
+        couple(*args, **kwargs)
+
+
+def test_sinkhorn_eps_follows_the_cost_spread(gen):
+    x0, x1 = problem(gen, 64, 2)
+    _, info_small = couple(x0, x1, "sinkhorn", reg=0.1, return_info=True, return_plan=True)
+    _, info_big = couple(100 * x0, 100 * x1, "sinkhorn", reg=0.1, return_info=True, return_plan=True)
+    assert info_big["eps"] == pytest.approx(1e4 * info_small["eps"], rel=1e-3)
+    assert math.isfinite(info_big["eps"])
