@@ -40,9 +40,10 @@ def config(kernel: str, dtype: torch.dtype) -> dict[str, int]:
 
 def kernel_flags(x: torch.Tensor, bd: int) -> dict:
     """Compile-time flags that depend on the inputs: d divisibility, interpreter, fp32 dot precision."""
-    if x.dtype == torch.float32 and not interpreting():
-        prec = "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
-    else:
+    # fp32 inputs follow torch's TF32 switch; for bf16/fp16 the setting is moot, so keep
+    # Triton's default there (which never steers the compiler off the matrix units).
+    prec = "tf32"
+    if x.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
         prec = "ieee"
     return dict(EVEN_D=x.shape[1] % bd == 0, UPCAST=interpreting(), PREC=prec)
 

@@ -1,0 +1,304 @@
+"""Triton loss kernels against open_clip and Inf-CL, forward + backward, one GPU.
+
+Rows: batchlab's Triton symmetric InfoNCE (CLIP), SigLIP and DCL, and the anchors
+measured in the same run on the same GPU: open_clip ``ClipLoss`` and ``SigLipLoss``
+(bf16 inputs, as in AMP training) and Inf-CL's ``cal_inf_loss`` both ways (it upcasts
+to fp32 and runs TF32; its single-GPU path needs a process group, so a one-process
+group is started). Anchors that are not installed, or run out of memory, are
+reported as such. Every row is timed on fresh random unit-norm inputs, ``d`` wide,
+with ``torch.autograd.grad`` over (q, k, scale[, bias]) so nothing accumulates.
+
+TFLOP/s is reported against the floor of an exact O(N)-memory symmetric loss,
+``8 N^2 d`` (one forward GEMM for both statistics, one recompute plus two gradient
+GEMMs in the backward).
+
+    python -m batchlab.bench.losses_triton --device cuda --sizes 8192 65536
+    python -m batchlab.bench.losses_triton --device cuda --sweep   # tile configs
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import statistics
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from batchlab.bench._common import device_name, format_table, plot_series, write_results
+
+log = logging.getLogger(__name__)
+
+DEFAULT_SIZES = [8192, 32768, 65536, 131072, 262144, 524288, 1048576]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cuda (the kernels need a GPU; cpu only runs the interpreter)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--sizes", type=int, nargs="+", default=DEFAULT_SIZES, help="batch sizes N (= M)")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--losses", nargs="+", default=["info_nce", "siglip", "dcl"],
+                        help="batchlab losses to time (impl='triton')")
+    parser.add_argument("--anchors", nargs="*", default=["open_clip_clip", "open_clip_siglip", "inf_cl"])
+    parser.add_argument("--anchor-max-n", type=int, default=131072,
+                        help="largest N for the anchors (open_clip runs out of memory above 65,536; "
+                             "Inf-CL takes 16 s at 262,144)")
+    parser.add_argument("--sweep", action="store_true", help="time tile configs of each kernel instead")
+    parser.add_argument("--sweep-n", type=int, default=32768)
+    parser.add_argument("--tag", default="", help="suffix for the results file name")
+
+
+# ---------------------------------------------------------------------------
+# timing
+# ---------------------------------------------------------------------------
+def _time_cuda(fn, *, budget_s: float = 2.0, max_repeats: int = 20) -> tuple[float, list[float], int]:
+    """Median seconds of ``fn()`` with CUDA events after one warm-up; also the peak bytes above the start."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()  # warm-up (compilation, autotuning, allocator)
+    torch.cuda.synchronize()
+    times = []
+    repeats = max_repeats
+    for i in range(max_repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+        if i == 0:
+            repeats = int(min(max_repeats, max(2, math.ceil(budget_s / max(times[0], 1e-6)))))
+        if len(times) >= repeats:
+            break
+    peak = torch.cuda.max_memory_allocated() - before
+    return statistics.median(times), times, peak
+
+
+def _unit(n, d, dtype, device, gen):
+    return F.normalize(torch.randn(n, d, device=device, generator=gen, dtype=torch.float32), dim=1).to(dtype)
+
+
+def _batchlab_step(name, q, k, scale, bias):
+    from batchlab.losses import dcl, info_nce, siglip
+
+    if name == "info_nce":
+        loss = info_nce(q, k, scale, impl="triton")
+        return torch.autograd.grad(loss, [q, k, scale])
+    if name == "siglip":
+        loss = siglip(q, k, scale, bias, impl="triton")
+        return torch.autograd.grad(loss, [q, k, scale, bias])
+    if name == "dcl":
+        loss = dcl(q, k, scale, impl="triton")
+        return torch.autograd.grad(loss, [q, k, scale])
+    raise ValueError(name)
+
+
+def _anchor_step(name):
+    """A closure factory for an anchor, or None when the anchor is not installed."""
+    if name.startswith("open_clip"):
+        try:
+            from open_clip.loss import ClipLoss, SigLipLoss
+        except ImportError:
+            return None
+        if name == "open_clip_clip":
+            loss_fn = ClipLoss()
+
+            def step(q, k, scale, bias):
+                return torch.autograd.grad(loss_fn(q, k, scale), [q, k, scale])
+        else:
+            loss_fn = SigLipLoss()
+
+            def step(q, k, scale, bias):
+                return torch.autograd.grad(loss_fn(q, k, scale, bias), [q, k, scale, bias])
+
+        return step
+    if name == "inf_cl":
+        try:
+            from inf_cl import cal_inf_loss
+        except ImportError:
+            return None
+        import torch.distributed as dist
+
+        if not dist.is_initialized():  # Inf-CL all-reduces the scale gradient even on one GPU
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29531")
+            dist.init_process_group("nccl", rank=0, world_size=1)
+
+        def step(q, k, scale, bias):
+            loss = (cal_inf_loss(q, k, scale=scale) + cal_inf_loss(k, q, scale=scale)) / 2
+            return torch.autograd.grad(loss, [q, k, scale])
+
+        return step
+    raise ValueError(name)
+
+
+def _measure(label, step, n, args, gen):
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    row = {"method": label, "N": n, "d": args.dim}
+    try:
+        q = _unit(n, args.dim, dtype, device, gen).requires_grad_()
+        k = _unit(n, args.dim, dtype, device, gen).requires_grad_()
+        scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
+        bias = torch.tensor(-10.0, device=device, requires_grad=True)
+        median, times, peak = _time_cuda(lambda: step(q, k, scale, bias))
+    except torch.cuda.OutOfMemoryError:
+        row.update(ms=None, status="out of memory")
+        return row
+    finally:
+        q = k = None
+        torch.cuda.empty_cache()
+    grads = 2 * n * args.dim * torch.empty(0, dtype=dtype).element_size()
+    row.update(
+        ms=median * 1e3,
+        runs=len(times),
+        spread_pct=100 * (max(times) - min(times)) / median if len(times) > 1 else 0.0,
+        peak_gib=peak / 2**30,
+        beyond_grads_gib=(peak - grads) / 2**30,
+        tflops_vs_floor=8 * n * n * args.dim / median / 1e12,
+        status="ok",
+    )
+    return row
+
+
+def run_benchmark(args) -> list[dict]:
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    rows = []
+    anchors = {name: _anchor_step(name) for name in args.anchors}
+    failed: set[str] = set()
+    for n in args.sizes:
+        for name in args.losses:
+            row = _measure(f"batchlab triton {name}", lambda q, k, s, b, name=name: _batchlab_step(name, q, k, s, b),
+                           n, args, gen)
+            rows.append(row)
+            log.info("%s", row)
+            print(format_table([row]), flush=True)
+        for name, step in anchors.items():
+            if step is None:
+                rows.append({"method": name, "N": n, "d": args.dim, "ms": None, "status": "not installed"})
+                continue
+            if n > args.anchor_max_n or name in failed:
+                continue
+            row = _measure(name, step, n, args, gen)
+            rows.append(row)
+            print(format_table([row]), flush=True)
+            if row["status"] != "ok":  # larger N will not fit either
+                failed.add(name)
+    base = {(r["N"]): r["ms"] for r in rows if r["method"] == "batchlab triton info_nce" and r.get("ms")}
+    for r in rows:
+        if r.get("ms") and r["N"] in base:
+            r["ratio_to_triton_info_nce"] = r["ms"] / base[r["N"]]
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# tile-config sweep of each kernel alone
+# ---------------------------------------------------------------------------
+SWEEP_CONFIGS = [
+    dict(BM=128, BN=128, BD=64, num_warps=8, num_stages=3),
+    dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3),
+    dict(BM=128, BN=256, BD=64, num_warps=8, num_stages=3),
+    dict(BM=256, BN=128, BD=64, num_warps=8, num_stages=3),
+    dict(BM=128, BN=128, BD=128, num_warps=8, num_stages=2),
+    dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=4),
+    dict(BM=64, BN=128, BD=64, num_warps=4, num_stages=4),
+    dict(BM=128, BN=256, BD=32, num_warps=8, num_stages=4),
+]
+
+
+def run_sweep(args) -> list[dict]:
+    import triton.testing
+
+    from batchlab.losses.triton import _launch, _lse, _siglip
+
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    dtype = getattr(torch, args.dtype)
+    n, d = args.sweep_n, args.dim
+    q = _unit(n, d, dtype, args.device, gen)
+    k = _unit(n, d, dtype, args.device, gen)
+    scale = torch.tensor(1 / 0.07, device=args.device)
+    bias = torch.tensor(-10.0, device=args.device)
+    g = torch.full((n,), 1.0 / (2 * n), device=args.device)
+    row2, col2 = _lse.lse_forward(q, k, scale, None, cols=True, exclude=False)
+    rows = []
+    a = torch.randn(8192, n, device=args.device, dtype=dtype)
+    for label, fn in {"cuBLAS G@k (8192 x N) @ (N x d)": lambda: torch.mm(a, k),
+                      "cuBLAS G.T@q (N x 8192) @ (8192 x d)": lambda: torch.mm(a.t(), q[:8192]),
+                      "fp32-out G@k": lambda: _launch.mm_f32(a, k),
+                      "fp32-out G.T@q": lambda: _launch.mm_f32(a.t(), q[:8192])}.items():
+        ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+        rows.append({"kernel": label, "N": n, "d": d, "ms": ms, "tflops": 2 * 8192 * n * d / (ms / 1e3) / 1e12,
+                     "status": f"mm.dtype available: {_launch._MM_F32}"})
+        print(format_table([rows[-1]]), flush=True)
+    del a
+    saved = dict(_launch.CONFIGS)
+    kernels = {
+        "fwd": lambda: _lse.lse_forward(q, k, scale, None, cols=True, exclude=False),
+        "bwd": lambda: _lse.lse_backward(q, k, scale, None, row2, col2, g, g, exclude=False),
+        "bwd_kernel_only": lambda: _lse.lse_backward(q, k, scale, None, row2, col2, g, g, exclude=False,
+                                                     need_q=False, need_k=False),
+        "siglip": lambda: _siglip.siglip_pass(q, k, scale, bias, None, loss=True, g_row=g * 2),
+    }
+    flops = {"fwd": 2 * n * n * d, "bwd": 6 * n * n * d, "bwd_kernel_only": 2 * n * n * d, "siglip": 6 * n * n * d}
+    config_of = {"fwd": "fwd", "bwd": "bwd", "bwd_kernel_only": "bwd", "siglip": "siglip"}
+    for kernel, fn in kernels.items():
+        for cfg in SWEEP_CONFIGS:
+            _launch.CONFIGS[config_of[kernel]] = dict(cfg)
+            try:
+                ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
+                status = "ok"
+            except Exception as exc:  # noqa: BLE001 - a config that does not compile is a result too
+                ms, status = None, f"{type(exc).__name__}: {str(exc)[:80]}"
+            row = {"kernel": kernel, "N": n, "d": d, **cfg, "ms": ms,
+                   "tflops": flops[kernel] / (ms / 1e3) / 1e12 if ms else None, "status": status}
+            rows.append(row)
+            print(format_table([row]), flush=True)
+        _launch.CONFIGS[config_of[kernel]] = saved[config_of[kernel]]
+    return rows
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    if torch.device(args.device).type != "cuda":
+        print("losses_triton: the Triton kernels are benchmarked on a CUDA GPU; pass --device cuda")
+        return 2
+    gpu = device_name(args.device)
+    slug = gpu.replace("NVIDIA ", "").replace(" ", "-").lower()
+    if args.sweep:
+        rows = run_sweep(args)
+        print(format_table(rows))
+        write_results(args.out, f"losses-triton-sweep-{slug}{args.tag}", {"gpu": gpu, "rows": rows})
+        return 0
+    rows = run_benchmark(args)
+    columns = ["method", "N", "ms", "peak_gib", "beyond_grads_gib", "tflops_vs_floor", "ratio_to_triton_info_nce",
+               "status"]
+    print(format_table(rows, columns))
+    name = f"losses-triton-{slug}{args.tag}"
+    write_results(args.out, name, {"gpu": gpu, "dim": args.dim, "dtype": args.dtype, "rows": rows,
+                                   "floor_flops": "8 N^2 d"})
+    series_t, series_m = {}, {}
+    for r in rows:
+        if r.get("ms"):
+            series_t.setdefault(r["method"], ([], []))
+            series_t[r["method"]][0].append(r["N"])
+            series_t[r["method"]][1].append(r["ms"])
+            series_m.setdefault(r["method"], ([], []))
+            series_m[r["method"]][0].append(r["N"])
+            series_m[r["method"]][1].append(r["peak_gib"])
+    plot_series(Path(args.out) / f"{name}-time.png", series_t, xlabel="N (= M)", ylabel="ms, forward + backward",
+                title=f"Contrastive losses, d={args.dim}, {args.dtype}, {gpu}")
+    plot_series(Path(args.out) / f"{name}-memory.png", series_m, xlabel="N (= M)", ylabel="peak GiB above inputs",
+                title=f"Loss memory, d={args.dim}, {args.dtype}, {gpu}")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))
