@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from batchlab._checks import check_positive_int
 from batchlab.errors import BatchlabInputError, StaleArtifactError
 from batchlab.samplers.base import GlobalBatchSampler
 
@@ -68,7 +69,7 @@ class HardNegativeBatchSampler(GlobalBatchSampler):
 
     Each epoch, anchors are visited in a random order. An anchor not yet placed opens
     a *neighbourhood*: itself followed by its not-yet-placed negatives in mined order
-    (hardest first), at most ``max(1, floor(max_neighbourhood_fraction * batch_size))``
+    (hardest first; with ``hops > 1`` then theirs, breadth-first), at most ``max(1, floor(max_neighbourhood_fraction * batch_size))``
     members and never more than the room left in the current batch. Neighbourhoods are
     appended to the batch until it is full. Every example is placed exactly once per
     epoch; negatives that were already placed elsewhere are skipped, so not every
@@ -86,6 +87,11 @@ class HardNegativeBatchSampler(GlobalBatchSampler):
     max_neighbourhood_fraction:
         Cap on the share of a batch one neighbourhood (anchor + its negatives) may
         fill, in ``(0, 1]``. ``1 / batch_size`` or less gives random batches.
+    hops:
+        1: a neighbourhood is the anchor and its own negatives. 2 or more: it grows
+        breadth-first to the negatives' negatives (and so on) until the cap, which
+        keeps more (anchor, negative) pairs together at the price of more topical,
+        and so more false-negative-prone, batches.
     drop_last, seed, num_replicas, rank:
         As in :class:`~batchlab.samplers.base.GlobalBatchSampler`. Neighbourhoods are
         contiguous in the global batch, so the rank split mostly keeps each on one rank.
@@ -109,6 +115,7 @@ class HardNegativeBatchSampler(GlobalBatchSampler):
         batch_size: int,
         *,
         max_neighbourhood_fraction: float = 0.25,
+        hops: int = 1,
         drop_last: bool = False,
         seed: int = 0,
         num_replicas: int | None = None,
@@ -127,6 +134,7 @@ class HardNegativeBatchSampler(GlobalBatchSampler):
             raise BatchlabInputError(f"max_neighbourhood_fraction must be in (0, 1], got {max_neighbourhood_fraction!r}")
         self.max_neighbourhood_fraction = frac
         self.neighbourhood_cap = max(1, int(frac * self.batch_size))
+        self.hops = check_positive_int("hops", hops)
         self._rows = self.negative_ids.numpy()
         self._fingerprint: str | None = None
 
@@ -146,13 +154,22 @@ class HardNegativeBatchSampler(GlobalBatchSampler):
             cap = min(self.neighbourhood_cap, room)
             placed[a] = True
             group = [a]
-            if cap > 1:
-                for j in rows[a].tolist():
-                    if j >= 0 and not placed[j]:
-                        placed[j] = True
-                        group.append(j)
-                        if len(group) == cap:
-                            break
+            frontier = [a]
+            # breadth-first over the mined-negative graph, hop by hop, until the cap
+            for _ in range(self.hops):
+                if len(group) >= cap:
+                    break
+                grown = len(group)
+                for u in frontier:
+                    for j in rows[u].tolist():
+                        if j >= 0 and not placed[j]:
+                            placed[j] = True
+                            group.append(j)
+                            if len(group) == cap:
+                                break
+                    if len(group) == cap:
+                        break
+                frontier = group[grown:]
             groups.append(group)
             room -= len(group)
             if room == 0:
@@ -176,6 +193,7 @@ class HardNegativeBatchSampler(GlobalBatchSampler):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["max_neighbourhood_fraction"] = self.max_neighbourhood_fraction
+        state["hops"] = self.hops
         state["negatives"] = self.negatives_fingerprint()
         return state
 
@@ -185,6 +203,8 @@ class HardNegativeBatchSampler(GlobalBatchSampler):
                 f"cannot resume: the saved state has max_neighbourhood_fraction={state['max_neighbourhood_fraction']} "
                 f"but this sampler has {self.max_neighbourhood_fraction}; build it with the saved settings"
             )
+        if state.get("hops", self.hops) != self.hops:
+            raise BatchlabInputError(f"cannot resume: the saved state has hops={state['hops']} but this sampler has {self.hops}")
         if "negatives" in state and state["negatives"] != self.negatives_fingerprint():
             raise StaleArtifactError(
                 f"cannot resume: the saved state was built from other negative_ids (hash {state['negatives']}, "

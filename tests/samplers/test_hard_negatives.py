@@ -10,7 +10,11 @@ from batchlab.datasets.synthetic import gaussian_mixture
 from batchlab.errors import BatchlabInputError, StaleArtifactError
 from batchlab.samplers import HardNegativeBatchSampler
 from batchlab.samplers.hard_negatives import pair_colocation_rate
-from test_clusters import assert_sampler_contract  # the shared sampler-contract checks
+
+try:  # the shared sampler-contract checks; module name depends on whether tests/samplers is a package
+    from test_clusters import assert_sampler_contract
+except ImportError:  # pragma: no cover
+    from tests.samplers.test_clusters import assert_sampler_contract
 
 
 def knn_negatives(x: torch.Tensor, m: int) -> torch.Tensor:
@@ -52,6 +56,24 @@ def test_neighbourhoods_are_kept_together_and_capped(planted):
     # the negatives are from the anchor's planted cluster, so batches are topical
     same_label = np.mean([len(set(y[b].tolist())) for b in batches[:-1]])
     assert same_label < 10  # random batches of 32 over 20 labels hold about 16 labels
+
+
+def test_more_hops_grow_neighbourhoods_up_to_the_cap(planted):
+    x, _ = planted
+    ids = knn_negatives(x, 4)
+    one = HardNegativeBatchSampler(ids, 64, max_neighbourhood_fraction=0.25, hops=1, seed=0)
+    two = HardNegativeBatchSampler(ids, 64, max_neighbourhood_fraction=0.25, hops=2, seed=0)
+    groups = two.plan_groups(torch.Generator().manual_seed(0))
+    assert 5 < max(len(g) for g in groups) <= 16  # one hop holds at most 1 + 4; the cap is 16
+    for group in groups:
+        a = group[0]
+        ball = set(ids[a].tolist()) | {int(j) for n in ids[a].tolist() for j in ids[n].tolist()}
+        assert set(group[1:]) <= ball
+    assert pair_colocation_rate(list(two), ids) > pair_colocation_rate(list(one), ids)
+    with pytest.raises(BatchlabInputError, match="hops"):
+        HardNegativeBatchSampler(ids, 64, hops=0)
+    with pytest.raises(BatchlabInputError, match="hops"):
+        one.load_state_dict(two.state_dict())
 
 
 def test_whole_blocks_when_uncapped():
