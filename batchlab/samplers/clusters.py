@@ -63,6 +63,15 @@ def _segment_ranges(starts: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.
     return positions, seg_id
 
 
+def _projections(xs: torch.Tensor, direction: torch.Tensor, seg_id: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """``score[t] = xs[t] . direction[seg_id[t]]``, in row chunks (no second (T, d) temporary)."""
+    score = torch.empty(len(xs), device=xs.device)
+    for start in range(0, len(xs), chunk):
+        rows = slice(start, start + chunk)
+        score[rows] = torch.einsum("td,td->t", xs[rows], direction[seg_id[rows]])
+    return score
+
+
 def balanced_kmeans(
     embeddings: torch.Tensor,
     n_clusters: int,
@@ -98,6 +107,12 @@ def balanced_kmeans(
     torch.Tensor
         ``(N,)`` int64 labels in ``[0, K)``; cluster ``j`` has ``N // K + (j < N % K)``
         members, so sizes differ by at most one.
+
+    Notes
+    -----
+    Cost: ``ceil(log2 K)`` levels of at most ``iters`` rounds, each O(N d) plus two
+    sorts of N keys, so it grows with log K where k-means grows with K. Memory: a
+    normalised float32 copy of the embeddings and one permuted copy per level.
 
     Example
     -------
@@ -148,7 +163,7 @@ def balanced_kmeans(
         previous = None
         for _ in range(iters):
             direction = centroids[:, 0] - centroids[:, 1]
-            score = (xs * direction[seg_id]).sum(1)
+            score = _projections(xs, direction, seg_id)
             # sort by score (descending) inside each segment: two stable sorts = lexsort
             ranked = torch.argsort(score, descending=True, stable=True)
             ranked = ranked[torch.argsort(seg_id[ranked], stable=True)]
@@ -191,6 +206,12 @@ def kmeans(embeddings: torch.Tensor, n_clusters: int, *, iters: int = 20, seed: 
     torch.Tensor
         ``(N,)`` int64 labels in ``[0, K)`` (the nearest centroid of each row; some
         clusters may be empty).
+
+    Notes
+    -----
+    Cost O(iters N K d) on the CPU: fine for TAS-style topic counts (thousands), too
+    slow for NGAME-style small clusters at large N (K = N / 32); use
+    :func:`balanced_kmeans` there.
 
     Example
     -------

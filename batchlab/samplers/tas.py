@@ -293,3 +293,12 @@ class TASBalancedBatchSampler(_ClusteredSampler):
         state["n_clusters"] = self.n_clusters
         state["clusters_per_batch"] = self.clusters_per_batch
         return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("n_clusters", "clusters_per_batch"):
+            if key in state and state[key] != getattr(self, key):
+                raise BatchlabInputError(
+                    f"cannot resume: the saved state has {key}={state[key]} but this sampler has "
+                    f"{getattr(self, key)}; build it with the saved settings"
+                )
+        super().load_state_dict(state)

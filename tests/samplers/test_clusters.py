@@ -90,6 +90,43 @@ def test_balanced_kmeans_sizes_are_exact(n, k, gen):
     assert torch.equal(sizes, expected)
 
 
+def reference_balanced_split(x: torch.Tensor, seed: int, iters: int = 10) -> torch.Tensor:
+    """One balanced spherical 2-means split written plainly (pyxclib's b_kmeans_dense loop)."""
+    x = torch.nn.functional.normalize(x.float(), dim=1)
+    n = len(x)
+    u = torch.rand(2, 1, generator=torch.Generator().manual_seed(seed))  # the draws balanced_kmeans makes
+    first = min(int(u[0, 0] * n), n - 1)
+    second = (first + 1 + min(int(u[1, 0] * (n - 1)), n - 2)) % n
+    c0, c1 = x[first], x[second]
+    n_left = n - n // 2  # leaf 0 takes the extra point
+    previous = None
+    for _ in range(iters):
+        order = torch.argsort(x @ (c0 - c1), descending=True, stable=True)
+        left = torch.zeros(n, dtype=torch.bool)
+        left[order[:n_left]] = True
+        if previous is not None and torch.equal(left, previous):
+            break
+        previous = left
+        c0 = torch.nn.functional.normalize(x[left].sum(0), dim=0)
+        c1 = torch.nn.functional.normalize(x[~left].sum(0), dim=0)
+    return (~left).long()
+
+
+@pytest.mark.parametrize("n", [2, 3, 51, 200])
+def test_balanced_kmeans_split_matches_plain_reference(n, gen):
+    x = torch.randn(n, 6, generator=gen)
+    assert torch.equal(balanced_kmeans(x, 2, seed=7), reference_balanced_split(x, seed=7))
+
+
+def test_projections_in_chunks_match_one_pass(gen):
+    from batchlab.samplers.clusters import _projections
+
+    xs, direction = torch.randn(50, 8, generator=gen), torch.randn(3, 8, generator=gen)
+    seg_id = torch.randint(0, 3, (50,), generator=gen)
+    expected = (xs * direction[seg_id]).sum(1)
+    torch.testing.assert_close(_projections(xs, direction, seg_id, chunk=7), expected)
+
+
 def test_balanced_kmeans_recovers_planted_clusters(planted):
     x, y = planted
     labels = balanced_kmeans(x, 16, seed=0)
@@ -322,3 +359,6 @@ def test_tas_bad_input(planted):
         TASBalancedBatchSampler(x, 32, n_clusters=513)
     with pytest.raises(BatchlabInputError, match="clusters_per_batch"):
         TASBalancedBatchSampler(x, 4, clusters_per_batch=5)
+    state = TASBalancedBatchSampler(x, 32, n_clusters=8, method="balanced").state_dict()
+    with pytest.raises(BatchlabInputError, match="clusters_per_batch"):
+        TASBalancedBatchSampler(x, 32, n_clusters=8, clusters_per_batch=2, method="balanced").load_state_dict(state)
