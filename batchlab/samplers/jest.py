@@ -69,9 +69,11 @@ same noise on every device and every rank; the selection can still differ across
 *device types* where float scores differ in the last bits. ``step`` counts ``select``
 calls (kept in :meth:`JointExampleSelector.state_dict` for resumption) unless passed.
 
-Cost on the GPU: everything stays on the inputs' device, in float32 (TF32 matmuls if
-``torch.backends.cuda.matmul.allow_tf32`` is set); the Gumbel noise is one host-to-device
-copy of ``n_chunks x N`` floats.
+Cost on the GPU: everything stays on the inputs' device, in float32; with
+``precision="tf32"`` (the default) the matmuls on CUDA use TF32 (inputs rounded to 10
+mantissa bits: logit errors near ``scale * 5e-4``, far below the Gumbel noise's spread
+of 1.3), ``"float32"`` keeps full float32 products. The Gumbel noise is one
+host-to-device copy of ``n_chunks x N`` floats.
 """
 
 from __future__ import annotations
@@ -143,6 +145,14 @@ class JointExampleSelector:
     block_size : int, optional
         Candidates per tile in the InfoNCE neighbour term; default: as many as fit a
         ``2**25``-element tile.
+    precision : "tf32" | "float32" | "bf16"
+        Matmul precision on CUDA (CPU is always float32); see the module docstring.
+        ``"bf16"`` (bf16 products, fp32 sums) needs ``impl="triton"``.
+    impl : "auto" | "torch" | "triton"
+        How the InfoNCE neighbour term is computed: cuBLAS tiles + softplus + sum
+        (``torch``), or one fused Triton kernel that never writes the tiles
+        (``triton``, CUDA; the CPU only under ``TRITON_INTERPRET=1``). ``auto``: Triton on
+        CUDA when it imports, else torch.
 
     Examples
     --------
@@ -166,6 +176,8 @@ class JointExampleSelector:
         *,
         symmetric: bool = True,
         block_size: int | None = None,
+        precision: str = "tf32",
+        impl: str = "auto",
     ) -> None:
         self.n_chunks = check_positive_int("n_chunks", n_chunks)
         if isinstance(filter_ratio, bool) or not isinstance(filter_ratio, (int, float)) or not 0 <= filter_ratio < 1:
@@ -181,6 +193,8 @@ class JointExampleSelector:
         self.seed = seed
         self.symmetric = bool(symmetric)
         self.block_size = None if block_size is None else check_positive_int("block_size", block_size)
+        self.precision = check_choice("precision", precision, ("tf32", "float32", "bf16"))
+        self.impl = check_choice("impl", impl, ("auto", "torch", "triton"))
         self.step = 0
 
     # ------------------------------------------------------------------ public API
@@ -256,13 +270,20 @@ class JointExampleSelector:
                 f"use a super-batch of at least {int(np.ceil(self.n_chunks / max(1e-9, 1 - self.filter_ratio)))} "
                 "examples, or fewer chunks"
             )
+        self._impl = self._resolve_impl(device)
         step = self.step if step is None else step
         if step == self.step:
             self.step += 1
 
         sizes = [b // self.n_chunks + (1 if c < b % self.n_chunks else 0) for c in range(self.n_chunks)]
         gumbel = self._gumbel(step, n, device)
-        indices, scores = self._run(learner_m, reference_m, sizes, gumbel)
+        tf32 = torch.backends.cuda.matmul.allow_tf32
+        try:
+            # Scoped, restored below: the caller's global setting is left as it was.
+            torch.backends.cuda.matmul.allow_tf32 = self.precision == "tf32"
+            indices, scores = self._run(learner_m, reference_m, sizes, gumbel)
+        finally:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
 
         if group is not None:
             indices = self._agree(indices, group)
@@ -307,7 +328,12 @@ class JointExampleSelector:
             # pair[i] = sum_{s in S} (p_is + p_si); own[i] = p_ii
             return {"own": F.softplus(-diag), "pair": torch.zeros_like(diag)}
         ninf = torch.full((n,), float("-inf"), device=m.q.device)
-        return {"diag": diag, "row": ninf, "col": ninf.clone()}
+        state = {"diag": diag, "row": ninf, "col": ninf.clone()}
+        if self._impl == "triton":
+            # the kernel's operands: bf16 copies (half the bytes, twice the matrix-unit rate) or fp32
+            cast = (lambda x: x.to(torch.bfloat16)) if self.precision == "bf16" else (lambda x: x)
+            state["kq"], state["kk"] = cast(m.q), cast(m.k)
+        return state
 
     def _add_chunk(self, m: _Model, st: dict, new: torch.Tensor) -> None:
         """Fold the chunk ``new`` into the running sums: one N x chunk logits block per direction."""
@@ -331,6 +357,16 @@ class JointExampleSelector:
         own = wr * F.softplus(row - diag)
         if wc:
             own = own + wc * F.softplus(col - diag)
+        if self._impl == "triton":
+            from batchlab.samplers._jest_triton import neighbour_sum
+
+            kq, kk = st["kq"], st["kk"]
+            out = neighbour_sum(kq[selected], kk, row[selected], m.scale, precision=self.precision)
+            if wr != 1.0:
+                out *= wr
+            if wc:
+                out += wc * neighbour_sum(kk[selected], kq, col[selected], m.scale, precision=self.precision)
+            return own + out
         return own + self._neighbour_term(m, row[selected], col[selected], selected, wr, wc)
 
     def _neighbour_term(self, m, row_s, col_s, selected, wr, wc) -> torch.Tensor:
@@ -367,6 +403,32 @@ class JointExampleSelector:
         return score
 
     # ------------------------------------------------------------------ inputs, noise, ranks
+
+    def _resolve_impl(self, device: torch.device) -> str:
+        impl = self.impl
+        if impl == "auto":
+            impl = "torch"
+            if device.type == "cuda" and self.loss == "info_nce":
+                try:
+                    from batchlab.losses.triton import triton_available
+
+                    impl = "triton" if triton_available(device) else "torch"
+                except ImportError:
+                    pass
+        if impl == "triton" and self.loss == "info_nce":
+            from batchlab.losses.triton import triton_available  # ImportError: no Triton here
+
+            if not triton_available(device):
+                raise BatchlabInputError(
+                    f"impl='triton' needs a CUDA GPU of compute capability 8.0+ (or TRITON_INTERPRET=1 on the CPU), "
+                    f"got {device}; use impl='torch'"
+                )
+        if self.precision == "bf16" and not (impl == "triton" and self.loss == "info_nce"):
+            raise BatchlabInputError(
+                "precision='bf16' needs impl='triton' and loss='info_nce' (bf16 products with fp32 sums in the fused "
+                "kernel); use precision='tf32' or 'float32'"
+            )
+        return impl
 
     def _gumbel(self, step: int, n: int, device) -> torch.Tensor:
         # (seed, step) mixed by numpy's SeedSequence: nearby seeds/steps give unrelated streams.

@@ -7,6 +7,12 @@ batchlab's reference losses on the sub-batch (reduction="sum"), for learner and 
 
 from __future__ import annotations
 
+import os
+
+# The fused kernel runs on the CPU only under Triton's interpreter, which must be chosen
+# before any kernel is defined (tests/losses/test_triton.py sets the same).
+os.environ["TRITON_INTERPRET"] = "1"
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -158,6 +164,24 @@ def test_joint_term_prefers_hard_negatives_of_the_chosen(gen):
     assert min(with_0) > 1.0 and max(without_0) < 0.1, (with_0, without_0)
 
 
+@pytest.mark.parametrize("symmetric,precision,tol", [(True, "float32", 1e-4), (False, "bf16", 0.1)])
+def test_triton_neighbour_kernel_matches_torch(symmetric, precision, tol, gen):
+    pytest.importorskip("triton")
+    n, d = 90, 40  # d not a multiple of the kernel's d chunk; several row and column tiles
+    learner, reference = model(n, d, gen, 10.0), model(n, d, gen, 12.0)
+    kw = dict(n_chunks=4, filter_ratio=0.6, symmetric=symmetric, seed=2)
+    a = JointExampleSelector(impl="torch", **kw).select(learner=learner, reference=reference, return_scores=True)
+    b = JointExampleSelector(impl="triton", precision=precision, **kw).select(
+        learner=learner, reference=reference, return_scores=True)
+    finite = torch.isfinite(a.scores)
+    assert torch.equal(finite, torch.isfinite(b.scores))
+    # float32: same products, other summation order. bf16: products of 8-bit-mantissa inputs,
+    # logit errors ~ scale * 2**-9, summed over <= 36 selected rows
+    torch.testing.assert_close(b.scores[finite], a.scores[finite], rtol=0, atol=tol)
+    if precision == "float32":
+        assert torch.equal(a.indices, b.indices)
+
+
 def test_deterministic_under_seed_and_steps(gen):
     learner, reference = model(100, 16, gen, 10.0), model(100, 16, gen, 10.0)
     a = JointExampleSelector(n_chunks=4, seed=5)
@@ -213,6 +237,8 @@ def test_bad_input(gen):
         sel.select(learner=learner)
     with pytest.raises(BatchlabInputError, match="logit_bias"):
         JointExampleSelector(n_chunks=4, loss="siglip").select(learner=learner, reference=reference)
+    with pytest.raises(BatchlabInputError, match="bf16"):
+        JointExampleSelector(n_chunks=4, precision="bf16", impl="torch").select(learner=learner, reference=reference)
     with pytest.raises(BatchlabInputError, match="tuple"):
         sel.select(learner=learner[0], reference=reference)
     for kwargs in ({"filter_ratio": 1.0}, {"score": "loss"}, {"loss": "dcl"}, {"n_chunks": 0},

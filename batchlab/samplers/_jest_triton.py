@@ -1,0 +1,81 @@
+"""Fused Triton kernel for JEST's InfoNCE neighbour term (imported only when asked for).
+
+For the selected rows ``a`` (m, d), the candidates ``b`` (N, d), a scale ``s`` and one
+log-sum-exp ``r`` per selected row, the kernel returns
+
+    out[i] = sum_{j < m} softplus(s * a_j . b_i - r_j)          (N,)
+
+without writing the (m, N) logits: a program owns BN candidates and a share of the
+selected rows' tiles, computes each (BM, BN) tile with the losses' ``_tile_dot``
+(fp32 accumulation; bf16, or fp32 with TF32/IEEE products) and folds it into a
+per-candidate sum in registers. Programs that split the rows write partial sums
+(``split``, N), added by the caller, so the result is deterministic (no atomics).
+
+``softplus(z) = max(z, 0) + log1p(exp(-|z|))`` with ``log1p(y) ~ y (1 - y / 2)`` below
+``y = 1e-4`` (relative error < 4e-9 there) and ``log(1 + y)`` above.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from batchlab.losses.triton._kernels import _tile_dot
+from batchlab.losses.triton._launch import interpreting, num_sms
+
+LOG2E = 1.4426950408889634
+
+# H100-friendly tiles (the losses' forward config); small ones in the interpreter so that
+# tests exercise several tiles and d chunks.
+_CONFIG = dict(BM=128, BN=128, num_warps=8, num_stages=3)
+_INTERPRET = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1)
+
+
+@triton.jit
+def _neighbour_kernel(a_ptr, b_ptr, r_ptr, out_ptr, M, N, D, stride_a, stride_b, scale, tiles_per_split,
+                      BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                      EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    cols = pid_n * BN + tl.arange(0, BN)
+    total = tl.zeros((BN,), dtype=tl.float32)
+    n_tiles = tl.cdiv(M, BM)
+    t0 = pid_s * tiles_per_split
+    t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
+    for t in range(t0, t1):
+        rows = t * BM + tl.arange(0, BM)
+        # (BM, BN) = a[rows] @ b[cols].T, rows/cols clamped inside; masked below
+        x = _tile_dot(a_ptr, b_ptr, rows, cols, M, N, D, stride_a, stride_b, BM, BN, BD, EVEN_D, UPCAST, PREC)
+        r = tl.load(r_ptr + rows, mask=rows < M, other=0.0)
+        z = x * scale - r[:, None]
+        y = tl.exp2(-tl.abs(z) * LOG2E)
+        log1p = tl.where(y < 1e-4, y * (1.0 - 0.5 * y), tl.log(1.0 + y))
+        sp = tl.maximum(z, 0.0) + log1p
+        sp = tl.where(rows[:, None] < M, sp, 0.0)
+        total += tl.sum(sp, axis=0)
+    tl.store(out_ptr + pid_s * N + cols, total, mask=cols < N)
+
+
+def neighbour_sum(a: torch.Tensor, b: torch.Tensor, r: torch.Tensor, scale: float, *, precision: str) -> torch.Tensor:
+    """``out[i] = sum_j softplus(scale * a_j . b_i - r_j)``: a (m, d), b (N, d), r (m,) -> (N,) float32.
+
+    ``precision``: ``"bf16"`` (a, b already bf16), ``"tf32"`` or ``"float32"`` (a, b float32).
+    """
+    m, d = a.shape
+    n = b.shape[0]
+    cfg = dict(_INTERPRET) if interpreting() else dict(_CONFIG, BD=64 if a.dtype == torch.bfloat16 else 32)
+    bm, bn, bd = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BD")
+    col_blocks = triton.cdiv(n, bn)
+    n_tiles = triton.cdiv(m, bm)
+    # enough programs for about four waves on the device, never more splits than row tiles
+    split = max(1, min(n_tiles, triton.cdiv(4 * num_sms(a.device), col_blocks)))
+    tiles_per_split = triton.cdiv(n_tiles, split)
+    split = triton.cdiv(n_tiles, tiles_per_split)
+    out = torch.empty(split, n, device=a.device, dtype=torch.float32)
+    prec = "ieee" if precision == "float32" else "tf32"
+    _neighbour_kernel[(col_blocks, split)](
+        a, b, r.float().contiguous(), out, m, n, d, a.stride(0), b.stride(0), float(scale), tiles_per_split,
+        BM=bm, BN=bn, BD=bd, EVEN_D=d % bd == 0, UPCAST=interpreting(), PREC=prec, **cfg,
+    )
+    return out.sum(0)
