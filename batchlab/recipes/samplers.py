@@ -1,0 +1,114 @@
+"""Batch samplers by name, built from teacher embeddings, for the recipes and the CLI.
+
+``make_sampler("community", teacher, batch_size=64, seed=0)`` hides which module each
+sampler lives in and which teacher view it needs: community (B3) and cluster batches
+use one embedding per training pair; hard-negative batches mine, for each pair's query,
+the documents the teacher ranks just below its own (a rank window guards against
+near-duplicates that would be false negatives).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+
+from batchlab._checks import check_positive_int
+from batchlab.errors import BatchlabInputError
+from batchlab.recipes.teachers import TeacherViews
+from batchlab.samplers.base import GlobalBatchSampler
+
+logger = logging.getLogger(__name__)
+
+SAMPLERS = ("random", "cluster", "community", "hard_negative")
+
+
+class RandomBatchSampler(GlobalBatchSampler):
+    """Uniformly shuffled batches (the baseline every other sampler is compared with).
+
+    >>> [len(b) for b in RandomBatchSampler(10, 4, seed=0)]
+    [4, 4, 2]
+    """
+
+    def __init__(self, num_examples: int, batch_size: int, **kwargs: Any) -> None:
+        super().__init__(batch_size=batch_size, **kwargs)
+        self.num_examples = check_positive_int("num_examples", num_examples)
+
+    def plan_epoch(self, generator: torch.Generator) -> list[list[int]]:
+        order = torch.randperm(self.num_examples, generator=generator).tolist()
+        return [order[i : i + self.batch_size] for i in range(0, self.num_examples, self.batch_size)]
+
+
+def hard_negative_ids(teacher: TeacherViews, *, num_negatives: int = 8, range_min: int = 0) -> torch.Tensor:
+    """``(N, num_negatives)``: for each query, the documents the teacher ranks highest after its own.
+
+    The top ``range_min`` are skipped (likely near-duplicates, i.e. false negatives).
+    """
+    _, ids = teacher.neighbours(range_min + num_negatives, between="query_document")
+    return ids[:, range_min:]
+
+
+def make_sampler(
+    name: str,
+    teacher: TeacherViews | torch.Tensor | None,
+    *,
+    batch_size: int,
+    seed: int = 0,
+    num_examples: int | None = None,
+    drop_last: bool = True,
+    **options: Any,
+) -> GlobalBatchSampler:
+    """Build a batch sampler by name.
+
+    Parameters
+    ----------
+    name : "random" | "cluster" | "community" | "hard_negative"
+    teacher : TeacherViews or Tensor (N, d)
+        Teacher embeddings (ignored by ``"random"``, which then needs ``num_examples``).
+    batch_size, seed, drop_last :
+        As in every batchlab sampler.
+    options :
+        Sampler settings: ``group_size`` and ``rank_window`` (community; defaults 8 and
+        (2, 34), scaled down from B3's 32 and (30, 130) for a few thousand examples),
+        ``cluster_size`` (cluster; default 8), ``num_negatives``, ``range_min`` and
+        ``max_neighbourhood_fraction`` (hard_negative; defaults 8, 0 and 0.25).
+    """
+    if name not in SAMPLERS:
+        raise BatchlabInputError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
+    if isinstance(teacher, torch.Tensor):
+        teacher = TeacherViews(teacher)
+    if name == "random":
+        n = num_examples if num_examples is not None else (len(teacher) if teacher is not None else None)
+        if n is None:
+            raise BatchlabInputError("the random sampler needs num_examples (or teacher embeddings to count them)")
+        return RandomBatchSampler(n, batch_size, seed=seed, drop_last=drop_last)
+    if teacher is None:
+        raise BatchlabInputError(f"the {name!r} sampler needs teacher embeddings; pass teacher='tfidf' or a tensor")
+    if name == "cluster":
+        from batchlab.samplers import ClusterBatchSampler
+
+        return ClusterBatchSampler(
+            teacher.pairs, batch_size, cluster_size=options.get("cluster_size", 8), seed=seed, drop_last=drop_last
+        )
+    if name == "community":
+        from batchlab.samplers.community_sampler import CommunityBatchSampler
+
+        window = tuple(options.get("rank_window", (2, 34)))
+        return CommunityBatchSampler(
+            None,
+            batch_size,
+            group_size=options.get("group_size", 8),
+            rank_window=window,
+            seed=seed,
+            drop_last=drop_last,
+            neighbours=teacher.neighbours(min(window[1], len(teacher) - 1)),
+        )
+    from batchlab.samplers.hard_negatives import HardNegativeBatchSampler
+
+    ids = options.get("negative_ids")
+    if ids is None:
+        ids = hard_negative_ids(teacher, num_negatives=options.get("num_negatives", 8), range_min=options.get("range_min", 0))
+    return HardNegativeBatchSampler(
+        ids, batch_size, max_neighbourhood_fraction=options.get("max_neighbourhood_fraction", 0.25), seed=seed, drop_last=drop_last
+    )

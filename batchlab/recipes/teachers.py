@@ -1,0 +1,189 @@
+"""Offline teachers for batch construction: a lexical TF-IDF teacher (no model, no download).
+
+Batch samplers (communities, clusters, hard negatives) need teacher embeddings that
+say which examples look alike. :class:`TfidfTeacher` gives them from the text alone:
+TF-IDF over identifier-aware words (``snake_case`` and ``camelCase`` split), reduced to
+``dim`` dense dimensions with a truncated SVD (LSA, ``torch.svd_lowrank`` on the
+sparse matrix) so that faiss and the samplers can use them. It is a small torch
+implementation rather than scikit-learn's ``TfidfVectorizer`` so that batchlab keeps
+no extra dependency for a ~60-line job; the weighting follows scikit-learn's defaults
+(smoothed idf ``log((1 + n) / (1 + df)) + 1``, sublinear tf, L2 rows).
+
+The other teacher the recipes support is the model itself: its own embeddings from
+an earlier epoch (``teacher="model"`` in :func:`~batchlab.recipes.train_dual_encoder`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+from typing import Sequence
+
+import torch
+
+from batchlab.errors import BatchlabInputError
+
+_WORD = re.compile(r"[A-Z]?[a-z]+|[A-Z]+(?![a-z])|\d+")
+_STOP = frozenset("a an and are as at be by for from if in is it of on or the to this that with self".split())
+
+
+def analyze(text: str) -> list[str]:
+    """Lower-case words, with identifiers split at ``_`` and case changes.
+
+    >>> analyze("Return the getNodeID of self.parse_args")
+    ['return', 'get', 'node', 'id', 'parse', 'args']
+    """
+    return [w for w in (m.lower() for m in _WORD.findall(text)) if len(w) > 1 and w not in _STOP]
+
+
+class TfidfTeacher:
+    """TF-IDF + LSA text embeddings, fitted on a corpus.
+
+    Parameters
+    ----------
+    dim:
+        Dimensions kept by the truncated SVD (capped by the vocabulary and corpus sizes).
+    min_df:
+        Words in fewer documents than this are dropped.
+    seed:
+        Seed of the randomised SVD (the embeddings are deterministic given it).
+
+    Example
+    -------
+    >>> teacher = TfidfTeacher(dim=2).fit(["parse the file", "parse a string", "draw a circle"])
+    >>> teacher.embed(["parse it"]).shape
+    torch.Size([1, 2])
+    """
+
+    def __init__(self, dim: int = 256, *, min_df: int = 1, seed: int = 0) -> None:
+        if dim < 1:
+            raise BatchlabInputError(f"TfidfTeacher: dim must be >= 1, got {dim}")
+        self.dim, self.min_df, self.seed = int(dim), int(min_df), int(seed)
+        self.vocabulary: dict[str, int] | None = None
+
+    def fit(self, texts: Sequence[str]) -> "TfidfTeacher":
+        """Learn the vocabulary, idf weights and the SVD basis from ``texts``."""
+        if len(texts) == 0:
+            raise BatchlabInputError("TfidfTeacher.fit: no texts; pass the training texts (a non-empty list of str)")
+        df = Counter(w for text in texts for w in set(analyze(text)))
+        words = sorted(w for w, c in df.items() if c >= self.min_df)
+        if not words:
+            raise BatchlabInputError(f"TfidfTeacher.fit: no word occurs in at least min_df={self.min_df} texts")
+        self.vocabulary = {w: i for i, w in enumerate(words)}
+        n = len(texts)
+        self.idf = torch.tensor([math.log((1 + n) / (1 + df[w])) + 1.0 for w in words])
+        matrix = self.transform(texts)
+        k = min(self.dim, min(matrix.shape) - 1) if min(matrix.shape) > 1 else 1
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            _, _, v = torch.svd_lowrank(matrix, q=k, niter=4)
+        # fix each component's sign so the embeddings do not flip between runs
+        signs = torch.sign(v[v.abs().argmax(dim=0), torch.arange(v.shape[1])])
+        self.components = v * signs  # (V, k)
+        return self
+
+    def transform(self, texts: Sequence[str]) -> torch.Tensor:
+        """Sparse ``(len(texts), V)`` TF-IDF matrix (sublinear tf, L2-normalised rows)."""
+        if self.vocabulary is None:
+            raise BatchlabInputError("TfidfTeacher: call fit(texts) before transform or embed")
+        rows, cols, vals = [], [], []
+        for r, text in enumerate(texts):
+            counts = Counter(self.vocabulary[w] for w in analyze(text) if w in self.vocabulary)
+            weights = {c: (1.0 + math.log(tf)) * float(self.idf[c]) for c, tf in counts.items()}
+            norm = math.sqrt(sum(w * w for w in weights.values())) or 1.0
+            for c, w in weights.items():
+                rows.append(r)
+                cols.append(c)
+                vals.append(w / norm)
+        index = torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1)
+        return torch.sparse_coo_tensor(index, torch.tensor(vals, dtype=torch.float32), (len(texts), len(self.vocabulary)), check_invariants=False).coalesce()
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """Dense L2-normalised ``(len(texts), dim)`` embeddings (rows with no known word are zero)."""
+        dense = torch.sparse.mm(self.transform(texts), self.components)
+        return torch.nn.functional.normalize(dense, dim=1)
+
+
+class TeacherViews:
+    """The teacher embeddings a sampler may need, in dataset order.
+
+    Parameters
+    ----------
+    pairs : Tensor (N, d)
+        One L2-normalised embedding per training example (query and document together).
+    queries, documents : Tensor (N, d), optional
+        The two sides separately (for mining query -> document hard negatives, and as
+        JEST's reference model); default: ``pairs`` for both.
+    sparse : tuple of three sparse Tensors (N, V), optional
+        Exact (pairs, queries, documents) TF-IDF rows. When given, :meth:`neighbours`
+        ranks with them instead of the dense (LSA) views, which lose much of TF-IDF's
+        precision on code (on codesearch's test split recall@1 drops from 0.27 to 0.15).
+    """
+
+    def __init__(
+        self,
+        pairs: torch.Tensor,
+        queries: torch.Tensor | None = None,
+        documents: torch.Tensor | None = None,
+        *,
+        sparse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ):
+        self.pairs = pairs
+        self.queries = pairs if queries is None else queries
+        self.documents = pairs if documents is None else documents
+        self.sparse = sparse
+
+    def __len__(self) -> int:
+        return self.pairs.shape[0]
+
+    def neighbours(self, k: int, *, between: str = "pairs", block: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact top-``k`` ``(scores, ids)``, both ``(N, k)``, each row's own example excluded.
+
+        ``between="pairs"`` ranks examples by their pair embeddings (B3's graph, clusters);
+        ``"query_document"`` ranks every example's document for each query (hard negatives).
+        Blocked: memory stays ``block x N``.
+        """
+        if between not in ("pairs", "query_document"):
+            raise BatchlabInputError(f"between must be 'pairs' or 'query_document', got {between!r}")
+        n = len(self)
+        if not 0 < k < n:
+            raise BatchlabInputError(f"k must be in [1, {n - 1}] (N - 1 other examples), got {k}")
+        side = 0 if between == "pairs" else 1
+        if self.sparse is not None:
+            rows, cols = self.sparse[side], self.sparse[0 if side == 0 else 2]
+        else:
+            rows, cols = (self.pairs, self.pairs) if side == 0 else (self.queries, self.documents)
+        scores_out = torch.empty(n, k)
+        ids_out = torch.empty(n, k, dtype=torch.long)
+        for start in range(0, n, block):
+            idx = torch.arange(start, min(start + block, n))
+            if self.sparse is not None:
+                block_rows = rows.index_select(0, idx).to_dense()
+                scores = torch.sparse.mm(cols, block_rows.T).T  # (b, N)
+            else:
+                scores = rows[idx].float() @ cols.float().T
+            scores[torch.arange(len(idx)), idx] = float("-inf")  # never its own example
+            top = scores.topk(k, dim=1)
+            scores_out[idx], ids_out[idx] = top.values, top.indices
+        return scores_out, ids_out
+
+
+def tfidf_views(queries: Sequence[str], documents: Sequence[str], *, dim: int = 256, seed: int = 0) -> TeacherViews:
+    """Fit a :class:`TfidfTeacher` on both sides of the pairs and return its :class:`TeacherViews`.
+
+    The dense views are the LSA embeddings; :meth:`TeacherViews.neighbours` ranks with
+    the exact sparse TF-IDF rows.
+
+    >>> views = tfidf_views(["parse a file", "draw a circle"], ["def parse(f):", "def circle(r):"], dim=2)
+    >>> views.pairs.shape, views.queries.shape
+    (torch.Size([2, 2]), torch.Size([2, 2]))
+    """
+    teacher = TfidfTeacher(dim, seed=seed).fit(list(queries) + list(documents))
+    q, d = teacher.embed(queries), teacher.embed(documents)
+    sq, sd = teacher.transform(queries), teacher.transform(documents)
+    # a pair's sparse row: the normalised sum of its two sides
+    sp = (sq + sd).coalesce()
+    norms = torch.sparse.sum(sp * sp, dim=1).to_dense().sqrt().clamp_min(1e-12)
+    sp = torch.sparse_coo_tensor(sp.indices(), sp.values() / norms[sp.indices()[0]], sp.shape, check_invariants=False).coalesce()
+    return TeacherViews(torch.nn.functional.normalize(q + d, dim=1), q, d, sparse=(sp, sq, sd))
