@@ -160,33 +160,46 @@ def rank_window_graph(
     else:
         ranks = np.arange(start, stop, dtype=np.float32)
         w = np.broadcast_to((stop - ranks) / (stop - start), (n_rows, stop - start))
-    cols = ids[:, start:stop].astype(np.int64)
-    rows = np.repeat(np.arange(n_rows, dtype=np.int64), stop - start).reshape(n_rows, -1)
-    keep = (cols >= 0) & (cols != rows)
-    rows, cols, w = rows[keep], cols[keep], np.ascontiguousarray(w)[keep]
+    index_dtype = np.int32 if n < 2**31 - 1 else np.int64
+    cols = ids[:, start:stop]
+    keep = (cols >= 0) & (cols != np.arange(n_rows)[:, None])
+    indptr = np.zeros(n + 1, dtype=np.int64)
+    indptr[1 : n_rows + 1] = np.cumsum(keep.sum(axis=1))
+    indptr[n_rows + 1 :] = indptr[n_rows]
+    indices = cols[keep].astype(index_dtype)
+    w = np.asarray(w, dtype=np.float64)[keep]
+    n_directed = indices.size
+    del cols, keep
 
-    # Directed edge i -> j as the key i * n + j; sorted keys let one binary search
-    # per edge find its reverse j -> i (memory O(E), never O(N^2)).
-    keys = rows * n + cols
-    order = np.argsort(keys, kind="stable")
-    keys, w = keys[order], w[order]
-    if keys.size:
-        first = np.ones(keys.size, dtype=bool)
-        first[1:] = keys[1:] != keys[:-1]  # an id listed twice in a row counts once
-        keys, w = keys[first], w[first]
-    rows, cols = keys // n, keys % n
-    reverse = cols * n + rows
-    pos = np.searchsorted(keys, reverse)
-    pos_clipped = np.minimum(pos, max(keys.size - 1, 0))
-    mutual = (pos < keys.size) & (keys[pos_clipped] == reverse) if keys.size else np.zeros(0, dtype=bool)
-    w = (w[mutual] + w[pos_clipped[mutual]]) / 2
-    rows, cols = rows[mutual], cols[mutual]
-    graph = sp.csr_matrix((w.astype(np.float32), (rows, cols)), shape=(n, n))
-    graph.sort_indices()
+    # Everything below is scipy's compiled sparse kernels, O(E) memory, never N x N.
+    # The directed window matrix A (row i holds i's window); an id listed twice in a
+    # row counts once (sum_duplicates sums, so divide by the multiplicity).
+    directed = sp.csr_matrix((w, indices.copy(), indptr.copy()), shape=(n, n))
+    directed.sum_duplicates()
+    if directed.nnz < n_directed:  # rare (approximate indexes): count and divide
+        multiplicity = sp.csr_matrix((np.ones(n_directed), indices, indptr), shape=(n, n))
+        multiplicity.sum_duplicates()
+        directed.data /= multiplicity.data
+        del multiplicity
+    del indices
+    # Shift weights to >= 1 so that no product below turns an edge into an implicit zero.
+    low = float(directed.data.min()) if directed.nnz else 0.0
+    directed.data += 1.0 - low
+    reverse = directed.T.tocsr()  # (i, j) present iff j -> i is an edge
+    reverse.data[:] = 1.0
+    forward = directed.multiply(reverse).tocsr()  # w(i -> j) where both directions exist
+    del directed, reverse
+    forward.sort_indices()
+    backward = forward.T.tocsr()  # w(j -> i) at (i, j): the same (symmetric) pattern
+    backward.sort_indices()
+    assert np.array_equal(forward.indptr, backward.indptr) and np.array_equal(forward.indices, backward.indices)
+    graph = forward
+    graph.data = ((forward.data + backward.data) / 2 + (low - 1.0)).astype(np.float32)  # mean of both
+    del backward
     isolated = int((np.diff(graph.indptr) == 0).sum())
     logger.info(
         "rank-window graph: %d nodes, %d mutual edges (of %d directed), %d isolated, window (%d, %d)",
-        n, graph.nnz // 2, keys.size, isolated, start, stop,
+        n, graph.nnz // 2, n_directed, isolated, start, stop,
     )
     return graph
 
