@@ -62,8 +62,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=50, help="rank window range_max = k (default 50)")
     parser.add_argument("--num-negatives", type=int, default=10)
     parser.add_argument("--cluster-size", type=int, default=100, help="planted cluster size (default 100)")
-    parser.add_argument("--methods", default=None, help="comma-separated subset of anchor,torch,flat,ivf,hnsw "
+    parser.add_argument("--methods", default=None, help="comma-separated subset of anchor,torch,flat,ivf,ivf-gemm,hnsw "
                         "(default: all on cpu; anchor,torch on cuda)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch and faiss threads on cpu (default 1: with other jobs on the cores, "
+                        "OpenMP spinning makes 2 threads slower than 1; see feasibility.md)")
+    parser.add_argument("--target-recall", type=float, default=0.95,
+                        help="approximate indexes are tuned to this recall@depth on the queries (default 0.95)")
     parser.add_argument("--exact-query-cap", type=int, default=20000,
                         help="exact methods time at most this many queries and scale linearly (default 20000)")
     parser.add_argument("--recall-sample", type=int, default=1000)
@@ -174,7 +179,13 @@ def run(args) -> int:
     sizes = [int(s) for s in (args.sizes or ("1000000" if on_cuda else "10000,30000,100000")).split(",")]
     d = args.dim or (768 if on_cuda else 256)
     dtype = getattr(torch, args.dtype or ("float16" if on_cuda else "float32"))
-    methods = (args.methods or ("anchor,torch" if on_cuda else "anchor,torch,flat,ivf,hnsw")).split(",")
+    methods = (args.methods or ("anchor,torch" if on_cuda else "anchor,torch,flat,ivf,ivf-gemm,hnsw")).split(",")
+    if not on_cuda:
+        torch.set_num_threads(args.threads)
+        if any(m in ("flat", "ivf", "hnsw") for m in methods):
+            import faiss
+
+            faiss.omp_set_num_threads(args.threads)
     if on_cuda and any(m in ("flat", "ivf", "hnsw") for m in methods):
         raise SystemExit("faiss methods run on the CPU; on cuda use --methods anchor,torch")
     k, nneg = args.k, args.num_negatives
@@ -206,14 +217,16 @@ def run(args) -> int:
                 def work():
                     index = EmbeddingIndex(corpus, kind=kind, progress=False, seed=args.seed,
                                            **({"nprobe": args.nprobe} if kind == "ivf" and args.nprobe else {}))
-                    return index, mine_hard_negatives(qs, corpus, positives[:qn], index=index, **mine_kw)
+                    return index, mine_hard_negatives(qs, corpus, positives[:qn], index=index,
+                                                      target_recall=args.target_recall, **mine_kw)
 
                 seconds, mem, (index, mined) = _measure(work, device)
-                row.update(build_s=index.info.get("build_s"))
+                row.update(build_s=index.info.get("build_s"), hash_s=mined.info["hash_s"])
                 if index.approximate:
                     row["recall@k"] = index.recall(queries[sample], k=k, sample=len(sample))
                     row["neg_recall"] = _neg_recall(mined.negative_ids[sample], exact_sample)
-                    row["nlist"], row["nprobe"] = (index.nlist, index.nprobe) if kind == "ivf" else (None, None)
+                    row["nlist"], row["nprobe"] = (index.nlist, index.nprobe) if "ivf" in kind else (None, None)
+                    row["tune_s"] = mined.info.get("index_tune_s")
                 else:
                     row["recall@k"] = 1.0
                     in_cap = sample < qn
@@ -235,8 +248,8 @@ def run(args) -> int:
         del queries, corpus
 
     extrapolation = _extrapolate(rows, d, on_cuda)
-    columns = ["N", "d", "method", "queries_timed", "scaled", "build_s", "seconds", "peak_extra_MiB",
-               "recall@k", "neg_recall", "anchor_over_this"]
+    columns = ["N", "d", "method", "queries_timed", "scaled", "build_s", "tune_s", "hash_s", "seconds",
+               "peak_extra_MiB", "nlist", "nprobe", "recall@k", "neg_recall", "anchor_over_this"]
     print(format_table(rows, columns))
     for line in extrapolation["notes"]:
         print(line)
@@ -245,7 +258,7 @@ def run(args) -> int:
     write_results(out, f"{NAME}-{tag}", {
         "benchmark": NAME, "device": device_name(device), "dtype": str(dtype), "k": k, "num_negatives": nneg,
         "cluster_size": args.cluster_size, "rows": rows, "extrapolation": extrapolation,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "target_recall": args.target_recall,
     })
     if len(sizes) > 1:
         plot_series(out / f"{NAME}-{tag}.png", series, xlabel="N (queries = corpus)", ylabel="mining time (s)",
@@ -270,7 +283,7 @@ def _extrapolate(rows, d, on_cuda):
             est[method] = t
             notes.append(f"estimate {method}: {t / 60:.0f} min for 1M x 1M x {TARGET_D} "
                          f"(from N={big['N']}: x (1M/N)^2 x {dim_factor:.0f})")
-        elif method == "ivf" and len(rs) >= 2:
+        elif method in ("ivf", "ivf-gemm") and len(rs) >= 2:
             # nlist ~ 4 sqrt(N), nprobe ~ nlist/64: list scan ~ N^2 d / 64, quantizer + training ~ N^1.5 d
             import numpy as np
 
@@ -281,7 +294,7 @@ def _extrapolate(rows, d, on_cuda):
             coef = np.clip(coef, 0, None)
             t = float((coef[0] * TARGET_N**2 + coef[1] * TARGET_N**1.5) * dim_factor)
             est[method] = t
-            notes.append(f"estimate ivf: {t / 60:.1f} min for 1M x 1M x {TARGET_D} (fit t = a N^2 + b N^1.5 over "
+            notes.append(f"estimate {method}: {t / 60:.1f} min for 1M x 1M x {TARGET_D} (fit t = a N^2 + b N^1.5 over "
                          f"N={[int(x) for x in ns]}, x {dim_factor:.0f} for d)")
     if "ivf" in by_method:
         big = max(by_method["ivf"], key=lambda r: r["N"])

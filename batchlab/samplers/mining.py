@@ -42,6 +42,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Hashable, Sequence
@@ -81,7 +82,9 @@ class MinedNegatives:
     num_candidates : int64 (Q,); how many candidates survived window and filters before
         sampling (shows how tight the filters are).
     params : the hyper-parameters of the run.
-    teacher_hash : hash of the query and corpus embeddings the run used.
+    teacher_hash : hash of the query and corpus embeddings the run used ("" when
+        ``hash_inputs=False``).
+    info : timings of the run (index build, search + filtering, hashing), in seconds.
     """
 
     negative_ids: torch.Tensor
@@ -90,6 +93,7 @@ class MinedNegatives:
     num_candidates: torch.Tensor
     params: dict[str, Any] = field(default_factory=dict)
     teacher_hash: str = ""
+    info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def num_queries(self) -> int:
@@ -124,7 +128,8 @@ class MinedNegatives:
         if path.suffix != ".npz":
             path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
         path.parent.mkdir(parents=True, exist_ok=True)
-        meta = {"format_version": FORMAT_VERSION, "params": self.params, "teacher_hash": self.teacher_hash}
+        meta = {"format_version": FORMAT_VERSION, "params": self.params, "teacher_hash": self.teacher_hash,
+                "info": self.info}
         np.savez(
             path,
             negative_ids=self.negative_ids.cpu().numpy(),
@@ -147,10 +152,12 @@ class MinedNegatives:
             arrays = {k: torch.from_numpy(f[k]) for k in ("negative_ids", "scores", "positive_scores", "num_candidates")}
         if meta.get("format_version") != FORMAT_VERSION:
             raise StaleArtifactError(f"{path} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
-        out = cls(**arrays, params=meta["params"], teacher_hash=meta["teacher_hash"])
+        out = cls(**arrays, params=meta["params"], teacher_hash=meta["teacher_hash"], info=meta.get("info", {}))
         if (query_embeddings is None) != (corpus_embeddings is None):
             raise BatchlabInputError("give both query_embeddings and corpus_embeddings to check the teacher hash, or neither")
         if query_embeddings is not None:
+            if not out.teacher_hash:
+                raise StaleArtifactError(f"{path} was mined with hash_inputs=False: no teacher hash to check against")
             h = teacher_hash(as_tensor("query_embeddings", query_embeddings), as_tensor("corpus_embeddings", corpus_embeddings))
             if h != out.teacher_hash:
                 raise StaleArtifactError(
@@ -269,8 +276,10 @@ def mine_hard_negatives(
     dedup_key: Callable[[Hashable], Hashable] | None = None,
     index: EmbeddingIndex | None = None,
     index_kwargs: dict[str, Any] | None = None,
+    target_recall: float | None = 0.95,
     batch_size: int = 4096,
     progress: bool = True,
+    hash_inputs: bool = True,
 ) -> MinedNegatives:
     """Mine ``num_negatives`` hard negatives per query from a teacher's embeddings.
 
@@ -300,10 +309,15 @@ def mine_hard_negatives(
     dedup_key : optional function applied to every text before comparing
         (e.g. ``str.casefold``).
     index : a prebuilt :class:`EmbeddingIndex` over the corpus; else one is built with
-        ``index_kwargs`` (``kind="auto"``: exact below 200k rows, IVF above; on CUDA exact).
-        Candidates from an approximate index are re-scored exactly before filtering.
+        ``index_kwargs`` (``kind="auto"``: exact below 200k rows, ``ivf-gemm`` above; on CUDA
+        exact). Candidates from an approximate index are re-scored exactly before filtering.
+    target_recall : with an approximate index, :meth:`EmbeddingIndex.tune` it first (more
+        probes) until its recall at the mining depth on 1,000 of these queries reaches this;
+        the achieved recall is in ``info``. ``None``: use the index as it is.
     batch_size : queries per block (memory is O(batch_size * depth)).
     progress : tqdm bar over queries.
+    hash_inputs : hash the query and corpus embeddings into ``teacher_hash`` (streams all of
+        them once: about 1 s per GB on a CPU core; turn off for throwaway runs).
 
     Returns
     -------
@@ -329,6 +343,8 @@ def mine_hard_negatives(
     for name, v, lo in (("absolute_margin", absolute_margin, None), ("relative_margin", relative_margin, 0.0),
                         ("max_score", max_score, None), ("min_score", min_score, None)):
         _check_number(name, v, minimum=lo)
+    if target_recall is not None and not (isinstance(target_recall, (int, float)) and 0 < target_recall <= 1):
+        raise BatchlabInputError(f"target_recall must be in (0, 1] or None, got {target_recall!r}")
     positive_aware = absolute_margin is not None or relative_margin is not None
     filtered = positive_aware or max_score is not None or min_score is not None
     if range_max is None:
@@ -381,15 +397,29 @@ def mine_hard_negatives(
 
     index_kwargs = dict(index_kwargs or {})
     metric = index_kwargs.get("metric", "ip") if index is None else index.metric
+    info: dict[str, Any] = {"index_build_s": 0.0}
     if index is None:
         index_kwargs.setdefault("progress", progress)
         index_kwargs.setdefault("seed", seed)
+        index_kwargs.setdefault("check_recall", target_recall is None)  # tuned below instead
+        t0 = time.perf_counter()
         index = EmbeddingIndex(c_emb, **index_kwargs)
+        info["index_build_s"] = time.perf_counter() - t0
     elif len(index) != num_c or index.embeddings.shape[1] != d:
         raise BatchlabInputError(
             f"the index covers {len(index)} rows of dimension {index.embeddings.shape[1]}, but the corpus is ({num_c}, {d})"
         )
-    device = index.device if index.kind == "torch" else torch.device("cpu")
+    if index.approximate and target_recall is not None:
+        # tune at the depth mining searches, on these queries (not the corpus rows)
+        depth = min(num_c, range_max + int(n_pos.max()) + (1 if self_ids is not None else 0))
+        t0 = time.perf_counter()
+        index.tune(depth, target_recall=target_recall, queries=q_emb)
+        info["index_tune_s"] = time.perf_counter() - t0
+    info.update({f"index_{k}": v for k, v in index.info.items() if k.startswith(("recall", "tuned"))})
+    device = index.device if index.kind in ("torch", "ivf-gemm") else torch.device("cpu")
+    if index.kind == "ivf-gemm":
+        # every search call gathers each probed list once: large blocks amortise it
+        batch_size = max(batch_size, 65536)
 
     params = {
         "num_negatives": num_negatives, "range_min": range_min, "range_max": range_max,
@@ -405,6 +435,8 @@ def mine_hard_negatives(
     n_cand = torch.zeros(num_q, dtype=torch.int64)
 
     from tqdm.auto import tqdm  # noqa: PLC0415
+
+    t_mine = time.perf_counter()
 
     bar = tqdm(total=num_q, desc="mining hard negatives", unit="q", disable=not progress)
     for q0 in range(0, num_q, batch_size):
@@ -424,7 +456,11 @@ def mine_hard_negatives(
     if short:
         logger.warning("%d of %d queries have fewer than %d negatives after the window and filters (-1 padded)",
                        short, num_q, num_negatives)
-    return MinedNegatives(out_ids, out_scores, pos_scores, n_cand, params, teacher_hash(q_emb, c_emb))
+    info["mine_s"] = time.perf_counter() - t_mine
+    t0 = time.perf_counter()
+    digest = teacher_hash(q_emb, c_emb) if hash_inputs else ""
+    info["hash_s"] = time.perf_counter() - t0
+    return MinedNegatives(out_ids, out_scores, pos_scores, n_cand, params, digest, info)
 
 
 class _MiningBlock:

@@ -50,10 +50,10 @@ def test_torch_path_blocks_match_unblocked(data):
     assert not (i1 == excl[:, None]).any()
 
 
-@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["ivf", "ivf-gemm", "hnsw"])
 def test_approximate_recall_on_planted_clusters(data, kind):
     x, _ = data
-    idx = EmbeddingIndex(x, kind=kind, progress=False, nprobe=8 if kind == "ivf" else None)
+    idx = EmbeddingIndex(x, kind=kind, progress=False, nprobe=8 if "ivf" in kind else None)
     r = idx.recall(k=10, sample=300)
     assert r > 0.9, r
     s, i = idx.search(x[:50], 10)
@@ -69,10 +69,35 @@ def test_auto_reports_recall_and_picks_exact_below_threshold(data):
     small = EmbeddingIndex(x, kind="auto", progress=False)
     assert small.kind in ("flat", "torch") and not small.approximate
     big = EmbeddingIndex(x, kind="auto", auto_threshold=1000, progress=False)
-    assert big.kind == "ivf" and 0.9 < big.info["recall@10"] <= 1.0
+    assert big.kind == "ivf-gemm" and 0.9 < big.info["recall@10"] <= 1.0
 
 
-@pytest.mark.parametrize("kind", ["flat", "torch", "hnsw"])
+def test_ivf_gemm_probing_every_list_is_exact(data):
+    x, _ = data
+    q = x[:300]
+    idx = EmbeddingIndex(x, kind="ivf-gemm", nlist=20, nprobe=20, progress=False)
+    s, i = idx.search(q, 12, exclude_self=True, query_ids=torch.arange(300), batch_size=64)
+    rs, ri = brute_force(x, q, 12, exclude=torch.arange(300))
+    torch.testing.assert_close(s, rs.float(), atol=1e-5, rtol=0)
+    gap = (rs[:, :-1] - rs[:, 1:]).abs().min(dim=1).values > 1e-5
+    assert torch.equal(i[gap], ri[gap])
+
+
+def test_ivf_gemm_one_probe_misses_and_tune_recovers():
+    # random (unclustered) data: one probed list of 30 misses most true neighbours
+    g = torch.Generator().manual_seed(0)
+    x = torch.nn.functional.normalize(torch.randn(3000, 16, generator=g), dim=1)
+    idx = EmbeddingIndex(x, kind="ivf-gemm", nlist=30, nprobe=1, progress=False)
+    low = idx.recall(k=20, sample=200)
+    assert low < 0.8
+    r = idx.tune(20, target_recall=0.97, sample=200)
+    assert r >= 0.97 and idx.nprobe > 1 and idx.info["tuned"]["recall"] == r
+    # probing every list is exhaustive: recall 1
+    idx.nprobe = idx.nlist
+    assert idx.recall(k=20, sample=200) == 1.0
+
+
+@pytest.mark.parametrize("kind", ["flat", "torch", "hnsw", "ivf-gemm"])
 def test_exclude_self_with_duplicates(kind):
     g = torch.Generator().manual_seed(0)
     base = torch.nn.functional.normalize(torch.randn(50, 8, generator=g), dim=1)
@@ -117,7 +142,7 @@ def test_numpy_input_and_cosine_metric():
     assert torch.equal(i, ri)
 
 
-@pytest.mark.parametrize("kind", ["flat", "torch", "ivf", "hnsw"])
+@pytest.mark.parametrize("kind", ["flat", "torch", "ivf", "ivf-gemm", "hnsw"])
 def test_save_load_roundtrip_and_stale(tmp_path, data, kind):
     x, _ = data
     idx = EmbeddingIndex(x, kind=kind, progress=False, seed=1)
@@ -159,6 +184,10 @@ def test_bad_input():
         idx.search(x[:3], 2, exclude_self=True, query_ids=[0, 1])
     with pytest.raises(BatchlabInputError, match="kind"):
         EmbeddingIndex(x, kind="lsh")
+    with pytest.raises(BatchlabInputError, match="target_recall"):
+        EmbeddingIndex(x, kind="ivf-gemm", target_recall=1.5)
+    with pytest.raises(BatchlabInputError, match="nlist"):
+        EmbeddingIndex(x, kind="ivf-gemm", nlist=11)
     with pytest.raises(BatchlabInputError, match="floating"):
         EmbeddingIndex(torch.randint(0, 3, (4, 2)))
     with pytest.raises(BatchlabInputError, match="meta.json"):

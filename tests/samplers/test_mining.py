@@ -183,12 +183,14 @@ def test_dedup_key_and_deep_duplicates():
     assert all(j >= 30 for j in got) and len(got) == 3
 
 
-def test_ann_index_candidates(planted):
+@pytest.mark.parametrize("kind", ["hnsw", "ivf-gemm", "ivf"])
+def test_ann_index_candidates(planted, kind):
     q, c, positives = planted
     exact = mine_hard_negatives(q, c, positives, num_negatives=5, range_min=3, range_max=20, progress=False,
                                 index_kwargs={"kind": "torch"})
     approx = mine_hard_negatives(q, c, positives, num_negatives=5, range_min=3, range_max=20, progress=False,
-                                 index_kwargs={"kind": "hnsw"})
+                                 index_kwargs={"kind": kind}, target_recall=0.99)
+    assert approx.info["index_tuned"]["recall"] >= 0.99
     agree = (exact.negative_ids == approx.negative_ids).float().mean().item()
     assert agree > 0.95
     # re-scored exactly: the scores of the returned ids are true inner products
@@ -196,6 +198,20 @@ def test_ann_index_candidates(planted):
     true = (q[:, None, :] * c[ids]).sum(-1)
     valid = approx.negative_ids >= 0
     torch.testing.assert_close(approx.scores[valid], true[valid], atol=1e-5, rtol=0)
+
+
+def test_target_recall_tunes_a_weak_index():
+    g = torch.Generator().manual_seed(3)
+    c = torch.nn.functional.normalize(torch.randn(2000, 16, generator=g), dim=1)  # no clusters: hard for IVF
+    q = torch.nn.functional.normalize(c[:300] + 0.1 * torch.randn(300, 16, generator=g), dim=1)
+    index = EmbeddingIndex(c, kind="ivf-gemm", nlist=40, nprobe=1, progress=False)
+    assert index.recall(q, k=21, sample=300) < 0.8
+    mined = mine_hard_negatives(q, c, torch.arange(300), num_negatives=5, range_max=20, index=index,
+                                target_recall=0.95, progress=False)
+    assert index.nprobe > 1 and mined.info["index_recall@21"] >= 0.95
+    exact = mine_hard_negatives(q, c, torch.arange(300), num_negatives=5, range_max=20, progress=False,
+                                index_kwargs={"kind": "torch"})
+    assert (mined.negative_ids == exact.negative_ids).float().mean() > 0.9
 
 
 def test_prebuilt_index_and_numpy_and_tensor_positives(planted):
@@ -227,6 +243,10 @@ def test_save_load_pairs_and_stale(tmp_path, planted):
         MinedNegatives.load(path, q, c + 1e-3)
     s = back.summary()
     assert 0 < s["filled_fraction"] <= 1 and s["queries"] == 60
+    unhashed = mine_hard_negatives(q, c, positives, num_negatives=2, progress=False, hash_inputs=False)
+    assert unhashed.teacher_hash == "" and set(unhashed.info) >= {"mine_s", "hash_s", "index_build_s"}
+    with pytest.raises(StaleArtifactError, match="hash_inputs=False"):
+        MinedNegatives.load(unhashed.save(tmp_path / "u.npz"), q, c)
 
 
 def test_bad_input(planted):
@@ -257,6 +277,8 @@ def test_bad_input(planted):
         mine_hard_negatives(q, c, positives, num_negatives=2, corpus_texts=["a"] * 3)
     with pytest.raises(BatchlabInputError, match="num_negatives"):
         mine_hard_negatives(q, c, positives, num_negatives=0)
+    with pytest.raises(BatchlabInputError, match="target_recall"):
+        mine_hard_negatives(q, c, positives, num_negatives=2, target_recall=1.5)
 
 
 def test_k_larger_than_corpus_and_one_row():
