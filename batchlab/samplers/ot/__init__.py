@@ -9,6 +9,7 @@ from batchlab.samplers.ot.costs import condition_cost, pairwise_cost
 from batchlab.samplers.ot.couple import METHODS, couple
 from batchlab.samplers.ot.distributed import couple_global
 from batchlab.samplers.ot.plan_sampler import OTPlanSampler
+from batchlab.samplers.ot.solvers import exact_assignment
 from batchlab.samplers.ot.weights import wcfm_weights
 
 __all__ = [
@@ -17,6 +18,7 @@ __all__ = [
     "condition_cost",
     "couple",
     "couple_global",
+    "exact_assignment",
     "pairwise_cost",
     "wcfm_weights",
 ]

@@ -19,6 +19,12 @@ ROUNDINGS = ("lsa", "greedy")
 # Below this size scipy's dense LAPJV takes well under a millisecond and beats any
 # pipeline of torch calls; above it the certified sparse solver wins (benchmarks/results/ot-*).
 _SCIPY_MAX_N = 256
+# Sinkhorn iterations for the prices of the sparse exact solver. Measured (bench/ot.py,
+# 2-core CPU): in >= 32 dimensions 3-5 iterations already put the optimum among the
+# candidates (one round); low-dimensional costs (2-D toy data) need ~30, or else the
+# certificate sends the solve back for 2-3 more rounds, each dearer than the iterations.
+_PRICE_ITERS_HIGH_DIM = 5
+_PRICE_ITERS_LOW_DIM = 30
 
 
 def _check_batch(name: str, x: Any) -> torch.Tensor:
@@ -216,18 +222,12 @@ def couple(
 
     C = full_cost()
     if method == "exact":
-        use = solver if solver != "auto" else ("scipy" if n <= _SCIPY_MAX_N else "sparse")
-        info["solver"] = use
-        if use == "scipy":
-            perm = _solvers.lsa_dense(C)
-        else:
-            scale = _solvers.cost_scale(C)
-            # Prices, not a converged plan: a few iterations at a moderate eps already
-            # undo the "hub" columns; exactness comes from the certified sparse solve.
-            f, g, it, _ = _solvers.sinkhorn_potentials(C, reg * scale, max_iter=30, tol=1e-2)
-            score = C - f[:, None] - g[None, :]
-            perm, sinfo = _solvers.sparse_assignment(C, score, k=k, verify=verify, use_score=True)
-            info.update(sinfo, price_iterations=it)
+        high_dim = not callable(cost) and a[0].numel() >= 32
+        perm, einfo = _solvers.exact_assignment(
+            C, solver=solver, k=k, reg=reg, verify=verify, scipy_max_n=_SCIPY_MAX_N,
+            price_iters=_PRICE_ITERS_HIGH_DIM if high_dim else _PRICE_ITERS_LOW_DIM,
+        )
+        info.update(einfo)
         return done(_perm_plan(perm, m, C.dtype) if return_plan else perm)
 
     if method in ("sinkhorn", "unbalanced"):
