@@ -146,10 +146,23 @@ def _as_numpy_f32(block: torch.Tensor, normalize: bool) -> np.ndarray:
     return np.ascontiguousarray(block.numpy())
 
 
-def _progress_bar(total: int, desc: str, enabled: bool):
-    from tqdm.auto import tqdm  # noqa: PLC0415
+class _NoBar:
+    def update(self, n: int) -> None:
+        pass
 
-    return tqdm(total=total, desc=desc, disable=not enabled, unit="q", leave=False)
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, desc: str, enabled: bool, *, leave: bool = False):
+    """A tqdm bar over ``total`` queries, or a no-op one when disabled or tqdm is missing."""
+    if not enabled:
+        return _NoBar()
+    try:
+        from tqdm.auto import tqdm  # noqa: PLC0415
+    except ImportError:  # e.g. a bare GPU image
+        return _NoBar()
+    return tqdm(total=total, desc=desc, unit="q", leave=leave)
 
 
 def order_ties_by_id(scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +223,7 @@ def exact_search(
     corpus_c = corpus.to(dtype)
     if normalize:
         corpus_c = torch.nn.functional.normalize(corpus_c, dim=1)
-    bar = _progress_bar(num_q, "exact search", progress)
+    bar = progress_bar(num_q, "exact search", progress)
     for q0 in range(0, num_q, qb):
         q = queries[q0 : q0 + qb].to(device=device, dtype=dtype)
         if normalize:
@@ -437,7 +450,7 @@ class EmbeddingIndex:
             metric = faiss.METRIC_L2 if self._hnsw_l2 else faiss.METRIC_INNER_PRODUCT
             index = faiss.IndexHNSWFlat(d, self.hnsw_m, metric)
             self.info["hnsw_metric"] = "l2-on-unit-norm" if self._hnsw_l2 else "ip"
-        bar = _progress_bar(n, f"building {self.kind} index", self.progress)
+        bar = progress_bar(n, f"building {self.kind} index", self.progress)
         for start in range(0, n, _ROW_BLOCK):
             block = _as_numpy_f32(self.embeddings[start : start + _ROW_BLOCK], self._normalize)
             index.add(block)
@@ -525,7 +538,7 @@ class EmbeddingIndex:
         block = max(batch_size, 65536)
         out_s = torch.full((q.shape[0], k), float("-inf"), dtype=torch.float32, device=self.device)
         out_i = torch.full((q.shape[0], k), -1, dtype=torch.int64, device=self.device)
-        bar = _progress_bar(q.shape[0], "ivf-gemm search", progress)
+        bar = progress_bar(q.shape[0], "ivf-gemm search", progress)
         for q0 in range(0, q.shape[0], block):
             qb = q[q0 : q0 + block]
             e = None if exclude is None else exclude[q0 : q0 + block].to(self.device)
@@ -550,7 +563,7 @@ class EmbeddingIndex:
         num_q = q.shape[0]
         out_s = torch.full((num_q, k), float("-inf"), dtype=torch.float32)
         out_i = torch.full((num_q, k), -1, dtype=torch.int64)
-        bar = _progress_bar(num_q, f"{self.kind} search", progress)
+        bar = progress_bar(num_q, f"{self.kind} search", progress)
         for q0 in range(0, num_q, batch_size):
             block = _as_numpy_f32(q[q0 : q0 + batch_size], self._normalize)
             dist, ids = index.search(block, kk)

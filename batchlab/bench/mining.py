@@ -18,9 +18,13 @@ Methods, measured in the same run:
   sentence-transformers itself is not run: its miner needs a model to encode texts.
 * ``torch``: :func:`mine_hard_negatives` with the exact blocked torch index (CPU or CUDA).
 * ``flat``: the same with faiss ``IndexFlatIP`` (exact, CPU).
-* ``ivf`` / ``hnsw``: the same with approximate faiss indexes (CPU), with recall@k of the
-  index against exact search on ``--recall-sample`` queries, and the recall of the mined
-  negatives against exactly mined ones on the same queries.
+* ``ivf`` / ``hnsw``: the same with approximate faiss indexes (CPU), and ``ivf-gemm``
+  (IVF lists scanned by matrix products, torch), each tuned to ``--target-recall`` at the
+  mining depth first (the tuning is timed), with recall@k of the index against exact
+  search on ``--recall-sample`` queries, and the recall of the mined negatives against
+  exactly mined ones on the same queries.
+* cuda only: ``search`` / ``search-fp32``: the exact kNN alone (``EmbeddingIndex`` torch
+  kind, k+1 neighbours, own id excluded) in the embeddings' dtype (float16) / float32.
 
 Exact methods at large N run on the first ``--exact-query-cap`` queries only (their cost
 is linear in the number of queries: every query block does the same work) and the time
@@ -78,7 +82,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=None, choices=["float32", "float16"],
                         help="embedding dtype (default float32 on cpu, float16 on cuda)")
     parser.add_argument("--nprobe", type=int, default=None, help="IVF nprobe (default: index default)")
-    parser.add_argument("--extra-dtypes", action="store_true", help="cuda: also time exact search in float32")
+    parser.add_argument("--gpu-query-cap", type=int, default=None,
+                        help="cuda: exact methods time at most this many queries (default: all)")
+    parser.add_argument("--gpu-fp32-cap", type=int, default=100000,
+                        help="cuda: the search-fp32 method times at most this many queries (default 100000)")
 
 
 class _RSSPeak:
@@ -179,7 +186,8 @@ def run(args) -> int:
     sizes = [int(s) for s in (args.sizes or ("1000000" if on_cuda else "10000,30000,100000")).split(",")]
     d = args.dim or (768 if on_cuda else 256)
     dtype = getattr(torch, args.dtype or ("float16" if on_cuda else "float32"))
-    methods = (args.methods or ("anchor,torch" if on_cuda else "anchor,torch,flat,ivf,ivf-gemm,hnsw")).split(",")
+    methods = (args.methods or ("search,search-fp32,anchor,torch" if on_cuda
+                                else "anchor,torch,flat,ivf,ivf-gemm,hnsw")).split(",")
     if not on_cuda:
         torch.set_num_threads(args.threads)
         if any(m in ("flat", "ivf", "hnsw") for m in methods):
@@ -187,7 +195,7 @@ def run(args) -> int:
 
             faiss.omp_set_num_threads(args.threads)
     if on_cuda and any(m in ("flat", "ivf", "hnsw") for m in methods):
-        raise SystemExit("faiss methods run on the CPU; on cuda use --methods anchor,torch")
+        raise SystemExit("faiss methods run on the CPU; on cuda use --methods search,search-fp32,anchor,torch")
     k, nneg = args.k, args.num_negatives
     mine_kw = dict(num_negatives=nneg, range_min=0, range_max=k, progress=False)
     rows, series = [], {}
@@ -204,13 +212,25 @@ def run(args) -> int:
                 continue
             if method in ("anchor", "torch", "flat") and n > args.ivf_only_above and not on_cuda:
                 continue
-            exact = method in ("anchor", "torch", "flat")
-            qn = min(n, args.exact_query_cap) if exact and not on_cuda else n
+            exact = method in ("anchor", "torch", "flat", "search", "search-fp32")
+            cap = args.exact_query_cap if not on_cuda else args.gpu_query_cap
+            if method == "search-fp32":
+                cap = min(cap or n, args.gpu_fp32_cap)
+            qn = min(n, cap) if exact and cap else n
             qs = queries[:qn]
             row = {"N": n, "d": d, "method": method, "queries_timed": qn}
             if method == "anchor":
                 seconds, mem, _ = _measure(lambda: dense_topk_anchor(qs, corpus, k), device)
                 row.update(build_s=0.0)
+            elif method in ("search", "search-fp32"):
+                # the exact kNN alone (k + 1 neighbours, own id excluded), the issue's "exact search" target
+                c_use = corpus.float() if method == "search-fp32" else corpus
+                q_use = qs.float() if method == "search-fp32" else qs
+                index = EmbeddingIndex(c_use, kind="torch", progress=False)
+                seconds, mem, _ = _measure(
+                    lambda: index.search(q_use, k + 1, exclude_self=True, query_ids=torch.arange(qn)), device)
+                row.update(build_s=0.0, recall_at_k=1.0)
+                del index, c_use, q_use
             else:
                 kind = method
 

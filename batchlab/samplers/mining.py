@@ -52,7 +52,7 @@ import torch
 
 from batchlab._checks import check_choice, check_positive_int
 from batchlab.errors import BatchlabInputError, StaleArtifactError
-from batchlab.index import EmbeddingIndex, as_tensor, content_hash, order_ties_by_id
+from batchlab.index import EmbeddingIndex, as_tensor, content_hash, order_ties_by_id, progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -434,11 +434,8 @@ def mine_hard_negatives(
     pos_scores = torch.full((num_q,), float("nan"), dtype=torch.float32)
     n_cand = torch.zeros(num_q, dtype=torch.int64)
 
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
     t_mine = time.perf_counter()
-
-    bar = tqdm(total=num_q, desc="mining hard negatives", unit="q", disable=not progress)
+    bar = progress_bar(num_q, "mining hard negatives", progress, leave=True)
     for q0 in range(0, num_q, batch_size):
         q1 = min(num_q, q0 + batch_size)
         block = _MiningBlock(q0, q1, q_emb, c_emb, index, device, metric)
