@@ -58,7 +58,7 @@ from batchlab.losses._common import NegMask, compute_dtype, neg_mask_tile
 #: Default (rows, cols) of a tile. CPU: tiles that stay in cache and amortise Python
 #: overhead (measured in ``batchlab bench losses``); CUDA: big enough that each tile's
 #: kernels are long, small enough that a handful of fp32 tiles stay well under 1 GiB.
-CPU_TILE = (512, 1024)
+CPU_TILE = (256, 1024)
 CUDA_TILE = (4096, 8192)
 
 
@@ -103,13 +103,23 @@ def matmul_operand(x: torch.Tensor) -> torch.Tensor:
     return x if uses_low_precision_matmul(x) else x.to(compute_dtype(x.dtype))
 
 
+_MM_OUT_DTYPE = True  # torch.mm(..., out_dtype=) exists (PyTorch >= 2.8 on CUDA); set False on first failure
+
+
 def tile_mm(a: torch.Tensor, b: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
     """``a @ b`` in ``out_dtype`` (fp32 accumulation for bf16/fp16 CUDA operands)."""
+    global _MM_OUT_DTYPE
     if a.dtype == out_dtype and b.dtype == out_dtype:
         return a @ b
     if a.dtype != b.dtype:
         b = b.to(a.dtype)
-    return torch.mm(a, b, out_dtype=out_dtype)
+    if _MM_OUT_DTYPE:
+        try:
+            return torch.mm(a, b, out_dtype=out_dtype)
+        except (TypeError, RuntimeError, NotImplementedError):
+            _MM_OUT_DTYPE = False
+    # older PyTorch: upcast the operands (exact products, slower)
+    return a.to(out_dtype) @ b.to(out_dtype)
 
 
 # ----------------------------------------------------------------------------- who is a positive

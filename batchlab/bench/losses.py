@@ -1,0 +1,331 @@
+"""Benchmark: time and peak memory of the losses vs N -- reference, tiled, open_clip (and Triton).
+
+Forward + backward (``torch.autograd.grad`` over q, k, scale[, bias]) of the symmetric
+CLIP loss (``info_nce``) and of SigLIP, on fresh random unit-norm inputs:
+
+* ``batchlab reference`` -- the exact loss that materialises the N x N logits;
+* ``batchlab tiled`` -- the tiled engine (``impl="tiled"``);
+* ``batchlab triton`` -- the Triton kernels, on CUDA when they are installed;
+* anchors measured in the same run: open_clip ``ClipLoss`` / ``SigLipLoss`` (imported
+  lazily; rows say "not installed" where open_clip is missing).
+
+Peak memory ("extra"): on CUDA, ``torch.cuda.max_memory_allocated`` above what was
+allocated before the call (the inputs), and "beyond grads" = that minus the bytes of
+the q and k gradients. On the CPU, the peak resident set size of the process during
+the call (``VmHWM`` after resetting it through ``/proc/self/clear_refs``, after
+``malloc_trim``) above the resident size before it: every page the call touched,
+including the allocator's slack, so small values (< a few MiB) are noise.
+
+Above ``--single-run-above`` each method runs once (that run gives both time and
+memory); below, one run for memory (which doubles as warm-up) then ``--repeats`` timed
+runs (median).
+
+    python -m batchlab.bench.losses                       # CPU, N up to 16,384, d=256
+    python -m batchlab.bench.losses --device cuda --check # GPU, N up to 1,048,576, d=512, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from batchlab.bench._common import device_name, format_table, plot_series, synchronize, write_results
+
+log = logging.getLogger(__name__)
+
+NAME = "losses"
+CPU_SIZES = [1024, 4096, 8192, 16384]
+CUDA_SIZES = [8192, 32768, 65536, 131072, 262144, 1048576]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results", help="results directory")
+    parser.add_argument("--sizes", type=int, nargs="+", default=None,
+                        help=f"batch sizes N (= M); default {CPU_SIZES} on cpu, {CUDA_SIZES} on cuda")
+    parser.add_argument("--dim", type=int, default=None, help="embedding dimension (default 256 cpu, 512 cuda)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                        help="input dtype (default float32 cpu, bfloat16 cuda)")
+    parser.add_argument("--families", nargs="+", default=["info_nce", "siglip"], choices=["info_nce", "siglip"])
+    parser.add_argument("--tile-size", type=int, nargs="+", default=None, help="tiled engine tile (rows [cols])")
+    parser.add_argument("--reference-max-n", type=int, default=None,
+                        help="largest N for the reference (default 16384 cpu, 32768 cuda: fp32 N x N logits)")
+    parser.add_argument("--anchor-max-n", type=int, default=None,
+                        help="largest N for open_clip (default 16384 cpu, 65536 cuda: 32 GiB there)")
+    parser.add_argument("--siglip-max-n", type=int, default=None,
+                        help="largest N for the SigLIP rows (default 4096 cpu, 262144 cuda)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--single-run-above", type=int, default=None,
+                        help="above this N run each method once (default 4096 cpu, 131072 cuda)")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the CPU is shared)")
+    parser.add_argument("--check", action="store_true",
+                        help="first compare tiled against the reference (values and gradients) on this device")
+    parser.add_argument("--tag", default="", help="suffix for the results file names")
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+def _malloc_trim() -> None:
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc
+        pass
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise OSError(field)
+
+
+def _cpu_peak_call(fn) -> tuple[float, int | None]:
+    """(seconds, peak extra bytes) of ``fn()``: VmHWM after a reset, above VmRSS before."""
+    _malloc_trim()
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS (VmHWM) of this process
+        before = _status_kib("VmRSS")
+    except OSError:
+        before = None
+    start = time.perf_counter()
+    fn()
+    seconds = time.perf_counter() - start
+    if before is None:
+        return seconds, None
+    return seconds, (_status_kib("VmHWM") - before) * 1024
+
+
+def _cuda_peak_call(fn, device) -> tuple[float, int]:
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start, torch.cuda.max_memory_allocated(device) - before
+
+
+def _timed(fn, device) -> float:
+    device = torch.device(device)
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def _batchlab_step(family: str, impl: str, tile):
+    from batchlab.losses import info_nce, siglip
+
+    options = {"tile_size": tile} if impl == "tiled" and tile else {}
+
+    def step(q, k, scale, bias):
+        if family == "info_nce":
+            return torch.autograd.grad(info_nce(q, k, scale, impl=impl, **options), [q, k, scale])
+        return torch.autograd.grad(siglip(q, k, scale, bias, impl=impl, **options), [q, k, scale, bias])
+
+    return step
+
+
+def _open_clip_step(family: str):
+    """open_clip's loss as a step, or None when open_clip is not installed (the GPU image)."""
+    try:
+        from open_clip.loss import ClipLoss, SigLipLoss
+    except ImportError:
+        return None
+    if family == "info_nce":
+        loss_fn = ClipLoss()
+        return lambda q, k, scale, bias: torch.autograd.grad(loss_fn(q, k, scale), [q, k, scale])
+    loss_fn = SigLipLoss()
+    return lambda q, k, scale, bias: torch.autograd.grad(loss_fn(q, k, scale, bias), [q, k, scale, bias])
+
+
+def _methods(family: str, device: torch.device, tile) -> dict:
+    from batchlab.losses import available_impls
+
+    methods = {
+        "batchlab reference": _batchlab_step(family, "reference", tile),
+        "batchlab tiled": _batchlab_step(family, "tiled", tile),
+        "open_clip": _open_clip_step(family),
+    }
+    if device.type == "cuda" and "triton" in available_impls(family):
+        methods["batchlab triton"] = _batchlab_step(family, "triton", tile)
+    return methods
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def _unit(n, d, dtype, device, gen):
+    return F.normalize(torch.randn(n, d, device=device, generator=gen), dim=1).to(dtype)
+
+
+def _measure(family, label, step, n, args, gen) -> dict:
+    device = torch.device(args.device)
+    dtype = getattr(torch, args.dtype)
+    row = {"family": family, "method": label, "N": n, "d": args.dim, "dtype": args.dtype}
+    if step is None:
+        return {**row, "status": "not installed"}
+    q = _unit(n, args.dim, dtype, device, gen).requires_grad_()
+    k = _unit(n, args.dim, dtype, device, gen).requires_grad_()
+    scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
+    bias = torch.tensor(-10.0, device=device, requires_grad=True)
+    call = lambda: step(q, k, scale, bias)  # noqa: E731
+    try:
+        if device.type == "cuda":
+            first, peak = _cuda_peak_call(call, device)
+        else:
+            first, peak = _cpu_peak_call(call)
+        times = [first]
+        if n <= args.single_run_above:
+            times = [_timed(call, device) for _ in range(args.repeats)]
+    except torch.cuda.OutOfMemoryError:
+        return {**row, "status": "out of memory"}
+    finally:
+        if device.type == "cuda":
+            q = k = None
+            torch.cuda.empty_cache()
+    grads = 2 * n * args.dim * torch.empty(0, dtype=dtype).element_size()
+    median = statistics.median(times)
+    return {
+        **row,
+        "ms": median * 1e3,
+        "runs": len(times),
+        "peak_extra_mib": None if peak is None else peak / 2**20,
+        "beyond_grads_mib": None if peak is None else (peak - grads) / 2**20,
+        "status": "ok",
+    }
+
+
+def _check(args) -> list[dict]:
+    """Relative error ||tiled - reference|| / ||reference|| of the loss and every gradient."""
+    from batchlab.losses import dcl, info_nce, nt_xent, siglip
+
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+    n, d = 4096 if device.type == "cuda" else 512, args.dim
+    tile = {"tile_size": args.tile}
+    perm = torch.randperm(n, device=device, generator=gen)
+    extra = F.normalize(torch.randn(n, 4, d, device=device, generator=gen), dim=-1).to(dtype)
+    pairs = torch.randint(0, n, (4 * n, 2), device=device, generator=gen)
+    pairs = pairs[pairs[:, 1] != perm[pairs[:, 0]]]
+    cases = {
+        "info_nce targets+extra+neg_mask": lambda q, k, s, b, e, **o: info_nce(
+            q, k, s, targets=perm, extra_negatives=e, neg_mask=pairs, **o),
+        "siglip": lambda q, k, s, b, e, **o: siglip(q, k, s, b, **o),
+        "dclw": lambda q, k, s, b, e, **o: dcl(q, k, s, weighted=True, **o),
+        "nt_xent 3 views": lambda q, k, s, b, e, **o: nt_xent(torch.stack([q, k, e[:, 0]]), s, **o),
+    }
+    rows = []
+    for name, fn in cases.items():
+        inputs = [_unit(n, d, dtype, device, gen), _unit(n, d, dtype, device, gen),
+                  torch.tensor(1 / 0.07, device=device), torch.tensor(-10.0, device=device), extra]
+        results = {}
+        for impl in ("reference", "tiled"):
+            leaves = [x.detach().clone().requires_grad_() for x in inputs]
+            loss = fn(*leaves, impl=impl, **(tile if impl == "tiled" else {}))
+            grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+            results[impl] = [loss] + [g for g in grads if g is not None]
+        err = max(float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+                  for a, b in zip(results["tiled"], results["reference"]))
+        rows.append({"check": name, "N": n, "d": d, "dtype": args.dtype, "max_rel_err": err})
+        print(format_table([rows[-1]]), flush=True)
+    return rows
+
+
+def _add_ratios(rows: list[dict]) -> None:
+    by_key = {(r["family"], r["N"], r["method"]): r.get("ms") for r in rows}
+    for r in rows:
+        if not r.get("ms"):
+            continue
+        for anchor, col in (("batchlab reference", "x_reference"), ("open_clip", "x_open_clip")):
+            base = by_key.get((r["family"], r["N"], anchor))
+            r[col] = r["ms"] / base if base else None
+
+
+def run(args) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    args.sizes = args.sizes or (CUDA_SIZES if cuda else CPU_SIZES)
+    args.dim = args.dim or (512 if cuda else 256)
+    args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.reference_max_n = args.reference_max_n or (32768 if cuda else 16384)
+    args.anchor_max_n = args.anchor_max_n or (65536 if cuda else 16384)
+    args.siglip_max_n = args.siglip_max_n or (262144 if cuda else 4096)
+    args.single_run_above = args.single_run_above or (131072 if cuda else 4096)
+    torch.set_num_threads(args.threads)
+    tile = args.tile = tuple(args.tile_size) if args.tile_size and len(args.tile_size) == 2 else (
+        args.tile_size[0] if args.tile_size else None)
+    checks = _check(args) if args.check else []
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    gpu = device_name(device)
+    slug = gpu.replace("NVIDIA ", "").replace(" ", "-").lower() if cuda else "cpu"
+    name = f"{NAME}-{slug}{args.tag}"
+    payload = {"device": gpu, "args": vars(args), "checks": checks,
+               "memory_method": "cuda: max_memory_allocated above the start" if cuda else
+               "cpu: VmHWM (reset via /proc/self/clear_refs) above VmRSS before the call"}
+    rows: list[dict] = []
+    failed: set[tuple[str, str]] = set()
+    methods = {family: _methods(family, device, tile) for family in args.families}
+    # size by size (largest last), so an interrupted run still leaves every smaller size
+    for n in sorted(args.sizes):
+        for family in args.families:
+            if family == "siglip" and n > args.siglip_max_n:
+                continue
+            for label, step in methods[family].items():
+                limit = {"batchlab reference": args.reference_max_n, "open_clip": args.anchor_max_n}.get(label, n)
+                if n > limit or (family, label) in failed:
+                    continue
+                try:
+                    row = _measure(family, label, step, n, args, gen)
+                except Exception as exc:  # noqa: BLE001 - a failing method is a result; keep measuring the rest
+                    row = {"family": family, "method": label, "N": n, "status": f"error: {exc!r}"[:200]}
+                rows.append(row)
+                print(format_table([row]), flush=True)
+                if row["status"] != "ok":  # a larger N will not fit (or install) either
+                    failed.add((family, label))
+                _add_ratios(rows)
+                write_results(args.out, name, {**payload, "rows": rows})
+    columns = ["family", "method", "N", "d", "dtype", "ms", "runs", "peak_extra_mib", "beyond_grads_mib",
+               "x_reference", "x_open_clip", "status"]
+    print(f"\n{gpu}; torch {torch.__version__}; forward+backward; tile {tile or 'default'}")
+    print(format_table(rows, columns))
+    path = write_results(args.out, name, {**payload, "rows": rows})
+    for metric, ylabel in (("ms", "forward + backward (ms)"), ("peak_extra_mib", "peak extra memory (MiB)")):
+        series = {}
+        for r in rows:
+            if r.get(metric):
+                xs, ys = series.setdefault(f"{r['family']}: {r['method']}", ([], []))
+                xs.append(r["N"])
+                ys.append(r[metric])
+        if series:
+            plot_series(Path(args.out) / f"{name}-{'time' if metric == 'ms' else 'memory'}.png", series,
+                        xlabel="N (= M)", ylabel=ylabel, title=f"losses, d={args.dim} {args.dtype}, {gpu}")
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    raise SystemExit(run(parser.parse_args()))
