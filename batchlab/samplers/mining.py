@@ -310,7 +310,7 @@ def mine_hard_negatives(
         (e.g. ``str.casefold``).
     index : a prebuilt :class:`EmbeddingIndex` over the corpus; else one is built with
         ``index_kwargs`` (``kind="auto"``: exact below 200k rows, ``ivf-gemm`` above; on CUDA
-        exact). Candidates from an approximate index are re-scored exactly before filtering.
+        exact). Candidates from faiss ``ivf`` (fp16 lists) are re-scored exactly before filtering.
     target_recall : with an approximate index, :meth:`EmbeddingIndex.tune` it first (more
         probes) until its recall at the mining depth on 1,000 of these queries reaches this;
         the achieved recall is in ``info``. ``None``: use the index as it is.
@@ -508,8 +508,9 @@ class _MiningBlock:
     def _search(self, depth: int) -> tuple[torch.Tensor, torch.Tensor]:
         scores, ids = self.index.search(self.q if self.device.type == "cuda" else self.q.cpu(), depth, progress=False)
         ids = ids.to(self.device)
-        if self.index.approximate:
-            # approximate (fp16-stored) scores are re-scored exactly so that margins compare like with like
+        if self.index.kind == "ivf":
+            # faiss IVF stores fp16 vectors: re-score exactly so that margins compare like with like
+            # (ivf-gemm scores the original vectors; HNSW stores float32)
             scores, ids = order_ties_by_id(self._exact_scores(ids), ids)
         return scores.to(self.device), ids
 
