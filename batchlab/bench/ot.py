@@ -64,6 +64,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scipy-max-n", type=int, default=4096, help="largest n for scipy/POT exact anchors")
     parser.add_argument("--pot-sinkhorn-max-n", type=int, default=1024, help="largest n for POT's sinkhorn")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave the default)")
+    parser.add_argument("--k", type=int, default=16, help="candidates per row/column of the sparse exact solver")
     parser.add_argument("--methods", default="all", help="comma-separated row names to run (default all)")
 
 
@@ -132,12 +133,15 @@ def _rows(args, device):
             return "pairs", (torch.from_numpy(i).to(x0.device), torch.from_numpy(j).to(x0.device))
 
         def pot_sinkhorn(x0, x1):
-            C = pairwise_cost(x0, x1).cpu().double()
+            # POT's torch backend: on a GPU the solve stays on the GPU (float32, as ours)
+            C = pairwise_cost(x0, x1)
+            if C.device.type == "cpu":
+                C = C.double()
             n = C.shape[0]
+            u = torch.full((n,), 1.0 / n, dtype=C.dtype, device=C.device)
             eps = args.reg * cost_scale(C)
-            P = ot.sinkhorn(np.full(n, 1.0 / n), np.full(n, 1.0 / n), C.numpy(), eps,
-                            method="sinkhorn_log", numItermax=1000, stopThr=1e-4)
-            return "plan", torch.from_numpy(P).to(x0.device)
+            P = ot.sinkhorn(u, u, C, eps, method="sinkhorn_log", numItermax=1000, stopThr=1e-4)
+            return "plan", P
 
         rows["pot-emd"] = pot_emd
         rows["torchcfm-exact"] = torchcfm_exact
@@ -145,8 +149,8 @@ def _rows(args, device):
     # solve-only rows: the same cost matrix given to both solvers (C is computed outside the timer)
     rows["scipy-lsa[C]"] = "solve-scipy"
     rows["exact[C]"] = "solve-sparse"
-    rows["exact"] = lambda x0, x1: ("perm", couple(x0, x1, "exact", return_info=True))
-    rows["exact-bf16"] = lambda x0, x1: ("perm", couple(x0, x1, "exact", precision="bfloat16", return_info=True))
+    rows["exact"] = lambda x0, x1: ("perm", couple(x0, x1, "exact", k=args.k, return_info=True))
+    rows["exact-bf16"] = lambda x0, x1: ("perm", couple(x0, x1, "exact", k=args.k, precision="bfloat16", return_info=True))
     rows["sinkhorn-perm"] = lambda x0, x1: ("perm", couple(x0, x1, "sinkhorn", reg=args.reg, return_info=True))
     rows["sinkhorn-plan"] = lambda x0, x1: ("plan", couple(x0, x1, "sinkhorn", reg=args.reg, return_plan=True))
     rows["knn"] = lambda x0, x1: ("perm", couple(
@@ -174,6 +178,9 @@ def run(args) -> int:
             fn(w0, w1)
     exact_assignment(pairwise_cost(w0, w1), solver="sparse")
     results = []
+    on_cuda = device.type == "cuda"
+    tag = "gpu-" + device_name(device).replace(" ", "-").lower() if on_cuda else "cpu"
+    out_dir = Path(args.out)
     for n in sizes:
         x0, x1 = _data(n, args.dim, args.seed, device)
         C = pairwise_cost(x0, x1).double()
@@ -187,7 +194,7 @@ def run(args) -> int:
                 fn = lambda _a, _b: ("perm", lsa_dense(Cf))  # noqa: E731
             elif fn == "solve-sparse":
                 Cf = C.float()
-                fn = lambda _a, _b: ("perm", exact_assignment(Cf, price_iters=5))  # noqa: E731
+                fn = lambda _a, _b: ("perm", exact_assignment(Cf, k=args.k, price_iters=5))  # noqa: E731
             slow_anchor = name in ("scipy-lsa", "pot-emd", "torchcfm-exact", "scipy-lsa[C]")
             if (slow_anchor and n > args.scipy_max_n) or (name == "pot-sinkhorn" and n > args.pot_sinkhorn_max_n):
                 continue
@@ -225,23 +232,20 @@ def run(args) -> int:
         results.extend(measured)
         print(format_table(measured, ["n", "method", "seconds", "x_scipy", "gap_%", "lost_%", "coverage", "certified"]),
               flush=True)
-
-    on_cuda = device.type == "cuda"
-    tag = "gpu-" + device_name(device).replace(" ", "-").lower() if on_cuda else "cpu"
-    out = Path(args.out)
-    write_results(out, f"{NAME}-{tag}", {
-        "benchmark": NAME, "device": device_name(device), "dim": args.dim, "reg": args.reg,
-        "torch_threads": torch.get_num_threads(), "sizes": sizes, "rows": results,
-        "command": f"python -m batchlab.bench.ot --device {args.device} --sizes {args.sizes} --dim {args.dim}"
-                   f" --threads {args.threads} --methods {args.methods}",
-    })
+        # after every size, so a run stopped at its time limit keeps what it measured
+        write_results(out_dir, f"{NAME}-{tag}", {
+            "benchmark": NAME, "device": device_name(device), "dim": args.dim, "reg": args.reg, "k": args.k,
+            "torch_threads": torch.get_num_threads(), "sizes": sizes, "rows": results,
+            "command": f"python -m batchlab.bench.ot --device {args.device} --sizes {args.sizes} --dim {args.dim}"
+                       f" --threads {args.threads} --k {args.k} --methods {args.methods}",
+        })
     series = {}
     for r in results:
         xs, ys = series.setdefault(r["method"], ([], []))
         xs.append(r["n"])
         ys.append(r["seconds"])
     if len(sizes) > 1:
-        plot_series(out / f"{NAME}-{tag}.png", series, xlabel="batch size n", ylabel="seconds (end to end)",
+        plot_series(out_dir / f"{NAME}-{tag}.png", series, xlabel="batch size n", ylabel="seconds (end to end)",
                     title=f"OT couplings, d={args.dim} ({device_name(device)[:40]})")
     print(format_table(results, ["n", "method", "seconds", "x_scipy", "gap_%", "lost_%", "coverage", "certified"]))
     return 0
