@@ -30,6 +30,10 @@ Exact methods at large N run on the first ``--exact-query-cap`` queries only (th
 is linear in the number of queries: every query block does the same work) and the time
 is scaled to all queries; the table marks those rows (``scaled``).
 
+Time: wall seconds and, on CPU, the process CPU seconds (all threads; 1 thread by default).
+This machine's cores are shared with other jobs, which stretches wall times by 2-5x
+unpredictably; CPU time is far steadier, so ratios and extrapolations use it.
+
 Peak memory: on CPU, the peak resident set size above the level before the call, sampled
 every 5 ms from ``/proc/self/statm`` (inputs excluded; they exist before); on CUDA,
 ``torch.cuda.max_memory_allocated`` above the start.
@@ -153,19 +157,23 @@ def dense_topk_anchor(queries: torch.Tensor, corpus: torch.Tensor, k: int, block
 
 
 def _measure(fn, device: str):
-    """(seconds, peak extra MiB) of one call."""
+    """(wall seconds, CPU seconds of this process, peak extra MiB, result) of one call.
+
+    On a shared CPU the wall time depends on what else runs; the process CPU time (all
+    threads) does much less, so extrapolations use it.
+    """
     if torch.device(device).type == "cuda":
         synchronize(device)
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), time.process_time()
         result_holder = {}
         peak = peak_memory_call(lambda: result_holder.setdefault("r", fn()), device)
         synchronize(device)
-        return time.perf_counter() - start, (peak or 0) / 2**20, result_holder["r"]
+        return time.perf_counter() - start, time.process_time() - cpu0, (peak or 0) / 2**20, result_holder["r"]
     with _RSSPeak() as rss:
-        start = time.perf_counter()
+        start, cpu0 = time.perf_counter(), time.process_time()
         result = fn()
-        seconds = time.perf_counter() - start
-    return seconds, rss.extra_mb, result
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu0
+    return seconds, cpu, rss.extra_mb, result
 
 
 def _neg_recall(mined_ids: torch.Tensor, exact_ids: torch.Tensor) -> float:
@@ -220,14 +228,14 @@ def run(args) -> int:
             qs = queries[:qn]
             row = {"N": n, "d": d, "method": method, "queries_timed": qn}
             if method == "anchor":
-                seconds, mem, _ = _measure(lambda: dense_topk_anchor(qs, corpus, k), device)
+                seconds, cpu, mem, _ = _measure(lambda: dense_topk_anchor(qs, corpus, k), device)
                 row.update(build_s=0.0)
             elif method in ("search", "search-fp32"):
                 # the exact kNN alone (k + 1 neighbours, own id excluded), the issue's "exact search" target
                 c_use = corpus.float() if method == "search-fp32" else corpus
                 q_use = qs.float() if method == "search-fp32" else qs
                 index = EmbeddingIndex(c_use, kind="torch", progress=False)
-                seconds, mem, _ = _measure(
+                seconds, cpu, mem, _ = _measure(
                     lambda: index.search(q_use, k + 1, exclude_self=True, query_ids=torch.arange(qn)), device)
                 row.update(build_s=0.0, recall_at_k=1.0)
                 del index, c_use, q_use
@@ -240,7 +248,7 @@ def run(args) -> int:
                     return index, mine_hard_negatives(qs, corpus, positives[:qn], index=index,
                                                       target_recall=args.target_recall, **mine_kw)
 
-                seconds, mem, (index, mined) = _measure(work, device)
+                seconds, cpu, mem, (index, mined) = _measure(work, device)
                 row.update(build_s=index.info.get("build_s"), hash_s=mined.info["hash_s"])
                 if index.approximate:
                     row["recall@k"] = index.recall(queries[sample], k=k, sample=len(sample))
@@ -254,21 +262,23 @@ def run(args) -> int:
                 del index, mined
             row["seconds_timed"] = seconds
             row["seconds"] = seconds * n / qn
+            row["cpu_s"] = cpu * n / qn
             row["scaled"] = qn < n
             row["peak_extra_MiB"] = mem
             if method == "anchor":
-                anchor_s = row["seconds"]
-            row["anchor_over_this"] = (anchor_s / row["seconds"]) if anchor_s else None
+                anchor_s = row["cpu_s"] if not on_cuda else row["seconds"]
+            mine_s = row["cpu_s"] if not on_cuda else row["seconds"]
+            row["anchor_over_this"] = (anchor_s / mine_s) if anchor_s else None
             logger.info("%s", row)
             print(format_table([row]), flush=True)
             rows.append(row)
             series.setdefault(method, ([], []))
             series[method][0].append(n)
-            series[method][1].append(row["seconds"])
+            series[method][1].append(row["seconds"] if on_cuda else row["cpu_s"])
         del queries, corpus
 
     extrapolation = _extrapolate(rows, d, on_cuda)
-    columns = ["N", "d", "method", "queries_timed", "scaled", "build_s", "tune_s", "hash_s", "seconds",
+    columns = ["N", "d", "method", "queries_timed", "scaled", "build_s", "tune_s", "hash_s", "seconds", "cpu_s",
                "peak_extra_MiB", "nlist", "nprobe", "recall@k", "neg_recall", "anchor_over_this"]
     print(format_table(rows, columns))
     for line in extrapolation["notes"]:
@@ -281,7 +291,8 @@ def run(args) -> int:
         "torch_threads": torch.get_num_threads(), "target_recall": args.target_recall,
     })
     if len(sizes) > 1:
-        plot_series(out / f"{NAME}-{tag}.png", series, xlabel="N (queries = corpus)", ylabel="mining time (s)",
+        plot_series(out / f"{NAME}-{tag}.png", series, xlabel="N (queries = corpus)",
+                    ylabel="mining time (s)" if on_cuda else "mining CPU time (s, 1 thread)",
                     title=f"hard-negative mining, d={d}, k={k} ({device_name(device)[:40]})")
     return 0
 
@@ -299,22 +310,22 @@ def _extrapolate(rows, d, on_cuda):
         big = max(rs, key=lambda r: r["N"])
         if method in ("anchor", "torch", "flat"):
             # exact: cost ~ Q * N * d
-            t = big["seconds"] * (TARGET_N / big["N"]) ** 2 * dim_factor
+            t = big["cpu_s"] * (TARGET_N / big["N"]) ** 2 * dim_factor
             est[method] = t
-            notes.append(f"estimate {method}: {t / 60:.0f} min for 1M x 1M x {TARGET_D} "
+            notes.append(f"estimate {method}: {t / 60:.0f} CPU-min (1 thread) for 1M x 1M x {TARGET_D} "
                          f"(from N={big['N']}: x (1M/N)^2 x {dim_factor:.0f})")
         elif method in ("ivf", "ivf-gemm") and len(rs) >= 2:
             # nlist ~ 4 sqrt(N), nprobe ~ nlist/64: list scan ~ N^2 d / 64, quantizer + training ~ N^1.5 d
             import numpy as np
 
             ns = np.array([r["N"] for r in rs], dtype=float)
-            ts = np.array([r["seconds"] for r in rs])
+            ts = np.array([r["cpu_s"] for r in rs])
             a = np.stack([ns**2, ns**1.5], 1)
             coef, *_ = np.linalg.lstsq(a, ts, rcond=None)
             coef = np.clip(coef, 0, None)
             t = float((coef[0] * TARGET_N**2 + coef[1] * TARGET_N**1.5) * dim_factor)
             est[method] = t
-            notes.append(f"estimate {method}: {t / 60:.1f} min for 1M x 1M x {TARGET_D} (fit t = a N^2 + b N^1.5 over "
+            notes.append(f"estimate {method}: {t / 60:.1f} CPU-min (1 thread) for 1M x 1M x {TARGET_D} (fit t = a N^2 + b N^1.5 over "
                          f"N={[int(x) for x in ns]}, x {dim_factor:.0f} for d)")
     if "ivf" in by_method:
         big = max(by_method["ivf"], key=lambda r: r["N"])
