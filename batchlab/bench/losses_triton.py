@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest N for the anchors (open_clip runs out of memory above 65,536; "
                              "Inf-CL takes 16 s at 262,144)")
     parser.add_argument("--sweep", action="store_true", help="time tile configs of each kernel instead")
+    parser.add_argument("--tune", action="store_true",
+                        help="sweep first, then benchmark with the fastest config of each kernel")
     parser.add_argument("--sweep-n", type=int, default=32768)
     parser.add_argument("--tag", default="", help="suffix for the results file name")
 
@@ -58,6 +60,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # ---------------------------------------------------------------------------
 def _time_cuda(fn, *, budget_s: float = 2.0, max_repeats: int = 20) -> tuple[float, list[float], int]:
     """Median seconds of ``fn()`` with CUDA events after one warm-up; also the peak bytes above the start."""
+    if not torch.cuda.is_available():  # dry run of the script under TRITON_INTERPRET=1
+        from batchlab.bench._common import time_call
+
+        return time_call(fn, repeats=1), [0.0], 0
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -125,6 +131,8 @@ def _anchor_step(name):
             return None
         import torch.distributed as dist
 
+        if not torch.cuda.is_available():
+            return None
         if not dist.is_initialized():  # Inf-CL all-reduces the scale gradient even on one GPU
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
             os.environ.setdefault("MASTER_PORT", "29531")
@@ -153,7 +161,8 @@ def _measure(label, step, n, args, gen):
         return row
     finally:
         q = k = None
-        torch.cuda.empty_cache()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
     grads = 2 * n * args.dim * torch.empty(0, dtype=dtype).element_size()
     row.update(
         ms=median * 1e3,
@@ -203,13 +212,24 @@ def run_benchmark(args) -> list[dict]:
 SWEEP_CONFIGS = [
     dict(BM=128, BN=128, BD=64, num_warps=8, num_stages=3),
     dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3),
+    dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=4),
     dict(BM=128, BN=256, BD=64, num_warps=8, num_stages=3),
     dict(BM=256, BN=128, BD=64, num_warps=8, num_stages=3),
-    dict(BM=128, BN=128, BD=128, num_warps=8, num_stages=2),
-    dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=4),
+    dict(BM=256, BN=128, BD=64, num_warps=8, num_stages=4),
     dict(BM=64, BN=128, BD=64, num_warps=4, num_stages=4),
-    dict(BM=128, BN=256, BD=32, num_warps=8, num_stages=4),
+    dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=4),
 ]
+
+
+def best_configs(sweep_rows: list[dict]) -> dict[str, dict[str, int]]:
+    """The fastest config of each kernel in a sweep (the backward judged by its Triton kernel alone)."""
+    judge = {"fwd": "fwd", "bwd_kernel_only": "bwd", "siglip": "siglip"}
+    best: dict[str, tuple[float, dict]] = {}
+    for r in sweep_rows:
+        target = judge.get(r["kernel"])
+        if target and r.get("ms") and (target not in best or r["ms"] < best[target][0]):
+            best[target] = (r["ms"], {key: r[key] for key in ("BM", "BN", "BD", "num_warps", "num_stages")})
+    return {key: cfg for key, (_, cfg) in best.items()}
 
 
 def run_sweep(args) -> list[dict]:
@@ -265,23 +285,35 @@ def run_sweep(args) -> list[dict]:
 
 def run(args) -> int:
     logging.basicConfig(level=logging.WARNING)
-    if torch.device(args.device).type != "cuda":
-        print("losses_triton: the Triton kernels are benchmarked on a CUDA GPU; pass --device cuda")
+    if torch.device(args.device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        print("losses_triton: the Triton kernels are benchmarked on a CUDA GPU; pass --device cuda "
+              "(or set TRITON_INTERPRET=1 for a slow dry run of this script on the CPU)")
         return 2
-    gpu = device_name(args.device)
+    gpu = device_name(args.device) if torch.device(args.device).type == "cuda" else "cpu-interpreter"
     slug = gpu.replace("NVIDIA ", "").replace(" ", "-").lower()
-    if args.sweep:
+    configs = None
+    if args.sweep or args.tune:
         rows = run_sweep(args)
         print(format_table(rows))
-        write_results(args.out, f"losses-triton-sweep-{slug}{args.tag}", {"gpu": gpu, "rows": rows})
-        return 0
+        configs = best_configs(rows)
+        write_results(args.out, f"losses-triton-sweep-{slug}{args.tag}", {"gpu": gpu, "rows": rows, "best": configs})
+        if not args.tune:
+            return 0
+        from batchlab.losses.triton import _launch
+
+        _launch.CONFIGS.update(configs)
+        print("tuned configs:", configs, flush=True)
+    from batchlab.losses.triton import _launch
+
+    configs = {key: dict(val) for key, val in _launch.CONFIGS.items()}
     rows = run_benchmark(args)
     columns = ["method", "N", "ms", "peak_gib", "beyond_grads_gib", "tflops_vs_floor", "ratio_to_triton_info_nce",
                "status"]
     print(format_table(rows, columns))
     name = f"losses-triton-{slug}{args.tag}"
     write_results(args.out, name, {"gpu": gpu, "dim": args.dim, "dtype": args.dtype, "rows": rows,
-                                   "floor_flops": "8 N^2 d"})
+                                   "floor_flops": "8 N^2 d", "triton_configs": configs,
+                                   "logit_scale": 1 / 0.07})
     series_t, series_m = {}, {}
     for r in rows:
         if r.get("ms"):

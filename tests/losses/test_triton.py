@@ -124,8 +124,10 @@ def test_symmetric_info_nce_explicit_formula(gen):
         assert rel_err(a, b) < 1e-5
 
 
-@pytest.mark.parametrize("scale", [0.01, 100.0])
-def test_info_nce_extreme_scales(scale, gen):
+@pytest.mark.parametrize("scale,one_exp", [(0.01, True), (14.3, False), (100.0, True)])
+def test_info_nce_extreme_scales(scale, one_exp, gen, monkeypatch):
+    """Both epilogues: one exp2 per logit (small |s|) and two (large |s|, or switched off)."""
+    monkeypatch.setattr(_lse, "ONE_EXP", one_exp)
     n, d = 33, 16
     q, k = unit(n, d, gen, torch.float32), unit(n, d, gen, torch.float32)
     compare(lambda impl, q, k, s: info_nce(q, k, s, impl=impl), [q, k, torch.tensor(scale)], torch.float32, gen)

@@ -10,10 +10,12 @@ Three kernels:
   a group of column tiles; it keeps the rows' online max and sum (exact at any
   scale) and, when ``COLS``, adds each tile's column sums ``sum_i 2^(L2_ij - ref2)``
   to a global fp32 vector with one relaxed atomic per column per tile (never in the
-  inner d loop). ``ref2`` is a fixed shift ``B - 64/ln2``-ish chosen by the caller
-  from the bound ``|L| <= |s| max|q| max|k|``: no term can overflow; the caller
+  inner d loop). ``ref2 = B log2(e) - 92`` is a fixed shift chosen by the caller
+  from the bound ``B = |s| max|q| max|k| >= |L|``: no term can overflow; the caller
   detects the rare columns whose sum underflowed and recomputes them exactly with
   this same kernel on swapped inputs.
+  With ``ONE_EXP`` (small enough ``B``) the column term is the row term times a
+  per-row factor: one exp2 per logit instead of two.
 * ``lse_bwd_kernel``: recomputes a panel of rows' tiles and writes the logit
   gradient ``G_ij = g_i softmax_row_ij + h_j softmax_col_ij`` (divided by a global
   ``gscale`` so that it fits in bf16/fp16) plus per-program partial sums of
@@ -95,18 +97,17 @@ def _store_logit_grad(out_ptr, g, ginv, rows, cols, r0, stride_out, mask):
 
 
 @triton.jit
-def lse_fwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ref_ptr,
+def lse_fwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ref2,
                    row_m_ptr, row_l_ptr, col_sum_ptr,
                    N, M, D, stride_q, stride_k, tiles_per_group,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                    COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr, TGT_ON_COLS: tl.constexpr,
+                   ONE_EXP: tl.constexpr,
                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     s2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
-    if COLS:
-        ref2 = tl.load(ref_ptr)
     # A finite floor instead of -inf keeps exp2(m_old - m_new) free of inf - inf.
     m_i = tl.full((BM,), -1.0e30, dtype=tl.float32)
     l_i = tl.zeros((BM,), dtype=tl.float32)
@@ -124,7 +125,10 @@ def lse_fwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ref_ptr,
         l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1)
         m_i = m_new
         if COLS:
-            pc = tl.where(valid, tl.exp2(l2 - ref2), 0.0)
+            if ONE_EXP:  # 2^(l2 - ref2) = p * 2^(m_new - ref2): exact while p cannot underflow
+                pc = p * tl.exp2(m_new - ref2)[:, None]
+            else:
+                pc = tl.where(valid, tl.exp2(l2 - ref2), 0.0)
             tl.atomic_add(col_sum_ptr + cols, tl.sum(pc, 0), mask=cols < M, sem="relaxed")
     out = pid_g.to(tl.int64) * N + rows
     tl.store(row_m_ptr + out, m_i, mask=rows < N)
@@ -138,23 +142,29 @@ def lse_bwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ginv_ptr,
                    r0, r1, M, D, stride_q, stride_k, stride_out,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                    ROWS: tl.constexpr, COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr,
+                   ONE_EXP: tl.constexpr,
                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """Logit gradient of ``sum_i g_i row_lse_i + sum_j h_j col_lse_j`` for rows [r0, r1)."""
+    """Logit gradient of ``sum_i g_i row_lse_i + sum_j h_j col_lse_j`` for rows [r0, r1) (rows always on)."""
     rows, cols, rmask, cmask, acc = _panel_tile(q_ptr, k_ptr, r0, r1, M, D, stride_q, stride_k,
                                                 BM, BN, BD, EVEN_D, UPCAST, PREC)
     s2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
     ginv = tl.load(ginv_ptr)
     l2 = acc * s2
     valid = _valid(rows, cols, r1, M, tgt_ptr, EXCLUDE, HAS_TGT, False)
-    g = tl.zeros((BM, BN), dtype=tl.float32)
-    if ROWS:
-        lse_r = tl.load(row_lse2_ptr + rows, mask=rmask, other=0.0)
-        g_r = tl.load(g_row_ptr + rows, mask=rmask, other=0.0)
-        g += g_r[:, None] * tl.exp2(l2 - lse_r[:, None])
+    lse_r = tl.load(row_lse2_ptr + rows, mask=rmask, other=0.0)
+    g_r = tl.load(g_row_ptr + rows, mask=rmask, other=0.0)
+    p_r = tl.exp2(l2 - lse_r[:, None])
     if COLS:
         lse_c = tl.load(col_lse2_ptr + cols, mask=cmask, other=0.0)
         g_c = tl.load(g_col_ptr + cols, mask=cmask, other=0.0)
-        g += g_c[None, :] * tl.exp2(l2 - lse_c[None, :])
+        if ONE_EXP:  # 2^(l2 - lse_c) = p_r 2^lse_r 2^-lse_c: exact while p_r cannot underflow
+            a = tl.exp2(lse_r)
+            b = g_c * tl.exp2(-lse_c)
+            g = p_r * (g_r[:, None] + a[:, None] * b[None, :])
+        else:
+            g = g_r[:, None] * p_r + g_c[None, :] * tl.exp2(l2 - lse_c[None, :])
+    else:
+        g = g_r[:, None] * p_r
     g = tl.where(valid, g, 0.0)
     tl.store(ds_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(g * acc, 1), 0))
     _store_logit_grad(out_ptr, g, ginv, rows, cols, r0, stride_out, rmask[:, None] & cmask[None, :])
@@ -191,7 +201,8 @@ def siglip_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, bias_ptr, ginv_ptr, g_row_pt
         sp = tl.where(valid, sp, 0.0)
         tl.atomic_add(row_loss_ptr + rows, tl.sum(sp, 1), mask=rmask, sem="relaxed")
     if GRAD:
-        sig = tl.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))  # sigmoid(x)
+        r = tl.fdiv(1.0, 1.0 + e)  # fast reciprocal: 1 / (1 + e) in [1/2, 1]
+        sig = tl.where(x >= 0, r, e * r)  # sigmoid(x) without cancellation
         g_r = tl.load(g_row_ptr + rows, mask=rmask, other=0.0)
         g = tl.where(pos, -sig, sig) * g_r[:, None]  # d softplus(x)/dz = sigmoid(x) * dx/dz
         g = tl.where(valid, g, 0.0)

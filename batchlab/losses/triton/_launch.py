@@ -19,9 +19,9 @@ def interpreting() -> bool:
 #: Chosen by a sweep on one H100 (d=512, bf16; ``batchlab/losses/triton/sweep.py``).
 #: Edit at run time to try others (the sweep does this).
 CONFIGS: dict[str, dict[str, int]] = {
-    "fwd": dict(BM=128, BN=128, BD=64, num_warps=8, num_stages=3),
-    "bwd": dict(BM=128, BN=128, BD=64, num_warps=8, num_stages=3),
-    "siglip": dict(BM=128, BN=128, BD=64, num_warps=8, num_stages=3),
+    "fwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3),
+    "bwd": dict(BM=256, BN=128, BD=64, num_warps=8, num_stages=3),
+    "siglip": dict(BM=64, BN=128, BD=64, num_warps=4, num_stages=4),
 }
 #: fp32 inputs double the bytes per chunk: halve the d chunk.
 FP32_BD = 32
@@ -85,6 +85,37 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.mm(a, b).float() if a.is_cuda else torch.mm(a.float(), b.float())
 
 
+_ADDMM_F32: bool | None = None
+
+
+def _addmm_f32_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``aten.addmm.dtype_out`` accumulates a half-precision product into fp32 in place, right."""
+    try:
+        a = torch.randn(64, 48, device=device).to(dtype)
+        b = torch.randn(48, 32, device=device).to(dtype)
+        acc = torch.randn(64, 32, device=device)
+        expected = acc + a.float() @ b.float()
+        torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+        return bool(torch.allclose(acc, expected, rtol=1e-4, atol=1e-4))
+    except (RuntimeError, AttributeError, NotImplementedError, TypeError):
+        return False
+
+
+def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """``acc += a @ b`` with fp32 ``acc``; in place through cuBLAS when the build allows it."""
+    global _ADDMM_F32
+    if a.dtype == torch.float32:
+        acc.addmm_(a, b)
+        return
+    if a.is_cuda:
+        if _ADDMM_F32 is None:
+            _ADDMM_F32 = _addmm_f32_works(a.device, a.dtype)
+        if _ADDMM_F32:
+            torch.ops.aten.addmm.dtype_out(acc, a, b, torch.float32, out=acc)
+            return
+    acc += mm_f32(a, b)
+
+
 def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bool, need_k: bool):
     """``dq = factor * G @ k`` and ``dk = factor * G.T @ q`` from a logit gradient made panel by panel.
 
@@ -106,11 +137,10 @@ def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bo
         if need_q:
             dq[r0:r1] = (mm_f32(g, k) * factor).to(q.dtype)
         if need_k:
-            part = mm_f32(g.t(), q[r0:r1])
             if several:
-                dk32 += part
+                addmm_f32_(dk32, g.t(), q[r0:r1])
             else:
-                dk = (part * factor).to(k.dtype)
+                dk = (mm_f32(g.t(), q[r0:r1]) * factor).to(k.dtype)
     if dk32 is not None:
         dk = (dk32 * factor).to(k.dtype)
     return dq, dk

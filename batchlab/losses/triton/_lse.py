@@ -42,16 +42,31 @@ _UNDERFLOW = 2.0**-66
 _HEADROOM2 = 92.0
 
 
-def _column_shift2(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """Base-2 column shift ``B log2(e) - 92`` with ``B = |s| max|q_i| max|k_j| >= |L_ij|`` (device scalar)."""
+def logit_bound(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> float:
+    """``B = |s| max|q_i| max|k_j| >= |L_ij|`` on the host (one sync), with a margin for rounding."""
     qn = torch.linalg.vector_norm(q, dim=1, dtype=torch.float32).max()
     kn = torch.linalg.vector_norm(k, dim=1, dtype=torch.float32).max()
-    bound = scale.detach().abs().float() * qn * kn * 1.0001  # margin for rounding in the norms
-    return (bound * LOG2E - _HEADROOM2).reshape(1).contiguous()
+    return float(scale.detach().abs().float() * qn * kn) * 1.001
 
 
-def lse_forward(q, k, scale, targets, *, cols: bool, exclude: bool, targets_on_cols: bool = False):
-    """Base-2 row log-sum-exp (N,) and, when ``cols``, column log-sum-exp (M,) (or None)."""
+#: The single-exponential epilogues (column terms derived from the row terms) are exact
+#: while no row term can underflow: 2 * bound * log2(e) + log2(max(N, M)) stays below this.
+_ONE_EXP_RANGE2 = 100.0
+#: Set to False to force two exponentials per logit (for timing and tests).
+ONE_EXP = True
+
+
+def one_exp_ok(bound: float, n: int, m: int) -> bool:
+    """Whether the logits' bound is small enough (|s| < ~30 at N = 1M) for one exp2 per logit."""
+    return ONE_EXP and 2 * bound * LOG2E + math.log2(max(n, m, 2)) <= _ONE_EXP_RANGE2
+
+
+def lse_forward(q, k, scale, targets, *, cols: bool, exclude: bool, targets_on_cols: bool = False,
+                bound: float | None = None):
+    """Base-2 row log-sum-exp (N,) and, when ``cols``, column log-sum-exp (M,) (or None).
+
+    ``bound``: ``logit_bound(q, k, scale)`` when the caller has it (only needed with ``cols``).
+    """
     n, d = q.shape
     m = k.shape[0]
     cfg = config("fwd", q.dtype)
@@ -66,13 +81,16 @@ def lse_forward(q, k, scale, targets, *, cols: bool, exclude: bool, targets_on_c
     row_m = torch.empty(groups, n, **f32)
     row_l = torch.empty(groups, n, **f32)
     col_sum = torch.zeros(m if cols else 1, **f32)
-    ref2 = _column_shift2(q, k, scale) if cols else col_sum
+    if cols and bound is None:
+        bound = logit_bound(q, k, scale)
+    ref2 = bound * LOG2E - _HEADROOM2 if cols else 0.0
     scale32 = scale.detach().float().reshape(1).contiguous()
     tgt = targets if targets is not None else row_m  # unused pointer when there are no targets
     _kernels.lse_fwd_kernel[(row_blocks, groups)](
         q, k, tgt, scale32, ref2, row_m, row_l, col_sum,
         n, m, d, q.stride(0), k.stride(0), per_group,
         COLS=cols, EXCLUDE=exclude, HAS_TGT=targets is not None, TGT_ON_COLS=targets_on_cols,
+        ONE_EXP=cols and one_exp_ok(bound, n, m),
         **cfg, **kernel_flags(q, cfg["BD"]),
     )
     if groups == 1:
@@ -92,7 +110,8 @@ def lse_forward(q, k, scale, targets, *, cols: bool, exclude: bool, targets_on_c
 
 
 def lse_backward(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, exclude: bool,
-                 workspace_bytes: int | None = None, need_q: bool = True, need_k: bool = True):
+                 workspace_bytes: int | None = None, need_q: bool = True, need_k: bool = True,
+                 bound: float | None = None):
     """Gradients (dq, dk, ds) of ``sum_i g_row_i row_lse_i + sum_j g_col_j col_lse_j``."""
     n, d = q.shape
     m = k.shape[0]
@@ -113,6 +132,7 @@ def lse_backward(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, excl
     ginv = (1.0 / gscale).reshape(1)
     scale32 = scale.detach().float().reshape(1).contiguous()
     factor = scale32 * gscale  # dq = s * gscale * (G/gscale) @ k
+    one_exp = cols_on and one_exp_ok(logit_bound(q, k, scale) if bound is None else bound, n, m)
     rows_per_panel = panel_rows(n, m, q.element_size(), bm, workspace_bytes)
     col_blocks = triton.cdiv(m, bn)
     ds_parts = torch.zeros(triton.cdiv(n, rows_per_panel), triton.cdiv(rows_per_panel, bm) * col_blocks, **f32)
@@ -125,7 +145,7 @@ def lse_backward(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, excl
             g_row if rows_on else dummy, g_col if cols_on else dummy,
             buf, ds_parts[p],
             r0, r1, m, d, q.stride(0), k.stride(0), buf.stride(0),
-            ROWS=rows_on, COLS=cols_on, EXCLUDE=exclude, HAS_TGT=targets is not None,
+            ROWS=rows_on, COLS=cols_on, EXCLUDE=exclude, HAS_TGT=targets is not None, ONE_EXP=one_exp,
             **cfg, **kernel_flags(q, cfg["BD"]),
         )
 
@@ -139,9 +159,10 @@ class PairLSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, scale, targets, cols, exclude, workspace_bytes):
-        row2, col2 = lse_forward(q, k, scale, targets, cols=cols, exclude=exclude)
+        bound = logit_bound(q, k, scale) if cols else None
+        row2, col2 = lse_forward(q, k, scale, targets, cols=cols, exclude=exclude, bound=bound)
         ctx.save_for_backward(q, k, scale, targets, row2, col2 if cols else None)
-        ctx.cols, ctx.exclude, ctx.workspace_bytes = cols, exclude, workspace_bytes
+        ctx.cols, ctx.exclude, ctx.workspace_bytes, ctx.bound = cols, exclude, workspace_bytes, bound
         col = col2 * LN2 if cols else row2.new_empty(0)
         return row2 * LN2, col
 
@@ -152,6 +173,7 @@ class PairLSE(torch.autograd.Function):
         dq, dk, ds = lse_backward(
             q, k, scale, targets, row2, col2, g_row, g_col if ctx.cols else None,
             exclude=ctx.exclude, workspace_bytes=ctx.workspace_bytes, need_q=need_q, need_k=need_k,
+            bound=ctx.bound,
         )
         return dq, dk, (ds.to(scale.dtype) if need_s else None), None, None, None, None
 
