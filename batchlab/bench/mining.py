@@ -194,7 +194,7 @@ def run(args) -> int:
     sizes = [int(s) for s in (args.sizes or ("1000000" if on_cuda else "10000,30000,100000")).split(",")]
     d = args.dim or (768 if on_cuda else 256)
     dtype = getattr(torch, args.dtype or ("float16" if on_cuda else "float32"))
-    methods = (args.methods or ("search,search-fp32,anchor,torch" if on_cuda
+    methods = (args.methods or ("search,torch,anchor,search-fp32" if on_cuda
                                 else "anchor,torch,flat,ivf,ivf-gemm,hnsw")).split(",")
     if not on_cuda:
         torch.set_num_threads(args.threads)
@@ -213,7 +213,7 @@ def run(args) -> int:
         g = torch.Generator().manual_seed(args.seed + 1)
         sample = torch.randperm(n, generator=g)[: min(args.recall_sample, n)].sort().values
         exact_sample = mine_hard_negatives(queries[sample.to(queries.device)], corpus, positives[sample],
-                                           index_kwargs={"kind": "torch"}, **mine_kw).negative_ids
+                                           index_kwargs={"kind": "torch"}, hash_inputs=False, **mine_kw).negative_ids
         anchor_s = None
         for method in methods:
             if method == "hnsw" and n > args.hnsw_max:
@@ -272,6 +272,7 @@ def run(args) -> int:
             logger.info("%s", row)
             print(format_table([row]), flush=True)
             rows.append(row)
+            _write(args, device, on_cuda, dtype, rows, None)  # partial results survive a time limit
             series.setdefault(method, ([], []))
             series[method][0].append(n)
             series[method][1].append(row["seconds"] if on_cuda else row["cpu_s"])
@@ -283,18 +284,24 @@ def run(args) -> int:
     print(format_table(rows, columns))
     for line in extrapolation["notes"]:
         print(line)
-    tag = "gpu-" + device_name(device).replace(" ", "-").lower() if on_cuda else "cpu"
-    out = Path(args.out)
-    write_results(out, f"{NAME}-{tag}", {
-        "benchmark": NAME, "device": device_name(device), "dtype": str(dtype), "k": k, "num_negatives": nneg,
-        "cluster_size": args.cluster_size, "rows": rows, "extrapolation": extrapolation,
-        "torch_threads": torch.get_num_threads(), "target_recall": args.target_recall,
-    })
+    out, tag = _write(args, device, on_cuda, dtype, rows, extrapolation)
     if len(sizes) > 1:
         plot_series(out / f"{NAME}-{tag}.png", series, xlabel="N (queries = corpus)",
                     ylabel="mining time (s)" if on_cuda else "mining CPU time (s, 1 thread)",
                     title=f"hard-negative mining, d={d}, k={k} ({device_name(device)[:40]})")
     return 0
+
+
+def _write(args, device, on_cuda, dtype, rows, extrapolation):
+    tag = "gpu-" + device_name(device).replace(" ", "-").lower() if on_cuda else "cpu"
+    out = Path(args.out)
+    write_results(out, f"{NAME}-{tag}", {
+        "benchmark": NAME, "device": device_name(device), "dtype": str(dtype), "k": args.k,
+        "num_negatives": args.num_negatives, "cluster_size": args.cluster_size, "rows": rows,
+        "extrapolation": extrapolation, "torch_threads": torch.get_num_threads(),
+        "target_recall": args.target_recall, "complete": extrapolation is not None,
+    })
+    return out, tag
 
 
 def _extrapolate(rows, d, on_cuda):
