@@ -245,7 +245,7 @@ def _check(args) -> list[dict]:
             loss = fn(*leaves, impl=impl, **(tile if impl == "tiled" else {}))
             grads = torch.autograd.grad(loss, leaves, allow_unused=True)
             results[impl] = [loss] + [g for g in grads if g is not None]
-        err = max(float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+        err = max(float((a.detach().double() - b.detach().double()).norm() / b.detach().double().norm().clamp_min(1e-30))
                   for a, b in zip(results["tiled"], results["reference"]))
         rows.append({"check": name, "N": n, "d": d, "dtype": args.dtype, "max_rel_err": err})
         print(format_table([rows[-1]]), flush=True)

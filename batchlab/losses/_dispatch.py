@@ -22,8 +22,11 @@ _REGISTRY: dict[tuple[str, str], Callable] = {}
 _BACKEND_MODULES = {"tiled": "batchlab.losses.tiled", "triton": "batchlab.losses.triton"}
 
 #: ``impl="auto"`` uses the reference below this many logits (N * M) and a
-#: memory-efficient backend above it; 4096 x 4096 fp32 logits take 64 MiB.
-AUTO_TILED_MIN_LOGITS = 4096 * 4096
+#: memory-efficient backend above it; 2048 x 2048 fp32 logits take 16 MiB. Measured
+#: (``batchlab bench losses``, benchmarks/results/losses-cpu.json): on one CPU thread the
+#: tiled loss is ~0.9x the reference's time at N = 1,024 and ~0.5x at 4,096; on an H100
+#: (bf16, d=512) 0.7x at 8,192.
+AUTO_TILED_MIN_LOGITS = 2048 * 2048
 
 
 def register(family: str, impl: str) -> Callable[[Callable], Callable]:

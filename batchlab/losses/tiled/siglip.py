@@ -65,19 +65,20 @@ class SigmoidContrastive(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         spec: SigmoidSpec = ctx.spec
-        if ctx.eager:
+        if ctx.eager:  # the forward's gradients were for a unit weight per row: scale them
             q, k, scale, U, V, dscale, dbias, d_extra = ctx.saved_tensors
             w = g.to(U.dtype) / (q.shape[0] if spec.reduction == "mean" else 1)
-            U, dscale, dbias = U * w, dscale * w, dbias * w
-            V = None if V is None else V * w
+            dscale, dbias = dscale * w, dbias * w
             d_extra = None if d_extra is None else (d_extra * w).to(d_extra.dtype)
         else:
             q, k, extra, scale, bias = ctx.saved_tensors
+            w = 1.0
             _, (U, V, dscale, dbias, d_extra) = _sigmoid_pass(
                 q, k, extra, scale, bias, spec, g.to(compute_dtype(q.dtype)), ctx.needs_input_grad[1]
             )
-        dq = (scale * U).to(q.dtype) if ctx.needs_input_grad[0] else None
-        dk = (scale * V).to(k.dtype) if V is not None and ctx.needs_input_grad[1] else None
+        # one multiply straight into the output dtype's temporary (U, V are O(N d) fp32)
+        dq = (U * (w * scale)).to(q.dtype) if ctx.needs_input_grad[0] else None
+        dk = (V * (w * scale)).to(k.dtype) if V is not None and ctx.needs_input_grad[1] else None
         return dq, dk, d_extra, dscale, dbias, None
 
 
