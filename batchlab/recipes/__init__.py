@@ -10,20 +10,23 @@ Heavy imports (open_clip, faiss) happen inside the functions.
 """
 
 from batchlab.recipes._loop import ContrastiveHead, TrainResult
+from batchlab.recipes.clip import train_clip
 from batchlab.recipes.dual_encoder import train_dual_encoder
 from batchlab.recipes.evaluate import retrieval_metrics
-from batchlab.recipes.samplers import SAMPLERS, RandomBatchSampler, make_sampler
+from batchlab.recipes.samplers import SAMPLERS, RandomBatchSampler, SamplerSchedule, make_sampler
 from batchlab.recipes.teachers import TeacherViews, TfidfTeacher, tfidf_views
 
 __all__ = [
     "ContrastiveHead",
     "RandomBatchSampler",
     "SAMPLERS",
+    "SamplerSchedule",
     "TeacherViews",
     "TfidfTeacher",
     "TrainResult",
     "make_sampler",
     "retrieval_metrics",
     "tfidf_views",
+    "train_clip",
     "train_dual_encoder",
 ]

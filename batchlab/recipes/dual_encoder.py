@@ -28,7 +28,7 @@ from batchlab.errors import BatchlabInputError
 from batchlab.recipes._loop import ContrastiveHead, TrainResult, train_loop
 from batchlab.recipes.evaluate import retrieval_metrics
 from batchlab.recipes.models import TINY_TEXT, text_encoder, tokenizer
-from batchlab.recipes.samplers import make_sampler
+from batchlab.recipes.samplers import SamplerSchedule
 from batchlab.recipes.teachers import TeacherViews, tfidf_views
 
 logger = logging.getLogger(__name__)
@@ -173,9 +173,6 @@ def train_dual_encoder(
     if jest is not None and views is None:
         views = tfidf_views(train_q, train_d, seed=seed)
     sample_size = batch_size if jest is None else int(round(batch_size / (1.0 - jest.filter_ratio)))
-    options = dict(sampler_options or {})
-    state: dict[str, Any] = {"sampler": None, "views": views}
-
     def model_views() -> TeacherViews:
         model.eval()
         with torch.no_grad():
@@ -183,23 +180,16 @@ def train_dual_encoder(
         model.train()
         return TeacherViews(torch.nn.functional.normalize(q + d, dim=1), q, d)
 
-    def sampler_for_epoch(epoch: int):
-        if not isinstance(sampler, str) and not callable(sampler):
-            return sampler  # a ready sampler instance
-        if teacher == "model" and sampler != "random":
-            if epoch == 0:
-                return make_sampler("random", None, batch_size=sample_size, seed=seed, num_examples=len(train_q))
-            if state["sampler"] is None or epoch % refresh_every == 0:
-                state["views"] = model_views()
-                state["sampler"] = None
-        if state["sampler"] is None or callable(sampler) and not isinstance(sampler, str):
-            if isinstance(sampler, str):
-                state["sampler"] = make_sampler(
-                    sampler, state["views"], batch_size=sample_size, seed=seed, num_examples=len(train_q), **options
-                )
-            else:
-                state["sampler"] = sampler(state["views"], epoch)
-        return state["sampler"]
+    sampler_for_epoch = SamplerSchedule(
+        sampler,
+        views,
+        batch_size=sample_size,
+        num_examples=len(train_q),
+        seed=seed,
+        model_views=model_views if isinstance(teacher, str) and teacher == "model" else None,
+        refresh_every=refresh_every,
+        options=sampler_options,
+    )
 
     reference = None
     if jest is not None:

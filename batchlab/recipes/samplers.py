@@ -10,7 +10,7 @@ near-duplicates that would be false negatives).
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -112,3 +112,62 @@ def make_sampler(
     return HardNegativeBatchSampler(
         ids, batch_size, max_neighbourhood_fraction=options.get("max_neighbourhood_fraction", 0.25), seed=seed, drop_last=drop_last
     )
+
+
+class SamplerSchedule:
+    """The batch sampler of each epoch: ``schedule(epoch) -> sampler``.
+
+    Parameters
+    ----------
+    sampler :
+        A name for :func:`make_sampler`, a ready sampler instance (used every epoch), or
+        a factory ``fn(teacher_views, epoch) -> sampler`` (called every epoch).
+    views :
+        The teacher's :class:`~batchlab.recipes.teachers.TeacherViews` (None for ``"random"``
+        or when ``model_views`` supplies them).
+    model_views :
+        When given, the teacher is the model itself: the first epoch uses random batches,
+        then ``model_views()`` re-embeds the training set every ``refresh_every`` epochs
+        and the sampler is rebuilt from it (NGAME-style refresh).
+    batch_size, num_examples, seed, options :
+        For :func:`make_sampler`.
+    """
+
+    def __init__(
+        self,
+        sampler: Any,
+        views: TeacherViews | None,
+        *,
+        batch_size: int,
+        num_examples: int,
+        seed: int = 0,
+        model_views: Callable[[], TeacherViews] | None = None,
+        refresh_every: int = 1,
+        options: dict[str, Any] | None = None,
+    ) -> None:
+        self.sampler, self.views, self.model_views = sampler, views, model_views
+        self.batch_size, self.num_examples, self.seed = batch_size, num_examples, seed
+        self.refresh_every = check_positive_int("refresh_every", refresh_every)
+        self.options = dict(options or {})
+        self._built: GlobalBatchSampler | None = None
+
+    def _make(self, epoch: int):
+        if isinstance(self.sampler, str):
+            return make_sampler(
+                self.sampler, self.views, batch_size=self.batch_size, seed=self.seed,
+                num_examples=self.num_examples, **self.options,
+            )
+        return self.sampler(self.views, epoch)
+
+    def __call__(self, epoch: int):
+        if not isinstance(self.sampler, str) and not callable(self.sampler):
+            return self.sampler  # a ready sampler instance
+        if self.model_views is not None and self.sampler != "random":
+            if epoch == 0:
+                return make_sampler("random", None, batch_size=self.batch_size, seed=self.seed, num_examples=self.num_examples)
+            if self._built is None or epoch % self.refresh_every == 0:
+                logger.info("refreshing the teacher from the model's embeddings (epoch %d)", epoch)
+                self.views, self._built = self.model_views(), None
+        if self._built is None or not isinstance(self.sampler, str):
+            self._built = self._make(epoch)
+        return self._built
