@@ -50,6 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="images per encoder micro-step (default 256 on cuda, 2 on cpu)")
     parser.add_argument("--no-vit", action="store_true", help="skip the encoder anchor")
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5 cuda, 2 cpu)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a shared 2-core machine two threads collapse)")
     parser.add_argument("--quality", action="store_true",
                         help="run the quality experiment instead (codesearch, JEST vs uniform, CPU, a few minutes)")
     parser.add_argument("--quality-steps", type=int, default=300)
@@ -137,6 +139,7 @@ def _train_step_anchor(b, d, device, micro, repeats, with_vit, gen):
 
 
 def run(args) -> int:
+    torch.set_num_threads(args.threads)
     if args.quality:
         return run_quality(args)
     device = torch.device(args.device)
@@ -150,22 +153,37 @@ def run(args) -> int:
     logger.info("JEST bench on %s: N=%d b=%d d=%d chunks=%d", device, n, b, d, args.chunks)
 
     sizes = sorted({max(args.chunks * 8, n // 8), n // 4, n // 2, n})
-    variants = [("info_nce", "tf32"), ("siglip", "tf32")] + ([("info_nce", "float32")] if cuda else [])
-    rows, series = [], {}
-    for loss, precision in variants:
-        label = f"JEST {loss}" + (" fp32" if precision == "float32" else "")
+    # (loss, impl, precision); the torch float32 run is the accuracy reference
+    variants = [("info_nce", "torch", "float32"), ("info_nce", "torch", "tf32"), ("siglip", "torch", "tf32")]
+    if cuda:
+        variants += [("info_nce", "triton", "tf32"), ("info_nce", "triton", "bf16")]
+    rows, series, reference_out = [], {}, {}
+    for loss, impl, precision in variants:
+        label = f"JEST {loss} {impl} {precision}"
         xs, ys = [], []
         for size in sizes:
             (q_l, k_l), (q_r, k_r) = _embeddings(size, d, device, args.seed)
             extra = (-10.0,) if loss == "siglip" else ()
             sel = JointExampleSelector(n_chunks=args.chunks, filter_ratio=args.filter_ratio, loss=loss,
-                                       seed=args.seed, precision=precision)
-            fn = lambda: sel.select(learner=(q_l, k_l, 10.0, *extra), reference=(q_r, k_r, 10.0, *extra))  # noqa: E731
+                                       seed=args.seed, precision=precision, impl=impl)
+            learner, reference = (q_l, k_l, 10.0, *extra), (q_r, k_r, 10.0, *extra)
+            fn = lambda: sel.select(learner=learner, reference=reference, step=0)  # noqa: E731
             secs = time_call(fn, device=device, warmup=1, repeats=repeats)
             xs.append(size)
             ys.append(secs * 1e3)
-            if size == n:
-                rows.append({"what": label, "N": size, "ms": secs * 1e3, "peak_MB": _mb(peak_memory_call(fn, device))})
+            if size != n:
+                continue
+            row = {"what": label, "N": size, "ms": secs * 1e3, "peak_MB": _mb(peak_memory_call(fn, device))}
+            out = sel.select(learner=learner, reference=reference, step=0, return_scores=True)
+            if precision == "float32":
+                reference_out[loss] = out
+            elif loss in reference_out:
+                # step 1 is comparable across variants: the first chunk is random with the same noise
+                ref = reference_out[loss]
+                fin = torch.isfinite(ref.scores[1])
+                row["max |dscore| step 1"] = float((out.scores[1][fin] - ref.scores[1][fin]).abs().max())
+                row["same picks"] = float(torch.isin(out.indices, ref.indices).float().mean())
+            rows.append(row)
         series[label] = (xs, ys)
 
     xs, ys = [], []
@@ -198,7 +216,8 @@ def run(args) -> int:
         row["x vs naive"] = (naive / row["ms"]) if naive and row["what"].startswith("JEST") else None
 
     print(f"device: {device_name(device)}; N={n}, b={b}, d={d}, chunks={args.chunks}")
-    print(format_table(rows, ["what", "N", "ms", "% of step", "x vs naive", "peak_MB"]))
+    print(format_table(rows, ["what", "N", "ms", "% of step", "x vs naive", "peak_MB", "max |dscore| step 1",
+                              "same picks"]))
     tag = "cpu" if not cuda else re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
     payload = {
         "benchmark": NAME, "device": device_name(device),

@@ -85,7 +85,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from batchlab._checks import check_choice, check_embeddings, check_positive_int, check_same_device_dtype
+from batchlab._checks import (
+    check_choice,
+    check_embeddings,
+    check_normalized,
+    check_positive_int,
+    check_same_device_dtype,
+)
 from batchlab.errors import BatchlabInputError
 
 logger = logging.getLogger(__name__)
@@ -237,7 +243,8 @@ class JointExampleSelector:
         batch_size : int, optional
             Override ``round((1 - filter_ratio) * N)``.
         step : int, optional
-            Noise step; default the internal counter, which then advances by one.
+            Noise step. Default: the internal counter, which then advances by one; an
+            explicit ``step`` leaves the counter alone.
         group : ProcessGroup, optional
             ``None``: the inputs are the whole super-batch. A process group (e.g.
             ``torch.distributed.group.WORLD``): the inputs are this rank's shard, global
@@ -271,8 +278,8 @@ class JointExampleSelector:
                 "examples, or fewer chunks"
             )
         self._impl = self._resolve_impl(device)
-        step = self.step if step is None else step
-        if step == self.step:
+        if step is None:
+            step = self.step
             self.step += 1
 
         sizes = [b // self.n_chunks + (1 if c < b % self.n_chunks else 0) for c in range(self.n_chunks)]
@@ -318,7 +325,8 @@ class JointExampleSelector:
             if t + 1 < len(sizes):
                 for (m, _), st in zip(models, states):
                     self._add_chunk(m, st, new)
-            logger.debug("JEST step %d: chose %d, mean score %.4g", t, size, float(score[new].mean()))
+            if logger.isEnabledFor(logging.DEBUG):  # float() syncs the GPU: only when asked
+                logger.debug("JEST step %d: chose %d, mean score %.4g", t, size, float(score[new].mean()))
         return torch.cat(picks), history
 
     def _init_state(self, m: _Model) -> dict:
@@ -434,8 +442,8 @@ class JointExampleSelector:
         # (seed, step) mixed by numpy's SeedSequence: nearby seeds/steps give unrelated streams.
         mixed = int(np.random.SeedSequence([self.seed, int(step)]).generate_state(1, dtype=np.uint64)[0] >> 1)
         gen = torch.Generator().manual_seed(mixed)
-        u = torch.rand(self.n_chunks, n, generator=gen, dtype=torch.float64).clamp_(1e-300, 1.0)
-        return (-torch.log(-torch.log(u))).float().to(device)
+        u = torch.rand(self.n_chunks, n, generator=gen).clamp_(min=1e-12)
+        return (-torch.log(-torch.log(u))).to(device)
 
     def _prepare(self, learner, reference, group):
         need_l = self.score in ("learnability", "hard_learner")
@@ -470,6 +478,8 @@ class JointExampleSelector:
         check_embeddings(f"{name} q", q)
         check_embeddings(f"{name} k", k)
         check_same_device_dtype([f"{name} q", f"{name} k"], [q, k])
+        check_normalized(f"{name} q", q)
+        check_normalized(f"{name} k", k)
         if q.shape != k.shape:
             raise BatchlabInputError(
                 f"{name} q and k must have the same shape (one key per query), got {tuple(q.shape)} and {tuple(k.shape)}"
