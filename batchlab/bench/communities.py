@@ -22,7 +22,8 @@ the false negatives B3's guard ``p`` is meant to skip; topics are the communitie
 ``--large-n 1000000`` also times graph + partitions at that size on a synthetic
 neighbour table (random neighbours inside planted topics, no kNN), so that the 1M
 figures are measured, not extrapolated. The 1M x 768 kNN time is extrapolated from a
-kNN measured at d=768 (cost ~ N^2 d); the JSON says which numbers are which.
+kNN measured at d=768 (exact ``flat`` and approximate ``ivf``; both cost ~ N^2 d with
+the index's default ``nprobe = nlist / 64``); the JSON says which numbers are which.
 
 Run ``python -m batchlab.bench.communities --sizes 10000,100000`` (or ``batchlab bench communities``).
 """
@@ -62,11 +63,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, from {', '.join(METHODS)}")
     parser.add_argument("--networkx-max-n", type=int, default=100000, help="skip networkx above this N")
     parser.add_argument("--index-kind", default="flat", help="EmbeddingIndex kind for the kNN (flat = exact faiss)")
-    parser.add_argument("--knn-d768-n", type=int, default=20000, help="also time a kNN at this N with d=768 (0: skip)")
+    parser.add_argument("--knn-d768", default="flat:20000,ivf:100000",
+                        help="also time kNN at d=768 as KIND:N pairs, for the 1M estimate ('' to skip)")
     parser.add_argument("--large-n", type=int, default=0, help="also time graph + partitions at this N (synthetic neighbours)")
     parser.add_argument("--large-methods", default="metis,louvain-igraph,leiden-igraph")
     parser.add_argument("--threads", type=int, default=1, help="torch/faiss threads (1: stable timings on a shared box)")
     parser.add_argument("--no-batches", action="store_true", help="timings and partition quality only (no batch statistics)")
+    parser.add_argument("--tag", default="", help="suffix of the results file name (e.g. 1M)")
 
 
 # -- data ----------------------------------------------------------------------
@@ -283,13 +286,16 @@ def run(args) -> int:
     if batch_rows:
         print(format_table(batch_rows, ["n", "batches", "top10_sim", "top10_x_random", "neg_sim",
                                         "neg_sim_minus_random", "false_neg"]))
-    knn768 = None
-    if args.knn_d768_n:
-        x768, _, _ = planted_data(args.knn_d768_n, 768, args.topic_size, args.dup, args.sigma, args.dup_sigma, args.seed)
+    knn768 = []
+    for spec in filter(None, args.knn_d768.split(",")):
+        kind, n768 = spec.split(":")
+        x768, _, _ = planted_data(int(n768), 768, args.topic_size, args.dup, args.sigma, args.dup_sigma, args.seed)
         x768 = x768.to(args.device)
-        _, t = _timed(lambda: knn(x768, args.rank_window[1], kind=args.index_kind, progress=False))
-        knn768 = {"n": args.knn_d768_n, "d": 768, "knn_s": t}
-        print(format_table([knn768]))
+        _, t = _timed(lambda: knn(x768, args.rank_window[1], kind=kind, progress=False, seed=args.seed))
+        knn768.append({"kind": kind, "n": int(n768), "d": 768, "knn_s": t})
+        del x768
+    if knn768:
+        print(format_table(knn768))
     large = run_large(args, args.large_n, [m for m in args.large_methods.split(",") if m]) if args.large_n else []
     if large:
         print(format_table(large))
@@ -297,9 +303,12 @@ def run(args) -> int:
     # 1M x 768 end to end: measured where --large-n 1000000 ran, else extrapolated
     target = 1_000_000
     estimate: dict[str, Any] = {"n": target, "d": 768}
-    if knn768:
-        estimate["knn_s"] = knn768["knn_s"] * (target / knn768["n"]) ** 2
-        estimate["knn_how"] = f"estimated: measured at N={knn768['n']}, d=768, scaled by N^2 ({args.index_kind}, {args.threads} thread(s))"
+    for row in knn768:
+        # flat is N^2 d; so is IVF with the index's default nprobe = nlist / 64 (a fixed share of the lists)
+        estimate[f"knn_{row['kind']}_s"] = row["knn_s"] * (target / row["n"]) ** 2
+        estimate[f"knn_{row['kind']}_how"] = (
+            f"estimated: measured at N={row['n']}, d=768, scaled by N^2 ({args.threads} thread(s))"
+        )
     measured_large = {r["stage"]: r["seconds"] for r in large if r["n"] == target}
     for stage, key in [("graph", "graph_s"), *[(m, m) for m in methods if m != "louvain-networkx"]]:
         large_key = "graph (synthetic neighbours)" if stage == "graph" else stage
@@ -328,7 +337,7 @@ def run(args) -> int:
         "notes": "one timed run per cell (no repeats: the anchors take minutes); partition times include "
         "batchlab's size repair; networkx times include building the networkx graph",
     }
-    path = write_results(args.out, f"communities-{tag}", payload)
+    path = write_results(args.out, f"communities-{tag}" + (f"-{args.tag}" if args.tag else ""), payload)
     series = {}
     for method in methods:
         pts = [(r["n"], r["total_s"]) for r in rows if r["method"] == method]
