@@ -176,7 +176,8 @@ def _measure(label, step, n, args, gen):
     return row
 
 
-def run_benchmark(args) -> list[dict]:
+def run_benchmark(args, checkpoint=None) -> list[dict]:
+    """All rows; ``checkpoint(rows)`` is called after each one (partial results survive a time limit)."""
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     rows = []
     anchors = {name: _anchor_step(name) for name in args.anchors}
@@ -188,6 +189,8 @@ def run_benchmark(args) -> list[dict]:
             rows.append(row)
             log.info("%s", row)
             print(format_table([row]), flush=True)
+            if checkpoint:
+                checkpoint(rows)
         for name, step in anchors.items():
             if step is None:
                 rows.append({"method": name, "N": n, "d": args.dim, "ms": None, "status": "not installed"})
@@ -197,6 +200,8 @@ def run_benchmark(args) -> list[dict]:
             row = _measure(name, step, n, args, gen)
             rows.append(row)
             print(format_table([row]), flush=True)
+            if checkpoint:
+                checkpoint(rows)
             if row["status"] != "ok":  # larger N will not fit either
                 failed.add(name)
     base = {(r["N"]): r["ms"] for r in rows if r["method"] == "batchlab triton info_nce" and r.get("ms")}
@@ -228,7 +233,8 @@ def best_configs(sweep_rows: list[dict]) -> dict[str, dict[str, int]]:
     for r in sweep_rows:
         target = judge.get(r["kernel"])
         if target and r.get("ms") and (target not in best or r["ms"] < best[target][0]):
-            best[target] = (r["ms"], {key: r[key] for key in ("BM", "BN", "BD", "num_warps", "num_stages")})
+            best[target] = (r["ms"], {key: r[key] for key in ("BM", "BN", "BD", "num_warps", "num_stages", "FLAT")
+                                      if key in r})
     return {key: cfg for key, (_, cfg) in best.items()}
 
 
@@ -267,8 +273,9 @@ def run_sweep(args) -> list[dict]:
     }
     flops = {"fwd": 2 * n * n * d, "bwd": 6 * n * n * d, "bwd_kernel_only": 2 * n * n * d, "siglip": 6 * n * n * d}
     config_of = {"fwd": "fwd", "bwd": "bwd", "bwd_kernel_only": "bwd", "siglip": "siglip"}
+    flat = [dict(cfg, FLAT=1) for cfg in SWEEP_CONFIGS[1:5]]
     for kernel, fn in kernels.items():
-        for cfg in SWEEP_CONFIGS:
+        for cfg in SWEEP_CONFIGS + (flat if kernel == "fwd" else []):
             _launch.CONFIGS[config_of[kernel]] = dict(cfg)
             try:
                 ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
@@ -306,11 +313,16 @@ def run(args) -> int:
     from batchlab.losses.triton import _launch
 
     configs = {key: dict(val) for key, val in _launch.CONFIGS.items()}
-    rows = run_benchmark(args)
+    name = f"losses-triton-{slug}{args.tag}"
+
+    def checkpoint(rows):
+        write_results(args.out, name, {"gpu": gpu, "dim": args.dim, "dtype": args.dtype, "rows": rows,
+                                       "partial": True, "triton_configs": configs})
+
+    rows = run_benchmark(args, checkpoint)
     columns = ["method", "N", "ms", "peak_gib", "beyond_grads_gib", "tflops_vs_floor", "ratio_to_triton_info_nce",
                "status"]
     print(format_table(rows, columns))
-    name = f"losses-triton-{slug}{args.tag}"
     write_results(args.out, name, {"gpu": gpu, "dim": args.dim, "dtype": args.dtype, "rows": rows,
                                    "floor_flops": "8 N^2 d", "triton_configs": configs,
                                    "logit_scale": 1 / 0.07})

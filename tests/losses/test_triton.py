@@ -36,7 +36,7 @@ if "batchlab.losses.triton._kernels" in sys.modules:  # defined without the inte
     importlib.reload(sys.modules["batchlab.losses.triton._kernels"])
 
 from batchlab.losses import LSE, dcl, info_nce, siglip  # noqa: E402
-from batchlab.losses.triton import _lse, triton_available, triton_info_nce  # noqa: E402
+from batchlab.losses.triton import _launch, _lse, triton_available, triton_info_nce  # noqa: E402
 
 VALUE_RTOL = 1e-5
 GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 1.5e-2, torch.float16: 1.5e-2}
@@ -107,8 +107,13 @@ def test_info_nce_matches_float64(n, d, dtype, symmetric, gen):
         assert lse.col is None
 
 
-def test_symmetric_info_nce_explicit_formula(gen):
-    """The headline loss against the formula written out in float64 (no library code)."""
+@pytest.mark.parametrize("flat", [0, 1])
+def test_symmetric_info_nce_explicit_formula(flat, gen, monkeypatch):
+    """The headline loss against the formula written out in float64 (no library code).
+
+    Both forward loop shapes: nested (tiles, then d chunks) and flat (one loop over both).
+    """
+    monkeypatch.setitem(_launch.INTERPRET_CONFIG, "FLAT", flat)
     n, d = 33, 40
     q, k = unit(n, d, gen, torch.float32), unit(n, d, gen, torch.float32)
     s = torch.tensor(20.0)

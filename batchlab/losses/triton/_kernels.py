@@ -97,12 +97,32 @@ def _store_logit_grad(out_ptr, g, ginv, rows, cols, r0, stride_out, mask):
 
 
 @triton.jit
+def _fwd_tile(acc, rows, cols, m_i, l_i, s2, ref2, col_sum_ptr, tgt_ptr, N, M,
+              COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr, TGT_ON_COLS: tl.constexpr,
+              ONE_EXP: tl.constexpr):
+    """Fold one tile of ``q . k`` into the rows' online (max, sum) and the columns' shifted sums."""
+    l2 = acc * s2
+    valid = _valid(rows, cols, N, M, tgt_ptr, EXCLUDE, HAS_TGT, TGT_ON_COLS)
+    l2m = tl.where(valid, l2, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(l2m, 1))
+    p = tl.exp2(l2m - m_new[:, None])
+    l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1)
+    if COLS:
+        if ONE_EXP:  # 2^(l2 - ref2) = p * 2^(m_new - ref2): exact while p cannot underflow
+            pc = p * tl.exp2(m_new - ref2)[:, None]
+        else:
+            pc = tl.where(valid, tl.exp2(l2 - ref2), 0.0)
+        tl.atomic_add(col_sum_ptr + cols, tl.sum(pc, 0), mask=cols < M, sem="relaxed")
+    return m_new, l_i
+
+
+@triton.jit
 def lse_fwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ref2,
                    row_m_ptr, row_l_ptr, col_sum_ptr,
                    N, M, D, stride_q, stride_k, tiles_per_group,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                    COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr, TGT_ON_COLS: tl.constexpr,
-                   ONE_EXP: tl.constexpr,
+                   ONE_EXP: tl.constexpr, FLAT: tl.constexpr,
                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
@@ -114,22 +134,40 @@ def lse_fwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ref2,
     n_tiles = tl.cdiv(M, BN)
     t_start = pid_g * tiles_per_group
     t_end = tl.minimum(t_start + tiles_per_group, n_tiles)
-    for t in range(t_start, t_end):
-        cols = t * BN + tl.arange(0, BN)
-        acc = _tile_dot(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC)
-        l2 = acc * s2
-        valid = _valid(rows, cols, N, M, tgt_ptr, EXCLUDE, HAS_TGT, TGT_ON_COLS)
-        l2m = tl.where(valid, l2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(l2m, 1))
-        p = tl.exp2(l2m - m_new[:, None])
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1)
-        m_i = m_new
-        if COLS:
-            if ONE_EXP:  # 2^(l2 - ref2) = p * 2^(m_new - ref2): exact while p cannot underflow
-                pc = p * tl.exp2(m_new - ref2)[:, None]
+    if FLAT:
+        # One loop over (tile, d chunk) pairs, so that the loads of the next tile are
+        # pipelined under the current tile's epilogue.
+        n_d = tl.cdiv(D, BD)
+        rows_c = tl.minimum(rows, N - 1)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for it in range(0, (t_end - t_start) * n_d):
+            t = t_start + it // n_d
+            kd = it % n_d
+            cols = t * BN + tl.arange(0, BN)
+            cols_c = tl.minimum(cols, M - 1)
+            dd = kd * BD + tl.arange(0, BD)
+            q_ptrs = q_ptr + rows_c[:, None].to(tl.int64) * stride_q + dd[None, :]
+            k_ptrs = k_ptr + cols_c[:, None].to(tl.int64) * stride_k + dd[None, :]
+            if EVEN_D:
+                a = tl.load(q_ptrs)
+                b = tl.load(k_ptrs)
             else:
-                pc = tl.where(valid, tl.exp2(l2 - ref2), 0.0)
-            tl.atomic_add(col_sum_ptr + cols, tl.sum(pc, 0), mask=cols < M, sem="relaxed")
+                a = tl.load(q_ptrs, mask=dd[None, :] < D, other=0.0)
+                b = tl.load(k_ptrs, mask=dd[None, :] < D, other=0.0)
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+            if kd == n_d - 1:
+                m_i, l_i = _fwd_tile(acc, rows, cols, m_i, l_i, s2, ref2, col_sum_ptr, tgt_ptr, N, M,
+                                     COLS, EXCLUDE, HAS_TGT, TGT_ON_COLS, ONE_EXP)
+                acc = tl.zeros((BM, BN), dtype=tl.float32)
+    else:
+        for t in range(t_start, t_end):
+            cols = t * BN + tl.arange(0, BN)
+            acc = _tile_dot(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC)
+            m_i, l_i = _fwd_tile(acc, rows, cols, m_i, l_i, s2, ref2, col_sum_ptr, tgt_ptr, N, M,
+                                 COLS, EXCLUDE, HAS_TGT, TGT_ON_COLS, ONE_EXP)
     out = pid_g.to(tl.int64) * N + rows
     tl.store(row_m_ptr + out, m_i, mask=rows < N)
     tl.store(row_l_ptr + out, l_i, mask=rows < N)

@@ -19,20 +19,25 @@ def interpreting() -> bool:
 #: Chosen by a sweep on one H100 (d=512, bf16; ``batchlab/losses/triton/sweep.py``).
 #: Edit at run time to try others (the sweep does this).
 CONFIGS: dict[str, dict[str, int]] = {
-    "fwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3),
+    "fwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, FLAT=0),
     "bwd": dict(BM=256, BN=128, BD=64, num_warps=8, num_stages=3),
     "siglip": dict(BM=64, BN=128, BD=64, num_warps=4, num_stages=4),
 }
 #: fp32 inputs double the bytes per chunk: halve the d chunk.
 FP32_BD = 32
 #: Small blocks in the interpreter: several tiles and d chunks even at test sizes.
-INTERPRET_CONFIG = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1)
+INTERPRET_CONFIG = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, FLAT=0)
 
 
 def config(kernel: str, dtype: torch.dtype) -> dict[str, int]:
+    """Launch keywords for ``kernel`` ("fwd" also carries its FLAT loop switch)."""
+    cfg = dict(INTERPRET_CONFIG) if interpreting() else dict(CONFIGS[kernel])
+    if kernel == "fwd":
+        cfg.setdefault("FLAT", 0)
+    else:
+        cfg.pop("FLAT", None)
     if interpreting():
-        return dict(INTERPRET_CONFIG)
-    cfg = dict(CONFIGS[kernel])
+        return cfg
     if dtype == torch.float32:
         cfg["BD"] = min(cfg["BD"], FP32_BD)
     return cfg
