@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quality", action="store_true",
                         help="run the quality experiment instead (codesearch, JEST vs uniform, CPU, a few minutes)")
     parser.add_argument("--quality-steps", type=int, default=300)
+    parser.add_argument("--quality-seeds", type=int, default=3)
+    parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--quality-batch", type=int, default=128)
     parser.add_argument("--reference-steps", type=int, default=300)
     parser.add_argument("--reference-fraction", type=float, default=0.3,
@@ -138,6 +140,34 @@ def _train_step_anchor(b, d, device, micro, repeats, with_vit, gen):
     return loss_s, vit_s, micro_s
 
 
+def _time_variant(args, device, sizes, n, d, repeats, loss, impl, precision, label, rows, reference_out):
+    xs, ys = [], []
+    for size in sizes:
+        (q_l, k_l), (q_r, k_r) = _embeddings(size, d, device, args.seed)
+        extra = (-10.0,) if loss == "siglip" else ()
+        sel = JointExampleSelector(n_chunks=args.chunks, filter_ratio=args.filter_ratio, loss=loss,
+                                   seed=args.seed, precision=precision, impl=impl)
+        learner, reference = (q_l, k_l, 10.0, *extra), (q_r, k_r, 10.0, *extra)
+        fn = lambda: sel.select(learner=learner, reference=reference, step=0)  # noqa: E731
+        secs = time_call(fn, device=device, warmup=1, repeats=repeats)
+        xs.append(size)
+        ys.append(secs * 1e3)
+        if size != n:
+            continue
+        row = {"what": label, "N": size, "ms": secs * 1e3, "peak_MB": _mb(peak_memory_call(fn, device))}
+        out = sel.select(learner=learner, reference=reference, step=0, return_scores=True)
+        if precision == "float32":
+            reference_out[loss] = out
+        elif loss in reference_out:
+            # step 1 is comparable across variants: the first chunk is random with the same noise
+            ref = reference_out[loss]
+            fin = torch.isfinite(ref.scores[1])
+            row["max |dscore| step 1"] = float((out.scores[1][fin] - ref.scores[1][fin]).abs().max())
+            row["same picks"] = float(torch.isin(out.indices, ref.indices).float().mean())
+        rows.append(row)
+    return xs, ys
+
+
 def run(args) -> int:
     torch.set_num_threads(args.threads)
     if args.quality:
@@ -160,30 +190,13 @@ def run(args) -> int:
     rows, series, reference_out = [], {}, {}
     for loss, impl, precision in variants:
         label = f"JEST {loss} {impl} {precision}"
-        xs, ys = [], []
-        for size in sizes:
-            (q_l, k_l), (q_r, k_r) = _embeddings(size, d, device, args.seed)
-            extra = (-10.0,) if loss == "siglip" else ()
-            sel = JointExampleSelector(n_chunks=args.chunks, filter_ratio=args.filter_ratio, loss=loss,
-                                       seed=args.seed, precision=precision, impl=impl)
-            learner, reference = (q_l, k_l, 10.0, *extra), (q_r, k_r, 10.0, *extra)
-            fn = lambda: sel.select(learner=learner, reference=reference, step=0)  # noqa: E731
-            secs = time_call(fn, device=device, warmup=1, repeats=repeats)
-            xs.append(size)
-            ys.append(secs * 1e3)
-            if size != n:
-                continue
-            row = {"what": label, "N": size, "ms": secs * 1e3, "peak_MB": _mb(peak_memory_call(fn, device))}
-            out = sel.select(learner=learner, reference=reference, step=0, return_scores=True)
-            if precision == "float32":
-                reference_out[loss] = out
-            elif loss in reference_out:
-                # step 1 is comparable across variants: the first chunk is random with the same noise
-                ref = reference_out[loss]
-                fin = torch.isfinite(ref.scores[1])
-                row["max |dscore| step 1"] = float((out.scores[1][fin] - ref.scores[1][fin]).abs().max())
-                row["same picks"] = float(torch.isin(out.indices, ref.indices).float().mean())
-            rows.append(row)
+        try:
+            xs, ys = _time_variant(args, device, sizes, n, d, repeats, loss, impl, precision, label, rows,
+                                   reference_out)
+        except Exception as exc:  # one failing variant (e.g. a kernel on a new GPU) must not lose the rest
+            logger.exception("variant %s failed", label)
+            rows.append({"what": label, "N": n, "error": f"{type(exc).__name__}: {exc}"[:300]})
+            continue
         series[label] = (xs, ys)
 
     xs, ys = [], []
@@ -210,14 +223,14 @@ def run(args) -> int:
                      "N": b, "ms": vit_s * 1e3, "peak_MB": None})
     rows.append({"what": "anchor: training step (sum)", "N": b, "ms": step_ms, "peak_MB": None})
     for row in rows:
-        row["% of step"] = 100.0 * row["ms"] / step_ms
+        row["% of step"] = 100.0 * row["ms"] / step_ms if "ms" in row else None
     naive = next((r["ms"] for r in rows if r["what"].startswith("anchor: naive")), None)
     for row in rows:
-        row["x vs naive"] = (naive / row["ms"]) if naive and row["what"].startswith("JEST") else None
+        row["x vs naive"] = (naive / row["ms"]) if naive and "ms" in row and row["what"].startswith("JEST") else None
 
     print(f"device: {device_name(device)}; N={n}, b={b}, d={d}, chunks={args.chunks}")
     print(format_table(rows, ["what", "N", "ms", "% of step", "x vs naive", "peak_MB", "max |dscore| step 1",
-                              "same picks"]))
+                              "same picks", "error"]))
     tag = "cpu" if not cuda else re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-")
     payload = {
         "benchmark": NAME, "device": device_name(device),
@@ -311,35 +324,23 @@ def _train(model, q_tok, d_tok, pool, steps, batch, scale, seed, selector=None, 
     return curve
 
 
-def run_quality(args) -> int:
-    """Learner from scratch, JEST (reference trained on held-out data) vs uniform batches, on codesearch."""
+def _quality_seed(seed, args, data, evaluate):
+    """One seed: a reference trained on held-out modules, then uniform and JEST learners from scratch."""
     import tempfile
 
-    from batchlab.datasets.codesearch import load_codesearch
-    from batchlab.recipes.evaluate import retrieval_metrics
     from batchlab.samplers.reference_cache import ReferenceEmbeddingCache, model_hash
 
-    torch.manual_seed(args.seed)
-    buckets, scale, batch = 1 << 14, 20.0, args.quality_batch
-    train, test = load_codesearch("train", progress=False), load_codesearch("test", progress=False)
-    q_tok, d_tok = _Tokenized(train.queries, buckets), _Tokenized(train.documents, buckets)
-    tq_tok, td_tok = _Tokenized(test.queries, buckets), _Tokenized(test.documents, buckets)
-    # held-out split of the training modules for the reference model (by module, like the test split)
+    train, q_tok, d_tok, buckets = data
+    scale, batch = 20.0, args.quality_batch
+    # the reference's data: a held-out share of the training *modules* (like the test split)
     modules = sorted(set(train.modules))
-    perm = torch.randperm(len(modules), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    perm = torch.randperm(len(modules), generator=torch.Generator().manual_seed(seed)).tolist()
     held = {modules[i] for i in perm[: int(len(modules) * args.reference_fraction)]}
     ref_pool = torch.tensor([i for i, m in enumerate(train.modules) if m in held])
     pool = torch.tensor([i for i, m in enumerate(train.modules) if m not in held])
-    all_test = torch.arange(len(test))
 
-    def evaluate(model):
-        with torch.no_grad():
-            q, d = _encode(model, tq_tok, td_tok, all_test)
-        return retrieval_metrics(q, d, ks=(1, 10))
-
-    reference = _DualEncoder(buckets, seed=args.seed + 1000)
-    _train(reference, q_tok, d_tok, ref_pool, args.reference_steps, batch, scale, args.seed + 1)
-    ref_metrics = evaluate(reference)
+    reference = _DualEncoder(buckets, seed=seed + 1000)
+    _train(reference, q_tok, d_tok, ref_pool, args.reference_steps, batch, scale, seed + 1)
     cache = ReferenceEmbeddingCache(tempfile.mkdtemp(prefix="jest-ref-"), model_hash(reference),
                                     num_examples=len(train), fields={"q": 64, "d": 64})
     cache.fill(lambda ids: dict(zip(("q", "d"), _encode(reference, q_tok, d_tok, ids))), ids=pool, progress=False)
@@ -348,40 +349,89 @@ def run_quality(args) -> int:
     for name in ("uniform", "JEST learnability"):
         selector = None
         if name != "uniform":
-            selector = JointExampleSelector(n_chunks=args.chunks, filter_ratio=0.8, seed=args.seed)
-        learner = _DualEncoder(buckets, seed=args.seed)
-        curves[name] = _train(learner, q_tok, d_tok, pool, args.quality_steps, batch, scale, args.seed + 2,
-                              selector=selector, ref_cache=cache, evaluate=evaluate)
-        logger.info("%s: final %s", name, curves[name][-1])
+            selector = JointExampleSelector(n_chunks=args.chunks, filter_ratio=0.8, seed=seed)
+        learner = _DualEncoder(buckets, seed=seed)
+        curves[name] = _train(learner, q_tok, d_tok, pool, args.quality_steps, batch, scale, seed + 2,
+                              selector=selector, ref_cache=cache, evaluate=evaluate, eval_every=args.eval_every)
+        logger.info("seed %d %s: final %s", seed, name, curves[name][-1])
+    return curves, evaluate(reference), (pool.numel(), ref_pool.numel())
 
-    target = curves["uniform"][-1][1]["mrr"]
-    reach = next((s for s, m in curves["JEST learnability"] if m["mrr"] >= target), None)
-    rows = [{"run": name, **{f"{k} @{c[-1][0]}": v for k, v in c[-1][1].items()}} for name, c in curves.items()]
-    rows.append({"run": "reference (held-out modules)", **{f"{k} @{args.reference_steps}": v
-                                                            for k, v in ref_metrics.items()}})
-    print(format_table(rows))
+
+def _steps_to(curve, target):
+    return next((s for s, m in curve if m >= target), None)
+
+
+def run_quality(args) -> int:
+    """Learner from scratch, JEST (reference trained on held-out data) vs uniform batches, on codesearch."""
+    from batchlab.datasets.codesearch import load_codesearch
+    from batchlab.recipes.evaluate import retrieval_metrics
+
+    buckets = 1 << 14
+    train, test = load_codesearch("train", progress=False), load_codesearch("test", progress=False)
+    q_tok, d_tok = _Tokenized(train.queries, buckets), _Tokenized(train.documents, buckets)
+    tq_tok, td_tok = _Tokenized(test.queries, buckets), _Tokenized(test.documents, buckets)
+    all_test = torch.arange(len(test))
+
+    def evaluate(model):
+        with torch.no_grad():
+            q, d = _encode(model, tq_tok, td_tok, all_test)
+        return retrieval_metrics(q, d, ks=(1, 10))
+
+    seeds = [args.seed + i for i in range(args.quality_seeds)]
+    per_seed, ref_metrics = {}, {}
+    for seed in seeds:
+        curves, ref_metrics[seed], sizes = _quality_seed(seed, args, (train, q_tok, d_tok, buckets), evaluate)
+        per_seed[seed] = curves
+
+    steps = [s for s, _ in per_seed[seeds[0]]["uniform"]]
+    mean = {name: [sum(per_seed[sd][name][i][1]["mrr"] for sd in seeds) / len(seeds) for i in range(len(steps))]
+            for name in ("uniform", "JEST learnability")}
+    target = mean["uniform"][-1]
+    reach = _steps_to(list(zip(steps, mean["JEST learnability"])), target)
     ratio = None if reach is None else reach / args.quality_steps
-    print(f"JEST reaches uniform's final MRR ({target:.4f} at step {args.quality_steps}) at step {reach} "
-          f"(ratio {ratio}); target: <= 0.5")
+    seed_ratios = {}
+    for sd in seeds:
+        u_final = per_seed[sd]["uniform"][-1][1]["mrr"]
+        r = _steps_to([(s, m["mrr"]) for s, m in per_seed[sd]["JEST learnability"]], u_final)
+        seed_ratios[sd] = None if r is None else r / args.quality_steps
+
+    rows = []
+    for name in ("uniform", "JEST learnability"):
+        finals = [per_seed[sd][name][-1][1] for sd in seeds]
+        rows.append({"run": name, **{f"{k} @{args.quality_steps}": sum(f[k] for f in finals) / len(finals)
+                                     for k in finals[0]}})
+    rows.append({"run": f"reference ({args.reference_steps} steps, held-out modules)",
+                 **{f"{k} @{args.quality_steps}": sum(ref_metrics[sd][k] for sd in seeds) / len(seeds)
+                    for k in ref_metrics[seeds[0]]}})
+    print(f"codesearch, mean of {len(seeds)} seeds; learner pool {sizes[0]}, reference pool {sizes[1]}, test {len(test)}")
+    print(format_table(rows))
+    print(f"JEST reaches uniform's final mean MRR ({target:.4f} at step {args.quality_steps}) at step {reach} "
+          f"(ratio {ratio}; per seed {seed_ratios}); target: <= 0.5")
     payload = {
         "benchmark": "jest-quality", "device": device_name("cpu"),
-        "dataset": f"codesearch (train {len(train)}: learner pool {pool.numel()}, reference pool "
-                   f"{ref_pool.numel()} from held-out modules; test {len(test)})",
-        "model": "hashed bag-of-words dual encoder (shared EmbeddingBag 2^14 x 64, a linear 64 per tower), InfoNCE, scale 20",
-        "config": {"batch": batch, "super_batch": batch * 5, "chunks": args.chunks, "steps": args.quality_steps,
-                   "reference_steps": args.reference_steps, "seed": args.seed},
+        "dataset": f"codesearch (train {len(train)}: learner pool {sizes[0]}, reference pool {sizes[1]} "
+                   f"from held-out modules; test {len(test)})",
+        "model": "hashed bag-of-words dual encoder (shared EmbeddingBag 2^14 x 64, a linear 64 per tower), "
+                 "InfoNCE, scale 20, Adam 3e-3",
+        "config": {"batch": args.quality_batch, "super_batch": args.quality_batch * 5, "chunks": args.chunks,
+                   "steps": args.quality_steps, "reference_steps": args.reference_steps,
+                   "reference_fraction": args.reference_fraction, "seeds": seeds, "eval_every": args.eval_every},
         "reference_metrics": ref_metrics,
-        "curves": {k: [{"step": s, **m} for s, m in v] for k, v in curves.items()},
-        "uniform_final_mrr": target, "jest_steps_to_uniform_final": reach, "step_ratio": ratio,
+        "mean_mrr": {"step": steps, **mean},
+        "curves": {sd: {k: [{"step": s, **m} for s, m in v] for k, v in c.items()} for sd, c in per_seed.items()},
+        "uniform_final_mean_mrr": target, "jest_steps_to_uniform_final": reach, "step_ratio": ratio,
+        "step_ratio_per_seed": seed_ratios,
         "target": "JEST reaches uniform's final retrieval quality in at most half the steps",
     }
     path = write_results(args.out, "jest-quality-cpu", payload)
-    series = {k: ([s for s, _ in v], [m["mrr"] for _, m in v]) for k, v in curves.items()}
-    series["reference model"] = ([curves["uniform"][0][0], args.quality_steps], [ref_metrics["mrr"]] * 2)
+    series = {f"{k} (mean of {len(seeds)} seeds)": (steps, v) for k, v in mean.items()}
+    ref_mean = sum(ref_metrics[sd]["mrr"] for sd in seeds) / len(seeds)
+    series["reference model"] = ([steps[0], steps[-1]], [ref_mean, ref_mean])
     plot_series(Path(args.out) / "jest-quality-cpu.png", series, xlabel="learner step", ylabel="test MRR",
                 title="JEST vs uniform batches (codesearch, CPU)", logx=False, logy=False)
     print(f"wrote {path}")
     return 0
+
 
 def _mb(nbytes):
     return None if nbytes is None else nbytes / 2**20
