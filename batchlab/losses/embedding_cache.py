@@ -192,7 +192,8 @@ class EmbeddingCache:
     def backward(self) -> None:
         """Phase 3: re-encode chunk by chunk with autograd and push the cached embedding gradients.
 
-        Towers whose embeddings got no gradient (the loss ignored them) are skipped.
+        Towers whose embeddings got no gradient (the loss ignored them) are skipped, and so
+        are frozen towers (their first re-encoded chunk needs no gradient).
         """
         if self._pending is None or self._embeddings is None:
             raise BatchlabInputError("call encode() (and loss.backward()) before backward(), or use step()")
@@ -203,9 +204,12 @@ class EmbeddingCache:
                 if emb.grad is None:
                     bar.update(len(chunks))
                     continue
-                for start, stop, state in chunks:
+                for done, (start, stop, state) in enumerate(chunks):
                     with state.replay() if state is not None else nullcontext():
                         out = _call(encoder, _take(x, start, stop))
+                    if not out.requires_grad:  # a frozen tower (LiT's locked image tower): nothing to push
+                        bar.update(len(chunks) - done)
+                        break
                     out.backward(emb.grad[start:stop].to(out.dtype))
                     bar.update()
 

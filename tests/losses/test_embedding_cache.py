@@ -146,3 +146,17 @@ def test_bad_input(gen):
         EmbeddingCache(lambda x: {"f": enc(x)}, chunk_size=2).encode(torch.randn(5, 4))
     with pytest.raises(BatchlabInputError, match="scalar"):
         EmbeddingCache(enc, chunk_size=2).step(torch.randn(5, 4), loss_fn=lambda e: e.sum(1))
+
+
+def test_frozen_tower_is_skipped(gen):
+    """LiT: a locked image tower gets no gradient; the text tower's gradients still match."""
+    img, txt, logit_scale, x_img, x_txt, loss_fn = _setup(gen)
+    img.eval(), txt.eval()
+    img.requires_grad_(False)
+    loss_fn(img(x_img), txt(x_txt)).backward()
+    ref_grads = _params_grads([txt])
+    _zero(txt, logit_scale)
+    EmbeddingCache([img, txt], chunk_size=8).step(x_img, x_txt, loss_fn=loss_fn)
+    assert all(p.grad is None for p in img.parameters())
+    for got, want in zip(_params_grads([txt]), ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
