@@ -162,14 +162,22 @@ def detect_communities(
     """
     method = check_choice("method", method, ("louvain", "leiden"))
     nx_graph = graph if _is_networkx(graph) else None
-    if backend is None:
-        backend = "networkx" if nx_graph is not None else "igraph"
-    backend = check_choice("backend", backend, BACKENDS)
+    backend = _resolve_backend(method, backend, nx_graph)
+    return _detect(as_csr(graph), nx_graph, method, backend, seed, resolution)
+
+
+def _resolve_backend(method: str, backend: str | None, nx_graph: Any) -> str:
+    """igraph by default, networkx for a networkx graph; networkx has no Leiden."""
+    backend = check_choice("backend", backend or ("networkx" if nx_graph is not None else "igraph"), BACKENDS)
     if backend == "networkx" and method == "leiden":
         raise BatchlabInputError(
             'networkx has no Leiden implementation of its own; use backend="igraph" or method="louvain"'
         )
-    csr = as_csr(graph)
+    return backend
+
+
+def _detect(csr, nx_graph, method: str, backend: str, seed: int, resolution: float) -> np.ndarray:
+    """detect_communities on an already checked CSR graph (and the user's networkx graph, if any)."""
     start = time.perf_counter()
     if backend == "igraph":
         labels = _igraph_communities(csr, method, seed, resolution)
@@ -380,7 +388,8 @@ def partition_graph(
     if method == "metis":
         labels = _metis_parts(csr, max(1, round(n / k)), seed, use_weights)
     else:
-        labels = detect_communities(graph, method=method, backend=backend, seed=seed, resolution=resolution)
+        nx_graph = graph if _is_networkx(graph) else None
+        labels = _detect(csr, nx_graph, method, _resolve_backend(method, backend, nx_graph), seed, resolution)
     detected = time.perf_counter()
     groups = repair_sizes(labels, k, position=locality_order(csr))
     logger.info(

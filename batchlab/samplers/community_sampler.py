@@ -73,7 +73,9 @@ class CommunityBatchSampler(GlobalBatchSampler):
         Precomputed ``(N,)`` group ids (e.g. from ``batchlab build-batches``); skips
         the search and the partition.
     index_kwargs:
-        Passed to :func:`batchlab.index.knn` (``kind``, ``progress``, ...).
+        Passed to :func:`batchlab.index.knn` (``kind``, ``nprobe``, ...).
+    progress:
+        Progress bars for the kNN search (the partition is one library call; its time is logged).
 
     Attributes
     ----------
@@ -101,6 +103,7 @@ class CommunityBatchSampler(GlobalBatchSampler):
         neighbours: tuple[Any, Any] | None = None,
         groups: Any = None,
         index_kwargs: dict[str, Any] | None = None,
+        progress: bool = False,
     ) -> None:
         super().__init__(batch_size=batch_size, drop_last=drop_last, seed=seed, num_replicas=num_replicas, rank=rank)
         self.group_size = check_positive_int("group_size", group_size)
@@ -120,7 +123,8 @@ class CommunityBatchSampler(GlobalBatchSampler):
             if neighbours is not None:
                 self._keep_window(neighbours, self.groups.size)
         else:
-            self.groups = self._build(embeddings, neighbours, weights, backend, resolution, index_kwargs or {})
+            index_kwargs = {"progress": progress, **(index_kwargs or {})}
+            self.groups = self._build(embeddings, neighbours, weights, backend, resolution, index_kwargs)
         self.num_examples = int(self.groups.size)
         if self.extra_negatives and self.window_ids is None:
             raise BatchlabInputError(
@@ -171,7 +175,6 @@ class CommunityBatchSampler(GlobalBatchSampler):
             from batchlab.index import knn
 
             _, stop = clamp_window(self.rank_window, n)
-            index_kwargs.setdefault("progress", False)
             neighbours = knn(embeddings, stop, exclude_self=True, **index_kwargs)
         scores, ids = neighbours
         n = ids.shape[0]
