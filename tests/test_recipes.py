@@ -184,6 +184,15 @@ def test_dual_encoder_with_jest_and_siglip():
     assert selector.step == 2
 
 
+def test_embedding_cache_gives_the_same_training():
+    # GradCache computes the whole batch's gradient chunk by chunk: same losses as one pass
+    kwargs = dict(sampler="random", batch_size=32, epochs=2, progress=False, eval_every=0)
+    plain = train_dual_encoder(_pairs(64), _pairs(72)[64:], **kwargs)
+    cached = train_dual_encoder(_pairs(64), _pairs(72)[64:], embedding_cache=8, **kwargs)
+    assert cached.losses == pytest.approx(plain.losses, rel=1e-4)
+    assert cached.metrics == pytest.approx(plain.metrics, abs=1e-6)
+
+
 def test_dual_encoder_bad_input():
     with pytest.raises(BatchlabInputError, match="epochs"):
         train_dual_encoder(_pairs(8), _pairs(8), epochs=0)

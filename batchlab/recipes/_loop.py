@@ -112,6 +112,7 @@ def train_loop(
     warmup_steps: int = 20,
     selector=None,
     reference: Callable[[torch.Tensor], tuple] | None = None,
+    cache: tuple[Any, Callable[[torch.Tensor], tuple]] | None = None,
     eval_every: int = 1,
     out: str | Path | None = None,
     name: str = "run",
@@ -124,7 +125,9 @@ def train_loop(
     (it may rebuild it from a refreshed teacher). With ``selector`` (a
     :class:`~batchlab.samplers.JointExampleSelector`) each sampled batch is a
     super-batch and ``reference(indices) -> (q, k, scale)`` gives the reference model's
-    embeddings of it.
+    embeddings of it. With ``cache = (EmbeddingCache, inputs)``, where
+    ``inputs(indices)`` gives each tower's raw inputs, the batch is encoded in chunks
+    with cached embedding gradients (GradCache) instead of in one pass.
     """
     from tqdm.auto import tqdm
 
@@ -152,10 +155,15 @@ def train_loop(
                     learner_q, learner_k = encode(indices)
                     chosen = selector.select(learner=(learner_q, learner_k, head.scale()), reference=reference(indices))
                 indices = indices[chosen.cpu()]
-            q, k = encode(indices)
-            loss = head(q, k)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            if cache is None:
+                q, k = encode(indices)
+                loss = head(q, k)
+                loss.backward()
+            else:
+                embedding_cache, inputs = cache
+                normalize = torch.nn.functional.normalize
+                loss = embedding_cache.step(*inputs(indices), loss_fn=lambda a, b: head(normalize(a, dim=-1), normalize(b, dim=-1)))
             optimizer.step()
             scheduler.step()
             step += 1

@@ -82,6 +82,7 @@ def train_clip(
     refresh_every: int = 1,
     sampler_options: dict[str, Any] | None = None,
     jest=None,
+    embedding_cache: int | None = None,
     config: str = TINY_CLIP,
     device: str | torch.device = "cpu",
     seed: int = 0,
@@ -98,6 +99,8 @@ def train_clip(
     (PCA of the pixels: an offline teacher that needs no model), a tensor ``(N, d)``,
     :class:`~batchlab.recipes.teachers.TeacherViews`, or None. With ``jest`` and no
     teacher views the reference model is the pixel teacher on both sides.
+    ``embedding_cache`` (a chunk size) encodes each batch in chunks with
+    :class:`~batchlab.losses.EmbeddingCache`.
 
     Returns a :class:`~batchlab.recipes.TrainResult` whose metrics are image -> caption
     recall@1, recall@10 and MRR, where any caption of the image's class counts.
@@ -151,6 +154,11 @@ def train_clip(
         sampler, views, batch_size=sample_size, num_examples=len(images), seed=seed,
         model_views=model_views if use_model else None, refresh_every=refresh_every, options=sampler_options,
     )
+    cache = None
+    if embedding_cache is not None:
+        from batchlab.losses import EmbeddingCache
+
+        cache = (EmbeddingCache([model.encode_image, model.encode_text], embedding_cache), lambda indices: (images[indices], tokens[indices]))
     reference = None
     if jest is not None:
         ref_q, ref_d = views.queries.to(device), views.documents.to(device)
@@ -160,6 +168,6 @@ def train_clip(
 
     return train_loop(
         model=model, head=head, encode=encode, sampler_for_epoch=schedule, evaluate=evaluate, epochs=epochs, lr=lr,
-        selector=jest, reference=reference, eval_every=eval_every, out=Path(out) if out is not None else None,
+        selector=jest, reference=reference, cache=cache, eval_every=eval_every, out=Path(out) if out is not None else None,
         name=name, progress=progress,
     )

@@ -90,6 +90,7 @@ def train_dual_encoder(
     refresh_every: int = 1,
     sampler_options: dict[str, Any] | None = None,
     jest=None,
+    embedding_cache: int | None = None,
     config: str = TINY_TEXT,
     device: str | torch.device = "cpu",
     seed: int = 0,
@@ -129,6 +130,10 @@ def train_dual_encoder(
     jest :
         Optional :class:`~batchlab.samplers.JointExampleSelector`; its reference model is
         the teacher (TF-IDF when ``teacher`` gives no query/document views).
+    embedding_cache :
+        Optional chunk size: encode each batch in chunks of this many examples with
+        :class:`~batchlab.losses.EmbeddingCache` (GradCache), so a batch can be larger
+        than activation memory allows; the gradients are those of the whole batch.
     config :
         A tiny open_clip config (``batchlab-tiny-text``); only the text tower is built.
     device, seed :
@@ -191,6 +196,11 @@ def train_dual_encoder(
         options=sampler_options,
     )
 
+    cache = None
+    if embedding_cache is not None:
+        from batchlab.losses import EmbeddingCache
+
+        cache = (EmbeddingCache([model, model], embedding_cache), lambda indices: (tokens_q[indices], tokens_d[indices]))
     reference = None
     if jest is not None:
         ref_q, ref_d = views.queries.to(device), views.documents.to(device)
@@ -208,6 +218,7 @@ def train_dual_encoder(
         lr=lr,
         selector=jest,
         reference=reference,
+        cache=cache,
         eval_every=eval_every,
         out=Path(out) if out is not None else None,
         name=name,
