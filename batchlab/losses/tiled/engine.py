@@ -148,10 +148,6 @@ class Pairs:
     neg_mask: NegMask = None
     exclude_self: bool = False
 
-    @property
-    def sparse(self) -> bool:
-        return self.targets is not None
-
     def row_counts(self, n: int, device, dtype) -> torch.Tensor:
         """(N,) number of positives of each row."""
         if self.targets is not None:
