@@ -212,7 +212,8 @@ def test_build_batches_command_round_trip(data, tmp_path):
     assert args.func(args) == 0
     summary = json.loads((tmp_path / "b3" / "summary.json").read_text())
     assert summary["group_sizes"]["min"] >= 31 and summary["group_sizes"]["max"] <= 33
-    assert summary["hardness"]["community"] > summary["hardness"]["random"]
+    hardness = summary["hardness"]["top10_negative_similarity"]
+    assert hardness["community"] > hardness["random"]
     sampler = CommunityBatchSampler.from_artifacts(tmp_path / "b3", 256, embeddings=x, extra_negatives=1)
     expected = make(data, extra_negatives=1)
     np.testing.assert_array_equal(sampler.groups, expected.groups)
