@@ -126,16 +126,17 @@ def as_tensor(name: str, x: Any) -> torch.Tensor:
 
 
 def content_hash(x: torch.Tensor) -> str:
-    """blake2b of the float32 C-order bytes of ``x`` plus its shape (streamed in row blocks).
+    """blake2b of the C-order bytes of ``x`` plus its shape and dtype (streamed in row blocks).
 
-    Two embedding matrices with the same values hash equal whatever their dtype of
-    origin (float32 after conversion), device or memory layout.
+    Equal for equal values in the same dtype, whatever the device or memory layout; the
+    same values in another dtype hash differently (hashing the native bytes, without a
+    conversion, halves the work for float16 inputs: ~1 s per GB on one core).
     """
     h = hashlib.blake2b(digest_size=16)
-    h.update(repr(tuple(x.shape)).encode())
+    h.update(f"{tuple(x.shape)} {str(x.dtype).replace('torch.', '')}".encode())
     for start in range(0, x.shape[0], _ROW_BLOCK):
-        block = x[start : start + _ROW_BLOCK].detach().to("cpu", torch.float32).contiguous()
-        h.update(block.numpy().tobytes())
+        block = x[start : start + _ROW_BLOCK].detach().to("cpu").contiguous()
+        h.update(block.view(torch.uint8).numpy())
     return h.hexdigest()
 
 
@@ -630,18 +631,26 @@ class EmbeddingIndex:
         return hits / max(total, 1)
 
     def tune(self, k: int, target_recall: float = 0.95, *, queries: Any = None, sample: int = 1000,
-             max_steps: int = 8) -> float:
+             start: int | None = None, max_steps: int = 12) -> float:
         """Double ``nprobe`` (IVF kinds) or ``ef_search`` (HNSW) until recall@k on a sample of
         ``queries`` reaches ``target_recall`` (or the search is exhaustive); returns the recall.
 
         The search cost grows about linearly with ``nprobe``, so this finds the cheapest
-        setting (within a factor 2) that meets the target on this data.
+        setting (within a factor 2) that meets the target on this data. ``start`` sets the
+        first value tried (default: the current one, so tuning never lowers it). One exact
+        search of the sample is paid once; each step is one approximate search of it.
         """
         check_positive_int("k", k)
         if not 0.0 < target_recall <= 1.0:
             raise BatchlabInputError(f"target_recall must be in (0, 1], got {target_recall}")
         if not self.approximate:
             return 1.0
+        if start is not None:
+            check_positive_int("start", start)
+            if self.kind == "hnsw":
+                self.ef_search = start
+            else:
+                self.nprobe = min(start, self.nlist)
         t0 = time.perf_counter()
         for _ in range(max_steps):
             r = self.recall(queries, k=k, sample=sample)

@@ -265,13 +265,10 @@ def run(args) -> int:
             row["cpu_s"] = cpu * n / qn
             row["scaled"] = qn < n
             row["peak_extra_MiB"] = mem
-            if method == "anchor":
-                anchor_s = row["cpu_s"] if not on_cuda else row["seconds"]
-            mine_s = row["cpu_s"] if not on_cuda else row["seconds"]
-            row["anchor_over_this"] = (anchor_s / mine_s) if anchor_s else None
             logger.info("%s", row)
             print(format_table([row]), flush=True)
             rows.append(row)
+            _anchor_ratios(rows, on_cuda)
             _write(args, device, on_cuda, dtype, rows, None)  # partial results survive a time limit
             series.setdefault(method, ([], []))
             series[method][0].append(n)
@@ -290,6 +287,14 @@ def run(args) -> int:
                     ylabel="mining time (s)" if on_cuda else "mining CPU time (s, 1 thread)",
                     title=f"hard-negative mining, d={d}, k={k} ({device_name(device)[:40]})")
     return 0
+
+
+def _anchor_ratios(rows, on_cuda):
+    """anchor time / method time for every row with an anchor at the same N (CPU time on cpu)."""
+    key = "seconds" if on_cuda else "cpu_s"
+    anchors = {r["N"]: r[key] for r in rows if r["method"] == "anchor"}
+    for r in rows:
+        r["anchor_over_this"] = anchors[r["N"]] / r[key] if r["N"] in anchors and r[key] else None
 
 
 def _write(args, device, on_cuda, dtype, rows, extrapolation):

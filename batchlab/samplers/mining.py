@@ -183,9 +183,24 @@ def positives_csr(positive_ids: Any, num_queries: int, num_corpus: int) -> tuple
             arr = arr[:, None]
         if arr.dim() != 2:
             raise BatchlabInputError(f"positive_ids as an array must be (Q,) or (Q, P) padded with -1, got shape {tuple(arr.shape)}")
-        lists = [[int(v) for v in row if v >= 0] for row in arr.tolist()]
         if arr.numel() and int(arr.min()) < -1:
             raise BatchlabInputError("positive_ids: -1 is the only negative value allowed (padding)")
+        if arr.shape[0] != num_queries:
+            raise BatchlabInputError(
+                f"positive_ids has {arr.shape[0]} entries but there are {num_queries} queries; give one entry per query row"
+            )
+        # vectorised (1M queries in milliseconds): sort each row, drop padding and repeats
+        arr = torch.sort(arr.to(torch.int64), dim=1).values
+        keep = arr >= 0
+        keep[:, 1:] &= arr[:, 1:] != arr[:, :-1]
+        indices = arr[keep]
+        if indices.numel() and int(indices.max()) >= num_corpus:
+            raise BatchlabInputError(
+                f"positive id {int(indices.max())} is outside the corpus [0, {num_corpus}); ids must index corpus rows"
+            )
+        indptr = torch.zeros(num_queries + 1, dtype=torch.int64)
+        indptr[1:] = torch.cumsum(keep.sum(1), 0)
+        return indptr, indices
     else:
         try:
             lists = [[int(p)] if isinstance(p, (int, np.integer)) else [int(v) for v in p] for p in positive_ids]
@@ -398,6 +413,7 @@ def mine_hard_negatives(
     index_kwargs = dict(index_kwargs or {})
     metric = index_kwargs.get("metric", "ip") if index is None else index.metric
     info: dict[str, Any] = {"index_build_s": 0.0}
+    built_here = index is None
     if index is None:
         index_kwargs.setdefault("progress", progress)
         index_kwargs.setdefault("seed", seed)
@@ -413,7 +429,8 @@ def mine_hard_negatives(
         # tune at the depth mining searches, on these queries (not the corpus rows)
         depth = min(num_c, range_max + int(n_pos.max()) + (1 if self_ids is not None else 0))
         t0 = time.perf_counter()
-        index.tune(depth, target_recall=target_recall, queries=q_emb)
+        # an index built here starts from one probe; a given index keeps its setting as the floor
+        index.tune(depth, target_recall=target_recall, queries=q_emb, start=1 if built_here else None)
         info["index_tune_s"] = time.perf_counter() - t0
     info.update({f"index_{k}": v for k, v in index.info.items() if k.startswith(("recall", "tuned"))})
     device = index.device if index.kind in ("torch", "ivf-gemm") else torch.device("cpu")

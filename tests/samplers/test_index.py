@@ -7,7 +7,7 @@ import torch
 
 from batchlab.datasets.synthetic import gaussian_mixture
 from batchlab.errors import BatchlabInputError, StaleArtifactError
-from batchlab.index import EmbeddingIndex, exact_search, knn
+from batchlab.index import EmbeddingIndex, content_hash, exact_search, knn
 
 
 def brute_force(x, q, k, exclude=None):
@@ -192,3 +192,13 @@ def test_bad_input():
         EmbeddingIndex(torch.randint(0, 3, (4, 2)))
     with pytest.raises(BatchlabInputError, match="meta.json"):
         EmbeddingIndex.load("/nonexistent/index")
+
+
+def test_content_hash_native_bytes():
+    x = torch.randn(70000, 3)  # more than one hashing block
+    assert content_hash(x) == content_hash(x.clone()) == content_hash(torch.from_numpy(x.numpy().copy()))
+    assert content_hash(x) == content_hash(x.T.contiguous().T)  # layout does not matter
+    y = x.clone()
+    y[69999, 2] += 1e-6
+    assert content_hash(x) != content_hash(y)
+    assert content_hash(x) != content_hash(x.half()) and content_hash(x) != content_hash(x[:, :2])
