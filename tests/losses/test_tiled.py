@@ -362,3 +362,17 @@ def test_empty_extra_negatives(gen):
     t = _pair(7, 7, 8, gen, torch.float32, 10.0)
     t["extra_negatives"] = torch.zeros(7, 0, 8)
     _compare(info_nce, t, dict(return_lse=True))
+
+
+@pytest.mark.parametrize("family", [info_nce, dcl])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_gradients_flow_through_returned_lse(family, symmetric, gen):
+    """A z-loss on the returned LSE back-propagates as in the reference."""
+    t = _pair(37, 37, 12, gen, torch.float32, 30.0, extra=2)
+
+    def with_z_loss(**kwargs):
+        loss, lse = family(**kwargs)
+        z = lse.row.square().mean() + (0 if lse.col is None else 0.5 * lse.col.square().mean())
+        return loss + 1e-2 * z, lse
+
+    _compare(with_z_loss, t, dict(symmetric=symmetric, return_lse=True))

@@ -84,17 +84,21 @@ class LSEContrastive(torch.autograd.Function):
         ctx.save_for_backward(q, k, extra, scale, row_lse, col_lse, w_row / n_row,
                               None if w_col is None else w_col / n_col)
         col_out = col_lse if col_lse is not None else row_lse.new_empty(0)
-        ctx.mark_non_differentiable(row_lse, col_out)
         return loss, row_lse, col_out
 
     @staticmethod
-    def backward(ctx, g, _g_row_lse, _g_col_lse):
+    def backward(ctx, g, g_row_lse, g_col_lse):
         q, k, extra, scale, row_lse, col_lse, row_pos_w, col_pos_w = ctx.saved_tensors
         spec: LSESpec = ctx.spec
         cd = compute_dtype(q.dtype)
         n, m = q.shape[0], k.shape[0]
         a, b = direction_weights(g.to(cd), spec.reduction, spec.symmetric, n, m)
-        coef = LSECoefficients(a, a * row_pos_w, b, None if b is None else b * col_pos_w)
+        alpha, beta = a * row_pos_w, None if b is None else b * col_pos_w
+        # a returned LSE (z-loss, say) adds to the softmax terms only, not to the positive terms
+        a = a + g_row_lse.to(cd)
+        if b is not None:
+            b = b + g_col_lse.to(cd)
+        coef = LSECoefficients(a, alpha, b, beta)
         U, V = lse_block_backward(
             q, k, scale, spec.pairs, row_lse=row_lse, col_lse=col_lse, coef=coef,
             exclude_positives=spec.exclude_positives, need_v=ctx.needs_input_grad[1], tile=spec.tile,
