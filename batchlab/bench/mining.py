@@ -70,6 +70,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=50, help="rank window range_max = k (default 50)")
     parser.add_argument("--num-negatives", type=int, default=10)
     parser.add_argument("--cluster-size", type=int, default=100, help="planted cluster size (default 100)")
+    parser.add_argument("--spread", type=float, default=0.6,
+                        help="within-cluster noise (default 0.6, tight; 3+ is close to random vectors)")
+    parser.add_argument("--tag", default="", help="suffix for the results file name, e.g. --tag=-d768")
     parser.add_argument("--methods", default=None, help="comma-separated subset of anchor,torch,flat,ivf,ivf-gemm,hnsw "
                         "(default: all on cpu; anchor,torch on cuda)")
     parser.add_argument("--threads", type=int, default=1,
@@ -127,8 +130,13 @@ class _RSSPeak:
         return (self.peak - self.base) / 2**20
 
 
-def planted_data(n: int, d: int, cluster_size: int, seed: int, device: str, dtype: torch.dtype):
-    """Corpus (n, d) with planted clusters and queries = noisy copies (positive of i = i)."""
+def planted_data(n: int, d: int, cluster_size: int, seed: int, device: str, dtype: torch.dtype,
+                 spread: float = 0.6):
+    """Corpus (n, d) with planted clusters and queries = noisy copies (positive of i = i).
+
+    ``spread`` is the within-cluster noise relative to the unit centre (0.6: tight
+    clusters; 3 and above: close to isotropic random vectors, the worst case for IVF).
+    """
     g = torch.Generator(device=device).manual_seed(seed)
     n_clusters = max(1, n // cluster_size)
     centres = F.normalize(torch.randn(n_clusters, d, generator=g, device=device), dim=1)
@@ -137,7 +145,7 @@ def planted_data(n: int, d: int, cluster_size: int, seed: int, device: str, dtyp
     queries = torch.empty(n, d, dtype=dtype, device=device)
     step = 65536
     for s in range(0, n, step):
-        c = centres[labels[s : s + step]] + 0.6 * torch.randn(min(step, n - s), d, generator=g, device=device) / d**0.5
+        c = centres[labels[s : s + step]] + spread * torch.randn(min(step, n - s), d, generator=g, device=device) / d**0.5
         c = F.normalize(c, dim=1)
         corpus[s : s + step] = c.to(dtype)
         qn = c + 0.3 * torch.randn(c.shape, generator=g, device=device) / d**0.5
@@ -208,7 +216,7 @@ def run(args) -> int:
     mine_kw = dict(num_negatives=nneg, range_min=0, range_max=k, progress=False)
     rows, series = [], {}
     for n in sizes:
-        queries, corpus = planted_data(n, d, args.cluster_size, args.seed, device, dtype)
+        queries, corpus = planted_data(n, d, args.cluster_size, args.seed, device, dtype, spread=args.spread)
         positives = torch.arange(n)
         g = torch.Generator().manual_seed(args.seed + 1)
         sample = torch.randperm(n, generator=g)[: min(args.recall_sample, n)].sort().values
@@ -298,11 +306,11 @@ def _anchor_ratios(rows, on_cuda):
 
 
 def _write(args, device, on_cuda, dtype, rows, extrapolation):
-    tag = "gpu-" + device_name(device).replace(" ", "-").lower() if on_cuda else "cpu"
+    tag = ("gpu-" + device_name(device).replace(" ", "-").lower() if on_cuda else "cpu") + args.tag
     out = Path(args.out)
     write_results(out, f"{NAME}-{tag}", {
         "benchmark": NAME, "device": device_name(device), "dtype": str(dtype), "k": args.k,
-        "num_negatives": args.num_negatives, "cluster_size": args.cluster_size, "rows": rows,
+        "num_negatives": args.num_negatives, "cluster_size": args.cluster_size, "spread": args.spread, "rows": rows,
         "extrapolation": extrapolation, "torch_threads": torch.get_num_threads(),
         "target_recall": args.target_recall, "complete": extrapolation is not None,
     })
