@@ -28,8 +28,9 @@ Strategies
     symmetric loss: the column log-sum-exp statistics (forward) and the key gradients
     (backward) travel with their key block and arrive home after a full circle.
     Traffic is in the inputs' dtype (bf16 stays bf16). Never holds more than two key
-    blocks. Supports InfoNCE, SigLIP and DCL/DCLW with positives on the diagonal of the
-    global batch (pair i of the global batch is positive), plus extra negatives.
+    blocks; each block is computed tile by tile by the tiled engine's block primitives.
+    Supports InfoNCE, SigLIP and DCL/DCLW with global ``targets``, a callable
+    ``neg_mask`` over global indices, and extra negatives.
 ``auto``
     ``allgather`` when the gathered embeddings stay under 1 GiB, else ``ring``.
 
@@ -350,165 +351,137 @@ class _ComputeOnlyRing(_Ring):
 #: the exchange the ring functions use (the benchmark swaps in _ComputeOnlyRing)
 RING_EXCHANGE = _Ring
 
-#: tile edge inside a ring block: bounds the fp32 logits held at once (4096^2 fp32 = 64 MiB on
-#: the CPU; 16384^2 = 1 GiB on a GPU, where fewer, larger products keep the tensor cores busy)
-RING_TILE = 4096
-RING_TILE_CUDA = 16384
+def _ring_tile(tile_size, device: torch.device):
+    from batchlab.losses.tiled.engine import resolve_tile
+
+    return resolve_tile(tile_size, device)
 
 
-def default_ring_tile(device: torch.device) -> int:
-    return RING_TILE_CUDA if device.type == "cuda" else RING_TILE
+def _global_targets(targets, sizes, rank, device, group) -> torch.Tensor:
+    """(N_global,) key index of every global row's positive (the diagonal by default)."""
+    if targets is None:
+        return torch.arange(sum(sizes), device=device)
+    return _all_gather_uneven(targets.long(), sizes, group)
 
 
-def _tiles(n_rows: int, n_cols: int, tile: int):
-    """(row_start, row_end, col_start, col_end) tiles covering an n_rows x n_cols block."""
-    for a in range(0, n_rows, tile):
-        for c in range(0, n_cols, tile):
-            yield a, min(n_rows, a + tile), c, min(n_cols, c + tile)
+def _dclw_global_weights(pos_cos: torch.Tensor, sigma: float, sizes, group, rank) -> torch.Tensor:
+    """DCLW weights of the local rows from the softmax over the GLOBAL batch's positive cosines."""
+    from batchlab.losses.dcl import dclw_weights
 
-
-def _cos_tile(q_rows: torch.Tensor, k_cols: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``q_rows @ k_cols.T`` accumulated and returned in ``dtype`` (fp32).
-
-    On CUDA, bf16/fp16 inputs go through the tensor cores with an fp32 output
-    (``out_dtype``), instead of being upcast (3-8x slower) or rounded to bf16 logits
-    (an error of scale * 2^-8 per logit).
-    """
-    if q_rows.device.type == "cuda" and q_rows.dtype in (torch.bfloat16, torch.float16):
-        try:
-            return torch.mm(q_rows, k_cols.T, out_dtype=dtype)
-        except (TypeError, RuntimeError):
-            pass
-    return q_rows.to(dtype) @ k_cols.to(dtype).T
-
-
-def _diagonal_mask(a: int, b: int, c: int, d: int, device) -> torch.Tensor | None:
-    """Where global-diagonal entries fall inside the tile [a:b) x [c:d) of the home block."""
-    lo, hi = max(a, c), min(b, d)
-    if lo >= hi:
-        return None
-    idx = torch.arange(lo, hi, device=device)
-    return idx - a, idx - c
+    start = _offset(sizes, rank)
+    return dclw_weights(_all_gather_uneven(pos_cos, sizes, group), sigma)[start : start + pos_cos.shape[0]]
 
 
 class _RingContrastive(torch.autograd.Function):
-    """Symmetric/one-way InfoNCE or DCL with diagonal positives, one ring for both directions.
+    """InfoNCE / DCL / DCLW over a ring, one ring for both directions.
 
-    Forward: key blocks travel; each block's column log-sum-exp accumulator travels with it
-    and arrives home after a full circle. Backward: key blocks, their final column LSE and an
-    accumulating key gradient travel the same way; dq stays local. Within a block the work
-    is done in RING_TILE x RING_TILE tiles, so memory is O(n_local * d + RING_TILE^2).
+    Forward: key blocks travel; each block's column statistics (log-sum-exp and positive
+    cosine sums) travel with it and arrive home after a full circle. Backward: key blocks,
+    their final column LSE and column coefficients travel the same way, with an
+    accumulating key gradient; dq stays local. Every block is computed by the tiled
+    engine's block primitives (``lse_block_forward`` / ``lse_block_backward``) with global
+    offsets, so global ``targets`` and callable ``neg_mask`` work across ranks.
     """
 
     @staticmethod
-    def forward(ctx, q, k, scale, extra, symmetric, decoupled, pos_weight, reduction, group, sizes, tile):
+    def forward(ctx, q, k, extra, scale, spec, group, sizes):
+        from batchlab.losses.tiled.engine import extra_logits, lse_block_forward
+
         ring = RING_EXCHANGE(group, sizes)
-        dtype = compute_dtype(q.dtype)
-        n_global = sum(sizes)
-        neg_inf = float("-inf")
-        row_lse = torch.full((q.shape[0],), neg_inf, device=q.device, dtype=dtype)
+        cd = compute_dtype(q.dtype)
+        n, offset = q.shape[0], _offset(sizes, ring.rank)
+        row_lse = torch.full((n,), float("-inf"), device=q.device, dtype=cd)
+        row_pos = torch.zeros(n, device=q.device, dtype=cd)
         block = k
-        col_acc = torch.full((k.shape[0],), neg_inf, device=q.device, dtype=dtype)
+        col_lse = torch.full((k.shape[0],), float("-inf"), device=q.device, dtype=cd)
+        col_pos = torch.zeros(k.shape[0], device=q.device, dtype=cd)
         for step in range(ring.world):
             src = ring.source_of(step)
             # keys go out while this block is computed; its column statistics follow after
             if step < ring.world - 1:
                 key_req, (next_block,) = ring.start([block], ring.source_of(step + 1))
-            col_acc = col_acc.clone()
-            for a, b, c, d in _tiles(q.shape[0], block.shape[0], tile):
-                logits = scale * _cos_tile(q[a:b], block[c:d], dtype)
-                if decoupled and src == ring.rank:
-                    diag = _diagonal_mask(a, b, c, d, q.device)
-                    if diag is not None:
-                        logits[diag] = neg_inf  # the positive leaves the denominator
-                row_lse[a:b] = torch.logaddexp(row_lse[a:b], torch.logsumexp(logits, 1))
-                col_acc[c:d] = torch.logaddexp(col_acc[c:d], torch.logsumexp(logits, 0))
-            acc_req, (col_in,) = ring.start([col_acc], ring.source_of(step + 1))
+            st = lse_block_forward(q, block, scale, spec["pairs"], row_offset=offset,
+                                   col_offset=_offset(sizes, src), need_col=spec["symmetric"],
+                                   exclude_positives=spec["decoupled"], tile=spec["tile"])
+            row_lse = torch.logaddexp(row_lse, st.row_lse)
+            row_pos += st.row_pos
+            col_pos = col_pos + st.col_pos
+            if spec["symmetric"]:
+                col_lse = torch.logaddexp(col_lse, st.col_lse)
+            acc_req, (col_lse, col_pos) = ring.start([col_lse, col_pos], ring.source_of(step + 1))
             ring.wait(acc_req)
-            col_acc = col_in
             if step < ring.world - 1:
                 ring.wait(key_req)
                 block = next_block
-        col_lse = col_acc  # home after the full circle
-        qf = q.to(dtype)
+        # the column statistics are home after the full circle
         if extra is not None and extra.shape[1]:
-            extra_logits = scale * torch.einsum("nd,nmd->nm", qf, extra.to(dtype))
-            row_lse = torch.logaddexp(row_lse, torch.logsumexp(extra_logits, 1))
-        pos = scale * (qf * k.to(dtype)).sum(1)
-        w = 1.0 if pos_weight is None else pos_weight
-        rows = row_lse - w * pos
-        cols = col_lse - w * pos if symmetric else None
-        ctx.save_for_backward(q, k, scale, extra, row_lse, col_lse)
-        ctx.meta = (symmetric, decoupled, pos_weight, reduction, group, sizes, tile)
+            row_lse = torch.logaddexp(row_lse, torch.logsumexp(extra_logits(q, extra, scale), 1))
+        if spec["decoupled"] and bool(torch.isneginf(row_lse).any()):
+            from batchlab.losses.dcl import check_has_negatives
+
+            check_has_negatives(row_lse)
+        row_n, col_n = spec["row_counts"], spec["col_counts"]
+        row_w = col_w = None
+        if spec["weighted"]:
+            row_w = _dclw_global_weights(row_pos / row_n, spec["sigma"], sizes, group, ring.rank)
+            col_w = _dclw_global_weights(col_pos / col_n, spec["sigma"], sizes, group, ring.rank)
+        rows = row_lse - (1 if row_w is None else row_w) * scale * row_pos / row_n
+        cols = None
+        if spec["symmetric"]:
+            cols = col_lse - (1 if col_w is None else col_w) * scale * col_pos / col_n
+        ctx.save_for_backward(q, k, extra, scale, row_lse, col_lse)
+        ctx.spec, ctx.group, ctx.sizes, ctx.weights = spec, group, sizes, (row_w, col_w)
+        reduction = spec["reduction"]
         if reduction == "none":
             return rows if cols is None else (rows + cols) / 2
         total = rows.sum() if cols is None else (rows.sum() + cols.sum()) / 2
-        return _share(total, reduction, ring.world, n_global)
+        return _share(total, reduction, ring.world, sum(sizes))
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, scale, extra, row_lse, col_lse = ctx.saved_tensors
-        symmetric, decoupled, pos_weight, reduction, group, sizes, tile = ctx.meta
+        from batchlab.losses.tiled.engine import LSECoefficients, extra_backward, extra_logits, lse_block_backward
+
+        q, k, extra, scale, row_lse, col_lse = ctx.saved_tensors
+        spec, group, sizes = ctx.spec, ctx.group, ctx.sizes
+        row_w, col_w = ctx.weights
         ring = RING_EXCHANGE(group, sizes)
-        dtype = compute_dtype(q.dtype)
-        c = _loss_coefficients(grad_out, reduction, ring.world, sum(sizes), q.shape[0], dtype)
+        cd = compute_dtype(q.dtype)
+        offset = _offset(sizes, ring.rank)
+        symmetric = spec["symmetric"]
+        # d(returned loss) / d(row loss_i) and / d(col loss_j) for the local examples
+        a = _loss_coefficients(grad_out, spec["reduction"], ring.world, sum(sizes), q.shape[0], cd)
         if symmetric:
-            c = c / 2  # each direction carries half; the column loss of key j has row j's coefficient
-        dq = torch.zeros(q.shape, device=q.device, dtype=dtype)
-        dscale = torch.zeros((), device=q.device, dtype=dtype)
-        block, block_col_lse, block_c = k, col_lse, c
-        dk_acc = torch.zeros(k.shape, device=q.device, dtype=dtype)
+            a = a / 2
+        alpha = a * (1 if row_w is None else row_w) / spec["row_counts"]
+        b = a if symmetric else None
+        beta = b * (1 if col_w is None else col_w) / spec["col_counts"] if symmetric else None
+        U = torch.zeros(q.shape, device=q.device, dtype=cd)
+        block, bundle = k, ([col_lse, b, beta] if symmetric else [])
+        dk = torch.zeros(k.shape, device=q.device, dtype=cd)
         for step in range(ring.world):
             src = ring.source_of(step)
             if step < ring.world - 1:
-                send = [block, block_col_lse, block_c] if symmetric else [block]
-                key_req, incoming = ring.start(send, ring.source_of(step + 1))
-            dk_acc = dk_acc.clone()
-            for a, b, cc, dd in _tiles(q.shape[0], block.shape[0], tile):
-                cos = _cos_tile(q[a:b], block[cc:dd], dtype)
-                logits = scale * cos
-                if decoupled and src == ring.rank:
-                    diag = _diagonal_mask(a, b, cc, dd, q.device)
-                    if diag is not None:
-                        logits[diag] = float("-inf")
-                g = torch.exp(logits - row_lse[a:b, None]) * c[a:b, None]
-                if symmetric:
-                    g = g + torch.exp(logits - block_col_lse[None, cc:dd]) * block_c[None, cc:dd]
-                g_in = g.to(q.dtype) if q.dtype in (torch.bfloat16, torch.float16) else g
-                dq[a:b] += scale * _mm(g_in, block[cc:dd], dtype)
-                dk_acc[cc:dd] += scale * _mm(g_in.T, q[a:b], dtype)
-                dscale += (g * cos).sum()
-            grad_req, (dk_in,) = ring.start([dk_acc], ring.source_of(step + 1))
+                key_req, incoming = ring.start([block, *bundle], ring.source_of(step + 1))
+            coef = LSECoefficients(a, alpha, *(bundle[1:] if symmetric else (None, None)))
+            u, v = lse_block_backward(q, block, scale, spec["pairs"], row_lse=row_lse,
+                                      col_lse=bundle[0] if symmetric else None, coef=coef, row_offset=offset,
+                                      col_offset=_offset(sizes, src), exclude_positives=spec["decoupled"],
+                                      tile=spec["tile"])
+            U += u
+            grad_req, (dk,) = ring.start([dk + v], ring.source_of(step + 1))
             ring.wait(grad_req)
-            dk_acc = dk_in
             if step < ring.world - 1:
                 ring.wait(key_req)
-                if symmetric:
-                    block, block_col_lse, block_c = incoming
-                else:
-                    (block,) = incoming
-        dk = dk_acc  # home after the full circle
-        # positive terms (local: the diagonal of the global batch)
-        qf, kf = q.to(dtype), k.to(dtype)
-        w = torch.ones_like(c) if pos_weight is None else pos_weight
-        pos_c = w * (2 * c if symmetric else c)
-        dq -= scale * pos_c[:, None] * kf
-        dk -= scale * pos_c[:, None] * qf
-        dscale -= (pos_c * (qf * kf).sum(1)).sum()
-        dextra = None
+                block, *bundle = incoming
+        # dk is home after the full circle
+        d_extra = None
         if extra is not None and extra.shape[1]:
-            ef = extra.to(dtype)
-            cos_e = torch.einsum("nd,nmd->nm", qf, ef)
-            ge = torch.exp(scale * cos_e - row_lse[:, None]) * c[:, None]
-            dq += scale * torch.einsum("nm,nmd->nd", ge, ef)
-            dextra = (scale * ge[:, :, None] * qf[:, None, :]).to(extra.dtype)
-            dscale += (ge * cos_e).sum()
-        return dq.to(q.dtype), dk.to(k.dtype), dscale, dextra, None, None, None, None, None, None, None
-
-
-def _mm(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``a @ b`` in ``dtype``, through the tensor cores for bf16/fp16 on CUDA (see _cos_tile)."""
-    return _cos_tile(a, b.T, dtype)
+            dE = torch.exp(extra_logits(q, extra, scale) - row_lse[:, None]) * a[:, None]
+            u_extra, d_extra = extra_backward(q, extra, scale, dE)
+            U += u_extra
+            d_extra = d_extra.to(extra.dtype)
+        dscale = (q.to(cd) * U).sum()
+        return (scale * U).to(q.dtype), (scale * dk).to(k.dtype), d_extra, dscale, None, None, None
 
 
 def _loss_coefficients(grad_out, reduction, world, n_global, n_local, dtype):
@@ -519,35 +492,47 @@ def _loss_coefficients(grad_out, reduction, world, n_global, n_local, dtype):
     return (grad_out.to(dtype) * factor).expand(n_local)
 
 
-def _check_ring_pairs(q, k, targets, pos_mask, neg_mask):
-    if targets is not None or pos_mask is not None or neg_mask is not None:
+def _ring_pairs(q, k, targets, pos_mask, neg_mask, sizes, rank, group, need_columns):
+    """Positives and masks of the global batch, as the tiled engine's ``Pairs``."""
+    from batchlab.losses.tiled.engine import Pairs
+
+    if pos_mask is not None:
         raise BatchlabInputError(
-            "distributed='ring' supports positives on the global diagonal (pair i is positive) and "
-            "extra negatives; for targets, pos_mask or neg_mask use distributed='allgather'"
+            "pos_mask is not supported under distributed=...; pass global targets (indices into the global keys)"
         )
     if q.shape[0] != k.shape[0]:
         raise BatchlabInputError(f"each rank needs as many keys as queries, got {q.shape[0]} and {k.shape[0]}")
+    if neg_mask is not None and (isinstance(neg_mask, torch.Tensor) or not callable(neg_mask)):
+        raise BatchlabInputError(
+            "under distributed=..., pass neg_mask as a callable fn(global_rows, global_cols) -> BoolTensor"
+        )
+    glob = _global_targets(targets, sizes, rank, q.device, group)
+    n_global, offset = sum(sizes), _offset(sizes, rank)
+    if targets is not None and (int(glob.min()) < 0 or int(glob.max()) >= n_global):
+        raise BatchlabInputError(f"global targets must index keys in [0, {n_global})")
+    counts = torch.bincount(glob, minlength=n_global)
+    if need_columns and bool((counts == 0).any()):
+        raise BatchlabInputError(
+            f"{int((counts == 0).sum())} key(s) are nobody's target; the symmetric loss needs a positive for "
+            "every key: pass symmetric=False, or targets that cover every key"
+        )
+    cd = compute_dtype(q.dtype)
+    local_counts = counts[offset : offset + k.shape[0]].to(cd).clamp_min(1)
+    return Pairs(targets=glob, neg_mask=neg_mask), torch.ones(q.shape[0], device=q.device, dtype=cd), local_counts
 
 
 def _ring_contrastive(group, q, k, scale, *, symmetric, targets, pos_mask, extra_negatives, neg_mask, reduction,
                       return_lse, impl, decoupled=False, weighted=False, sigma=0.5, tile_size=None,
                       **impl_options):
-    _check_ring_pairs(q, k, targets, pos_mask, neg_mask)
-    sizes = gather_sizes(q.shape[0], q.device, group)
-    weight = None
-    if weighted:
-        from batchlab.losses.dcl import dclw_weights
-
-        dtype = compute_dtype(q.dtype)
-        cos = (q.to(dtype) * k.to(dtype)).sum(1).detach()
-        w_all = dclw_weights(_all_gather_uneven(cos, sizes, group), sigma)
-        start = _offset(sizes, dist.get_rank(group))
-        weight = w_all[start : start + q.shape[0]]
-    loss = _RingContrastive.apply(q, k, scale, extra_negatives, symmetric, decoupled, weight, reduction, group,
-                                  sizes, tile_size or default_ring_tile(q.device))
     if return_lse:
         raise BatchlabInputError("return_lse is not available with distributed='ring'; use 'allgather'")
-    return loss
+    world, rank = world_and_rank(group)
+    sizes = gather_sizes(q.shape[0], q.device, group)
+    pairs, row_counts, col_counts = _ring_pairs(q, k, targets, pos_mask, neg_mask, sizes, rank, group, symmetric)
+    spec = dict(pairs=pairs, symmetric=symmetric, decoupled=decoupled, weighted=weighted, sigma=sigma,
+                reduction=reduction, tile=_ring_tile(tile_size, q.device), row_counts=row_counts,
+                col_counts=col_counts)
+    return _RingContrastive.apply(q, k, extra_negatives, scale, spec, group, sizes)
 
 
 def _ring_info_nce(group, q, k, scale, **kw):
@@ -559,94 +544,80 @@ def _ring_dcl(group, q, k, scale, **kw):
 
 
 class _RingSigLIP(torch.autograd.Function):
-    """SigLIP over the ring: no normaliser, so each tile's terms and gradients are final."""
+    """SigLIP over the ring: no normaliser, so each block's terms and gradients are final.
+
+    Built on the tiled engine's ``sigmoid_block``; the key gradient travels with its block.
+    """
 
     @staticmethod
-    def _labels(logits, own_block, a, b, c, d):
-        labels = -torch.ones_like(logits)
-        if own_block:
-            diag = _diagonal_mask(a, b, c, d, logits.device)
-            if diag is not None:
-                labels[diag] = 1.0
-        return labels
+    def forward(ctx, q, k, extra, scale, bias, spec, group, sizes):
+        from batchlab.losses.tiled.engine import extra_logits, sigmoid_block
 
-    @staticmethod
-    def forward(ctx, q, k, scale, bias, extra, reduction, group, sizes, tile):
         ring = RING_EXCHANGE(group, sizes)
-        dtype = compute_dtype(q.dtype)
-        per_row = torch.zeros(q.shape[0], device=q.device, dtype=dtype)
+        offset = _offset(sizes, ring.rank)
+        per_row = torch.zeros(q.shape[0], device=q.device, dtype=compute_dtype(q.dtype))
         block = k
         for step in range(ring.world):
-            own = ring.source_of(step) == ring.rank
+            src = ring.source_of(step)
             if step < ring.world - 1:
                 req, (nxt,) = ring.start([block], ring.source_of(step + 1))
-            for a, b, c, d in _tiles(q.shape[0], block.shape[0], tile):
-                logits = scale * _cos_tile(q[a:b], block[c:d], dtype) + bias
-                labels = _RingSigLIP._labels(logits, own, a, b, c, d)
-                per_row[a:b] += torch.nn.functional.softplus(-labels * logits).sum(1)
+            per_row += sigmoid_block(q, block, scale, bias, spec["pairs"], row_offset=offset,
+                                     col_offset=_offset(sizes, src), tile=spec["tile"]).per_row
             if step < ring.world - 1:
                 ring.wait(req)
                 block = nxt
         if extra is not None and extra.shape[1]:
-            extra_logits = scale * torch.einsum("nd,nmd->nm", q.to(dtype), extra.to(dtype)) + bias
-            per_row += torch.nn.functional.softplus(extra_logits).sum(1)
-        ctx.save_for_backward(q, k, scale, bias, extra)
-        ctx.meta = (reduction, group, sizes, tile)
-        if reduction == "none":
+            per_row += torch.nn.functional.softplus(extra_logits(q, extra, scale) + bias).sum(1)
+        ctx.save_for_backward(q, k, extra, scale, bias)
+        ctx.spec, ctx.group, ctx.sizes = spec, group, sizes
+        if spec["reduction"] == "none":
             return per_row
-        return _share(per_row.sum(), reduction, ring.world, sum(sizes))
+        return _share(per_row.sum(), spec["reduction"], ring.world, sum(sizes))
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, scale, bias, extra = ctx.saved_tensors
-        reduction, group, sizes, tile = ctx.meta
+        from batchlab.losses.tiled.engine import extra_backward, extra_logits, sigmoid_block
+
+        q, k, extra, scale, bias = ctx.saved_tensors
+        spec, group, sizes = ctx.spec, ctx.group, ctx.sizes
         ring = RING_EXCHANGE(group, sizes)
-        dtype = compute_dtype(q.dtype)
-        c = _loss_coefficients(grad_out, reduction, ring.world, sum(sizes), q.shape[0], dtype)
-        dq = torch.zeros(q.shape, device=q.device, dtype=dtype)
-        dscale = torch.zeros((), device=q.device, dtype=dtype)
-        dbias = torch.zeros((), device=q.device, dtype=dtype)
-        block = k
-        dk_acc = torch.zeros(k.shape, device=q.device, dtype=dtype)
+        cd = compute_dtype(q.dtype)
+        offset = _offset(sizes, ring.rank)
+        c = _loss_coefficients(grad_out, spec["reduction"], ring.world, sum(sizes), q.shape[0], cd)
+        U = torch.zeros(q.shape, device=q.device, dtype=cd)
+        dbias = torch.zeros((), device=q.device, dtype=cd)
+        block, dk = k, torch.zeros(k.shape, device=q.device, dtype=cd)
         for step in range(ring.world):
-            own = ring.source_of(step) == ring.rank
+            src = ring.source_of(step)
             if step < ring.world - 1:
                 req, (nxt,) = ring.start([block], ring.source_of(step + 1))
-            dk_acc = dk_acc.clone()
-            for a, b, cc, dd in _tiles(q.shape[0], block.shape[0], tile):
-                cos = _cos_tile(q[a:b], block[cc:dd], dtype)
-                logits = scale * cos + bias
-                labels = _RingSigLIP._labels(logits, own, a, b, cc, dd)
-                # d softplus(-y z) / dz = -y * sigmoid(-y z)
-                g = -labels * torch.sigmoid(-labels * logits) * c[a:b, None]
-                g_in = g.to(q.dtype) if q.dtype in (torch.bfloat16, torch.float16) else g
-                dq[a:b] += scale * _mm(g_in, block[cc:dd], dtype)
-                dk_acc[cc:dd] += scale * _mm(g_in.T, q[a:b], dtype)
-                dscale += (g * cos).sum()
-                dbias += g.sum()
-            grad_req, (dk_in,) = ring.start([dk_acc], ring.source_of(step + 1))
+            out = sigmoid_block(q, block, scale, bias, spec["pairs"], row_coef=c, row_offset=offset,
+                                col_offset=_offset(sizes, src), tile=spec["tile"])
+            U += out.U
+            dbias += out.dbias
+            grad_req, (dk,) = ring.start([dk + out.V], ring.source_of(step + 1))
             ring.wait(grad_req)
-            dk_acc = dk_in
             if step < ring.world - 1:
                 ring.wait(req)
                 block = nxt
-        dextra = None
+        d_extra = None
         if extra is not None and extra.shape[1]:
-            qf, ef = q.to(dtype), extra.to(dtype)
-            cos_e = torch.einsum("nd,nmd->nm", qf, ef)
-            ge = torch.sigmoid(scale * cos_e + bias) * c[:, None]
-            dq += scale * torch.einsum("nm,nmd->nd", ge, ef)
-            dextra = (scale * ge[:, :, None] * qf[:, None, :]).to(extra.dtype)
-            dscale += (ge * cos_e).sum()
-            dbias += ge.sum()
-        return dq.to(q.dtype), dk_acc.to(k.dtype), dscale, dbias, dextra, None, None, None, None
+            dE = torch.sigmoid(extra_logits(q, extra, scale) + bias) * c[:, None]
+            u_extra, d_extra = extra_backward(q, extra, scale, dE)
+            U += u_extra
+            dbias += dE.sum()
+            d_extra = d_extra.to(extra.dtype)
+        dscale = (q.to(cd) * U).sum()
+        return (scale * U).to(q.dtype), (scale * dk).to(k.dtype), d_extra, dscale, dbias, None, None, None
 
 
 def _ring_siglip(group, q, k, scale, bias, *, targets, pos_mask, extra_negatives, neg_mask, reduction, impl,
                  tile_size=None, **impl_options):
-    _check_ring_pairs(q, k, targets, pos_mask, neg_mask)
+    world, rank = world_and_rank(group)
     sizes = gather_sizes(q.shape[0], q.device, group)
-    return _RingSigLIP.apply(q, k, scale, bias, extra_negatives, reduction, group, sizes, tile_size or default_ring_tile(q.device))
+    pairs, _, _ = _ring_pairs(q, k, targets, pos_mask, neg_mask, sizes, rank, group, need_columns=False)
+    spec = dict(pairs=pairs, reduction=reduction, tile=_ring_tile(tile_size, q.device))
+    return _RingSigLIP.apply(q, k, extra_negatives, scale, bias, spec, group, sizes)
 
 
 _RING = {"info_nce": _ring_info_nce, "dcl": _ring_dcl, "siglip": _ring_siglip}

@@ -36,6 +36,12 @@ def global_data(dtype=torch.float64):
     return q.to(dtype), k.to(dtype), e.to(dtype), views.to(dtype), targets
 
 
+def _NEG_MASK(rows, cols):
+    """A false-negative mask over global indices: (i, j) removed when i + j is a multiple of 3, off the diagonal."""
+    removed = (rows[:, None] + cols[None, :]) % 3 == 0
+    return removed & (rows[:, None] != cols[None, :])
+
+
 def _tile(distributed):
     return {"tile_size": 2} if distributed == "ring" else {}
 
@@ -63,6 +69,16 @@ def cases():
         # positives living on the other rank: global targets (a permutation of the global batch)
         ("clip-targets-allgather", "allgather",
          lambda q, k, e, v, t, s, b, dd: info_nce(q, k, s, targets=t, distributed=dd, **_tile(dd)), "qks"),
+        ("clip-targets-ring", "ring",
+         lambda q, k, e, v, t, s, b, dd: info_nce(q, k, s, targets=t, distributed=dd, **_tile(dd)), "qks"),
+        ("dclw-targets-ring", "ring", lambda q, k, e, v, t, s, b, dd: dcl(
+            q, k, s, targets=t, weighted=True, extra_negatives=e, distributed=dd, **_tile(dd)), "qkes"),
+        ("siglip-targets-ring", "ring",
+         lambda q, k, e, v, t, s, b, dd: siglip(q, k, s, b, targets=t, distributed=dd, **_tile(dd)), "qksb"),
+        ("clip-negmask-ring", "ring", lambda q, k, e, v, t, s, b, dd: info_nce(
+            q, k, s, neg_mask=_NEG_MASK, distributed=dd, **_tile(dd)), "qks"),
+        ("clip-negmask-allgather", "allgather", lambda q, k, e, v, t, s, b, dd: info_nce(
+            q, k, s, neg_mask=_NEG_MASK, distributed=dd), "qks"),
         ("ntxent2-allgather", "allgather", lambda q, k, e, v, t, s, b, dd: nt_xent(v[:2], s, distributed=dd, **_tile(dd)), "vs"),
         ("ntxent3-allgather", "allgather", lambda q, k, e, v, t, s, b, dd: nt_xent(v, s, distributed=dd, **_tile(dd)), "vs"),
     ]
@@ -153,7 +169,7 @@ def _bad_input_worker(rank, world, init_file, out_dir):
     messages = []
     for call in (
         lambda: info_nce(q, k, 2.0, pos_mask=torch.eye(4, dtype=torch.bool), distributed="allgather"),
-        lambda: info_nce(q, k, 2.0, targets=torch.arange(4), distributed="ring"),
+        lambda: info_nce(q, k, 2.0, pos_mask=torch.eye(4, dtype=torch.bool), distributed="ring"),
         lambda: info_nce(q, k, 2.0, neg_mask=torch.zeros(4, 8, dtype=torch.bool), distributed="allgather"),
         lambda: nt_xent(torch.stack([q, k]), 2.0, distributed="ring"),
     ):
@@ -172,7 +188,7 @@ def test_distributed_bad_input_is_refused_clearly():
         mp.spawn(_bad_input_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
         messages = torch.load(os.path.join(tmp, "bad0.pt"))
     assert "pos_mask is not supported" in messages[0]
-    assert "use distributed='allgather'" in messages[1]
+    assert "pos_mask is not supported" in messages[1]
     assert "callable" in messages[2]
     assert "allgather" in messages[3]
 
