@@ -251,8 +251,10 @@ def run(args) -> int:
                 kind = method
 
                 def work():
-                    index = EmbeddingIndex(corpus, kind=kind, progress=False, seed=args.seed,
-                                           **({"nprobe": args.nprobe} if kind == "ivf" and args.nprobe else {}))
+                    # IVF kinds start from one probe (or --nprobe) and mining tunes them up to the target,
+                    # as mine_hard_negatives does with an index it builds itself
+                    extra = {"nprobe": args.nprobe or 1} if "ivf" in kind else {}
+                    index = EmbeddingIndex(corpus, kind=kind, progress=False, seed=args.seed, **extra)
                     return index, mine_hard_negatives(qs, corpus, positives[:qn], index=index,
                                                       target_recall=args.target_recall, **mine_kw)
 
