@@ -12,6 +12,7 @@ family's reference function and returns ``(loss, lse_or_None)``.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Callable
 
 import torch
@@ -83,6 +84,27 @@ def resolve(family: str, impl: str, n: int, m: int, device: torch.device) -> Cal
             f"impl={impl!r} is not available for {family} in this installation; available: {available}"
         )
     return fn
+
+
+def accepted_options(fn: Callable, options: dict, impl: str) -> dict:
+    """The backend options (``tile_size=``, ...) that ``fn`` accepts.
+
+    With ``impl="auto"`` an option meant for another backend is dropped (auto may pick
+    the reference, which has no tiles); with an explicit ``impl`` it is an error, so a
+    misspelt option never passes silently.
+    """
+    if not options:
+        return options
+    params = inspect.signature(fn).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return options
+    unknown = sorted(set(options) - set(params))
+    if unknown and impl != "auto":
+        raise BatchlabInputError(
+            f"impl={impl!r} does not take option(s) {unknown}; it takes "
+            f"{sorted(n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)}"
+        )
+    return {k: v for k, v in options.items() if k in params}
 
 
 def available_impls(family: str) -> list[str]:

@@ -94,7 +94,7 @@ def dcl(
     )
     options["neg_mask"] = check_neg_mask(neg_mask, n, m, q.device)
     fn = _dispatch.resolve("dcl", impl, n, m, q.device)
-    loss, lse = fn(q, k, scale, **options, **impl_options)
+    loss, lse = fn(q, k, scale, **options, **_dispatch.accepted_options(fn, impl_options, impl))
     return (loss, lse) if return_lse else loss
 
 

@@ -80,8 +80,8 @@ def info_nce(
     normalize : bool
         L2-normalise ``q`` and ``k`` first (otherwise a sample of rows is checked).
     impl : "auto" | "reference" | "tiled" | "triton"
-        ``auto``: Triton on CUDA when available, else tiled above 4096 x 4096 logits,
-        else the reference.
+        ``auto``: Triton on CUDA when available, else tiled above 2048 x 2048 logits
+        (``batchlab.losses._dispatch.AUTO_TILED_MIN_LOGITS``), else the reference.
     distributed : "none" | "allgather" | "ring" | "auto"
         Treat ``q``/``k`` as this rank's shard of a global batch (``group``).
 
@@ -118,7 +118,8 @@ def info_nce(
     fn = _dispatch.resolve("info_nce", impl, n, m, q.device)
     loss, lse = fn(
         q, k, scale, symmetric=symmetric, targets=targets, pos_mask=pos_mask,
-        extra_negatives=extra_negatives, neg_mask=neg_mask, reduction=reduction, **impl_options,
+        extra_negatives=extra_negatives, neg_mask=neg_mask, reduction=reduction,
+        **_dispatch.accepted_options(fn, impl_options, impl),
     )
     return (loss, lse) if return_lse else loss
 

@@ -65,7 +65,7 @@ def nt_xent(
                                return_lse=return_lse, impl=impl, **impl_options)
     v, n, _ = views.shape
     fn = _dispatch.resolve("nt_xent", impl, v * n, v * n, views.device)
-    loss, lse = fn(views, scale, reduction=reduction, **impl_options)
+    loss, lse = fn(views, scale, reduction=reduction, **_dispatch.accepted_options(fn, impl_options, impl))
     return (loss, lse) if return_lse else loss
 
 

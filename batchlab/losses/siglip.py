@@ -83,7 +83,7 @@ def siglip(
     neg_mask = check_neg_mask(neg_mask, n, m, q.device)
     fn = _dispatch.resolve("siglip", impl, n, m, q.device)
     loss, _ = fn(q, k, scale, bias, targets=targets, pos_mask=pos_mask, extra_negatives=extra_negatives,
-                 neg_mask=neg_mask, reduction=reduction, **impl_options)
+                 neg_mask=neg_mask, reduction=reduction, **_dispatch.accepted_options(fn, impl_options, impl))
     return loss
 
 

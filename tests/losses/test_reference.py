@@ -349,3 +349,13 @@ def test_scale_gets_gradient_and_matches_finite_difference(gen):
     h = 1e-6
     fd = (info_nce(q, k, 5.0 + h) - info_nce(q, k, 5.0 - h)) / (2 * h)
     assert math.isclose(float(g), float(fd), rel_tol=1e-6)
+
+
+def test_backend_options_are_dropped_by_auto_and_checked_when_explicit(gen):
+    q, k = unit(4, 8, gen).detach(), unit(4, 8, gen).detach()
+    # auto picks the reference at this size: a tile size is meaningless there, not an error
+    torch.testing.assert_close(info_nce(q, k, 10.0, tile_size=2), info_nce(q, k, 10.0))
+    with pytest.raises(BatchlabInputError, match="does not take option"):
+        info_nce(q, k, 10.0, impl="reference", tile_size=2)
+    with pytest.raises(BatchlabInputError, match="does not take option"):
+        siglip(q, k, 10.0, -10.0, impl="tiled", tile_sise=2)
