@@ -75,6 +75,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--epochs", type=int, default=3, help="passes over the training split (default: 3)")
     parser.add_argument("--lr", type=float, default=2e-3, help="peak learning rate (default: 2e-3)")
     parser.add_argument("--impl", default="auto", help="loss implementation: auto, reference, tiled, ... (default: auto)")
+    parser.add_argument("--group-size", type=int, default=8, help="community: examples per B3 group (default: 8)")
+    parser.add_argument("--rank-window", type=int, nargs=2, default=(2, 34), metavar=("P", "P_PLUS_M"),
+                        help="community: teacher ranks that form the graph (default: 2 34)")
+    parser.add_argument("--negatives", type=int, default=8, help="hard-negative: mined negatives per anchor (default: 8)")
+    parser.add_argument("--skip-top", type=int, default=0,
+                        help="hard-negative: teacher ranks skipped as likely false negatives (default: 0)")
     parser.add_argument("--max-train", type=int, default=None, help="use only the first N training pairs (quick runs)")
     parser.add_argument("--max-test", type=int, default=None, help="use only the first N test pairs (quick runs)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
@@ -116,13 +122,13 @@ def train_arm(arm: Arm, seed: int, settings: dict[str, Any], progress: bool = Fa
     from batchlab.recipes import train_dual_encoder
 
     data = _load(settings["max_train"], settings["max_test"], progress)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     result = train_dual_encoder(
         data["train"],
         data["test"],
         sampler=arm.sampler,
         batch_size=arm.batch_size,
-        sampler_options=arm.options,
+        sampler_options={**settings["sampler_options"].get(arm.sampler, {}), **arm.options},
         teacher=data["views"],
         epochs=settings["epochs"],
         lr=settings["lr"],
@@ -141,6 +147,7 @@ def train_arm(arm: Arm, seed: int, settings: dict[str, Any], progress: bool = Fa
         "train_seconds": result.seconds,
         "sampler_seconds": result.sampler_seconds,
         "wall_seconds": time.perf_counter() - start,
+        "cpu_seconds": time.process_time() - cpu_start,  # what the run costs, whatever else runs on the machine
     }
 
 
@@ -218,7 +225,9 @@ def run(args) -> int:
             arms.append(known[name])
     torch.set_num_threads(1)
     settings = {"epochs": args.epochs, "lr": args.lr, "impl": args.impl, "device": args.device,
-                "max_train": args.max_train, "max_test": args.max_test}
+                "max_train": args.max_train, "max_test": args.max_test,
+                "sampler_options": {"community": {"group_size": args.group_size, "rank_window": tuple(args.rank_window)},
+                                    "hard_negative": {"num_negatives": args.negatives, "range_min": args.skip_top}}}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     start = time.perf_counter()
     data = _load(args.max_train, args.max_test, args.progress)
@@ -262,8 +271,9 @@ def run(args) -> int:
             "mrr": _spread([r["metrics"]["mrr"] for r in mine]),
             "train s/run": statistics.fmean(r["train_seconds"] for r in mine),
             "sampler s/run": statistics.fmean(r["sampler_seconds"] for r in mine),
+            "cpu s/run": statistics.fmean(r["cpu_seconds"] for r in mine),
         })
-    print(format_table(rows, ["arm", "batch", "recall@1", "recall@10", "mrr", "train s/run", "sampler s/run"]))
+    print(format_table(rows, ["arm", "batch", "recall@1", "recall@10", "mrr", "train s/run", "sampler s/run", "cpu s/run"]))
     checks = [("community-64", "random-256", "B3 claim: community batches of 64 beat random batches of 256"),
               ("community-64", "random-64", "community batches beat random batches of the same size"),
               ("hard-negative-64", "random-64", "hard-negative batches beat random batches of the same size")]
@@ -273,7 +283,10 @@ def run(args) -> int:
             diff = summary[better]["recall@1"] - summary[worse]["recall@1"]
             verdicts.append({"claim": claim, "difference": diff, "held": diff > 0})
             print(f"{'yes' if diff > 0 else 'NO '}  {claim}: recall@1 {diff:+.3f}")
-    print(f"total {total:.0f} s on {device_name(args.device)} with {args.jobs} job(s); load average at start {load}")
+    cpu = sum(r["cpu_seconds"] for r in runs)
+    end_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    print(f"total {total:.0f} s wall ({cpu:.0f} s of CPU in the runs) on {device_name(args.device)} with {args.jobs} "
+          f"job(s); load average {load} at start, {end_load} at the end")
 
     out = Path(args.out)
     payload = {"settings": settings, "arms": [a.__dict__ for a in arms], "teacher_anchor": anchor,
