@@ -16,15 +16,20 @@ METHODS = ("exact", "sinkhorn", "unbalanced", "partial", "bomb", "knn")
 EXACT_SOLVERS = ("auto", "scipy", "sparse")
 ROUNDINGS = ("lsa", "greedy")
 
-# Below this size scipy's dense LAPJV takes well under a millisecond and beats any
-# pipeline of torch calls; above it the certified sparse solver wins (benchmarks/results/ot-*).
-_SCIPY_MAX_N = 256
-# Sinkhorn iterations for the prices of the sparse exact solver. Measured (bench/ot.py,
-# 2-core CPU): in >= 32 dimensions 3-5 iterations already put the optimum among the
-# candidates (one round); low-dimensional costs (2-D toy data) need ~30, or else the
-# certificate sends the solve back for 2-3 more rounds, each dearer than the iterations.
-_PRICE_ITERS_HIGH_DIM = 5
-_PRICE_ITERS_LOW_DIM = 30
+# Tuning of the certified sparse solver, by cost geometry ("high-dim": built-in cost on
+# examples of >= 32 values; "low-dim": 2-D toy data, or any callable cost), measured on
+# the 2-core CPU (bench/ot.py and the notes in the final report of issue 9):
+# * below SCIPY_MAX_N scipy's dense LAPJV is faster (low-dim costs make LAPJV's sparse
+#   variant need 3-4 certificate rounds, so scipy wins up to ~700 there);
+# * PRICE_ITERS Sinkhorn iterations price the costs: in high dimensions 3-5 put the
+#   optimum among the candidates on the CPU, where each iteration is a dense pass as
+#   dear as the solve; on a GPU iterations are ~100x cheaper and better prices keep
+#   the CPU-side sparse solve to one round (n=16384: 15 iterations -> 1 round and a 9x
+#   faster LAPJV than 5 iterations -> 2 rounds);
+# * K candidates per row/column: low-dim costs need more (k=32 saves a round at 1-2k).
+_SCIPY_MAX_N = {"high": 256, "low": 768}
+_PRICE_ITERS = {("high", "cpu"): 5, ("high", "cuda"): 30, ("low", "cpu"): 30, ("low", "cuda"): 30}
+_K = {"high": 16, "low": 32}
 
 
 def _check_batch(name: str, x: Any) -> torch.Tensor:
@@ -87,7 +92,7 @@ def couple(
     mass: float = 0.9,
     solver: str = "auto",
     rounding: str = "lsa",
-    k: int = 16,
+    k: int | None = None,
     verify: bool = True,
     block: int | None = None,
     knn_k: int = 4,
@@ -111,7 +116,8 @@ def couple(
           few Sinkhorn iterations on the tensors' device, solves on ``k`` candidates
           per row and column with scipy's sparse LAPJV, and certifies optimality
           against the dense costs with LP duals (adding edges until it holds);
-          ``"auto"`` uses scipy for ``n <= 256`` and ``sparse`` above.
+          ``"auto"`` uses scipy for ``n <= 256`` (``n <= 768`` for low-dimensional
+          data or a callable cost) and ``sparse`` above.
         * ``sinkhorn``: log-domain entropic OT with ``eps = reg * std(C)``
           (epsilon scaling from ``eps = std(C)`` down to it); the permutation is the
           plan rounded by ``rounding``: ``"lsa"`` (best permutation among the plan's
@@ -134,7 +140,9 @@ def couple(
     condition_cost : {"auto", "label", "cosine", "l2"}
     reg, reg_m, mass, k, verify, block, knn_k, max_iter, tol
         Method parameters (see above); ``reg`` and ``reg_m`` are relative to the
-        standard deviation of the cost matrix.
+        standard deviation of the cost matrix; ``k`` (candidates per row and column
+        of the sparse solver and the ``"lsa"`` rounding) defaults to 16, or 32 for
+        low-dimensional data; ``tol`` is the L1 error of the plan's marginals.
     precision : {"float32", "bfloat16"}
         Precision of the ``x0 @ x1.T`` product inside the built-in costs.
     generator : torch.Generator, optional
@@ -185,7 +193,8 @@ def couple(
         raise BatchlabInputError(f"reg_m must be > 0, got {reg_m!r}")
     if not (0.0 <= mass <= 1.0):
         raise BatchlabInputError(f"mass must be in [0, 1], got {mass!r}")
-    check_positive_int("k", k)
+    geometry = "high" if (not callable(cost) and a[0].numel() >= 32) else "low"
+    k = _K[geometry] if k is None else check_positive_int("k", k)
     check_positive_int("knn_k", knn_k)
     check_positive_int("max_iter", max_iter)
     check_choice("rounding", rounding, ROUNDINGS)
@@ -222,10 +231,10 @@ def couple(
 
     C = full_cost()
     if method == "exact":
-        high_dim = not callable(cost) and a[0].numel() >= 32
+        dev = "cuda" if C.device.type == "cuda" else "cpu"
         perm, einfo = _solvers.exact_assignment(
-            C, solver=solver, k=k, reg=reg, verify=verify, scipy_max_n=_SCIPY_MAX_N,
-            price_iters=_PRICE_ITERS_HIGH_DIM if high_dim else _PRICE_ITERS_LOW_DIM,
+            C, solver=solver, k=k, reg=reg, verify=verify, scipy_max_n=_SCIPY_MAX_N[geometry],
+            price_iters=_PRICE_ITERS[(geometry, dev)],
         )
         info.update(einfo)
         return done(_perm_plan(perm, m, C.dtype) if return_plan else perm)
