@@ -232,3 +232,36 @@ def test_sinkhorn_eps_follows_the_cost_spread(gen):
     _, info_big = couple(100 * x0, 100 * x1, "sinkhorn", reg=0.1, return_info=True, return_plan=True)
     assert info_big["eps"] == pytest.approx(1e4 * info_small["eps"], rel=1e-3)
     assert math.isfinite(info_big["eps"])
+
+
+def test_exact_assignment_on_a_given_cost_matrix(gen):
+    from batchlab.samplers.ot import exact_assignment
+
+    C = torch.rand(300, 300, generator=gen)
+    for solver in ("scipy", "sparse"):
+        perm, info = exact_assignment(C, solver=solver)
+        assert is_perm(perm, 300) and info["solver"] == solver
+        assert total(C, perm) == pytest.approx(scipy_cost(C), rel=1e-6)
+
+
+def test_auto_solver_depends_on_size_and_geometry(gen):
+    _, low = couple(*problem(gen, 500, 2), return_info=True)
+    _, high = couple(*problem(gen, 500, 64), return_info=True)
+    assert low["solver"] == "scipy" and high["solver"] == "sparse"
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
+def test_other_input_dtypes(gen, dtype):
+    x0, x1 = problem(gen, 300, 40)
+    perm = couple(x0.to(dtype), x1.to(dtype))
+    C = costs.pairwise_cost(x0.to(dtype).float(), x1.to(dtype).float())
+    assert is_perm(perm, 300)
+    assert total(C, perm) == pytest.approx(scipy_cost(C), rel=1e-5)
+
+
+def test_greedy_rounding_of_a_permutation_score_recovers_it(gen):
+    n = 64
+    target = torch.randperm(n, generator=gen)
+    score = torch.rand(n, n, generator=gen)
+    score[torch.arange(n), target] = -1.0  # each row has one clearly best, distinct column
+    assert torch.equal(solvers.greedy_assignment(score), target)
