@@ -515,8 +515,8 @@ class EmbeddingIndex:
                     "indexed row i; pass query_ids=<the indexed id of each query> when the queries are a subset"
                 )
             exclude = torch.arange(n)
-        if self.kind == "ivf-gemm":
-            return self._ivfgemm_search(q, k, exclude, batch_size, progress)
+        if self.kind in ("ivf", "ivf-gemm"):
+            return self._ivf_search_filled(q, k, exclude, batch_size, progress)
         if self.kind == "torch":
             return exact_search(
                 self.embeddings,
@@ -529,6 +529,29 @@ class EmbeddingIndex:
                 progress=progress,
             )
         return self._faiss_search(q, k, exclude, batch_size, progress)
+
+    def _ivf_search_filled(self, q, k, exclude, batch_size, progress):
+        """IVF search; rows whose probed lists held fewer than k candidates (small lists, few
+        probes) are searched again with twice the probes, so ``-1`` only means the index
+        has fewer than k rows (after exclusions)."""
+        search = self._ivfgemm_search if self.kind == "ivf-gemm" else self._faiss_search
+        scores, ids = search(q, k, exclude, batch_size, progress)
+        n = self.embeddings.shape[0]
+        full = min(k, n - (1 if exclude is not None else 0))
+        original = self.nprobe
+        try:
+            while self.nprobe < self.nlist and full > 0:
+                short = (ids[:, :full] < 0).any(dim=1).nonzero().squeeze(1)
+                if short.numel() == 0:
+                    break
+                self.nprobe = min(self.nlist, 2 * self.nprobe)  # for these rows only
+                rows = short.cpu()
+                ex = None if exclude is None else exclude[rows]
+                s2, i2 = search(q[rows.to(q.device)], k, ex, batch_size, False)
+                scores[short], ids[short] = s2.to(scores.device), i2.to(ids.device)
+        finally:
+            self.nprobe = original
+        return scores, ids
 
     def _ivfgemm_search(self, q, k, exclude, batch_size, progress):
         from batchlab import _ivfgemm  # noqa: PLC0415

@@ -202,3 +202,14 @@ def test_content_hash_native_bytes():
     y[69999, 2] += 1e-6
     assert content_hash(x) != content_hash(y)
     assert content_hash(x) != content_hash(x.half()) and content_hash(x) != content_hash(x[:, :2])
+
+
+@pytest.mark.parametrize("kind", ["ivf", "ivf-gemm"])
+def test_ivf_fills_k_when_probed_lists_are_small(kind):
+    # 40 lists of ~25 rows, one probe, k=60: the probed list alone cannot fill a row
+    x, _ = gaussian_mixture(1000, 8, 40, seed=0)
+    idx = EmbeddingIndex(x, kind=kind, nlist=25, nprobe=1, progress=False)
+    s, i = idx.search(x[:50], 60, exclude_self=True, query_ids=torch.arange(50))
+    assert (i >= 0).all() and idx.nprobe == 1
+    assert not (i == torch.arange(50)[:, None]).any()
+    assert all(len(set(row)) == 60 for row in i.tolist())
