@@ -245,8 +245,8 @@ def test_exact_assignment_on_a_given_cost_matrix(gen):
 
 
 def test_auto_solver_depends_on_size_and_geometry(gen):
-    _, low = couple(*problem(gen, 500, 2), return_info=True)
-    _, high = couple(*problem(gen, 500, 64), return_info=True)
+    _, low = couple(*problem(gen, 600, 2), return_info=True)
+    _, high = couple(*problem(gen, 600, 64), return_info=True)
     assert low["solver"] == "scipy" and high["solver"] == "sparse"
 
 

@@ -27,7 +27,7 @@ ROUNDINGS = ("lsa", "greedy")
 #   the CPU-side sparse solve to one round (n=16384: 15 iterations -> 1 round and a 9x
 #   faster LAPJV than 5 iterations -> 2 rounds);
 # * K candidates per row/column: low-dim costs need more (k=32 saves a round at 1-2k).
-_SCIPY_MAX_N = {"high": 256, "low": 768}
+_SCIPY_MAX_N = {"high": 512, "low": 768}
 _PRICE_ITERS = {("high", "cpu"): 5, ("high", "cuda"): 30, ("low", "cpu"): 30, ("low", "cuda"): 30}
 _K = {"high": 16, "low": 32}
 
@@ -116,7 +116,7 @@ def couple(
           few Sinkhorn iterations on the tensors' device, solves on ``k`` candidates
           per row and column with scipy's sparse LAPJV, and certifies optimality
           against the dense costs with LP duals (adding edges until it holds);
-          ``"auto"`` uses scipy for ``n <= 256`` (``n <= 768`` for low-dimensional
+          ``"auto"`` uses scipy for ``n <= 512`` (``n <= 768`` for low-dimensional
           data or a callable cost) and ``sparse`` above.
         * ``sinkhorn``: log-domain entropic OT with ``eps = reg * std(C)``
           (epsilon scaling from ``eps = std(C)`` down to it); the permutation is the
