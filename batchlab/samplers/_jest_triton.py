@@ -6,8 +6,9 @@ log-sum-exp ``r`` per selected row, the kernel returns
     out[i] = sum_{j < m} softplus(s * a_j . b_i - r_j)          (N,)
 
 without writing the (m, N) logits: a program owns BN candidates and a share of the
-selected rows' tiles, computes each (BM, BN) tile with the losses' ``_tile_dot``
-(fp32 accumulation; bf16, or fp32 with TF32/IEEE products) and folds it into a
+selected rows' tiles, computes each (BM, BN) tile (fp32 accumulation; bf16, or fp32
+with TF32/IEEE products; its own d loop, so that it does not follow the changes of the
+losses' internal tile helpers) and folds it into a
 per-candidate sum in registers. Programs that split the rows write partial sums
 (``split``, N), added by the caller, so the result is deterministic (no atomics).
 
@@ -21,7 +22,6 @@ import torch
 import triton
 import triton.language as tl
 
-from batchlab.losses.triton._kernels import _tile_dot
 from batchlab.losses.triton._launch import interpreting, num_sms
 
 # H100-friendly tiles (the losses' forward config); small ones in the interpreter so that
@@ -43,8 +43,24 @@ def _neighbour_kernel(a_ptr, b_ptr, r_ptr, out_ptr, M, N, D, stride_a, stride_b,
     t1 = tl.minimum(t0 + tiles_per_split, n_tiles)
     for t in range(t0, t1):
         rows = t * BM + tl.arange(0, BM)
-        # (BM, BN) = a[rows] @ b[cols].T, rows/cols clamped inside; masked below
-        x = _tile_dot(a_ptr, b_ptr, rows, cols, M, N, D, stride_a, stride_b, BM, BN, BD, EVEN_D, UPCAST, PREC)
+        # (BM, BN) = a[rows] @ b[cols].T; rows/cols clamped in range here, out-of-range rows masked below
+        rows_c = tl.minimum(rows, M - 1).to(tl.int64)
+        cols_c = tl.minimum(cols, N - 1).to(tl.int64)
+        x = tl.zeros((BM, BN), dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            dd = d0 + tl.arange(0, BD)
+            a_ptrs = a_ptr + rows_c[:, None] * stride_a + dd[None, :]
+            b_ptrs = b_ptr + cols_c[:, None] * stride_b + dd[None, :]
+            if EVEN_D:
+                a = tl.load(a_ptrs)
+                b = tl.load(b_ptrs)
+            else:
+                a = tl.load(a_ptrs, mask=dd[None, :] < D, other=0.0)
+                b = tl.load(b_ptrs, mask=dd[None, :] < D, other=0.0)
+            if UPCAST:  # the CPU interpreter computes bf16 dots wrongly: upcast there only
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            x = tl.dot(a, tl.trans(b), x, input_precision=PREC)
         r = tl.load(r_ptr + rows, mask=rows < M, other=0.0)
         z = x * scale - r[:, None]
         y = tl.exp(-tl.abs(z))
