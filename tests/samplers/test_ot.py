@@ -265,3 +265,21 @@ def test_greedy_rounding_of_a_permutation_score_recovers_it(gen):
     score = torch.rand(n, n, generator=gen)
     score[torch.arange(n), target] = -1.0  # each row has one clearly best, distinct column
     assert torch.equal(solvers.greedy_assignment(score), target)
+
+
+def test_dual_certificate_numpy_and_torch_paths_agree(gen):
+    # the CPU uses the numpy loop, CUDA the torch one: same duals on the same matching
+    x0, x1 = problem(gen, 150, 8)
+    C = costs.pairwise_cost(x0, x1).double()
+    rows, cols = solvers._candidates(C, 6)
+    perm = torch.from_numpy(linear_sum_assignment(C.numpy())[1])
+    keep = torch.cat([rows * 150 + cols, torch.arange(150) * 150 + perm]).unique()
+    rows, cols = keep // 150, keep % 150
+    w = C[rows, cols] - C.min() + 1
+    u_t, v_t = solvers._residual_duals(150, rows, cols, w, perm)
+    u_n, v_n = solvers._residual_duals_numpy(150, rows.numpy(), cols.numpy(), w.numpy(), perm.numpy())
+    assert torch.allclose(u_t, torch.from_numpy(u_n)) and torch.allclose(v_t, torch.from_numpy(v_n))
+    red = w - u_t[rows] - v_t[cols]
+    assert float(red.min()) > -1e-9  # dual feasible on every edge
+    on_match = perm[rows] == cols
+    assert float(red[on_match].abs().max()) < 1e-9  # tight on the matching
