@@ -54,24 +54,29 @@ def test_codesearch_split_is_by_module_and_disjoint(splits):
 
 def test_codesearch_is_deterministic_and_cached(splits, cache, tmp_path):
     train, _ = splits
-    # a fresh harvest into another cache directory gives the very same pairs
-    fresh = load_codesearch("train", cache_dir=tmp_path, progress=False)
-    assert fresh.queries == train.queries and fresh.documents == train.documents
-    assert fresh.source_hash == train.source_hash
-    files = list(tmp_path.glob("codesearch-*.json"))
+    files = list(cache.glob("codesearch-*.json"))
     assert len(files) == 1 and train.source_hash in files[0].name
-    # the cache is what gets loaded: doctor it and the change shows up
+    # the cache is what gets loaded: a doctored cache file shows up...
+    doctored = tmp_path / files[0].name
     payload = json.loads(files[0].read_text())
     payload["pairs"] = payload["pairs"][:10]
-    files[0].write_text(json.dumps(payload))
+    doctored.write_text(json.dumps(payload))
     assert len(load_codesearch("all", cache_dir=tmp_path)) == 10
-    assert len(load_codesearch("all", cache_dir=tmp_path, refresh=True, progress=False)) > 10
+    # ...until refresh=True harvests again, which gives the very same pairs (deterministic)
+    fresh = load_codesearch("train", cache_dir=tmp_path, refresh=True, progress=False)
+    assert fresh.queries == train.queries and fresh.documents == train.documents
+    assert fresh.modules == train.modules and fresh.source_hash == train.source_hash
 
 
-def test_codesearch_other_settings_change_the_hash(cache, splits):
-    other = load_codesearch("test", cache_dir=cache, body_lines=1, progress=False)
-    assert other.source_hash != splits[1].source_hash
-    assert max(len(d.splitlines()) for d in other.documents) <= 2
+def test_codesearch_settings_change_the_hash_and_documents():
+    from batchlab.datasets.codesearch import _source_hash, source_files
+
+    files = source_files()[:20]
+    assert _source_hash(files, {"body_lines": 1}) != _source_hash(files, {"body_lines": 5})
+    assert _source_hash(files, {"body_lines": 5}) == _source_hash(files, {"body_lines": 5})
+    for path, module in files:
+        for pair in harvest_file(path, module, body_lines=1):
+            assert len(pair.document.splitlines()) <= 2
 
 
 def test_harvest_rules(tmp_path):
