@@ -53,6 +53,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="sweep first, then benchmark with the fastest config of each kernel")
     parser.add_argument("--sweep-n", type=int, default=32768)
     parser.add_argument("--tag", default="", help="suffix for the results file name")
+    parser.add_argument("--configs", default=None,
+                        help="a sweep results JSON whose 'best' tile configs to use")
 
 
 # ---------------------------------------------------------------------------
@@ -214,16 +216,18 @@ def run_benchmark(args, checkpoint=None) -> list[dict]:
 # ---------------------------------------------------------------------------
 # tile-config sweep of each kernel alone
 # ---------------------------------------------------------------------------
-SWEEP_CONFIGS = [
-    dict(BM=128, BN=128, BD=64, num_warps=8, num_stages=3),
-    dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3),
-    dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=4),
-    dict(BM=128, BN=256, BD=64, num_warps=8, num_stages=3),
-    dict(BM=256, BN=128, BD=64, num_warps=8, num_stages=3),
-    dict(BM=256, BN=128, BD=64, num_warps=8, num_stages=4),
-    dict(BM=64, BN=128, BD=64, num_warps=4, num_stages=4),
-    dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=4),
-]
+def _cfgs(*shapes):
+    """(BM, BN, warps, stages) shapes with BD=64, each with pointer loads and with TMA descriptors."""
+    return [dict(BM=bm, BN=bn, BD=64, num_warps=w, num_stages=st, TMA=tma)
+            for bm, bn, w, st in shapes for tma in (0, 1)]
+
+
+#: Candidates per kernel, around the winners of the first H100 sweep (benchmarks/results/).
+SWEEP_CONFIGS = {
+    "fwd": _cfgs((128, 128, 4, 3), (128, 128, 4, 4), (256, 128, 8, 3), (128, 256, 8, 3)),
+    "bwd_kernel_only": _cfgs((128, 128, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3)),
+    "siglip": _cfgs((64, 128, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3)),
+}
 
 
 def best_configs(sweep_rows: list[dict]) -> dict[str, dict[str, int]]:
@@ -233,9 +237,22 @@ def best_configs(sweep_rows: list[dict]) -> dict[str, dict[str, int]]:
     for r in sweep_rows:
         target = judge.get(r["kernel"])
         if target and r.get("ms") and (target not in best or r["ms"] < best[target][0]):
-            best[target] = (r["ms"], {key: r[key] for key in ("BM", "BN", "BD", "num_warps", "num_stages", "FLAT")
-                                      if key in r})
+            best[target] = (r["ms"], {key: r[key] for key in ("BM", "BN", "BD", "num_warps", "num_stages", "FLAT",
+                                                              "TMA") if key in r})
     return {key: cfg for key, (_, cfg) in best.items()}
+
+
+def load_configs(path: str) -> dict:
+    """Use the 'best' tile configs of a sweep results file (returns them)."""
+    import json
+
+    from batchlab.losses.triton import _launch
+
+    best = json.loads(Path(path).read_text())["best"]
+    for key, cfg in best.items():
+        _launch.CONFIGS[key] = dict(cfg)
+    print("tile configs from", path, ":", best, flush=True)
+    return best
 
 
 def run_sweep(args) -> list[dict]:
@@ -253,29 +270,29 @@ def run_sweep(args) -> list[dict]:
     g = torch.full((n,), 1.0 / (2 * n), device=args.device)
     row2, col2 = _lse.lse_forward(q, k, scale, None, cols=True, exclude=False)
     rows = []
-    a = torch.randn(8192, n, device=args.device, dtype=dtype)
-    for label, fn in {"cuBLAS G@k (8192 x N) @ (N x d)": lambda: torch.mm(a, k),
-                      "cuBLAS G.T@q (N x 8192) @ (8192 x d)": lambda: torch.mm(a.t(), q[:8192]),
+    p = min(8192, n)
+    a = torch.randn(p, n, device=args.device, dtype=dtype)
+    for label, fn in {f"cuBLAS G@k ({p} x N) @ (N x d)": lambda: torch.mm(a, k),
+                      f"cuBLAS G.T@q (N x {p}) @ ({p} x d)": lambda: torch.mm(a.t(), q[:p]),
                       "fp32-out G@k": lambda: _launch.mm_f32(a, k),
-                      "fp32-out G.T@q": lambda: _launch.mm_f32(a.t(), q[:8192])}.items():
+                      "fp32-out G.T@q": lambda: _launch.mm_f32(a.t(), q[:p])}.items():
         ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
-        rows.append({"kernel": label, "N": n, "d": d, "ms": ms, "tflops": 2 * 8192 * n * d / (ms / 1e3) / 1e12,
+        rows.append({"kernel": label, "N": n, "d": d, "ms": ms, "tflops": 2 * p * n * d / (ms / 1e3) / 1e12,
                      "status": f"mm.dtype available: {_launch._MM_F32}"})
         print(format_table([rows[-1]]), flush=True)
     del a
     saved = dict(_launch.CONFIGS)
     kernels = {
         "fwd": lambda: _lse.lse_forward(q, k, scale, None, cols=True, exclude=False),
-        "bwd": lambda: _lse.lse_backward(q, k, scale, None, row2, col2, g, g, exclude=False),
         "bwd_kernel_only": lambda: _lse.lse_backward(q, k, scale, None, row2, col2, g, g, exclude=False,
                                                      need_q=False, need_k=False),
         "siglip": lambda: _siglip.siglip_pass(q, k, scale, bias, None, loss=True, g_row=g * 2),
     }
-    flops = {"fwd": 2 * n * n * d, "bwd": 6 * n * n * d, "bwd_kernel_only": 2 * n * n * d, "siglip": 6 * n * n * d}
-    config_of = {"fwd": "fwd", "bwd": "bwd", "bwd_kernel_only": "bwd", "siglip": "siglip"}
-    flat = [dict(cfg, FLAT=1) for cfg in SWEEP_CONFIGS[1:5]]
+    # the backward "kernel only" run still does one (G @ k) product per panel for the scale gradient
+    flops = {"fwd": 2 * n * n * d, "bwd_kernel_only": 4 * n * n * d, "siglip": 6 * n * n * d}
+    config_of = {"fwd": "fwd", "bwd_kernel_only": "bwd", "siglip": "siglip"}
     for kernel, fn in kernels.items():
-        for cfg in SWEEP_CONFIGS + (flat if kernel == "fwd" else []):
+        for cfg in SWEEP_CONFIGS[kernel]:
             _launch.CONFIGS[config_of[kernel]] = dict(cfg)
             try:
                 ms = triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median")
@@ -312,6 +329,8 @@ def run(args) -> int:
         print("tuned configs:", configs, flush=True)
     from batchlab.losses.triton import _launch
 
+    if args.configs:
+        load_configs(args.configs)
     configs = {key: dict(val) for key, val in _launch.CONFIGS.items()}
     name = f"losses-triton-{slug}{args.tag}"
 

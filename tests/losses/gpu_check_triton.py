@@ -115,7 +115,12 @@ def main() -> int:
     parser.add_argument("--out", default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--configs", default=None, help="a sweep results JSON whose 'best' tile configs to check")
     args = parser.parse_args()
+    if args.configs:
+        from batchlab.bench.losses_triton import load_configs
+
+        load_configs(args.configs)
     global DEVICE, DIV
     if args.dry_run:
         DEVICE, DIV = "cpu", 32

@@ -107,13 +107,14 @@ def test_info_nce_matches_float64(n, d, dtype, symmetric, gen):
         assert lse.col is None
 
 
-@pytest.mark.parametrize("flat", [0, 1])
-def test_symmetric_info_nce_explicit_formula(flat, gen, monkeypatch):
+@pytest.mark.parametrize("flat,tma", [(0, 0), (1, 0), (0, 1)])
+def test_symmetric_info_nce_explicit_formula(flat, tma, gen, monkeypatch):
     """The headline loss against the formula written out in float64 (no library code).
 
-    Both forward loop shapes: nested (tiles, then d chunks) and flat (one loop over both).
+    Every kernel variant: nested or flat forward loop; pointer loads or tensor descriptors (TMA).
     """
     monkeypatch.setitem(_launch.INTERPRET_CONFIG, "FLAT", flat)
+    monkeypatch.setitem(_launch.INTERPRET_CONFIG, "TMA", tma)
     n, d = 33, 40
     q, k = unit(n, d, gen, torch.float32), unit(n, d, gen, torch.float32)
     s = torch.tensor(20.0)
@@ -202,7 +203,8 @@ def test_symmetric_permuted_targets_and_pos_mask(gen):
 @pytest.mark.parametrize("n,d", [(7, 16), (70, 40)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_siglip_matches_float64(n, d, dtype, reduction, gen):
+def test_siglip_matches_float64(n, d, dtype, reduction, gen, monkeypatch):
+    monkeypatch.setitem(_launch.INTERPRET_CONFIG, "TMA", int(reduction == "none"))  # both load paths
     q, k = unit(n, d, gen, dtype), unit(n, d, gen, dtype)
 
     def fn(impl, q, k, s, b):
@@ -235,7 +237,8 @@ def test_siglip_explicit_formula_targets_extra_and_no_grad(gen):
 
 @pytest.mark.parametrize("weighted", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_dcl_matches_float64(weighted, dtype, gen):
+def test_dcl_matches_float64(weighted, dtype, gen, monkeypatch):
+    monkeypatch.setitem(_launch.INTERPRET_CONFIG, "TMA", int(weighted))  # both load paths
     n, d = 33, 40
     q, k = unit(n, d, gen, dtype), unit(n, d, gen, dtype)
     perm = torch.randperm(n, generator=gen)

@@ -39,25 +39,40 @@ LN2 = 0.6931471805599453
 @triton.jit
 def _tile_dot(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k,
               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-              EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """acc[BM, BN] = q[rows] @ k[cols].T in fp32 (rows/cols clamped in range; caller masks)."""
-    rows_c = tl.minimum(rows, N - 1)
-    cols_c = tl.minimum(cols, M - 1)
+              EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
+    """acc[BM, BN] = q[rows] @ k[cols].T in fp32 (out-of-range rows/cols hold junk; caller masks).
+
+    ``TMA``: q_ptr/k_ptr are tensor descriptors (blocks [BM, BD] and [BN, BD]); the copy
+    engine fills rows and d columns past the end with zeros.
+    """
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for d0 in range(0, D, BD):
-        dd = d0 + tl.arange(0, BD)
-        q_ptrs = q_ptr + rows_c[:, None].to(tl.int64) * stride_q + dd[None, :]
-        k_ptrs = k_ptr + cols_c[:, None].to(tl.int64) * stride_k + dd[None, :]
-        if EVEN_D:
-            a = tl.load(q_ptrs)
-            b = tl.load(k_ptrs)
-        else:
-            a = tl.load(q_ptrs, mask=dd[None, :] < D, other=0.0)
-            b = tl.load(k_ptrs, mask=dd[None, :] < D, other=0.0)
-        if UPCAST:  # Triton's CPU interpreter computes bf16 dots wrongly; upcast there only
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+    if TMA:
+        row0 = tl.min(rows, 0)
+        col0 = tl.min(cols, 0)
+        for d0 in range(0, D, BD):
+            a = q_ptr.load([row0, d0])
+            b = k_ptr.load([col0, d0])
+            if UPCAST:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+    else:
+        rows_c = tl.minimum(rows, N - 1)
+        cols_c = tl.minimum(cols, M - 1)
+        for d0 in range(0, D, BD):
+            dd = d0 + tl.arange(0, BD)
+            q_ptrs = q_ptr + rows_c[:, None].to(tl.int64) * stride_q + dd[None, :]
+            k_ptrs = k_ptr + cols_c[:, None].to(tl.int64) * stride_k + dd[None, :]
+            if EVEN_D:
+                a = tl.load(q_ptrs)
+                b = tl.load(k_ptrs)
+            else:
+                a = tl.load(q_ptrs, mask=dd[None, :] < D, other=0.0)
+                b = tl.load(k_ptrs, mask=dd[None, :] < D, other=0.0)
+            if UPCAST:  # Triton's CPU interpreter computes bf16 dots wrongly; upcast there only
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
     return acc
 
 
@@ -81,11 +96,11 @@ def _valid(rows, cols, N, M, tgt_ptr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constex
 @triton.jit
 def _panel_tile(q_ptr, k_ptr, r0, r1, M, D, stride_q, stride_k,
                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     """This program's tile of a row panel [r0, r1): indices, masks and ``q . k`` in fp32."""
     rows = r0 + tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
-    acc = _tile_dot(q_ptr, k_ptr, rows, cols, r1, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC)
+    acc = _tile_dot(q_ptr, k_ptr, rows, cols, r1, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
     return rows, cols, rows < r1, cols < M, acc
 
 
@@ -123,7 +138,7 @@ def lse_fwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ref2,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                    COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr, TGT_ON_COLS: tl.constexpr,
                    ONE_EXP: tl.constexpr, FLAT: tl.constexpr,
-                   EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                   EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -165,7 +180,7 @@ def lse_fwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ref2,
     else:
         for t in range(t_start, t_end):
             cols = t * BN + tl.arange(0, BN)
-            acc = _tile_dot(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC)
+            acc = _tile_dot(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
             m_i, l_i = _fwd_tile(acc, rows, cols, m_i, l_i, s2, ref2, col_sum_ptr, tgt_ptr, N, M,
                                  COLS, EXCLUDE, HAS_TGT, TGT_ON_COLS, ONE_EXP)
     out = pid_g.to(tl.int64) * N + rows
@@ -175,20 +190,20 @@ def lse_fwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ref2,
 
 @triton.jit
 def lse_bwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ginv_ptr,
-                   row_lse2_ptr, col_lse2_ptr, g_row_ptr, g_col_ptr,
-                   out_ptr, ds_ptr,
+                   row_lse2_ptr, col_lse2_ptr, g_row_ptr, g_col_ptr, out_ptr,
                    r0, r1, M, D, stride_q, stride_k, stride_out,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                   ROWS: tl.constexpr, COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr,
-                   ONE_EXP: tl.constexpr,
-                   EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """Logit gradient of ``sum_i g_i row_lse_i + sum_j h_j col_lse_j`` for rows [r0, r1) (rows always on)."""
+                   COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr, ONE_EXP: tl.constexpr,
+                   EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
+    """Logit gradient of ``sum_i g_i row_lse_i + sum_j h_j col_lse_j`` for rows [r0, r1).
+
+    The scale gradient is not summed here: ``sum G * (q . k) = sum_i q_i . (G @ k)_i``
+    comes out of the gradient product for free (fewer live tiles in this kernel).
+    """
     rows, cols, rmask, cmask, acc = _panel_tile(q_ptr, k_ptr, r0, r1, M, D, stride_q, stride_k,
-                                                BM, BN, BD, EVEN_D, UPCAST, PREC)
+                                                BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
     s2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
-    ginv = tl.load(ginv_ptr)
     l2 = acc * s2
-    valid = _valid(rows, cols, r1, M, tgt_ptr, EXCLUDE, HAS_TGT, False)
     lse_r = tl.load(row_lse2_ptr + rows, mask=rmask, other=0.0)
     g_r = tl.load(g_row_ptr + rows, mask=rmask, other=0.0)
     p_r = tl.exp2(l2 - lse_r[:, None])
@@ -203,48 +218,44 @@ def lse_bwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ginv_ptr,
             g = g_r[:, None] * p_r + g_c[None, :] * tl.exp2(l2 - lse_c[None, :])
     else:
         g = g_r[:, None] * p_r
-    g = tl.where(valid, g, 0.0)
-    tl.store(ds_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(g * acc, 1), 0))
-    _store_logit_grad(out_ptr, g, ginv, rows, cols, r0, stride_out, rmask[:, None] & cmask[None, :])
+    if EXCLUDE:  # out-of-range entries are never stored; excluded positives must be zero
+        g = tl.where(_valid(rows, cols, r1, M, tgt_ptr, EXCLUDE, HAS_TGT, False), g, 0.0)
+    _store_logit_grad(out_ptr, g, tl.load(ginv_ptr), rows, cols, r0, stride_out, rmask[:, None] & cmask[None, :])
 
 
 @triton.jit
 def siglip_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, bias_ptr, ginv_ptr, g_row_ptr,
-                  row_loss_ptr, out_ptr, ds_ptr, db_ptr,
+                  row_loss_ptr, out_ptr, db_ptr,
                   r0, r1, M, D, stride_q, stride_k, stride_out,
                   BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                   LOSS: tl.constexpr, GRAD: tl.constexpr, HAS_TGT: tl.constexpr,
-                  EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                  EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     """SigLIP over rows [r0, r1): per-row sums of softplus(-y z) and/or the logit gradient.
 
     ``z = s q_i . k_j + b``, ``y = +1`` on (i, target_i) else -1. The gradient written is
-    ``g_i * d softplus(-y z) / dz = -y g_i sigmoid(-y z)``, times ``ginv``.
+    ``g_i * d softplus(-y z) / dz = -y g_i sigmoid(-y z)``, times ``ginv``; per-program sums
+    of it go to ``db_ptr`` (the bias gradient); the scale gradient comes from the product.
     """
     rows, cols, rmask, cmask, acc = _panel_tile(q_ptr, k_ptr, r0, r1, M, D, stride_q, stride_k,
-                                                BM, BN, BD, EVEN_D, UPCAST, PREC)
-    s = tl.load(scale_ptr).to(tl.float32)
-    b = tl.load(bias_ptr).to(tl.float32)
-    z = acc * s + b
+                                                BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
+    z = acc * tl.load(scale_ptr).to(tl.float32) + tl.load(bias_ptr).to(tl.float32)
     if HAS_TGT:
         t = tl.load(tgt_ptr + rows, mask=rmask, other=-1)
         pos = cols[None, :] == t[:, None]
     else:
         pos = cols[None, :] == rows[:, None]
     x = tl.where(pos, -z, z)  # the term is softplus(x), x = -y z
-    valid = rmask[:, None] & cmask[None, :]
     # e = exp(-|x|) in (0, 1]: softplus(x) = max(x, 0) + log(1 + e); sigmoid(x) from e without overflow.
     e = tl.exp2(-tl.abs(x) * 1.4426950408889634)
     if LOSS:
         sp = tl.maximum(x, 0.0) + tl.log2(1.0 + e) * 0.6931471805599453
-        sp = tl.where(valid, sp, 0.0)
+        sp = tl.where(cmask[None, :], sp, 0.0)
         tl.atomic_add(row_loss_ptr + rows, tl.sum(sp, 1), mask=rmask, sem="relaxed")
     if GRAD:
         r = tl.fdiv(1.0, 1.0 + e)  # fast reciprocal: 1 / (1 + e) in [1/2, 1]
         sig = tl.where(x >= 0, r, e * r)  # sigmoid(x) without cancellation
-        g_r = tl.load(g_row_ptr + rows, mask=rmask, other=0.0)
+        g_r = tl.load(g_row_ptr + rows, mask=rmask, other=0.0)  # 0 on rows past the panel
         g = tl.where(pos, -sig, sig) * g_r[:, None]  # d softplus(x)/dz = sigmoid(x) * dx/dz
-        g = tl.where(valid, g, 0.0)
-        flat = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
-        tl.store(ds_ptr + flat, tl.sum(tl.sum(g * acc, 1), 0))
-        tl.store(db_ptr + flat, tl.sum(tl.sum(g, 1), 0))
-        _store_logit_grad(out_ptr, g, tl.load(ginv_ptr), rows, cols, r0, stride_out, valid)
+        g = tl.where(cmask[None, :], g, 0.0)
+        tl.store(db_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(g, 1), 0))
+        _store_logit_grad(out_ptr, g, tl.load(ginv_ptr), rows, cols, r0, stride_out, rmask[:, None] & cmask[None, :])

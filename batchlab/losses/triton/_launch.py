@@ -19,28 +19,44 @@ def interpreting() -> bool:
 #: Chosen by a sweep on one H100 (d=512, bf16; ``batchlab/losses/triton/sweep.py``).
 #: Edit at run time to try others (the sweep does this).
 CONFIGS: dict[str, dict[str, int]] = {
-    "fwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, FLAT=0),
-    "bwd": dict(BM=256, BN=128, BD=64, num_warps=8, num_stages=3),
-    "siglip": dict(BM=64, BN=128, BD=64, num_warps=4, num_stages=4),
+    "fwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, FLAT=0, TMA=0),
+    "bwd": dict(BM=128, BN=256, BD=64, num_warps=8, num_stages=3, TMA=0),
+    "siglip": dict(BM=64, BN=128, BD=64, num_warps=4, num_stages=4, TMA=0),
 }
 #: fp32 inputs double the bytes per chunk: halve the d chunk.
 FP32_BD = 32
 #: Small blocks in the interpreter: several tiles and d chunks even at test sizes.
-INTERPRET_CONFIG = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, FLAT=0)
+INTERPRET_CONFIG = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, FLAT=0, TMA=0)
 
 
 def config(kernel: str, dtype: torch.dtype) -> dict[str, int]:
     """Launch keywords for ``kernel`` ("fwd" also carries its FLAT loop switch)."""
     cfg = dict(INTERPRET_CONFIG) if interpreting() else dict(CONFIGS[kernel])
+    cfg.setdefault("TMA", 0)
     if kernel == "fwd":
         cfg.setdefault("FLAT", 0)
     else:
         cfg.pop("FLAT", None)
-    if interpreting():
-        return cfg
-    if dtype == torch.float32:
+    if dtype == torch.float32 and not interpreting():
         cfg["BD"] = min(cfg["BD"], FP32_BD)
     return cfg
+
+
+def operands(q: torch.Tensor, k: torch.Tensor, cfg: dict) -> tuple:
+    """``(q_arg, k_arg, cfg)``: tensor descriptors when ``cfg["TMA"]`` and the layout allows, else the tensors.
+
+    The copy engine needs 16-byte aligned rows and base addresses; otherwise TMA is switched off.
+    """
+    cfg = dict(cfg)
+    aligned = all(t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
+                  for t in (q, k))
+    if not (cfg.get("TMA") and aligned and not cfg.get("FLAT")):
+        cfg["TMA"] = 0
+        return q, k, cfg
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return (TensorDescriptor.from_tensor(q, [cfg["BM"], cfg["BD"]]),
+            TensorDescriptor.from_tensor(k, [cfg["BN"], cfg["BD"]]), cfg)
 
 
 def kernel_flags(x: torch.Tensor, bd: int) -> dict:
@@ -62,11 +78,12 @@ def num_sms(device: torch.device) -> int:
 def panel_rows(n: int, m: int, elem_bytes: int, block_rows: int, workspace_bytes: int | None) -> int:
     """Rows per gradient panel: the (rows x m) gradient buffer stays within ``workspace_bytes``.
 
-    Default: 1 GiB per 65,536 keys, between 1 and 8 GiB, so that panels stay a few
-    thousand rows tall (the products that consume them need that to run at full rate).
+    Default: 8,192 rows (1 GiB of bf16 at 65,536 keys), fewer when that would pass 16 GiB.
+    Tall panels keep the two gradient products at full rate and the fp32 ``dk``
+    accumulation (one read-modify-write of M x d per panel) cheap.
     """
     if workspace_bytes is None:
-        workspace_bytes = int(min(8 * 2**30, max(2**30, 2**30 * m / 65536)))
+        workspace_bytes = min(16 * 2**30, 8192 * m * elem_bytes)
     rows = max(block_rows, workspace_bytes // max(1, m * elem_bytes))
     rows = (rows // block_rows) * block_rows
     return int(min(rows, n))
@@ -122,11 +139,12 @@ def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 
 
 def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bool, need_k: bool):
-    """``dq = factor * G @ k`` and ``dk = factor * G.T @ q`` from a logit gradient made panel by panel.
+    """``dq = factor * G @ k``, ``dk = factor * G.T @ q`` and ``sum_i q_i . (G @ k)_i``, panel by panel.
 
     ``fill(p, r0, r1, buf)`` writes rows [r0, r1) of ``G / factor`` into ``buf[: r1 - r0]``
     (a (rows_per_panel, M) buffer in the inputs' dtype). The products accumulate in fp32;
-    ``dk`` sums over panels in an fp32 buffer when there is more than one.
+    ``dk`` sums over panels in an fp32 buffer when there is more than one. The last value
+    (fp32 scalar, without ``factor``) is ``sum_ij G_ij (q_i . k_j) / factor``: the scale gradient.
     """
     n, d = q.shape
     m = k.shape[0]
@@ -135,12 +153,15 @@ def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bo
     dq = torch.empty_like(q) if need_q else None
     dk32 = torch.zeros(m, d, device=q.device, dtype=torch.float32) if need_k and several else None
     dk = None
+    dot = torch.zeros((), device=q.device, dtype=torch.float32)
     for p, r0 in enumerate(range(0, n, rows_per_panel)):
         r1 = min(n, r0 + rows_per_panel)
         fill(p, r0, r1, buf)
         g = buf[: r1 - r0]
+        gk = mm_f32(g, k)
+        dot += (gk * q[r0:r1]).sum()
         if need_q:
-            dq[r0:r1] = (mm_f32(g, k) * factor).to(q.dtype)
+            dq[r0:r1] = (gk * factor).to(q.dtype)
         if need_k:
             if several:
                 addmm_f32_(dk32, g.t(), q[r0:r1])
@@ -148,4 +169,4 @@ def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bo
                 dk = (mm_f32(g.t(), q[r0:r1]) * factor).to(k.dtype)
     if dk32 is not None:
         dk = (dk32 * factor).to(k.dtype)
-    return dq, dk
+    return dq, dk, dot

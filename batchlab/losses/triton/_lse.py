@@ -31,6 +31,7 @@ from batchlab.losses.triton._launch import (
     gradients_from_panels,
     kernel_flags,
     num_sms,
+    operands,
     panel_rows,
 )
 
@@ -86,8 +87,9 @@ def lse_forward(q, k, scale, targets, *, cols: bool, exclude: bool, targets_on_c
     ref2 = bound * LOG2E - _HEADROOM2 if cols else 0.0
     scale32 = scale.detach().float().reshape(1).contiguous()
     tgt = targets if targets is not None else row_m  # unused pointer when there are no targets
+    q_arg, k_arg, cfg = operands(q, k, cfg)
     _kernels.lse_fwd_kernel[(row_blocks, groups)](
-        q, k, tgt, scale32, ref2, row_m, row_l, col_sum,
+        q_arg, k_arg, tgt, scale32, ref2, row_m, row_l, col_sum,
         n, m, d, q.stride(0), k.stride(0), per_group,
         COLS=cols, EXCLUDE=exclude, HAS_TGT=targets is not None, TGT_ON_COLS=targets_on_cols,
         ONE_EXP=cols and one_exp_ok(bound, n, m),
@@ -112,19 +114,16 @@ def lse_forward(q, k, scale, targets, *, cols: bool, exclude: bool, targets_on_c
 def lse_backward(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, exclude: bool,
                  workspace_bytes: int | None = None, need_q: bool = True, need_k: bool = True,
                  bound: float | None = None):
-    """Gradients (dq, dk, ds) of ``sum_i g_row_i row_lse_i + sum_j g_col_j col_lse_j``."""
+    """Gradients (dq, dk, ds) of ``sum_i g_row_i row_lse_i + sum_j g_col_j col_lse_j`` (``g_row`` required)."""
     n, d = q.shape
     m = k.shape[0]
     cfg = config("bwd", q.dtype)
     bm, bn = cfg["BM"], cfg["BN"]
-    rows_on = g_row is not None
     cols_on = g_col is not None and col_lse2 is not None
     f32 = dict(device=q.device, dtype=torch.float32)
     # G / gscale lies in [-1, 1], so it keeps its precision in bf16/fp16 at any batch size.
-    gscale = torch.zeros((), **f32)
-    if rows_on:
-        g_row = g_row.float().contiguous()
-        gscale = gscale + g_row.abs().max()
+    g_row = g_row.float().contiguous()
+    gscale = g_row.abs().max()
     if cols_on:
         g_col = g_col.float().contiguous()
         gscale = gscale + g_col.abs().max()
@@ -135,23 +134,20 @@ def lse_backward(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, excl
     one_exp = cols_on and one_exp_ok(logit_bound(q, k, scale) if bound is None else bound, n, m)
     rows_per_panel = panel_rows(n, m, q.element_size(), bm, workspace_bytes)
     col_blocks = triton.cdiv(m, bn)
-    ds_parts = torch.zeros(triton.cdiv(n, rows_per_panel), triton.cdiv(rows_per_panel, bm) * col_blocks, **f32)
-    dummy = ds_parts
+    dummy = ginv
+    q_arg, k_arg, cfg = operands(q, k, cfg)
 
     def fill(p, r0, r1, buf):
         _kernels.lse_bwd_kernel[(triton.cdiv(r1 - r0, bm), col_blocks)](
-            q, k, targets if targets is not None else dummy, scale32, ginv,
-            row_lse2 if rows_on else dummy, col_lse2 if cols_on else dummy,
-            g_row if rows_on else dummy, g_col if cols_on else dummy,
-            buf, ds_parts[p],
+            q_arg, k_arg, targets if targets is not None else dummy, scale32, ginv,
+            row_lse2, col_lse2 if cols_on else dummy, g_row, g_col if cols_on else dummy, buf,
             r0, r1, m, d, q.stride(0), k.stride(0), buf.stride(0),
-            ROWS=rows_on, COLS=cols_on, EXCLUDE=exclude, HAS_TGT=targets is not None, ONE_EXP=one_exp,
+            COLS=cols_on, EXCLUDE=exclude, HAS_TGT=targets is not None, ONE_EXP=one_exp,
             **cfg, **kernel_flags(q, cfg["BD"]),
         )
 
-    dq, dk = gradients_from_panels(q, k, rows_per_panel, fill, factor, need_q=need_q, need_k=need_k)
-    ds = ds_parts.sum()
-    return dq, dk, ds
+    dq, dk, dot = gradients_from_panels(q, k, rows_per_panel, fill, factor, need_q=need_q, need_k=need_k)
+    return dq, dk, dot * gscale
 
 
 class PairLSE(torch.autograd.Function):

@@ -14,7 +14,7 @@ import torch
 import triton
 
 from batchlab.losses.triton import _kernels
-from batchlab.losses.triton._launch import config, gradients_from_panels, kernel_flags, panel_rows
+from batchlab.losses.triton._launch import config, gradients_from_panels, kernel_flags, operands, panel_rows
 
 
 def siglip_pass(q, k, scale, bias, targets, *, loss: bool, g_row=None, workspace_bytes=None,
@@ -30,12 +30,12 @@ def siglip_pass(q, k, scale, bias, targets, *, loss: bool, g_row=None, workspace
     scale32 = scale.detach().float().reshape(1).contiguous()
     bias32 = bias.detach().float().reshape(1).contiguous()
     col_blocks = triton.cdiv(m, bn)
-    flags = dict(BM=bm, BN=bn, **{key: cfg[key] for key in ("BD", "num_warps", "num_stages")},
-                 HAS_TGT=targets is not None, **kernel_flags(q, cfg["BD"]))
+    q_arg, k_arg, cfg = operands(q, k, cfg)
+    flags = dict(cfg, HAS_TGT=targets is not None, **kernel_flags(q, cfg["BD"]))
     tgt = targets if targets is not None else row_loss
     if not grad:
         _kernels.siglip_kernel[(triton.cdiv(n, bm), col_blocks)](
-            q, k, tgt, scale32, bias32, row_loss, row_loss, row_loss, row_loss, row_loss, row_loss,
+            q_arg, k_arg, tgt, scale32, bias32, row_loss, row_loss, row_loss, row_loss, row_loss,
             0, n, m, d, q.stride(0), k.stride(0), 0, LOSS=True, GRAD=False, **flags,
         )
         return row_loss, None
@@ -43,16 +43,16 @@ def siglip_pass(q, k, scale, bias, targets, *, loss: bool, g_row=None, workspace
     gscale = g_row.abs().max().clamp_min(1e-30)
     ginv = (1.0 / gscale).reshape(1)
     rows_per_panel = panel_rows(n, m, q.element_size(), bm, workspace_bytes)
-    parts = torch.zeros(2, triton.cdiv(n, rows_per_panel), triton.cdiv(rows_per_panel, bm) * col_blocks, **f32)
+    db_parts = torch.zeros(triton.cdiv(n, rows_per_panel), triton.cdiv(rows_per_panel, bm) * col_blocks, **f32)
 
     def fill(p, r0, r1, buf):
         _kernels.siglip_kernel[(triton.cdiv(r1 - r0, bm), col_blocks)](
-            q, k, tgt, scale32, bias32, ginv, g_row, row_loss, buf, parts[0, p], parts[1, p],
+            q_arg, k_arg, tgt, scale32, bias32, ginv, g_row, row_loss, buf, db_parts[p],
             r0, r1, m, d, q.stride(0), k.stride(0), buf.stride(0), LOSS=loss, GRAD=True, **flags,
         )
 
-    dq, dk = gradients_from_panels(q, k, rows_per_panel, fill, scale32 * gscale, need_q=need_q, need_k=need_k)
-    grads = (dq, dk, parts[0].sum(), parts[1].sum())
+    dq, dk, dot = gradients_from_panels(q, k, rows_per_panel, fill, scale32 * gscale, need_q=need_q, need_k=need_k)
+    grads = (dq, dk, (dot * gscale).reshape(()), db_parts.sum())
     return (row_loss if loss else None), grads
 
 
