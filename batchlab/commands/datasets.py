@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-from batchlab.commands._common import EXIT_MISSING, add_common_arguments, add_subcommand
+from batchlab.commands._common import EXIT_BAD_INPUT, add_common_arguments, add_subcommand
 
 NAMES = ("codesearch", "fashion_mnist")
 
@@ -69,7 +69,7 @@ def run(args) -> int:
         return 0
     if args.name is None:
         print("batchlab datasets info: name which dataset, e.g. `batchlab datasets info codesearch`", file=sys.stderr)
-        return 2
+        return EXIT_BAD_INPUT
     summary = _summary(args.name, args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,4 +81,4 @@ def run(args) -> int:
         print("---")
         for key, value in sample.items():
             print(f"{key}: {value}")
-    return 0 if summary else EXIT_MISSING
+    return 0

@@ -41,6 +41,8 @@ def tokenize(texts: Sequence[str], config: str = TINY_TEXT) -> torch.Tensor:
     digest = hashlib.sha1("\0".join(texts).encode()).hexdigest()
     key = (config, digest)
     if key not in _TOKENS:
+        if len(_TOKENS) >= 8:  # a small memo: the demo reuses two or four lists many times
+            _TOKENS.pop(next(iter(_TOKENS)))
         _TOKENS[key] = tokenizer(config)(list(texts))
     return _TOKENS[key]
 

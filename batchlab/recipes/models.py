@@ -80,6 +80,17 @@ def clip_model(name: str = TINY_CLIP, *, seed: int = 0) -> torch.nn.Module:
     register_configs()
     import open_clip
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return open_clip.create_model(name, pretrained=None)
+    import logging
+
+    class _Quiet(logging.Filter):  # "no pretrained weights loaded" is the point here, not news
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "pretrained weights" not in record.getMessage()
+
+    quiet = _Quiet()
+    logging.getLogger().addFilter(quiet)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return open_clip.create_model(name, pretrained=None)
+    finally:
+        logging.getLogger().removeFilter(quiet)
