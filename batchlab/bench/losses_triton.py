@@ -237,8 +237,7 @@ def best_configs(sweep_rows: list[dict]) -> dict[str, dict[str, int]]:
     for r in sweep_rows:
         target = judge.get(r["kernel"])
         if target and r.get("ms") and (target not in best or r["ms"] < best[target][0]):
-            best[target] = (r["ms"], {key: r[key] for key in ("BM", "BN", "BD", "num_warps", "num_stages", "FLAT",
-                                                              "TMA") if key in r})
+            best[target] = (r["ms"], {key: r[key] for key in ("BM", "BN", "BD", "num_warps", "num_stages", "TMA") if key in r})
     return {key: cfg for key, (_, cfg) in best.items()}
 
 

@@ -137,7 +137,7 @@ def lse_fwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ref2,
                    N, M, D, stride_q, stride_k, tiles_per_group,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                    COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr, TGT_ON_COLS: tl.constexpr,
-                   ONE_EXP: tl.constexpr, FLAT: tl.constexpr,
+                   ONE_EXP: tl.constexpr,
                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
@@ -149,40 +149,11 @@ def lse_fwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ref2,
     n_tiles = tl.cdiv(M, BN)
     t_start = pid_g * tiles_per_group
     t_end = tl.minimum(t_start + tiles_per_group, n_tiles)
-    if FLAT:
-        # One loop over (tile, d chunk) pairs, so that the loads of the next tile are
-        # pipelined under the current tile's epilogue.
-        n_d = tl.cdiv(D, BD)
-        rows_c = tl.minimum(rows, N - 1)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
-        for it in range(0, (t_end - t_start) * n_d):
-            t = t_start + it // n_d
-            kd = it % n_d
-            cols = t * BN + tl.arange(0, BN)
-            cols_c = tl.minimum(cols, M - 1)
-            dd = kd * BD + tl.arange(0, BD)
-            q_ptrs = q_ptr + rows_c[:, None].to(tl.int64) * stride_q + dd[None, :]
-            k_ptrs = k_ptr + cols_c[:, None].to(tl.int64) * stride_k + dd[None, :]
-            if EVEN_D:
-                a = tl.load(q_ptrs)
-                b = tl.load(k_ptrs)
-            else:
-                a = tl.load(q_ptrs, mask=dd[None, :] < D, other=0.0)
-                b = tl.load(k_ptrs, mask=dd[None, :] < D, other=0.0)
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
-            if kd == n_d - 1:
-                m_i, l_i = _fwd_tile(acc, rows, cols, m_i, l_i, s2, ref2, col_sum_ptr, tgt_ptr, N, M,
-                                     COLS, EXCLUDE, HAS_TGT, TGT_ON_COLS, ONE_EXP)
-                acc = tl.zeros((BM, BN), dtype=tl.float32)
-    else:
-        for t in range(t_start, t_end):
-            cols = t * BN + tl.arange(0, BN)
-            acc = _tile_dot(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
-            m_i, l_i = _fwd_tile(acc, rows, cols, m_i, l_i, s2, ref2, col_sum_ptr, tgt_ptr, N, M,
-                                 COLS, EXCLUDE, HAS_TGT, TGT_ON_COLS, ONE_EXP)
+    for t in range(t_start, t_end):
+        cols = t * BN + tl.arange(0, BN)
+        acc = _tile_dot(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
+        m_i, l_i = _fwd_tile(acc, rows, cols, m_i, l_i, s2, ref2, col_sum_ptr, tgt_ptr, N, M,
+                             COLS, EXCLUDE, HAS_TGT, TGT_ON_COLS, ONE_EXP)
     out = pid_g.to(tl.int64) * N + rows
     tl.store(row_m_ptr + out, m_i, mask=rows < N)
     tl.store(row_l_ptr + out, l_i, mask=rows < N)

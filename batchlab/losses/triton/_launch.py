@@ -19,24 +19,20 @@ def interpreting() -> bool:
 #: Chosen by a sweep on one H100 (d=512, bf16; ``batchlab/losses/triton/sweep.py``).
 #: Edit at run time to try others (the sweep does this).
 CONFIGS: dict[str, dict[str, int]] = {
-    "fwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, FLAT=0, TMA=0),
+    "fwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=0),
     "bwd": dict(BM=128, BN=256, BD=64, num_warps=8, num_stages=3, TMA=0),
     "siglip": dict(BM=64, BN=128, BD=64, num_warps=4, num_stages=4, TMA=0),
 }
 #: fp32 inputs double the bytes per chunk: halve the d chunk.
 FP32_BD = 32
 #: Small blocks in the interpreter: several tiles and d chunks even at test sizes.
-INTERPRET_CONFIG = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, FLAT=0, TMA=0)
+INTERPRET_CONFIG = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, TMA=0)
 
 
 def config(kernel: str, dtype: torch.dtype) -> dict[str, int]:
-    """Launch keywords for ``kernel`` ("fwd" also carries its FLAT loop switch)."""
+    """Launch keywords for ``kernel`` ("fwd", "bwd" or "siglip") on inputs of ``dtype``."""
     cfg = dict(INTERPRET_CONFIG) if interpreting() else dict(CONFIGS[kernel])
     cfg.setdefault("TMA", 0)
-    if kernel == "fwd":
-        cfg.setdefault("FLAT", 0)
-    else:
-        cfg.pop("FLAT", None)
     if dtype == torch.float32 and not interpreting():
         cfg["BD"] = min(cfg["BD"], FP32_BD)
     return cfg
@@ -50,7 +46,7 @@ def operands(q: torch.Tensor, k: torch.Tensor, cfg: dict) -> tuple:
     cfg = dict(cfg)
     aligned = all(t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
                   for t in (q, k))
-    if not (cfg.get("TMA") and aligned and not cfg.get("FLAT")):
+    if not (cfg.get("TMA") and aligned):
         cfg["TMA"] = 0
         return q, k, cfg
     from triton.tools.tensor_descriptor import TensorDescriptor
