@@ -219,7 +219,7 @@ def run_benchmark(args, checkpoint=None) -> list[dict]:
 def _cfgs(*shapes):
     """(BM, BN, warps, stages) shapes with BD=64, each with pointer loads and with TMA descriptors."""
     return [dict(BM=bm, BN=bn, BD=64, num_warps=w, num_stages=st, TMA=tma)
-            for bm, bn, w, st in shapes for tma in (0, 1)]
+            for tma in (0, 1) for bm, bn, w, st in shapes]  # pointer loads first: a TMA fault cannot hide them
 
 
 #: Candidates per kernel, around the winners of the first H100 sweep (benchmarks/results/).
