@@ -89,3 +89,23 @@ def test_wcfm_weights_follow_the_gibbs_kernel(gen):
         wcfm_weights(x0, x1, eps=0.0)
     with pytest.raises(BatchlabInputError, match="non-finite"):
         wcfm_weights(x0, torch.full_like(x1, float("nan")))
+
+
+def test_normalize_cost_and_extra_couple_kwargs(gen):
+    x0, x1 = data(gen, n=40)
+    a, b = OTPlanSampler("exact", normalize_cost=True).sample_plan(x0, x1)
+    # normalising the cost by its max does not change the optimal permutation
+    assert torch.equal(b, x1[couple(x0, x1)])
+    _, b2 = OTPlanSampler("knn", knn_k=3, generator=torch.Generator().manual_seed(0)).sample_plan(x0, x1)
+    idx = torch.cdist(b2, x1).argmin(1)
+    assert sorted(idx.tolist()) == list(range(40))
+
+
+def test_knn_with_conditions_runs_on_the_dense_cost(gen):
+    x0, x1 = data(gen, n=64)
+    y = torch.arange(64) % 2
+    perm = couple(x0, x1, "knn", knn_k=8, condition=(y, y), condition_weight=1e3,
+                  generator=torch.Generator().manual_seed(0))
+    assert sorted(perm.tolist()) == list(range(64))
+    # with 8 random partners a same-label one is almost always among them
+    assert float((y == y[perm]).float().mean()) > 0.8
