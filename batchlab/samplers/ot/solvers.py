@@ -342,7 +342,7 @@ def sparse_assignment(
         # Dense check in C's precision: reduced cost R = (W - base + 1) - u - v.
         u_d = (u + base - 1.0).to(Cf.dtype)
         v_d = v.to(Cf.dtype)
-        R = Cf - u_d[:, None] - v_d[None, :]
+        R = (Cf - u_d[:, None]).sub_(v_d[None, :])  # one n x n temporary, not two
         mag = max(float(Cf.abs().max()), float(u_d.abs().max()) + float(v_d.abs().max()), 1e-30)
         tol = 16 * torch.finfo(Cf.dtype).eps * mag
         bad_rows = (R.amin(1) < -tol).nonzero().squeeze(1)
@@ -404,7 +404,7 @@ def exact_assignment(
     # Prices, not a converged plan: a few iterations at a moderate eps already undo
     # the "hub" columns; exactness comes from the certified sparse solve.
     f, g, it, _ = sinkhorn_potentials(C, reg * cost_scale(C), max_iter=price_iters, tol=1e-2)
-    score = C - f[:, None] - g[None, :]
+    score = (C - f[:, None]).sub_(g[None, :])
     perm, sinfo = sparse_assignment(C, score, k=k, verify=verify, use_score=True)
     info.update(sinfo, price_iterations=it)
     return perm, info
