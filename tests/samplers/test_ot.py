@@ -283,3 +283,16 @@ def test_dual_certificate_numpy_and_torch_paths_agree(gen):
     assert float(red.min()) > -1e-9  # dual feasible on every edge
     on_match = perm[rows] == cols
     assert float(red[on_match].abs().max()) < 1e-9  # tight on the matching
+
+
+def test_entropic_partial_plan_moves_mass_and_skips_outliers(gen):
+    x0, x1 = problem(gen, 64, 2, shift=0.0)
+    x1 = x1.clone()
+    x1[:4] += 40.0  # four far targets
+    P = couple(x0, x1, "partial", mass=0.875, solver="sinkhorn", reg=0.02, return_plan=True, tol=1e-6, max_iter=5000)
+    assert P.shape == (64, 64)
+    assert float(P.sum()) == pytest.approx(0.875, rel=1e-3)
+    assert float(P.sum(1).max()) <= 1 / 64 * (1 + 1e-3) and float(P.sum(0).max()) <= 1 / 64 * (1 + 1e-3)
+    assert float(P[:, :4].sum()) < 0.01 * float(P.sum())  # the outliers are left out
+    Pe = couple(x0, x1, "partial", mass=0.875, return_plan=True)  # exact partial plan, 56 of 64 pairs
+    assert float((Pe * costs.pairwise_cost(x0, x1)).sum()) <= float((P * costs.pairwise_cost(x0, x1)).sum()) * 1.0001

@@ -126,6 +126,8 @@ def couple(
           to ``std(C)`` like ``reg``); rounded as for ``sinkhorn``.
         * ``partial`` (m-POT): only ``mass`` of the mass is transported: the best
           ``round(mass * n)`` pairs are optimal, the rest are paired at random.
+          ``return_plan=True, solver="sinkhorn"`` gives the entropic partial plan
+          (torchcfm's "partial") instead of the exact one.
         * ``bomb`` (BoMb-OT): OT between mini-batches of ``block`` examples, then
           within the paired mini-batches.
         * ``knn`` (Immiscible Diffusion): each row looks at ``knn_k`` random
@@ -200,6 +202,8 @@ def couple(
     check_choice("rounding", rounding, ROUNDINGS)
     if method == "exact":
         check_choice("solver", solver, EXACT_SOLVERS)
+    elif method == "partial":
+        check_choice("solver", solver, ("auto", "exact", "sinkhorn"))
     cond = _check_condition(condition, n, m, a.device) if condition is not None else None
     info: dict[str, Any] = {"method": method}
 
@@ -254,6 +258,8 @@ def couple(
         return done(perm)
 
     if method == "partial":
+        if return_plan and solver == "sinkhorn":
+            return done(_solvers.entropic_partial_plan(C, mass, reg, max_iter=max_iter, tol=tol))
         perm, transported = _solvers.partial_assignment(C, mass, generator=generator)
         info["transported"] = transported
         if return_plan:

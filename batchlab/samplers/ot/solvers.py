@@ -161,21 +161,47 @@ def plan_from_potentials(C: torch.Tensor, f: torch.Tensor, g: torch.Tensor, eps:
 def annealed_potentials(
     C: torch.Tensor, reg: float, *, start: float = 1.0, factor: float = 0.5, iters_per_step: int = 5,
     max_iter: int = 1000, tol: float = 1e-4, reg_m: float | None = None,
+    a: torch.Tensor | None = None, b: torch.Tensor | None = None, scale: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Sinkhorn with epsilon scaling: eps goes from ``start`` to ``reg`` (both relative
-    to :func:`cost_scale`), ``iters_per_step`` iterations per step, then iterates at
-    ``reg`` until ``tol``. Returns ``(f, g, eps)`` with ``eps`` absolute."""
-    scale = cost_scale(C)
+    to ``scale``, default :func:`cost_scale`), ``iters_per_step`` iterations per step,
+    then iterates at ``reg`` until ``tol``. Returns ``(f, g, eps)`` with ``eps`` absolute."""
+    scale = cost_scale(C) if scale is None else scale
     f = g = None
     rel = max(start, reg)
+    kw = {"reg_m": reg_m, "a": a, "b": b}
     while rel > reg * (1 + 1e-9):
-        f, g, _, _ = sinkhorn_potentials(C, rel * scale, max_iter=iters_per_step, tol=0.0, f=f, g=g, reg_m=reg_m)
+        f, g, _, _ = sinkhorn_potentials(C, rel * scale, max_iter=iters_per_step, tol=0.0, f=f, g=g, **kw)
         rel = max(reg, rel * factor)
     eps = reg * scale
-    f, g, it, err = sinkhorn_potentials(C, eps, max_iter=max_iter, tol=tol, f=f, g=g, reg_m=reg_m)
+    f, g, it, err = sinkhorn_potentials(C, eps, max_iter=max_iter, tol=tol, f=f, g=g, **kw)
     if err > tol and reg_m is None:
         log.info("Sinkhorn stopped after %d iterations with marginal error %.2e > tol %.1e", it, err, tol)
     return f, g, eps
+
+
+def entropic_partial_plan(
+    C: torch.Tensor, mass: float, reg: float, *, max_iter: int = 1000, tol: float = 1e-4
+) -> torch.Tensor:
+    """Entropic partial OT (what torchcfm's "partial" computes with POT): a plan of total
+    mass ``mass`` with row sums <= 1/n and column sums <= 1/m.
+
+    Solved as balanced Sinkhorn on ``C`` extended by one dummy row and column (cost 0
+    to every real point, forbidden between themselves) that each hold ``1 - mass``:
+    the mass a real point sends to the dummy is the mass it does not transport.
+    Returns the real block (n, m).
+    """
+    n, m = C.shape
+    scale = cost_scale(C)
+    big = float(C.max()) + 1e3 * scale  # exp(-big / eps) = 0: dummy-dummy never used
+    aug = C.new_zeros(n + 1, m + 1)
+    aug[:n, :m] = C
+    aug[n, m] = big
+    rest = max(1.0 - mass, 1e-12)  # mass = 1: the dummies carry (almost) nothing
+    a = torch.cat([C.new_full((n,), 1.0 / n), C.new_full((1,), rest)])
+    b = torch.cat([C.new_full((m,), 1.0 / m), C.new_full((1,), rest)])
+    f, g, eps = annealed_potentials(aug, reg, max_iter=max_iter, tol=tol, a=a, b=b, scale=scale)
+    return plan_from_potentials(aug, f, g, eps)[:n, :m]
 
 
 # ----------------------------------------------------------------------------------------------
