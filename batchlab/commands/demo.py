@@ -274,7 +274,8 @@ def run(args) -> int:
     for arm in arms:
         mine = sorted((r for r in runs if r["arm"] == arm.name), key=lambda r: r["seed"])
         r1 = [r["metrics"]["recall@1"] for r in mine]
-        summary[arm.name] = {"recall@1": statistics.fmean(r1), "seeds": len(r1)}
+        summary[arm.name] = {"recall@1": statistics.fmean(r1), "sd": statistics.stdev(r1) if len(r1) > 1 else 0.0,
+                             "seeds": len(r1)}
         rows.append({
             "arm": arm.name,
             "batch": arm.batch_size,
@@ -293,9 +294,13 @@ def run(args) -> int:
     verdicts = []
     for better, worse, claim in checks:
         if better in summary and worse in summary:
-            diff = summary[better]["recall@1"] - summary[worse]["recall@1"]
-            verdicts.append({"claim": claim, "difference": diff, "held": diff > 0})
-            print(f"{'yes' if diff > 0 else 'NO '}  {claim}: recall@1 {diff:+.3f}")
+            a, b = summary[better], summary[worse]
+            diff = a["recall@1"] - b["recall@1"]
+            # standard error of the difference of two means over seeds: below 2 SE it is noise
+            se = (a["sd"] ** 2 / a["seeds"] + b["sd"] ** 2 / b["seeds"]) ** 0.5
+            verdict = "within seed noise" if abs(diff) < 2 * se or diff == 0 else ("held" if diff > 0 else "reversed")
+            verdicts.append({"claim": claim, "difference": diff, "standard_error": se, "verdict": verdict})
+            print(f"{claim}: recall@1 {diff:+.3f} (2 SE = {2 * se:.3f}): {verdict}")
     cpu = sum(r["cpu_seconds"] for r in runs)
     end_load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(f"total {total:.0f} s wall ({cpu:.0f} s of CPU in the runs) on {device_name(args.device)} with {args.jobs} "
