@@ -1,9 +1,10 @@
 """Fused Triton kernel for JEST's InfoNCE neighbour term (imported only when asked for).
 
-For the selected rows ``a`` (m, d), the candidates ``b`` (N, d), a scale ``s`` and one
-log-sum-exp ``r`` per selected row, the kernel returns
+For each pair ``p`` (a model and a direction), the selected rows ``a[p]`` (m, d, already
+scaled by the logit scale), the candidates ``b[p]`` (N, d) and one log-sum-exp ``r[p, j]``
+per selected row, the kernel returns
 
-    out[i] = sum_{j < m} softplus(s * a_j . b_i - r_j)          (N,)
+    out[p, i] = sum_{j < m} softplus(a[p, j] . b[p, i] - r[p, j])          (P, N)
 
 without writing the (m, N) logits: a program owns BN candidates and a share of the
 selected rows' tiles, computes each (BM, BN) tile (fp32 accumulation; bf16, or fp32
@@ -31,11 +32,17 @@ _INTERPRET = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1)
 
 
 @triton.jit
-def _neighbour_kernel(a_ptr, b_ptr, r_ptr, out_ptr, M, N, D, stride_a, stride_b, scale, tiles_per_split,
+def _neighbour_kernel(a_ptr, b_ptr, r_ptr, out_ptr, M, N, D, stride_ap, stride_a, stride_bp, stride_b, stride_rp,
+                      stride_op, tiles_per_split,
                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                       EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
+    pid_p = tl.program_id(2).to(tl.int64)
+    a_ptr += pid_p * stride_ap
+    b_ptr += pid_p * stride_bp
+    r_ptr += pid_p * stride_rp
+    out_ptr += pid_p * stride_op
     cols = pid_n * BN + tl.arange(0, BN)
     total = tl.zeros((BN,), dtype=tl.float32)
     n_tiles = tl.cdiv(M, BM)
@@ -62,7 +69,7 @@ def _neighbour_kernel(a_ptr, b_ptr, r_ptr, out_ptr, M, N, D, stride_a, stride_b,
                 b = b.to(tl.float32)
             x = tl.dot(a, tl.trans(b), x, input_precision=PREC)
         r = tl.load(r_ptr + rows, mask=rows < M, other=0.0)
-        z = x * scale - r[:, None]
+        z = x - r[:, None]
         y = tl.exp(-tl.abs(z))
         log1p = tl.where(y < 1e-4, y * (1.0 - 0.5 * y), tl.log(1.0 + y))
         sp = tl.maximum(z, 0.0) + log1p
@@ -71,25 +78,27 @@ def _neighbour_kernel(a_ptr, b_ptr, r_ptr, out_ptr, M, N, D, stride_a, stride_b,
     tl.store(out_ptr + pid_s * N + cols, total, mask=cols < N)
 
 
-def neighbour_sum(a: torch.Tensor, b: torch.Tensor, r: torch.Tensor, scale: float, *, precision: str) -> torch.Tensor:
-    """``out[i] = sum_j softplus(scale * a_j . b_i - r_j)``: a (m, d), b (N, d), r (m,) -> (N,) float32.
+def neighbour_sum(a: torch.Tensor, b: torch.Tensor, r: torch.Tensor, *, precision: str) -> torch.Tensor:
+    """``out[p, i] = sum_j softplus(a[p, j] . b[p, i] - r[p, j])``: a (P, m, d), b (P, N, d), r (P, m) -> (P, N).
 
     ``precision``: ``"bf16"`` (a, b already bf16), ``"tf32"`` or ``"float32"`` (a, b float32).
+    The result is float32.
     """
-    m, d = a.shape
-    n = b.shape[0]
+    a, b, r = a.contiguous(), b.contiguous(), r.float().contiguous()
+    pairs, m, d = a.shape
+    n = b.shape[1]
     cfg = dict(_INTERPRET) if interpreting() else dict(_CONFIG, BD=64 if a.dtype == torch.bfloat16 else 32)
     bm, bn, bd = cfg.pop("BM"), cfg.pop("BN"), cfg.pop("BD")
     col_blocks = triton.cdiv(n, bn)
     n_tiles = triton.cdiv(m, bm)
     # enough programs for about four waves on the device, never more splits than row tiles
-    split = max(1, min(n_tiles, triton.cdiv(4 * num_sms(a.device), col_blocks)))
+    split = max(1, min(n_tiles, triton.cdiv(4 * num_sms(a.device), col_blocks * pairs)))
     tiles_per_split = triton.cdiv(n_tiles, split)
     split = triton.cdiv(n_tiles, tiles_per_split)
-    out = torch.empty(split, n, device=a.device, dtype=torch.float32)
+    out = torch.empty(pairs, split, n, device=a.device, dtype=torch.float32)
     prec = "ieee" if precision == "float32" else "tf32"
-    _neighbour_kernel[(col_blocks, split)](
-        a, b, r.float().contiguous(), out, m, n, d, a.stride(0), b.stride(0), float(scale), tiles_per_split,
-        BM=bm, BN=bn, BD=bd, EVEN_D=d % bd == 0, UPCAST=interpreting(), PREC=prec, **cfg,
+    _neighbour_kernel[(col_blocks, split, pairs)](
+        a, b, r, out, m, n, d, a.stride(0), a.stride(1), b.stride(0), b.stride(1), r.stride(0), out.stride(0),
+        tiles_per_split, BM=bm, BN=bn, BD=bd, EVEN_D=d % bd == 0, UPCAST=interpreting(), PREC=prec, **cfg,
     )
-    return out.sum(0)
+    return out.sum(1)

@@ -304,96 +304,100 @@ class JointExampleSelector:
         models = [(m, w) for m, w in ((learner, 1.0), (reference, -1.0)) if m is not None]
         n = models[0][0].q.shape[0]
         device = models[0][0].q.device
+        st = self._stack(models)
         chosen = torch.zeros(n, dtype=torch.bool, device=device)
-        picks: list[torch.Tensor] = []
+        order = torch.empty(sum(sizes), dtype=torch.long, device=device)
         history = torch.empty(len(sizes), n, device=device)
-        # Per-model running state over the selected set (see the module docstring).
-        states = [self._init_state(m) for m, _ in models]
-
+        count = 0
         for t, size in enumerate(sizes):
-            if t == 0:
-                score = self._first_scores(models, n, device)
-            else:
-                score = torch.zeros(n, device=device)
-                for (m, w), st in zip(models, states):
-                    score += w * self._increment(m, st, torch.cat(picks))
+            score = self._first_scores(models, n, device) if t == 0 else self._scores(st, order[:count])
             score = score.masked_fill(chosen, float("-inf"))
             history[t] = score
             new = torch.topk(score + gumbel[t], size).indices
             chosen[new] = True
-            picks.append(new)
+            order[count:count + size] = new
+            count += size
             if t + 1 < len(sizes):
-                for (m, _), st in zip(models, states):
-                    self._add_chunk(m, st, new)
+                self._add_chunk(st, new)
             if logger.isEnabledFor(logging.DEBUG):  # float() syncs the GPU: only when asked
                 logger.debug("JEST step %d: chose %d, mean score %.4g", t, size, float(score[new].mean()))
-        return torch.cat(picks), history
+        return order, history
 
-    def _init_state(self, m: _Model) -> dict:
-        n = m.q.shape[0]
-        diag = m.scale * (m.q * m.k).sum(1) + m.bias
+    def _stack(self, models) -> dict:
+        """Stack every (model, direction) pair so that each step is a few batched kernels.
+
+        Pair ``p`` holds ``x_p`` (scaled by its model's logit scale) and ``y_p`` such that
+        ``x_p[j] . y_p[s] + bias_p`` is ``l_js`` (row direction: ``x = s q``, ``y = k``) or
+        ``l_sj`` (column direction: ``x = s k``, ``y = q``), and the weight ``w_p`` =
+        model sign (learner +1, reference -1) x direction weight.
+        """
+        wr, wc = (0.5, 0.5) if self.symmetric else (1.0, 0.0)
         if self.loss == "siglip":
-            # pair[i] = sum_{s in S} (p_is + p_si); own[i] = p_ii
-            return {"own": F.softplus(-diag), "pair": torch.zeros_like(diag)}
-        ninf = torch.full((n,), float("-inf"), device=m.q.device)
-        state = {"diag": diag, "row": ninf, "col": ninf.clone()}
+            wr, wc = 1.0, 1.0  # p_is and p_si both count in full
+        xs, ys, bias, w, own_w = [], [], [], [], []
+        for m, sign in models:
+            for x, y, wdir, row in ((m.q, m.k, wr, True), (m.k, m.q, wc, False)):
+                if wdir:
+                    xs.append(x * m.scale)
+                    ys.append(y)
+                    bias.append(m.bias)
+                    w.append(sign * wdir)
+                    own_w.append(sign if row else 0.0)
+        device = xs[0].device
+        st = {"x": torch.stack(xs), "y": torch.stack(ys),
+              "bias": torch.tensor(bias, device=device).view(-1, 1, 1),
+              "w": torch.tensor(w, device=device).view(-1, 1)}
+        diag = (st["x"] * st["y"]).sum(-1) + st["bias"][:, :, 0]  # (P, N): l_ii (q.k = k.q: same both ways)
+        if self.loss == "siglip":
+            # own[i] = sum over models of sign * p_ii; pair[p, i] = sum_{s in S} p-direction term
+            own_w = torch.tensor(own_w, device=device).view(-1, 1)
+            st["own"] = (own_w * F.softplus(-diag)).sum(0)
+            st["pair"] = torch.zeros_like(diag)
+            return st
+        st["diag"] = diag
+        st["lse"] = torch.full_like(diag, float("-inf"))  # r_j (row pairs) or c_j (column pairs) over S
         if self._impl == "triton":
             # the kernel's operands: bf16 copies (half the bytes, twice the matrix-unit rate) or fp32
-            cast = (lambda x: x.to(torch.bfloat16)) if self.precision == "bf16" else (lambda x: x)
-            state["kq"], state["kk"] = cast(m.q), cast(m.k)
-        return state
+            dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+            st["kx"], st["ky"] = st["x"].to(dtype), st["y"].to(dtype)
+        return st
 
-    def _add_chunk(self, m: _Model, st: dict, new: torch.Tensor) -> None:
-        """Fold the chunk ``new`` into the running sums: one N x chunk logits block per direction."""
-        row_logits = m.scale * (m.q @ m.k[new].T) + m.bias  # l_{j, s}, s in chunk
-        col_logits = m.scale * (m.k @ m.q[new].T) + m.bias  # l_{s, j}
+    def _add_chunk(self, st: dict, new: torch.Tensor) -> None:
+        """Fold the chunk ``new`` into the running sums: one (P, N, chunk) batched product."""
+        logits = torch.baddbmm(st["bias"], st["x"], st["y"][:, new].transpose(1, 2))  # (P, N, c)
         if self.loss == "siglip":
-            # Off-diagonal terms only; the diagonal p_ss belongs to s's own (already used) score.
-            pair = F.softplus(row_logits) + F.softplus(col_logits)
-            pair[new, torch.arange(new.numel(), device=new.device)] = 0.0
-            st["pair"] += pair.sum(1)
+            # negatives' terms softplus(l); the diagonal entries belong to chosen examples (masked)
+            st["pair"] += F.softplus(logits).sum(2)
             return
-        st["row"] = torch.logaddexp(st["row"], torch.logsumexp(row_logits, 1))
-        st["col"] = torch.logaddexp(st["col"], torch.logsumexp(col_logits, 1))
+        st["lse"] = torch.logaddexp(st["lse"], torch.logsumexp(logits, 2))
 
-    def _increment(self, m: _Model, st: dict, selected: torch.Tensor) -> torch.Tensor:
-        """``Delta(i | S)`` for every example ``i`` (meaningless, and later masked, for i in S)."""
+    def _scores(self, st: dict, selected: torch.Tensor) -> torch.Tensor:
+        """``sum_p w_p Delta_p(i | S)`` for every example ``i`` (meaningless, and masked, for i in S)."""
         if self.loss == "siglip":
-            return st["own"] + st["pair"]
-        diag, row, col = st["diag"], st["row"], st["col"]
-        wr, wc = (0.5, 0.5) if self.symmetric else (1.0, 0.0)
-        own = wr * F.softplus(row - diag)
-        if wc:
-            own = own + wc * F.softplus(col - diag)
+            return st["own"] + (st["w"] * st["pair"]).sum(0)
+        lse_s = st["lse"][:, selected]  # (P, |S|): r_s or c_s
+        own = F.softplus(st["lse"] - st["diag"])  # i's own loss in S + {i}
         if self._impl == "triton":
             from batchlab.samplers._jest_triton import neighbour_sum
 
-            kq, kk = st["kq"], st["kk"]
-            out = neighbour_sum(kq[selected], kk, row[selected], m.scale, precision=self.precision)
-            if wr != 1.0:
-                out *= wr
-            if wc:
-                out += wc * neighbour_sum(kk[selected], kq, col[selected], m.scale, precision=self.precision)
-            return own + out
-        return own + self._neighbour_term(m, row[selected], col[selected], selected, wr, wc)
+            near = neighbour_sum(st["kx"][:, selected], st["ky"], lse_s, precision=self.precision)
+        else:
+            near = self._neighbour_term(st, selected, lse_s)
+        return (st["w"] * (own + near)).sum(0)
 
-    def _neighbour_term(self, m, row_s, col_s, selected, wr, wc) -> torch.Tensor:
-        """``sum_{s in S} [wr softplus(l_si - r_s) + wc softplus(l_is - c_s)]`` in candidate blocks."""
-        n, size = m.q.shape[0], selected.numel()
-        block = self.block_size or max(256, _TILE_ELEMENTS // max(size, 1))
-        q_s, k_s = m.q[selected], m.k[selected]
-        out = torch.empty(n, device=m.q.device)
+    def _neighbour_term(self, st: dict, selected: torch.Tensor, lse_s: torch.Tensor) -> torch.Tensor:
+        """``near[p, i] = sum_{s in S} softplus(x_p[s] . y_p[i] - lse_p[s])`` in candidate blocks (torch)."""
+        x_s = st["x"][:, selected]  # (P, |S|, d)
+        pairs, size = x_s.shape[:2]
+        n = st["y"].shape[1]
+        block = self.block_size or max(256, _TILE_ELEMENTS // max(pairs * size, 1))
+        out = torch.empty(pairs, n, device=x_s.device)
+        neg_lse = -lse_s[:, :, None]
         for lo in range(0, n, block):
             hi = min(n, lo + block)
-            # addmm puts the "- r_s" into the matmul epilogue: one |S| x block tile per direction.
-            tile = torch.addmm(-row_s[:, None], q_s, m.k[lo:hi].T, alpha=m.scale)  # l_si - r_s
-            acc = F.softplus(tile).sum(0)
-            if wr != 1.0:
-                acc *= wr
-            if wc:
-                tile = torch.addmm(-col_s[:, None], k_s, m.q[lo:hi].T, alpha=m.scale)  # l_is - c_s
-                acc += wc * F.softplus(tile).sum(0)
-            out[lo:hi] = acc
+            # baddbmm puts the "- lse_s" into the matmul epilogue: one (P, |S|, block) tile
+            tile = torch.baddbmm(neg_lse, x_s, st["y"][:, lo:hi].transpose(1, 2))
+            out[:, lo:hi] = F.softplus(tile).sum(1)
         return out
 
     def _first_scores(self, models, n: int, device) -> torch.Tensor:
