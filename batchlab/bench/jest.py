@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=int, default=None, help="timed repeats (default 5 cuda, 2 cpu)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: on a shared 2-core machine two threads collapse)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile one selection per loss (torch.profiler): device time vs wall time")
     parser.add_argument("--quality", action="store_true",
                         help="run the quality experiment instead (codesearch, JEST vs uniform, CPU, a few minutes)")
     parser.add_argument("--quality-steps", type=int, default=300)
@@ -168,6 +170,38 @@ def _time_variant(args, device, sizes, n, d, repeats, loss, impl, precision, lab
     return xs, ys
 
 
+def _profile_selection(device, n, d, args) -> dict:
+    """Device-busy time of one selection per loss against its wall time (launch overhead = the rest)."""
+    import time
+
+    from torch.profiler import ProfilerActivity, profile
+
+    out = {}
+    (q_l, k_l), (q_r, k_r) = _embeddings(n, d, device, args.seed)
+    for loss in ("info_nce", "siglip"):
+        extra = (-10.0,) if loss == "siglip" else ()
+        sel = JointExampleSelector(n_chunks=args.chunks, filter_ratio=args.filter_ratio, loss=loss, seed=args.seed,
+                                   precision="bf16" if loss == "info_nce" and device.type == "cuda" else "tf32")
+        fn = lambda: sel.select(learner=(q_l, k_l, 10.0, *extra), reference=(q_r, k_r, 10.0, *extra), step=0)  # noqa: E731
+        fn()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+        with profile(activities=activities) as prof:
+            start = time.perf_counter()
+            fn()
+            torch.cuda.synchronize(device) if device.type == "cuda" else None
+            wall = time.perf_counter() - start
+        events = prof.key_averages()
+        dev_us = sum(getattr(e, "self_device_time_total", 0) or 0 for e in events)
+        top = sorted(events, key=lambda e: getattr(e, "self_device_time_total", 0) or 0, reverse=True)[:6]
+        out[loss] = {"wall_ms": wall * 1e3, "device_busy_ms": dev_us / 1e3,
+                     "aten_calls": sum(e.count for e in events if e.key.startswith("aten::")),
+                     "top_device_ops_ms": {e.key[:60]: (getattr(e, "self_device_time_total", 0) or 0) / 1e3
+                                           for e in top}}
+        print(f"profile {loss}: wall {wall * 1e3:.2f} ms, device busy {dev_us / 1e3:.2f} ms, "
+              f"{out[loss]['aten_calls']} aten calls; top: {out[loss]['top_device_ops_ms']}")
+    return out
+
+
 def run(args) -> int:
     torch.set_num_threads(args.threads)
     if args.quality:
@@ -239,6 +273,7 @@ def run(args) -> int:
         "rows": rows, "series_ms": {k: {"N": v[0], "ms": v[1]} for k, v in series.items()},
         "vit_micro_step_ms": None if micro_s is None else micro_s * 1e3,
         "target": "JEST selection < 5% of the training step",
+        "profile": _profile_selection(device, n, d, args) if args.profile else None,
     }
     path = write_results(args.out, f"{NAME}-{tag}", payload)
     series[f"5% of the step at b={b}"] = (sizes, [0.05 * step_ms] * len(sizes))
