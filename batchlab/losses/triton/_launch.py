@@ -15,13 +15,15 @@ def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-#: Tile configurations per kernel: block rows, block columns, d chunk, warps, pipeline stages.
-#: Chosen by a sweep on one H100 (d=512, bf16; ``batchlab/losses/triton/sweep.py``).
-#: Edit at run time to try others (the sweep does this).
+#: Tile configurations per kernel: block rows, block columns, d chunk, warps, pipeline
+#: stages, and TMA (tensor-descriptor loads; off automatically when rows are not 16-byte
+#: aligned). Chosen by the sweep on one H100 (d=512, bf16, N=32,768):
+#: ``benchmarks/results/losses-triton-sweep-h100-80gb-hbm3-v3.json``. Edit at run time to
+#: try others (the sweep does this; ``python -m batchlab.bench.losses_triton --sweep``).
 CONFIGS: dict[str, dict[str, int]] = {
-    "fwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=0),
-    "bwd": dict(BM=128, BN=256, BD=64, num_warps=8, num_stages=3, TMA=0),
-    "siglip": dict(BM=64, BN=128, BD=64, num_warps=4, num_stages=4, TMA=0),
+    "fwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1),
+    "bwd": dict(BM=128, BN=256, BD=64, num_warps=8, num_stages=3, TMA=1),
+    "siglip": dict(BM=64, BN=128, BD=64, num_warps=4, num_stages=4, TMA=1),
 }
 #: fp32 inputs double the bytes per chunk: halve the d chunk.
 FP32_BD = 32
