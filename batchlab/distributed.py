@@ -28,9 +28,10 @@ Strategies
     symmetric loss: the column log-sum-exp statistics (forward) and the key gradients
     (backward) travel with their key block and arrive home after a full circle.
     Traffic is in the inputs' dtype (bf16 stays bf16). Never holds more than two key
-    blocks; each block is computed tile by tile by the tiled engine's block primitives.
-    Supports InfoNCE, SigLIP and DCL/DCLW with global ``targets``, a callable
-    ``neg_mask`` over global indices, and extra negatives.
+    blocks. Each block runs on the fused Triton kernels (``impl="triton"``, or
+    ``"auto"`` on CUDA, for diagonal positives) or tile by tile on the tiled engine's
+    block primitives, which also take global ``targets`` and a callable ``neg_mask``.
+    Supports InfoNCE, SigLIP and DCL/DCLW, plus extra negatives.
 ``auto``
     ``allgather`` when the gathered embeddings stay under 1 GiB, else ``ring``.
 
@@ -484,6 +485,123 @@ class _RingContrastive(torch.autograd.Function):
         return (scale * U).to(q.dtype), (scale * dk).to(k.dtype), d_extra, dscale, None, None, None
 
 
+class _RingTritonContrastive(torch.autograd.Function):
+    """The ring of :class:`_RingContrastive` with each block on the fused Triton kernels.
+
+    Positives on the diagonal of the global batch only (no ``targets``/``neg_mask``: those
+    go through the tiled engine). Per block, ``lse_forward`` gives base-2 row and column
+    log-sum-exp partials in one pass and ``lse_backward`` recomputes the block once for
+    its ``dq``, ``dk`` and ``ds`` shares; the positive and extra-negative terms are local.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, extra, scale, spec, group, sizes):
+        from batchlab.losses.tiled.engine import extra_logits
+        from batchlab.losses.triton._launch import LN2
+        from batchlab.losses.triton._lse import lse_forward
+
+        ring = RING_EXCHANGE(group, sizes)
+        n = q.shape[0]
+        symmetric, decoupled = spec["symmetric"], spec["decoupled"]
+        own_targets = torch.arange(n, device=q.device)
+        row2 = torch.full((n,), float("-inf"), device=q.device)
+        col2 = torch.full((k.shape[0],), float("-inf"), device=q.device)
+        block = k
+        for step in range(ring.world):
+            own = ring.source_of(step) == ring.rank
+            if step < ring.world - 1:
+                key_req, (next_block,) = ring.start([block], ring.source_of(step + 1))
+            r2, c2 = lse_forward(q, block.contiguous(), scale, own_targets if own and decoupled else None,
+                                 cols=symmetric, exclude=own and decoupled)
+            row2 = torch.logaddexp2(row2, r2)
+            if symmetric:
+                col2 = torch.logaddexp2(col2, c2)
+            acc_req, (col2,) = ring.start([col2], ring.source_of(step + 1))
+            ring.wait(acc_req)
+            if step < ring.world - 1:
+                ring.wait(key_req)
+                block = next_block
+        row_lse, col_lse = row2 * LN2, col2 * LN2
+        if extra is not None and extra.shape[1]:
+            row_lse = torch.logaddexp(row_lse, torch.logsumexp(extra_logits(q, extra, scale), 1))
+        cos = (q.float() * k.float()).sum(1)
+        weight = None
+        if spec["weighted"]:
+            weight = _dclw_global_weights(cos, spec["sigma"], sizes, group, ring.rank)
+        pos = (1 if weight is None else weight) * scale * cos
+        rows = row_lse - pos
+        cols = col_lse - pos if symmetric else None
+        ctx.save_for_backward(q, k, extra, scale, row_lse, col_lse)
+        ctx.spec, ctx.group, ctx.sizes, ctx.weight = spec, group, sizes, weight
+        if spec["reduction"] == "none":
+            return rows if cols is None else (rows + cols) / 2
+        total = rows.sum() if cols is None else (rows.sum() + cols.sum()) / 2
+        return _share(total, spec["reduction"], ring.world, sum(sizes))
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        from batchlab.losses.tiled.engine import extra_backward, extra_logits
+        from batchlab.losses.triton._launch import LOG2E
+        from batchlab.losses.triton._lse import lse_backward
+
+        q, k, extra, scale, row_lse, col_lse = ctx.saved_tensors
+        spec, group, sizes, weight = ctx.spec, ctx.group, ctx.sizes, ctx.weight
+        ring = RING_EXCHANGE(group, sizes)
+        symmetric, decoupled = spec["symmetric"], spec["decoupled"]
+        n = q.shape[0]
+        a = _loss_coefficients(grad_out, spec["reduction"], ring.world, sum(sizes), n, torch.float32)
+        if symmetric:
+            a = a / 2
+        own_targets = torch.arange(n, device=q.device)
+        row2 = (row_lse * LOG2E).contiguous()
+        dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
+        dscale = torch.zeros((), device=q.device, dtype=torch.float32)
+        block, bundle = k, ([(col_lse * LOG2E).contiguous(), a.contiguous()] if symmetric else [])
+        dk = torch.zeros(k.shape, device=q.device, dtype=torch.float32)
+        for step in range(ring.world):
+            own = ring.source_of(step) == ring.rank
+            if step < ring.world - 1:
+                key_req, incoming = ring.start([block, *bundle], ring.source_of(step + 1))
+            dq_b, dk_b, ds_b = lse_backward(
+                q, block.contiguous(), scale, own_targets if own and decoupled else None, row2,
+                bundle[0] if symmetric else None, a, bundle[1] if symmetric else None, exclude=own and decoupled)
+            dq += dq_b
+            dscale += ds_b.float().reshape(())
+            grad_req, (dk,) = ring.start([dk + dk_b.float()], ring.source_of(step + 1))
+            ring.wait(grad_req)
+            if step < ring.world - 1:
+                ring.wait(key_req)
+                block, *bundle = incoming
+        # positive terms (local: the diagonal of the global batch), weights constant
+        qf, kf = q.float(), k.float()
+        pos_c = (1 if weight is None else weight) * (2 * a if symmetric else a)
+        dq -= scale * pos_c[:, None] * kf
+        dk -= scale * pos_c[:, None] * qf
+        dscale -= (pos_c * (qf * kf).sum(1)).sum()
+        d_extra = None
+        if extra is not None and extra.shape[1]:
+            dE = torch.exp(extra_logits(q, extra, scale) - row_lse[:, None]) * a[:, None]
+            u_extra, d_extra = extra_backward(q, extra, scale, dE)
+            dq += scale * u_extra
+            dscale += (qf * u_extra).sum()
+            d_extra = d_extra.to(extra.dtype)
+        return dq.to(q.dtype), dk.to(k.dtype), d_extra, dscale.to(scale.dtype), None, None, None
+
+
+def _ring_uses_triton(impl: str, device: torch.device, targets, neg_mask) -> bool:
+    """Triton blocks for ``impl="triton"``, or ``"auto"`` where Triton runs and the pairs are the diagonal."""
+    from batchlab.losses import _dispatch
+
+    if impl == "triton":
+        if targets is not None or neg_mask is not None:
+            raise BatchlabInputError(
+                "distributed='ring' with impl='triton' supports positives on the global diagonal only; "
+                "use impl='tiled' for targets or neg_mask"
+            )
+        return True
+    return impl == "auto" and targets is None and neg_mask is None and _dispatch._triton_usable(device)
+
+
 def _loss_coefficients(grad_out, reduction, world, n_global, n_local, dtype):
     """d(returned loss)/d(loss_i) for each local example i."""
     if reduction == "none":
@@ -532,6 +650,8 @@ def _ring_contrastive(group, q, k, scale, *, symmetric, targets, pos_mask, extra
     spec = dict(pairs=pairs, symmetric=symmetric, decoupled=decoupled, weighted=weighted, sigma=sigma,
                 reduction=reduction, tile=_ring_tile(tile_size, q.device), row_counts=row_counts,
                 col_counts=col_counts)
+    if _ring_uses_triton(impl, q.device, targets, neg_mask):
+        return _RingTritonContrastive.apply(q, k, extra_negatives, scale, spec, group, sizes)
     return _RingContrastive.apply(q, k, extra_negatives, scale, spec, group, sizes)
 
 

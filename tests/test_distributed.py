@@ -214,3 +214,54 @@ def test_ring_of_one_rank_is_the_single_process_loss():
             torch.testing.assert_close(got[name][0], loss, rtol=1e-6, atol=1e-9)
             for a, b in zip(got[name][1], grads):
                 torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-9)
+
+
+TRITON_RING_CASES = {
+    "clip": lambda q, k, e, s, impl: info_nce(q, k, s, distributed=impl[0], impl=impl[1]),
+    "clip-extra-oneway": lambda q, k, e, s, impl: info_nce(q, k, s, extra_negatives=e, symmetric=False,
+                                                           distributed=impl[0], impl=impl[1]),
+    "dclw": lambda q, k, e, s, impl: dcl(q, k, s, weighted=True, extra_negatives=e, distributed=impl[0],
+                                         impl=impl[1]),
+}
+
+
+def _grads_or_zeros(loss, leaves):
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
+
+
+def _triton_ring_worker(rank, world, init_file, out_dir):
+    os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported in this process
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    q, k, e, _, _ = global_data(torch.float32)
+    start = sum(SIZES[:rank])
+    shard = slice(start, start + SIZES[rank])
+    out = {}
+    for name, fn in TRITON_RING_CASES.items():
+        leaves = [t[shard].clone().requires_grad_(True) for t in (q, k, e)]
+        s = torch.tensor(4.0, requires_grad=True)
+        loss = fn(*leaves, s, ("ring", "triton"))
+        out[name] = (loss.detach(), _grads_or_zeros(loss, [*leaves, s]))
+    torch.save(out, os.path.join(out_dir, f"triton{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_ring_on_triton_kernels_matches_single_process():
+    """The ring's Triton block path (run in Triton's CPU interpreter), fp32, tolerance 1e-4."""
+    pytest.importorskip("triton")
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_triton_ring_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        per_rank = [torch.load(os.path.join(tmp, f"triton{r}.pt")) for r in range(2)]
+    q, k, e, _, _ = global_data(torch.float64)
+    for name, fn in TRITON_RING_CASES.items():
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, e)]
+        s = torch.tensor(4.0, dtype=torch.float64, requires_grad=True)
+        loss = fn(*leaves, s, ("none", "reference"))
+        grads = _grads_or_zeros(loss, [*leaves, s])
+        tol = dict(rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(torch.stack([r[name][0] for r in per_rank]).double().mean(), loss, **tol)
+        for i in range(3):
+            got = torch.cat([r[name][1][i] for r in per_rank]).double()
+            torch.testing.assert_close(got, 2 * grads[i], **tol, msg=lambda m: f"{name} grad {i}: {m}")
+        torch.testing.assert_close(torch.stack([r[name][1][3] for r in per_rank]).double().mean(), grads[3], **tol)
