@@ -287,7 +287,8 @@ class JointExampleSelector:
         tf32 = torch.backends.cuda.matmul.allow_tf32
         try:
             # Scoped, restored below: the caller's global setting is left as it was.
-            torch.backends.cuda.matmul.allow_tf32 = self.precision == "tf32"
+            # bf16 (the Triton kernel's operands) keeps TF32 for the running sums' products
+            torch.backends.cuda.matmul.allow_tf32 = self.precision in ("tf32", "bf16")
             indices, scores = self._run(learner_m, reference_m, sizes, gumbel)
         finally:
             torch.backends.cuda.matmul.allow_tf32 = tf32
