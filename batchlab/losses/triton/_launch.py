@@ -82,10 +82,16 @@ def panel_rows(n: int, m: int, elem_bytes: int, block_rows: int, workspace_bytes
     """
     if workspace_bytes is None:
         workspace_bytes = min(16 * 2**30, 8192 * m * elem_bytes)
+    if OVERLAP:  # two buffers share the workspace
+        workspace_bytes //= 2
     rows = max(block_rows, workspace_bytes // max(1, m * elem_bytes))
     rows = (rows // block_rows) * block_rows
     return int(min(rows, n))
 
+
+#: Double-buffer the gradient panels on CUDA: the Triton kernel fills panel p+1 on a side
+#: stream while cuBLAS consumes panel p (each buffer gets half the workspace).
+OVERLAP = os.environ.get("BATCHLAB_TRITON_OVERLAP", "0") == "1"
 
 _MM_F32: bool | None = None
 
@@ -146,15 +152,38 @@ def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bo
     """
     n, d = q.shape
     m = k.shape[0]
-    buf = torch.empty(rows_per_panel, m, device=q.device, dtype=q.dtype)
-    several = n > rows_per_panel
+    panels = [(p, r0, min(n, r0 + rows_per_panel)) for p, r0 in enumerate(range(0, n, rows_per_panel))]
+    several = len(panels) > 1
+    double = OVERLAP and several and q.is_cuda
+    bufs = [torch.empty(rows_per_panel, m, device=q.device, dtype=q.dtype) for _ in range(2 if double else 1)]
     dq = torch.empty_like(q) if need_q else None
     dk32 = torch.zeros(m, d, device=q.device, dtype=torch.float32) if need_k and several else None
     dk = None
     dot = torch.zeros((), device=q.device, dtype=torch.float32)
-    for p, r0 in enumerate(range(0, n, rows_per_panel)):
-        r1 = min(n, r0 + rows_per_panel)
-        fill(p, r0, r1, buf)
+    if double:
+        main, side = torch.cuda.current_stream(q.device), torch.cuda.Stream(q.device)
+        side.wait_stream(main)  # inputs and statistics are ready
+        freed: list = [None, None]  # event: main has finished reading buffer i
+        filled: dict = {}
+
+        def launch(p):
+            i = p % 2
+            with torch.cuda.stream(side):
+                if freed[i] is not None:
+                    side.wait_event(freed[i])
+                fill(*panels[p], bufs[i])
+                filled[p] = torch.cuda.Event()
+                filled[p].record(side)
+
+        launch(0)
+    for p, r0, r1 in panels:
+        buf = bufs[p % 2] if double else bufs[0]
+        if double:
+            if p + 1 < len(panels):
+                launch(p + 1)
+            main.wait_event(filled.pop(p))
+        else:
+            fill(p, r0, r1, buf)
         g = buf[: r1 - r0]
         gk = mm_f32(g, k)
         dot += (gk * q[r0:r1]).sum()
@@ -165,6 +194,11 @@ def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bo
                 addmm_f32_(dk32, g.t(), q[r0:r1])
             else:
                 dk = (mm_f32(g.t(), q[r0:r1]) * factor).to(k.dtype)
+        if double:
+            freed[p % 2] = torch.cuda.Event()
+            freed[p % 2].record(main)
+    if double:
+        main.wait_stream(side)
     if dk32 is not None:
         dk = (dk32 * factor).to(k.dtype)
     return dq, dk, dot
