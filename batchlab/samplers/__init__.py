@@ -10,6 +10,7 @@ from batchlab.samplers.community_sampler import CommunityBatchSampler
 from batchlab.samplers.hard_negatives import HardNegativeBatchSampler
 from batchlab.samplers.tas import TASBalancedBatchSampler
 from batchlab.samplers.jest import JESTSelection, JointExampleSelector
+from batchlab.samplers.reference_cache import ReferenceEmbeddingCache, model_hash
 from batchlab.samplers.false_negatives import GuidedNegativeMask, guided_negative_mask
 from batchlab.samplers.mining import MinedNegatives, mine_hard_negatives
 from batchlab.samplers.mixing import mix_hard_negatives
@@ -25,6 +26,8 @@ __all__ = [
     "HardNegativeBatchSampler",
     "JointExampleSelector",
     "JESTSelection",
+    "ReferenceEmbeddingCache",
+    "model_hash",
     "mine_hard_negatives",
     "MinedNegatives",
     "guided_negative_mask",
