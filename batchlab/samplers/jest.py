@@ -345,6 +345,10 @@ class JointExampleSelector:
                     w.append(sign * wdir)
                     own_w.append(sign if row else 0.0)
         device = xs[0].device
+        # learner and reference may embed in different dimensions: zero-padding keeps every dot product
+        width = max(x.shape[1] for x in xs)
+        xs = [F.pad(x, (0, width - x.shape[1])) for x in xs]
+        ys = [F.pad(y, (0, width - y.shape[1])) for y in ys]
         st = {"x": torch.stack(xs), "y": torch.stack(ys),
               "bias": torch.tensor(bias, device=device).view(-1, 1, 1),
               "w": torch.tensor(w, device=device).view(-1, 1)}

@@ -74,7 +74,8 @@ def test_conditional_scores_match_brute_force(loss, score, symmetric, gen):
     n, d = 40, 8
     bias = -2.0 if loss == "siglip" else None
     learner = model(n, d, gen, 7.0, bias)
-    reference = model(n, d, gen, 12.0, None if bias is None else -3.0)
+    # the reference embeds in another dimension (a different model, e.g. a TF-IDF teacher)
+    reference = model(n, d + 5, gen, 12.0, None if bias is None else -3.0)
     sel = JointExampleSelector(n_chunks=4, filter_ratio=0.7, score=score, loss=loss, symmetric=symmetric,
                                block_size=7)  # a block size that does not divide N: exercises the tiling
     out = sel.select(learner=learner if score != "easy_reference" else None,
