@@ -23,10 +23,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from batchlab.losses import dcl, info_nce, siglip  # noqa: E402
 
+IMPL = {"none": "reference"}  # the distributed runs use --impl (set in main)
+
 CASES = {
-    "info_nce": lambda q, k, s, b, dd: info_nce(q, k, s, distributed=dd, impl="reference"),
-    "dclw": lambda q, k, s, b, dd: dcl(q, k, s, weighted=True, distributed=dd, impl="reference"),
-    "siglip": lambda q, k, s, b, dd: siglip(q, k, s, b, distributed=dd, impl="reference"),
+    "info_nce": lambda q, k, s, b, dd: info_nce(q, k, s, distributed=dd, impl=IMPL[dd]),
+    "dclw": lambda q, k, s, b, dd: dcl(q, k, s, weighted=True, distributed=dd, impl=IMPL[dd]),
+    "siglip": lambda q, k, s, b, dd: siglip(q, k, s, b, distributed=dd, impl=IMPL[dd]),
 }
 
 
@@ -47,6 +49,7 @@ def run_case(fn, q, k, strategy):
 
 
 def worker(rank, world, port, args, failures):
+    IMPL.update(ring=args.impl, allgather=args.impl)
     torch.cuda.set_device(rank)
     device = torch.device("cuda", rank)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
@@ -77,7 +80,7 @@ def worker(rank, world, port, args, failures):
                         err = float(((got - want).abs().max()) / scale)
                         ok = bool(torch.isfinite(got).all()) and err <= tol
                         bad += not ok
-                        print(f"{str(dtype):15s} {name:8s} {strategy:9s} {key:4s} rel-max-err {err:.2e} "
+                        print(f"{args.impl:9s} {str(dtype):15s} {name:8s} {strategy:9s} {key:4s} rel-max-err {err:.2e} "
                               f"{'ok' if ok else 'FAIL'}", flush=True)
     if rank == 0:
         failures.value = bad
@@ -90,6 +93,7 @@ def main():
     parser.add_argument("--world", type=int, default=torch.cuda.device_count())
     parser.add_argument("--n", type=int, default=16384)
     parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--impl", default="auto", help="single-process backend inside the strategies")
     args = parser.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
