@@ -221,3 +221,43 @@ def test_build_batches_command_round_trip(data, tmp_path):
     assert torch.equal(sampler.extra_negatives_for(batch), expected.extra_negatives_for(batch))
     with pytest.raises(StaleArtifactError):
         CommunityBatchSampler.from_artifacts(tmp_path / "b3", 256, embeddings=x + 1e-3)
+
+
+@pytest.mark.parametrize("method", ["leiden", "louvain"])
+def test_modularity_methods_give_the_same_contract(data, method):
+    sampler = make(data, method=method, seed=2)
+    sizes = np.bincount(sampler.groups)
+    assert sizes.min() >= K - 1 and sizes.max() <= K + 1
+    assert sorted(i for b in sampler for i in b) == list(range(N))
+    np.testing.assert_array_equal(sampler.groups, make(data, method=method, seed=2).groups)
+
+
+def test_dataloader_and_extra_negative_exclusions(data):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    x, y, _ = data
+    sampler = make(data, extra_negatives=1)
+    loader = DataLoader(TensorDataset(x, y), batch_sampler=sampler)
+    first = next(iter(loader))
+    assert first[0].shape == (B, D)
+    batch = sampler.global_batches()[0]
+    excluded = sampler.extra_negatives_for(batch)[:10].tolist()
+    again = sampler.extra_negatives_for(batch, exclude=excluded)
+    assert set(again.tolist()).isdisjoint(excluded)
+
+
+def test_benchmark_smoke(tmp_path):
+    import argparse
+
+    from batchlab.bench import communities as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--sizes", "1500", "--topic-size", "300", "--methods", "metis,leiden-igraph,louvain-networkx",
+                              "--knn-d768", "flat:400", "--large-n", "3000", "--large-methods", "metis",
+                              "--out", str(tmp_path)])
+    assert bench.run(args) == 0
+    result = json.loads((tmp_path / "communities-cpu.json").read_text())
+    assert {r["method"] for r in result["partitions"]} == {"metis", "leiden-igraph", "louvain-networkx"}
+    assert all(31 <= r["size_min"] and r["size_max"] <= 33 for r in result["partitions"])
+    assert result["estimate_1M_x_768"]["knn_flat_s"] > 0 and (tmp_path / "communities-cpu.png").exists()
