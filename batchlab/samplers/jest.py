@@ -49,9 +49,17 @@ because ``log(e^r + e^l) - l = softplus(r - l)`` and
 the row terms remain, with weight 1.) ``r`` and ``c`` are running log-sum-exps: each
 chunk adds its ``N x chunk`` block of logits, ``O(N * chunk * d)``. The second sum has to
 be recomputed at every step because every ``r_s`` grows; it costs ``O(N * |S| * d)`` per
-step, computed in blocks of candidates, so the whole selection costs about
-``(n_chunks + 1) / 2`` times the ``N x b`` logits of SigLIP's and never holds more than
-one ``|S| x block`` tile per model (no ``N x N`` matrix).
+step, so the whole selection costs about ``(n_chunks + 1) / 2`` times the ``N x b``
+logits of SigLIP's. ``impl="torch"`` computes it in ``(pairs, |S|, block)`` tiles of at
+most ``2**25`` logits (no ``N x N`` matrix); ``impl="triton"`` (the CUDA default) fuses
+product, softplus and sum in one kernel that writes only ``(pairs, N)`` sums
+(:mod:`batchlab.samplers._jest_triton`).
+
+Implementation: the (model, direction) pairs -- learner rows and columns, reference rows
+and columns -- are stacked into ``(P, N, d)`` tensors (each ``x`` pre-multiplied by its
+model's scale, zero-padded when the two models' dimensions differ), so every step is a
+handful of batched kernels; on an H100 the per-op launch overhead, not the arithmetic,
+was what a per-model loop paid for.
 
 A singleton batch has zero InfoNCE loss, so ``Delta(i | {})`` is 0 for every ``i``:
 with ``first_chunk="score"`` and InfoNCE the first chunk is drawn by each example's
@@ -72,8 +80,9 @@ calls (kept in :meth:`JointExampleSelector.state_dict` for resumption) unless pa
 Cost on the GPU: everything stays on the inputs' device, in float32; with
 ``precision="tf32"`` (the default) the matmuls on CUDA use TF32 (inputs rounded to 10
 mantissa bits: logit errors near ``scale * 5e-4``, far below the Gumbel noise's spread
-of 1.3), ``"float32"`` keeps full float32 products. The Gumbel noise is one
-host-to-device copy of ``n_chunks x N`` floats.
+of 1.3), ``"float32"`` keeps full float32 products, ``"bf16"`` gives the Triton kernel
+bf16 operands (fp32 sums). The Gumbel noise is one host-to-device copy of
+``n_chunks x N`` floats.
 """
 
 from __future__ import annotations
