@@ -40,6 +40,9 @@ def add_parser(subparsers) -> None:
         "# or: batchlab build-batches --demo 20000 --out b3-demo/",
     )
     parser.add_argument("embeddings", nargs="?", help="teacher embeddings (N, d): a .npy file or a .pt tensor")
+    parser.add_argument("--targets", default=None, metavar="PATH",
+                        help="paired data: teacher embeddings of each row's positive target; each query then "
+                        "ranks all targets but its own (B3's setting)")
     parser.add_argument("--demo", type=int, default=None, metavar="N",
                         help="instead of a file, use N synthetic gaussian-mixture embeddings (d=64)")
     parser.add_argument("--group-size", type=int, default=32, help="K, examples per group (default: 32, as B3)")
@@ -82,11 +85,11 @@ def run(args) -> int:
     from tqdm.auto import tqdm
 
     from batchlab.errors import BatchlabInputError
-    from batchlab.index import content_hash, knn
+    from batchlab.index import content_hash
     from batchlab.samplers import CommunityBatchSampler
     from batchlab.samplers.communities import partition_graph, partition_quality
     from batchlab.samplers.community_sampler import batch_similarity_stats
-    from batchlab.samplers.graph import clamp_window, rank_window_graph
+    from batchlab.samplers.graph import clamp_window, rank_neighbours, rank_window_graph
 
     import scipy.sparse as sp
 
@@ -108,7 +111,10 @@ def run(args) -> int:
     stages.set_postfix_str("kNN")
     t = time.perf_counter()
     start, stop = clamp_window(tuple(args.rank_window), n)
-    scores, ids = knn(x, stop, exclude_self=True, kind=args.index_kind, progress=args.progress, seed=args.seed)
+    targets = load_embeddings(args.targets).to(args.device) if args.targets else None
+    scores, ids = rank_neighbours(
+        x, stop, targets=targets, kind=args.index_kind, progress=args.progress, seed=args.seed
+    )
     timings["knn_s"] = time.perf_counter() - t
     stages.update()
 
@@ -146,6 +152,7 @@ def run(args) -> int:
     meta = {
         "format": "batchlab-b3/1",
         "teacher_hash": content_hash(x),
+        "targets_hash": content_hash(targets) if targets is not None else None,
         "n": n,
         "d": d,
         "group_size": args.group_size,

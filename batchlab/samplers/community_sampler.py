@@ -41,8 +41,10 @@ class CommunityBatchSampler(GlobalBatchSampler):
     Parameters
     ----------
     embeddings:
-        ``(N, d)`` teacher embeddings (L2-normalised for cosine). May be ``None`` when
-        ``neighbours`` or ``groups`` is given.
+        ``(N, d)`` teacher embeddings (L2-normalised for cosine), or a pair ``(queries,
+        targets)`` of ``(N, d)`` teacher embeddings of paired data: then, as in B3, each
+        query ranks all targets but its own positive. May be ``None`` when ``neighbours``
+        or ``groups`` is given.
     batch_size:
         The global batch ``|B|``; a multiple of ``group_size`` (a batch is whole groups)
         and of ``num_replicas``.
@@ -86,7 +88,7 @@ class CommunityBatchSampler(GlobalBatchSampler):
 
     def __init__(
         self,
-        embeddings: torch.Tensor | None,
+        embeddings: torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None,
         batch_size: int,
         *,
         group_size: int = 32,
@@ -161,21 +163,20 @@ class CommunityBatchSampler(GlobalBatchSampler):
 
     def _build(self, embeddings, neighbours, weights, backend, resolution, index_kwargs) -> np.ndarray:
         from batchlab.samplers.communities import partition_graph
-        from batchlab.samplers.graph import clamp_window, rank_window_graph
+        from batchlab.samplers.graph import clamp_window, rank_neighbours, rank_window_graph
 
         if neighbours is None:
             if embeddings is None:
                 raise BatchlabInputError("pass embeddings, neighbours=(scores, ids), or groups")
-            check_embeddings("embeddings", embeddings)
-            n = embeddings.shape[0]
+            queries, targets = embeddings if isinstance(embeddings, (tuple, list)) else (embeddings, None)
+            check_embeddings("embeddings", queries)
+            n = queries.shape[0]
             if self.group_size > n:
                 raise BatchlabInputError(
                     f"group_size={self.group_size} is larger than the number of examples N={n}; use group_size <= N"
                 )
-            from batchlab.index import knn
-
             _, stop = clamp_window(self.rank_window, n)
-            neighbours = knn(embeddings, stop, exclude_self=True, **index_kwargs)
+            neighbours = rank_neighbours(queries, stop, targets=targets, **index_kwargs)
         scores, ids = neighbours
         n = ids.shape[0]
         if self.group_size > n:

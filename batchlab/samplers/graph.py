@@ -204,27 +204,63 @@ def rank_window_graph(
     return graph
 
 
+def rank_neighbours(
+    embeddings: torch.Tensor,
+    k: int,
+    *,
+    targets: torch.Tensor | None = None,
+    **index_kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each example's ``k`` best-ranked neighbours by the teacher, through :mod:`batchlab.index`.
+
+    Without ``targets``: a self-kNN of ``embeddings``, each example itself excluded.
+    With ``targets`` (B3's setting: a teacher ranks the *targets* ``y`` for each query
+    ``x``, pairs sharing a row index): the targets are indexed and searched with the
+    queries, each query's own positive target excluded.
+
+    Returns ``(scores float32 (N, k), ids int64 (N, k))``, best first.
+    """
+    from batchlab.index import EmbeddingIndex, knn
+
+    check_embeddings("embeddings", embeddings)
+    if targets is None:
+        return knn(embeddings, k, exclude_self=True, **index_kwargs)
+    check_embeddings("targets", targets)
+    if targets.shape != embeddings.shape:
+        raise BatchlabInputError(
+            f"targets must pair with the queries row by row: shape {tuple(targets.shape)} vs queries "
+            f"{tuple(embeddings.shape)}; row i of both is one (query, positive target) pair"
+        )
+    index = EmbeddingIndex(targets, **index_kwargs)
+    return index.search(embeddings, k, exclude_self=True)
+
+
 def knn_graph(
     embeddings: torch.Tensor,
     *,
+    targets: torch.Tensor | None = None,
     window: tuple[int, int] = (30, 130),
     weights: str = "similarity",
     return_neighbours: bool = False,
     **index_kwargs: Any,
 ):
-    """Teacher embeddings -> B3's mutual rank-window graph, through :func:`batchlab.index.knn`.
+    """Teacher embeddings -> B3's mutual rank-window graph, through :mod:`batchlab.index`.
 
     Parameters
     ----------
     embeddings:
-        ``(N, d)`` teacher embeddings (L2-normalised for cosine similarity).
+        ``(N, d)`` teacher embeddings (L2-normalised for cosine similarity); the queries
+        when ``targets`` is given.
+    targets:
+        Optional ``(N, d)`` teacher embeddings of each query's positive target (B3 ranks
+        targets for each query); see :func:`rank_neighbours`.
     window, weights:
         As in :func:`rank_window_graph`; the window is clamped to ``N - 1`` with a warning.
     return_neighbours:
         Also return the ``(N, k)`` ``(scores, ids)`` of the search (used for B3++'s
         extra negatives and saved by ``batchlab build-batches``).
     **index_kwargs:
-        Passed to :func:`batchlab.index.knn` (index kind, device, progress, ...).
+        Passed to :class:`batchlab.index.EmbeddingIndex` (``kind``, ``progress``, ...).
 
     Returns
     -------
@@ -235,14 +271,12 @@ def knn_graph(
     >>> knn_graph(x, window=(5, 30)).shape
     (300, 300)
     """
-    from batchlab.index import knn
-
     check_embeddings("embeddings", embeddings)
     n = embeddings.shape[0]
     if n < 2:
         raise BatchlabInputError(f"a neighbour graph needs at least 2 examples, got N={n}")
     start, stop = clamp_window(window, n)
-    scores, ids = knn(embeddings, stop, exclude_self=True, **index_kwargs)
+    scores, ids = rank_neighbours(embeddings, stop, targets=targets, **index_kwargs)
     graph = rank_window_graph(ids, scores, window=(start, stop), weights=weights, num_nodes=n)
     return (graph, (scores, ids)) if return_neighbours else graph
 

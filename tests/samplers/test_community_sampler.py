@@ -221,6 +221,13 @@ def test_build_batches_command_round_trip(data, tmp_path):
     assert torch.equal(sampler.extra_negatives_for(batch), expected.extra_negatives_for(batch))
     with pytest.raises(StaleArtifactError):
         CommunityBatchSampler.from_artifacts(tmp_path / "b3", 256, embeddings=x + 1e-3)
+    # paired data: queries rank targets
+    torch.save(x.flip(1), tmp_path / "targets.pt")
+    args = parser.parse_args(["build-batches", str(path), "--targets", str(tmp_path / "targets.pt"), "--out",
+                              str(tmp_path / "pairs"), "--batch-size", "256", "--rank-window", "10", "60",
+                              "--index-kind", "torch", "--no-progress"])
+    assert args.func(args) == 0
+    assert json.loads((tmp_path / "pairs" / "meta.json").read_text())["targets_hash"] is not None
 
 
 @pytest.mark.parametrize("method", ["leiden", "louvain"])
@@ -261,3 +268,14 @@ def test_benchmark_smoke(tmp_path):
     assert {r["method"] for r in result["partitions"]} == {"metis", "leiden-igraph", "louvain-networkx"}
     assert all(31 <= r["size_min"] and r["size_max"] <= 33 for r in result["partitions"])
     assert result["estimate_1M_x_768"]["knn_flat_s"] > 0 and (tmp_path / "communities-cpu.png").exists()
+
+
+def test_paired_queries_and_targets(data):
+    x, y, _ = data
+    g = torch.Generator().manual_seed(5)
+    targets = torch.nn.functional.normalize(x + 0.2 * torch.randn(x.shape, generator=g) / D**0.5, dim=1)
+    sampler = CommunityBatchSampler((x, targets), B, group_size=K, rank_window=WINDOW, index_kwargs={"kind": "torch"})
+    assert sorted(i for b in sampler for i in b) == list(range(N))
+    hard = batch_similarity_stats(x, list(sampler), y)
+    easy = batch_similarity_stats(x, torch.randperm(N, generator=g).view(-1, B).tolist(), y)
+    assert hard["top_k_negative_similarity"] > easy["top_k_negative_similarity"] + 0.05

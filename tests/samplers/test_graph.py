@@ -137,3 +137,20 @@ def test_torch_and_numpy_inputs_agree(gen):
     a = rank_window_graph(ids, scores, window=(2, 20))
     b = rank_window_graph(ids.numpy(), scores.numpy(), window=(2, 20))
     assert (a != b).nnz == 0
+
+
+def test_query_target_ranking_excludes_each_positive(gen):
+    from batchlab.samplers.graph import rank_neighbours
+
+    q = torch.nn.functional.normalize(torch.randn(200, 16, generator=gen), dim=1)
+    t = torch.nn.functional.normalize(q + 0.3 * torch.randn(200, 16, generator=gen), dim=1)
+    scores, ids = rank_neighbours(q, 30, targets=t, kind="torch", progress=False)
+    sims = q @ t.T
+    sims.fill_diagonal_(-float("inf"))  # B3: a query ranks every target but its own positive
+    ref_scores, _ = sims.topk(30, dim=1)
+    torch.testing.assert_close(scores, ref_scores)  # scores, not ids: ties may order either way
+    assert not (ids == torch.arange(200)[:, None]).any()
+    graph = knn_graph(q, targets=t, window=(3, 30), kind="torch", progress=False)
+    assert (graph != graph.T).nnz == 0
+    with pytest.raises(BatchlabInputError, match="pair with the queries"):
+        rank_neighbours(q, 30, targets=t[:100])
