@@ -89,10 +89,8 @@ def _positive_cosines(q, k, targets, pos_mask, need_cols: bool):
     """Mean positive cosine per row (N,) and per column (M,) (or None), differentiable."""
     n, m = q.shape[0], k.shape[0]
     if pos_mask is None:
-        if _is_arange(targets, n) and m >= n:
-            dots = _PairDot.apply(q, k, None, None if m == n else targets)
-            return dots, (dots if need_cols else None)
-        dots = _PairDot.apply(q, k, None, targets)
+        # one positive per row; the diagonal (n == m) needs no gather
+        dots = _PairDot.apply(q, k, None, None if m == n and _is_arange(targets, n) else targets)
         if not need_cols:
             return dots, None
         rows, cols = torch.arange(n, device=q.device), targets
@@ -100,13 +98,12 @@ def _positive_cosines(q, k, targets, pos_mask, need_cols: bool):
         rows, cols = pos_mask.nonzero(as_tuple=True)
         dots = _PairDot.apply(q, k, rows, cols)
     f32 = dict(device=q.device, dtype=torch.float32)
-    row_mean = torch.zeros(n, **f32).index_add(0, rows, dots) / torch.bincount(rows, minlength=n).float()
-    if pos_mask is None:
-        row_mean = dots
-    col_mean = None
-    if need_cols:
-        col_mean = torch.zeros(m, **f32).index_add(0, cols, dots) / torch.bincount(cols, minlength=m).float()
-    return row_mean, col_mean
+
+    def mean_by(index, size):
+        return torch.zeros(size, **f32).index_add(0, index, dots) / torch.bincount(index, minlength=size).float()
+
+    row_mean = dots if pos_mask is None else mean_by(rows, n)
+    return row_mean, (mean_by(cols, m) if need_cols else None)
 
 
 def _extra_logits(q, extra, scale):

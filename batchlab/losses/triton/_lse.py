@@ -10,8 +10,11 @@ col_lse (M,) or None)`` in fp32 without ever holding the (N, M) logits:
 * backward: for each panel of rows, ``lse_bwd_kernel`` recomputes the tiles once
   and writes the logit gradient ``G`` (bf16/fp16/fp32, like the inputs); two
   matrix products turn it into ``dq = s G k`` and ``dk = s G^T q`` (fp32
-  accumulation across panels), and the kernel's partial sums give
-  ``ds = sum G * (q . k)``. FLOPs: 1 GEMM forward + 3 backward = ``8 N M d``.
+  accumulation across panels), and ``ds = sum G * (q . k) = sum_i q_i . (G k)_i``
+  comes from the first product. FLOPs: 1 GEMM forward + 3 backward = ``8 N M d``.
+
+Host syncs: the forward reads the logits' bound (one ``float()``) and checks for
+underflowed columns (one ``any()``); the backward has none.
 
 ``exclude=True`` leaves each query's target out of both sums (DCL's denominator).
 """
