@@ -45,9 +45,14 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--sampling", choices=["top", "random"], default="top", help="top survivors or a random subset")
     parser.add_argument("--corpus-texts", default=None, help="text file, one line per corpus row: drops duplicates of positives")
     parser.add_argument("--query-texts", default=None, help="text file, one line per query (needs --corpus-texts)")
-    parser.add_argument("--index", default="auto", choices=["auto", "flat", "torch", "ivf", "hnsw"], help="index kind")
+    parser.add_argument("--index", default="auto", choices=["auto", "flat", "torch", "ivf", "ivf-gemm", "hnsw"],
+                        help="index kind (auto: exact below 200k corpus rows, ivf-gemm above)")
     parser.add_argument("--metric", default="ip", choices=["ip", "cosine"], help="inner product or cosine (default: ip)")
-    parser.add_argument("--nprobe", type=int, default=None, help="IVF lists probed")
+    parser.add_argument("--nprobe", type=int, default=None, help="IVF lists probed (start value for tuning)")
+    parser.add_argument("--target-recall", type=float, default=0.95,
+                        help="tune an approximate index to this recall at the mining depth (default 0.95; 0 = no tuning)")
+    parser.add_argument("--no-hash", dest="hash_inputs", action="store_false",
+                        help="skip hashing the embeddings into the teacher hash (saves ~1 s per GB)")
     parser.add_argument("--batch-size", type=int, default=4096, help="queries per block (bounds memory)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     add_common_arguments(parser, out="mined")
@@ -110,12 +115,13 @@ def run(args) -> int:
         max_score=args.max_score, min_score=args.min_score, sampling=args.sampling, seed=args.seed,
         corpus_texts=_load_texts(args.corpus_texts), query_texts=_load_texts(args.query_texts),
         index_kwargs=index_kwargs, batch_size=args.batch_size, progress=args.progress,
+        target_recall=args.target_recall or None, hash_inputs=args.hash_inputs,
     )
     seconds = time.perf_counter() - start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = mined.save(out / "negatives.npz")
-    summary = {**mined.summary(), "seconds": seconds, "teacher_hash": mined.teacher_hash,
+    summary = {**mined.summary(), "seconds": seconds, "teacher_hash": mined.teacher_hash, "info": mined.info,
                "inputs": {"queries": args.queries or args.corpus, "corpus": args.corpus, "positives": args.positives},
                "params": mined.params}
     (out / "mine.json").write_text(json.dumps(summary, indent=2, default=str))
