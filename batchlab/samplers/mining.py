@@ -455,11 +455,13 @@ def mine_hard_negatives(
     bar = progress_bar(num_q, "mining hard negatives", progress, leave=True)
     for q0 in range(0, num_q, batch_size):
         q1 = min(num_q, q0 + batch_size)
-        block = _MiningBlock(q0, q1, q_emb, c_emb, index, device, metric)
-        block.positives = _padded(indptr, pos_flat, q0, q1).to(device)
-        block.self_ids = None if self_ids is None else self_ids[q0:q1].to(device)
-        block.corpus_keys = corpus_keys
-        block.query_keys = None if query_keys is None else query_keys[q0:q1]
+        block = _MiningBlock(
+            q0, q1, q_emb, c_emb, index, device, metric,
+            positives=_padded(indptr, pos_flat, q0, q1).to(device),
+            self_ids=None if self_ids is None else self_ids[q0:q1].to(device),
+            corpus_keys=corpus_keys,
+            query_keys=None if query_keys is None else query_keys[q0:q1],
+        )
         ids, scores, cand, pos = block.run(
             num_negatives, range_min, range_max, absolute_margin, relative_margin, max_score, min_score, sampling, seed
         )
@@ -480,8 +482,12 @@ def mine_hard_negatives(
 class _MiningBlock:
     """The work for one block of queries: search, exclude, window, filter, sample."""
 
-    def __init__(self, q0, q1, q_emb, c_emb, index, device, metric):
+    def __init__(self, q0, q1, q_emb, c_emb, index, device, metric, *, positives, self_ids, corpus_keys, query_keys):
+        """``positives`` (b, P) padded with -1; ``self_ids`` (b,) or None; ``corpus_keys`` (N,) and
+        ``query_keys`` (b,) integer text keys or None."""
         self.q0, self.q1 = q0, q1
+        self.positives, self.self_ids = positives, self_ids
+        self.corpus_keys, self.query_keys = corpus_keys, query_keys
         self.q = q_emb[q0:q1].to(device=device, dtype=torch.float32)
         self.c_emb, self.index, self.device = c_emb, index, device
         self.normalize = metric == "cosine"
