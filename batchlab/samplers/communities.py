@@ -191,7 +191,7 @@ def _detect(csr, nx_graph, method: str, backend: str, seed: int, resolution: flo
 
 
 # -- METIS ---------------------------------------------------------------------
-def _metis_parts(graph, n_parts: int, seed: int, use_weights: bool) -> np.ndarray:
+def _metis_parts(graph, n_parts: int, seed: int, use_weights: bool, ufactor: int | None = None) -> np.ndarray:
     import pymetis
 
     n = graph.shape[0]
@@ -205,7 +205,7 @@ def _metis_parts(graph, n_parts: int, seed: int, use_weights: bool) -> np.ndarra
         low, high = w.min(), w.max()
         scaled = (w - low) / (high - low) if high > low else np.zeros_like(w)
         eweights = (1 + np.rint(99 * scaled)).astype(np.int64)
-    options = pymetis.Options(seed=int(seed))
+    options = pymetis.Options(seed=int(seed), **({} if ufactor is None else {"ufactor": int(ufactor)}))
     xadj, adjncy = graph.indptr.astype(np.int64), graph.indices.astype(np.int64)
     if hasattr(pymetis, "CSRAdjacency"):  # pymetis >= 2025.2; xadj/adjncy keywords are deprecated there
         _, parts = pymetis.part_graph(
@@ -346,6 +346,7 @@ def partition_graph(
     seed: int = 0,
     resolution: float = 1.0,
     use_weights: bool = True,
+    metis_ufactor: int | None = None,
 ) -> np.ndarray:
     """Partition a graph into groups of ``group_size`` (within one): B3's METIS step.
 
@@ -367,6 +368,12 @@ def partition_graph(
         Modularity resolution (Louvain/Leiden only).
     use_weights:
         METIS: use the edge weights (mapped onto integers 1..100); else every edge counts 1.
+    metis_ufactor:
+        METIS's allowed imbalance in thousandths (METIS's default, 30, when ``None``). A
+        looser balance (e.g. 100) lets METIS cut fewer edges and leaves more to
+        :func:`repair_sizes`: on the planted 100k benchmark it lowered the cut fraction
+        from 0.90 to 0.84 and raised top-10 batch hardness from 0.551 to 0.568, but doubled
+        the same-item rate (3.7e-4 to 7.5e-4).
 
     Returns
     -------
@@ -386,7 +393,7 @@ def partition_graph(
         )
     start = time.perf_counter()
     if method == "metis":
-        labels = _metis_parts(csr, max(1, round(n / k)), seed, use_weights)
+        labels = _metis_parts(csr, max(1, round(n / k)), seed, use_weights, metis_ufactor)
     else:
         nx_graph = graph if _is_networkx(graph) else None
         labels = _detect(csr, nx_graph, method, _resolve_backend(method, backend, nx_graph), seed, resolution)

@@ -75,7 +75,10 @@ class CommunityBatchSampler(GlobalBatchSampler):
         Precomputed ``(N,)`` group ids (e.g. from ``batchlab build-batches``); skips
         the search and the partition.
     index_kwargs:
-        Passed to :func:`batchlab.index.knn` (``kind``, ``nprobe``, ...).
+        Passed to :class:`batchlab.index.EmbeddingIndex` (``kind``, ``nprobe``, ...).
+    partition_kwargs:
+        Passed to :func:`~batchlab.samplers.communities.partition_graph` (``use_weights``,
+        ``metis_ufactor``).
     progress:
         Progress bars for the kNN search (the partition is one library call; its time is logged).
 
@@ -105,6 +108,7 @@ class CommunityBatchSampler(GlobalBatchSampler):
         neighbours: tuple[Any, Any] | None = None,
         groups: Any = None,
         index_kwargs: dict[str, Any] | None = None,
+        partition_kwargs: dict[str, Any] | None = None,
         progress: bool = False,
     ) -> None:
         super().__init__(batch_size=batch_size, drop_last=drop_last, seed=seed, num_replicas=num_replicas, rank=rank)
@@ -126,7 +130,8 @@ class CommunityBatchSampler(GlobalBatchSampler):
                 self._keep_window(neighbours, self.groups.size)
         else:
             index_kwargs = {"progress": progress, **(index_kwargs or {})}
-            self.groups = self._build(embeddings, neighbours, weights, backend, resolution, index_kwargs)
+            partition_kwargs = {"backend": backend, "resolution": resolution, **(partition_kwargs or {})}
+            self.groups = self._build(embeddings, neighbours, weights, index_kwargs, partition_kwargs)
         self.num_examples = int(self.groups.size)
         if self.extra_negatives and self.window_ids is None:
             raise BatchlabInputError(
@@ -161,7 +166,7 @@ class CommunityBatchSampler(GlobalBatchSampler):
             start, stop = clamp_window(self.rank_window, n)
         self.window_ids = np.ascontiguousarray(ids[:, start:stop], dtype=np.int32 if n < 2**31 else np.int64)
 
-    def _build(self, embeddings, neighbours, weights, backend, resolution, index_kwargs) -> np.ndarray:
+    def _build(self, embeddings, neighbours, weights, index_kwargs, partition_kwargs) -> np.ndarray:
         from batchlab.samplers.communities import partition_graph
         from batchlab.samplers.graph import clamp_window, rank_neighbours, rank_window_graph
 
@@ -193,9 +198,7 @@ class CommunityBatchSampler(GlobalBatchSampler):
                 )
         if self.extra_negatives:
             self._keep_window((scores, ids), n)
-        return partition_graph(
-            self.graph, self.group_size, method=self.method, backend=backend, seed=self.seed, resolution=resolution
-        )
+        return partition_graph(self.graph, self.group_size, method=self.method, seed=self.seed, **partition_kwargs)
 
     @classmethod
     def from_artifacts(

@@ -166,3 +166,10 @@ def test_bad_input():
         partition_graph(graph, 10, method="metis", backend="igraph")
     with pytest.raises(BatchlabInputError, match="group_size"):
         partition_graph(graph, 0)
+
+
+def test_metis_ufactor_still_meets_the_size_guarantee():
+    graph, labels = planted_graph(30, 32, degree_out=3, seed=6)
+    groups = partition_graph(graph, 32, metis_ufactor=150, seed=0)
+    assert_sizes_within_one(groups, 32)
+    assert adjusted_rand_index(labels, groups) > 0.8
