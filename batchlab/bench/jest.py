@@ -58,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the quality experiment instead (codesearch, JEST vs uniform, CPU, a few minutes)")
     parser.add_argument("--quality-steps", type=int, default=300)
     parser.add_argument("--quality-seeds", type=int, default=3)
+    parser.add_argument("--quality-scores", default="learnability,hard_learner,easy_reference",
+                        help="JEST scores to compare with uniform batches (learnability always included)")
     parser.add_argument("--eval-every", type=int, default=10)
     parser.add_argument("--quality-batch", type=int, default=128)
     parser.add_argument("--reference-steps", type=int, default=300)
@@ -381,15 +383,23 @@ def _quality_seed(seed, args, data, evaluate):
     cache.fill(lambda ids: dict(zip(("q", "d"), _encode(reference, q_tok, d_tok, ids))), ids=pool, progress=False)
 
     curves = {}
-    for name in ("uniform", "JEST learnability"):
+    for name in _quality_runs(args):
         selector = None
         if name != "uniform":
-            selector = JointExampleSelector(n_chunks=args.chunks, filter_ratio=0.8, seed=seed)
+            selector = JointExampleSelector(n_chunks=args.chunks, filter_ratio=0.8, seed=seed,
+                                            score=name.split()[-1])
         learner = _DualEncoder(buckets, seed=seed)
         curves[name] = _train(learner, q_tok, d_tok, pool, args.quality_steps, batch, scale, seed + 2,
                               selector=selector, ref_cache=cache, evaluate=evaluate, eval_every=args.eval_every)
         logger.info("seed %d %s: final %s", seed, name, curves[name][-1])
     return curves, evaluate(reference), (pool.numel(), ref_pool.numel())
+
+
+def _quality_runs(args) -> list[str]:
+    scores = [s for s in args.quality_scores.split(",") if s]
+    if "learnability" not in scores:
+        scores.insert(0, "learnability")
+    return ["uniform"] + [f"JEST {s}" for s in scores]
 
 
 def _steps_to(curve, target):
@@ -420,10 +430,14 @@ def run_quality(args) -> int:
 
     steps = [s for s, _ in per_seed[seeds[0]]["uniform"]]
     mean = {name: [sum(per_seed[sd][name][i][1]["mrr"] for sd in seeds) / len(seeds) for i in range(len(steps))]
-            for name in ("uniform", "JEST learnability")}
+            for name in _quality_runs(args)}
     target = mean["uniform"][-1]
     reach = _steps_to(list(zip(steps, mean["JEST learnability"])), target)
     ratio = None if reach is None else reach / args.quality_steps
+    ratio_by_run = {}
+    for name in _quality_runs(args)[1:]:
+        r = _steps_to(list(zip(steps, mean[name])), target)
+        ratio_by_run[name] = None if r is None else r / args.quality_steps
     seed_ratios = {}
     for sd in seeds:
         u_final = per_seed[sd]["uniform"][-1][1]["mrr"]
@@ -431,7 +445,7 @@ def run_quality(args) -> int:
         seed_ratios[sd] = None if r is None else r / args.quality_steps
 
     rows = []
-    for name in ("uniform", "JEST learnability"):
+    for name in _quality_runs(args):
         finals = [per_seed[sd][name][-1][1] for sd in seeds]
         rows.append({"run": name, **{f"{k} @{args.quality_steps}": sum(f[k] for f in finals) / len(finals)
                                      for k in finals[0]}})
@@ -442,6 +456,7 @@ def run_quality(args) -> int:
     print(format_table(rows))
     print(f"JEST reaches uniform's final mean MRR ({target:.4f} at step {args.quality_steps}) at step {reach} "
           f"(ratio {ratio}; per seed {seed_ratios}); target: <= 0.5")
+    print(f"step ratio to uniform's final mean MRR, by score: {ratio_by_run}")
     payload = {
         "benchmark": "jest-quality", "device": device_name("cpu"),
         "dataset": f"codesearch (train {len(train)}: learner pool {sizes[0]}, reference pool {sizes[1]} "
@@ -455,7 +470,7 @@ def run_quality(args) -> int:
         "mean_mrr": {"step": steps, **mean},
         "curves": {sd: {k: [{"step": s, **m} for s, m in v] for k, v in c.items()} for sd, c in per_seed.items()},
         "uniform_final_mean_mrr": target, "jest_steps_to_uniform_final": reach, "step_ratio": ratio,
-        "step_ratio_per_seed": seed_ratios,
+        "step_ratio_per_seed": seed_ratios, "step_ratio_by_score": ratio_by_run,
         "target": "JEST reaches uniform's final retrieval quality in at most half the steps",
     }
     path = write_results(args.out, "jest-quality-cpu", payload)
