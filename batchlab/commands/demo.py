@@ -221,6 +221,7 @@ def _plot(path: Path, runs: list[dict], arms: list[Arm]) -> Path:
     left.legend()
     left.set_title("codesearch test split")
     right.set_xlabel("epoch")
+    right.set_xticks(sorted({h["epoch"] for r in runs for h in r["history"]}))
     right.set_ylabel("recall@1 (mean over seeds)")
     right.legend()
     right.set_title("training curves")
