@@ -73,6 +73,14 @@ def test_bench_dispatches_arguments_to_the_module(monkeypatch, capsys):
     assert cli.main(["bench", "fake", "--size", "notanint"]) == EXIT_BAD_INPUT
 
 
+def test_benchmark_whose_import_fails_exits_3(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "batchlab.bench.broken", None)  # None in sys.modules: import raises
+    monkeypatch.setattr(bench, "available", lambda name: True)
+    monkeypatch.setitem(bench.BENCHMARKS, "broken", "a benchmark that cannot import")
+    assert cli.main(["bench", "broken"]) == EXIT_MISSING
+    assert "cannot run here" in capsys.readouterr().err
+
+
 def test_unavailable_subcommand_exits_3(monkeypatch, capsys):
     monkeypatch.setattr(cli, "SUBCOMMANDS", cli.SUBCOMMANDS + [("does_not_exist", "ghost", "a missing command")])
     assert cli.main(["ghost"]) == EXIT_MISSING

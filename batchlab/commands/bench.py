@@ -71,7 +71,11 @@ def run(args) -> int:
             file=sys.stderr,
         )
         return EXIT_MISSING
-    module = importlib.import_module(f"batchlab.bench.{name}")
+    try:
+        module = importlib.import_module(f"batchlab.bench.{name}")
+    except ImportError as error:  # e.g. an optional dependency of that benchmark is missing
+        print(f"batchlab bench {name}: this benchmark cannot run here ({type(error).__name__}: {error})", file=sys.stderr)
+        return EXIT_MISSING
     parser = build_bench_parser(name, module)
     try:
         bench_args = parser.parse_args(args.bench_args)
