@@ -8,6 +8,12 @@ open_clip must never wait on the hub.
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Without a GPU, the Triton kernels run in Triton's interpreter. It must be switched on
+# before anything imports triton (triton.language is built once per process), so it is
+# set here for the whole session rather than in the Triton test modules. ``impl="auto"``
+# never picks Triton on the CPU, so no other test slows down.
+if not os.path.exists("/dev/nvidia0") and not os.environ.get("CUDA_VISIBLE_DEVICES"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("MKL_NUM_THREADS", "1")
 
