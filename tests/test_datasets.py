@@ -104,6 +104,24 @@ def test_harvest_rules(tmp_path):
     assert summary_of("Only three words.") is None
 
 
+def test_codesearch_harvests_installed_packages_on_request(tmp_path, monkeypatch):
+    from batchlab.datasets.codesearch import source_files
+
+    package = tmp_path / "toypkg"
+    (package / "sub").mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "sub" / "geometry.py").write_text('def area(r):\n    """Return the area of a circle of radius r."""\n    return 3.14159 * r * r\n')
+    (package / "tests").mkdir()
+    (package / "tests" / "test_geometry.py").write_text('def helper():\n    """A helper inside a test suite is skipped."""\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    stdlib = source_files()
+    files = source_files(["toypkg"])
+    extra = files[len(stdlib):]
+    assert sorted(module for _, module in extra) == ["toypkg", "toypkg.sub.geometry"]
+    pairs = [p for path, module in extra for p in harvest_file(path, module)]
+    assert [(p.module, p.name, p.query) for p in pairs] == [("toypkg.sub.geometry", "area", "Return the area of a circle of radius r.")]
+
+
 def test_codesearch_bad_input(cache):
     with pytest.raises(BatchlabInputError, match="split"):
         load_codesearch("validation", cache_dir=cache)
