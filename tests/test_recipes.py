@@ -202,6 +202,8 @@ def test_dual_encoder_bad_input():
         train_dual_encoder(_pairs(8), _pairs(8), loss="hinge")
     with pytest.raises(BatchlabInputError, match="teacher"):
         train_dual_encoder(_pairs(8), _pairs(8), sampler="cluster", teacher="bm25")
+    with pytest.raises(BatchlabInputError, match="batch_size=4"):
+        train_dual_encoder(_pairs(8), _pairs(8), sampler=RandomBatchSampler(8, 2), batch_size=4)
 
 
 class _TinyImages(torch.utils.data.Dataset):

@@ -111,7 +111,8 @@ def train_dual_encoder(
     sampler :
         A name (``"random"``, ``"cluster"``, ``"community"``, ``"hard_negative"``, built
         from the teacher by :func:`~batchlab.recipes.samplers.make_sampler`); a batch
-        sampler instance yielding lists of train indices (used as is); or a factory
+        sampler instance yielding lists of train indices (used as is; its batch size must
+        match, with JEST the super-batch size); or a factory
         ``fn(teacher_views, epoch) -> sampler``.
     batch_size :
         The batch the loss sees. With ``jest`` the sampler draws super-batches of
@@ -131,7 +132,8 @@ def train_dual_encoder(
         Extra settings for a named sampler (``group_size``, ``rank_window``, ...).
     jest :
         Optional :class:`~batchlab.samplers.JointExampleSelector`; its reference model is
-        the teacher (TF-IDF when ``teacher`` gives no query/document views).
+        the teacher (TF-IDF when ``teacher`` gives no query/document views), scored at
+        CLIP's initial scale 1/0.07.
     embedding_cache :
         Optional chunk size: encode each batch in chunks of this many examples with
         :class:`~batchlab.losses.EmbeddingCache` (GradCache), so a batch can be larger
@@ -175,11 +177,19 @@ def train_dual_encoder(
     def evaluate() -> dict[str, float]:
         return retrieval_metrics(embed_all(eval_q).cpu(), embed_all(eval_d).cpu())
 
-    needs_teacher = jest is not None or not (isinstance(sampler, str) and sampler == "random")
+    sample_size = batch_size if jest is None else int(round(batch_size / (1.0 - jest.filter_ratio)))
+    ready = not isinstance(sampler, str) and not callable(sampler)  # a sampler instance
+    if ready and getattr(sampler, "batch_size", sample_size) != sample_size:
+        raise BatchlabInputError(
+            f"the sampler builds batches of {sampler.batch_size} but batch_size={batch_size} asks for {sample_size} "
+            f"({'super-batches for JEST' if jest is not None else 'batches'}); build the sampler with "
+            f"batch_size={sample_size}"
+        )
+    needs_teacher = jest is not None or not ready and not (isinstance(sampler, str) and sampler == "random")
     views = resolve_teacher(teacher, train_q, train_d, seed=seed) if needs_teacher else None
     if jest is not None and views is None:
         views = tfidf_views(train_q, train_d, seed=seed)
-    sample_size = batch_size if jest is None else int(round(batch_size / (1.0 - jest.filter_ratio)))
+
     def model_views() -> TeacherViews:
         model.eval()
         with torch.no_grad():
