@@ -204,6 +204,8 @@ def test_dual_encoder_bad_input():
         train_dual_encoder(_pairs(8), _pairs(8), sampler="cluster", teacher="bm25")
     with pytest.raises(BatchlabInputError, match="batch_size=4"):
         train_dual_encoder(_pairs(8), _pairs(8), sampler=RandomBatchSampler(8, 2), batch_size=4)
+    with pytest.raises(BatchlabInputError, match="batch_size=8"):
+        train_clip(_TinyImages(16, 0), _TinyImages(8, 1), sampler=RandomBatchSampler(16, 4), batch_size=8)
 
 
 class _TinyImages(torch.utils.data.Dataset):

@@ -179,12 +179,6 @@ def train_dual_encoder(
 
     sample_size = batch_size if jest is None else int(round(batch_size / (1.0 - jest.filter_ratio)))
     ready = not isinstance(sampler, str) and not callable(sampler)  # a sampler instance
-    if ready and getattr(sampler, "batch_size", sample_size) != sample_size:
-        raise BatchlabInputError(
-            f"the sampler builds batches of {sampler.batch_size} but batch_size={batch_size} asks for {sample_size} "
-            f"({'super-batches for JEST' if jest is not None else 'batches'}); build the sampler with "
-            f"batch_size={sample_size}"
-        )
     needs_teacher = jest is not None or not ready and not (isinstance(sampler, str) and sampler == "random")
     views = resolve_teacher(teacher, train_q, train_d, seed=seed) if needs_teacher else None
     if jest is not None and views is None:

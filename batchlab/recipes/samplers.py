@@ -145,6 +145,12 @@ class SamplerSchedule:
         refresh_every: int = 1,
         options: dict[str, Any] | None = None,
     ) -> None:
+        if not isinstance(sampler, str) and not callable(sampler) and getattr(sampler, "batch_size", batch_size) != batch_size:
+            raise BatchlabInputError(
+                f"the sampler builds batches of {sampler.batch_size} but the recipe needs batches of {batch_size} "
+                f"(with JEST: super-batches of batch_size / (1 - filter_ratio)); build the sampler with "
+                f"batch_size={batch_size}"
+            )
         self.sampler, self.views, self.model_views = sampler, views, model_views
         self.batch_size, self.num_examples, self.seed = batch_size, num_examples, seed
         self.refresh_every = check_positive_int("refresh_every", refresh_every)
