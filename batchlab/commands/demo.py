@@ -90,6 +90,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--negatives", type=int, default=8, help="hard-negative: mined negatives per anchor (default: 8)")
     parser.add_argument("--skip-top", type=int, default=0,
                         help="hard-negative: teacher ranks skipped as likely false negatives (default: 0)")
+    parser.add_argument("--config", default="batchlab-tiny-text",
+                        help="tiny open_clip text config: batchlab-tiny-text (width 64) or batchlab-small-text (width 128, "
+                        "about 3x slower)")
     parser.add_argument("--max-train", type=int, default=None, help="use only the first N training pairs (quick runs)")
     parser.add_argument("--max-test", type=int, default=None, help="use only the first N test pairs (quick runs)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
@@ -147,6 +150,7 @@ def train_arm(arm: Arm, seed: int, settings: dict[str, Any], progress: bool = Fa
         sampler_options=options,
         batch_size=arm.batch_size,
         teacher=teacher,
+        config=settings["config"],
         epochs=settings["epochs"],
         lr=settings["lr"],
         loss="info_nce",
@@ -251,7 +255,7 @@ def run(args) -> int:
         else:
             arms.append(known[name])
     torch.set_num_threads(1)
-    settings = {"epochs": args.epochs, "lr": args.lr, "impl": args.impl, "device": args.device,
+    settings = {"epochs": args.epochs, "lr": args.lr, "impl": args.impl, "device": args.device, "config": args.config,
                 "max_train": args.max_train, "max_test": args.max_test,
                 "sampler_options": {"community": {"group_size": args.group_size, "rank_window": tuple(args.rank_window)},
                                     "hard_negative": {"num_negatives": args.negatives, "range_min": args.skip_top}}}
