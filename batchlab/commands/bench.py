@@ -17,6 +17,7 @@ from batchlab.commands._common import EXIT_MISSING, add_subcommand
 
 BENCHMARKS = {
     "losses": "speed and memory of the tiled losses against open_clip's ClipLoss and the reference",
+    "losses_triton": "the fused Triton kernels (CUDA) against open_clip and Inf-CL, with TFLOP/s",
     "samplers": "mining speed and batch hardness of the hard-negative and cluster samplers",
     "communities": "B3 graph, community detection and batches, against networkx and pymetis",
     "mining": "hard-negative mining at scale (exact and approximate indexes)",
