@@ -265,3 +265,31 @@ def test_ring_on_triton_kernels_matches_single_process():
             got = torch.cat([r[name][1][i] for r in per_rank]).double()
             torch.testing.assert_close(got, 2 * grads[i], **tol, msg=lambda m: f"{name} grad {i}: {m}")
         torch.testing.assert_close(torch.stack([r[name][1][3] for r in per_rank]).double().mean(), grads[3], **tol)
+
+
+def _auto_worker(rank, world, init_file, out_dir):
+    from batchlab import distributed as bd
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    chosen = []
+    real = dict(bd._RING), dict(bd._ALLGATHER)
+    for name, table in (("ring", bd._RING), ("allgather", bd._ALLGATHER)):
+        for fam in list(table):
+            table[fam] = (lambda f, n: lambda *a, **k: (chosen.append(n), f(*a, **k))[1])(table[fam], name)
+    q, k, e, views, _ = global_data(torch.float32)
+    shard = slice(sum(SIZES[:rank]), sum(SIZES[: rank + 1]))
+    info_nce(q[shard], k[shard], 2.0, distributed="auto")            # small, CPU: all-gather
+    info_nce(q[shard], k[shard], 2.0, distributed="auto", return_lse=True)  # only the all-gather returns LSEs
+    nt_xent(views[:, shard], 2.0, distributed="auto")                # NT-Xent: all-gather
+    bd._RING.update(real[0])
+    bd._ALLGATHER.update(real[1])
+    torch.save(chosen, os.path.join(out_dir, f"auto{rank}.pt"))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_auto_strategy_choice_on_cpu():
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_auto_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
+        chosen = torch.load(os.path.join(tmp, "auto0.pt"))
+    assert chosen == ["allgather", "allgather", "allgather"]
