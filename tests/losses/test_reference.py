@@ -25,13 +25,12 @@ from open_clip.loss import SigLipLoss  # noqa: E402
 # ---------------------------------------------------------------------------
 # a float64 hand computation, row by row, written independently of the library
 # ---------------------------------------------------------------------------
-def hand_info_nce(q, k, s, pos, neg=None, extra=None, symmetric=True, dcl_mode=False, weights=None):
-    """Per-row and per-column losses by explicit loops (float64, differentiable)."""
-    n, m = pos.shape
+def hand_rows(q, k, s, pos, neg=None, extra=None, dcl_mode=False, weights=None):
+    """Per-query losses by explicit loops (float64, differentiable)."""
     rows = []
-    for i in range(n):
+    for i in range(pos.shape[0]):
         terms, pos_terms = [], []
-        for j in range(m):
+        for j in range(pos.shape[1]):
             logit = s * (q[i] @ k[j])
             if pos[i, j]:
                 pos_terms.append(logit)
@@ -42,26 +41,19 @@ def hand_info_nce(q, k, s, pos, neg=None, extra=None, symmetric=True, dcl_mode=F
             terms.append(logit)
         if extra is not None:
             terms += [s * (q[i] @ e) for e in extra[i]]
-        w = 1.0 if weights is None else weights[0][i]
+        w = 1.0 if weights is None else weights[i]
         rows.append(torch.logsumexp(torch.stack(terms), 0) - w * torch.stack(pos_terms).mean())
-    cols = None
-    if symmetric:
-        cols = []
-        for j in range(m):
-            terms, pos_terms = [], []
-            for i in range(n):
-                logit = s * (q[i] @ k[j])
-                if pos[i, j]:
-                    pos_terms.append(logit)
-                    if dcl_mode:
-                        continue
-                if neg is not None and neg[i, j]:
-                    continue
-                terms.append(logit)
-            w = 1.0 if weights is None else weights[1][j]
-            cols.append(torch.logsumexp(torch.stack(terms), 0) - w * torch.stack(pos_terms).mean())
-        cols = torch.stack(cols)
-    return torch.stack(rows), cols
+    return torch.stack(rows)
+
+
+def hand_info_nce(q, k, s, pos, neg=None, extra=None, symmetric=True, dcl_mode=False, weights=None):
+    """Per-row and per-column losses; a column is a row of the transposed problem (no extra negatives)."""
+    rows = hand_rows(q, k, s, pos, neg, extra, dcl_mode, None if weights is None else weights[0])
+    if not symmetric:
+        return rows, None
+    cols = hand_rows(k, q, s, pos.T, None if neg is None else neg.T, None, dcl_mode,
+                     None if weights is None else weights[1])
+    return rows, cols
 
 
 def sym_mean(rows, cols):
