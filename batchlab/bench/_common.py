@@ -133,3 +133,16 @@ def plot_series(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def script_main(module: str, doc: str | None, add_arguments: Callable, run: Callable,
+                argv: Sequence[str] | None = None, *, log_level: int | None = None) -> int:
+    """``python -m batchlab.bench.NAME``: the same flags and run as ``batchlab bench NAME``."""
+    import argparse
+    import logging
+
+    parser = argparse.ArgumentParser(prog=f"python -m {module}", description=doc,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    logging.basicConfig(level=logging.WARNING if log_level is None else log_level)
+    return run(parser.parse_args(argv))

@@ -378,9 +378,10 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m batchlab.bench.communities", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    from batchlab.bench._common import script_main
+
+    return script_main("batchlab.bench.communities", __doc__, add_arguments, run,
+                       argv)
 
 
 if __name__ == "__main__":

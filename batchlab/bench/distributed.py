@@ -218,7 +218,12 @@ def run(args) -> int:
     return 0
 
 
+def main(argv=None) -> int:
+    from batchlab.bench._common import script_main
+
+    return script_main("batchlab.bench.distributed", __doc__, add_arguments, run,
+                       argv)
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    raise SystemExit(run(parser.parse_args()))
+    raise SystemExit(main())

@@ -487,8 +487,12 @@ def _mb(nbytes):
     return None if nbytes is None else nbytes / 2**20
 
 
+def main(argv=None) -> int:
+    from batchlab.bench._common import script_main
+
+    return script_main("batchlab.bench.jest", __doc__, add_arguments, run,
+                       argv, log_level=logging.INFO)
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    logging.basicConfig(level=logging.INFO)
-    raise SystemExit(run(parser.parse_args()))
+    raise SystemExit(main())

@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import threading
 import time
@@ -362,11 +361,10 @@ def _extrapolate(rows, d, on_cuda):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m batchlab.bench.mining", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    logging.basicConfig(level=logging.WARNING)
-    return run(parser.parse_args(argv))
+    from batchlab.bench._common import script_main
+
+    return script_main("batchlab.bench.mining", __doc__, add_arguments, run,
+                       argv)
 
 
 if __name__ == "__main__":

@@ -257,11 +257,10 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m batchlab.bench.ot", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    logging.basicConfig(level=logging.WARNING)
-    return run(parser.parse_args(argv))
+    from batchlab.bench._common import script_main
+
+    return script_main("batchlab.bench.ot", __doc__, add_arguments, run,
+                       argv)
 
 
 if __name__ == "__main__":

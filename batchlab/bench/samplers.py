@@ -313,8 +313,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def main(argv=None) -> int:
+    from batchlab.bench._common import script_main
+
+    return script_main("batchlab.bench.samplers", __doc__, add_arguments, run,
+                       argv)
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    logging.basicConfig(level=logging.WARNING)
-    raise SystemExit(run(parser.parse_args()))
+    raise SystemExit(main())

@@ -190,7 +190,6 @@ def _spread(values: list[float]) -> str:
 
 def _teacher_anchor(data: dict[str, Any]) -> dict[str, float]:
     """The TF-IDF teacher's own retrieval on the test split (exact sparse scores)."""
-    import torch
 
     from batchlab.recipes.evaluate import retrieval_metrics
     from batchlab.recipes.teachers import TfidfTeacher
