@@ -249,14 +249,8 @@ def _allgather_pairwise(family, group, q, k, scale, *, symmetric, targets, pos_m
 
 def _dclw_correction(a, b, scale, sigma, sizes, group):
     """(1 - w_i) * s * cos_i for local rows, w from DCLW's softmax over the global batch."""
-    from batchlab.losses.dcl import dclw_weights
-
-    dtype = compute_dtype(a.dtype)
-    cos = (a.to(dtype) * b.to(dtype)).sum(-1)
-    all_cos = _all_gather_uneven(cos.detach(), sizes, group)
-    w_all = dclw_weights(all_cos, sigma)
-    rank = dist.get_rank(group)
-    w = w_all[_offset(sizes, rank) : _offset(sizes, rank) + a.shape[0]]
+    cos = (a.to(compute_dtype(a.dtype)) * b.to(compute_dtype(a.dtype))).sum(-1)
+    w = _dclw_global_weights(cos.detach(), sigma, sizes, group, dist.get_rank(group))
     return (1 - w) * scale * cos
 
 
