@@ -23,7 +23,9 @@ matrix is part of the time, as it is for a user. Rows (all in the same run):
 * ``exact``: ``couple(method="exact")`` (certified sparse solver above n=256), and
   ``exact-bf16`` with the cost product in bfloat16 (gap measured on fp32 costs).
 * ``sinkhorn-perm``: ``couple(method="sinkhorn")`` rounded to a permutation;
-  ``sinkhorn-plan``: the entropic plan itself (gap = <P, C> against the optimum / n).
+  ``sinkhorn-plan``: the entropic plan itself (gap = <P, C> against the optimum / n);
+  on CUDA both use the fused Triton half-step, and ``sinkhorn-plan[torch]`` is the same
+  solve on PyTorch's unfused ops (the speed-up of the kernel alone).
 * ``knn``: Immiscible Diffusion's k-nearest pairing (k=4), no n x n matrix.
 * ``scipy-lsa[C]`` / ``exact[C]``: solve only, both given the same fp32 cost matrix
   (``exact_assignment(C, solver="sparse")``): the solver's own speed-up, without the
@@ -153,6 +155,17 @@ def _rows(args, device):
     rows["exact-bf16"] = lambda x0, x1: ("perm", couple(x0, x1, "exact", k=args.k, precision="bfloat16", return_info=True))
     rows["sinkhorn-perm"] = lambda x0, x1: ("perm", couple(x0, x1, "sinkhorn", reg=args.reg, return_info=True))
     rows["sinkhorn-plan"] = lambda x0, x1: ("plan", couple(x0, x1, "sinkhorn", reg=args.reg, return_plan=True))
+
+    def sinkhorn_plan_torch(x0, x1):
+        # the same solve with PyTorch's unfused half-steps (what "auto" uses on the CPU)
+        from batchlab.samplers.ot.solvers import annealed_potentials, plan_from_potentials
+
+        C = pairwise_cost(x0, x1)
+        f, g, eps = annealed_potentials(C, args.reg, backend="torch")
+        return "plan", plan_from_potentials(C, f, g, eps)
+
+    if device.type == "cuda":
+        rows["sinkhorn-plan[torch]"] = sinkhorn_plan_torch
     rows["knn"] = lambda x0, x1: ("perm", couple(
         x0, x1, "knn", knn_k=4, generator=torch.Generator().manual_seed(args.seed), return_info=True))
     if args.methods != "all":

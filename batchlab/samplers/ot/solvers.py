@@ -100,6 +100,7 @@ def sinkhorn_potentials(
     tol: float = 1e-4,
     f: torch.Tensor | None = None,
     g: torch.Tensor | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, int, float]:
     """Log-domain Sinkhorn: dual potentials ``(f, g)`` of entropic OT at ``eps``.
 
@@ -122,6 +123,10 @@ def sinkhorn_potentials(
         ``a_i exp((f_i - f_new_i) / eps)``).
     f, g : Tensor, optional
         Warm start (for epsilon scaling).
+    backend : {"auto", "torch", "triton"}
+        ``"triton"``: one fused kernel per half-step (one read of ``C``; float32 ``C``
+        on a CUDA GPU, or the CPU under ``TRITON_INTERPRET=1`` for tests). ``"auto"``:
+        Triton for float32 ``C`` on CUDA when Triton imports, else PyTorch.
 
     Returns
     -------
@@ -134,16 +139,34 @@ def sinkhorn_potentials(
     f = torch.zeros(n, dtype=wd, device=C.device) if f is None else f.to(wd)
     g = torch.zeros(m, dtype=wd, device=C.device) if g is None else g.to(wd)
     tau = 1.0 if reg_m is None else reg_m / (reg_m + eps)
-    buf = torch.empty_like(C)
+    # reference measure a (x) b: f = eps log a + tau * softmin (tau = 1: balanced)
+    base_f, base_g = eps * log_a, eps * log_b
+    if _fused_backend(C, backend):
+        from batchlab.samplers.ot._sinkhorn_triton import SoftminUpdate
+
+        rows_step, cols_step = SoftminUpdate(C), SoftminUpdate(C.t().contiguous())
+
+        def update_f(g):
+            return rows_step(g, eps, base_f, tau)
+
+        def update_g(f):
+            return cols_step(f, eps, base_g, tau)
+    else:
+        buf = torch.empty_like(C)
+
+        def update_f(g):
+            return base_f + tau * _softmin(C, g, eps, 1, buf)
+
+        def update_g(f):
+            return base_g + tau * _softmin(C, f, eps, 0, buf)
     err = float("inf")
     it = 0
     for it in range(1, max_iter + 1):
-        # reference measure a (x) b: f = eps log a + tau * softmin (tau = 1: balanced)
-        f_new = eps * log_a + tau * _softmin(C, g, eps, 1, buf)
+        f_new = update_f(g)
         if it > 1 and (it % 5 == 0 or it == max_iter):
             err = float((log_a.exp() * ((f - f_new) / eps).exp().sub(1).abs()).sum())
         f = f_new
-        g = eps * log_b + tau * _softmin(C, f, eps, 0, buf)
+        g = update_g(f)
         if err < tol:
             break
     if not (torch.isfinite(f).all() and torch.isfinite(g).all()):
@@ -151,6 +174,28 @@ def sinkhorn_potentials(
             f"Sinkhorn diverged at eps={eps:.3g} (non-finite potentials); raise reg or check the costs"
         )
     return f, g, it, err
+
+
+SINKHORN_BACKENDS = ("auto", "torch", "triton")
+
+
+def _fused_backend(C: torch.Tensor, backend: str) -> bool:
+    """Whether ``backend`` resolves to the fused Triton half-step for this ``C``."""
+    if backend not in SINKHORN_BACKENDS:
+        raise BatchlabInputError(f"backend must be one of {SINKHORN_BACKENDS}, got {backend!r}")
+    if backend == "torch":
+        return False
+    try:
+        from batchlab.losses.triton import triton_available
+    except ImportError:
+        triton_available = None
+    usable = triton_available is not None and triton_available(C.device) and C.dtype == torch.float32
+    if backend == "triton" and not usable:
+        raise BatchlabInputError(
+            "backend='triton' needs Triton and a float32 cost matrix on a CUDA GPU (or the CPU under "
+            f"TRITON_INTERPRET=1); got {C.dtype} on {C.device}"
+        )
+    return usable and (backend == "triton" or C.device.type == "cuda")
 
 
 def plan_from_potentials(C: torch.Tensor, f: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
@@ -162,14 +207,16 @@ def annealed_potentials(
     C: torch.Tensor, reg: float, *, start: float = 1.0, factor: float = 0.5, iters_per_step: int = 5,
     max_iter: int = 1000, tol: float = 1e-4, reg_m: float | None = None,
     a: torch.Tensor | None = None, b: torch.Tensor | None = None, scale: float | None = None,
+    backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Sinkhorn with epsilon scaling: eps goes from ``start`` to ``reg`` (both relative
     to ``scale``, default :func:`cost_scale`), ``iters_per_step`` iterations per step,
-    then iterates at ``reg`` until ``tol``. Returns ``(f, g, eps)`` with ``eps`` absolute."""
+    then iterates at ``reg`` until ``tol``. Returns ``(f, g, eps)`` with ``eps`` absolute.
+    ``backend`` as in :func:`sinkhorn_potentials`."""
     scale = cost_scale(C) if scale is None else scale
     f = g = None
     rel = max(start, reg)
-    kw = {"reg_m": reg_m, "a": a, "b": b}
+    kw = {"reg_m": reg_m, "a": a, "b": b, "backend": backend}
     while rel > reg * (1 + 1e-9):
         f, g, _, _ = sinkhorn_potentials(C, rel * scale, max_iter=iters_per_step, tol=0.0, f=f, g=g, **kw)
         rel = max(reg, rel * factor)
