@@ -141,7 +141,8 @@ def sinkhorn_potentials(
     tau = 1.0 if reg_m is None else reg_m / (reg_m + eps)
     # reference measure a (x) b: f = eps log a + tau * softmin (tau = 1: balanced)
     base_f, base_g = eps * log_a, eps * log_b
-    if _fused_backend(C, backend):
+    fused = _fused_backend(C, backend)
+    if fused:
         from batchlab.samplers.ot._sinkhorn_triton import SoftminUpdate
 
         rows_step, cols_step = SoftminUpdate(C), SoftminUpdate(C.t().contiguous())
@@ -159,16 +160,34 @@ def sinkhorn_potentials(
 
         def update_g(f):
             return base_g + tau * _softmin(C, f, eps, 0, buf)
+    a_marg = log_a.exp()
+    # The error is read every _CHECK_EVERY iterations (one host sync each); on CUDA with the
+    # fused kernels, those blocks of iterations replay as one CUDA graph once compiled.
+    graphed = None
+    use_graphs = (USE_CUDA_GRAPHS and fused and C.device.type == "cuda" and max_iter >= 3 * _CHECK_EVERY
+                  and C.numel() <= _GRAPH_MAX_ENTRIES)
     err = float("inf")
     it = 0
-    for it in range(1, max_iter + 1):
-        f_new = update_f(g)
-        if it > 1 and (it % 5 == 0 or it == max_iter):
-            err = float((log_a.exp() * ((f - f_new) / eps).exp().sub(1).abs()).sum())
-        f = f_new
-        g = update_g(f)
+    while it < max_iter:
+        if use_graphs and it >= _CHECK_EVERY and it % _CHECK_EVERY == 0 and it + _CHECK_EVERY <= max_iter:
+            if graphed is None:
+                from batchlab.samplers.ot._sinkhorn_triton import GraphedIterations
+
+                graphed = GraphedIterations(update_f, update_g, f, g, a_marg, eps, _CHECK_EVERY)
+            f, g, err_t = graphed(f, g)
+            it += _CHECK_EVERY
+            err = float(err_t)
+        else:
+            it += 1
+            f_new = update_f(g)
+            if it > 1 and (it % _CHECK_EVERY == 0 or it == max_iter):
+                err = float((a_marg * ((f - f_new) / eps).exp().sub(1).abs()).sum())
+            f = f_new
+            g = update_g(f)
         if err < tol:
             break
+    if graphed is not None:  # the graph's outputs are overwritten by its next replay
+        f, g = f.clone(), g.clone()
     if not (torch.isfinite(f).all() and torch.isfinite(g).all()):
         raise BatchlabInputError(
             f"Sinkhorn diverged at eps={eps:.3g} (non-finite potentials); raise reg or check the costs"
@@ -177,6 +196,14 @@ def sinkhorn_potentials(
 
 
 SINKHORN_BACKENDS = ("auto", "torch", "triton")
+#: Iterations between two reads of the marginal error.
+_CHECK_EVERY = 5
+#: Replay blocks of fused iterations as CUDA graphs (set False to compare with eager launches).
+#: Measured on one H100 (tests/gpu_check_ot.py): 100 iterations at n = 4,096 take 9.0 ms
+#: with graphs and 10.3 ms without; at n = 16,384 a half-step is HBM-bound (0.37 ms either
+#: way) and graphs gained nothing (86.8 vs 80.0 ms), hence the size limit.
+USE_CUDA_GRAPHS = True
+_GRAPH_MAX_ENTRIES = 8192 * 8192
 
 
 def _fused_backend(C: torch.Tensor, backend: str) -> bool:
