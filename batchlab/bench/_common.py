@@ -127,10 +127,17 @@ def plot_series(
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend()
+    return save_figure(fig, path)
+
+
+def save_figure(fig, path: str | Path, *, dpi: int = 120) -> Path:
+    """Lay out ``fig``, save it as ``path`` (folders made as needed), close it; returns the path."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return path
 

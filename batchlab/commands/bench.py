@@ -20,6 +20,7 @@ BENCHMARKS = {
     "losses_triton": "the fused Triton kernels (CUDA) against open_clip and Inf-CL, with TFLOP/s",
     "samplers": "mining speed and batch hardness of the hard-negative and cluster samplers",
     "communities": "B3 graph, community detection and batches, against networkx and pymetis",
+    "hardness": "B3 batch hardness against random batches (K x rank window x B3++ extras) on the demo's data",
     "mining": "hard-negative mining at scale (exact and approximate indexes)",
     "ot": "mini-batch optimal-transport couplings against scipy and POT",
     "jest": "joint example selection cost and quality",
