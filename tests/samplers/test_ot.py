@@ -296,3 +296,19 @@ def test_entropic_partial_plan_moves_mass_and_skips_outliers(gen):
     assert float(P[:, :4].sum()) < 0.01 * float(P.sum())  # the outliers are left out
     Pe = couple(x0, x1, "partial", mass=0.875, return_plan=True)  # exact partial plan, 56 of 64 pairs
     assert float((Pe * costs.pairwise_cost(x0, x1)).sum()) <= float((P * costs.pairwise_cost(x0, x1)).sum()) * 1.0001
+
+
+def test_gibbs_prices_follow_the_log_domain_iterations(gen):
+    # same start (g = 0), same updates: float64 matrix-vector scaling = log-domain Sinkhorn
+    C = torch.rand(30, 40, generator=gen, dtype=torch.float64) * 4
+    eps = 0.05 * solvers.cost_scale(C)  # spread / eps ~ 70 < 600: not raised
+    f, g, _, _ = solvers.sinkhorn_potentials(C, eps, max_iter=7, tol=0.0)
+    fp, gp = solvers.gibbs_prices(C, eps, 7)
+    torch.testing.assert_close(fp, f, rtol=0, atol=1e-9)
+    torch.testing.assert_close(gp, g, rtol=0, atol=1e-9)
+
+
+def test_gibbs_prices_raise_a_tiny_eps_instead_of_underflowing(gen):
+    C = torch.rand(20, 20, generator=gen) * 1e4
+    f, g = solvers.gibbs_prices(C, 1e-6, 3)
+    assert torch.isfinite(f).all() and torch.isfinite(g).all()
