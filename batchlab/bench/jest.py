@@ -58,11 +58,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run the quality experiment instead (codesearch, JEST vs uniform, CPU, a few minutes)")
     parser.add_argument("--quality-steps", type=int, default=300)
     parser.add_argument("--quality-seeds", type=int, default=3)
-    parser.add_argument("--quality-scores", default="learnability,hard_learner,easy_reference",
-                        help="JEST scores to compare with uniform batches (learnability always included)")
+    parser.add_argument("--quality-recipe", action="store_true",
+                        help="run the quality experiment through train_dual_encoder (open_clip tiny text tower) "
+                             "instead of the bag-of-words learner (batchlab.bench.jest_quality)")
+    parser.add_argument("--reference", choices=("heldout", "tfidf"), default="heldout",
+                        help="--quality-recipe: the reference model: the text tower trained on held-out modules, "
+                             "or the recipe's TF-IDF teacher")
+    parser.add_argument("--first-chunk", choices=("random", "score"), default="random",
+                        help="--quality-recipe: how JEST draws its first chunk")
+    parser.add_argument("--quality-scores", default=None,
+                        help="JEST scores to compare with uniform batches (learnability always included; default: "
+                             "all three for --quality, learnability for --quality-recipe)")
     parser.add_argument("--eval-every", type=int, default=10)
-    parser.add_argument("--quality-batch", type=int, default=128)
-    parser.add_argument("--reference-steps", type=int, default=300)
+    parser.add_argument("--quality-batch", type=int, default=None, help="default 128 (--quality), 64 (--quality-recipe)")
+    parser.add_argument("--reference-steps", type=int, default=None, help="default 300 (--quality), 400 (--quality-recipe)")
     parser.add_argument("--reference-fraction", type=float, default=0.3,
                         help="share of training modules held out to train the reference model")
 
@@ -206,7 +215,15 @@ def _profile_selection(device, n, d, args) -> dict:
 
 def run(args) -> int:
     torch.set_num_threads(args.threads)
+    if args.quality_recipe:
+        from batchlab.bench import jest_quality
+
+        args.quality_batch = args.quality_batch or 64
+        args.reference_steps = args.reference_steps or 400
+        return jest_quality.run(args)
     if args.quality:
+        args.quality_batch = args.quality_batch or 128
+        args.reference_steps = args.reference_steps or 300
         return run_quality(args)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -396,7 +413,7 @@ def _quality_seed(seed, args, data, evaluate):
 
 
 def _quality_runs(args) -> list[str]:
-    scores = [s for s in args.quality_scores.split(",") if s]
+    scores = [s for s in (args.quality_scores or "learnability,hard_learner,easy_reference").split(",") if s]
     if "learnability" not in scores:
         scores.insert(0, "learnability")
     return ["uniform"] + [f"JEST {s}" for s in scores]
