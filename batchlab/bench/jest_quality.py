@@ -176,6 +176,8 @@ def run(args) -> int:
     print(f"step ratio to reach uniform's final MRR (target <= 0.5): {ratios}; on the mean curves: {ratio_of_means}")
 
     tag = f"jest-quality-recipe-{args.reference}"
+    if scores != ["learnability"] or args.first_chunk != "random":  # variants never overwrite the main results
+        tag += "-" + "-".join(scores) + ("-first-score" if args.first_chunk == "score" else "")
     payload = {
         "benchmark": "jest-quality-recipe", "device": device_name("cpu"),
         "command": "python -m batchlab.bench.jest " + " ".join(sys.argv[1:]),
