@@ -312,3 +312,45 @@ def test_gibbs_prices_raise_a_tiny_eps_instead_of_underflowing(gen):
     C = torch.rand(20, 20, generator=gen) * 1e4
     f, g = solvers.gibbs_prices(C, 1e-6, 3)
     assert torch.isfinite(f).all() and torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("rel_eps", [1e-3, 0.05, 10.0])
+@pytest.mark.parametrize("reg_m", [None, 0.3])
+def test_scaling_backend_follows_the_log_domain_iterates(gen, dtype, rel_eps, reg_m):
+    # same updates, so the same potentials after every iteration, up to rounding; at
+    # rel_eps 1e-3 most exponents underflow and the half-steps fall back and re-absorb
+    C = (torch.randn(37, 29, generator=gen, dtype=torch.float64) ** 2 * 50).to(dtype)
+    eps = rel_eps * solvers.cost_scale(C)
+    rm = None if reg_m is None else reg_m * solvers.cost_scale(C)
+    f0, g0, it0, e0 = solvers.sinkhorn_potentials(C, eps, max_iter=12, tol=0.0, reg_m=rm, backend="torch")
+    f1, g1, it1, e1 = solvers.sinkhorn_potentials(C, eps, max_iter=12, tol=0.0, reg_m=rm, backend="scaling")
+    assert it0 == it1 == 12
+    # float32: a few ulps of the larger of the cost spread and the potentials (at a large
+    # eps the potentials are ~eps log n, and rounding is relative to them)
+    scale = float(C.max() - C.min()) + float(f0.abs().max()) + float(g0.abs().max())
+    atol = scale * (2e-6 if dtype == torch.float32 else 1e-11)
+    torch.testing.assert_close(f1, f0, rtol=0, atol=atol)
+    torch.testing.assert_close(g1, g0, rtol=0, atol=atol)
+
+
+def test_scaling_backend_absorbs_and_falls_back_at_tiny_eps(gen):
+    from batchlab.samplers.ot._scaling import ScalingSteps
+
+    C = torch.rand(20, 20, generator=gen) * 100
+    eps = 1e-3
+    n = 20
+    base = torch.full((n,), eps * -math.log(n))
+    buf = torch.empty_like(C)
+    steps = ScalingSteps(C, eps, 1.0, base, base, torch.zeros(n), torch.zeros(n),
+                         lambda pot, dim: solvers._softmin(C, pot, eps, dim, buf))
+    f = steps.update_f(torch.zeros(n))
+    steps.update_g(f)
+    assert steps.rebuilds > 1  # exp(-C / eps) is all floor: the first steps ran in the log domain
+    f_ref = base + solvers._softmin(C, torch.zeros(n), eps, 1, buf)
+    torch.testing.assert_close(f, f_ref)
+
+
+def test_scaling_backend_needs_the_cpu():
+    with pytest.raises(BatchlabInputError, match="runs on the CPU"):
+        solvers.sinkhorn_potentials(torch.rand(3, 3, device="meta"), 0.1, backend="scaling")

@@ -123,10 +123,13 @@ def sinkhorn_potentials(
         ``a_i exp((f_i - f_new_i) / eps)``).
     f, g : Tensor, optional
         Warm start (for epsilon scaling).
-    backend : {"auto", "torch", "triton"}
-        ``"triton"``: one fused kernel per half-step (one read of ``C``; float32 ``C``
-        on a CUDA GPU, or the CPU under ``TRITON_INTERPRET=1`` for tests). ``"auto"``:
-        Triton for float32 ``C`` on CUDA when Triton imports, else PyTorch.
+    backend : {"auto", "torch", "triton", "scaling"}
+        ``"torch"``: log-domain half-steps on PyTorch ops. ``"triton"``: one fused
+        kernel per half-step (one read of ``C``; float32 ``C`` on a CUDA GPU, or the
+        CPU under ``TRITON_INTERPRET=1`` for tests). ``"scaling"`` (CPU): the same
+        iterates by stabilised matrix scaling, one BLAS mat-vec per half-step
+        (:mod:`batchlab.samplers.ot._scaling`). ``"auto"``: Triton for float32 ``C`` on
+        CUDA when Triton imports, scaling on the CPU, else PyTorch.
 
     Returns
     -------
@@ -142,7 +145,14 @@ def sinkhorn_potentials(
     # reference measure a (x) b: f = eps log a + tau * softmin (tau = 1: balanced)
     base_f, base_g = eps * log_a, eps * log_b
     fused = _fused_backend(C, backend)
-    if fused:
+    if not fused and backend in ("auto", "scaling") and C.device.type == "cpu":
+        from batchlab.samplers.ot._scaling import ScalingSteps
+
+        buf = torch.empty_like(C)
+        steps = ScalingSteps(C, eps, tau, base_f, base_g, f, g,
+                             lambda pot, dim: _softmin(C, pot, eps, dim, buf))
+        update_f, update_g = steps.update_f, steps.update_g
+    elif fused:
         from batchlab.samplers.ot._sinkhorn_triton import SoftminUpdate
 
         rows_step, cols_step = SoftminUpdate(C), SoftminUpdate(C.t().contiguous())
@@ -195,7 +205,7 @@ def sinkhorn_potentials(
     return f, g, it, err
 
 
-SINKHORN_BACKENDS = ("auto", "torch", "triton")
+SINKHORN_BACKENDS = ("auto", "torch", "triton", "scaling")
 #: Iterations between two reads of the marginal error.
 _CHECK_EVERY = 5
 #: Replay blocks of fused iterations as CUDA graphs (set False to compare with eager launches).
@@ -222,7 +232,9 @@ def _fused_backend(C: torch.Tensor, backend: str) -> bool:
             "backend='triton' needs Triton and a float32 cost matrix on a CUDA GPU (or the CPU under "
             f"TRITON_INTERPRET=1); got {C.dtype} on {C.device}"
         )
-    return usable and (backend == "triton" or C.device.type == "cuda")
+    if backend == "scaling" and C.device.type != "cpu":
+        raise BatchlabInputError(f"backend='scaling' runs on the CPU; C is on {C.device} (use 'auto')")
+    return usable and (backend == "triton" or (backend == "auto" and C.device.type == "cuda"))
 
 
 #: Largest exponent magnitude the float64 Gibbs kernel may hold (exp(-600) ~ 1e-261).
