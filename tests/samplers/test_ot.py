@@ -354,3 +354,10 @@ def test_scaling_backend_absorbs_and_falls_back_at_tiny_eps(gen):
 def test_scaling_backend_needs_the_cpu():
     with pytest.raises(BatchlabInputError, match="runs on the CPU"):
         solvers.sinkhorn_potentials(torch.rand(3, 3, device="meta"), 0.1, backend="scaling")
+
+
+def test_gibbs_prices_leave_a_float64_cost_matrix_untouched(gen):
+    C = torch.rand(12, 12, generator=gen, dtype=torch.float64)
+    before = C.clone()
+    solvers.gibbs_prices(C, 0.05, 3)
+    assert torch.equal(C, before)

@@ -20,14 +20,16 @@ ROUNDINGS = ("lsa", "greedy")
 # examples of >= 32 values; "low-dim": 2-D toy data, or any callable cost), measured on
 # the 2-core CPU (bench/ot.py and the notes in the final report of issue 9):
 # * below SCIPY_MAX_N scipy's dense LAPJV is faster (low-dim costs make LAPJV's sparse
-#   variant need 3-4 certificate rounds, so scipy wins up to ~700 there);
+#   variant need 3-4 certificate rounds, so scipy wins up to ~700 there; in high
+#   dimensions, with the CPU's mat-vec pricing, the sparse solver already wins at
+#   n=512: 15 ms vs scipy's 20 ms on the same C, and ties at 256);
 # * PRICE_ITERS Sinkhorn iterations price the costs: in high dimensions 3-5 put the
 #   optimum among the candidates on the CPU, where each iteration is a dense pass as
 #   dear as the solve; on a GPU iterations are ~100x cheaper and better prices keep
 #   the CPU-side sparse solve to one round (n=16384: 15 iterations -> 1 round and a 9x
 #   faster LAPJV than 5 iterations -> 2 rounds);
 # * K candidates per row/column: low-dim costs need more (k=32 saves a round at 1-2k).
-_SCIPY_MAX_N = {"high": 512, "low": 768}
+_SCIPY_MAX_N = {"high": 256, "low": 768}
 _PRICE_ITERS = {("high", "cpu"): 5, ("high", "cuda"): 30, ("low", "cpu"): 30, ("low", "cuda"): 30}
 _K = {"high": 16, "low": 32}
 
@@ -116,7 +118,7 @@ def couple(
           few Sinkhorn iterations on the tensors' device, solves on ``k`` candidates
           per row and column with scipy's sparse LAPJV, and certifies optimality
           against the dense costs with LP duals (adding edges until it holds);
-          ``"auto"`` uses scipy for ``n <= 512`` (``n <= 768`` for low-dimensional
+          ``"auto"`` uses scipy for ``n <= 256`` (``n <= 768`` for low-dimensional
           data or a callable cost) and ``sparse`` above.
         * ``sinkhorn``: log-domain entropic OT with ``eps = reg * std(C)``
           (epsilon scaling from ``eps = std(C)`` down to it); the permutation is the

@@ -253,7 +253,7 @@ def gibbs_prices(C: torch.Tensor, eps: float, iters: int) -> tuple[torch.Tensor,
     if the scaling still over- or underflows (the caller uses the log-domain solver).
     """
     row_min = C.amin(1, keepdim=True)
-    K = C.to(torch.float64).sub_(row_min)
+    K = C.to(torch.float64, copy=True).sub_(row_min)  # never in place on a float64 C
     spread = float(K.max()) if K.numel() else 0.0
     eps = max(eps, spread / _GIBBS_MAX_EXPONENT, 1e-300)
     K.mul_(-1.0 / eps).exp_()
