@@ -8,6 +8,7 @@ different machines are never compared.
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -91,6 +92,9 @@ def write_results(out_dir: str | Path, name: str, payload: dict[str, Any]) -> Pa
             "machine": platform.machine(),
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+            # CPU timings on a shared 2-core machine mean little without this
+            "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+            "cpu_count": os.cpu_count(),
         },
         **payload,
     }
