@@ -107,13 +107,13 @@ def topk_groups(ids: np.ndarray, k: int, seed: int) -> np.ndarray:
     g = 0
     leftovers = []
     for a in rng.permutation(n):
-        if groups[a] >= 0:
+        if groups[a] != -1:  # -2: already a leftover, which must not be picked again
             continue
         members = [a]
         for j in ids[a]:
             if len(members) == k:
                 break
-            if j >= 0 and groups[j] < 0 and j != a:
+            if j >= 0 and groups[j] == -1 and j != a:
                 members.append(j)
         if len(members) < k:
             leftovers.extend(members)

@@ -129,7 +129,8 @@ def run(args) -> int:
 
     stages.set_postfix_str(args.method)
     t = time.perf_counter()
-    groups = partition_graph(graph, args.group_size, method=args.method, backend=args.backend, seed=args.seed)
+    groups = partition_graph(graph, args.group_size, method=args.method, backend=args.backend, seed=args.seed,
+                             exact=True)  # groups of exactly K (+ one remainder): whole groups per batch
     np.save(out / "groups.npy", groups)
     timings["partition_s"] = time.perf_counter() - t
     stages.update()

@@ -49,10 +49,16 @@ class CommunityBatchSampler(GlobalBatchSampler):
         The global batch ``|B|``; a multiple of ``group_size`` (a batch is whole groups)
         and of ``num_replicas``.
     group_size:
-        ``K``, examples per community (B3: 32). Groups get ``K - 1 .. K + 1`` members
-        (see :mod:`batchlab.samplers.communities`); batches are cut from the shuffled
-        groups, so every batch but the last has exactly ``batch_size`` examples, and when
-        a group has ``K +- 1`` members, one group per batch boundary straddles two batches.
+        ``K``, examples per community (B3: 32). The partition is asked for groups of
+        exactly ``K`` plus at most one remainder group of ``N % K`` (``exact=True`` in
+        :func:`~batchlab.samplers.communities.partition_graph`), so every full batch is
+        ``batch_size / K`` whole groups drawn at random each epoch, and the last batch
+        holds the groups left over plus the remainder group (which ``drop_last`` therefore
+        always drops: at most ``K - 1`` examples). Groups of other sizes (``groups=`` from
+        elsewhere, e.g. ``K +- 1`` artifacts, or ``partition_kwargs={"exact": False}``)
+        still work, with a warning: the shuffled groups are then concatenated and cut
+        into batches of ``batch_size``, so a group can straddle two batches. Either way
+        every batch but the last has exactly ``batch_size`` examples.
     rank_window:
         ``(p, p + m)``: neighbours at 0-based ranks ``p .. p+m-1`` form the graph (B3:
         ``(30, 130)``; ``p`` guards against false negatives). Clamped to ``N - 1`` with a warning.
@@ -85,6 +91,8 @@ class CommunityBatchSampler(GlobalBatchSampler):
     Attributes
     ----------
     groups : np.ndarray (N,) int64 group id of each example.
+    whole_groups : bool, True when every group has ``K`` members but at most one smaller
+        remainder group, so every full batch is ``batch_size / K`` whole groups.
     graph : scipy.sparse.csr_matrix or None, the mutual rank-window graph.
     window_ids : np.ndarray (N, m) or None, the rank-window neighbours (kept for B3++).
     """
@@ -130,7 +138,7 @@ class CommunityBatchSampler(GlobalBatchSampler):
                 self._keep_window(neighbours, self.groups.size)
         else:
             index_kwargs = {"progress": progress, **(index_kwargs or {})}
-            partition_kwargs = {"backend": backend, "resolution": resolution, **(partition_kwargs or {})}
+            partition_kwargs = {"backend": backend, "resolution": resolution, "exact": True, **(partition_kwargs or {})}
             self.groups = self._build(embeddings, neighbours, weights, index_kwargs, partition_kwargs)
         self.num_examples = int(self.groups.size)
         if self.extra_negatives and self.window_ids is None:
@@ -141,6 +149,16 @@ class CommunityBatchSampler(GlobalBatchSampler):
         order = np.argsort(self.groups, kind="stable")
         bounds = np.concatenate([[0], np.cumsum(np.bincount(self.groups))])
         self._members = [order[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
+        sizes = np.array([m.size for m in self._members])
+        self.whole_groups = bool((sizes == self.group_size).sum() >= sizes.size - 1 and sizes.max() <= self.group_size)
+        if not self.whole_groups:
+            warnings.warn(
+                f"groups have {sizes.min()}..{sizes.max()} members, not exactly group_size={self.group_size} "
+                "(but one smaller remainder group), so batches cannot be whole groups: some groups will "
+                "straddle two batches. Build the groups with partition_graph(..., exact=True) or "
+                "repair_sizes(..., exact=True), as `batchlab build-batches` does",
+                stacklevel=2,
+            )
 
     # -- construction ------------------------------------------------------------
     def _check_groups(self, groups: Any) -> np.ndarray:
@@ -246,10 +264,26 @@ class CommunityBatchSampler(GlobalBatchSampler):
         return len(self._members)
 
     def plan_epoch(self, generator: torch.Generator) -> list[list[int]]:
-        """Shuffle the groups, concatenate them, cut into global batches of ``batch_size``."""
-        perm = torch.randperm(self.num_groups, generator=generator).numpy()
-        order = np.concatenate([self._members[g] for g in perm]).tolist()
-        return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        """Shuffle the groups; each batch is ``batch_size / K`` of them, the remainder group last.
+
+        With groups of other sizes (no :attr:`whole_groups`): concatenate the shuffled
+        groups and cut into global batches of ``batch_size``.
+        """
+        if not self.whole_groups:
+            perm = torch.randperm(self.num_groups, generator=generator).numpy()
+            order = np.concatenate([self._members[g] for g in perm]).tolist()
+            return [order[i : i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+        full = [m for m in self._members if m.size == self.group_size]
+        remainder = [m for m in self._members if m.size < self.group_size]
+        per_batch = self.batch_size // self.group_size
+        perm = torch.randperm(len(full), generator=generator).tolist()
+        batches = [[full[g] for g in perm[i : i + per_batch]] for i in range(0, len(full), per_batch)]
+        if remainder:
+            if batches and len(batches[-1]) < per_batch:
+                batches[-1].extend(remainder)
+            else:
+                batches.append(remainder)
+        return [np.concatenate(b).tolist() for b in batches]
 
     # -- B3++ --------------------------------------------------------------------
     def extra_negatives_for(self, batch: Sequence[int], *, exclude: Sequence[int] | None = None) -> torch.Tensor:

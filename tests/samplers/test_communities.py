@@ -173,3 +173,45 @@ def test_metis_ufactor_still_meets_the_size_guarantee():
     groups = partition_graph(graph, 32, metis_ufactor=150, seed=0)
     assert_sizes_within_one(groups, 32)
     assert adjusted_rand_index(labels, groups) > 0.8
+
+
+def assert_exact_sizes(groups, k):
+    """N // K groups of exactly K, plus one remainder group of N % K (the last id) when K does not divide N."""
+    sizes = np.bincount(groups)
+    n = groups.size
+    expected = [k] * (n // k) + ([n % k] if n % k else [])
+    assert sizes.tolist() == expected, (sizes.min(), sizes.max(), len(sizes))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_repair_sizes_exact_on_arbitrary_labels(seed):
+    rng = np.random.default_rng(seed)
+    n, k = int(rng.integers(40, 3000)), int(rng.integers(2, 33))  # includes N < K (K - 1), where +-1 fails
+    cuts = np.sort(rng.choice(np.arange(1, n), size=int(rng.integers(1, 30)), replace=False))
+    labels = np.zeros(n, dtype=np.int64)
+    labels[cuts] = 1
+    labels = np.cumsum(labels)[rng.permutation(n)]
+    assert_exact_sizes(repair_sizes(labels, k, position=rng.permutation(n), exact=True), k)
+
+
+def test_exact_sizes_move_few_examples_from_the_within_one_groups():
+    graph, labels = planted_graph(40, 32, seed=2)
+    loose = partition_graph(graph, 30, seed=0)  # 43 METIS parts of 29..30 for 1280 = 42 * 30 + 20
+    exact = partition_graph(graph, 30, seed=0, exact=True)
+    assert_exact_sizes(exact, 30)
+    assert (np.bincount(loose) != 30).sum() > 1  # the test needs sizes to repair
+    # same partition up to the moved examples: each group keeps all but a few of its members
+    assert adjusted_rand_index(loose, exact) > 0.85
+    kept = [np.bincount(exact[loose == g]).max() for g in np.unique(loose)]
+    assert np.mean(np.bincount(loose)[np.unique(loose)] - np.array(kept)) <= 2
+
+
+def test_exact_sizes_with_a_remainder_and_isolated_nodes():
+    graph, _ = planted_graph(10, 32, seed=4)
+    lil = graph.tolil()
+    lil[:40, :] = 0
+    lil[:, :40] = 0
+    graph = lil.tocsr()
+    graph.eliminate_zeros()
+    for method in ("metis", "louvain"):
+        assert_exact_sizes(partition_graph(graph, 30, method=method, exact=True), 30)  # 320 = 10 * 30 + 20

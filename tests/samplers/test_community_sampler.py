@@ -279,3 +279,63 @@ def test_paired_queries_and_targets(data):
     hard = batch_similarity_stats(x, list(sampler), y)
     easy = batch_similarity_stats(x, torch.randperm(N, generator=g).view(-1, B).tolist(), y)
     assert hard["top_k_negative_similarity"] > easy["top_k_negative_similarity"] + 0.05
+
+
+def whole_groups_in(sampler, batch):
+    """True when ``batch`` is a union of whole groups of ``sampler``."""
+    ids, counts = np.unique(sampler.groups[batch], return_counts=True)
+    return bool((counts == np.bincount(sampler.groups)[ids]).all())
+
+
+@pytest.mark.parametrize("n, batch_size, drop_last", [(N, B, False), (2000, B, False), (2000, B, True), (2000, 64, False)])
+def test_every_full_batch_is_whole_groups(data, n, batch_size, drop_last):
+    x, _, (scores, ids) = data
+    neighbours = (scores[:n], ids[:n].masked_fill(ids[:n] >= n, -1))
+    sampler = CommunityBatchSampler(None, batch_size, group_size=K, rank_window=WINDOW, neighbours=neighbours,
+                                    drop_last=drop_last, seed=5)
+    assert sampler.whole_groups
+    sizes = np.bincount(sampler.groups)
+    assert sorted(sizes.tolist(), reverse=True) == [K] * (n // K) + ([n % K] if n % K else [])
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler) == (n // batch_size if drop_last else -(-n // batch_size))
+        full = [b for b in batches if len(b) == batch_size]
+        assert len(full) == n // batch_size and batches[: len(full)] == full  # only the last may be short
+        assert all(whole_groups_in(sampler, b) and len(set(sampler.groups[b])) == batch_size // K for b in full)
+        covered = sorted(i for b in batches for i in b)
+        if drop_last:
+            assert len(covered) == len(set(covered)) == n // batch_size * batch_size
+        else:
+            assert covered == list(range(n))
+            assert whole_groups_in(sampler, batches[-1])  # left-over groups + the remainder group
+
+
+def test_whole_groups_split_across_ranks_and_resume(data):
+    global_batches = list(make(data, seed=2, batch_size=128))
+    ranks = [list(make(data, seed=2, batch_size=128, num_replicas=4, rank=r)) for r in range(4)]
+    for i, batch in enumerate(global_batches):
+        assert sum((ranks[r][i] for r in range(4)), []) == batch
+    # with K = 32 and 4 ranks of 32, each rank's share of a batch is one whole group
+    sampler = make(data, seed=2, batch_size=128)
+    assert all(len(set(sampler.groups[part])) == 1 for r in ranks for part in r)
+    it = iter(sampler)
+    head = [next(it) for _ in range(5)]
+    resumed = make(data, seed=2, batch_size=128)
+    resumed.load_state_dict(sampler.state_dict())
+    assert head + list(resumed) == global_batches
+
+
+def test_groups_that_are_not_exact_warn_and_keep_the_old_cut(data):
+    groups = np.repeat(np.arange(N // 32), 32)
+    groups[::33] = (groups[::33] + 1) % (N // 32)  # sizes 31..33
+    with pytest.warns(UserWarning, match="straddle"):
+        sampler = CommunityBatchSampler(None, B, group_size=K, groups=groups)
+    assert not sampler.whole_groups
+    batches = list(sampler)
+    assert [len(b) for b in batches] == [B] * (N // B)
+    assert sorted(i for b in batches for i in b) == list(range(N))
+    # the old behaviour's groups, on request: sizes K +- 1
+    with pytest.warns(UserWarning, match="straddle"):
+        loose = make(data, method="louvain", partition_kwargs={"exact": False})
+    assert np.bincount(loose.groups).max() > K
