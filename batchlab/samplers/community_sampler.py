@@ -53,8 +53,10 @@ class CommunityBatchSampler(GlobalBatchSampler):
         exactly ``K`` plus at most one remainder group of ``N % K`` (``exact=True`` in
         :func:`~batchlab.samplers.communities.partition_graph`), so every full batch is
         ``batch_size / K`` whole groups drawn at random each epoch, and the last batch
-        holds the groups left over plus the remainder group (which ``drop_last`` therefore
-        always drops: at most ``K - 1`` examples). Groups of other sizes (``groups=`` from
+        holds the groups left over plus the remainder group. ``drop_last`` drops that
+        batch; so that it is not always the same ``N % K`` examples, the remainder group
+        trades members with one random full group each epoch (one full batch then holds
+        that mixed group). Groups of other sizes (``groups=`` from
         elsewhere, e.g. ``K +- 1`` artifacts, or ``partition_kwargs={"exact": False}``)
         still work, with a warning: the shuffled groups are then concatenated and cut
         into batches of ``batch_size``, so a group can straddle two batches. Either way
@@ -276,6 +278,15 @@ class CommunityBatchSampler(GlobalBatchSampler):
         full = [m for m in self._members if m.size == self.group_size]
         remainder = [m for m in self._members if m.size < self.group_size]
         per_batch = self.batch_size // self.group_size
+        if remainder and self.drop_last and full:
+            # The remainder group always ends in the dropped last batch: without this, the
+            # same N % K examples would never be seen. Each epoch it trades places with
+            # random members of one random full group, so the dropped ones vary.
+            j = int(torch.randint(len(full), (1,), generator=generator))
+            pool = np.concatenate([full[j], remainder[0]])
+            pool = pool[torch.randperm(pool.size, generator=generator).numpy()]
+            full = full[:j] + [pool[: self.group_size]] + full[j + 1 :]
+            remainder = [pool[self.group_size :]]
         perm = torch.randperm(len(full), generator=generator).tolist()
         batches = [[full[g] for g in perm[i : i + per_batch]] for i in range(0, len(full), per_batch)]
         if remainder:
