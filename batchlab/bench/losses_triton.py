@@ -52,6 +52,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tune", action="store_true",
                         help="sweep first, then benchmark with the fastest config of each kernel")
     parser.add_argument("--sweep-n", type=int, default=32768)
+    parser.add_argument("--sweep-kernels", nargs="+", default=["fwd", "bwd_kernel_only", "siglip"],
+                        help="which kernels the sweep times (default: all three)")
     parser.add_argument("--tag", default="", help="suffix for the results file name")
     parser.add_argument("--configs", default=None,
                         help="a sweep results JSON whose 'best' tile configs to use")
@@ -228,6 +230,9 @@ SWEEP_CONFIGS = {
     "bwd_kernel_only": _cfgs((128, 128, 4, 3), (128, 128, 8, 3), (128, 256, 8, 3), (256, 128, 8, 3)),
     "siglip": _cfgs((64, 128, 4, 4), (64, 128, 4, 3), (128, 64, 4, 4), (128, 128, 8, 3)),
 }
+# the panel-writing kernels again with their tiles stored through the copy engine (TMA loads too)
+for _kernel in ("bwd_kernel_only", "siglip"):
+    SWEEP_CONFIGS[_kernel] += [dict(c, TMA_OUT=1) for c in SWEEP_CONFIGS[_kernel] if c["TMA"]]
 
 
 def best_configs(sweep_rows: list[dict]) -> dict[str, dict[str, int]]:
@@ -237,7 +242,7 @@ def best_configs(sweep_rows: list[dict]) -> dict[str, dict[str, int]]:
     for r in sweep_rows:
         target = judge.get(r["kernel"])
         if target and r.get("ms") and (target not in best or r["ms"] < best[target][0]):
-            best[target] = (r["ms"], {key: r[key] for key in ("BM", "BN", "BD", "num_warps", "num_stages", "TMA") if key in r})
+            best[target] = (r["ms"], {key: r[key] for key in ("BM", "BN", "BD", "num_warps", "num_stages", "TMA", "TMA_OUT") if key in r})
     return {key: cfg for key, (_, cfg) in best.items()}
 
 
@@ -291,6 +296,8 @@ def run_sweep(args) -> list[dict]:
     flops = {"fwd": 2 * n * n * d, "bwd_kernel_only": 4 * n * n * d, "siglip": 6 * n * n * d}
     config_of = {"fwd": "fwd", "bwd_kernel_only": "bwd", "siglip": "siglip"}
     for kernel, fn in kernels.items():
+        if kernel not in args.sweep_kernels:
+            continue
         for cfg in SWEEP_CONFIGS[kernel]:
             _launch.CONFIGS[config_of[kernel]] = dict(cfg)
             try:

@@ -105,10 +105,17 @@ def _panel_tile(q_ptr, k_ptr, r0, r1, M, D, stride_q, stride_k,
 
 
 @triton.jit
-def _store_logit_grad(out_ptr, g, ginv, rows, cols, r0, stride_out, mask):
-    """Write ``g * ginv`` (in the buffer's dtype) at the panel-relative rows."""
-    out = out_ptr + (rows - r0)[:, None].to(tl.int64) * stride_out + cols[None, :]
-    tl.store(out, (g * ginv).to(out_ptr.dtype.element_ty), mask=mask)
+def _store_logit_grad(out_ptr, g, ginv, rows, cols, r0, stride_out, mask, TMA_OUT: tl.constexpr):
+    """Write ``g * ginv`` (in the buffer's dtype) at the panel-relative rows.
+
+    ``TMA_OUT``: ``out_ptr`` is a tensor descriptor of the panel (rows ``r1 - r0``); the
+    copy engine writes the tile asynchronously and clips what lies past the panel.
+    """
+    if TMA_OUT:
+        out_ptr.store([tl.min(rows, 0) - r0, tl.min(cols, 0)], (g * ginv).to(out_ptr.dtype))
+    else:
+        out = out_ptr + (rows - r0)[:, None].to(tl.int64) * stride_out + cols[None, :]
+        tl.store(out, (g * ginv).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -165,7 +172,8 @@ def lse_bwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ginv_ptr,
                    r0, r1, M, D, stride_q, stride_k, stride_out,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                    COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr, ONE_EXP: tl.constexpr,
-                   EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
+                   EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+                   TMA_OUT: tl.constexpr = False):
     """Logit gradient of ``sum_i g_i row_lse_i + sum_j h_j col_lse_j`` for rows [r0, r1).
 
     The scale gradient is not summed here: ``sum G * (q . k) = sum_i q_i . (G @ k)_i``
@@ -191,7 +199,8 @@ def lse_bwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ginv_ptr,
         g = g_r[:, None] * p_r
     if EXCLUDE:  # out-of-range entries are never stored; excluded positives must be zero
         g = tl.where(_valid(rows, cols, r1, M, tgt_ptr, EXCLUDE, HAS_TGT, False), g, 0.0)
-    _store_logit_grad(out_ptr, g, tl.load(ginv_ptr), rows, cols, r0, stride_out, rmask[:, None] & cmask[None, :])
+    _store_logit_grad(out_ptr, g, tl.load(ginv_ptr), rows, cols, r0, stride_out, rmask[:, None] & cmask[None, :],
+                      TMA_OUT)
 
 
 @triton.jit
@@ -200,7 +209,8 @@ def siglip_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, bias_ptr, ginv_ptr, g_row_pt
                   r0, r1, M, D, stride_q, stride_k, stride_out,
                   BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                   LOSS: tl.constexpr, GRAD: tl.constexpr, HAS_TGT: tl.constexpr,
-                  EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
+                  EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+                  TMA_OUT: tl.constexpr = False):
     """SigLIP over rows [r0, r1): per-row sums of softplus(-y z) and/or the logit gradient.
 
     ``z = s q_i . k_j + b``, ``y = +1`` on (i, target_i) else -1. The gradient written is
@@ -229,4 +239,5 @@ def siglip_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, bias_ptr, ginv_ptr, g_row_pt
         g = tl.where(pos, -sig, sig) * g_r[:, None]  # d softplus(x)/dz = sigmoid(x) * dx/dz
         g = tl.where(cmask[None, :], g, 0.0)
         tl.store(db_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(g, 1), 0))
-        _store_logit_grad(out_ptr, g, tl.load(ginv_ptr), rows, cols, r0, stride_out, rmask[:, None] & cmask[None, :])
+        _store_logit_grad(out_ptr, g, tl.load(ginv_ptr), rows, cols, r0, stride_out, rmask[:, None] & cmask[None, :],
+                      TMA_OUT)

@@ -16,14 +16,15 @@ def interpreting() -> bool:
 
 
 #: Tile configurations per kernel: block rows, block columns, d chunk, warps, pipeline
-#: stages, and TMA (tensor-descriptor loads; off automatically when rows are not 16-byte
-#: aligned). Chosen by the sweep on one H100 (d=512, bf16, N=32,768):
+#: stages, TMA (tensor-descriptor loads; off automatically when rows are not 16-byte
+#: aligned) and, for the kernels that write gradient panels, TMA_OUT (tile stores through
+#: the copy engine). Chosen by the sweep on one H100 (d=512, bf16, N=32,768):
 #: ``benchmarks/results/losses-triton-sweep-h100-80gb-hbm3-v3.json``. Edit at run time to
 #: try others (the sweep does this; ``python -m batchlab.bench.losses_triton --sweep``).
 CONFIGS: dict[str, dict[str, int]] = {
     "fwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1),
-    "bwd": dict(BM=128, BN=256, BD=64, num_warps=8, num_stages=3, TMA=1),
-    "siglip": dict(BM=64, BN=128, BD=64, num_warps=4, num_stages=4, TMA=1),
+    "bwd": dict(BM=128, BN=256, BD=64, num_warps=8, num_stages=3, TMA=1, TMA_OUT=0),
+    "siglip": dict(BM=64, BN=128, BD=64, num_warps=4, num_stages=4, TMA=1, TMA_OUT=0),
 }
 #: fp32 inputs double the bytes per chunk: halve the d chunk.
 FP32_BD = 32
@@ -55,6 +56,21 @@ def operands(q: torch.Tensor, k: torch.Tensor, cfg: dict) -> tuple:
 
     return (TensorDescriptor.from_tensor(q, [cfg["BM"], cfg["BD"]]),
             TensorDescriptor.from_tensor(k, [cfg["BN"], cfg["BD"]]), cfg)
+
+
+def panel_output(buf: torch.Tensor, rows: int, cfg: dict):
+    """``(out_arg, TMA_OUT)`` for a gradient-panel kernel writing ``buf[:rows]``.
+
+    With ``cfg["TMA_OUT"]`` (and 16-byte aligned rows) a tensor descriptor of the panel,
+    so that the kernel stores its tiles through the copy engine; else the buffer itself.
+    """
+    out = buf[:rows]
+    aligned = (out.stride(0) * out.element_size()) % 16 == 0 and out.data_ptr() % 16 == 0
+    if not (cfg.get("TMA_OUT") and aligned and out.is_cuda):
+        return buf, False
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(out, [cfg["BM"], cfg["BN"]]), True
 
 
 def kernel_flags(x: torch.Tensor, bd: int) -> dict:

@@ -35,6 +35,7 @@ from batchlab.losses.triton._launch import (
     kernel_flags,
     num_sms,
     operands,
+    panel_output,
     panel_rows,
 )
 
@@ -141,12 +142,13 @@ def lse_backward(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, excl
     q_arg, k_arg, cfg = operands(q, k, cfg)
 
     def fill(p, r0, r1, buf):
+        out, tma_out = panel_output(buf, r1 - r0, cfg)
         _kernels.lse_bwd_kernel[(triton.cdiv(r1 - r0, bm), col_blocks)](
             q_arg, k_arg, targets if targets is not None else dummy, scale32, ginv,
-            row_lse2, col_lse2 if cols_on else dummy, g_row, g_col if cols_on else dummy, buf,
+            row_lse2, col_lse2 if cols_on else dummy, g_row, g_col if cols_on else dummy, out,
             r0, r1, m, d, q.stride(0), k.stride(0), buf.stride(0),
             COLS=cols_on, EXCLUDE=exclude, HAS_TGT=targets is not None, ONE_EXP=one_exp,
-            **cfg, **kernel_flags(q, cfg["BD"]),
+            **{**cfg, "TMA_OUT": tma_out}, **kernel_flags(q, cfg["BD"]),
         )
 
     dq, dk, dot = gradients_from_panels(q, k, rows_per_panel, fill, factor, need_q=need_q, need_k=need_k)

@@ -14,7 +14,14 @@ import torch
 import triton
 
 from batchlab.losses.triton import _kernels
-from batchlab.losses.triton._launch import config, gradients_from_panels, kernel_flags, operands, panel_rows
+from batchlab.losses.triton._launch import (
+    config,
+    gradients_from_panels,
+    kernel_flags,
+    operands,
+    panel_output,
+    panel_rows,
+)
 
 
 def siglip_pass(q, k, scale, bias, targets, *, loss: bool, g_row=None, workspace_bytes=None,
@@ -36,7 +43,7 @@ def siglip_pass(q, k, scale, bias, targets, *, loss: bool, g_row=None, workspace
     if not grad:
         _kernels.siglip_kernel[(triton.cdiv(n, bm), col_blocks)](
             q_arg, k_arg, tgt, scale32, bias32, row_loss, row_loss, row_loss, row_loss, row_loss,
-            0, n, m, d, q.stride(0), k.stride(0), 0, LOSS=True, GRAD=False, **flags,
+            0, n, m, d, q.stride(0), k.stride(0), 0, LOSS=True, GRAD=False, **{**flags, "TMA_OUT": False},
         )
         return row_loss, None
     g_row = g_row.float().contiguous()
@@ -46,9 +53,11 @@ def siglip_pass(q, k, scale, bias, targets, *, loss: bool, g_row=None, workspace
     db_parts = torch.zeros(triton.cdiv(n, rows_per_panel), triton.cdiv(rows_per_panel, bm) * col_blocks, **f32)
 
     def fill(p, r0, r1, buf):
+        out, tma_out = panel_output(buf, r1 - r0, cfg)
         _kernels.siglip_kernel[(triton.cdiv(r1 - r0, bm), col_blocks)](
-            q_arg, k_arg, tgt, scale32, bias32, ginv, g_row, row_loss, buf, db_parts[p],
-            r0, r1, m, d, q.stride(0), k.stride(0), buf.stride(0), LOSS=loss, GRAD=True, **flags,
+            q_arg, k_arg, tgt, scale32, bias32, ginv, g_row, row_loss, out, db_parts[p],
+            r0, r1, m, d, q.stride(0), k.stride(0), buf.stride(0), LOSS=loss, GRAD=True,
+            **{**flags, "TMA_OUT": tma_out},
         )
 
     dq, dk, dot = gradients_from_panels(q, k, rows_per_panel, fill, scale32 * gscale, need_q=need_q, need_k=need_k)
