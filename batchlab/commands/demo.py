@@ -33,6 +33,9 @@ class Arm:
 
     ``teacher="tfidf"`` builds the batches from the TF-IDF teacher; ``"model"`` from the
     model's own embeddings, refreshed every epoch (random batches in the first epoch).
+    ``random_epochs``: random batches for that many first epochs, then the sampler's (a
+    curriculum). ``init="lsa"``: token embeddings warm-started from an LSA of the training
+    split (see :func:`~batchlab.recipes.train_dual_encoder`).
     """
 
     name: str
@@ -40,6 +43,8 @@ class Arm:
     batch_size: int
     options: dict[str, Any] = field(default_factory=dict)
     teacher: str = "tfidf"
+    random_epochs: int = 0
+    init: str | None = None
 
     def available(self) -> str | None:
         """``None`` when this installation has the sampler, else why not."""
@@ -64,6 +69,16 @@ ARMS = [
     # not in the default run: the model as its own teacher (NGAME / ANCE style)
     Arm("community-64-self", "community", 64, teacher="model"),
     Arm("hard-negative-64-self", "hard_negative", 64, teacher="model"),
+    # not in the default run: a curriculum (random batches in epoch 1, teacher batches after)
+    Arm("community-64-late", "community", 64, random_epochs=1),
+    Arm("hard-negative-64-late", "hard_negative", 64, random_epochs=1),
+    # not in the default run: token embeddings warm-started from an LSA of the training split
+    Arm("random-64-lsa", "random", 64, init="lsa"),
+    Arm("community-64-lsa", "community", 64, init="lsa"),
+    Arm("hard-negative-64-lsa", "hard_negative", 64, init="lsa"),
+    # not in the default run: mined negatives the teacher scores above 95% of the positive dropped (NV-Retriever)
+    Arm("hard-negative-64-fnf", "hard_negative", 64, {"relative_margin": 0.05}),
+    Arm("hard-negative-64-lsa-fnf", "hard_negative", 64, {"relative_margin": 0.05}, init="lsa"),
 ]
 DEFAULT_ARMS = ["random-64", "random-256", "community-64", "hard-negative-64"]
 
@@ -150,6 +165,8 @@ def train_arm(arm: Arm, seed: int, settings: dict[str, Any], progress: bool = Fa
         sampler_options=options,
         batch_size=arm.batch_size,
         teacher=teacher,
+        random_epochs=arm.random_epochs,
+        init=arm.init,
         config=settings["config"],
         epochs=settings["epochs"],
         lr=settings["lr"],

@@ -27,7 +27,7 @@ import torch
 from batchlab.errors import BatchlabInputError
 from batchlab.recipes._loop import ContrastiveHead, TrainResult, train_loop
 from batchlab.recipes.evaluate import retrieval_metrics
-from batchlab.recipes.models import TINY_TEXT, text_encoder, tokenizer
+from batchlab.recipes.models import TINY_TEXT, init_token_embeddings_lsa, text_encoder, tokenizer
 from batchlab.recipes.samplers import SamplerSchedule
 from batchlab.recipes.teachers import TeacherViews, tfidf_views
 
@@ -90,6 +90,8 @@ def train_dual_encoder(
     impl: str = "auto",
     teacher: Any = "tfidf",
     refresh_every: int = 1,
+    random_epochs: int = 0,
+    init: str | None = None,
     sampler_options: dict[str, Any] | None = None,
     jest=None,
     embedding_cache: int | None = None,
@@ -128,6 +130,14 @@ def train_dual_encoder(
         lexical teacher fitted on ``train``, offline), ``"model"`` (the model's own
         embeddings, refreshed every ``refresh_every`` epochs; the first epoch uses random
         batches), a tensor ``(N, d)``, :class:`~batchlab.recipes.teachers.TeacherViews`, or None.
+    random_epochs :
+        A curriculum: random batches for the first ``random_epochs`` epochs, then the
+        sampler's (default 0: the sampler's from the start).
+    init :
+        ``None`` (open_clip's random initialisation) or ``"lsa"``: warm-start the token
+        embeddings from a truncated SVD of the TF-IDF matrix of the training split's
+        tokens (:func:`~batchlab.recipes.models.init_token_embeddings_lsa`; no download,
+        nothing from ``test``).
     sampler_options :
         Extra settings for a named sampler (``group_size``, ``rank_window``, ...).
     jest :
@@ -160,7 +170,12 @@ def train_dual_encoder(
         raise BatchlabInputError(f"epochs must be >= 1, got {epochs}")
     tokens_q, tokens_d = tokenize(train_q, config).to(device), tokenize(train_d, config).to(device)
     eval_q, eval_d = tokenize(test_q, config).to(device), tokenize(test_d, config).to(device)
-    model = text_encoder(config, seed=seed).to(device)
+    model = text_encoder(config, seed=seed)
+    if init == "lsa":
+        init_token_embeddings_lsa(model, torch.cat([tokens_q, tokens_d]).cpu(), seed=seed)
+    elif init is not None:
+        raise BatchlabInputError(f"init must be None or 'lsa', got {init!r}")
+    model = model.to(device)
     head = ContrastiveHead(loss, impl=impl).to(device)
     torch.manual_seed(seed)
 
@@ -199,6 +214,7 @@ def train_dual_encoder(
         seed=seed,
         model_views=model_views if isinstance(teacher, str) and teacher == "model" else None,
         refresh_every=refresh_every,
+        random_epochs=random_epochs,
         options=sampler_options,
     )
 

@@ -95,3 +95,72 @@ def clip_model(name: str = TINY_CLIP, *, seed: int = 0) -> torch.nn.Module:
             return open_clip.create_model(name, pretrained=None)
     finally:
         logging.getLogger().removeFilter(quiet)
+
+
+def lsa_token_embeddings(tokens: torch.Tensor, vocab_size: int, dim: int, *, seed: int = 0,
+                         skip: tuple[int, ...] = (0,)) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token vectors from a truncated SVD (LSA) of the TF-IDF matrix of tokenised texts.
+
+    Parameters
+    ----------
+    tokens : LongTensor (N, L)
+        Token ids of the texts the vectors are learned from (the training split only,
+        so that nothing about the held-out texts leaks into the initialisation).
+    vocab_size, dim :
+        Rows and columns of the result.
+    seed :
+        Seed of the randomised SVD.
+    skip :
+        Token ids left out of the matrix (padding; start / end-of-text markers).
+
+    Returns
+    -------
+    vectors : Tensor (vocab_size, dim)
+        ``V_k S_k`` (the tokens' coordinates in the top-``dim`` latent space), zero for
+        tokens that never occur; sublinear tf, smoothed idf, L2-normalised rows, as in
+        :class:`~batchlab.recipes.teachers.TfidfTeacher`.
+    seen : BoolTensor (vocab_size,)
+        Which tokens occur in ``tokens``.
+    """
+    rows = torch.arange(tokens.shape[0]).unsqueeze(1).expand_as(tokens).reshape(-1)
+    cols = tokens.reshape(-1).long()
+    keep = torch.ones_like(cols, dtype=torch.bool)
+    for t in skip:
+        keep &= cols != t
+    rows, cols = rows[keep], cols[keep]
+    n = tokens.shape[0]
+    counts = torch.sparse_coo_tensor(torch.stack([rows, cols]), torch.ones(len(rows)), (n, vocab_size),
+                                     check_invariants=False).coalesce()
+    r, c = counts.indices()
+    df = torch.bincount(c, minlength=vocab_size).float()
+    idf = torch.log((1 + n) / (1 + df)) + 1.0
+    values = (1.0 + counts.values().log()) * idf[c]
+    norms = torch.zeros(n).index_add_(0, r, values * values).sqrt().clamp_min(1e-12)
+    matrix = torch.sparse_coo_tensor(counts.indices(), values / norms[r], (n, vocab_size), check_invariants=False).coalesce()
+    k = max(1, min(dim, min(matrix.shape) - 1))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        _, s, v = torch.svd_lowrank(matrix, q=k, niter=4)
+    vectors = torch.zeros(vocab_size, dim)
+    vectors[:, :k] = v * s
+    seen = df > 0
+    vectors[~seen] = 0.0  # exact zeros (the randomised SVD leaves round-off there)
+    return vectors, seen
+
+
+def init_token_embeddings_lsa(model: torch.nn.Module, tokens: torch.Tensor, *, seed: int = 0) -> torch.nn.Module:
+    """Warm-start a ``TextTransformer``'s token embeddings from :func:`lsa_token_embeddings`.
+
+    Rows of tokens seen in ``tokens`` are replaced by their LSA vectors, rescaled so that
+    their mean norm equals that of the random initialisation (the transformer's layer
+    norms and residual scale stay as they were trained for); other rows, and the
+    start / end-of-text markers and padding, keep their random values. Deterministic.
+    """
+    embedding = model.token_embedding.weight
+    vocab_size, width = embedding.shape
+    skip = (0, vocab_size - 2, vocab_size - 1)  # padding, <start_of_text>, <end_of_text> in open_clip's BPE
+    vectors, seen = lsa_token_embeddings(tokens, vocab_size, width, seed=seed, skip=skip)
+    with torch.no_grad():
+        scale = embedding[seen].norm(dim=1).mean() / vectors[seen].norm(dim=1).mean().clamp_min(1e-12)
+        embedding[seen] = (vectors[seen] * scale).to(embedding.dtype)
+    return model

@@ -40,13 +40,32 @@ class RandomBatchSampler(GlobalBatchSampler):
         return [order[i : i + self.batch_size] for i in range(0, self.num_examples, self.batch_size)]
 
 
-def hard_negative_ids(teacher: TeacherViews, *, num_negatives: int = 8, range_min: int = 0) -> torch.Tensor:
+def hard_negative_ids(
+    teacher: TeacherViews, *, num_negatives: int = 8, range_min: int = 0, relative_margin: float | None = None
+) -> torch.Tensor:
     """``(N, num_negatives)``: for each query, the documents the teacher ranks highest after its own.
 
     The top ``range_min`` are skipped (likely near-duplicates, i.e. false negatives).
+    With ``relative_margin`` (NV-Retriever's TopK-PercPos, Moreira et al. 2024, arXiv
+    2407.15831: 0.05 keeps negatives scoring at most 95% of the positive), candidates the
+    teacher scores above ``pos - relative_margin * |pos|`` are dropped as likely false
+    negatives, and so are candidates scoring 0 or less (no evidence of similarity);
+    ``range_min`` then counts survivors, the search goes ``10 * num_negatives`` deep past
+    it, and rows with too few survivors are padded with -1.
     """
-    _, ids = teacher.neighbours(range_min + num_negatives, between="query_document")
-    return ids[:, range_min:]
+    if relative_margin is None:
+        _, ids = teacher.neighbours(range_min + num_negatives, between="query_document")
+        return ids[:, range_min:]
+    depth = min(len(teacher) - 1, range_min + 10 * num_negatives)
+    scores, ids = teacher.neighbours(depth, between="query_document")
+    positive = teacher.positive_scores().unsqueeze(1)
+    keep = (scores <= positive - float(relative_margin) * positive.abs()) & (scores > 0)
+    rank = keep.long().cumsum(dim=1) - 1  # rank among the survivors
+    keep &= (rank >= range_min) & (rank < range_min + num_negatives)
+    out = torch.full((len(teacher), num_negatives), -1, dtype=torch.long)
+    rows, cols = keep.nonzero(as_tuple=True)
+    out[rows, rank[rows, cols] - range_min] = ids[rows, cols]
+    return out
 
 
 def make_sampler(
@@ -71,8 +90,9 @@ def make_sampler(
     options :
         Sampler settings: ``group_size`` and ``rank_window`` (community; defaults 8 and
         (2, 34), scaled down from B3's 32 and (30, 130) for a few thousand examples),
-        ``cluster_size`` (cluster; default 8), ``num_negatives``, ``range_min`` and
-        ``max_neighbourhood_fraction`` (hard_negative; defaults 8, 0 and 0.25).
+        ``cluster_size`` (cluster; default 8), ``num_negatives``, ``range_min``,
+        ``relative_margin`` and ``max_neighbourhood_fraction`` (hard_negative; defaults 8,
+        0, None and 0.25; see :func:`hard_negative_ids`).
     """
     if name not in SAMPLERS:
         raise BatchlabInputError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
@@ -108,7 +128,8 @@ def make_sampler(
 
     ids = options.get("negative_ids")
     if ids is None:
-        ids = hard_negative_ids(teacher, num_negatives=options.get("num_negatives", 8), range_min=options.get("range_min", 0))
+        ids = hard_negative_ids(teacher, num_negatives=options.get("num_negatives", 8), range_min=options.get("range_min", 0),
+                                relative_margin=options.get("relative_margin"))
     return HardNegativeBatchSampler(
         ids, batch_size, max_neighbourhood_fraction=options.get("max_neighbourhood_fraction", 0.25), seed=seed, drop_last=drop_last
     )
@@ -129,6 +150,10 @@ class SamplerSchedule:
         When given, the teacher is the model itself: the first epoch uses random batches,
         then ``model_views()`` re-embeds the training set every ``refresh_every`` epochs
         and the sampler is rebuilt from it (NGAME-style refresh).
+    random_epochs :
+        A curriculum: the first ``random_epochs`` epochs use random batches, the later
+        ones the named sampler (hard batches once the model has learned the easy
+        distinctions). Default 0; with ``model_views`` at least the first epoch is random.
     batch_size, num_examples, seed, options :
         For :func:`make_sampler`.
     """
@@ -143,8 +168,11 @@ class SamplerSchedule:
         seed: int = 0,
         model_views: Callable[[], TeacherViews] | None = None,
         refresh_every: int = 1,
+        random_epochs: int = 0,
         options: dict[str, Any] | None = None,
     ) -> None:
+        if int(random_epochs) < 0:
+            raise BatchlabInputError(f"random_epochs must be >= 0, got {random_epochs}")
         if not isinstance(sampler, str) and not callable(sampler) and getattr(sampler, "batch_size", batch_size) != batch_size:
             raise BatchlabInputError(
                 f"the sampler builds batches of {sampler.batch_size} but the recipe needs batches of {batch_size} "
@@ -155,7 +183,11 @@ class SamplerSchedule:
         self.batch_size, self.num_examples, self.seed = batch_size, num_examples, seed
         self.refresh_every = check_positive_int("refresh_every", refresh_every)
         self.options = dict(options or {})
+        self.random_epochs = int(random_epochs)
+        if model_views is not None and not (isinstance(sampler, str) and sampler == "random"):
+            self.random_epochs = max(1, self.random_epochs)  # no model teacher before the model has trained
         self._built: GlobalBatchSampler | None = None
+        self._random: GlobalBatchSampler | None = None
 
     def _make(self, epoch: int):
         if isinstance(self.sampler, str):
@@ -166,11 +198,14 @@ class SamplerSchedule:
         return self.sampler(self.views, epoch)
 
     def __call__(self, epoch: int):
+        if epoch < self.random_epochs:
+            if self._random is None:
+                self._random = make_sampler("random", None, batch_size=self.batch_size, seed=self.seed,
+                                            num_examples=self.num_examples)
+            return self._random
         if not isinstance(self.sampler, str) and not callable(self.sampler):
             return self.sampler  # a ready sampler instance
         if self.model_views is not None and self.sampler != "random":
-            if epoch == 0:
-                return make_sampler("random", None, batch_size=self.batch_size, seed=self.seed, num_examples=self.num_examples)
             if self._built is None or epoch % self.refresh_every == 0:
                 logger.info("refreshing the teacher from the model's embeddings (epoch %d)", epoch)
                 self.views, self._built = self.model_views(), None

@@ -168,6 +168,12 @@ class TeacherViews:
             scores_out[idx], ids_out[idx] = top.values, top.indices
         return scores_out, ids_out
 
+    def positive_scores(self) -> torch.Tensor:
+        """``(N,)``: each query's score with its own document, as :meth:`neighbours` scores them."""
+        if self.sparse is not None:
+            return torch.sparse.sum(self.sparse[1] * self.sparse[2], dim=1).to_dense().reshape(-1)
+        return (self.queries.float() * self.documents.float()).sum(dim=1)
+
 
 def tfidf_views(queries: Sequence[str], documents: Sequence[str], *, dim: int = 256, seed: int = 0) -> TeacherViews:
     """Fit a :class:`TfidfTeacher` on both sides of the pairs and return its :class:`TeacherViews`.
