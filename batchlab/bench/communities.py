@@ -174,7 +174,8 @@ def _partition(graph, method: str, k: int, seed: int) -> dict[str, Any]:
             target, t_convert = _timed(lambda: to_networkx(graph))
         raw, t_raw = _timed(lambda: detect_communities(target, method=algo, backend=backend, seed=seed))
         t_raw += t_convert
-    groups, t_repair = _timed(lambda: repair_sizes(raw, k, position=locality_order(graph)))
+    # exact sizes, as CommunityBatchSampler asks for: batches are whole groups
+    groups, t_repair = _timed(lambda: repair_sizes(raw, k, position=locality_order(graph), exact=True))
     return {"raw": raw, "groups": groups, "detect_s": t_raw, "repair_s": t_repair}
 
 
