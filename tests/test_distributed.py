@@ -10,15 +10,13 @@ the single-process gradient. Shards are uneven (5 + 3) on purpose. Tolerance 1e-
 from __future__ import annotations
 
 import os
-import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 from batchlab.losses import dcl, info_nce, nt_xent, siglip
+from tests.gloo import run_on_ranks
 
 pytestmark = pytest.mark.distributed
 
@@ -102,9 +100,7 @@ def _run_case(fn, inputs, q, k, e, views, targets, distributed, shard=None):
     return loss.detach(), [g.detach() for g in torch.autograd.grad(loss, wanted)]
 
 
-def worker(rank, world, init_file, out_dir, dtype_name):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _cases_on_rank(rank, world, dtype_name):
     dtype = getattr(torch, dtype_name)
     q, k, e, views, targets = global_data(dtype)
     start = sum(SIZES[:rank])
@@ -114,15 +110,11 @@ def worker(rank, world, init_file, out_dir, dtype_name):
         if dtype != torch.float64 and strategy != "ring":
             continue
         results[name] = _run_case(fn, inputs, q, k, e, views, targets, strategy, shard)
-    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    return results
 
 
 def _spawn(dtype_name):
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(worker, args=(2, os.path.join(tmp, "init"), tmp, dtype_name), nprocs=2, join=True)
-        return [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    return run_on_ranks(_cases_on_rank, dtype_name)
 
 
 @pytest.fixture(scope="module")
@@ -160,10 +152,9 @@ def test_ring_carries_bf16():
         assert all(torch.isfinite(g).all() for r in per_rank for g in r[name][1])
 
 
-def _bad_input_worker(rank, world, init_file, out_dir):
+def _bad_input_on_rank(rank, world):
     from batchlab.errors import BatchlabInputError
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     q, k, *_ = global_data(torch.float32)
     q, k = q[:4], k[:4]
     messages = []
@@ -178,35 +169,25 @@ def _bad_input_worker(rank, world, init_file, out_dir):
             messages.append(None)
         except BatchlabInputError as exc:
             messages.append(str(exc))
-    torch.save(messages, os.path.join(out_dir, f"bad{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    return messages
 
 
 def test_distributed_bad_input_is_refused_clearly():
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_bad_input_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        messages = torch.load(os.path.join(tmp, "bad0.pt"))
+    messages = run_on_ranks(_bad_input_on_rank)[0]
     assert "pos_mask is not supported" in messages[0]
     assert "pos_mask is not supported" in messages[1]
     assert "callable" in messages[2]
     assert "allgather" in messages[3]
 
 
-def _single_rank_worker(rank, world, init_file, out_dir):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _ring_cases_on_rank(rank, world):
     q, k, e, views, targets = global_data()
-    out = {name: _run_case(fn, inputs, q, k, e, views, targets, strategy)
-           for name, strategy, fn, inputs in cases() if strategy == "ring"}
-    torch.save(out, os.path.join(out_dir, "single.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    return {name: _run_case(fn, inputs, q, k, e, views, targets, strategy)
+            for name, strategy, fn, inputs in cases() if strategy == "ring"}
 
 
 def test_ring_of_one_rank_is_the_single_process_loss():
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_single_rank_worker, args=(1, os.path.join(tmp, "init"), tmp), nprocs=1, join=True)
-        got = torch.load(os.path.join(tmp, "single.pt"))
+    got = run_on_ranks(_ring_cases_on_rank, world=1)[0]
     q, k, e, views, targets = global_data()
     for name, strategy, fn, inputs in cases():
         if strategy == "ring":
@@ -230,9 +211,8 @@ def _grads_or_zeros(loss, leaves):
     return [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, grads)]
 
 
-def _triton_ring_worker(rank, world, init_file, out_dir):
+def _triton_ring_on_rank(rank, world):
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported in this process
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     q, k, e, _, _ = global_data(torch.float32)
     start = sum(SIZES[:rank])
     shard = slice(start, start + SIZES[rank])
@@ -242,17 +222,13 @@ def _triton_ring_worker(rank, world, init_file, out_dir):
         s = torch.tensor(4.0, requires_grad=True)
         loss = fn(*leaves, s, ("ring", "triton"))
         out[name] = (loss.detach(), _grads_or_zeros(loss, [*leaves, s]))
-    torch.save(out, os.path.join(out_dir, f"triton{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    return out
 
 
 def test_ring_on_triton_kernels_matches_single_process():
     """The ring's Triton block path (run in Triton's CPU interpreter), fp32, tolerance 1e-4."""
     pytest.importorskip("triton")
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_triton_ring_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        per_rank = [torch.load(os.path.join(tmp, f"triton{r}.pt")) for r in range(2)]
+    per_rank = run_on_ranks(_triton_ring_on_rank)
     q, k, e, _, _ = global_data(torch.float64)
     for name, fn in TRITON_RING_CASES.items():
         leaves = [t.clone().requires_grad_(True) for t in (q, k, e)]
@@ -267,10 +243,9 @@ def test_ring_on_triton_kernels_matches_single_process():
         torch.testing.assert_close(torch.stack([r[name][1][3] for r in per_rank]).double().mean(), grads[3], **tol)
 
 
-def _auto_worker(rank, world, init_file, out_dir):
+def _auto_choice_on_rank(rank, world):
     from batchlab import distributed as bd
 
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     chosen = []
     real = dict(bd._RING), dict(bd._ALLGATHER)
     for name, table in (("ring", bd._RING), ("allgather", bd._ALLGATHER)):
@@ -283,13 +258,9 @@ def _auto_worker(rank, world, init_file, out_dir):
     nt_xent(views[:, shard], 2.0, distributed="auto")                # NT-Xent: all-gather
     bd._RING.update(real[0])
     bd._ALLGATHER.update(real[1])
-    torch.save(chosen, os.path.join(out_dir, f"auto{rank}.pt"))
-    dist.barrier()
-    dist.destroy_process_group()
+    return chosen
 
 
 def test_auto_strategy_choice_on_cpu():
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_auto_worker, args=(2, os.path.join(tmp, "init"), tmp), nprocs=2, join=True)
-        chosen = torch.load(os.path.join(tmp, "auto0.pt"))
+    chosen = run_on_ranks(_auto_choice_on_rank)[0]
     assert chosen == ["allgather", "allgather", "allgather"]

@@ -250,32 +250,25 @@ def test_bad_input(gen):
             JointExampleSelector(**kwargs)
 
 
-def _dist_worker(rank, world, init_file, out_dir):
+def _select_on_rank(rank, world):
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        g = torch.Generator().manual_seed(7)
-        learner, reference = model(100, 8, g, 10.0), model(100, 8, g, 10.0)
-        lo, hi = (0, 45) if rank == 0 else (45, 100)  # uneven shards
-        shard = lambda m: (m[0][lo:hi], m[1][lo:hi], m[2])  # noqa: E731
-        sel = JointExampleSelector(n_chunks=4, seed=11)
-        glob = sel.select(learner=shard(learner), reference=shard(reference), group=dist.group.WORLD)
-        local = sel.select(learner=shard(learner), reference=shard(reference), group=dist.group.WORLD,
-                           return_local=True, step=0)
-        torch.save({"global": glob, "local": local}, f"{out_dir}/rank{rank}.pt")
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
+    g = torch.Generator().manual_seed(7)
+    learner, reference = model(100, 8, g, 10.0), model(100, 8, g, 10.0)
+    lo, hi = (0, 45) if rank == 0 else (45, 100)  # uneven shards
+    shard = lambda m: (m[0][lo:hi], m[1][lo:hi], m[2])  # noqa: E731
+    sel = JointExampleSelector(n_chunks=4, seed=11)
+    glob = sel.select(learner=shard(learner), reference=shard(reference), group=dist.group.WORLD)
+    local = sel.select(learner=shard(learner), reference=shard(reference), group=dist.group.WORLD,
+                       return_local=True, step=0)
+    return {"global": glob, "local": local}
 
 
 @pytest.mark.distributed
-def test_distributed_ranks_agree_with_single_process(tmp_path, gen):
-    import torch.multiprocessing as mp
+def test_distributed_ranks_agree_with_single_process(gen):
+    from tests.gloo import run_on_ranks
 
-    mp.spawn(_dist_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    res = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    res = run_on_ranks(_select_on_rank)
     assert torch.equal(res[0]["global"], res[1]["global"])
     g = torch.Generator().manual_seed(7)
     learner, reference = model(100, 8, g, 10.0), model(100, 8, g, 10.0)
