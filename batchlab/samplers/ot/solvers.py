@@ -237,39 +237,6 @@ def _fused_backend(C: torch.Tensor, backend: str) -> bool:
     return usable and (backend == "triton" or (backend == "auto" and C.device.type == "cuda"))
 
 
-#: Largest exponent magnitude the float64 Gibbs kernel may hold (exp(-600) ~ 1e-261).
-_GIBBS_MAX_EXPONENT = 600.0
-
-
-def gibbs_prices(C: torch.Tensor, eps: float, iters: int) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Sinkhorn potentials ``(f, g)`` after ``iters`` iterations, by matrix-vector scaling.
-
-    For pricing on the CPU: the kernel ``K_ij = exp(-(C_ij - min_k C_ik) / eps)`` is built
-    once in float64 (rows shifted so that each holds a 1), after which an iteration is two
-    BLAS matrix-vector products (``u = a / K v``, ``v = b / K.T u``): one pass over ``K``
-    per half-step instead of the log-domain step's seven over ``C``. ``eps`` is raised
-    where needed so that no exponent passes ``_GIBBS_MAX_EXPONENT``; prices only steer
-    the candidate edges, so this changes speed, never the certified optimum. Returns None
-    if the scaling still over- or underflows (the caller uses the log-domain solver).
-    """
-    row_min = C.amin(1, keepdim=True)
-    K = C.to(torch.float64, copy=True).sub_(row_min)  # never in place on a float64 C
-    spread = float(K.max()) if K.numel() else 0.0
-    eps = max(eps, spread / _GIBBS_MAX_EXPONENT, 1e-300)
-    K.mul_(-1.0 / eps).exp_()
-    n, m = C.shape
-    u = torch.full((n,), 1.0 / n, dtype=torch.float64)
-    v = torch.ones(m, dtype=torch.float64)
-    for _ in range(max(1, iters)):
-        u = (1.0 / n) / torch.mv(K, v)
-        v = (1.0 / m) / torch.mv(K.t(), u)
-    if not (torch.isfinite(u).all() and torch.isfinite(v).all() and (u > 0).all() and (v > 0).all()):
-        return None
-    f = eps * u.log() + row_min.squeeze(1).to(torch.float64)
-    g = eps * v.log()
-    return f.to(C.dtype), g.to(C.dtype)
-
-
 def plan_from_potentials(C: torch.Tensor, f: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
     """``P_ij = exp((f_i + g_j - C_ij) / eps)``, shape (n, m)."""
     return ((f[:, None] + g[None, :] - C) / eps).exp_()
@@ -548,13 +515,8 @@ def exact_assignment(
         return lsa_dense(C), info
     # Prices, not a converged plan: a few iterations at a moderate eps already undo
     # the "hub" columns; exactness comes from the certified sparse solve.
-    eps = reg * cost_scale(C)
-    prices = gibbs_prices(C, eps, price_iters) if C.device.type == "cpu" else None
-    if prices is None:
-        f, g, it, _ = sinkhorn_potentials(C, eps, max_iter=price_iters, tol=1e-2)
-    else:
-        f, g = prices
-        it = price_iters
+    # (backend "auto": the fused kernel on CUDA, mat-vec scaling on the CPU)
+    f, g, it, _ = sinkhorn_potentials(C, reg * cost_scale(C), max_iter=price_iters, tol=1e-2)
     score = (C - f[:, None]).sub_(g[None, :])
     perm, sinfo = sparse_assignment(C, score, k=k, verify=verify, use_score=True)
     info.update(sinfo, price_iterations=it)
