@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from batchlab.losses.triton._launch import interpreting, num_sms
+from batchlab.losses.triton._launch import interpreting, tile_shares
 
 # H100-friendly tiles (the losses' forward config); small ones in the interpreter so that
 # tests exercise several tiles and d chunks.
@@ -92,9 +92,7 @@ def neighbour_sum(a: torch.Tensor, b: torch.Tensor, r: torch.Tensor, *, precisio
     col_blocks = triton.cdiv(n, bn)
     n_tiles = triton.cdiv(m, bm)
     # enough programs for about four waves on the device, never more splits than row tiles
-    split = max(1, min(n_tiles, triton.cdiv(4 * num_sms(a.device), col_blocks * pairs)))
-    tiles_per_split = triton.cdiv(n_tiles, split)
-    split = triton.cdiv(n_tiles, tiles_per_split)
+    split, tiles_per_split = tile_shares(n_tiles, col_blocks * pairs, a.device, 4)
     out = torch.empty(pairs, split, n, device=a.device, dtype=torch.float32)
     prec = "ieee" if precision == "float32" else "tf32"
     _neighbour_kernel[(col_blocks, split, pairs)](

@@ -119,6 +119,16 @@ def _store_logit_grad(out_ptr, g, ginv, rows, cols, r0, stride_out, mask, TMA_OU
 
 
 @triton.jit
+def online_lse(m_i, l_i, x):
+    """Fold a (rows, cols) tile of base-2 exponents ``x`` into each row's running max and
+    sum of ``2^x``; returns ``(m_new, l_new, 2^(x - m_new))``. Rows start at
+    ``m = -1e30`` (finite, so that ``exp2(m_old - m_new)`` never sees ``-inf - -inf``)."""
+    m_new = tl.maximum(m_i, tl.max(x, 1))
+    p = tl.exp2(x - m_new[:, None])
+    return m_new, l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1), p
+
+
+@triton.jit
 def _fwd_tile(acc, rows, cols, m_i, l_i, s2, ref2, col_sum_ptr, tgt_ptr, N, M,
               COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr, TGT_ON_COLS: tl.constexpr,
               ONE_EXP: tl.constexpr):
@@ -126,9 +136,7 @@ def _fwd_tile(acc, rows, cols, m_i, l_i, s2, ref2, col_sum_ptr, tgt_ptr, N, M,
     l2 = acc * s2
     valid = _valid(rows, cols, N, M, tgt_ptr, EXCLUDE, HAS_TGT, TGT_ON_COLS)
     l2m = tl.where(valid, l2, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(l2m, 1))
-    p = tl.exp2(l2m - m_new[:, None])
-    l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(p, 1)
+    m_new, l_i, p = online_lse(m_i, l_i, l2m)
     if COLS:
         if ONE_EXP:  # 2^(l2 - ref2) = p * 2^(m_new - ref2): exact while p cannot underflow
             pc = p * tl.exp2(m_new - ref2)[:, None]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
+import triton
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -87,6 +89,14 @@ def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+def tile_shares(n_tiles: int, programs: int, device: torch.device, per_sm: int) -> tuple[int, int]:
+    """``(shares, tiles_per_share)``: cut a loop over ``n_tiles`` tiles into shares so that
+    ``programs * shares`` reaches ``per_sm`` programs per SM (no share left empty)."""
+    shares = max(1, min(n_tiles, math.ceil(per_sm * num_sms(device) / max(1, programs))))
+    per_share = triton.cdiv(n_tiles, shares)
+    return triton.cdiv(n_tiles, per_share), per_share
 
 
 def panel_rows(n: int, m: int, elem_bytes: int, block_rows: int, workspace_bytes: int | None) -> int:

@@ -33,10 +33,10 @@ from batchlab.losses.triton._launch import (
     config,
     gradients_from_panels,
     kernel_flags,
-    num_sms,
     operands,
     panel_output,
     panel_rows,
+    tile_shares,
 )
 
 #: Columns whose shifted sum falls below this are recomputed exactly: above it, the
@@ -79,9 +79,7 @@ def lse_forward(q, k, scale, targets, *, cols: bool, exclude: bool, targets_on_c
     row_blocks = triton.cdiv(n, bm)
     n_tiles = triton.cdiv(m, bn)
     # Split the columns into groups when there are too few row blocks to fill the GPU.
-    groups = max(1, min(n_tiles, math.ceil(4 * num_sms(q.device) / row_blocks)))
-    per_group = triton.cdiv(n_tiles, groups)
-    groups = triton.cdiv(n_tiles, per_group)
+    groups, per_group = tile_shares(n_tiles, row_blocks, q.device, 4)
     f32 = dict(device=q.device, dtype=torch.float32)
     row_m = torch.empty(groups, n, **f32)
     row_l = torch.empty(groups, n, **f32)
@@ -124,7 +122,6 @@ def lse_backward(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, excl
     cfg = config("bwd", q.dtype)
     bm, bn = cfg["BM"], cfg["BN"]
     cols_on = g_col is not None and col_lse2 is not None
-    f32 = dict(device=q.device, dtype=torch.float32)
     # G / gscale lies in [-1, 1], so it keeps its precision in bf16/fp16 at any batch size.
     g_row = g_row.float().contiguous()
     gscale = g_row.abs().max()

@@ -19,13 +19,12 @@ atomics, so the result does not depend on scheduling.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
-from batchlab.losses.triton._launch import LN2, LOG2E, interpreting, num_sms
+from batchlab.losses.triton._kernels import online_lse
+from batchlab.losses.triton._launch import LN2, LOG2E, interpreting, num_sms, tile_shares
 
 #: Elements per (BR, BC) tile on a GPU; BR shrinks with n so that every SM gets several
 #: programs without splitting the columns (one launch per half-step: at n = 4,096 the
@@ -70,9 +69,7 @@ def _partial_lse_kernel(c_ptr, pot_ptr, m_ptr, l_ptr, base_ptr, out_ptr, N, M, s
         c = tl.load(c_ptr + row_off[:, None] + cols[None, :], mask=rmask[:, None] & cmask[None, :], other=0.0)
         pot = tl.load(pot_ptr + cols, mask=cmask, other=0.0)
         x = tl.where(cmask[None, :], (pot[None, :] - c) * scale2, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(x, 1))
-        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(x - m_new[:, None]), 1)
-        m_i = m_new
+        m_i, l_i, _ = online_lse(m_i, l_i, x)
     if FINAL:
         base = tl.load(base_ptr + rows, mask=rmask, other=0.0)
         tl.store(out_ptr + rows, base + coef * (m_i + tl.log2(tl.where(rmask, l_i, 1.0))), mask=rmask)
@@ -116,12 +113,9 @@ class SoftminUpdate:
         self.C = C.contiguous()
         n, m = self.C.shape
         self.cfg = _config(n, C.device)
-        row_blocks = triton.cdiv(n, self.cfg["BR"])
-        n_tiles = triton.cdiv(m, self.cfg["BC"])
         # split the columns only when there are too few rows to keep every SM streaming
-        split = max(1, min(n_tiles, math.ceil(_PROGRAMS_PER_SM * num_sms(C.device) / row_blocks)))
-        self.per_split = triton.cdiv(n_tiles, split)
-        self.split = triton.cdiv(n_tiles, self.per_split)
+        self.split, self.per_split = tile_shares(triton.cdiv(m, self.cfg["BC"]), triton.cdiv(n, self.cfg["BR"]),
+                                                 C.device, _PROGRAMS_PER_SM)
         shares = self.split if self.split > 1 else 1  # unused when split == 1 (no null pointers)
         self.m_buf = torch.empty(shares, n, device=C.device, dtype=torch.float32)
         self.l_buf = torch.empty_like(self.m_buf)
