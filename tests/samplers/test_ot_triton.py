@@ -73,4 +73,5 @@ def test_backend_errors_are_clear():
 
 def test_auto_stays_on_torch_on_the_cpu():
     # the interpreter is for tests only: "auto" must not pick it
-    assert not solvers._fused_backend(torch.rand(3, 3), "auto")
+    assert solvers._resolve_backend(torch.rand(3, 3), "auto") == "scaling"
+    assert solvers._resolve_backend(torch.rand(3, 3), "triton") == "triton"

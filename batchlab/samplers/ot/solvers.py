@@ -144,15 +144,8 @@ def sinkhorn_potentials(
     tau = 1.0 if reg_m is None else reg_m / (reg_m + eps)
     # reference measure a (x) b: f = eps log a + tau * softmin (tau = 1: balanced)
     base_f, base_g = eps * log_a, eps * log_b
-    fused = _fused_backend(C, backend)
-    if not fused and backend in ("auto", "scaling") and C.device.type == "cpu":
-        from batchlab.samplers.ot._scaling import ScalingSteps
-
-        buf = torch.empty_like(C)
-        steps = ScalingSteps(C, eps, tau, base_f, base_g, f, g,
-                             lambda pot, dim: _softmin(C, pot, eps, dim, buf))
-        update_f, update_g = steps.update_f, steps.update_g
-    elif fused:
+    kind = _resolve_backend(C, backend)
+    if kind == "triton":
         from batchlab.samplers.ot._sinkhorn_triton import SoftminUpdate
 
         rows_step, cols_step = SoftminUpdate(C), SoftminUpdate(C.t().contiguous())
@@ -165,16 +158,26 @@ def sinkhorn_potentials(
     else:
         buf = torch.empty_like(C)
 
-        def update_f(g):
-            return base_f + tau * _softmin(C, g, eps, 1, buf)
+        def log_softmin(pot, dim):
+            return _softmin(C, pot, eps, dim, buf)
 
-        def update_g(f):
-            return base_g + tau * _softmin(C, f, eps, 0, buf)
+        if kind == "scaling":
+            from batchlab.samplers.ot._scaling import ScalingSteps
+
+            steps = ScalingSteps(C, eps, tau, base_f, base_g, f, g, log_softmin)
+            update_f, update_g = steps.update_f, steps.update_g
+        else:
+
+            def update_f(g):
+                return base_f + tau * log_softmin(g, 1)
+
+            def update_g(f):
+                return base_g + tau * log_softmin(f, 0)
     a_marg = log_a.exp()
     # The error is read every _CHECK_EVERY iterations (one host sync each); on CUDA with the
     # fused kernels, those blocks of iterations replay as one CUDA graph once compiled.
     graphed = None
-    use_graphs = (USE_CUDA_GRAPHS and fused and C.device.type == "cuda" and max_iter >= 3 * _CHECK_EVERY
+    use_graphs = (USE_CUDA_GRAPHS and kind == "triton" and C.device.type == "cuda" and max_iter >= 3 * _CHECK_EVERY
                   and C.numel() <= _GRAPH_MAX_ENTRIES)
     err = float("inf")
     it = 0
@@ -216,25 +219,29 @@ USE_CUDA_GRAPHS = True
 _GRAPH_MAX_ENTRIES = 8192 * 8192
 
 
-def _fused_backend(C: torch.Tensor, backend: str) -> bool:
-    """Whether ``backend`` resolves to the fused Triton half-step for this ``C``."""
+def _resolve_backend(C: torch.Tensor, backend: str) -> str:
+    """The half-step ``backend`` runs on for this ``C``: "triton", "scaling" or "torch"."""
     if backend not in SINKHORN_BACKENDS:
         raise BatchlabInputError(f"backend must be one of {SINKHORN_BACKENDS}, got {backend!r}")
-    if backend == "torch":
-        return False
-    try:
-        from batchlab.losses.triton import triton_available
-    except ImportError:
-        triton_available = None
-    usable = triton_available is not None and triton_available(C.device) and C.dtype == torch.float32
-    if backend == "triton" and not usable:
-        raise BatchlabInputError(
-            "backend='triton' needs Triton and a float32 cost matrix on a CUDA GPU (or the CPU under "
-            f"TRITON_INTERPRET=1); got {C.dtype} on {C.device}"
-        )
-    if backend == "scaling" and C.device.type != "cpu":
+    cpu = C.device.type == "cpu"
+    if backend == "scaling" and not cpu:
         raise BatchlabInputError(f"backend='scaling' runs on the CPU; C is on {C.device} (use 'auto')")
-    return usable and (backend == "triton" or (backend == "auto" and C.device.type == "cuda"))
+    if backend in ("triton", "auto") and not (backend == "auto" and cpu):
+        try:
+            from batchlab.losses.triton import triton_available
+        except ImportError:
+            triton_available = None
+        usable = triton_available is not None and triton_available(C.device) and C.dtype == torch.float32
+        if usable:
+            return "triton"
+        if backend == "triton":
+            raise BatchlabInputError(
+                "backend='triton' needs Triton and a float32 cost matrix on a CUDA GPU (or the CPU under "
+                f"TRITON_INTERPRET=1); got {C.dtype} on {C.device}"
+            )
+    if backend == "auto":  # the interpreter is for tests only: never picked by "auto" on the CPU
+        return "scaling" if cpu else "torch"
+    return backend
 
 
 def plan_from_potentials(C: torch.Tensor, f: torch.Tensor, g: torch.Tensor, eps: float) -> torch.Tensor:
