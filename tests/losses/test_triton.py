@@ -199,6 +199,31 @@ def test_symmetric_permuted_targets_and_pos_mask(gen):
             [q, k, torch.tensor(14.3)], torch.float32, gen)
 
 
+@pytest.mark.parametrize("options", [
+    dict(QRES=1), dict(QRES=1, TMA=1), dict(TPP=3), dict(TPP=2, QRES=1, TMA=1), dict(WS=1, TMA=1),
+    dict(WS=2, TMA=1), dict(FLAT=1), dict(WS=1, TMA=0),  # WS falls back to no WS without descriptors
+])
+def test_loop_options_give_the_same_losses(options, gen, monkeypatch):
+    """The speed-only launch options (q kept loaded, several column tiles per backward
+    program, warp specialisation, flattening) against float64: symmetric InfoNCE over
+    several gradient panels with d not a multiple of the d chunk, and DCL (excluded
+    positives inside the tile loop)."""
+    for key, value in options.items():
+        monkeypatch.setitem(_launch.INTERPRET_CONFIG, key, value)
+    n = m = 70  # 5 row blocks, 3 column tiles (the last partial), d = 2.5 chunks
+    d = 40
+    q, k = unit(n, d, gen, torch.bfloat16), unit(m, d, gen, torch.bfloat16)
+    targets = torch.randperm(m, generator=gen)
+
+    def fn(impl, q, k, s):
+        opts = {"workspace_bytes": 16 * m * 2} if impl == "triton" else {}
+        return info_nce(q, k, s, targets=targets, reduction="none", impl=impl, **opts)
+
+    compare(fn, [q, k, torch.tensor(14.3)], torch.bfloat16, gen, reduction="none")
+    compare(lambda impl, q, k, s: dcl(q, k, s, impl=impl), [q[:33], k[:33], torch.tensor(10.0)],
+            torch.float32, gen)
+
+
 @pytest.mark.parametrize("n,d", [(7, 16), (70, 40)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("reduction", ["mean", "none"])

@@ -37,42 +37,66 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _load_chunk(ptr, idx, d0, N, D, stride,
+                BD: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+    """Rows ``idx`` (consecutive) of a (N, D) operand, d columns [d0, d0 + BD), zeros past D.
+
+    ``TMA``: ``ptr`` is a tensor descriptor; the copy engine zero-fills rows and columns
+    past the end. Otherwise out-of-range rows repeat the last row (the caller masks them).
+    """
+    if TMA:
+        x = ptr.load([tl.min(idx, 0), d0])
+    else:
+        idx_c = tl.minimum(idx, N - 1)
+        dd = d0 + tl.arange(0, BD)
+        ptrs = ptr + idx_c[:, None].to(tl.int64) * stride + dd[None, :]
+        if EVEN_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=dd[None, :] < D, other=0.0)
+    if UPCAST:  # Triton's CPU interpreter computes bf16 dots wrongly; upcast there only
+        x = x.to(tl.float32)
+    return x
+
+
+@triton.jit
 def _tile_dot(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k,
               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-              EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
+              EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+              WS: tl.constexpr = False):
     """acc[BM, BN] = q[rows] @ k[cols].T in fp32 (out-of-range rows/cols hold junk; caller masks).
 
-    ``TMA``: q_ptr/k_ptr are tensor descriptors (blocks [BM, BD] and [BN, BD]); the copy
-    engine fills rows and d columns past the end with zeros.
+    ``TMA``: q_ptr/k_ptr are tensor descriptors (blocks [BM, BD] and [BN, BD]).
+    ``WS``: ask Triton to warp-specialise the d loop (producer warps issue the copies).
     """
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    if TMA:
-        row0 = tl.min(rows, 0)
-        col0 = tl.min(cols, 0)
-        for d0 in range(0, D, BD):
-            a = q_ptr.load([row0, d0])
-            b = k_ptr.load([col0, d0])
-            if UPCAST:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
-    else:
-        rows_c = tl.minimum(rows, N - 1)
-        cols_c = tl.minimum(cols, M - 1)
-        for d0 in range(0, D, BD):
-            dd = d0 + tl.arange(0, BD)
-            q_ptrs = q_ptr + rows_c[:, None].to(tl.int64) * stride_q + dd[None, :]
-            k_ptrs = k_ptr + cols_c[:, None].to(tl.int64) * stride_k + dd[None, :]
-            if EVEN_D:
-                a = tl.load(q_ptrs)
-                b = tl.load(k_ptrs)
-            else:
-                a = tl.load(q_ptrs, mask=dd[None, :] < D, other=0.0)
-                b = tl.load(k_ptrs, mask=dd[None, :] < D, other=0.0)
-            if UPCAST:  # Triton's CPU interpreter computes bf16 dots wrongly; upcast there only
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+    for d0 in tl.range(0, D, BD, warp_specialize=WS):
+        a = _load_chunk(q_ptr, rows, d0, N, D, stride_q, BD, EVEN_D, UPCAST, TMA)
+        b = _load_chunk(k_ptr, cols, d0, M, D, stride_k, BD, EVEN_D, UPCAST, TMA)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _resident_chunks(q_ptr, rows, N, D, stride_q, BD: tl.constexpr, D_CHUNKS: tl.constexpr,
+                     EVEN_D: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+    """The program's q rows as a tuple of ``D_CHUNKS`` (BM, BD) chunks, loaded once and
+    reused for every column tile (halves the bytes a tile reads at d >> BD)."""
+    qs = ()
+    for c in tl.static_range(D_CHUNKS):
+        qs = qs + (_load_chunk(q_ptr, rows, c * BD, N, D, stride_q, BD, EVEN_D, UPCAST, TMA),)
+    return qs
+
+
+@triton.jit
+def _resident_dot(qs, k_ptr, cols, M, D, stride_k,
+                  BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, D_CHUNKS: tl.constexpr,
+                  EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
+    """``_tile_dot`` with the q chunks already loaded (``_resident_chunks``)."""
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for c in tl.static_range(D_CHUNKS):
+        b = _load_chunk(k_ptr, cols, c * BD, M, D, stride_k, BD, EVEN_D, UPCAST, TMA)
+        acc = tl.dot(qs[c], tl.trans(b), acc, input_precision=PREC)
     return acc
 
 
@@ -153,7 +177,15 @@ def lse_fwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ref2,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                    COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr, TGT_ON_COLS: tl.constexpr,
                    ONE_EXP: tl.constexpr,
-                   EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
+                   EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+                   QRES: tl.constexpr = False, D_CHUNKS: tl.constexpr = 1, WS: tl.constexpr = 0,
+                   FLAT: tl.constexpr = False):
+    """Rows' online (max, sum) over a group of column tiles, and the columns' shifted sums.
+
+    Launch options (speed only): ``QRES`` keeps the program's q rows loaded across its
+    column tiles (``D_CHUNKS = cdiv(D, BD)``); ``WS`` = 1 warp-specialises the d loop,
+    2 the tile loop; ``FLAT`` lets Triton flatten the tile and d loops into one pipeline.
+    """
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
@@ -164,9 +196,15 @@ def lse_fwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ref2,
     n_tiles = tl.cdiv(M, BN)
     t_start = pid_g * tiles_per_group
     t_end = tl.minimum(t_start + tiles_per_group, n_tiles)
-    for t in range(t_start, t_end):
+    if QRES:
+        qs = _resident_chunks(q_ptr, rows, N, D, stride_q, BD, D_CHUNKS, EVEN_D, UPCAST, TMA)
+    for t in tl.range(t_start, t_end, flatten=FLAT, warp_specialize=WS == 2):
         cols = t * BN + tl.arange(0, BN)
-        acc = _tile_dot(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
+        if QRES:
+            acc = _resident_dot(qs, k_ptr, cols, M, D, stride_k, BM, BN, BD, D_CHUNKS, EVEN_D, UPCAST, PREC, TMA)
+        else:
+            acc = _tile_dot(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, BM, BN, BD,
+                            EVEN_D, UPCAST, PREC, TMA, WS == 1)
         m_i, l_i = _fwd_tile(acc, rows, cols, m_i, l_i, s2, ref2, col_sum_ptr, tgt_ptr, N, M,
                              COLS, EXCLUDE, HAS_TGT, TGT_ON_COLS, ONE_EXP)
     out = pid_g.to(tl.int64) * N + rows
@@ -181,34 +219,49 @@ def lse_bwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ginv_ptr,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                    COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr, ONE_EXP: tl.constexpr,
                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-                   TMA_OUT: tl.constexpr = False):
+                   TMA_OUT: tl.constexpr = False, TPP: tl.constexpr = 1,
+                   QRES: tl.constexpr = False, D_CHUNKS: tl.constexpr = 1, WS: tl.constexpr = 0):
     """Logit gradient of ``sum_i g_i row_lse_i + sum_j h_j col_lse_j`` for rows [r0, r1).
 
+    A program owns BM rows and ``TPP`` consecutive column tiles (with ``QRES`` its q rows
+    stay loaded across them; ``WS`` = 1 warp-specialises the d loop).
     The scale gradient is not summed here: ``sum G * (q . k) = sum_i q_i . (G @ k)_i``
     comes out of the gradient product for free (fewer live tiles in this kernel).
     """
-    rows, cols, rmask, cmask, acc = _panel_tile(q_ptr, k_ptr, r0, r1, M, D, stride_q, stride_k,
-                                                BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
+    rows = r0 + tl.program_id(0) * BM + tl.arange(0, BM)
+    rmask = rows < r1
     s2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
-    l2 = acc * s2
     lse_r = tl.load(row_lse2_ptr + rows, mask=rmask, other=0.0)
     g_r = tl.load(g_row_ptr + rows, mask=rmask, other=0.0)
-    p_r = tl.exp2(l2 - lse_r[:, None])
-    if COLS:
-        lse_c = tl.load(col_lse2_ptr + cols, mask=cmask, other=0.0)
-        g_c = tl.load(g_col_ptr + cols, mask=cmask, other=0.0)
-        if ONE_EXP:  # 2^(l2 - lse_c) = p_r 2^lse_r 2^-lse_c: exact while p_r cannot underflow
-            a = tl.exp2(lse_r)
-            b = g_c * tl.exp2(-lse_c)
-            g = p_r * (g_r[:, None] + a[:, None] * b[None, :])
+    ginv = tl.load(ginv_ptr)
+    if ONE_EXP:
+        a = tl.exp2(lse_r)
+    if QRES:
+        qs = _resident_chunks(q_ptr, rows, r1, D, stride_q, BD, D_CHUNKS, EVEN_D, UPCAST, TMA)
+    t0 = tl.program_id(1) * TPP
+    for t in range(t0, tl.minimum(t0 + TPP, tl.cdiv(M, BN))):
+        cols = t * BN + tl.arange(0, BN)
+        cmask = cols < M
+        if QRES:
+            acc = _resident_dot(qs, k_ptr, cols, M, D, stride_k, BM, BN, BD, D_CHUNKS, EVEN_D, UPCAST, PREC, TMA)
         else:
-            g = g_r[:, None] * p_r + g_c[None, :] * tl.exp2(l2 - lse_c[None, :])
-    else:
-        g = g_r[:, None] * p_r
-    if EXCLUDE:  # out-of-range entries are never stored; excluded positives must be zero
-        g = tl.where(_valid(rows, cols, r1, M, tgt_ptr, EXCLUDE, HAS_TGT, False), g, 0.0)
-    _store_logit_grad(out_ptr, g, tl.load(ginv_ptr), rows, cols, r0, stride_out, rmask[:, None] & cmask[None, :],
-                      TMA_OUT)
+            acc = _tile_dot(q_ptr, k_ptr, rows, cols, r1, M, D, stride_q, stride_k, BM, BN, BD,
+                            EVEN_D, UPCAST, PREC, TMA, WS == 1)
+        l2 = acc * s2
+        p_r = tl.exp2(l2 - lse_r[:, None])
+        if COLS:
+            lse_c = tl.load(col_lse2_ptr + cols, mask=cmask, other=0.0)
+            g_c = tl.load(g_col_ptr + cols, mask=cmask, other=0.0)
+            if ONE_EXP:  # 2^(l2 - lse_c) = p_r 2^lse_r 2^-lse_c: exact while p_r cannot underflow
+                b = g_c * tl.exp2(-lse_c)
+                g = p_r * (g_r[:, None] + a[:, None] * b[None, :])
+            else:
+                g = g_r[:, None] * p_r + g_c[None, :] * tl.exp2(l2 - lse_c[None, :])
+        else:
+            g = g_r[:, None] * p_r
+        if EXCLUDE:  # out-of-range entries are never stored; excluded positives must be zero
+            g = tl.where(_valid(rows, cols, r1, M, tgt_ptr, EXCLUDE, HAS_TGT, False), g, 0.0)
+        _store_logit_grad(out_ptr, g, ginv, rows, cols, r0, stride_out, rmask[:, None] & cmask[None, :], TMA_OUT)
 
 
 @triton.jit
