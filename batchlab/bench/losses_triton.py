@@ -233,29 +233,19 @@ SWEEP_CONFIGS = {
 # the panel-writing kernels again with their tiles stored through the copy engine (TMA loads too)
 for _kernel in ("bwd_kernel_only", "siglip"):
     SWEEP_CONFIGS[_kernel] += [dict(c, TMA_OUT=1) for c in SWEEP_CONFIGS[_kernel] if c["TMA"]]
-# loop options (TMA loads): q kept loaded across column tiles (QRES), tiles per backward
-# program (TPP), Triton's warp specialisation of the d loop (WS=1) or the tile loop (WS=2),
-# loop flattening (FLAT)
+# loop flattening (FLAT: the next tile's loads overlap this tile's epilogue) and, in the
+# backward, several column tiles per program (TPP) so that there is a loop to flatten
 _TMA = dict(BD=64, TMA=1)
-SWEEP_CONFIGS["fwd"] += [
-    dict(_TMA, BM=128, BN=128, num_warps=4, num_stages=3, WS=1),
-    dict(_TMA, BM=128, BN=128, num_warps=4, num_stages=3, WS=2),
-    dict(_TMA, BM=128, BN=128, num_warps=4, num_stages=3, FLAT=1),
-    *[dict(_TMA, BM=bm, BN=bn, num_warps=w, num_stages=st, QRES=1)
-      for bm, bn, w, st in ((128, 128, 4, 2), (128, 128, 4, 3), (128, 128, 8, 2), (128, 256, 8, 2),
-                            (64, 128, 4, 3), (64, 256, 4, 3))],
-]
-SWEEP_CONFIGS["bwd_kernel_only"] += [
-    dict(_TMA, BM=128, BN=256, num_warps=8, num_stages=3, WS=1),
-    dict(_TMA, BM=128, BN=256, num_warps=8, num_stages=3, TPP=4),
-    *[dict(_TMA, BM=bm, BN=bn, num_warps=w, num_stages=st, QRES=1, TPP=tpp)
-      for bm, bn, w, st, tpp in ((128, 128, 4, 2, 8), (128, 128, 8, 2, 8), (128, 256, 8, 2, 4),
-                                 (128, 256, 8, 2, 8), (64, 256, 4, 3, 8))],
-]
+SWEEP_CONFIGS["fwd"] += [dict(_TMA, BM=bm, BN=bn, num_warps=w, num_stages=st, FLAT=1)
+                         for bm, bn, w, st in ((128, 128, 4, 2), (128, 128, 4, 3), (128, 128, 4, 4),
+                                               (256, 128, 8, 3), (128, 256, 8, 3), (128, 128, 8, 3))]
+SWEEP_CONFIGS["bwd_kernel_only"] += [dict(_TMA, BM=bm, BN=bn, num_warps=w, num_stages=st, TPP=tpp, FLAT=flat)
+                                     for bm, bn, w, st in ((128, 128, 4, 3), (128, 256, 8, 3), (128, 128, 4, 4))
+                                     for tpp, flat in ((4, 0), (4, 1), (16, 1))]
 
 
 #: The keys of a tile config (shape, then the kernels' speed-only options).
-CONFIG_KEYS = ("BM", "BN", "BD", "num_warps", "num_stages", "TMA", "TMA_OUT", "TPP", "QRES", "WS", "FLAT")
+CONFIG_KEYS = ("BM", "BN", "BD", "num_warps", "num_stages", "TMA", "TMA_OUT", "TPP", "FLAT")
 
 
 def best_configs(sweep_rows: list[dict]) -> dict[str, dict[str, int]]:

@@ -62,41 +62,16 @@ def _load_chunk(ptr, idx, d0, N, D, stride,
 @triton.jit
 def _tile_dot(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k,
               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-              EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-              WS: tl.constexpr = False):
+              EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
     """acc[BM, BN] = q[rows] @ k[cols].T in fp32 (out-of-range rows/cols hold junk; caller masks).
 
     ``TMA``: q_ptr/k_ptr are tensor descriptors (blocks [BM, BD] and [BN, BD]).
-    ``WS``: ask Triton to warp-specialise the d loop (producer warps issue the copies).
     """
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for d0 in tl.range(0, D, BD, warp_specialize=WS):
+    for d0 in range(0, D, BD):
         a = _load_chunk(q_ptr, rows, d0, N, D, stride_q, BD, EVEN_D, UPCAST, TMA)
         b = _load_chunk(k_ptr, cols, d0, M, D, stride_k, BD, EVEN_D, UPCAST, TMA)
         acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
-    return acc
-
-
-@triton.jit
-def _resident_chunks(q_ptr, rows, N, D, stride_q, BD: tl.constexpr, D_CHUNKS: tl.constexpr,
-                     EVEN_D: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
-    """The program's q rows as a tuple of ``D_CHUNKS`` (BM, BD) chunks, loaded once and
-    reused for every column tile (halves the bytes a tile reads at d >> BD)."""
-    qs = ()
-    for c in tl.static_range(D_CHUNKS):
-        qs = qs + (_load_chunk(q_ptr, rows, c * BD, N, D, stride_q, BD, EVEN_D, UPCAST, TMA),)
-    return qs
-
-
-@triton.jit
-def _resident_dot(qs, k_ptr, cols, M, D, stride_k,
-                  BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, D_CHUNKS: tl.constexpr,
-                  EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
-    """``_tile_dot`` with the q chunks already loaded (``_resident_chunks``)."""
-    acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for c in tl.static_range(D_CHUNKS):
-        b = _load_chunk(k_ptr, cols, c * BD, M, D, stride_k, BD, EVEN_D, UPCAST, TMA)
-        acc = tl.dot(qs[c], tl.trans(b), acc, input_precision=PREC)
     return acc
 
 
@@ -178,13 +153,11 @@ def lse_fwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ref2,
                    COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr, TGT_ON_COLS: tl.constexpr,
                    ONE_EXP: tl.constexpr,
                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-                   QRES: tl.constexpr = False, D_CHUNKS: tl.constexpr = 1, WS: tl.constexpr = 0,
                    FLAT: tl.constexpr = False):
     """Rows' online (max, sum) over a group of column tiles, and the columns' shifted sums.
 
-    Launch options (speed only): ``QRES`` keeps the program's q rows loaded across its
-    column tiles (``D_CHUNKS = cdiv(D, BD)``); ``WS`` = 1 warp-specialises the d loop,
-    2 the tile loop; ``FLAT`` lets Triton flatten the tile and d loops into one pipeline.
+    ``FLAT`` (speed only) lets Triton flatten the tile and d loops into one software
+    pipeline, so the next tile's first chunks load while this tile's epilogue runs.
     """
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
@@ -196,15 +169,9 @@ def lse_fwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ref2,
     n_tiles = tl.cdiv(M, BN)
     t_start = pid_g * tiles_per_group
     t_end = tl.minimum(t_start + tiles_per_group, n_tiles)
-    if QRES:
-        qs = _resident_chunks(q_ptr, rows, N, D, stride_q, BD, D_CHUNKS, EVEN_D, UPCAST, TMA)
-    for t in tl.range(t_start, t_end, flatten=FLAT, warp_specialize=WS == 2):
+    for t in tl.range(t_start, t_end, flatten=FLAT):
         cols = t * BN + tl.arange(0, BN)
-        if QRES:
-            acc = _resident_dot(qs, k_ptr, cols, M, D, stride_k, BM, BN, BD, D_CHUNKS, EVEN_D, UPCAST, PREC, TMA)
-        else:
-            acc = _tile_dot(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, BM, BN, BD,
-                            EVEN_D, UPCAST, PREC, TMA, WS == 1)
+        acc = _tile_dot(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
         m_i, l_i = _fwd_tile(acc, rows, cols, m_i, l_i, s2, ref2, col_sum_ptr, tgt_ptr, N, M,
                              COLS, EXCLUDE, HAS_TGT, TGT_ON_COLS, ONE_EXP)
     out = pid_g.to(tl.int64) * N + rows
@@ -219,12 +186,11 @@ def lse_bwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ginv_ptr,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                    COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr, ONE_EXP: tl.constexpr,
                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-                   TMA_OUT: tl.constexpr = False, TPP: tl.constexpr = 1,
-                   QRES: tl.constexpr = False, D_CHUNKS: tl.constexpr = 1, WS: tl.constexpr = 0):
+                   TMA_OUT: tl.constexpr = False, TPP: tl.constexpr = 1, FLAT: tl.constexpr = False):
     """Logit gradient of ``sum_i g_i row_lse_i + sum_j h_j col_lse_j`` for rows [r0, r1).
 
-    A program owns BM rows and ``TPP`` consecutive column tiles (with ``QRES`` its q rows
-    stay loaded across them; ``WS`` = 1 warp-specialises the d loop).
+    A program owns BM rows and ``TPP`` consecutive column tiles (its row statistics are
+    loaded once); ``FLAT`` flattens the tile and d loops as in ``lse_fwd_kernel``.
     The scale gradient is not summed here: ``sum G * (q . k) = sum_i q_i . (G @ k)_i``
     comes out of the gradient product for free (fewer live tiles in this kernel).
     """
@@ -236,17 +202,11 @@ def lse_bwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ginv_ptr,
     ginv = tl.load(ginv_ptr)
     if ONE_EXP:
         a = tl.exp2(lse_r)
-    if QRES:
-        qs = _resident_chunks(q_ptr, rows, r1, D, stride_q, BD, D_CHUNKS, EVEN_D, UPCAST, TMA)
     t0 = tl.program_id(1) * TPP
-    for t in range(t0, tl.minimum(t0 + TPP, tl.cdiv(M, BN))):
+    for t in tl.range(t0, tl.minimum(t0 + TPP, tl.cdiv(M, BN)), flatten=FLAT):
         cols = t * BN + tl.arange(0, BN)
         cmask = cols < M
-        if QRES:
-            acc = _resident_dot(qs, k_ptr, cols, M, D, stride_k, BM, BN, BD, D_CHUNKS, EVEN_D, UPCAST, PREC, TMA)
-        else:
-            acc = _tile_dot(q_ptr, k_ptr, rows, cols, r1, M, D, stride_q, stride_k, BM, BN, BD,
-                            EVEN_D, UPCAST, PREC, TMA, WS == 1)
+        acc = _tile_dot(q_ptr, k_ptr, rows, cols, r1, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
         l2 = acc * s2
         p_r = tl.exp2(l2 - lse_r[:, None])
         if COLS:

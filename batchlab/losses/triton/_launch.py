@@ -35,9 +35,9 @@ INTERPRET_CONFIG = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, TMA=0)
 
 
 #: Speed-only options each kernel understands besides the tile shape (``_kernels`` says
-#: what they do): keeping q loaded (QRES), tiles per program (TPP), warp specialisation
-#: (WS), loop flattening (FLAT), tile stores through the copy engine (TMA_OUT).
-KERNEL_OPTIONS = {"fwd": ("QRES", "WS", "FLAT"), "bwd": ("TMA_OUT", "TPP", "QRES", "WS"), "siglip": ("TMA_OUT",)}
+#: what they do): loop flattening (FLAT), column tiles per program (TPP), tile stores
+#: through the copy engine (TMA_OUT).
+KERNEL_OPTIONS = {"fwd": ("FLAT",), "bwd": ("TMA_OUT", "TPP", "FLAT"), "siglip": ("TMA_OUT",)}
 _SHAPE_KEYS = ("BM", "BN", "BD", "num_warps", "num_stages", "TMA")
 
 
@@ -51,22 +51,16 @@ def config(kernel: str, dtype: torch.dtype) -> dict[str, int]:
     return cfg
 
 
-def operands(q: torch.Tensor, k: torch.Tensor, cfg: dict, d: int | None = None) -> tuple:
+def operands(q: torch.Tensor, k: torch.Tensor, cfg: dict) -> tuple:
     """``(q_arg, k_arg, cfg)``: tensor descriptors when ``cfg["TMA"]`` and the layout allows, else the tensors.
 
-    The copy engine needs 16-byte aligned rows and base addresses; otherwise TMA is switched
-    off, and warp specialisation (``WS``) with it (Triton's Hopper pass wants descriptor
-    loads). With ``QRES`` (q rows kept loaded), ``d`` sets the number of d chunks.
+    The copy engine needs 16-byte aligned rows and base addresses; otherwise TMA is switched off.
     """
     cfg = dict(cfg)
-    if cfg.get("QRES"):
-        cfg["D_CHUNKS"] = triton.cdiv(d, cfg["BD"])
     aligned = all(t.stride(1) == 1 and (t.stride(0) * t.element_size()) % 16 == 0 and t.data_ptr() % 16 == 0
                   for t in (q, k))
     if not (cfg.get("TMA") and aligned):
         cfg["TMA"] = 0
-        if cfg.get("WS"):
-            cfg["WS"] = 0
         return q, k, cfg
     from triton.tools.tensor_descriptor import TensorDescriptor
 

@@ -89,7 +89,7 @@ def lse_forward(q, k, scale, targets, *, cols: bool, exclude: bool, targets_on_c
     ref2 = bound * LOG2E - _HEADROOM2 if cols else 0.0
     scale32 = scale.detach().float().reshape(1).contiguous()
     tgt = targets if targets is not None else row_m  # unused pointer when there are no targets
-    q_arg, k_arg, cfg = operands(q, k, cfg, d)
+    q_arg, k_arg, cfg = operands(q, k, cfg)
     _kernels.lse_fwd_kernel[(row_blocks, groups)](
         q_arg, k_arg, tgt, scale32, ref2, row_m, row_l, col_sum,
         n, m, d, q.stride(0), k.stride(0), per_group,
@@ -136,7 +136,7 @@ def lse_backward(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, excl
     rows_per_panel = panel_rows(n, m, q.element_size(), bm, workspace_bytes)
     col_groups = triton.cdiv(triton.cdiv(m, bn), cfg.get("TPP", 1))
     dummy = ginv
-    q_arg, k_arg, cfg = operands(q, k, cfg, d)
+    q_arg, k_arg, cfg = operands(q, k, cfg)
 
     def fill(p, r0, r1, buf):
         out, tma_out = panel_output(buf, r1 - r0, cfg)
