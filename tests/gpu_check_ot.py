@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import torch
@@ -134,8 +135,9 @@ def main() -> int:
         for r in rows:
             print(r, flush=True)
         report += rows
-    if args.out:
-        with open(args.out, "w") as fh:
+    if args.out:  # a file, or a folder to write gpu_check_ot.json into
+        path = os.path.join(args.out, "gpu_check_ot.json") if os.path.isdir(args.out) else args.out
+        with open(path, "w") as fh:
             json.dump({"device": torch.cuda.get_device_name(), "rows": report, "ok": ok}, fh, indent=1)
     print("ALL OK" if ok else "FAILED")
     return 0 if ok else 1

@@ -20,12 +20,14 @@ def interpreting() -> bool:
 #: Tile configurations per kernel: block rows, block columns, d chunk, warps, pipeline
 #: stages, TMA (tensor-descriptor loads; off automatically when rows are not 16-byte
 #: aligned) and, for the kernels that write gradient panels, TMA_OUT (tile stores through
-#: the copy engine). Chosen by the sweep on one H100 (d=512, bf16, N=32,768):
-#: ``benchmarks/results/losses-triton-sweep-h100-80gb-hbm3-v3.json``. Edit at run time to
+#: the copy engine), and the loop options of KERNEL_OPTIONS. Chosen by the sweeps on one
+#: H100 (d=512, bf16, N=32,768): ``benchmarks/results/losses-triton-sweep-h100-80gb-hbm3-v3.json``
+#: (forward, siglip) and ``-v6.json`` (backward: 128x128 tiles and 4 warps won in v4, v5 and
+#: v6; TPP and FLAT measured within noise of it, so they stay off). Edit at run time to
 #: try others (the sweep does this; ``python -m batchlab.bench.losses_triton --sweep``).
 CONFIGS: dict[str, dict[str, int]] = {
     "fwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1),
-    "bwd": dict(BM=128, BN=256, BD=64, num_warps=8, num_stages=3, TMA=1, TMA_OUT=0),
+    "bwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1, TMA_OUT=0),
     "siglip": dict(BM=64, BN=128, BD=64, num_warps=4, num_stages=4, TMA=1, TMA_OUT=0),
 }
 #: fp32 inputs double the bytes per chunk: halve the d chunk.
