@@ -35,7 +35,8 @@ class Arm:
     model's own embeddings, refreshed every epoch (random batches in the first epoch).
     ``random_epochs``: random batches for that many first epochs, then the sampler's (a
     curriculum). ``init="lsa"``: token embeddings warm-started from an LSA of the training
-    split (see :func:`~batchlab.recipes.train_dual_encoder`).
+    split (see :func:`~batchlab.recipes.train_dual_encoder`). ``guide_margin``: GISTEmbed's
+    guided in-batch false-negative masking with the TF-IDF teacher as the guide.
     """
 
     name: str
@@ -45,6 +46,7 @@ class Arm:
     teacher: str = "tfidf"
     random_epochs: int = 0
     init: str | None = None
+    guide_margin: float | None = None
 
     def available(self) -> str | None:
         """``None`` when this installation has the sampler, else why not."""
@@ -79,6 +81,18 @@ ARMS = [
     # not in the default run: mined negatives the teacher scores above 95% of the positive dropped (NV-Retriever)
     Arm("hard-negative-64-fnf", "hard_negative", 64, {"relative_margin": 0.05}),
     Arm("hard-negative-64-lsa-fnf", "hard_negative", 64, {"relative_margin": 0.05}, init="lsa"),
+    # not in the default run: teacher neighbours from other modules only (same-module ones are often near-duplicates)
+    Arm("community-64-xmod", "community", 64, {"cross_group": True}),
+    Arm("hard-negative-64-xmod", "hard_negative", 64, {"cross_group": True}),
+    # not in the default run: half of every batch from the teacher, half uniformly random
+    Arm("community-64-mix", "community", 64, {"mix_random": 0.5}),
+    Arm("hard-negative-64-mix", "hard_negative", 64, {"mix_random": 0.5}),
+    Arm("community-64-xmod-mix", "community", 64, {"cross_group": True, "mix_random": 0.5}),
+    Arm("hard-negative-64-xmod-mix", "hard_negative", 64, {"cross_group": True, "mix_random": 0.5}),
+    # not in the default run: in-batch negatives the TF-IDF guide scores above 95% of the positive masked (GISTEmbed)
+    Arm("random-64-gist", "random", 64, guide_margin=0.05),
+    Arm("community-64-gist", "community", 64, guide_margin=0.05),
+    Arm("hard-negative-64-gist", "hard_negative", 64, guide_margin=0.05),
 ]
 DEFAULT_ARMS = ["random-64", "random-256", "community-64", "hard-negative-64"]
 
@@ -133,7 +147,9 @@ def _load(max_train: int | None, max_test: int | None, progress: bool) -> dict[s
         train_pairs = list(zip(train.queries, train.documents))[:max_train]
         test_pairs = list(zip(test.queries, test.documents))[:max_test]
         queries, documents = zip(*train_pairs)
-        _DATA.update(key=key, train=train_pairs, test=test_pairs, views=tfidf_views(queries, documents))
+        # the modules let arms with cross_group=True mine neighbours in other modules only
+        views = tfidf_views(queries, documents, groups=train.modules[: len(train_pairs)])
+        _DATA.update(key=key, train=train_pairs, test=test_pairs, views=views)
     return _DATA
 
 
@@ -164,9 +180,10 @@ def train_arm(arm: Arm, seed: int, settings: dict[str, Any], progress: bool = Fa
         sampler=sampler,
         sampler_options=options,
         batch_size=arm.batch_size,
-        teacher=teacher,
+        teacher=views if arm.guide_margin is not None and teacher is None else teacher,  # the guide
         random_epochs=arm.random_epochs,
         init=arm.init,
+        guide_margin=arm.guide_margin,
         config=settings["config"],
         epochs=settings["epochs"],
         lr=settings["lr"],
@@ -343,7 +360,8 @@ def run(args) -> int:
           f"job(s); load average {load} at start, {end_load} at the end")
 
     out = Path(args.out)
-    payload = {"settings": settings, "arms": [a.__dict__ for a in arms], "teacher_anchor": anchor,
+    payload = {"command": " ".join(["batchlab", *sys.argv[1:]]) if Path(sys.argv[0]).name == "batchlab" else None,
+               "settings": settings, "arms": [a.__dict__ for a in arms], "teacher_anchor": anchor,
                "runs": runs, "checks": verdicts, "total_seconds": total, "jobs": args.jobs, "load_average_at_start": load}
     path = write_results(out, "demo", json.loads(json.dumps(payload, default=str)))
     plot = _plot(out / "demo.png", runs, arms) if runs else None

@@ -77,14 +77,18 @@ class ContrastiveHead(torch.nn.Module):
     def scale(self) -> torch.Tensor:
         return self.log_scale.clamp(max=math.log(100.0)).exp()
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, neg_mask: Any = None) -> torch.Tensor:
+        """The loss of one batch; ``neg_mask`` (optional): keys removed from each query's denominator."""
+        if neg_mask is not None and (callable(self.loss) or self.loss == "siglip"):
+            raise BatchlabInputError("a negative mask (guide_margin) needs loss='info_nce' or 'dcl'")
         if callable(self.loss):
             return self.loss(q, k, self.scale())
         from batchlab import losses
 
         if self.loss == "siglip":
             return losses.siglip(q, k, self.scale(), self.bias, impl=self.impl)
-        return getattr(losses, self.loss)(q, k, self.scale(), impl=self.impl)
+        extra = {} if neg_mask is None else {"neg_mask": neg_mask}
+        return getattr(losses, self.loss)(q, k, self.scale(), impl=self.impl, **extra)
 
 
 def warmup_cosine(total_steps: int, warmup: int) -> Callable[[int], float]:
@@ -113,6 +117,7 @@ def train_loop(
     selector=None,
     reference: Callable[[torch.Tensor], tuple] | None = None,
     cache: tuple[Any, Callable[[torch.Tensor], tuple]] | None = None,
+    negative_mask: Callable[[torch.Tensor], Any] | None = None,
     eval_every: int = 1,
     out: str | Path | None = None,
     name: str = "run",
@@ -127,8 +132,12 @@ def train_loop(
     super-batch and ``reference(indices) -> (q, k, scale)`` gives the reference model's
     embeddings of it. With ``cache = (EmbeddingCache, inputs)``, where
     ``inputs(indices)`` gives each tower's raw inputs, the batch is encoded in chunks
-    with cached embedding gradients (GradCache) instead of in one pass.
+    with cached embedding gradients (GradCache) instead of in one pass. With
+    ``negative_mask(indices) -> neg_mask`` the loss leaves those (query, key) pairs of
+    the batch out of its denominators (guided false-negative masking).
     """
+    if negative_mask is not None and cache is not None:
+        raise BatchlabInputError("negative_mask does not work with the embedding cache yet; use one or the other")
     from tqdm.auto import tqdm
 
     params = [p for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad]
@@ -158,7 +167,7 @@ def train_loop(
             optimizer.zero_grad(set_to_none=True)
             if cache is None:
                 q, k = encode(indices)
-                loss = head(q, k)
+                loss = head(q, k, None if negative_mask is None else negative_mask(indices))
                 loss.backward()
             else:
                 embedding_cache, inputs = cache

@@ -93,6 +93,7 @@ def train_dual_encoder(
     random_epochs: int = 0,
     init: str | None = None,
     sampler_options: dict[str, Any] | None = None,
+    guide_margin: float | None = None,
     jest=None,
     embedding_cache: int | None = None,
     config: str = TINY_TEXT,
@@ -140,6 +141,13 @@ def train_dual_encoder(
         nothing from ``test``).
     sampler_options :
         Extra settings for a named sampler (``group_size``, ``rank_window``, ...).
+    guide_margin :
+        ``None`` (default) or a relative margin: GISTEmbed's guided in-batch false-negative
+        masking (Solatorio 2024, arXiv 2402.16829) with the teacher as the guide (TF-IDF
+        when ``teacher`` is ``"model"``): a key the guide scores above ``pos - guide_margin
+        * |pos|`` for a query (``pos``: its own document's score) leaves that query's
+        denominator (and the query leaves the key's, the loss being symmetric);
+        ``info_nce`` and ``dcl`` only.
     jest :
         Optional :class:`~batchlab.samplers.JointExampleSelector`; its reference model is
         the teacher (TF-IDF when ``teacher`` gives no query/document views), scored at
@@ -218,6 +226,19 @@ def train_dual_encoder(
         options=sampler_options,
     )
 
+    negative_mask = None
+    if guide_margin is not None:
+        from batchlab.samplers import guided_negative_mask
+
+        lexical = teacher is None or isinstance(teacher, str)  # "tfidf", "model" or None: the guide is TF-IDF
+        guide = views if views is not None and not (lexical and teacher == "model") else None
+        if guide is None:
+            guide = resolve_teacher("tfidf" if lexical else teacher, train_q, train_d, seed=seed)
+
+        def negative_mask(indices: torch.Tensor):
+            guide_q, guide_d = (t.to(device) for t in guide.rows(indices))
+            return guided_negative_mask(guide_q, guide_d, margin=float(guide_margin), strategy="relative")
+
     cache = None
     if embedding_cache is not None:
         from batchlab.losses import EmbeddingCache
@@ -241,6 +262,7 @@ def train_dual_encoder(
         selector=jest,
         reference=reference,
         cache=cache,
+        negative_mask=negative_mask,
         eval_every=eval_every,
         out=Path(out) if out is not None else None,
         name=name,

@@ -41,11 +41,18 @@ class RandomBatchSampler(GlobalBatchSampler):
 
 
 def hard_negative_ids(
-    teacher: TeacherViews, *, num_negatives: int = 8, range_min: int = 0, relative_margin: float | None = None
+    teacher: TeacherViews,
+    *,
+    num_negatives: int = 8,
+    range_min: int = 0,
+    relative_margin: float | None = None,
+    cross_group: bool = False,
 ) -> torch.Tensor:
     """``(N, num_negatives)``: for each query, the documents the teacher ranks highest after its own.
 
     The top ``range_min`` are skipped (likely near-duplicates, i.e. false negatives).
+    ``cross_group=True`` mines only documents of other groups (``teacher.groups``, e.g.
+    other modules: same-module neighbours are often near-duplicates).
     With ``relative_margin`` (NV-Retriever's TopK-PercPos, Moreira et al. 2024, arXiv
     2407.15831: 0.05 keeps negatives scoring at most 95% of the positive), candidates the
     teacher scores above ``pos - relative_margin * |pos|`` are dropped as likely false
@@ -54,10 +61,11 @@ def hard_negative_ids(
     it, and rows with too few survivors are padded with -1.
     """
     if relative_margin is None:
-        _, ids = teacher.neighbours(range_min + num_negatives, between="query_document")
+        _, ids = teacher.neighbours(range_min + num_negatives, between="query_document", cross_group=cross_group)
         return ids[:, range_min:]
-    depth = min(len(teacher) - 1, range_min + 10 * num_negatives)
-    scores, ids = teacher.neighbours(depth, between="query_document")
+    outside = len(teacher) - (int(torch.bincount(teacher.groups).max()) if cross_group and teacher.groups is not None else 1)
+    depth = min(outside, range_min + 10 * num_negatives)
+    scores, ids = teacher.neighbours(depth, between="query_document", cross_group=cross_group)
     positive = teacher.positive_scores().unsqueeze(1)
     keep = (scores <= positive - float(relative_margin) * positive.abs()) & (scores > 0)
     rank = keep.long().cumsum(dim=1) - 1  # rank among the survivors
@@ -92,7 +100,12 @@ def make_sampler(
         (2, 34), scaled down from B3's 32 and (30, 130) for a few thousand examples),
         ``cluster_size`` (cluster; default 8), ``num_negatives``, ``range_min``,
         ``relative_margin`` and ``max_neighbourhood_fraction`` (hard_negative; defaults 8,
-        0, None and 0.25; see :func:`hard_negative_ids`).
+        0, None and 0.25; see :func:`hard_negative_ids`). For community and hard_negative:
+        ``cross_group=True`` builds from the teacher's neighbours in other groups only
+        (``teacher.groups``, e.g. modules); ``mix_random`` (default 0) fills that share of
+        every batch with uniformly random examples and the rest from the named sampler
+        (:class:`~batchlab.samplers.mixed.MixedBatchSampler`; group sizes and the
+        neighbourhood cap keep their size in examples).
     """
     if name not in SAMPLERS:
         raise BatchlabInputError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
@@ -105,7 +118,20 @@ def make_sampler(
         return RandomBatchSampler(n, batch_size, seed=seed, drop_last=drop_last)
     if teacher is None:
         raise BatchlabInputError(f"the {name!r} sampler needs teacher embeddings; pass teacher='tfidf' or a tensor")
+    mix = float(options.pop("mix_random", 0.0) or 0.0)
+    if mix:
+        from batchlab.samplers.mixed import MixedBatchSampler, random_share
+
+        structured = batch_size - random_share(batch_size, mix)
+        if name == "hard_negative":  # the cap on one neighbourhood keeps its size in examples
+            fraction = options.get("max_neighbourhood_fraction", 0.25) * batch_size / structured
+            options["max_neighbourhood_fraction"] = min(1.0, fraction)
+        base = make_sampler(name, teacher, batch_size=structured, seed=seed, drop_last=True, **options)
+        return MixedBatchSampler(base, len(teacher), batch_size=batch_size, mix_random=mix, seed=seed, drop_last=drop_last)
+    cross_group = bool(options.get("cross_group", False))
     if name == "cluster":
+        if cross_group:
+            raise BatchlabInputError("cross_group applies to the community and hard_negative samplers, not to cluster")
         from batchlab.samplers import ClusterBatchSampler
 
         return ClusterBatchSampler(
@@ -122,14 +148,14 @@ def make_sampler(
             rank_window=window,
             seed=seed,
             drop_last=drop_last,
-            neighbours=teacher.neighbours(min(window[1], len(teacher) - 1)),
+            neighbours=teacher.neighbours(min(window[1], len(teacher) - 1), cross_group=cross_group),
         )
     from batchlab.samplers.hard_negatives import HardNegativeBatchSampler
 
     ids = options.get("negative_ids")
     if ids is None:
         ids = hard_negative_ids(teacher, num_negatives=options.get("num_negatives", 8), range_min=options.get("range_min", 0),
-                                relative_margin=options.get("relative_margin"))
+                                relative_margin=options.get("relative_margin"), cross_group=cross_group)
     return HardNegativeBatchSampler(
         ids, batch_size, max_neighbourhood_fraction=options.get("max_neighbourhood_fraction", 0.25), seed=seed, drop_last=drop_last
     )

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 
@@ -119,6 +119,9 @@ class TeacherViews:
         Exact (pairs, queries, documents) TF-IDF rows. When given, :meth:`neighbours`
         ranks with them instead of the dense (LSA) views, which lose much of TF-IDF's
         precision on code (on codesearch's test split recall@1 drops from 0.27 to 0.15).
+    groups : sequence of N labels, optional
+        A group per example (codesearch: its module). ``neighbours(..., cross_group=True)``
+        then ranks only examples of other groups.
     """
 
     def __init__(
@@ -128,27 +131,41 @@ class TeacherViews:
         documents: torch.Tensor | None = None,
         *,
         sparse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+        groups: Sequence[Any] | torch.Tensor | None = None,
     ):
         self.pairs = pairs
         self.queries = pairs if queries is None else queries
         self.documents = pairs if documents is None else documents
         self.sparse = sparse
+        self.groups = None if groups is None else _group_ids(groups, len(pairs))
 
     def __len__(self) -> int:
         return self.pairs.shape[0]
 
-    def neighbours(self, k: int, *, between: str = "pairs", block: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
+    def neighbours(
+        self, k: int, *, between: str = "pairs", block: int = 512, cross_group: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact top-``k`` ``(scores, ids)``, both ``(N, k)``, each row's own example excluded.
 
         ``between="pairs"`` ranks examples by their pair embeddings (B3's graph, clusters);
         ``"query_document"`` ranks every example's document for each query (hard negatives).
-        Blocked: memory stays ``block x N``.
+        ``cross_group=True`` ranks only examples whose group (see ``groups``) differs
+        from the row's own. Blocked: memory stays ``block x N``.
         """
         if between not in ("pairs", "query_document"):
             raise BatchlabInputError(f"between must be 'pairs' or 'query_document', got {between!r}")
         n = len(self)
         if not 0 < k < n:
             raise BatchlabInputError(f"k must be in [1, {n - 1}] (N - 1 other examples), got {k}")
+        if cross_group:
+            if self.groups is None:
+                raise BatchlabInputError("cross_group=True needs TeacherViews(..., groups=labels), one label per example")
+            largest = int(torch.bincount(self.groups).max())
+            if k > n - largest:
+                raise BatchlabInputError(
+                    f"cross_group=True: the largest group holds {largest} of {n} examples, so only {n - largest} "
+                    f"are sure to be outside a row's group; ask for k <= {n - largest}"
+                )
         side = 0 if between == "pairs" else 1
         if self.sparse is not None:
             rows, cols = self.sparse[side], self.sparse[0 if side == 0 else 2]
@@ -164,9 +181,19 @@ class TeacherViews:
             else:
                 scores = rows[idx].float() @ cols.float().T
             scores[torch.arange(len(idx)), idx] = float("-inf")  # never its own example
+            if cross_group:
+                scores[self.groups[idx].unsqueeze(1) == self.groups.unsqueeze(0)] = float("-inf")
             top = scores.topk(k, dim=1)
             scores_out[idx], ids_out[idx] = top.values, top.indices
         return scores_out, ids_out
+
+    def rows(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense ``(queries, documents)`` teacher rows of ``indices``, as :meth:`neighbours` scores them
+        (the exact TF-IDF rows when the views have them): a guide for false-negative masks."""
+        indices = torch.as_tensor(indices, dtype=torch.long).cpu()
+        if self.sparse is not None:
+            return self.sparse[1].index_select(0, indices).to_dense(), self.sparse[2].index_select(0, indices).to_dense()
+        return self.queries[indices], self.documents[indices]
 
     def positive_scores(self) -> torch.Tensor:
         """``(N,)``: each query's score with its own document, as :meth:`neighbours` scores them."""
@@ -175,11 +202,23 @@ class TeacherViews:
         return (self.queries.float() * self.documents.float()).sum(dim=1)
 
 
-def tfidf_views(queries: Sequence[str], documents: Sequence[str], *, dim: int = 256, seed: int = 0) -> TeacherViews:
+def _group_ids(groups: Sequence[Any] | torch.Tensor, n: int) -> torch.Tensor:
+    """``(N,)`` int64 ids, one per distinct label, in order of first appearance."""
+    if len(groups) != n:
+        raise BatchlabInputError(f"groups must hold one label per example ({n}), got {len(groups)}")
+    labels = groups.tolist() if isinstance(groups, torch.Tensor) else list(groups)
+    ids: dict[Any, int] = {}
+    return torch.tensor([ids.setdefault(label, len(ids)) for label in labels], dtype=torch.long)
+
+
+def tfidf_views(
+    queries: Sequence[str], documents: Sequence[str], *, dim: int = 256, seed: int = 0, groups: Sequence[Any] | None = None
+) -> TeacherViews:
     """Fit a :class:`TfidfTeacher` on both sides of the pairs and return its :class:`TeacherViews`.
 
     The dense views are the LSA embeddings; :meth:`TeacherViews.neighbours` ranks with
-    the exact sparse TF-IDF rows.
+    the exact sparse TF-IDF rows. ``groups``: one label per pair (e.g. its module), for
+    ``neighbours(..., cross_group=True)``.
 
     >>> views = tfidf_views(["parse a file", "draw a circle"], ["def parse(f):", "def circle(r):"], dim=2)
     >>> views.pairs.shape, views.queries.shape
@@ -192,4 +231,4 @@ def tfidf_views(queries: Sequence[str], documents: Sequence[str], *, dim: int = 
     sp = (sq + sd).coalesce()
     norms = torch.sparse.sum(sp * sp, dim=1).to_dense().sqrt().clamp_min(1e-12)
     sp = torch.sparse_coo_tensor(sp.indices(), sp.values() / norms[sp.indices()[0]], sp.shape, check_invariants=False).coalesce()
-    return TeacherViews(torch.nn.functional.normalize(q + d, dim=1), q, d, sparse=(sp, sq, sd))
+    return TeacherViews(torch.nn.functional.normalize(q + d, dim=1), q, d, sparse=(sp, sq, sd), groups=groups)

@@ -8,6 +8,7 @@ from batchlab.samplers.base import GlobalBatchSampler, ShardedBatchSampler
 from batchlab.samplers.clusters import ClusterBatchSampler, balanced_kmeans
 from batchlab.samplers.community_sampler import CommunityBatchSampler
 from batchlab.samplers.hard_negatives import HardNegativeBatchSampler
+from batchlab.samplers.mixed import MixedBatchSampler
 from batchlab.samplers.tas import TASBalancedBatchSampler
 from batchlab.samplers.jest import JESTSelection, JointExampleSelector
 from batchlab.samplers.reference_cache import ReferenceEmbeddingCache, model_hash
@@ -24,6 +25,7 @@ __all__ = [
     "balanced_kmeans",
     "TASBalancedBatchSampler",
     "HardNegativeBatchSampler",
+    "MixedBatchSampler",
     "JointExampleSelector",
     "JESTSelection",
     "ReferenceEmbeddingCache",
