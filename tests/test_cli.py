@@ -127,5 +127,28 @@ def test_demo_tiny(tmp_path, capsys):
     assert (tmp_path / "demo.png").exists()
 
 
+def test_demo_packages_reach_the_harvest(monkeypatch):
+    """``--packages`` goes to load_codesearch for both splits and keys the per-process data cache."""
+    import batchlab.datasets
+    from batchlab.commands import demo
+
+    calls = []
+    real = batchlab.datasets.load_codesearch
+
+    def spy(split, **kwargs):
+        calls.append((split, tuple(kwargs.get("packages", ()))))
+        return real(split, progress=False)
+
+    monkeypatch.setattr(batchlab.datasets, "load_codesearch", spy)
+    monkeypatch.setattr(demo, "_DATA", {})
+    data = demo._load(40, 20, False, ("ftfy",))
+    assert calls == [("train", ("ftfy",)), ("test", ("ftfy",))]
+    assert len(data["train"]) == 40 and len(data["test"]) == 20
+    demo._load(40, 20, False, ("ftfy",))
+    assert len(calls) == 2  # same settings: cached
+    demo._load(40, 20, False, ())
+    assert calls[-1] == ("test", ())  # other packages: loaded again
+
+
 def test_demo_bad_arm_exits_2(capsys):
     assert cli.main(["demo", "--arms", "no-such-arm"]) == EXIT_BAD_INPUT

@@ -124,6 +124,9 @@ def add_parser(subparsers) -> None:
                         "about 3x slower)")
     parser.add_argument("--max-train", type=int, default=None, help="use only the first N training pairs (quick runs)")
     parser.add_argument("--max-test", type=int, default=None, help="use only the first N test pairs (quick runs)")
+    parser.add_argument("--packages", nargs="+", default=[], metavar="PACKAGE",
+                        help="also harvest these installed packages into codesearch (e.g. numpy scipy torch: tens "
+                        "of thousands of pairs; the data then depends on the versions installed)")
     parser.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                         help="runs trained at once, one torch thread each (default: min(2, cores))")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
@@ -135,15 +138,15 @@ def add_parser(subparsers) -> None:
 _DATA: dict[str, Any] = {}
 
 
-def _load(max_train: int | None, max_test: int | None, progress: bool) -> dict[str, Any]:
+def _load(max_train: int | None, max_test: int | None, progress: bool, packages: tuple[str, ...] = ()) -> dict[str, Any]:
     """Data, tokens and the TF-IDF teacher (built once per process; deterministic)."""
-    key = (max_train, max_test)
+    key = (max_train, max_test, tuple(packages))
     if _DATA.get("key") != key:
         from batchlab.datasets import load_codesearch
         from batchlab.recipes.teachers import tfidf_views
 
-        train = load_codesearch("train", progress=progress)
-        test = load_codesearch("test", progress=progress)
+        train = load_codesearch("train", packages=packages, progress=progress)
+        test = load_codesearch("test", packages=packages, progress=progress)
         train_pairs = list(zip(train.queries, train.documents))[:max_train]
         test_pairs = list(zip(test.queries, test.documents))[:max_test]
         queries, documents = zip(*train_pairs)
@@ -153,18 +156,18 @@ def _load(max_train: int | None, max_test: int | None, progress: bool) -> dict[s
     return _DATA
 
 
-def _worker_init(max_train, max_test) -> None:
+def _worker_init(max_train, max_test, packages=()) -> None:
     import torch
 
     torch.set_num_threads(1)  # two 1-thread runs beat one 2-thread run on a shared 2-core box
-    _load(max_train, max_test, progress=False)
+    _load(max_train, max_test, progress=False, packages=packages)
 
 
 def train_arm(arm: Arm, seed: int, settings: dict[str, Any], progress: bool = False) -> dict[str, Any]:
     """Train one (arm, seed) and return its metrics, history and timings."""
     from batchlab.recipes import make_sampler, train_dual_encoder
 
-    data = _load(settings["max_train"], settings["max_test"], progress)
+    data = _load(settings["max_train"], settings["max_test"], progress, settings["packages"])
     start, cpu_start = time.perf_counter(), time.process_time()
     views = data["views"]
     options = {**settings["sampler_options"].get(arm.sampler, {}), **arm.options}
@@ -289,13 +292,14 @@ def run(args) -> int:
             arms.append(known[name])
     torch.set_num_threads(1)
     settings = {"epochs": args.epochs, "lr": args.lr, "impl": args.impl, "device": args.device, "config": args.config,
-                "max_train": args.max_train, "max_test": args.max_test,
+                "max_train": args.max_train, "max_test": args.max_test, "packages": tuple(args.packages),
                 "sampler_options": {"community": {"group_size": args.group_size, "rank_window": tuple(args.rank_window)},
                                     "hard_negative": {"num_negatives": args.negatives, "range_min": args.skip_top}}}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     start = time.perf_counter()
-    data = _load(args.max_train, args.max_test, args.progress)
+    data = _load(args.max_train, args.max_test, args.progress, tuple(args.packages))
     anchor = _teacher_anchor(data)
+    settings.update(train_pairs=len(data["train"]), test_pairs=len(data["test"]))
     print(f"codesearch: {len(data['train'])} training pairs, {len(data['test'])} test pairs (unseen modules); "
           f"{len(arms)} arms x {args.seeds} seeds x {args.epochs} epochs; load average at start {load}")
     tasks = [(arm, args.seed + s) for arm in arms for s in range(args.seeds)]
@@ -311,7 +315,7 @@ def run(args) -> int:
 
         context = multiprocessing.get_context("spawn")  # no fork after torch has started threads
         with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_worker_init,
-                                 initargs=(args.max_train, args.max_test)) as pool:
+                                 initargs=(args.max_train, args.max_test, tuple(args.packages))) as pool:
             futures = [pool.submit(train_arm, arm, seed, settings) for arm, seed in tasks]
             for future in as_completed(futures):
                 runs.append(future.result())
