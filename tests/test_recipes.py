@@ -91,6 +91,11 @@ def test_tfidf_neighbours_exact_and_deterministic():
     # query -> document ranks (own pair excluded) use the separate sides
     _, qd = views.neighbours(1, between="query_document")
     assert qd[0, 0] == 3
+    # cached per argument set: the same tensors again, equal to a fresh ranking; blocks of 2 rows agree
+    assert views.neighbours(2)[1] is ids
+    assert torch.equal(views.neighbours(2, block=2)[1], ids)
+    explicit = tfidf_views(TEXTS_Q, TEXTS_D, dim=3, device="cpu")
+    assert torch.equal(explicit.neighbours(1, between="query_document")[1], qd)
 
 
 def test_tfidf_bad_input():

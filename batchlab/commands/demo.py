@@ -138,9 +138,11 @@ def add_parser(subparsers) -> None:
 _DATA: dict[str, Any] = {}
 
 
-def _load(max_train: int | None, max_test: int | None, progress: bool, packages: tuple[str, ...] = ()) -> dict[str, Any]:
-    """Data, tokens and the TF-IDF teacher (built once per process; deterministic)."""
-    key = (max_train, max_test, tuple(packages))
+def _load(max_train: int | None, max_test: int | None, progress: bool, packages: tuple[str, ...] = (),
+          device: str = "cpu") -> dict[str, Any]:
+    """Data, tokens and the TF-IDF teacher (built once per process; deterministic; the
+    teacher's neighbours are ranked on ``device``)."""
+    key = (max_train, max_test, tuple(packages), device)
     if _DATA.get("key") != key:
         from batchlab.datasets import load_codesearch
         from batchlab.recipes.teachers import tfidf_views
@@ -151,23 +153,23 @@ def _load(max_train: int | None, max_test: int | None, progress: bool, packages:
         test_pairs = list(zip(test.queries, test.documents))[:max_test]
         queries, documents = zip(*train_pairs)
         # the modules let arms with cross_group=True mine neighbours in other modules only
-        views = tfidf_views(queries, documents, groups=train.modules[: len(train_pairs)])
+        views = tfidf_views(queries, documents, groups=train.modules[: len(train_pairs)], device=device)
         _DATA.update(key=key, train=train_pairs, test=test_pairs, views=views)
     return _DATA
 
 
-def _worker_init(max_train, max_test, packages=()) -> None:
+def _worker_init(max_train, max_test, packages=(), device="cpu") -> None:
     import torch
 
     torch.set_num_threads(1)  # two 1-thread runs beat one 2-thread run on a shared 2-core box
-    _load(max_train, max_test, progress=False, packages=packages)
+    _load(max_train, max_test, progress=False, packages=packages, device=device)
 
 
 def train_arm(arm: Arm, seed: int, settings: dict[str, Any], progress: bool = False) -> dict[str, Any]:
     """Train one (arm, seed) and return its metrics, history and timings."""
     from batchlab.recipes import make_sampler, train_dual_encoder
 
-    data = _load(settings["max_train"], settings["max_test"], progress, settings["packages"])
+    data = _load(settings["max_train"], settings["max_test"], progress, settings["packages"], settings["device"])
     start, cpu_start = time.perf_counter(), time.process_time()
     views = data["views"]
     options = {**settings["sampler_options"].get(arm.sampler, {}), **arm.options}
@@ -297,7 +299,7 @@ def run(args) -> int:
                                     "hard_negative": {"num_negatives": args.negatives, "range_min": args.skip_top}}}
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     start = time.perf_counter()
-    data = _load(args.max_train, args.max_test, args.progress, tuple(args.packages))
+    data = _load(args.max_train, args.max_test, args.progress, tuple(args.packages), args.device)
     anchor = _teacher_anchor(data)
     settings.update(train_pairs=len(data["train"]), test_pairs=len(data["test"]))
     print(f"codesearch: {len(data['train'])} training pairs, {len(data['test'])} test pairs (unseen modules); "
@@ -315,7 +317,7 @@ def run(args) -> int:
 
         context = multiprocessing.get_context("spawn")  # no fork after torch has started threads
         with ProcessPoolExecutor(args.jobs, mp_context=context, initializer=_worker_init,
-                                 initargs=(args.max_train, args.max_test, tuple(args.packages))) as pool:
+                                 initargs=(args.max_train, args.max_test, tuple(args.packages), args.device)) as pool:
             futures = [pool.submit(train_arm, arm, seed, settings) for arm, seed in tasks]
             for future in as_completed(futures):
                 runs.append(future.result())
