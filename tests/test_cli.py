@@ -150,5 +150,33 @@ def test_demo_packages_reach_the_harvest(monkeypatch):
     assert calls[-1] == ("test", ())  # other packages: loaded again
 
 
+def test_demo_claim_checks_pair_by_seed():
+    """Paired differences when the seeds match; the verdict follows 2 standard errors."""
+    from batchlab.commands.demo import ARMS, claim_checks
+
+    arms = {a.name: a for a in ARMS}
+
+    def runs(arm, values, seeds=None):
+        return [{"arm": arm, "seed": s, "metrics": {"recall@1": v}} for s, v in zip(seeds or range(len(values)), values)]
+
+    # seed effects dominate the spread, but the community arm is ahead on every seed by 0.01 +- 0.001
+    base = [0.10, 0.20, 0.15, 0.25]
+    data = (runs("random-64", base) + runs("random-256", [b - 0.05 for b in base])
+            + runs("community-64-self", [b + 0.01 + 0.001 * (i % 2) for i, b in enumerate(base)])
+            + runs("hard-negative-64", [b - 0.02 for b in base]))
+    got = {v["claim"]: v for v in claim_checks(data, [arms[n] for n in
+                                                      ("random-64", "random-256", "community-64-self", "hard-negative-64")])}
+    same = got["community batches (community-64-self) beat random batches of the same size"]
+    assert same["basis"] == "paired by seed" and same["verdict"] == "held" and same["wins"] == 4
+    assert abs(same["difference"] - 0.0105) < 1e-9
+    assert got["B3 claim: community batches (community-64-self) of 64 beat random batches of 256"]["verdict"] == "held"
+    hard = got["hard-negative batches (hard-negative-64) beat random batches of the same size"]
+    assert hard["verdict"] == "reversed" and hard["wins"] == 0
+    # unpaired (different seeds): the seed spread swamps the same 0.01
+    unpaired = claim_checks(runs("random-64", base) + runs("community-64-self", [b + 0.01 for b in base], seeds=[4, 5, 6, 7]),
+                            [arms["random-64"], arms["community-64-self"]])
+    assert unpaired[0]["basis"] == "unpaired" and unpaired[0]["verdict"] == "within seed noise"
+
+
 def test_demo_bad_arm_exits_2(capsys):
     assert cli.main(["demo", "--arms", "no-such-arm"]) == EXIT_BAD_INPUT
