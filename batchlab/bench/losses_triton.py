@@ -244,18 +244,17 @@ SWEEP_CONFIGS["bwd_kernel_only"] += [dict(_TMA, BM=bm, BN=bn, num_warps=w, num_s
                                      for tpp, flat in ((4, 0), (4, 1), (16, 1))]
 
 
-#: The keys of a tile config (shape, then the kernels' speed-only options).
-CONFIG_KEYS = ("BM", "BN", "BD", "num_warps", "num_stages", "TMA", "TMA_OUT", "TPP", "FLAT")
-
-
 def best_configs(sweep_rows: list[dict]) -> dict[str, dict[str, int]]:
     """The fastest config of each kernel in a sweep (the backward judged by its Triton kernel alone)."""
+    from batchlab.losses.triton import _launch
+
     judge = {"fwd": "fwd", "bwd_kernel_only": "bwd", "siglip": "siglip"}
     best: dict[str, tuple[float, dict]] = {}
     for r in sweep_rows:
         target = judge.get(r["kernel"])
         if target and r.get("ms") and (target not in best or r["ms"] < best[target][0]):
-            best[target] = (r["ms"], {key: r[key] for key in CONFIG_KEYS if key in r})
+            keys = (*_launch.SHAPE_KEYS, *_launch.KERNEL_OPTIONS[target])
+            best[target] = (r["ms"], {key: r[key] for key in keys if key in r})
     return {key: cfg for key, (_, cfg) in best.items()}
 
 

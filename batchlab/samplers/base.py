@@ -89,7 +89,14 @@ class GlobalBatchSampler(Sampler[list[int]]):
         Base seed; epoch ``e`` uses ``epoch_seed(seed, e)``.
     num_replicas, rank:
         Distributed split; default from ``torch.distributed`` when initialised, else 1 and 0.
+
+    Subclasses name in ``RESUME_SETTINGS`` the attributes that shape their plan: they go
+    into :meth:`state_dict`, and :meth:`load_state_dict` refuses a state saved with other
+    values.
     """
+
+    #: Attributes a saved state must match besides the seed, batch size and split.
+    RESUME_SETTINGS: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -161,7 +168,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         return len(self.global_batches())
 
     def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: epoch, batches yielded, seed, and the split."""
+        """Everything needed to resume exactly: epoch, batches yielded, seed, the split and ``RESUME_SETTINGS``."""
         return {
             "sampler": type(self).__name__,
             "epoch": self.epoch,
@@ -169,11 +176,12 @@ class GlobalBatchSampler(Sampler[list[int]]):
             "seed": self.seed,
             "batch_size": self.batch_size,
             "num_replicas": self.num_replicas,
+            **{key: getattr(self, key) for key in self.RESUME_SETTINGS},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Resume from :meth:`state_dict`; refuses a state from a different configuration."""
-        for key in ("sampler", "seed", "batch_size", "num_replicas"):
+        for key in ("sampler", "seed", "batch_size", "num_replicas", *self.RESUME_SETTINGS):
             mine = type(self).__name__ if key == "sampler" else getattr(self, key)
             if key in state and state[key] != mine:
                 raise BatchlabInputError(

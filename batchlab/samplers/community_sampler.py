@@ -338,19 +338,7 @@ class CommunityBatchSampler(GlobalBatchSampler):
         return torch.as_tensor(ids[picked.numpy()], dtype=torch.int64)
 
     # -- resumption ----------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state.update(group_size=self.group_size, num_examples=self.num_examples, num_groups=self.num_groups)
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("group_size", "num_examples", "num_groups"):
-            if key in state and state[key] != getattr(self, key):
-                raise BatchlabInputError(
-                    f"cannot resume: the saved state has {key}={state[key]!r} but this sampler has "
-                    f"{key}={getattr(self, key)!r}; rebuild the sampler from the same embeddings and settings"
-                )
-        super().load_state_dict(state)
+    RESUME_SETTINGS = ("group_size", "num_examples", "num_groups")
 
 
 def batch_similarity_stats(

@@ -190,21 +190,14 @@ class HardNegativeBatchSampler(GlobalBatchSampler):
             self._fingerprint = hashlib.sha1(np.ascontiguousarray(self._rows).tobytes()).hexdigest()[:16]
         return self._fingerprint
 
+    RESUME_SETTINGS = ("max_neighbourhood_fraction", "hops")
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["max_neighbourhood_fraction"] = self.max_neighbourhood_fraction
-        state["hops"] = self.hops
         state["negatives"] = self.negatives_fingerprint()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("max_neighbourhood_fraction", self.max_neighbourhood_fraction) != self.max_neighbourhood_fraction:
-            raise BatchlabInputError(
-                f"cannot resume: the saved state has max_neighbourhood_fraction={state['max_neighbourhood_fraction']} "
-                f"but this sampler has {self.max_neighbourhood_fraction}; build it with the saved settings"
-            )
-        if state.get("hops", self.hops) != self.hops:
-            raise BatchlabInputError(f"cannot resume: the saved state has hops={state['hops']} but this sampler has {self.hops}")
         if "negatives" in state and state["negatives"] != self.negatives_fingerprint():
             raise StaleArtifactError(
                 f"cannot resume: the saved state was built from other negative_ids (hash {state['negatives']}, "

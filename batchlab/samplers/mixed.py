@@ -93,19 +93,12 @@ class MixedBatchSampler(GlobalBatchSampler):
         batches += [rest[i : i + self.batch_size] for i in range(0, len(rest), self.batch_size)]
         return batches
 
+    RESUME_SETTINGS = ("mix_random",)
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
-        state["mix_random"] = self.mix_random
         state["base"] = self.base.state_dict()
         return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("mix_random", self.mix_random) != self.mix_random:
-            raise BatchlabInputError(
-                f"cannot resume: the saved state has mix_random={state['mix_random']} but this sampler has "
-                f"{self.mix_random}; build it with the saved settings"
-            )
-        super().load_state_dict(state)
 
 
 def random_share(batch_size: int, mix_random: float) -> int:

@@ -22,7 +22,6 @@ torch.Size([32])
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import torch
 
@@ -288,17 +287,4 @@ class TASBalancedBatchSampler(_ClusteredSampler):
             raise BatchlabInputError(f"batch holds query ids outside [0, {self.num_examples})")
         return self._pairs_cache[1][index]
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["n_clusters"] = self.n_clusters
-        state["clusters_per_batch"] = self.clusters_per_batch
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("n_clusters", "clusters_per_batch"):
-            if key in state and state[key] != getattr(self, key):
-                raise BatchlabInputError(
-                    f"cannot resume: the saved state has {key}={state[key]} but this sampler has "
-                    f"{getattr(self, key)}; build it with the saved settings"
-                )
-        super().load_state_dict(state)
+    RESUME_SETTINGS = ("n_clusters", "clusters_per_batch")

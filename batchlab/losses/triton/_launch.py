@@ -40,13 +40,13 @@ INTERPRET_CONFIG = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, TMA=0)
 #: what they do): loop flattening (FLAT), column tiles per program (TPP), tile stores
 #: through the copy engine (TMA_OUT).
 KERNEL_OPTIONS = {"fwd": ("FLAT",), "bwd": ("TMA_OUT", "TPP", "FLAT"), "siglip": ("TMA_OUT",)}
-_SHAPE_KEYS = ("BM", "BN", "BD", "num_warps", "num_stages", "TMA")
+SHAPE_KEYS = ("BM", "BN", "BD", "num_warps", "num_stages", "TMA")
 
 
 def config(kernel: str, dtype: torch.dtype) -> dict[str, int]:
     """Launch keywords for ``kernel`` ("fwd", "bwd" or "siglip") on inputs of ``dtype``."""
     cfg = dict(INTERPRET_CONFIG) if interpreting() else dict(CONFIGS[kernel])
-    cfg = {key: v for key, v in cfg.items() if key in _SHAPE_KEYS or key in KERNEL_OPTIONS[kernel]}
+    cfg = {key: v for key, v in cfg.items() if key in SHAPE_KEYS or key in KERNEL_OPTIONS[kernel]}
     cfg.setdefault("TMA", 0)
     if dtype == torch.float32 and not interpreting():
         cfg["BD"] = min(cfg["BD"], FP32_BD)
