@@ -4,7 +4,7 @@
 
 Every rank computes the loss and gradients of its shard; rank 0 gathers them and
 compares, element by element, with the single-process reference on the whole batch
-(the convention of batchlab.distributed). Exits non-zero on any mismatch or NaN.
+(the convention of batchlab.losses.distributed). Exits non-zero on any mismatch or NaN.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Distributed losses (gloo, 2 CPU processes) against the single-process reference.
 
-The convention checked (batchlab.distributed's docstring): the mean over ranks of the
+The convention checked (batchlab.losses.distributed's docstring): the mean over ranks of the
 returned loss is the global loss; each rank's embedding gradient is W times the global
 loss's gradient for its shard; the mean over ranks of the scale/bias gradient equals
 the single-process gradient. Shards are uneven (5 + 3) on purpose. Tolerance 1e-5
@@ -244,7 +244,7 @@ def test_ring_on_triton_kernels_matches_single_process():
 
 
 def _auto_choice_on_rank(rank, world):
-    from batchlab import distributed as bd
+    from batchlab.losses.distributed import strategies as bd
 
     chosen = []
     real = dict(bd._RING), dict(bd._ALLGATHER)

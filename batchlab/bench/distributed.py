@@ -90,7 +90,7 @@ def _time(fn, device, repeats):
 
 def _comm_only(q, k, device, repeats):
     """The ring's exchanges alone, in the order the ring makes them (forward, then backward)."""
-    from batchlab import distributed as bd
+    from batchlab.losses.distributed import strategies as bd
 
     sizes = bd.gather_sizes(q.shape[0], device)
     ring = bd._Ring(None, sizes)
@@ -112,7 +112,7 @@ def _comm_only(q, k, device, repeats):
 def _worker(rank, world, port, args, result_file):
     import torch.distributed as dist
 
-    from batchlab import distributed as bd
+    from batchlab.losses.distributed import strategies as bd
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     use_cuda = args.device == "cuda"

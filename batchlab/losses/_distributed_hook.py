@@ -2,7 +2,7 @@
 
 ``distributed="auto"`` means: use the default strategy when a process group with
 more than one rank is initialised, and the single-process path otherwise.
-The strategies live in ``batchlab.distributed`` (imported on first use).
+The strategies live in ``batchlab.losses.distributed`` (imported on first use).
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ def use_distributed(distributed: str, group) -> bool:
 
 
 def run_distributed(family: str, strategy: str, group, *args, **kwargs):
-    """Run ``family``'s loss with ``strategy`` over ``group`` (see ``batchlab.distributed``)."""
+    """Run ``family``'s loss with ``strategy`` over ``group`` (see ``batchlab.losses.distributed``)."""
     try:
-        module = importlib.import_module("batchlab.distributed")
+        module = importlib.import_module("batchlab.losses.distributed.strategies")
     except ImportError as exc:  # pragma: no cover - the module ships with batchlab
         raise BatchlabInputError(f"distributed losses are unavailable: {exc}") from exc
     return module.distributed_loss(family, strategy, group, *args, **kwargs)
