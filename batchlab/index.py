@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 KINDS = ("auto", "flat", "torch", "ivf", "ivf-gemm", "hnsw")
 METRICS = ("ip", "cosine")
 FORMAT_VERSION = 1
+ARTIFACT_KIND = "embedding-index"  # manifest kind of a saved index (batchlab._artifacts)
+_ARTIFACT_FILES = ("meta.json", "index.faiss", "ivfgemm.npz", "embeddings.npy")  # what an older save() wrote
 
 # Rows per block when converting / normalising / hashing / adding to faiss (bounded copies).
 _ROW_BLOCK = 65536
@@ -738,39 +740,59 @@ class EmbeddingIndex:
 
     def save(self, path: str | Path) -> Path:
         """Write the index to directory ``path``: ``meta.json`` (build params, content hash)
-        plus ``index.faiss`` for faiss kinds or ``embeddings.npy`` for the torch kind."""
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
+        plus ``index.faiss`` for faiss kinds, ``ivfgemm.npz`` for ``ivf-gemm`` or
+        ``embeddings.npy`` for the torch kind, and ``manifest.json`` (N, d, a hash of each file).
+
+        The directory is written beside ``path`` and swapped in whole (:mod:`batchlab._artifacts`):
+        a killed writer leaves the previous index intact, and no file of an older index survives.
+        """
+        from batchlab._artifacts import write_directory
+
+        n, d = (int(v) for v in self.embeddings.shape)
         meta = {"format_version": FORMAT_VERSION, "params": self.params(), "content_hash": self.content_hash, "info": self.info}
-        if self._faiss_index is not None:
-            _faiss().write_index(self._faiss_index, str(path / "index.faiss"))
-            meta["hnsw_l2"] = bool(getattr(self, "_hnsw_l2", False))
-        elif self.kind == "ivf-gemm":
-            assign = torch.empty(len(self), dtype=torch.int64, device=self._layout.perm.device)
-            for list_id in range(self.nlist):
-                assign[self._layout.ids(list_id)] = list_id
-            np.savez(path / "ivfgemm.npz", centroids=self._centroids.cpu().numpy(), assignment=assign.cpu().numpy())
-        else:
-            np.save(path / "embeddings.npy", self.embeddings.detach().cpu().float().numpy())
-        (path / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
-        return path
+        with write_directory(path, kind=ARTIFACT_KIND, n=n, d=d, owned=_ARTIFACT_FILES) as tmp:
+            if self._faiss_index is not None:
+                _faiss().write_index(self._faiss_index, str(tmp / "index.faiss"))
+                meta["hnsw_l2"] = bool(getattr(self, "_hnsw_l2", False))
+            elif self.kind == "ivf-gemm":
+                assign = torch.empty(len(self), dtype=torch.int64, device=self._layout.perm.device)
+                for list_id in range(self.nlist):
+                    assign[self._layout.ids(list_id)] = list_id
+                np.savez(tmp / "ivfgemm.npz", centroids=self._centroids.cpu().numpy(), assignment=assign.cpu().numpy())
+            else:
+                np.save(tmp / "embeddings.npy", self.embeddings.detach().cpu().float().numpy())
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2, default=str))
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path, embeddings: Any = None, *, progress: bool = True) -> "EmbeddingIndex":
         """Load an index written by :meth:`save`.
 
-        ``embeddings`` (optional) are the rows the index is meant to cover; their content
-        hash must equal the saved one, else :class:`StaleArtifactError`. Without them,
-        exact search and ``recall`` use the vectors stored with the index.
+        Every file is checked against the directory's manifest first (a swapped
+        ``embeddings.npy``, a truncated ``index.faiss``, a missing or extra file are a
+        :class:`StaleArtifactError`). ``embeddings`` (optional) are the rows the index is
+        meant to cover; their content hash must equal the saved one, else
+        :class:`StaleArtifactError`. Without them, exact search and ``recall`` use the
+        vectors stored with the index.
         """
+        from batchlab._artifacts import read_manifest, read_npz
+
         path = Path(path)
-        meta_file = path / "meta.json"
-        if not meta_file.exists():
+        rebuild = "rebuild it with EmbeddingIndex(embeddings, ...).save(path)"
+        if not (path / "meta.json").exists() and not (path / "manifest.json").exists():
             raise BatchlabInputError(f"{path} is not a saved EmbeddingIndex (no meta.json); write one with index.save(path)")
-        meta = json.loads(meta_file.read_text())
+        manifest = read_manifest(path, kind=ARTIFACT_KIND, what="saved EmbeddingIndex", rebuild=rebuild)
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+            p = meta["params"]
+            saved_hash = meta["content_hash"]
+            n, d = int(p["n"]), int(p["d"])
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            raise StaleArtifactError(f"{path}/meta.json is incomplete ({type(exc).__name__}: {exc}); {rebuild}") from exc
         if meta.get("format_version") != FORMAT_VERSION:
             raise StaleArtifactError(f"{path} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
-        p = meta["params"]
+        if (n, d) != (manifest["n"], manifest["d"]):
+            raise StaleArtifactError(f"{path}: meta.json says ({n}, {d}), the manifest ({manifest['n']}, {manifest['d']}); {rebuild}")
         self = cls.__new__(cls)
         self.metric, self.progress, self.seed = p["metric"], progress, p["seed"]
         self.hnsw_m, self.ef_search, self.auto_threshold = p["hnsw_m"], p["ef_search"], p["auto_threshold"]
@@ -782,25 +804,46 @@ class EmbeddingIndex:
         self._exact_cache = None
         if embeddings is not None:
             emb = as_tensor("embeddings", embeddings)
-            h = content_hash(emb)
-            if h != meta["content_hash"] or tuple(emb.shape) != (p["n"], p["d"]):
+            h = content_hash(emb) if tuple(emb.shape) == (n, d) else "(not computed: other shape)"
+            if h != saved_hash:
                 raise StaleArtifactError(
                     f"the embeddings given (shape {tuple(emb.shape)}) do not match the ones index {path} was built "
-                    f"from (shape ({p['n']}, {p['d']})); content hash {h} != {meta['content_hash']}. Rebuild the index"
+                    f"from (shape ({n}, {d})); content hash {h} != {saved_hash}. Rebuild the index"
                 )
         else:
             emb = None
-        if (path / "index.faiss").exists():
-            self._faiss_index = _faiss().read_index(str(path / "index.faiss"))
+        files = manifest["files"]
+        stored = {"index.faiss": self.kind in ("flat", "ivf", "hnsw"), "ivfgemm.npz": self.kind == "ivf-gemm",
+                  "embeddings.npy": self.kind not in ("flat", "ivf", "hnsw", "ivf-gemm")}
+        for name, wanted in stored.items():
+            if wanted != (name in files):
+                raise StaleArtifactError(f"{path}: a {self.kind} index {'needs' if wanted else 'has no'} {name}; {rebuild}")
+        if "index.faiss" in files:
+            try:
+                self._faiss_index = _faiss().read_index(str(path / "index.faiss"))
+            except RuntimeError as exc:  # hash-checked above, so only a foreign file written with its manifest
+                raise StaleArtifactError(f"{path}/index.faiss is not a faiss index ({exc}); {rebuild}") from exc
+            if (self._faiss_index.ntotal, self._faiss_index.d) != (n, d):
+                raise StaleArtifactError(
+                    f"{path}/index.faiss holds ({self._faiss_index.ntotal}, {self._faiss_index.d}) vectors, "
+                    f"expected ({n}, {d}); {rebuild}"
+                )
             self._hnsw_l2 = meta.get("hnsw_l2", False)
             if emb is None and self.kind != "ivf":  # flat and HNSW store their vectors
-                emb = torch.from_numpy(self._faiss_index.reconstruct_n(0, p["n"]))
-        elif (path / "ivfgemm.npz").exists():
-            with np.load(path / "ivfgemm.npz") as f:
-                self._centroids = torch.from_numpy(f["centroids"])
-                assignment = torch.from_numpy(f["assignment"])
+                emb = torch.from_numpy(self._faiss_index.reconstruct_n(0, n))
+        elif "ivfgemm.npz" in files:
+            arrays = read_npz(path / "ivfgemm.npz", ("centroids", "assignment"), what="ivf-gemm lists", rebuild=rebuild)
+            self._centroids = torch.from_numpy(arrays["centroids"])
+            assignment = torch.from_numpy(arrays["assignment"])
+            if (tuple(self._centroids.shape) != (self.nlist, d) or tuple(assignment.shape) != (n,)
+                    or int(assignment.min()) < 0 or int(assignment.max()) >= self.nlist):
+                raise StaleArtifactError(f"{path}/ivfgemm.npz does not fit a ({n}, {d}) index of {self.nlist} lists; {rebuild}")
         elif emb is None:
-            emb = torch.from_numpy(np.load(path / "embeddings.npy"))
+            from batchlab._artifacts import load_npy
+
+            emb = torch.from_numpy(load_npy(path / "embeddings.npy", what="embeddings array", rebuild=rebuild))
+            if tuple(emb.shape) != (n, d):  # its bytes were checked against the manifest above
+                raise StaleArtifactError(f"{path}/embeddings.npy has shape {tuple(emb.shape)}, expected ({n}, {d}); {rebuild}")
         if emb is None:
             raise BatchlabInputError(
                 f"index {path} ({self.kind}) does not keep the original vectors; pass embeddings= to load it"
@@ -813,7 +856,7 @@ class EmbeddingIndex:
         self.embeddings = emb
         self.device = emb.device
         self.block_bytes = (1 << 31) if self.device.type == "cuda" else (1 << 29)
-        self._hash = meta["content_hash"]
+        self._hash = saved_hash
         return self
 
     def __len__(self) -> int:

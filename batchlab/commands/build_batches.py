@@ -8,22 +8,26 @@ partition into groups of K -> summary. Writes to ``--out``:
 * ``window_ids.npy`` (with ``--save-window``): ``(N, m)`` rank-window neighbours, for B3++;
 * ``meta.json``: hyper-parameters, the teacher embeddings' content hash, N and d;
 * ``summary.json``: group sizes, modularity and edge cut, batch hardness against
-  random batches, and the time of each stage.
+  random batches, and the time of each stage;
+* ``manifest.json``: N, d and the size and hash of every file above.
 
-Load them with :meth:`batchlab.samplers.CommunityBatchSampler.from_artifacts`.
+The directory is written to a temporary sibling and swapped in whole when the build
+is complete (:mod:`batchlab._artifacts`): an interrupted build leaves the previous
+one intact, and a rebuild leaves no file of the old one behind. ``--out`` must be a
+new or empty directory or an earlier build.
+
+Load them with :meth:`batchlab.samplers.CommunityBatchSampler.from_artifacts`, which
+checks every file against the manifest.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-
-from batchlab.commands._common import add_common_arguments, add_subcommand
+from batchlab._argtypes import non_negative_int, positive_int
+from batchlab.commands._common import add_common_arguments, add_subcommand, load_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -43,11 +47,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--targets", default=None, metavar="PATH",
                         help="paired data: teacher embeddings of each row's positive target; each query then "
                         "ranks all targets but its own (B3's setting)")
-    parser.add_argument("--demo", type=int, default=None, metavar="N",
+    parser.add_argument("--demo", type=positive_int, default=None, metavar="N",
                         help="instead of a file, use N synthetic gaussian-mixture embeddings (d=64)")
-    parser.add_argument("--group-size", type=int, default=32, help="K, examples per group (default: 32, as B3)")
-    parser.add_argument("--batch-size", type=int, default=1024, help="|B| used for the hardness summary (default: 1024)")
-    parser.add_argument("--rank-window", type=int, nargs=2, default=(30, 130), metavar=("P", "STOP"),
+    parser.add_argument("--group-size", type=positive_int, default=32, help="K, examples per group (default: 32, as B3)")
+    parser.add_argument("--batch-size", type=positive_int, default=1024,
+                        help="|B| used for the hardness summary, a multiple of --group-size (default: 1024)")
+    parser.add_argument("--rank-window", type=non_negative_int, nargs=2, default=(30, 130), metavar=("P", "STOP"),
                         help="keep neighbour ranks P..STOP-1 (default: 30 130, B3's p=30, m=100)")
     parser.add_argument("--method", default="metis", choices=["metis", "louvain", "leiden"],
                         help="partition (default: metis, as B3)")
@@ -61,57 +66,58 @@ def add_parser(subparsers) -> None:
     parser.set_defaults(func=run)
 
 
-def load_embeddings(path: str | Path) -> torch.Tensor:
-    """``(N, d)`` float embeddings from a ``.npy`` file or a ``.pt`` tensor (or dict with ``"embeddings"``)."""
-    from batchlab.errors import BatchlabInputError
+def load_embeddings(path: str | Path, flag: str = "embeddings"):
+    """``(N, d)`` float32 torch embeddings from a ``.npy`` file or a ``.pt`` tensor (or dict with ``"embeddings"``)."""
+    import numpy as np
+    import torch
 
-    path = Path(path)
-    if not path.exists():
-        raise BatchlabInputError(f"embeddings file {path} does not exist")
-    if path.suffix == ".npy":
-        return torch.from_numpy(np.load(path, mmap_mode="r").astype(np.float32, copy=False))
-    if path.suffix in (".pt", ".pth"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-        obj = obj.get("embeddings") if isinstance(obj, dict) else obj
-        if isinstance(obj, torch.Tensor):
-            return obj.float()
-    raise BatchlabInputError(
-        f"cannot read embeddings from {path}: expected a .npy array or a .pt file holding a (N, d) tensor "
-        "(or a dict with key 'embeddings')"
-    )
+    x = load_matrix(path, flag, torch_files=True)
+    return torch.from_numpy(np.asarray(x, dtype=np.float32)) if isinstance(x, np.ndarray) else x.float()
 
 
 def run(args) -> int:
+    import numpy as np
+    import torch
     from tqdm.auto import tqdm
 
+    from batchlab._artifacts import check_writable_directory
     from batchlab.errors import BatchlabInputError
     from batchlab.index import content_hash
     from batchlab.samplers import CommunityBatchSampler
-    from batchlab.samplers.communities import partition_graph, partition_quality
+    from batchlab.samplers.communities import ARTIFACT_FILES, ARTIFACT_KIND, partition_graph, partition_quality, save_artifacts
     from batchlab.samplers.community_sampler import batch_similarity_stats
     from batchlab.samplers.graph import clamp_window, rank_neighbours, rank_window_graph
 
-    import scipy.sparse as sp
-
     if (args.embeddings is None) == (args.demo is None):
         raise BatchlabInputError("give either an embeddings file or --demo N (not both, not neither)")
+    if args.rank_window[0] >= args.rank_window[1]:
+        raise BatchlabInputError(f"--rank-window P STOP needs P < STOP, got {args.rank_window[0]} {args.rank_window[1]}")
+    if args.batch_size < args.group_size:
+        raise BatchlabInputError(
+            f"--batch-size {args.batch_size} is smaller than --group-size {args.group_size}: a batch is whole groups; "
+            f"use a multiple of {args.group_size}, e.g. {args.group_size * max(1, 1024 // args.group_size)}"
+        )
+    out = check_writable_directory(args.out, kind=ARTIFACT_KIND, owned=ARTIFACT_FILES)  # fail before the work
     if args.demo is not None:
         from batchlab.datasets.synthetic import gaussian_mixture
 
         x, _ = gaussian_mixture(args.demo, 64, max(2, args.demo // 200), sigma=1.0, seed=args.seed)
     else:
         x = load_embeddings(args.embeddings)
+    targets = load_embeddings(args.targets, "--targets") if args.targets else None
+    if targets is not None and targets.shape != x.shape:
+        raise BatchlabInputError(f"--targets has shape {tuple(targets.shape)}, expected {tuple(x.shape)} (one per row)")
     x = x.to(args.device)
+    targets = targets.to(args.device) if targets is not None else None
     n, d = x.shape
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if args.group_size > n:
+        raise BatchlabInputError(f"--group-size {args.group_size} is larger than the number of examples N={n}")
     timings: dict[str, float] = {}
     stages = tqdm(total=4, desc="build-batches", disable=not args.progress)
 
     stages.set_postfix_str("kNN")
     t = time.perf_counter()
     start, stop = clamp_window(tuple(args.rank_window), n)
-    targets = load_embeddings(args.targets).to(args.device) if args.targets else None
     scores, ids = rank_neighbours(
         x, stop, targets=targets, kind=args.index_kind, progress=args.progress, seed=args.seed
     )
@@ -121,9 +127,9 @@ def run(args) -> int:
     stages.set_postfix_str("graph")
     t = time.perf_counter()
     graph = rank_window_graph(ids, scores, window=(start, stop), weights=args.weights, num_nodes=n)
-    sp.save_npz(out / "graph.npz", graph)
+    window_ids = None
     if args.save_window:
-        np.save(out / "window_ids.npy", ids[:, start:stop].cpu().numpy().astype(np.int32 if n < 2**31 else np.int64))
+        window_ids = ids[:, start:stop].cpu().numpy().astype(np.int32 if n < 2**31 else np.int64)
     timings["graph_s"] = time.perf_counter() - t
     stages.update()
 
@@ -131,13 +137,15 @@ def run(args) -> int:
     t = time.perf_counter()
     groups = partition_graph(graph, args.group_size, method=args.method, backend=args.backend, seed=args.seed,
                              exact=True)  # groups of exactly K (+ one remainder): whole groups per batch
-    np.save(out / "groups.npy", groups)
     timings["partition_s"] = time.perf_counter() - t
     stages.update()
 
     stages.set_postfix_str("summary")
     t = time.perf_counter()
-    batch_size = args.batch_size - args.batch_size % args.group_size or args.group_size
+    batch_size = args.batch_size - args.batch_size % args.group_size
+    if batch_size != args.batch_size:
+        logger.warning("--batch-size %d is not a multiple of --group-size %d; the summary uses %d",
+                       args.batch_size, args.group_size, batch_size)
     sampler = CommunityBatchSampler(None, batch_size, group_size=args.group_size, groups=groups, seed=args.seed)
     generator = torch.Generator().manual_seed(args.seed)
     random_order = torch.randperm(n, generator=generator).tolist()
@@ -182,8 +190,8 @@ def run(args) -> int:
     timings["summary_s"] = time.perf_counter() - t
     stages.update()
     stages.close()
-    (out / "meta.json").write_text(json.dumps(meta, indent=2))
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    # one atomic write of every file: a kill before this line leaves the previous build untouched
+    save_artifacts(out, groups=groups, meta=meta, summary=summary, graph=graph, window_ids=window_ids)
     print(
         f"{n} examples -> {sizes.size} groups of {sizes.min()}..{sizes.max()} ({args.method}); "
         f"modularity {summary['quality']['modularity']:.3f}, cut fraction {summary['quality']['cut_fraction']:.3f}; "

@@ -40,6 +40,7 @@ import logging
 import random
 import time
 import warnings
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -523,3 +524,129 @@ def adjusted_rand_index(labels_true: np.ndarray, labels_pred: np.ndarray) -> flo
     expected = sum_a * sum_b / (n * (n - 1) / 2) if n > 1 else 0.0
     best = (sum_a + sum_b) / 2
     return 1.0 if best == expected else (sum_joint - expected) / (best - expected)
+
+
+# -- build-batches artifacts ---------------------------------------------------
+ARTIFACT_KIND = "b3-batches"
+# Every file a build directory has ever held: a manifest-less directory of only these
+# (an older build, or one an interrupted writer left) may be replaced by a new build.
+ARTIFACT_FILES = ("graph.npz", "groups.npy", "window_ids.npy", "meta.json", "summary.json")
+_REBUILD = "rebuild the directory with `batchlab build-batches`"
+
+
+def save_artifacts(
+    directory: str | Path,
+    *,
+    groups: np.ndarray,
+    meta: dict[str, Any],
+    summary: dict[str, Any] | None = None,
+    graph: Any = None,
+    window_ids: np.ndarray | None = None,
+) -> Path:
+    """Write a ``build-batches`` directory atomically (see :mod:`batchlab._artifacts`).
+
+    Files: ``groups.npy`` ``(N,)`` int64; ``meta.json`` (``meta``, which must hold
+    ``n``, ``d``, ``group_size``, ``rank_window`` and ``teacher_hash``); and, when given,
+    ``graph.npz`` (CSR), ``window_ids.npy`` ``(N, m)`` and ``summary.json``; plus
+    ``manifest.json`` with N, d and the hash of each file. The whole directory is
+    replaced: a file of an older build that this one does not write is gone.
+
+    >>> import tempfile, pathlib
+    >>> d = pathlib.Path(tempfile.mkdtemp()) / "b3"
+    >>> meta = {"n": 4, "d": 2, "group_size": 2, "rank_window": [0, 2], "method": "metis", "teacher_hash": "x"}
+    >>> _ = save_artifacts(d, groups=np.array([0, 0, 1, 1]), meta=meta)
+    >>> load_artifacts(d)[1].tolist()
+    [0, 0, 1, 1]
+    """
+    import json
+
+    import scipy.sparse as sp
+
+    from batchlab._artifacts import write_directory
+
+    n = int(meta["n"])
+    with write_directory(directory, kind=ARTIFACT_KIND, n=n, d=meta.get("d"), owned=ARTIFACT_FILES) as tmp:
+        np.save(tmp / "groups.npy", np.asarray(groups, dtype=np.int64))
+        if graph is not None:
+            sp.save_npz(tmp / "graph.npz", graph)
+        if window_ids is not None:
+            np.save(tmp / "window_ids.npy", window_ids)
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        if summary is not None:
+            (tmp / "summary.json").write_text(json.dumps(summary, indent=2))
+    return Path(directory)
+
+
+def _check_ids(name: str, ids: np.ndarray, n: int, path: Any, *, allow_missing: bool) -> None:
+    """Integer ids in ``[0, n)`` (``-1`` allowed as padding when ``allow_missing``), else StaleArtifactError."""
+    from batchlab.errors import StaleArtifactError
+
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise StaleArtifactError(f"{path}: {name} must hold integer ids, got dtype {ids.dtype}; {_REBUILD}")
+    if ids.size:
+        low, high = int(ids.min()), int(ids.max())
+        if low < (-1 if allow_missing else 0) or high >= n:
+            raise StaleArtifactError(
+                f"{path}: {name} holds ids in [{low}, {high}], outside [{'-1' if allow_missing else '0'}, {n}) for "
+                f"N={n} examples; {_REBUILD}"
+            )
+
+
+def load_artifacts(directory: str | Path, *, embeddings: Any = None) -> tuple[dict[str, Any], np.ndarray, np.ndarray | None]:
+    """Read and check a ``build-batches`` directory: ``(meta, groups (N,), window_ids (N, m) or None)``.
+
+    Refused with :class:`~batchlab.errors.StaleArtifactError` when any file is missing,
+    extra, truncated or changed (manifest hashes), when ``groups`` / ``window_ids`` do
+    not have ``N`` rows or hold ids outside ``[0, N)`` (window padding ``-1`` allowed),
+    and, given ``embeddings``, when they are not the teacher embeddings the directory
+    was built from (shape, then content hash).
+    """
+    import json
+
+    from batchlab._artifacts import load_npy, read_manifest
+    from batchlab.errors import StaleArtifactError
+
+    directory = Path(directory)
+    manifest = read_manifest(directory, kind=ARTIFACT_KIND, what="build-batches directory", rebuild=_REBUILD)
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        n, group_size, (start, stop) = int(meta["n"]), int(meta["group_size"]), map(int, meta["rank_window"])
+        teacher = meta["teacher_hash"]
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise StaleArtifactError(f"{directory}/meta.json is incomplete ({type(exc).__name__}: {exc}); {_REBUILD}") from exc
+    if n != manifest["n"] or meta.get("d") != manifest["d"]:
+        raise StaleArtifactError(
+            f"{directory}: meta.json says N={n}, d={meta.get('d')} but the manifest N={manifest['n']}, "
+            f"d={manifest['d']}; {_REBUILD}"
+        )
+    if embeddings is not None:
+        from batchlab.index import as_tensor, content_hash
+
+        x = as_tensor("embeddings", embeddings)
+        if tuple(x.shape) != (n, meta.get("d")):
+            raise StaleArtifactError(
+                f"the artifacts in {directory} were built from ({n}, {meta.get('d')}) teacher embeddings, but these "
+                f"have shape {tuple(x.shape)}; pass the embeddings they were built from, or {_REBUILD}"
+            )
+        actual = content_hash(x)
+        if actual != teacher:
+            raise StaleArtifactError(
+                f"the artifacts in {directory} were built from embeddings with hash {teacher}, "
+                f"but these embeddings hash to {actual}; {_REBUILD}"
+            )
+    groups = load_npy(directory / "groups.npy", what="groups array", rebuild=_REBUILD)
+    if groups.shape != (n,):
+        raise StaleArtifactError(f"{directory}/groups.npy has shape {groups.shape}, expected ({n},); {_REBUILD}")
+    _check_ids("groups.npy", groups, n, directory, allow_missing=False)
+    if group_size < 1 or group_size > n:
+        raise StaleArtifactError(f"{directory}/meta.json: group_size={group_size} for N={n}; {_REBUILD}")
+    window = None
+    if "window_ids.npy" in manifest["files"]:
+        window = load_npy(directory / "window_ids.npy", what="window ids array", rebuild=_REBUILD)
+        if window.ndim != 2 or window.shape[0] != n or window.shape[1] > max(0, stop - start):
+            raise StaleArtifactError(
+                f"{directory}/window_ids.npy has shape {window.shape}, expected ({n}, <= {stop - start}) for rank "
+                f"window [{start}, {stop}); {_REBUILD}"
+            )
+        _check_ids("window_ids.npy", window, n, directory, allow_missing=True)
+    return meta, groups.astype(np.int64, copy=False), window

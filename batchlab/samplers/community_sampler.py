@@ -172,6 +172,8 @@ class CommunityBatchSampler(GlobalBatchSampler):
             )
         if self.group_size > groups.size:
             raise BatchlabInputError(f"group_size={self.group_size} is larger than N={groups.size}")
+        if int(groups.max()) >= groups.size:  # sparse labels (e.g. 1e12): renumber 0..G-1, never bincount them
+            groups = np.unique(groups, return_inverse=True)[1].reshape(-1)
         return groups.astype(np.int64)
 
     def _keep_window(self, neighbours: tuple[Any, Any], n: int) -> None:
@@ -181,6 +183,11 @@ class CommunityBatchSampler(GlobalBatchSampler):
         ids = np.asarray(ids.cpu() if isinstance(ids, torch.Tensor) else ids)
         if ids.ndim != 2 or ids.shape[0] != n:
             raise BatchlabInputError(f"neighbour ids must have shape ({n}, k), got {ids.shape}")
+        if ids.size and (int(ids.min()) < -1 or int(ids.max()) >= n):
+            raise BatchlabInputError(
+                f"neighbour ids must be example ids in [0, {n}) (or -1 for none), got values in "
+                f"[{int(ids.min())}, {int(ids.max())}]"
+            )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # already warned when the graph was built
             start, stop = clamp_window(self.rank_window, n)
@@ -232,26 +239,15 @@ class CommunityBatchSampler(GlobalBatchSampler):
         """Load the groups (and window ids, for B3++) written by ``batchlab build-batches``.
 
         When ``embeddings`` is given, its content hash must match the teacher hash the
-        artifacts were built from (:class:`~batchlab.errors.StaleArtifactError` otherwise).
+        artifacts were built from. Every file is checked against the directory's manifest
+        (:func:`~batchlab.samplers.communities.load_artifacts`); any mismatch, missing file
+        or out-of-range id is a :class:`~batchlab.errors.StaleArtifactError`.
         """
-        import json
+        from batchlab.samplers.communities import load_artifacts
 
-        directory = Path(directory)
-        meta = json.loads((directory / "meta.json").read_text())
-        if embeddings is not None:
-            from batchlab.index import content_hash
-
-            actual = content_hash(embeddings)
-            if actual != meta["teacher_hash"]:
-                raise StaleArtifactError(
-                    f"the artifacts in {directory} were built from embeddings with hash {meta['teacher_hash']}, "
-                    f"but these embeddings hash to {actual}; rebuild them with `batchlab build-batches`"
-                )
-        groups = np.load(directory / "groups.npy")
+        meta, groups, window = load_artifacts(directory, embeddings=embeddings)
         neighbours = None
-        window_path = directory / "window_ids.npy"
-        if window_path.exists():
-            window = np.load(window_path)
+        if window is not None:
             p = int(meta["rank_window"][0])
             # the stored columns are ranks p .. p+m-1: pad the first p so rank indices line up
             neighbours = (None, np.concatenate([np.full((window.shape[0], p), -1, window.dtype), window], axis=1))

@@ -57,7 +57,7 @@ from batchlab.index import EmbeddingIndex, as_tensor, content_hash, order_ties_b
 logger = logging.getLogger(__name__)
 
 SAMPLING = ("top", "random")
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: n, d, num_corpus and a hash of every array (1 had none)
 
 
 def teacher_hash(query_embeddings: torch.Tensor, corpus_embeddings: torch.Tensor) -> str:
@@ -122,43 +122,86 @@ class MinedNegatives:
             "mean_positive_score": float(torch.nanmean(self.positive_scores.float())) if self.num_queries else float("nan"),
         }
 
+    _ARRAYS = ("negative_ids", "scores", "positive_scores", "num_candidates")
+
     def save(self, path: str | Path) -> Path:
-        """Write one ``.npz`` file with the arrays, the hyper-parameters and the teacher hash."""
+        """Write one ``.npz`` file with the arrays, the hyper-parameters and the teacher hash.
+
+        Written atomically (a temporary file beside ``path``, fsynced, renamed over it): a
+        killed writer leaves the previous file intact. The file records ``n`` (queries),
+        ``d`` (negatives per query), the corpus size and a hash of every array, which
+        :meth:`load` checks.
+        """
+        from batchlab._artifacts import array_hash, atomic_file
+
         path = Path(path)
         if path.suffix != ".npz":
             path = path.with_suffix(path.suffix + ".npz") if path.suffix else path.with_suffix(".npz")
-        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {name: getattr(self, name).detach().cpu().numpy() for name in self._ARRAYS}
+        num_corpus = self.params.get("num_corpus")
         meta = {"format_version": FORMAT_VERSION, "params": self.params, "teacher_hash": self.teacher_hash,
-                "info": self.info}
-        np.savez(
-            path,
-            negative_ids=self.negative_ids.cpu().numpy(),
-            scores=self.scores.cpu().numpy(),
-            positive_scores=self.positive_scores.cpu().numpy(),
-            num_candidates=self.num_candidates.cpu().numpy(),
-            meta=np.array(json.dumps(meta, default=str)),
-        )
+                "info": self.info, "n": self.num_queries, "d": int(self.negative_ids.shape[1]),
+                "num_corpus": None if num_corpus is None else int(num_corpus),
+                "arrays": {name: array_hash(a) for name, a in arrays.items()}}
+        with atomic_file(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays, meta=np.array(json.dumps(meta, default=str)))
         return path
 
     @classmethod
     def load(cls, path: str | Path, query_embeddings: Any = None, corpus_embeddings: Any = None) -> "MinedNegatives":
-        """Read a file written by :meth:`save`; with both embeddings given, check the teacher hash
-        and raise :class:`StaleArtifactError` when they are not the ones mined from."""
+        """Read a file written by :meth:`save`, checking it before trusting it.
+
+        Refused with :class:`StaleArtifactError`: a truncated or corrupt file, an array
+        whose hash differs from the one saved with it, arrays whose shapes disagree
+        (``(Q, k)`` ids and scores, ``(Q,)`` positive scores and candidate counts),
+        negative ids outside ``[-1, num_corpus)``; and, with both embeddings given, other
+        teacher embeddings than the ones mined from (row counts, then the teacher hash).
+        """
+        from batchlab._artifacts import array_hash, read_npz
+
         path = Path(path)
-        if not path.exists():
-            raise BatchlabInputError(f"no mined-negatives file at {path}; write one with MinedNegatives.save or `batchlab mine`")
-        with np.load(path, allow_pickle=False) as f:
-            meta = json.loads(str(f["meta"]))
-            arrays = {k: torch.from_numpy(f[k]) for k in ("negative_ids", "scores", "positive_scores", "num_candidates")}
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise StaleArtifactError(f"{path} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
-        out = cls(**arrays, params=meta["params"], teacher_hash=meta["teacher_hash"], info=meta.get("info", {}))
+        again = "mine again with `batchlab mine` or mine_hard_negatives(...).save(path)"
         if (query_embeddings is None) != (corpus_embeddings is None):
             raise BatchlabInputError("give both query_embeddings and corpus_embeddings to check the teacher hash, or neither")
+        raw = read_npz(path, ("meta", *cls._ARRAYS), what="mined-negatives", rebuild=again)
+        try:
+            meta = json.loads(str(raw["meta"]))
+            version, saved = meta.get("format_version"), meta.get("arrays")
+        except (ValueError, AttributeError) as exc:
+            raise StaleArtifactError(f"{path}: unreadable metadata ({exc}); {again}") from exc
+        if version != FORMAT_VERSION or not isinstance(saved, dict):
+            raise StaleArtifactError(
+                f"{path} has format version {version}, expected {FORMAT_VERSION} (with array hashes); {again}"
+            )
+        for name in cls._ARRAYS:
+            if saved.get(name) != array_hash(raw[name]):
+                raise StaleArtifactError(f"{path}: array {name!r} does not match the hash saved with it; {again}")
+        ids, scores, pos, cand = (raw[name] for name in cls._ARRAYS)
+        q = meta.get("n")
+        if ids.ndim != 2 or ids.shape[0] != q or scores.shape != ids.shape or pos.shape != (q,) or cand.shape != (q,):
+            raise StaleArtifactError(
+                f"{path}: arrays disagree on the number of queries (saved n={q}): negative_ids {ids.shape}, scores "
+                f"{scores.shape}, positive_scores {pos.shape}, num_candidates {cand.shape}; {again}"
+            )
+        num_corpus = meta.get("num_corpus")
+        if ids.size and (int(ids.min()) < -1 or (num_corpus is not None and int(ids.max()) >= num_corpus)):
+            raise StaleArtifactError(
+                f"{path}: negative_ids hold values in [{int(ids.min())}, {int(ids.max())}], outside [-1, {num_corpus}); "
+                f"{again}"
+            )
+        out = cls(*(torch.from_numpy(raw[name]) for name in cls._ARRAYS), params=meta.get("params", {}),
+                  teacher_hash=meta.get("teacher_hash", ""), info=meta.get("info", {}))
         if query_embeddings is not None:
             if not out.teacher_hash:
                 raise StaleArtifactError(f"{path} was mined with hash_inputs=False: no teacher hash to check against")
-            h = teacher_hash(as_tensor("query_embeddings", query_embeddings), as_tensor("corpus_embeddings", corpus_embeddings))
+            qe = as_tensor("query_embeddings", query_embeddings)
+            ce = as_tensor("corpus_embeddings", corpus_embeddings)
+            if qe.shape[0] != q or (num_corpus is not None and ce.shape[0] != num_corpus):
+                raise StaleArtifactError(
+                    f"{path} was mined for {q} queries and {num_corpus} corpus rows, but the embeddings given have "
+                    f"{qe.shape[0]} and {ce.shape[0]} rows; {again}"
+                )
+            h = teacher_hash(qe, ce)
             if h != out.teacher_hash:
                 raise StaleArtifactError(
                     f"{path} was mined from other teacher embeddings (hash {out.teacher_hash}, these hash {h}); mine again"

@@ -1,0 +1,362 @@
+"""Atomic, self-checking artifacts on disk: write beside, fsync, rename into place; verify on load.
+
+Every artifact batchlab writes (``build-batches`` directories, saved
+:class:`~batchlab.index.EmbeddingIndex` directories, ``negatives.npz``, checkpoints)
+goes through this module, so that
+
+* **a killed writer leaves the previous good artifact intact**: files are written to
+  a unique temporary name in the same parent directory, flushed to disk (``fsync``)
+  and only then renamed over the old one (a rename within one file system is atomic);
+* **two concurrent writers cannot produce a mixed artifact**: each writes its own
+  temporary directory and swaps it in whole; the last complete writer wins;
+* **a rebuild removes what it does not rewrite**: the whole directory is replaced, so
+  no file of an older build (a stale ``window_ids.npy``) survives beside a new one;
+* **a loader trusts nothing it did not check**: a directory artifact holds
+  ``manifest.json`` with its kind, ``N``, ``d`` and the size and blake2b hash of every
+  file; :func:`read_manifest` refuses any missing, extra, truncated or changed file
+  with :class:`~batchlab.errors.StaleArtifactError`.
+
+Single-file artifacts (``.npz``) carry the hashes of their arrays inside and are
+checked by their loaders with :func:`array_hash` and :func:`read_npz`.
+
+Example
+-------
+>>> import tempfile, numpy as np
+>>> root = Path(tempfile.mkdtemp())
+>>> with write_directory(root / "art", kind="demo", n=3, d=2) as tmp:
+...     np.save(tmp / "x.npy", np.zeros((3, 2)))
+>>> manifest = read_manifest(root / "art", kind="demo")
+>>> manifest["n"], sorted(manifest["files"])
+(3, ['x.npy'])
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import shutil
+import socket
+import uuid
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from batchlab.errors import BatchlabInputError, StaleArtifactError
+
+__all__ = [
+    "MANIFEST",
+    "array_hash",
+    "atomic_file",
+    "check_writable_directory",
+    "file_hash",
+    "read_manifest",
+    "read_npz",
+    "write_directory",
+    "write_text",
+]
+
+MANIFEST = "manifest.json"
+FORMAT = "batchlab-artifact/1"
+_CHUNK = 1 << 22  # bytes read per hashing step (bounded memory)
+
+
+# -- hashing -------------------------------------------------------------------
+def file_hash(path: str | Path) -> str:
+    """blake2b (128-bit, hex) of a file's bytes, streamed in 4 MiB chunks."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def array_hash(a: np.ndarray) -> str:
+    """blake2b (128-bit, hex) of an array's shape, dtype and C-order bytes."""
+    a = np.ascontiguousarray(a)
+    h = hashlib.blake2b(digest_size=16)
+    h.update(f"{a.shape} {a.dtype.str}".encode())
+    h.update(memoryview(a.reshape(-1).view(np.uint8)))
+    return h.hexdigest()
+
+
+# -- durable writes ------------------------------------------------------------
+def _fsync_path(path: Path, *, directory: bool = False) -> None:
+    """Flush a file's (or a directory entry's) data to disk; a no-op where the OS cannot."""
+    try:
+        fd = os.open(path, os.O_RDONLY | (getattr(os, "O_DIRECTORY", 0) if directory else 0))
+    except OSError:  # e.g. directories on Windows
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temp_name(path: Path, tag: str) -> Path:
+    """A unique sibling of ``path`` (same directory, so the final rename stays on one file system)."""
+    return path.with_name(f".{path.name}.{tag}-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
+def _remove_dead_temporaries(path: Path) -> None:
+    """Delete temporaries of ``path`` left by writers on this host that were killed (their pid is gone)."""
+    host = socket.gethostname()
+    for tag in ("tmp", "old"):
+        for stale in path.parent.glob(f".{path.name}.{tag}-{host}-*"):
+            pid = stale.name[len(f".{path.name}.{tag}-{host}-") :].split("-")[0]
+            if not pid.isdigit() or int(pid) == os.getpid():
+                continue
+            try:
+                os.kill(int(pid), 0)
+                continue  # still running: maybe a concurrent writer
+            except ProcessLookupError:
+                pass
+            except OSError:  # no permission to signal: it is alive
+                continue
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    stale.unlink()
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block succeeds, fsync it and rename it onto ``path``.
+
+    If the block raises (or the process dies), ``path`` keeps its previous content
+    and the temporary file is removed (or, after a kill, left to the next writer to clean up).
+
+    >>> import tempfile
+    >>> target = Path(tempfile.mkdtemp()) / "a.txt"
+    >>> with atomic_file(target) as tmp:
+    ...     _ = tmp.write_text("hello")
+    >>> target.read_text()
+    'hello'
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise BatchlabInputError(f"{path} is a directory; expected a file path to write")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temporaries(path)
+    tmp = _temp_name(path, "tmp")
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise RuntimeError(f"nothing was written to the temporary file {tmp}")
+        _fsync_path(tmp)
+        os.replace(tmp, path)
+        _fsync_path(path.parent, directory=True)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    """Write a small text file (JSON summaries) atomically."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def check_writable_directory(path: str | Path, *, kind: str, owned: Iterable[str] = ()) -> Path:
+    """Refuse to replace ``path`` unless it is absent, empty, or an artifact we may overwrite.
+
+    A directory is ours to replace when it holds a :data:`MANIFEST` of the same
+    ``kind``, or only files named in ``owned`` (the layout an older batchlab wrote,
+    or what an interrupted writer of that layout left). Anything else (``--out .``, a
+    directory of the user's files, a file) is refused with :class:`BatchlabInputError`,
+    because replacing it would delete files we did not write.
+    """
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise BatchlabInputError(
+            f"{path} is a file, but the {kind} artifact is a directory; pass a directory path "
+            "(a new one, or one written by the same command)"
+        )
+    if not path.is_dir():
+        return path
+    entries = {p.name for p in path.iterdir()}
+    if not entries:
+        return path
+    if MANIFEST in entries:
+        try:
+            found = json.loads((path / MANIFEST).read_text()).get("kind")
+        except (ValueError, OSError, AttributeError):
+            found = None
+        if found == kind:
+            return path
+    elif entries <= set(owned) | {MANIFEST}:
+        return path
+    raise BatchlabInputError(
+        f"{path} already exists and is not a {kind} artifact (it holds {sorted(entries)[:5]}"
+        f"{' ...' if len(entries) > 5 else ''}); writing would replace the whole directory. "
+        "Choose a new or empty directory"
+    )
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False where unsupported."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(str(a)), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.ENOENT):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _swap_into_place(tmp: Path, path: Path) -> None:
+    """Make the complete directory ``tmp`` appear at ``path``; the old one (if any) is deleted.
+
+    With ``renameat2`` the swap is one atomic step. Elsewhere it is two renames (old
+    aside, new in); a concurrent writer may slip in between, in which case the loop
+    puts its directory aside too, so the last writer to finish wins and no directory
+    is ever a mix of two writers.
+    """
+    while True:
+        try:
+            os.rename(tmp, path)  # path absent (or an empty directory)
+            return
+        except OSError as exc:
+            if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                raise
+        if _exchange(tmp, path):  # tmp now holds the old artifact
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        old = _temp_name(path, "old")
+        try:
+            os.rename(path, old)
+        except FileNotFoundError:
+            continue  # a concurrent writer moved it aside first
+        shutil.rmtree(old, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def write_directory(
+    path: str | Path, *, kind: str, n: int, d: int | None, owned: Iterable[str] = (), extra: dict | None = None
+) -> Iterator[Path]:
+    """Yield an empty temporary directory; on success, seal it with a manifest and swap it in at ``path``.
+
+    Parameters
+    ----------
+    path : where the artifact lives (checked with :func:`check_writable_directory`).
+    kind : the artifact's kind (e.g. ``"b3-batches"``); :func:`read_manifest` checks it.
+    n, d : number of rows and their dimension, recorded for loaders to check.
+    owned : file names an older, manifest-less version of this artifact held (may be replaced).
+    extra : more JSON-serialisable facts for the manifest.
+
+    Everything written into the yielded directory becomes the artifact; files of the
+    previous artifact that are not rewritten are gone afterwards. If the block raises,
+    the temporary directory is removed and ``path`` is untouched.
+    """
+    path = check_writable_directory(path, kind=kind, owned=owned)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_dead_temporaries(path)
+    tmp = _temp_name(path, "tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        files = {}
+        for entry in sorted(tmp.iterdir()):
+            if not entry.is_file() or entry.name == MANIFEST:
+                raise RuntimeError(f"artifact directories hold plain files only, found {entry.name}")
+            _fsync_path(entry)
+            files[entry.name] = {"bytes": entry.stat().st_size, "blake2b": file_hash(entry)}
+        manifest = {"format": FORMAT, "kind": kind, "n": int(n), "d": None if d is None else int(d),
+                    "files": files, **(extra or {})}
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))
+        _fsync_path(tmp / MANIFEST)
+        _fsync_path(tmp, directory=True)
+        _swap_into_place(tmp, path)
+        _fsync_path(path.parent, directory=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# -- verified reads ------------------------------------------------------------
+def read_manifest(path: str | Path, *, kind: str, what: str | None = None, rebuild: str = "rebuild it") -> dict[str, Any]:
+    """The manifest of the directory artifact at ``path``, after checking every file against it.
+
+    Raises :class:`BatchlabInputError` when ``path`` does not exist, and
+    :class:`StaleArtifactError` when the manifest is missing, unreadable or of another
+    kind, or when a file is missing, extra, or differs in size or hash.
+    ``rebuild`` finishes each message: how the user makes a good artifact.
+    """
+    path = Path(path)
+    what = what or f"{kind} artifact"
+    if not path.is_dir():
+        raise BatchlabInputError(f"no {what} at {path} ({'a file' if path.exists() else 'nothing there'}); {rebuild}")
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise StaleArtifactError(
+            f"{path} has no {MANIFEST}, so its files cannot be checked: it was written by an older batchlab or "
+            f"by a writer that did not finish; {rebuild}"
+        )
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        files = manifest["files"]
+        found_kind = manifest["kind"]
+        if not isinstance(files, dict):
+            raise TypeError("files is not a mapping")
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        raise StaleArtifactError(f"{manifest_path} is unreadable ({type(exc).__name__}: {exc}); {rebuild}") from exc
+    if found_kind != kind:
+        raise StaleArtifactError(f"{path} holds a {found_kind!r} artifact, not a {what}; {rebuild}")
+    present = {p.name for p in path.iterdir()} - {MANIFEST}
+    missing, extra = sorted(set(files) - present), sorted(present - set(files))
+    if missing or extra:
+        raise StaleArtifactError(
+            f"{path} does not match its manifest: "
+            + "; ".join(s for s in (f"missing {missing}" if missing else "", f"not written with it {extra}" if extra else "") if s)
+            + f"; {rebuild}"
+        )
+    for name, entry in files.items():
+        size = (path / name).stat().st_size
+        if size != entry.get("bytes") or file_hash(path / name) != entry.get("blake2b"):
+            raise StaleArtifactError(
+                f"{path / name} is not the file this {what} was written with "
+                f"({size} bytes, expected {entry.get('bytes')}; or its content hash differs): "
+                f"it was changed, truncated or replaced; {rebuild}"
+            )
+    return manifest
+
+
+_NPZ_ERRORS = (zipfile.BadZipFile, EOFError, KeyError, ValueError, OSError, zlib.error)
+
+
+def read_npz(path: str | Path, names: Iterable[str], *, what: str, rebuild: str) -> dict[str, np.ndarray]:
+    """The named arrays of an ``.npz`` file, loaded in full; a truncated or corrupt file is a
+    :class:`StaleArtifactError`, a missing one a :class:`BatchlabInputError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise BatchlabInputError(f"no {what} file at {path}; {rebuild}")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {name: f[name] for name in names}
+    except _NPZ_ERRORS as exc:
+        raise StaleArtifactError(
+            f"{path} is not a complete {what} file ({type(exc).__name__}: {exc}): truncated, corrupt or of "
+            f"another kind; {rebuild}"
+        ) from exc
+
+
+def load_npy(path: str | Path, *, what: str, rebuild: str, mmap: bool = False) -> np.ndarray:
+    """One ``.npy`` array; a truncated or corrupt file is a :class:`StaleArtifactError`."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as exc:
+        raise StaleArtifactError(f"{path} is not a readable {what} ({type(exc).__name__}: {exc}); {rebuild}") from exc
