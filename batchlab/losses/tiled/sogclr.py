@@ -1,0 +1,124 @@
+"""Tiled SogCLR / iSogCLR: ``impl="tiled"`` of :func:`batchlab.losses.sogclr`, no (N, K) matrix.
+
+Per direction (see :mod:`batchlab.losses.sogclr` for the math), with per-row temperatures
+folded into the anchors (``h_ij / tau_i = (a_i / tau_i) . c_j - a_i . p_i / tau_i``):
+
+* forward, one pass over (rows x columns) tiles: an online log-sum-exp of ``x = h / tau``
+  over each anchor's negatives, and beside it the softmax-weighted sum of ``x`` (rescaled
+  with the running maximum like the sum itself) -- that is all the temperature gradient
+  needs, so ``tau_grad`` is ready when the forward returns (the module steps ``tau`` then);
+* backward, one pass that recomputes each tile's ``P_ij = exp(x_ij - log u_i - log n_i)``
+  and accumulates ``W = P @ c`` (rows) and ``P.T @ (G a)`` (candidates).
+
+Saved for the backward: O(n) statistics besides the inputs. Everything accumulates in
+float32 (float64 stays float64); gradients come back in the inputs' dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from batchlab.losses import _dispatch
+from batchlab.losses._common import compute_dtype
+from batchlab.losses.sogclr import Direction, excluded, finish_rows, negatives_per_row
+from batchlab.losses.tiled.engine import resolve_tile, spans
+
+
+def _tile_logits(direction: Direction, a_scaled, pos, r0: int, r1: int, c0: int, c1: int, cd):
+    """``x = h / tau`` for rows [r0, r1) x candidates [c0, c1), excluded entries -inf; and the mask."""
+    x = a_scaled @ direction.cands[c0:c1].to(cd).T - pos[:, None]
+    device = x.device
+    ex = excluded(direction, torch.arange(r0, r1, device=device), torch.arange(c0, c1, device=device))
+    return x.masked_fill(ex, float("-inf")), ex
+
+
+def _row_block(direction: Direction, tau, r0: int, r1: int, cd):
+    a = direction.anchors[r0:r1].to(cd)
+    t = tau[r0:r1]
+    pos = (a * direction.positives[r0:r1].to(cd)).sum(1) / t
+    return a, a / t[:, None], pos
+
+
+def forward_stats(direction: Direction, tau, tile: tuple[int, int]):
+    """``(log sum_j exp x_ij, sum_j softmax_ij x_ij)`` over each anchor's negatives, tile by tile."""
+    cd = compute_dtype(direction.anchors.dtype)
+    n, k = direction.anchors.shape[0], direction.cands.shape[0]
+    lse = torch.empty(n, dtype=cd, device=tau.device)
+    mean_x = torch.empty(n, dtype=cd, device=tau.device)
+    floor = torch.finfo(cd).min / 4  # a finite start: exp(floor - max) is 0, never NaN
+    for r0, r1 in spans(n, tile[0]):
+        _, a_scaled, pos = _row_block(direction, tau, r0, r1, cd)
+        m = torch.full((r1 - r0,), floor, dtype=cd, device=tau.device)
+        s = torch.zeros_like(m)
+        w = torch.zeros_like(m)
+        for c0, c1 in spans(k, tile[1]):
+            x, ex = _tile_logits(direction, a_scaled, pos, r0, r1, c0, c1, cd)
+            m_new = torch.maximum(m, x.max(1).values)
+            alpha = torch.exp(m - m_new)
+            e = torch.exp(x - m_new[:, None])
+            s = s * alpha + e.sum(1)
+            w = w * alpha + (e * x.masked_fill(ex, 0)).sum(1)
+            m = m_new
+        lse[r0:r1] = m + torch.log(s)
+        mean_x[r0:r1] = w / s
+    return lse, mean_x
+
+
+class _SogCLRDirection(torch.autograd.Function):
+    """``value, log_u_new, tau_grad = _SogCLRDirection.apply(anchors, cands, positives, tau, log_u, meta)``."""
+
+    @staticmethod
+    def forward(ctx, anchors, cands, positives, tau, log_u, meta):
+        gamma, rho, tile, starts, sizes, offsets = meta
+        d = Direction(anchors, cands, positives, starts, sizes, offsets)
+        cd = compute_dtype(anchors.dtype)
+        n = anchors.shape[0]
+        log_n = torch.log(negatives_per_row(d, n, anchors.device).to(cd))
+        lse, mean_x = forward_stats(d, tau, tile)
+        value, log_u_new, s, tau_grad = finish_rows(lse - log_n, mean_x, log_u.to(cd), tau, gamma, rho)
+        ctx.meta = meta
+        ctx.save_for_backward(anchors, cands, positives, tau, log_u_new + log_n, s, tau_grad)
+        ctx.mark_non_differentiable(log_u_new, tau_grad)
+        return value, log_u_new, tau_grad
+
+    @staticmethod
+    def backward(ctx, g_value, _g_log_u, _g_tau_grad):
+        anchors, cands, positives, tau, shift, s, tau_grad = ctx.saved_tensors
+        _, _, tile, starts, sizes, offsets = ctx.meta
+        d = Direction(anchors, cands, positives, starts, sizes, offsets)
+        cd = compute_dtype(anchors.dtype)
+        n, k = anchors.shape[0], cands.shape[0]
+        g = g_value.to(cd)
+        d_a = torch.zeros(anchors.shape, dtype=cd, device=anchors.device)
+        d_c = torch.zeros(cands.shape, dtype=cd, device=anchors.device) if ctx.needs_input_grad[1] else None
+        d_p = torch.zeros(positives.shape, dtype=cd, device=anchors.device)
+        for r0, r1 in spans(n, tile[0]):
+            a, a_scaled, pos = _row_block(d, tau, r0, r1, cd)
+            acc = torch.zeros(r1 - r0, anchors.shape[1], dtype=cd, device=anchors.device)
+            ga = g[r0:r1, None] * a
+            for c0, c1 in spans(k, tile[1]):
+                x, _ = _tile_logits(d, a_scaled, pos, r0, r1, c0, c1, cd)
+                weights = torch.exp(x - shift[r0:r1, None])  # P_ij (0 where excluded)
+                acc += weights @ cands[c0:c1].to(cd)
+                if d_c is not None:
+                    d_c[c0:c1] += weights.T @ ga
+            gs = (g * s)[r0:r1, None]
+            d_a[r0:r1] = g[r0:r1, None] * acc - gs * positives[r0:r1].to(cd)
+            d_p[r0:r1] = -gs * a
+        d_tau = g * tau_grad if ctx.needs_input_grad[3] else None
+        return (
+            d_a.to(anchors.dtype),
+            None if d_c is None else d_c.to(cands.dtype),
+            d_p.to(positives.dtype),
+            d_tau,
+            None,
+            None,
+        )
+
+
+@_dispatch.register("sogclr", "tiled")
+def sogclr_direction_tiled(direction: Direction, tau, log_u, *, gamma: float, rho: float, tile_size=None):
+    """One direction without the (n, K) logits; ``tile_size``: int or (rows, cols)."""
+    tile = resolve_tile(tile_size, direction.anchors.device)
+    meta = (gamma, rho, tile, direction.starts, direction.sizes, direction.offsets)
+    return _SogCLRDirection.apply(direction.anchors, direction.cands, direction.positives, tau, log_u, meta)

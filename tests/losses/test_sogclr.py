@@ -1,0 +1,240 @@
+"""SogCLR / iSogCLR: the reference against a loop-by-loop oracle of the papers' rules, the
+tiled path against the reference (values, state, temperature gradients, embedding
+gradients), the stateful module, and 2 gloo ranks against one process."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from batchlab.errors import BatchlabInputError
+from batchlab.losses import ISogCLRLoss, SogCLRLoss, dcl, sogclr
+from tests.gloo import run_on_ranks
+from tests.losses.helpers import unit
+
+MODES = ("symmetric", "one_way", "two_view")
+
+
+def _state(mode, n, gen, dtype=torch.float64):
+    """Random log u rows (one example never seen) and per-example temperatures."""
+    rows = 1 if mode == "one_way" else 2
+    log_u = torch.randn(rows, n, generator=gen, dtype=torch.float64).to(dtype)
+    log_u[0, 0] = float("-inf")
+    tau = (0.05 + 0.2 * torch.rand(rows, n, generator=gen, dtype=torch.float64)).to(dtype)
+    return log_u, tau.requires_grad_(True)
+
+
+def _oracle(q, k, log_u, tau, gamma, rho, mode):
+    """The update rules written out anchor by anchor (float64): value, new log u, tau gradient,
+    and a surrogate whose gradient is the papers' estimator sum_j P_ij dh_ij."""
+    q, k = q.double(), k.double()
+    n = q.shape[0]
+    if mode == "one_way":
+        dirs = [(q, [k], k)]
+    elif mode == "symmetric":
+        dirs = [(q, [k], k), (k, [q], q)]
+    else:
+        dirs = [(q, [k, q], k), (k, [q, k], q)]
+    values, new_u, tau_grads, surrogate = [], [], [], 0.0
+    for d, (a, blocks, p) in enumerate(dirs):
+        for i in range(n):
+            t = float(tau[d, i])
+            hs = [a[i] @ c[j] - a[i] @ p[i] for c in blocks for j in range(c.shape[0]) if j != i]
+            g = sum(math.exp(h.item() / t) for h in hs) / len(hs)
+            old = float(log_u[d, i])
+            u = g if old == float("-inf") else (1 - gamma) * math.exp(old) + gamma * g
+            weights = [math.exp(h.item() / t) / (len(hs) * u) for h in hs]
+            values.append(t * (math.log(u) + rho))
+            new_u.append(math.log(u))
+            tau_grads.append(math.log(u) + rho - sum(w * h.item() / t for w, h in zip(weights, hs)))
+            surrogate = surrogate + sum(w * h for w, h in zip(weights, hs)) / (n * len(dirs))
+    shape = (len(dirs), n)
+    as_t = lambda xs: torch.tensor(xs, dtype=torch.float64).view(shape)  # noqa: E731
+    return as_t(values).mean(0).mean(), as_t(new_u), as_t(tau_grads), surrogate
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reference_follows_the_update_rules(mode):
+    gen = torch.Generator().manual_seed(1)
+    n, m = 5, (7 if mode == "one_way" else 5)
+    q, k = unit(n, 6, gen, torch.float64), unit(m, 6, gen, torch.float64)
+    log_u, tau = _state(mode, n, gen)
+    out = sogclr(q, k, log_u=log_u, tau=tau, gamma=0.7, rho=0.4, mode=mode, impl="reference")
+    value, new_u, tau_grad, surrogate = _oracle(q, k, log_u, tau.detach(), 0.7, 0.4, mode)
+    torch.testing.assert_close(out.loss.detach(), value, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.log_u, new_u, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.tau_grad, tau_grad, rtol=1e-10, atol=1e-12)
+    got = torch.autograd.grad(out.loss, [q, k, tau])
+    want = torch.autograd.grad(surrogate, [q, k])
+    for a, b in zip(got[:2], want):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    # the temperature receives the DRO gradient, divided by the mean over rows and directions
+    torch.testing.assert_close(got[2], tau_grad / tau.numel(), rtol=1e-10, atol=1e-12)
+
+
+def test_no_memory_is_tau_times_dcl():
+    """gamma = 1, one temperature: SogCLR's gradient is tau times DCL's at scale 1/tau."""
+    gen = torch.Generator().manual_seed(2)
+    q, k = unit(6, 4, gen, torch.float64), unit(6, 4, gen, torch.float64)
+    out = sogclr(q, k, log_u=torch.full((2, 6), float("-inf"), dtype=torch.float64), tau=0.2, gamma=1.0)
+    ref = dcl(q, k, 5.0)
+    torch.testing.assert_close(out.loss, 0.2 * (ref - math.log(5)), rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(out.loss, [q, k]), torch.autograd.grad(0.2 * ref, [q, k])):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+def _both(q, k, log_u, tau, mode, **kw):
+    res = {}
+    for impl, opts in (("reference", {}), ("tiled", {"tile_size": (4, 3)})):
+        out = sogclr(q, k, log_u=log_u, tau=tau, gamma=0.8, rho=0.3, mode=mode, impl=impl, **opts, **kw)
+        res[impl] = (out, torch.autograd.grad(out.loss, [q, k, tau]))
+    return res["reference"], res["tiled"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("n", [2, 7, 13])
+def test_tiled_matches_reference_fp32(mode, n):
+    """fp32 within 1e-5 relative (both accumulate in fp32; tiles of 4 x 3 make every size ragged)."""
+    gen = torch.Generator().manual_seed(n)
+    m = n + 3 if mode == "one_way" else n
+    q, k = unit(n, 8, gen), unit(m, 8, gen)
+    log_u, tau = _state(mode, n, gen, torch.float32)
+    (ref, ref_g), (til, til_g) = _both(q, k, log_u, tau, mode)
+    torch.testing.assert_close(til.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(til.log_u, ref.log_u, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(til.tau_grad, ref.tau_grad, rtol=1e-5, atol=1e-5)
+    for a, b in zip(til_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_tiled_bf16_against_float64_reference():
+    """bf16 inputs: statistics in fp32 (1e-4 relative), gradients rounded to bf16 (2**-8 relative)."""
+    gen = torch.Generator().manual_seed(3)
+    q, k = unit(11, 16, gen, torch.bfloat16), unit(11, 16, gen, torch.bfloat16)
+    log_u, tau = _state("symmetric", 11, gen, torch.float32)
+    til = sogclr(q, k, log_u=log_u, tau=tau, mode="symmetric", impl="tiled", tile_size=4)
+    til_g = torch.autograd.grad(til.loss, [q, k, tau])
+    q64, k64 = (x.detach().double().requires_grad_(True) for x in (q, k))
+    tau64 = tau.detach().double().requires_grad_(True)
+    ref = sogclr(q64, k64, log_u=log_u.double(), tau=tau64, mode="symmetric", impl="reference", check_inputs=False)
+    ref_g = torch.autograd.grad(ref.loss, [q64, k64, tau64])
+    torch.testing.assert_close(til.loss.double(), ref.loss, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(til.tau_grad.double(), ref.tau_grad, rtol=1e-4, atol=1e-4)
+    for a, b in zip(til_g, ref_g):
+        torch.testing.assert_close(a.double(), b, rtol=2e-2, atol=2e-3)
+
+
+def test_one_query_with_extra_keys_and_refusals():
+    gen = torch.Generator().manual_seed(4)
+    q, k = unit(1, 5, gen), unit(3, 5, gen)
+    log_u, tau = _state("one_way", 1, gen, torch.float32)
+    (ref, ref_g), (til, til_g) = _both(q, k, log_u, tau, "one_way")
+    torch.testing.assert_close(til.loss, ref.loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(til_g, ref_g):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    one = unit(1, 5, gen)
+    with pytest.raises(BatchlabInputError, match="no negative"):
+        sogclr(one, one, log_u=torch.zeros(2, 1), tau=0.1)
+    with pytest.raises(BatchlabInputError, match="unknown keyword"):
+        sogclr(q, k[:1], log_u=torch.zeros(2, 1), tau=0.1, temperature=0.1)
+    with pytest.raises(BatchlabInputError, match="shape"):
+        sogclr(q, k[:1], log_u=torch.zeros(1, 1), tau=0.1)
+    with pytest.raises(BatchlabInputError, match="> 0"):
+        sogclr(q, k, log_u=torch.zeros(1, 1), tau=torch.zeros(1, 1), mode="one_way")
+
+
+def test_module_steps_temperatures_and_resumes():
+    """iSogCLR's momentum step, the first-visit rule, and a state_dict round trip mid-run."""
+    gen = torch.Generator().manual_seed(5)
+    batches = [(torch.randperm(12, generator=gen)[:4], unit(4, 6, gen).detach(), unit(4, 6, gen).detach())
+               for _ in range(4)]
+    loss_fn = ISogCLRLoss(12, tau=0.1, tau_min=0.05, tau_max=0.7, rho=0.3, eta=0.05, beta=0.8)
+    ids, q, k = batches[0]
+    loss_fn(q, k, ids)
+    out = sogclr(q, k, log_u=torch.full((2, 4), float("-inf")), tau=0.1, gamma=0.9, rho=0.3)
+    torch.testing.assert_close(loss_fn.log_u[:, ids], out.log_u)
+    torch.testing.assert_close(loss_fn.tau_momentum[:, ids], 0.8 * out.tau_grad)
+    torch.testing.assert_close(loss_fn.tau[:, ids], (0.1 - 0.05 * 0.8 * out.tau_grad).clamp(0.05, 0.7))
+    untouched = torch.ones(12, dtype=torch.bool)
+    untouched[ids] = False
+    assert torch.isneginf(loss_fn.log_u[:, untouched]).all()
+
+    resumed = ISogCLRLoss(12, tau=0.1, tau_min=0.05, tau_max=0.7, rho=0.3, eta=0.05, beta=0.8)
+    resumed.load_state_dict(loss_fn.state_dict())
+    for ids, q, k in batches[1:]:
+        torch.testing.assert_close(resumed(q, k, ids), loss_fn(q, k, ids), rtol=0, atol=0)
+    for name, buf in loss_fn.state_dict().items():
+        assert torch.equal(buf, resumed.state_dict()[name]), name
+    with pytest.raises(BatchlabInputError, match="saved for another"):
+        SogCLRLoss(13).load_state_dict(SogCLRLoss(12).state_dict())
+
+
+def test_module_refuses_bad_ids_and_keywords():
+    gen = torch.Generator().manual_seed(6)
+    q, k = unit(3, 4, gen), unit(3, 4, gen)
+    loss_fn = SogCLRLoss(5, mode="two_view")
+    with pytest.raises(BatchlabInputError, match="repeat"):
+        loss_fn(q, k, torch.tensor([1, 1, 2]))
+    with pytest.raises(BatchlabInputError, match=r"\[0, 5\)"):
+        loss_fn(q, k, torch.tensor([1, 2, 5]))
+    with pytest.raises(BatchlabInputError, match="unknown keyword"):
+        SogCLRLoss(5, temperature=0.1)
+    assert "tau" not in SogCLRLoss(5).state_dict()  # SogCLR: one fixed temperature, no per-example state
+
+
+# ----------------------------------------------------------------------------- two gloo ranks
+
+
+def _batches():
+    """Two steps' (ids, queries, positive keys, two extra keys); 7 pairs split 4 + 3 over two ranks."""
+    gen = torch.Generator().manual_seed(7)
+    return [(torch.randperm(20, generator=gen)[:n], unit(n, 8, gen).detach(), unit(n, 8, gen).detach(),
+             unit(2, 8, gen).detach()) for n in (7, 6)]
+
+
+def _run(rank: int, world: int, mode: str):
+    """Two steps of iSogCLR on this rank's shard (world 1: the whole batch).
+
+    one_way: each rank holds its queries' positive keys followed by one extra key; one
+    process holds all positives followed by both extra keys (the same candidate set).
+    """
+    loss_fn = ISogCLRLoss(20, mode=mode, tau=0.1, tau_min=0.05, tau_max=0.7, impl="tiled", tile_size=3,
+                          distributed="allgather" if world > 1 else "none")
+    results = []
+    for ids, q, k, extra in _batches():
+        half = (q.shape[0] + 1) // 2
+        rows = slice(0, q.shape[0]) if world == 1 else [slice(0, half), slice(half, None)][rank]
+        extra = extra if world == 1 else extra[rank : rank + 1]
+        keys = torch.cat([k[rows], extra]) if mode == "one_way" else k[rows]
+        q_r, k_r = q[rows].clone().requires_grad_(True), keys.clone().requires_grad_(True)
+        loss = loss_fn(q_r, k_r, ids[rows])
+        loss.backward()
+        n_r = q_r.shape[0]
+        results.append((loss.detach(), q_r.grad, k_r.grad[:n_r], k_r.grad[n_r:]))
+    return results, {name: buf.clone() for name, buf in loss_fn.state_dict().items()}
+
+
+def _run_rank(rank, world):
+    return {mode: _run(rank, world, mode) for mode in MODES}
+
+
+def test_two_ranks_equal_one_process():
+    spawned = run_on_ranks(_run_rank, world=2)  # one spawn for every mode: process start-up dominates
+    for mode in MODES:
+        _compare_ranks(_run(0, 1, mode), [spawned[0][mode], spawned[1][mode]])
+
+
+def _compare_ranks(single_run, per_rank):
+    single, single_state = single_run
+    for step, want in enumerate(single):
+        # the distributed convention: mean over ranks of the loss; each rank's gradient is W x its share
+        torch.testing.assert_close(sum(r[0][step][0] for r in per_rank) / 2, want[0], rtol=1e-5, atol=1e-6)
+        for part in (1, 2, 3):  # query, positive-key and extra-key gradients
+            got = torch.cat([r[0][step][part] for r in per_rank]) / 2
+            torch.testing.assert_close(got, want[part], rtol=1e-5, atol=1e-6)
+    for rank_state in (per_rank[0][1], per_rank[1][1]):  # every rank holds the whole, same state
+        for name, buf in single_state.items():
+            torch.testing.assert_close(rank_state[name], buf, rtol=1e-5, atol=1e-6, msg=name)
