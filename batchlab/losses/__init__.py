@@ -14,6 +14,7 @@ from batchlab.losses.infonce import info_nce
 from batchlab.losses.modules import DCLLoss, InfoNCELoss, NTXentLoss, SigLIPLoss
 from batchlab.losses.nt_xent import nt_xent
 from batchlab.losses.siglip import siglip
+from batchlab.losses.sogclr import ISogCLRLoss, SogCLRLoss, SogCLRResult, sogclr
 
 __all__ = [
     "LSE",
@@ -28,4 +29,8 @@ __all__ = [
     "NTXentLoss",
     "EmbeddingCache",
     "cached_step",
+    "sogclr",
+    "SogCLRResult",
+    "SogCLRLoss",
+    "ISogCLRLoss",
 ]
