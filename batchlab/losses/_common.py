@@ -3,10 +3,18 @@
 The public loss functions validate once here, then hand plain, checked tensors to
 an implementation (reference, tiled, triton), so that every backend sees the same
 inputs and raises the same errors.
+
+What is checked when (``check`` below is :func:`batchlab._checks.data_checks_on`): shapes,
+dtypes and devices always (metadata, free); values -- NaN/Inf, unit rows (every row),
+zero rows under ``normalize=True``, index ranges of ``targets`` / ``neg_mask``, a positive
+for every key of the symmetric loss -- only when ``check`` is on, because on CUDA each
+of them makes the host wait for the GPU. Default targets (the diagonal) are passed to
+the implementations as ``targets=None``: nothing to build, nothing to check.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Callable, NamedTuple, Union
 
 import torch
@@ -15,8 +23,10 @@ from batchlab._checks import (
     check_choice,
     check_embeddings,
     check_finite,
+    check_nonzero_rows,
     check_normalized,
     check_same_device_dtype,
+    data_checks_on,
 )
 from batchlab.errors import BatchlabInputError
 
@@ -50,36 +60,49 @@ def prepare_pair(
     k: torch.Tensor,
     *,
     normalize: bool,
+    check: bool,
     names: tuple[str, str] = ("q", "k"),
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Validate a (queries, keys) pair: 2-D, same d, device and dtype, finite, unit rows."""
-    check_embeddings(names[0], q)
-    check_embeddings(names[1], k)
+    """Validate a (queries, keys) pair: 2-D, same d, device and dtype; with ``check`` also finite, unit rows."""
+    check_embeddings(names[0], q, finite=False)
+    check_embeddings(names[1], k, finite=False)
     check_same_device_dtype(names, (q, k))
     if q.shape[1] != k.shape[1]:
         raise BatchlabInputError(
             f"{names[0]} and {names[1]} must have the same embedding dimension, got "
             f"{names[0]} {tuple(q.shape)} and {names[1]} {tuple(k.shape)}"
         )
+    return prepare_rows(names[0], q, normalize=normalize, check=check), prepare_rows(
+        names[1], k, normalize=normalize, check=check)
+
+
+def prepare_rows(name: str, x: torch.Tensor, *, normalize: bool, check: bool) -> torch.Tensor:
+    """``x`` (..., d) normalised (``normalize``) or checked to be: every row finite, unit (or non-zero) norm."""
     if normalize:
-        return torch.nn.functional.normalize(q, dim=-1), torch.nn.functional.normalize(k, dim=-1)
-    check_normalized(names[0], q)
-    check_normalized(names[1], k)
-    return q, k
+        if check:
+            check_nonzero_rows(name, x)
+        return torch.nn.functional.normalize(x, dim=-1)
+    if check:
+        check_normalized(name, x)
+    return x
 
 
-def prepare_scalar(name: str, value: torch.Tensor | float, like: torch.Tensor) -> torch.Tensor:
-    """A 0-d tensor on ``like``'s device in the compute dtype, keeping the autograd link."""
+def prepare_scalar(name: str, value: torch.Tensor | float, like: torch.Tensor, *, check: bool = True) -> torch.Tensor:
+    """A 0-d tensor on ``like``'s device in the compute dtype, keeping the autograd link (finite if ``check``)."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise BatchlabInputError(f"{name} must be a scalar (one element), got shape {tuple(value.shape)}")
         if value.device != like.device and value.device.type != "cpu":
             raise BatchlabInputError(f"{name} is on {value.device} but the embeddings are on {like.device}")
-        check_finite(name, value.detach())
-        return value.reshape(()).to(device=like.device, dtype=compute_dtype(like.dtype))
+        if not value.is_floating_point():
+            raise BatchlabInputError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        if check:
+            check_finite(name, value.detach())
+        value = value.reshape(()) if value.dim() else value
+        return value.to(device=like.device, dtype=compute_dtype(like.dtype))
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BatchlabInputError(f"{name} must be a float or a scalar tensor, got {type(value).__name__}")
-    if not torch.isfinite(torch.tensor(float(value))):
+    if not math.isfinite(float(value)):
         raise BatchlabInputError(f"{name} must be finite, got {value}")
     return torch.tensor(float(value), device=like.device, dtype=compute_dtype(like.dtype))
 
@@ -92,11 +115,13 @@ def prepare_positives(
     targets: torch.Tensor | None,
     pos_mask: torch.Tensor | None,
     need_columns: bool,
+    check: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Return ``(targets, pos_mask)`` with exactly one of them set.
+    """Return ``(targets, pos_mask)`` with at most one of them set; ``(None, None)`` means the diagonal.
 
-    Default: ``targets = arange(n)`` (query i's positive is key i), which needs m >= n.
-    ``need_columns``: the symmetric direction needs every key to have a positive.
+    Default: query i's positive is key i, which needs m >= n (metadata only: no tensor is
+    built). ``need_columns``: the symmetric direction needs every key to have a positive.
+    Value checks (rows/columns without a positive, target ranges) run only with ``check``.
     """
     if targets is not None and pos_mask is not None:
         raise BatchlabInputError("pass either targets or pos_mask, not both")
@@ -107,20 +132,8 @@ def prepare_positives(
             raise BatchlabInputError(f"pos_mask must have shape ({n}, {m}), got {tuple(pos_mask.shape)}")
         if pos_mask.device != device:
             raise BatchlabInputError(f"pos_mask is on {pos_mask.device} but the embeddings are on {device}")
-        empty_rows = (~pos_mask.any(dim=1)).nonzero().flatten()
-        if empty_rows.numel():
-            raise BatchlabInputError(
-                f"pos_mask has {empty_rows.numel()} row(s) with no positive (first: row {int(empty_rows[0])}); "
-                "every query needs at least one positive"
-            )
-        if need_columns:
-            empty_cols = (~pos_mask.any(dim=0)).nonzero().flatten()
-            if empty_cols.numel():
-                raise BatchlabInputError(
-                    f"pos_mask has {empty_cols.numel()} column(s) with no positive (first: column "
-                    f"{int(empty_cols[0])}); the symmetric loss needs a positive for every key: "
-                    "pass symmetric=False"
-                )
+        if check:
+            _check_pos_mask_covers(pos_mask, need_columns)
         return None, pos_mask
     if targets is None:
         if m < n:
@@ -128,20 +141,45 @@ def prepare_positives(
                 f"without targets, query i's positive is key i, so keys ({m}) must be at least as many "
                 f"as queries ({n}); pass targets= or pos_mask="
             )
-        targets = torch.arange(n, device=device)
-    else:
-        if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
-            raise BatchlabInputError("targets must be an integer tensor of shape (N,) holding key indices")
-        if tuple(targets.shape) != (n,):
-            raise BatchlabInputError(f"targets must have shape ({n},), got {tuple(targets.shape)}")
-        if targets.device != device:
-            raise BatchlabInputError(f"targets is on {targets.device} but the embeddings are on {device}")
-        targets = targets.long()
-        if n and (int(targets.min()) < 0 or int(targets.max()) >= m):
-            raise BatchlabInputError(f"targets must index keys in [0, {m}), got values in "
-                                     f"[{int(targets.min())}, {int(targets.max())}]")
+        if need_columns and m != n:
+            raise BatchlabInputError(f"{m - n} key(s) are nobody's target; the symmetric loss needs as many "
+                                     "keys as queries: pass symmetric=False")
+        return None, None
+    if not isinstance(targets, torch.Tensor) or targets.dtype not in (torch.int64, torch.int32):
+        raise BatchlabInputError("targets must be an integer tensor of shape (N,) holding key indices")
+    if tuple(targets.shape) != (n,):
+        raise BatchlabInputError(f"targets must have shape ({n},), got {tuple(targets.shape)}")
+    if targets.device != device:
+        raise BatchlabInputError(f"targets is on {targets.device} but the embeddings are on {device}")
+    targets = targets.long()
+    if check:
+        _check_targets(targets, m, need_columns)
+    return targets, None
+
+
+def _check_pos_mask_covers(pos_mask: torch.Tensor, need_columns: bool) -> None:
+    empty_rows = (~pos_mask.any(dim=1)).nonzero().flatten()
+    if empty_rows.numel():
+        raise BatchlabInputError(
+            f"pos_mask has {empty_rows.numel()} row(s) with no positive (first: row {int(empty_rows[0])}); "
+            "every query needs at least one positive"
+        )
     if need_columns:
-        hit = torch.zeros(m, dtype=torch.bool, device=device)
+        empty_cols = (~pos_mask.any(dim=0)).nonzero().flatten()
+        if empty_cols.numel():
+            raise BatchlabInputError(
+                f"pos_mask has {empty_cols.numel()} column(s) with no positive (first: column "
+                f"{int(empty_cols[0])}); the symmetric loss needs a positive for every key: "
+                "pass symmetric=False"
+            )
+
+
+def _check_targets(targets: torch.Tensor, m: int, need_columns: bool) -> None:
+    if targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= m):
+        raise BatchlabInputError(f"targets must index keys in [0, {m}), got values in "
+                                 f"[{int(targets.min())}, {int(targets.max())}]")
+    if need_columns:
+        hit = torch.zeros(m, dtype=torch.bool, device=targets.device)
         hit[targets] = True
         if not bool(hit.all()):
             missing = int((~hit).sum())
@@ -149,7 +187,11 @@ def prepare_positives(
                 f"{missing} key(s) are nobody's target; the symmetric loss needs a positive for every "
                 "key: pass symmetric=False, or targets that cover every key"
             )
-    return targets, None
+
+
+def diagonal_targets(n: int, device: torch.device, targets: torch.Tensor | None) -> torch.Tensor:
+    """``targets``, or ``arange(n)`` when it is None (the default diagonal), for code that needs indices."""
+    return torch.arange(n, device=device) if targets is None else targets
 
 
 def positive_mask(n: int, m: int, device: torch.device, targets: torch.Tensor | None,
@@ -158,12 +200,13 @@ def positive_mask(n: int, m: int, device: torch.device, targets: torch.Tensor | 
     if pos_mask is not None:
         return pos_mask
     mask = torch.zeros(n, m, dtype=torch.bool, device=device)
-    mask[torch.arange(n, device=device), targets] = True
+    mask[torch.arange(n, device=device), diagonal_targets(n, device, targets)] = True
     return mask
 
 
-def check_neg_mask(neg_mask: NegMask, n: int, m: int, device: torch.device) -> NegMask:
-    """Validate the three accepted forms of a negative mask (a callable is checked lazily)."""
+def check_neg_mask(neg_mask: NegMask, n: int, m: int, device: torch.device, *, check: bool = True) -> NegMask:
+    """Validate the three accepted forms of a negative mask (a callable is checked lazily; index
+    ranges only with ``check``)."""
     if neg_mask is None or callable(neg_mask) and not isinstance(neg_mask, torch.Tensor):
         return neg_mask
     if not isinstance(neg_mask, torch.Tensor):
@@ -179,7 +222,7 @@ def check_neg_mask(neg_mask: NegMask, n: int, m: int, device: torch.device) -> N
     if neg_mask.dtype in (torch.int64, torch.int32):
         if neg_mask.dim() != 2 or neg_mask.shape[1] != 2:
             raise BatchlabInputError(f"an index neg_mask must have shape (P, 2), got {tuple(neg_mask.shape)}")
-        if neg_mask.numel() and (
+        if check and neg_mask.numel() and (
             int(neg_mask.min()) < 0 or int(neg_mask[:, 0].max()) >= n or int(neg_mask[:, 1].max()) >= m
         ):
             raise BatchlabInputError(f"neg_mask pairs must index rows in [0, {n}) and columns in [0, {m})")
@@ -228,17 +271,17 @@ def neg_mask_tile(neg_mask: NegMask, rows: torch.Tensor, cols: torch.Tensor) -> 
     return tile.to(rows.device)
 
 
-def check_extra_negatives(extra: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
-    """Extra negatives per query: (N, m, d), same device/dtype as q, finite."""
+def check_extra_negatives(extra: torch.Tensor | None, q: torch.Tensor, *, check: bool = True) -> torch.Tensor | None:
+    """Extra negatives per query: (N, m, d), same device/dtype as q; finite unit rows with ``check``."""
     if extra is None:
         return None
-    check_embeddings("extra_negatives", extra, ndim=3, allow_empty=True)
+    check_embeddings("extra_negatives", extra, ndim=3, allow_empty=True, finite=False)
     check_same_device_dtype(("q", "extra_negatives"), (q, extra))
     if extra.shape[0] != q.shape[0] or extra.shape[2] != q.shape[1]:
         raise BatchlabInputError(
             f"extra_negatives must have shape (N={q.shape[0]}, m, d={q.shape[1]}), got {tuple(extra.shape)}"
         )
-    if extra.numel():
+    if extra.numel() and check:
         check_normalized("extra_negatives", extra)
     return extra
 
@@ -247,3 +290,10 @@ def check_options(reduction: str, impl: str, distributed: str) -> None:
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("impl", impl, IMPLS)
     check_choice("distributed", distributed, DISTRIBUTED)
+
+
+def checks_for(x: torch.Tensor, check_inputs: bool | None) -> bool:
+    """Whether this call reads tensor values to check them (see :func:`batchlab._checks.data_checks_on`)."""
+    if not isinstance(x, torch.Tensor):
+        return True  # the metadata checks will refuse it with a clear message
+    return data_checks_on(x.device, check_inputs)

@@ -24,6 +24,7 @@ from batchlab.losses._common import (
     check_extra_negatives,
     check_neg_mask,
     check_options,
+    checks_for,
     compute_dtype,
     positive_mask,
     prepare_pair,
@@ -52,6 +53,7 @@ def dcl(
     impl: str = "auto",
     distributed: str = "none",
     group=None,
+    check_inputs: bool | None = None,
     **impl_options,
 ):
     """Decoupled contrastive loss (DCL), or DCLW with ``weighted=True``.
@@ -70,9 +72,10 @@ def dcl(
     check_options(reduction, impl, distributed)
     if not (isinstance(sigma, (int, float)) and sigma > 0):
         raise BatchlabInputError(f"sigma must be a positive number, got {sigma!r}")
-    q, k = prepare_pair(q, k, normalize=normalize)
-    scale = prepare_scalar("logit_scale", logit_scale, q)
-    extra_negatives = check_extra_negatives(extra_negatives, q)
+    check = checks_for(q, check_inputs)
+    q, k = prepare_pair(q, k, normalize=normalize, check=check)
+    scale = prepare_scalar("logit_scale", logit_scale, q, check=check)
+    extra_negatives = check_extra_negatives(extra_negatives, q, check=check)
     options = dict(weighted=weighted, sigma=float(sigma), symmetric=symmetric, targets=targets,
                    pos_mask=pos_mask, extra_negatives=extra_negatives, neg_mask=neg_mask, reduction=reduction)
     if use_distributed(distributed, group):
@@ -90,11 +93,13 @@ def dcl(
             f"got {m} key(s) and no extra_negatives"
         )
     options["targets"], options["pos_mask"] = prepare_positives(
-        n, m, q.device, targets=targets, pos_mask=pos_mask, need_columns=symmetric
+        n, m, q.device, targets=targets, pos_mask=pos_mask, need_columns=symmetric, check=check
     )
-    options["neg_mask"] = check_neg_mask(neg_mask, n, m, q.device)
+    options["neg_mask"] = check_neg_mask(neg_mask, n, m, q.device, check=check)
     fn = _dispatch.resolve("dcl", impl, n, m, q.device)
     loss, lse = fn(q, k, scale, **options, **_dispatch.accepted_options(fn, impl_options, impl))
+    if check:  # a neg_mask or pos_mask can leave a query no negative: its loss would be -inf
+        check_has_negatives(lse.row)
     return (loss, lse) if return_lse else loss
 
 
@@ -134,7 +139,6 @@ def dcl_reference(q, k, scale, *, weighted, sigma, symmetric, targets, pos_mask,
         extra = scale * torch.einsum("nd,nmd->nm", q.to(dtype), extra_negatives.to(dtype))
         row_terms = torch.cat([denom, extra], dim=1)
     row_lse = torch.logsumexp(row_terms, dim=1)
-    check_has_negatives(row_lse)
     w_row = dclw_weights((cos * pos_f).sum(1) / pos_f.sum(1), sigma) if weighted else 1.0
     row_loss = row_lse - w_row * row_pos
     col_loss = col_lse = None

@@ -24,6 +24,7 @@ from batchlab.losses._common import (
     check_extra_negatives,
     check_neg_mask,
     check_options,
+    checks_for,
     compute_dtype,
     positive_mask,
     prepare_pair,
@@ -50,6 +51,7 @@ def info_nce(
     impl: str = "auto",
     distributed: str = "none",
     group=None,
+    check_inputs: bool | None = None,
     **impl_options,
 ):
     """InfoNCE, one-way or symmetric (CLIP).
@@ -78,12 +80,19 @@ def info_nce(
     return_lse : bool
         Also return :class:`~batchlab.losses.LSE` (row and column log-sum-exp).
     normalize : bool
-        L2-normalise ``q`` and ``k`` first (otherwise a sample of rows is checked).
+        L2-normalise ``q`` and ``k`` first (zero rows are refused when the data checks run);
+        otherwise every row is checked to have unit norm when the data checks run.
     impl : "auto" | "reference" | "tiled" | "triton"
-        ``auto``: Triton on CUDA when available, else tiled above 2048 x 2048 logits
+        ``auto``: Triton on CUDA when available (small batches: one cuBLAS product and fused
+        kernels; large: the streaming kernels), else tiled above 2048 x 2048 logits
         (``batchlab.losses._dispatch.AUTO_TILED_MIN_LOGITS``), else the reference.
     distributed : "none" | "allgather" | "ring" | "auto"
         Treat ``q``/``k`` as this rank's shard of a global batch (``group``).
+    check_inputs : bool, optional
+        Run the checks that read values (NaN/Inf, unit rows, index ranges). Default: on
+        for CPU tensors, off on CUDA (each check would make the host wait for the GPU);
+        the environment variable ``BATCHLAB_CHECK_INPUTS=1`` (or ``0``) overrides the default.
+        Shapes, dtypes and devices are always checked. See docs/losses.md.
 
     Returns
     -------
@@ -98,9 +107,10 @@ def info_nce(
     torch.Size([])
     """
     check_options(reduction, impl, distributed)
-    q, k = prepare_pair(q, k, normalize=normalize)
-    scale = prepare_scalar("logit_scale", logit_scale, q)
-    extra_negatives = check_extra_negatives(extra_negatives, q)
+    check = checks_for(q, check_inputs)
+    q, k = prepare_pair(q, k, normalize=normalize, check=check)
+    scale = prepare_scalar("logit_scale", logit_scale, q, check=check)
+    extra_negatives = check_extra_negatives(extra_negatives, q, check=check)
     if use_distributed(distributed, group):
         return run_distributed(
             "info_nce", distributed, group, q, k, scale,
@@ -113,8 +123,9 @@ def info_nce(
             f"the symmetric loss needs as many keys as queries, got {n} queries and {m} keys; "
             "pass symmetric=False for extra keys"
         )
-    targets, pos_mask = prepare_positives(n, m, q.device, targets=targets, pos_mask=pos_mask, need_columns=symmetric)
-    neg_mask = check_neg_mask(neg_mask, n, m, q.device)
+    targets, pos_mask = prepare_positives(n, m, q.device, targets=targets, pos_mask=pos_mask,
+                                          need_columns=symmetric, check=check)
+    neg_mask = check_neg_mask(neg_mask, n, m, q.device, check=check)
     fn = _dispatch.resolve("info_nce", impl, n, m, q.device)
     loss, lse = fn(
         q, k, scale, symmetric=symmetric, targets=targets, pos_mask=pos_mask,

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import torch
 
-from batchlab._checks import check_embeddings, check_normalized
+from batchlab._checks import check_embeddings
 from batchlab.errors import BatchlabInputError
 from batchlab.losses import _dispatch
-from batchlab.losses._common import LSE, check_options, compute_dtype, prepare_scalar
+from batchlab.losses._common import LSE, check_options, checks_for, compute_dtype, prepare_rows, prepare_scalar
 from batchlab.losses._distributed_hook import run_distributed, use_distributed
 
 
@@ -31,6 +31,7 @@ def nt_xent(
     impl: str = "auto",
     distributed: str = "none",
     group=None,
+    check_inputs: bool | None = None,
     **impl_options,
 ):
     """NT-Xent over ``views`` (V, N, d), V >= 2.
@@ -43,6 +44,8 @@ def nt_xent(
         1 / temperature (SimCLR's temperature 0.5 is ``logit_scale=2``).
     reduction : "mean" | "sum" | "none"
         ``none`` returns (V, N) per-embedding losses; ``mean`` averages all V*N.
+    normalize, impl, distributed, check_inputs :
+        As in :func:`~batchlab.losses.info_nce`.
 
     Examples
     --------
@@ -52,14 +55,12 @@ def nt_xent(
     torch.Size([])
     """
     check_options(reduction, impl, distributed)
-    check_embeddings("views", views, ndim=3)
+    check = checks_for(views, check_inputs)
+    check_embeddings("views", views, ndim=3, finite=False)
     if views.shape[0] < 2:
         raise BatchlabInputError(f"views must hold at least 2 views (shape (V>=2, N, d)), got V={views.shape[0]}")
-    if normalize:
-        views = torch.nn.functional.normalize(views, dim=-1)
-    else:
-        check_normalized("views", views)
-    scale = prepare_scalar("logit_scale", logit_scale, views)
+    views = prepare_rows("views", views, normalize=normalize, check=check)
+    scale = prepare_scalar("logit_scale", logit_scale, views, check=check)
     if use_distributed(distributed, group):
         return run_distributed("nt_xent", distributed, group, views, scale, reduction=reduction,
                                return_lse=return_lse, impl=impl, **impl_options)

@@ -17,6 +17,7 @@ from batchlab.losses._common import (
     check_extra_negatives,
     check_neg_mask,
     check_options,
+    checks_for,
     compute_dtype,
     positive_mask,
     prepare_pair,
@@ -42,6 +43,7 @@ def siglip(
     impl: str = "auto",
     distributed: str = "none",
     group=None,
+    check_inputs: bool | None = None,
     **impl_options,
 ):
     """Pairwise sigmoid loss (SigLIP) with learnable scale and bias.
@@ -60,6 +62,8 @@ def siglip(
         Pairs left out of the loss (known false negatives), in the forms ``info_nce`` accepts.
     reduction : "mean" | "sum" | "none"
         ``mean`` = total / N (open_clip's convention); ``none`` = per-query sums (N,).
+    normalize, impl, distributed, check_inputs :
+        As in :func:`~batchlab.losses.info_nce`.
 
     Examples
     --------
@@ -69,18 +73,20 @@ def siglip(
     torch.Size([])
     """
     check_options(reduction, impl, distributed)
-    q, k = prepare_pair(q, k, normalize=normalize)
-    scale = prepare_scalar("logit_scale", logit_scale, q)
-    bias = prepare_scalar("logit_bias", logit_bias, q)
-    extra_negatives = check_extra_negatives(extra_negatives, q)
+    check = checks_for(q, check_inputs)
+    q, k = prepare_pair(q, k, normalize=normalize, check=check)
+    scale = prepare_scalar("logit_scale", logit_scale, q, check=check)
+    bias = prepare_scalar("logit_bias", logit_bias, q, check=check)
+    extra_negatives = check_extra_negatives(extra_negatives, q, check=check)
     if use_distributed(distributed, group):
         return run_distributed(
             "siglip", distributed, group, q, k, scale, bias, targets=targets, pos_mask=pos_mask,
             extra_negatives=extra_negatives, neg_mask=neg_mask, reduction=reduction, impl=impl, **impl_options,
         )
     n, m = q.shape[0], k.shape[0]
-    targets, pos_mask = prepare_positives(n, m, q.device, targets=targets, pos_mask=pos_mask, need_columns=False)
-    neg_mask = check_neg_mask(neg_mask, n, m, q.device)
+    targets, pos_mask = prepare_positives(n, m, q.device, targets=targets, pos_mask=pos_mask, need_columns=False,
+                                          check=check)
+    neg_mask = check_neg_mask(neg_mask, n, m, q.device, check=check)
     fn = _dispatch.resolve("siglip", impl, n, m, q.device)
     loss, _ = fn(q, k, scale, bias, targets=targets, pos_mask=pos_mask, extra_negatives=extra_negatives,
                  neg_mask=neg_mask, reduction=reduction, **_dispatch.accepted_options(fn, impl_options, impl))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from batchlab.losses import _dispatch
 from batchlab.losses._common import LSE
-from batchlab.losses.tiled.engine import Pairs, resolve_tile
+from batchlab.losses.tiled.engine import pairs_for, resolve_tile
 from batchlab.losses.tiled.softmax import LSESpec, run_lse
 
 
@@ -18,7 +18,7 @@ def dcl_tiled(q, k, scale, *, weighted, sigma, symmetric, targets, pos_mask, ext
               reduction, tile_size=None):
     """DCL/DCLW without the (N, M) logits; ``tile_size``: int or (rows, cols)."""
     spec = LSESpec(
-        pairs=Pairs(targets=targets, pos_mask=pos_mask, neg_mask=neg_mask),
+        pairs=pairs_for(q, targets, pos_mask, neg_mask),
         symmetric=symmetric, reduction=reduction, tile=resolve_tile(tile_size, q.device),
         exclude_positives=True, weighted=weighted, sigma=sigma,
     )

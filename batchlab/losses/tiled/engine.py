@@ -203,6 +203,13 @@ class Pairs:
         return self
 
 
+def pairs_for(q: torch.Tensor, targets, pos_mask, neg_mask) -> Pairs:
+    """The :class:`Pairs` of a (q, k) loss; ``targets`` and ``pos_mask`` both None mean the diagonal."""
+    if targets is None and pos_mask is None:
+        targets = torch.arange(q.shape[0], device=q.device)
+    return Pairs(targets=targets, pos_mask=pos_mask, neg_mask=neg_mask)
+
+
 def _label_counts(labels: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     """For each entry of ``labels``, how many entries of ``other`` share its label."""
     values, counts = torch.unique(other, return_counts=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from batchlab.losses import _dispatch
 from batchlab.losses._common import LSE
-from batchlab.losses.tiled.engine import Pairs, resolve_tile
+from batchlab.losses.tiled.engine import pairs_for, resolve_tile
 from batchlab.losses.tiled.softmax import LSESpec, run_lse
 
 
@@ -13,7 +13,7 @@ def info_nce_tiled(q, k, scale, *, symmetric, targets, pos_mask, extra_negatives
                    tile_size=None):
     """InfoNCE without the (N, M) logits; ``tile_size``: int or (rows, cols), default per device."""
     spec = LSESpec(
-        pairs=Pairs(targets=targets, pos_mask=pos_mask, neg_mask=neg_mask),
+        pairs=pairs_for(q, targets, pos_mask, neg_mask),
         symmetric=symmetric, reduction=reduction, tile=resolve_tile(tile_size, q.device),
     )
     loss, row_lse, col_lse = run_lse(q, k, extra_negatives, scale, spec)

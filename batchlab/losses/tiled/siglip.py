@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from batchlab.losses import _dispatch
 from batchlab.losses._common import compute_dtype
 from batchlab.losses.siglip import reduce_siglip
-from batchlab.losses.tiled.engine import Pairs, extra_backward, extra_logits, resolve_tile, sigmoid_block
+from batchlab.losses.tiled.engine import Pairs, extra_backward, extra_logits, pairs_for, resolve_tile, sigmoid_block
 
 
 @dataclass(frozen=True)
@@ -85,6 +85,6 @@ class SigmoidContrastive(torch.autograd.Function):
 @_dispatch.register("siglip", "tiled")
 def siglip_tiled(q, k, scale, bias, *, targets, pos_mask, extra_negatives, neg_mask, reduction, tile_size=None):
     """SigLIP without the (N, M) logits; ``tile_size``: int or (rows, cols)."""
-    spec = SigmoidSpec(Pairs(targets=targets, pos_mask=pos_mask, neg_mask=neg_mask), reduction,
+    spec = SigmoidSpec(pairs_for(q, targets, pos_mask, neg_mask), reduction,
                        resolve_tile(tile_size, q.device))
     return SigmoidContrastive.apply(q, k, extra_negatives, scale, bias, spec), None

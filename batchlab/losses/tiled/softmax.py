@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from batchlab.losses._common import compute_dtype
-from batchlab.losses.dcl import check_has_negatives, dclw_weights
+from batchlab.losses.dcl import dclw_weights
 from batchlab.losses.infonce import reduce_loss
 from batchlab.losses.tiled.engine import (
     LSECoefficients,
@@ -66,8 +66,6 @@ class LSEContrastive(torch.autograd.Function):
         row_lse = stats.row_lse
         if _has_extra(extra):
             row_lse = torch.logaddexp(row_lse, torch.logsumexp(extra_logits(q, extra, scale), dim=1))
-        if spec.exclude_positives:
-            check_has_negatives(row_lse)
         n_row = spec.pairs.row_counts(n, q.device, cd)
         row_cos = stats.row_pos / n_row
         w_row = dclw_weights(row_cos, spec.sigma) if spec.weighted else torch.ones_like(row_cos)

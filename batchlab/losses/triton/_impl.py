@@ -27,9 +27,10 @@ import torch
 
 from batchlab.losses import _dispatch
 from batchlab.losses._common import LSE, compute_dtype
-from batchlab.losses.dcl import check_has_negatives, dclw_weights
+from batchlab.losses.dcl import dclw_weights
 from batchlab.losses.infonce import reduce_loss
 from batchlab.losses.siglip import reduce_siglip
+from batchlab.losses.triton import _dense
 from batchlab.losses.triton._lse import pair_lse
 from batchlab.losses.triton._siglip import siglip_pass, siglip_total
 
@@ -81,18 +82,18 @@ class _PairDot(torch.autograd.Function):
         return dq, dk, None, None
 
 
-def _is_arange(t: torch.Tensor, n: int) -> bool:
-    return t.shape[0] == n and bool(torch.equal(t, torch.arange(n, device=t.device)))
-
-
 def _positive_cosines(q, k, targets, pos_mask, need_cols: bool):
-    """Mean positive cosine per row (N,) and per column (M,) (or None), differentiable."""
+    """Mean positive cosine per row (N,) and per column (M,) (or None), differentiable.
+
+    ``targets`` and ``pos_mask`` both None: the diagonal (no gather, no index tensor).
+    """
     n, m = q.shape[0], k.shape[0]
     if pos_mask is None:
-        # one positive per row; the diagonal (n == m) needs no gather
-        dots = _PairDot.apply(q, k, None, None if m == n and _is_arange(targets, n) else targets)
+        dots = _PairDot.apply(q, k, None, targets)  # one positive per row
         if not need_cols:
             return dots, None
+        if targets is None:  # the symmetric diagonal: column j's positive is row j
+            return dots, dots
         rows, cols = torch.arange(n, device=q.device), targets
     else:
         rows, cols = pos_mask.nonzero(as_tuple=True)
@@ -130,8 +131,6 @@ def _contrastive(q, k, scale, *, symmetric, targets, pos_mask, extra_negatives, 
                                 workspace_bytes=workspace_bytes)
     if extra_negatives is not None and extra_negatives.shape[1]:
         row_lse = torch.logaddexp(row_lse, torch.logsumexp(_extra_logits(q, extra_negatives, scale), dim=1))
-    if exclude:
-        check_has_negatives(row_lse)
     row_cos, col_cos = _positive_cosines(q, k, targets, pos_mask, symmetric)
     w_row = dclw_weights(row_cos, sigma) if weighted else 1.0
     row_loss = row_lse - w_row * (scale * row_cos)
@@ -149,6 +148,9 @@ def info_nce_triton(q, k, scale, *, symmetric, targets, pos_mask, extra_negative
     if not _native(q, neg_mask):
         return _fallback("info_nce", q, k, scale, symmetric=symmetric, targets=targets, pos_mask=pos_mask,
                          extra_negatives=extra_negatives, neg_mask=neg_mask, reduction=reduction)
+    if pos_mask is None and (extra_negatives is None or not extra_negatives.shape[1]) and _dense.dense_ok(q, k):
+        loss, row_lse, col_lse = _dense.clip_loss(q, k, scale, targets, symmetric=symmetric, reduction=reduction)
+        return loss, LSE(row_lse, col_lse)
     # The denominators never depend on the positives, so pos_mask needs no kernel support.
     return _contrastive(q, k, scale, symmetric=symmetric, targets=targets if pos_mask is None else None,
                         pos_mask=pos_mask, extra_negatives=extra_negatives, reduction=reduction, exclude=False,
@@ -182,8 +184,11 @@ def siglip_triton(q, k, scale, bias, *, targets, pos_mask, extra_negatives, neg_
                          extra_negatives=extra_negatives, neg_mask=neg_mask, reduction=reduction)
     n = q.shape[0]
     has_extra = extra_negatives is not None and extra_negatives.shape[1] > 0
+    if not has_extra and reduction != "none" and _dense.dense_ok(q, k):
+        return _dense.siglip_loss(q, k, scale, bias, targets, reduction=reduction), None
     if not torch.is_grad_enabled():
-        rows, _ = siglip_pass(q.contiguous(), k.contiguous(), scale, bias, targets.contiguous(), loss=True)
+        rows, _ = siglip_pass(q.contiguous(), k.contiguous(), scale, bias,
+                              None if targets is None else targets.contiguous(), loss=True)
         if has_extra:
             rows = rows + torch.nn.functional.softplus(_extra_logits(q, extra_negatives, scale) + bias).sum(1)
         return reduce_siglip(rows, reduction), None

@@ -14,8 +14,9 @@ Three kernels:
   from the bound ``B = |s| max|q| max|k| >= |L|``: no term can overflow; the caller
   detects the rare columns whose sum underflowed and recomputes them exactly with
   this same kernel on swapped inputs.
-  With ``ONE_EXP`` (small enough ``B``) the column term is the row term times a
-  per-row factor: one exp2 per logit instead of two.
+  With the ``one_exp`` flag (small enough ``B``) the column term is the row term times a
+  per-row factor: one exp2 per logit instead of two. The shift and the flag are read
+  from a device tensor (``ctl``), so the host never waits for the bound.
 * ``lse_bwd_kernel``: recomputes a panel of rows' tiles and writes the logit
   gradient ``G_ij = g_i softmax_row_ij + h_j softmax_col_ij`` (divided by a global
   ``gscale`` so that it fits in bf16/fp16) plus per-program partial sums of
@@ -128,16 +129,18 @@ def online_lse(m_i, l_i, x):
 
 
 @triton.jit
-def _fwd_tile(acc, rows, cols, m_i, l_i, s2, ref2, col_sum_ptr, tgt_ptr, N, M,
-              COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr, TGT_ON_COLS: tl.constexpr,
-              ONE_EXP: tl.constexpr):
-    """Fold one tile of ``q . k`` into the rows' online (max, sum) and the columns' shifted sums."""
+def _fwd_tile(acc, rows, cols, m_i, l_i, s2, ref2, one_exp, col_sum_ptr, tgt_ptr, N, M,
+              COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr, TGT_ON_COLS: tl.constexpr):
+    """Fold one tile of ``q . k`` into the rows' online (max, sum) and the columns' shifted sums.
+
+    ``one_exp`` (a runtime flag, uniform over the launch) picks the single-exponential epilogue.
+    """
     l2 = acc * s2
     valid = _valid(rows, cols, N, M, tgt_ptr, EXCLUDE, HAS_TGT, TGT_ON_COLS)
     l2m = tl.where(valid, l2, float("-inf"))
     m_new, l_i, p = online_lse(m_i, l_i, l2m)
     if COLS:
-        if ONE_EXP:  # 2^(l2 - ref2) = p * 2^(m_new - ref2): exact while p cannot underflow
+        if one_exp:  # 2^(l2 - ref2) = p * 2^(m_new - ref2): exact while p cannot underflow
             pc = p * tl.exp2(m_new - ref2)[:, None]
         else:
             pc = tl.where(valid, tl.exp2(l2 - ref2), 0.0)
@@ -146,45 +149,60 @@ def _fwd_tile(acc, rows, cols, m_i, l_i, s2, ref2, col_sum_ptr, tgt_ptr, N, M,
 
 
 @triton.jit
-def lse_fwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ref2,
+def lse_fwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ctl_ptr,
                    row_m_ptr, row_l_ptr, col_sum_ptr,
                    N, M, D, stride_q, stride_k, tiles_per_group,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                    COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr, TGT_ON_COLS: tl.constexpr,
-                   ONE_EXP: tl.constexpr,
                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-                   FLAT: tl.constexpr = False):
+                   FLAT: tl.constexpr = False, FIX: tl.constexpr = False):
     """Rows' online (max, sum) over a group of column tiles, and the columns' shifted sums.
 
-    ``FLAT`` (speed only) lets Triton flatten the tile and d loops into one software
-    pipeline, so the next tile's first chunks load while this tile's epilogue runs.
+    ``ctl`` (fp32, device): ``[ref2, one_exp]``, the column shift and the epilogue flag, so
+    that the host never reads the logits' bound. ``FLAT`` (speed only) lets Triton flatten
+    the tile and d loops into one software pipeline.
+
+    ``FIX`` (one group, swapped inputs: rows are keys): the column pass's finish. Each
+    program reads its keys' shifted sums from ``col_sum_ptr``; only a program holding a key
+    whose sum underflowed walks the queries (exact online max); every program writes
+    its keys' final base-2 log-sum-exp to ``row_m_ptr``. No host decision, no sync.
     """
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     s2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+    ref2 = tl.load(ctl_ptr)
+    one_exp = tl.load(ctl_ptr + 1) != 0
     # A finite floor instead of -inf keeps exp2(m_old - m_new) free of inf - inf.
     m_i = tl.full((BM,), -1.0e30, dtype=tl.float32)
     l_i = tl.zeros((BM,), dtype=tl.float32)
     n_tiles = tl.cdiv(M, BN)
     t_start = pid_g * tiles_per_group
     t_end = tl.minimum(t_start + tiles_per_group, n_tiles)
+    if FIX:
+        shifted = tl.load(col_sum_ptr + rows, mask=rows < N, other=1.0)
+        low = shifted < 1.3552527156068805e-20  # 2**-66: the flushed terms could matter
+        t_end = tl.where(tl.max(low.to(tl.int32), 0) > 0, t_end, t_start)
     for t in tl.range(t_start, t_end, flatten=FLAT):
         cols = t * BN + tl.arange(0, BN)
         acc = _tile_dot(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
-        m_i, l_i = _fwd_tile(acc, rows, cols, m_i, l_i, s2, ref2, col_sum_ptr, tgt_ptr, N, M,
-                             COLS, EXCLUDE, HAS_TGT, TGT_ON_COLS, ONE_EXP)
-    out = pid_g.to(tl.int64) * N + rows
-    tl.store(row_m_ptr + out, m_i, mask=rows < N)
-    tl.store(row_l_ptr + out, l_i, mask=rows < N)
+        m_i, l_i = _fwd_tile(acc, rows, cols, m_i, l_i, s2, ref2, one_exp, col_sum_ptr, tgt_ptr, N, M,
+                             COLS, EXCLUDE, HAS_TGT, TGT_ON_COLS)
+    if FIX:
+        final = tl.where(low, m_i + tl.log2(l_i), ref2 + tl.log2(shifted))
+        tl.store(row_m_ptr + rows, final, mask=rows < N)
+    else:
+        out = pid_g.to(tl.int64) * N + rows
+        tl.store(row_m_ptr + out, m_i, mask=rows < N)
+        tl.store(row_l_ptr + out, l_i, mask=rows < N)
 
 
 @triton.jit
-def lse_bwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ginv_ptr,
+def lse_bwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ginv_ptr, ctl_ptr,
                    row_lse2_ptr, col_lse2_ptr, g_row_ptr, g_col_ptr, out_ptr,
                    r0, r1, M, D, stride_q, stride_k, stride_out,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                   COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr, ONE_EXP: tl.constexpr,
+                   COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr,
                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
                    TMA_OUT: tl.constexpr = False, TPP: tl.constexpr = 1, FLAT: tl.constexpr = False):
     """Logit gradient of ``sum_i g_i row_lse_i + sum_j h_j col_lse_j`` for rows [r0, r1).
@@ -200,8 +218,8 @@ def lse_bwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ginv_ptr,
     lse_r = tl.load(row_lse2_ptr + rows, mask=rmask, other=0.0)
     g_r = tl.load(g_row_ptr + rows, mask=rmask, other=0.0)
     ginv = tl.load(ginv_ptr)
-    if ONE_EXP:
-        a = tl.exp2(lse_r)
+    one_exp = tl.load(ctl_ptr + 1) != 0  # runtime flag, uniform over the launch (see lse_fwd_kernel)
+    a = tl.exp2(lse_r)  # used by the single-exponential epilogue only
     t0 = tl.program_id(1) * TPP
     for t in tl.range(t0, tl.minimum(t0 + TPP, tl.cdiv(M, BN)), flatten=FLAT):
         cols = t * BN + tl.arange(0, BN)
@@ -212,7 +230,7 @@ def lse_bwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ginv_ptr,
         if COLS:
             lse_c = tl.load(col_lse2_ptr + cols, mask=cmask, other=0.0)
             g_c = tl.load(g_col_ptr + cols, mask=cmask, other=0.0)
-            if ONE_EXP:  # 2^(l2 - lse_c) = p_r 2^lse_r 2^-lse_c: exact while p_r cannot underflow
+            if one_exp:  # 2^(l2 - lse_c) = p_r 2^lse_r 2^-lse_c: exact while p_r cannot underflow
                 b = g_c * tl.exp2(-lse_c)
                 g = p_r * (g_r[:, None] + a[:, None] * b[None, :])
             else:

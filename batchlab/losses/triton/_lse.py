@@ -13,8 +13,9 @@ col_lse (M,) or None)`` in fp32 without ever holding the (N, M) logits:
   accumulation across panels), and ``ds = sum G * (q . k) = sum_i q_i . (G k)_i``
   comes from the first product. FLOPs: 1 GEMM forward + 3 backward = ``8 N M d``.
 
-Host syncs: the forward reads the logits' bound (one ``float()``) and checks for
-underflowed columns (one ``any()``); the backward has none.
+Host syncs: none. The logits' bound, the column shift and the choice of epilogue live
+in a small device tensor (``ctl``) that the kernels read; the exact recomputation of
+underflowed columns is decided per program on the GPU (``lse_fwd_kernel``'s ``FIX``).
 
 ``exclude=True`` leaves each query's target out of both sums (DCL's denominator).
 """
@@ -47,11 +48,11 @@ _UNDERFLOW = 2.0**-66
 _HEADROOM2 = 92.0
 
 
-def logit_bound(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> float:
-    """``B = |s| max|q_i| max|k_j| >= |L_ij|`` on the host (one sync), with a margin for rounding."""
+def logit_bound(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``B = |s| max|q_i| max|k_j| >= |L_ij|`` as a 0-d fp32 device tensor, with a margin for rounding."""
     qn = torch.linalg.vector_norm(q, dim=1, dtype=torch.float32).max()
     kn = torch.linalg.vector_norm(k, dim=1, dtype=torch.float32).max()
-    return float(scale.detach().abs().float() * qn * kn) * 1.001
+    return scale.detach().abs().float() * qn * kn * 1.001
 
 
 #: The single-exponential epilogues (column terms derived from the row terms) are exact
@@ -61,16 +62,22 @@ _ONE_EXP_RANGE2 = 100.0
 ONE_EXP = True
 
 
-def one_exp_ok(bound: float, n: int, m: int) -> bool:
-    """Whether the logits' bound is small enough (|s| < ~30 at N = 1M) for one exp2 per logit."""
-    return ONE_EXP and 2 * bound * LOG2E + math.log2(max(n, m, 2)) <= _ONE_EXP_RANGE2
+def control(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``ctl`` (2,) fp32 on the device: the column shift ``ref2`` and the one-exponential flag.
+
+    ``ref2 = B log2(e) - 92`` (B: :func:`logit_bound`); the flag is 1 when
+    ``2 B log2(e) + log2(max(N, M)) <= 100`` (|s| < ~30 at N = 1M), so one exp2 per logit
+    is exact. Computed on the GPU: no host sync.
+    """
+    bound2 = logit_bound(q, k, scale) * LOG2E
+    limit = _ONE_EXP_RANGE2 - math.log2(max(q.shape[0], k.shape[0], 2)) if ONE_EXP else -1.0
+    return torch.stack([bound2 - _HEADROOM2, (2 * bound2 <= limit).float()])
 
 
-def lse_forward(q, k, scale, targets, *, cols: bool, exclude: bool, targets_on_cols: bool = False,
-                bound: float | None = None):
+def lse_forward(q, k, scale, targets, *, cols: bool, exclude: bool, ctl: torch.Tensor | None = None):
     """Base-2 row log-sum-exp (N,) and, when ``cols``, column log-sum-exp (M,) (or None).
 
-    ``bound``: ``logit_bound(q, k, scale)`` when the caller has it (only needed with ``cols``).
+    ``ctl``: :func:`control` of the inputs (computed here when None; only used with ``cols``).
     """
     n, d = q.shape
     m = k.shape[0]
@@ -84,18 +91,16 @@ def lse_forward(q, k, scale, targets, *, cols: bool, exclude: bool, targets_on_c
     row_m = torch.empty(groups, n, **f32)
     row_l = torch.empty(groups, n, **f32)
     col_sum = torch.zeros(m if cols else 1, **f32)
-    if cols and bound is None:
-        bound = logit_bound(q, k, scale)
-    ref2 = bound * LOG2E - _HEADROOM2 if cols else 0.0
+    if ctl is None:
+        ctl = control(q, k, scale) if cols else torch.zeros(2, **f32)
     scale32 = scale.detach().float().reshape(1).contiguous()
     tgt = targets if targets is not None else row_m  # unused pointer when there are no targets
+    flags = dict(EXCLUDE=exclude, HAS_TGT=targets is not None, **kernel_flags(q, cfg["BD"]))
     q_arg, k_arg, cfg = operands(q, k, cfg)
     _kernels.lse_fwd_kernel[(row_blocks, groups)](
-        q_arg, k_arg, tgt, scale32, ref2, row_m, row_l, col_sum,
+        q_arg, k_arg, tgt, scale32, ctl, row_m, row_l, col_sum,
         n, m, d, q.stride(0), k.stride(0), per_group,
-        COLS=cols, EXCLUDE=exclude, HAS_TGT=targets is not None, TGT_ON_COLS=targets_on_cols,
-        ONE_EXP=cols and one_exp_ok(bound, n, m),
-        **cfg, **kernel_flags(q, cfg["BD"]),
+        COLS=cols, TGT_ON_COLS=False, **cfg, **flags,
     )
     if groups == 1:
         row_lse2 = row_m[0] + torch.log2(row_l[0])
@@ -104,18 +109,22 @@ def lse_forward(q, k, scale, targets, *, cols: bool, exclude: bool, targets_on_c
         row_lse2 = top + torch.log2((row_l * torch.exp2(row_m - top)).sum(dim=0))
     if not cols:
         return row_lse2, None
-    col_lse2 = ref2 + torch.log2(col_sum)
-    low = col_sum < _UNDERFLOW
-    if bool(low.any()):
-        # Exact pass for the columns: keys as rows, queries as columns (online max per key).
-        exact, _ = lse_forward(k, q, scale, targets, cols=False, exclude=exclude, targets_on_cols=True)
-        col_lse2 = torch.where(low, exact, col_lse2)
+    # The columns' finish: keys as rows, queries as columns, one group. A program walks the
+    # queries (exact online max) only if one of its keys' shifted sums underflowed.
+    col_lse2 = torch.empty(m, **f32)
+    k_arg, q_arg, cfg2 = operands(k, q, config("fwd", q.dtype))
+    cfg2.pop("FLAT", None)
+    _kernels.lse_fwd_kernel[(triton.cdiv(m, cfg2["BM"]), 1)](
+        k_arg, q_arg, tgt, scale32, ctl, col_lse2, col_lse2, col_sum,
+        m, n, d, k.stride(0), q.stride(0), triton.cdiv(n, cfg2["BN"]),
+        COLS=False, TGT_ON_COLS=True, FIX=True, **cfg2, **flags,
+    )
     return row_lse2, col_lse2
 
 
 def lse_backward(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, exclude: bool,
                  workspace_bytes: int | None = None, need_q: bool = True, need_k: bool = True,
-                 bound: float | None = None):
+                 ctl: torch.Tensor | None = None):
     """Gradients (dq, dk, ds) of ``sum_i g_row_i row_lse_i + sum_j g_col_j col_lse_j`` (``g_row`` required)."""
     n, d = q.shape
     m = k.shape[0]
@@ -132,7 +141,8 @@ def lse_backward(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, excl
     ginv = (1.0 / gscale).reshape(1)
     scale32 = scale.detach().float().reshape(1).contiguous()
     factor = scale32 * gscale  # dq = s * gscale * (G/gscale) @ k
-    one_exp = cols_on and one_exp_ok(logit_bound(q, k, scale) if bound is None else bound, n, m)
+    if ctl is None or not cols_on:
+        ctl = control(q, k, scale) if cols_on else torch.zeros(2, device=q.device, dtype=torch.float32)
     rows_per_panel = panel_rows(n, m, q.element_size(), bm, workspace_bytes)
     col_groups = triton.cdiv(triton.cdiv(m, bn), cfg.get("TPP", 1))
     dummy = ginv
@@ -141,10 +151,10 @@ def lse_backward(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, excl
     def fill(p, r0, r1, buf):
         out, tma_out = panel_output(buf, r1 - r0, cfg)
         _kernels.lse_bwd_kernel[(triton.cdiv(r1 - r0, bm), col_groups)](
-            q_arg, k_arg, targets if targets is not None else dummy, scale32, ginv,
+            q_arg, k_arg, targets if targets is not None else dummy, scale32, ginv, ctl,
             row_lse2, col_lse2 if cols_on else dummy, g_row, g_col if cols_on else dummy, out,
             r0, r1, m, d, q.stride(0), k.stride(0), buf.stride(0),
-            COLS=cols_on, EXCLUDE=exclude, HAS_TGT=targets is not None, ONE_EXP=one_exp,
+            COLS=cols_on, EXCLUDE=exclude, HAS_TGT=targets is not None,
             **{**cfg, "TMA_OUT": tma_out}, **kernel_flags(q, cfg["BD"]),
         )
 
@@ -157,21 +167,21 @@ class PairLSE(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, scale, targets, cols, exclude, workspace_bytes):
-        bound = logit_bound(q, k, scale) if cols else None
-        row2, col2 = lse_forward(q, k, scale, targets, cols=cols, exclude=exclude, bound=bound)
-        ctx.save_for_backward(q, k, scale, targets, row2, col2 if cols else None)
-        ctx.cols, ctx.exclude, ctx.workspace_bytes, ctx.bound = cols, exclude, workspace_bytes, bound
+        ctl = control(q, k, scale) if cols else None
+        row2, col2 = lse_forward(q, k, scale, targets, cols=cols, exclude=exclude, ctl=ctl)
+        ctx.save_for_backward(q, k, scale, targets, row2, col2 if cols else None, ctl)
+        ctx.cols, ctx.exclude, ctx.workspace_bytes = cols, exclude, workspace_bytes
         col = col2 * LN2 if cols else row2.new_empty(0)
         return row2 * LN2, col
 
     @staticmethod
     def backward(ctx, g_row, g_col):
-        q, k, scale, targets, row2, col2 = ctx.saved_tensors
+        q, k, scale, targets, row2, col2, ctl = ctx.saved_tensors
         need_q, need_k, need_s = ctx.needs_input_grad[:3]
         dq, dk, ds = lse_backward(
             q, k, scale, targets, row2, col2, g_row, g_col if ctx.cols else None,
             exclude=ctx.exclude, workspace_bytes=ctx.workspace_bytes, need_q=need_q, need_k=need_k,
-            bound=ctx.bound,
+            ctl=ctl,
         )
         return dq, dk, (ds.to(scale.dtype) if need_s else None), None, None, None, None
 

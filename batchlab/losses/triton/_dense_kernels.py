@@ -1,0 +1,195 @@
+"""Triton kernels of the small-batch path (:mod:`._dense`): a handful of launches per step.
+
+* ``clip_lse_kernel``: from the fp32 product ``S = q @ k.T`` (one cuBLAS call), every
+  row's and (symmetric) every column's exact log-sum-exp of ``s * S``, the positive
+  logits, the per-row and per-column losses and one partial sum of the loss per
+  program. Programs ``[0, row_blocks)`` own row blocks and sweep the columns; the
+  others own column blocks and sweep the rows (exact online maxima both ways, no bound).
+* ``clip_grad_kernel``: recomputes a tile of ``q . k`` and writes ``s * dLoss/dL`` in
+  the inputs' dtype (two cuBLAS products turn it into ``dq`` and ``dk``) and a partial
+  sum of ``dLoss/dL * (q . k)`` (the scale gradient).
+* ``siglip_loss_kernel`` / ``siglip_grad_kernel``: the same for the sigmoid loss, whose
+  terms need no statistics (its forward needs no product buffer).
+
+The upstream gradient and the loss normalisation enter the kernels as a coefficient
+(``cr``, ``cc``) times ``g`` (a scalar, or one value per row when ``G_VEC``).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from batchlab.losses.triton._kernels import _tile_dot, online_lse
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def clip_lse_kernel(s_ptr, scale_ptr, tgt_ptr, stats_ptr, rows_out_ptr, cols_out_ptr, cnt_ptr, part_ptr,
+                    N, M, stride_s, coef_row, coef_col,
+                    BLOCK: tl.constexpr, CHUNK: tl.constexpr, SYM: tl.constexpr, HAS_TGT: tl.constexpr):
+    """Row (and column) log-sum-exp, losses and partial loss sums of ``s * S`` (see module doc).
+
+    ``stats`` (N + M,): row then column log-sum-exp (natural log); ``cnt`` (M,): positives per column.
+    """
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(N, BLOCK)
+    s2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+    if pid < row_blocks:
+        rows = pid * BLOCK + tl.arange(0, BLOCK)
+        rmask = rows < N
+        if HAS_TGT:
+            t = tl.load(tgt_ptr + rows, mask=rmask, other=-1)
+        else:
+            t = rows
+        m_i = tl.full((BLOCK,), -1.0e30, dtype=tl.float32)
+        l_i = tl.zeros((BLOCK,), dtype=tl.float32)
+        pos = tl.zeros((BLOCK,), dtype=tl.float32)
+        for c0 in range(0, M, CHUNK):
+            cols = c0 + tl.arange(0, CHUNK)
+            mask = rmask[:, None] & (cols[None, :] < M)
+            x = tl.load(s_ptr + rows[:, None].to(tl.int64) * stride_s + cols[None, :], mask=mask, other=0.0) * s2
+            pos += tl.sum(tl.where(cols[None, :] == t[:, None], x, 0.0), 1)
+            m_i, l_i, _ = online_lse(m_i, l_i, tl.where(mask, x, float("-inf")))
+        lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
+        loss = lse - pos * 0.6931471805599453
+        tl.store(stats_ptr + rows, lse, mask=rmask)
+        tl.store(rows_out_ptr + rows, loss, mask=rmask)
+        tl.store(part_ptr + pid, tl.sum(tl.where(rmask, loss, 0.0), 0) * coef_row)
+    else:
+        cols = (pid - row_blocks) * BLOCK + tl.arange(0, BLOCK)
+        cmask = cols < M
+        m_j = tl.full((BLOCK,), -1.0e30, dtype=tl.float32)
+        l_j = tl.zeros((BLOCK,), dtype=tl.float32)
+        pos = tl.zeros((BLOCK,), dtype=tl.float32)
+        cnt = tl.zeros((BLOCK,), dtype=tl.int32)
+        for r0 in range(0, N, CHUNK):
+            rows = r0 + tl.arange(0, CHUNK)
+            rmask = rows < N
+            if HAS_TGT:
+                t = tl.load(tgt_ptr + rows, mask=rmask, other=-1)
+            else:
+                t = tl.where(rmask, rows, -1)
+            mask = rmask[:, None] & cmask[None, :]
+            x = tl.load(s_ptr + rows[:, None].to(tl.int64) * stride_s + cols[None, :], mask=mask, other=0.0) * s2
+            hit = t[:, None] == cols[None, :]
+            pos += tl.sum(tl.where(hit, x, 0.0), 0)
+            cnt += tl.sum(hit.to(tl.int32), 0)
+            x = tl.where(mask, x, float("-inf"))
+            m_new = tl.maximum(m_j, tl.max(x, 0))
+            l_j = l_j * tl.exp2(m_j - m_new) + tl.sum(tl.exp2(x - m_new[None, :]), 0)
+            m_j = m_new
+        lse = (m_j + tl.log2(l_j)) * 0.6931471805599453
+        loss = lse - pos * 0.6931471805599453 / tl.maximum(cnt, 1).to(tl.float32)
+        tl.store(stats_ptr + N + cols, lse, mask=cmask)
+        tl.store(cols_out_ptr + cols, loss, mask=cmask)
+        tl.store(cnt_ptr + cols, cnt, mask=cmask)
+        tl.store(part_ptr + pid, tl.sum(tl.where(cmask, loss, 0.0), 0) * coef_col)
+
+
+@triton.jit
+def _coefficient(g_ptr, idx, mask, c, G_VEC: tl.constexpr):
+    """``c * g`` for the entries ``idx``: g is one scalar, or one value per entry (``G_VEC``)."""
+    if G_VEC:
+        return tl.load(g_ptr + idx, mask=mask, other=0.0).to(tl.float32) * c
+    return tl.load(g_ptr).to(tl.float32) * c + tl.zeros(idx.shape, dtype=tl.float32)
+
+
+@triton.jit
+def clip_grad_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, stats_ptr, gstats_ptr, cnt_ptr, g_ptr, out_ptr, part_ptr,
+                     N, M, D, stride_q, stride_k, stride_out, cr, cc,
+                     BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                     SYM: tl.constexpr, HAS_TGT: tl.constexpr, G_VEC: tl.constexpr,
+                     EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """``out = s * dLoss/dL`` on one tile, and ``part[pid] = sum dLoss/dL * (q . k)``.
+
+    Row loss ``lse_i - L_{i,t_i}`` weighs ``a_i = cr g``; column loss ``lse_j - mean_{i: t_i = j} L_ij``
+    weighs ``b_j = cc g``; ``gstats`` adds the gradients of the returned log-sum-exps.
+    """
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    rmask = rows < N
+    cmask = cols < M
+    acc = _tile_dot(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC, False)
+    s = tl.load(scale_ptr).to(tl.float32)
+    l2 = acc * (s * 1.4426950408889634)
+    if HAS_TGT:
+        t = tl.load(tgt_ptr + rows, mask=rmask, other=-1)
+    else:
+        t = rows
+    pos = cols[None, :] == t[:, None]
+    a = _coefficient(g_ptr, rows, rmask, cr, G_VEC)
+    lse_r = tl.load(stats_ptr + rows, mask=rmask, other=0.0) * 1.4426950408889634
+    ga = tl.load(gstats_ptr + rows, mask=rmask, other=0.0)
+    grad = (a + ga)[:, None] * tl.exp2(l2 - lse_r[:, None]) - tl.where(pos, a[:, None], 0.0)
+    if SYM:
+        b = _coefficient(g_ptr, cols, cmask, cc, G_VEC)
+        lse_c = tl.load(stats_ptr + N + cols, mask=cmask, other=0.0) * 1.4426950408889634
+        gb = tl.load(gstats_ptr + N + cols, mask=cmask, other=0.0)
+        if HAS_TGT:
+            b_pos = b / tl.maximum(tl.load(cnt_ptr + cols, mask=cmask, other=1), 1).to(tl.float32)
+        else:
+            b_pos = b
+        grad += (b + gb)[None, :] * tl.exp2(l2 - lse_c[None, :]) - tl.where(pos, b_pos[None, :], 0.0)
+    mask = rmask[:, None] & cmask[None, :]
+    grad = tl.where(mask, grad, 0.0)
+    out = out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :]
+    tl.store(out, (grad * s).to(out_ptr.dtype.element_ty), mask=mask)
+    pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    tl.store(part_ptr + pid, tl.sum(tl.sum(grad * acc, 1), 0))
+
+
+@triton.jit
+def _siglip_terms(q_ptr, k_ptr, scale_ptr, bias_ptr, tgt_ptr, N, M, D, stride_q, stride_k,
+                  BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, HAS_TGT: tl.constexpr,
+                  EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """This program's tile: indices, mask, ``q . k``, the positives, ``x = -y z`` and ``e = exp(-|x|)``."""
+    rows = tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    rmask = rows < N
+    mask = rmask[:, None] & (cols[None, :] < M)
+    acc = _tile_dot(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC, False)
+    z = acc * tl.load(scale_ptr).to(tl.float32) + tl.load(bias_ptr).to(tl.float32)
+    if HAS_TGT:
+        t = tl.load(tgt_ptr + rows, mask=rmask, other=-1)
+    else:
+        t = rows
+    pos = cols[None, :] == t[:, None]
+    x = tl.where(pos, -z, z)  # the term is softplus(x)
+    e = tl.exp2(-tl.abs(x) * 1.4426950408889634)
+    return rows, mask, acc, pos, x, e
+
+
+@triton.jit
+def siglip_loss_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, tgt_ptr, part_ptr, N, M, D, stride_q, stride_k, coef,
+                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, HAS_TGT: tl.constexpr,
+                       EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """``part[pid] = coef * sum softplus(-y z)`` over this program's tile."""
+    rows, mask, acc, pos, x, e = _siglip_terms(q_ptr, k_ptr, scale_ptr, bias_ptr, tgt_ptr, N, M, D, stride_q,
+                                               stride_k, BM, BN, BD, HAS_TGT, EVEN_D, UPCAST, PREC)
+    sp = tl.maximum(x, 0.0) + tl.log2(1.0 + e) * 0.6931471805599453
+    pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    tl.store(part_ptr + pid, tl.sum(tl.sum(tl.where(mask, sp, 0.0), 1), 0) * coef)
+
+
+@triton.jit
+def siglip_grad_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, tgt_ptr, g_ptr, out_ptr, part_ptr,
+                       N, M, D, stride_q, stride_k, stride_out, coef,
+                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, HAS_TGT: tl.constexpr,
+                       EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+    """``out = s * dLoss/dz`` on one tile; ``part[pid] = (sum dLoss/dz * (q . k), sum dLoss/dz)``."""
+    rows, mask, acc, pos, x, e = _siglip_terms(q_ptr, k_ptr, scale_ptr, bias_ptr, tgt_ptr, N, M, D, stride_q,
+                                               stride_k, BM, BN, BD, HAS_TGT, EVEN_D, UPCAST, PREC)
+    r = 1.0 / (1.0 + e)
+    sig = tl.where(x >= 0, r, e * r)  # sigmoid(x) without cancellation
+    grad = tl.where(pos, -sig, sig) * (tl.load(g_ptr).to(tl.float32) * coef)
+    grad = tl.where(mask, grad, 0.0)
+    s = tl.load(scale_ptr).to(tl.float32)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    out = out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :]
+    tl.store(out, (grad * s).to(out_ptr.dtype.element_ty), mask=mask)
+    pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+    tl.store(part_ptr + 2 * pid, tl.sum(tl.sum(grad * acc, 1), 0))
+    tl.store(part_ptr + 2 * pid + 1, tl.sum(tl.sum(grad, 1), 0))
