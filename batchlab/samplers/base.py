@@ -10,10 +10,17 @@ batches as lists of dataset indices; this base class supplies the rest:
   never a global RNG),
   so every rank builds the same plan without talking to the others;
 * an exact ``__len__``, identical on every rank (the plan is built, then counted);
+* every ``iter()`` starts a clean pass over the epoch (an abandoned iterator shifts
+  nothing), except the first pass after ``load_state_dict``, which resumes;
 * ``state_dict()`` / ``load_state_dict()``: resume mid-epoch with no batch repeated
-  or skipped (the state records the epoch and how many batches were yielded);
+  or skipped. The state records the epoch and the batches done; ``state_dict(consumed=k)``
+  counts the ``k`` batches the training loop *received*, not the ones a ``DataLoader``'s
+  workers prefetched. ``load_state_dict`` refuses a state whose settings or data hashes
+  (``RESUME_SETTINGS``, ``RESUME_DATA``) differ;
 * ``num_replicas`` / ``rank``: rank ``r`` gets the ``r``-th contiguous slice of each
   global batch, so the global batch the loss gathers is the one the sampler built.
+  Every rank gets an equal, non-empty share of every batch; sizes for which that is
+  impossible are refused (:meth:`GlobalBatchSampler.check_num_examples`).
 
 Example
 -------
@@ -32,13 +39,15 @@ Example
 from __future__ import annotations
 
 import logging
+import operator
+import warnings
 from typing import Any, Iterator
 
 import torch
 from torch.utils.data import Sampler
 
 from batchlab._checks import check_positive_int
-from batchlab.errors import BatchlabInputError
+from batchlab.errors import BatchlabInputError, StaleArtifactError
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +68,23 @@ def epoch_seed(seed: int, epoch: int) -> int:
     z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
     z ^= z >> 31
     return (z ^ (z >> 32)) & 0xFFFFFFFF
+
+
+_SEED_LIMIT = 2**32  # epoch_seed keeps 32 bits of the seed and of the epoch
+
+
+def _check_index(name: str, value: Any, *, maximum: int | None = None) -> int:
+    """``value`` as a non-negative int (numpy ints welcome; bools, floats and strings refused)."""
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        index = operator.index(value)
+    except TypeError:
+        raise BatchlabInputError(f"{name} must be a non-negative integer, got {value!r}") from None
+    if index < 0 or (maximum is not None and index >= maximum):
+        bound = "" if maximum is None else f" and below {maximum}"
+        raise BatchlabInputError(f"{name} must be a non-negative integer{bound}, got {index}")
+    return index
 
 
 def resolve_replicas(num_replicas: int | None, rank: int | None) -> tuple[int, int]:
@@ -86,17 +112,34 @@ class GlobalBatchSampler(Sampler[list[int]]):
     drop_last:
         Drop a final global batch smaller than ``batch_size``.
     seed:
-        Base seed; epoch ``e`` uses ``epoch_seed(seed, e)``.
+        Base seed, an integer in ``[0, 2**32)``; epoch ``e`` uses ``epoch_seed(seed, e)``.
     num_replicas, rank:
         Distributed split; default from ``torch.distributed`` when initialised, else 1 and 0.
 
-    Subclasses name in ``RESUME_SETTINGS`` the attributes that shape their plan: they go
-    into :meth:`state_dict`, and :meth:`load_state_dict` refuses a state saved with other
-    values.
+    Notes
+    -----
+    Passes and positions. Every ``iter(sampler)`` starts a clean pass over the current
+    epoch, from its first batch, except the first pass after :meth:`load_state_dict`,
+    which starts where the saved state stopped. An abandoned iterator never shifts a
+    later pass. The sampler counts the batches it has handed out in the current pass;
+    ``state_dict(consumed=k)`` records ``k`` instead, the batches the training loop has
+    *received* from this pass (a ``DataLoader`` with workers fetches a few batches
+    ahead, and those must not count). See :meth:`state_dict`.
+
+    Writing a sampler: implement :meth:`plan_epoch`; name in ``RESUME_SETTINGS`` the
+    attributes that shape the plan (a nested batchlab sampler, such as a base sampler,
+    contributes all of its own settings), and in ``RESUME_DATA`` the content hashes of
+    the data it is built from, as ``{state key: (method name, what the data is)}`` where
+    ``method(epoch)`` returns the hash. :meth:`state_dict` records them and
+    :meth:`load_state_dict` refuses a state saved with other values. Call
+    :meth:`check_num_examples` once the dataset size is known, so impossible sizes fail
+    at construction.
     """
 
-    #: Attributes a saved state must match besides the seed, batch size and split.
+    #: Attributes a saved state must match besides the seed, batch size, drop_last and split.
     RESUME_SETTINGS: tuple[str, ...] = ()
+    #: Content hashes a saved state must match: ``{state key: (method(epoch) -> str, what)}``.
+    RESUME_DATA: dict[str, tuple[str, str]] = {}
 
     def __init__(
         self,
@@ -109,7 +152,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
     ) -> None:
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.drop_last = bool(drop_last)
-        self.seed = int(seed)
+        self.seed = _check_index("seed", seed, maximum=_SEED_LIMIT)
         self.num_replicas, self.rank = resolve_replicas(num_replicas, rank)
         if self.batch_size % self.num_replicas:
             raise BatchlabInputError(
@@ -117,7 +160,10 @@ class GlobalBatchSampler(Sampler[list[int]]):
                 f"num_replicas ({self.num_replicas}); use a multiple of {self.num_replicas}"
             )
         self.epoch = 0
-        self._yielded = 0  # global batches already yielded in the current epoch
+        self._position = 0  # batches of this epoch handed out (pass start + this pass's batches)
+        self._pass_start = 0  # where the current pass started
+        self._resume_pending = False  # True between load_state_dict and the next __iter__
+        self._pass: object | None = None  # token of the live pass; an abandoned pass stops counting
         self._plan_cache: tuple[int, list[list[int]]] | None = None
 
     # -- what subclasses write -------------------------------------------------
@@ -129,71 +175,223 @@ class GlobalBatchSampler(Sampler[list[int]]):
         """
         raise NotImplementedError
 
+    def check_num_examples(self, num_examples: int) -> None:
+        """Refuse, at construction, dataset sizes whose epochs cannot be split or are empty.
+
+        With ``drop_last=True`` an epoch needs at least one full batch. With ``drop_last=False``
+        and several ranks, the last, short global batch must split into equal, non-empty
+        shares, so ``num_examples`` must be a multiple of ``num_replicas`` (full batches
+        always split evenly: ``batch_size`` is a multiple of ``num_replicas``).
+        """
+        n, b, world = int(num_examples), self.batch_size, self.num_replicas
+        if self.drop_last and n < b:
+            raise BatchlabInputError(
+                f"drop_last=True with batch_size={b} but only {n} examples: every epoch would be empty; "
+                f"use batch_size <= {n} or drop_last=False"
+            )
+        if not self.drop_last and world > 1 and n % world:
+            last = n % b or b
+            below, above = n - n % world, n + world - n % world
+            raise BatchlabInputError(
+                f"{n} examples cannot be split into equal, non-empty shares over num_replicas={world} ranks: "
+                f"the last global batch would hold {last} examples, not a multiple of {world}. Use "
+                f"drop_last=True (drops that short batch; the plan moves which examples fall in it each epoch), "
+                f"or a dataset of a multiple of {world} examples (e.g. {below} or {above})"
+            )
+
     # -- the contract ----------------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
-        """Select the epoch whose plan the next ``__iter__`` yields (resets mid-epoch progress)."""
-        if int(epoch) != self.epoch:
-            self._yielded = 0
-        self.epoch = int(epoch)
+        """Select the epoch the next ``__iter__`` yields; its next pass starts clean.
+
+        The one exception: right after :meth:`load_state_dict`, ``set_epoch`` with the
+        saved epoch keeps the loaded position (the usual resume loop calls
+        ``set_epoch(epoch)`` before iterating).
+        """
+        epoch = _check_index("epoch", epoch, maximum=_SEED_LIMIT)
+        if epoch == self.epoch and self._resume_pending:
+            return
+        self.epoch = epoch
+        self._restart(0, resume=False)
+
+    def _restart(self, position: int, *, resume: bool) -> None:
+        self._position = self._pass_start = position
+        self._resume_pending = resume
+        self._pass = None
 
     def global_batches(self) -> list[list[int]]:
         """The current epoch's global batches after ``drop_last`` (cached per epoch)."""
         if self._plan_cache is None or self._plan_cache[0] != self.epoch:
-            generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
-            plan = [list(map(int, b)) for b in self.plan_epoch(generator)]
-            if self.drop_last:
-                plan = [b for b in plan if len(b) == self.batch_size]
-            plan = [b for b in plan if len(b) > 0]
-            self._plan_cache = (self.epoch, plan)
+            self._plan_cache = (self.epoch, self._checked_plan(self.epoch))
         return self._plan_cache[1]
 
+    def _checked_plan(self, epoch: int) -> list[list[int]]:
+        """``plan_epoch`` for ``epoch`` (== ``self.epoch``), after drop_last, checked for the rank split."""
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
+        plan = [list(map(int, b)) for b in self.plan_epoch(generator)]
+        if self.drop_last:
+            plan = [b for b in plan if len(b) == self.batch_size]
+        plan = [b for b in plan if len(b) > 0]
+        if not plan:
+            raise BatchlabInputError(
+                f"epoch {epoch} of {type(self).__name__} has no batch (batch_size={self.batch_size}, "
+                f"drop_last={self.drop_last}); use a smaller batch_size or drop_last=False"
+            )
+        uneven = [i for i, b in enumerate(plan) if len(b) % self.num_replicas]
+        if uneven:
+            i = uneven[0]
+            raise BatchlabInputError(
+                f"global batch {i} of epoch {epoch} holds {len(plan[i])} examples, which do not split into "
+                f"equal, non-empty shares over num_replicas={self.num_replicas} ranks; use drop_last=True or "
+                f"a dataset of a multiple of {self.num_replicas} examples"
+            )
+        return plan
+
     def local_slice(self, batch: list[int]) -> list[int]:
-        """This rank's contiguous share of a global batch (shares differ by at most one)."""
+        """This rank's contiguous share of a global batch (equal shares: the plan is checked)."""
         if self.num_replicas == 1:
             return batch
-        base, extra = divmod(len(batch), self.num_replicas)
-        start = self.rank * base + min(self.rank, extra)
-        return batch[start : start + base + (1 if self.rank < extra else 0)]
+        share = len(batch) // self.num_replicas
+        return batch[self.rank * share : (self.rank + 1) * share]
 
     def __iter__(self) -> Iterator[list[int]]:
         plan = self.global_batches()
-        start = self._yielded
+        self._restart(self._position if self._resume_pending else 0, resume=False)
+        token = self._pass = object()
+        return self._run(plan, self._pass_start, token)
+
+    def _run(self, plan: list[list[int]], start: int, token: object) -> Iterator[list[int]]:
         for i in range(start, len(plan)):
-            self._yielded = i + 1
+            if self._pass is token:  # a newer pass (or set_epoch) took over: stop counting
+                self._position = i + 1
             yield self.local_slice(plan[i])
-        # a finished epoch leaves nothing to resume: the next epoch starts from 0
-        self._yielded = 0
 
     def __len__(self) -> int:
         return len(self.global_batches())
 
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to resume exactly: epoch, batches yielded, seed, the split and ``RESUME_SETTINGS``."""
-        return {
-            "sampler": type(self).__name__,
-            "epoch": self.epoch,
-            "batches_yielded": self._yielded,
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "num_replicas": self.num_replicas,
-            **{key: getattr(self, key) for key in self.RESUME_SETTINGS},
-        }
+    def resume_settings(self, epoch: int | None = None) -> dict[str, Any]:
+        """The settings and data hashes that shape ``epoch``'s plan (what a state must match)."""
+        epoch = self.epoch if epoch is None else epoch
+        settings = {key: value for key, value, _ in self._settings(epoch)}
+        for key, value in settings.items():
+            if isinstance(value, GlobalBatchSampler):
+                settings[key] = value.resume_settings(epoch)
+        return settings
+
+    def _settings(self, epoch: int) -> Iterator[tuple[str, Any, str | None]]:
+        """(state key, value, what the data is, or None for a setting), in checking order."""
+        yield "sampler", type(self).__name__, None
+        for key in ("seed", "batch_size", "drop_last", "num_replicas", *self.RESUME_SETTINGS):
+            yield key, getattr(self, key), None
+        for key, (method, what) in self.RESUME_DATA.items():
+            yield key, getattr(self, method)(epoch), what
+
+    def state_dict(self, *, consumed: int | None = None) -> dict[str, Any]:
+        """Everything needed to resume exactly: the epoch, the position in it, and the settings.
+
+        Parameters
+        ----------
+        consumed:
+            How many batches the training loop has received from the current pass over
+            the sampler (``step + 1`` in ``for step, batch in enumerate(loader)``; after a
+            resume, the pass starts at the loaded position and ``consumed`` counts from
+            there). Give it whenever a ``DataLoader`` with ``num_workers > 0`` sits between
+            the sampler and the loop: its workers prefetch batches the loop has not seen.
+            Without it, the position is the number of batches the sampler handed out,
+            which is exact when the loop iterates the sampler itself, through
+            ``num_workers=0``, or through torchdata's ``StatefulDataLoader`` (which calls
+            ``state_dict()`` when each batch leaves the sampler and keeps the one that
+            matches what the loop received).
+
+        Returns
+        -------
+        dict
+            ``epoch``, ``batches_yielded`` (the position: batches of the epoch done) and
+            :meth:`resume_settings`; plain Python values (JSON- and ``torch.save``-able).
+        """
+        position = self._position
+        if consumed is not None:
+            handed = self._position - self._pass_start
+            consumed = _check_index("consumed", consumed)
+            if consumed > handed:
+                raise BatchlabInputError(
+                    f"consumed={consumed} but the current pass has handed out only {handed} batches "
+                    f"(from position {self._pass_start} of epoch {self.epoch}); count the batches the loop "
+                    "received since the last iter(loader) (or set_epoch)"
+                )
+            position = self._pass_start + consumed
+        return {"epoch": self.epoch, "batches_yielded": position, **self.resume_settings(self.epoch)}
+
+    def check_resume(self, state: dict[str, Any]) -> None:
+        """Raise when ``state`` was saved with settings or data that give another plan."""
+        if not isinstance(state, dict):
+            raise BatchlabInputError(f"a sampler state must be the dict from state_dict(), got {type(state).__name__}")
+        epoch = _check_index("the state's epoch", state.get("epoch"), maximum=_SEED_LIMIT)
+        settings, data, missing = self._mismatches(state, epoch, "")
+        if missing:
+            warnings.warn(
+                f"the saved sampler state has no {', '.join(missing)} (a state from an older batchlab?); "
+                "those settings could not be checked",
+                stacklevel=3,
+            )
+        if settings or data:
+            error = BatchlabInputError if settings else StaleArtifactError
+            raise error(
+                "cannot resume: the saved state gives another plan than this sampler: "
+                + "; ".join(settings + data)
+                + ". Build the sampler with the settings, and from the data, it had when the state was saved"
+            )
+
+    def _mismatches(self, state: dict[str, Any], epoch: int, prefix: str) -> tuple[list[str], list[str], list[str]]:
+        settings, data, missing = [], [], []
+        for key, mine, what in self._settings(epoch):
+            name = prefix + key
+            if key not in state:
+                missing.append(name)
+            elif isinstance(mine, GlobalBatchSampler):
+                saved = state[key]
+                if not isinstance(saved, dict):
+                    settings.append(f"{name} is {saved!r} in the state, a {type(mine).__name__} here")
+                    continue
+                more = mine._mismatches(saved, epoch, name + ".")
+                settings, data, missing = settings + more[0], data + more[1], missing + more[2]
+            elif state[key] != mine:
+                if what is None:
+                    settings.append(f"{name}={state[key]!r} in the state but {name}={mine!r} here")
+                else:
+                    data.append(
+                        f"{name}: the state was built from other {what} (hash {state[key]}), this sampler's "
+                        f"{what} hash to {mine}"
+                    )
+        return settings, data, missing
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume from :meth:`state_dict`; refuses a state from a different configuration."""
-        for key in ("sampler", "seed", "batch_size", "num_replicas", *self.RESUME_SETTINGS):
-            mine = type(self).__name__ if key == "sampler" else getattr(self, key)
-            if key in state and state[key] != mine:
-                raise BatchlabInputError(
-                    f"cannot resume: the saved state has {key}={state[key]!r} but this sampler has "
-                    f"{key}={mine!r}; build the sampler with the same settings it was saved with"
-                )
-        self.epoch = int(state["epoch"])
-        self._yielded = int(state["batches_yielded"])
-        if not 0 <= self._yielded <= len(self):
+        """Resume from :meth:`state_dict`: the next pass starts where the state stopped.
+
+        Refuses (:class:`~batchlab.errors.BatchlabInputError`, or
+        :class:`~batchlab.errors.StaleArtifactError` for other data) a state whose
+        settings or data hashes differ from this sampler's. A state saved at the end of
+        its epoch, loaded into a sampler already set to a later epoch (torchdata's
+        ``StatefulDataLoader`` restores the sampler after your ``set_epoch``), leaves that
+        later epoch in place: nothing of the saved epoch is left to resume.
+        """
+        self.check_resume(state)
+        epoch = int(state["epoch"])
+        position = _check_index("the state's batches_yielded", state.get("batches_yielded"))
+        current = self.epoch
+        self.epoch = epoch  # plan_epoch reads self.epoch
+        try:
+            total = len(self.global_batches())
+        finally:
+            self.epoch = current
+        if position > total:
             raise BatchlabInputError(
-                f"cannot resume: the state says {self._yielded} batches were yielded but the epoch has {len(self)}"
+                f"cannot resume: the state says {position} batches of epoch {epoch} were done but that epoch has "
+                f"{total}; was it saved by a sampler with another dataset size?"
             )
+        if position == total and current > epoch:
+            return
+        self.epoch = epoch
+        self._restart(position, resume=True)
 
 
 class ShardedBatchSampler(Sampler[list[int]]):

@@ -30,13 +30,13 @@ import hashlib
 import logging
 import math
 import time
-from typing import Any, Callable, Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 
 from batchlab._checks import check_choice, check_embeddings, check_positive_int
-from batchlab.errors import BatchlabInputError, StaleArtifactError
+from batchlab.errors import BatchlabInputError
 from batchlab.samplers.base import GlobalBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -290,6 +290,7 @@ class _ClusteredSampler(GlobalBatchSampler):
         self.progress = bool(progress)
         self._embeddings: torch.Tensor | None = None
         self._labels_cache: dict[int, torch.Tensor] = {}
+        self._fingerprints: dict[int, str] = {}  # per n_clusters: state_dict() runs once per batch
         self.refreshes = 0
         if embeddings is None:
             if num_examples is None:
@@ -312,6 +313,7 @@ class _ClusteredSampler(GlobalBatchSampler):
                 f"batch_size ({self.batch_size}) is larger than the number of examples "
                 f"({self.num_examples}); use batch_size <= {self.num_examples}"
             )
+        self.check_num_examples(self.num_examples)
 
     # -- what subclasses write --------------------------------------------------------
     def n_clusters_for_epoch(self, epoch: int) -> int:
@@ -331,13 +333,14 @@ class _ClusteredSampler(GlobalBatchSampler):
                 f"refresh got {embeddings.shape[0]} rows but the sampler covers {self.num_examples} "
                 "examples; embed the whole dataset, in dataset order"
             )
-        if self._yielded:
+        if 0 < self._position < len(self):
             raise BatchlabInputError(
-                f"refresh() called mid-epoch ({self._yielded} of {len(self)} batches yielded); call it "
+                f"refresh() called mid-epoch ({self._position} of {len(self)} batches done); call it "
                 "between epochs, after the last batch of an epoch"
             )
         self._embeddings = embeddings.detach()
         self._labels_cache.clear()
+        self._fingerprints.clear()
         self._plan_cache = None
         self.refreshes += 1
 
@@ -360,24 +363,15 @@ class _ClusteredSampler(GlobalBatchSampler):
         return self._labels_cache[k]
 
     def clustering_fingerprint(self, epoch: int | None = None) -> str:
-        """Hash of :meth:`cluster_labels` for ``epoch`` (what ``state_dict`` records)."""
-        return labels_fingerprint(self.cluster_labels(epoch))
+        """Hash of :meth:`cluster_labels` for ``epoch`` (what ``state_dict`` records), cached."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        k = self.n_clusters_for_epoch(epoch)
+        if k not in self._fingerprints:
+            self._fingerprints[k] = labels_fingerprint(self.cluster_labels(epoch))
+        return self._fingerprints[k]
 
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["clustering"] = self.clustering_fingerprint(self.epoch)
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "clustering" in state:
-            mine = self.clustering_fingerprint(int(state["epoch"]))
-            if state["clustering"] != mine:
-                raise StaleArtifactError(
-                    f"cannot resume: the saved state's clustering (hash {state['clustering']}) differs from "
-                    f"this sampler's (hash {mine}) for epoch {state['epoch']}; build the sampler from (or "
-                    "refresh it with) the same embeddings that were in use when the state was saved"
-                )
-        super().load_state_dict(state)
+    # a state saved before a refresh (other embeddings) is refused
+    RESUME_DATA = {"clustering": ("clustering_fingerprint", "embeddings' clustering")}
 
 
 def _resolve_schedule(cluster_size: int | Mapping[int, int] | Callable[[int], int]) -> Callable[[int], int]:

@@ -19,6 +19,7 @@ Example
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import warnings
 import zlib
@@ -143,6 +144,8 @@ class CommunityBatchSampler(GlobalBatchSampler):
             partition_kwargs = {"backend": backend, "resolution": resolution, "exact": True, **(partition_kwargs or {})}
             self.groups = self._build(embeddings, neighbours, weights, index_kwargs, partition_kwargs)
         self.num_examples = int(self.groups.size)
+        self.check_num_examples(self.num_examples)
+        self._groups_hash: str | None = None
         if self.extra_negatives and self.window_ids is None:
             raise BatchlabInputError(
                 "extra_negatives > 0 needs each example's rank-window neighbours: pass embeddings or "
@@ -334,7 +337,15 @@ class CommunityBatchSampler(GlobalBatchSampler):
         return torch.as_tensor(ids[picked.numpy()], dtype=torch.int64)
 
     # -- resumption ----------------------------------------------------------------
+    def groups_fingerprint(self, epoch: int | None = None) -> str:
+        """A short content hash of :attr:`groups` (every epoch's plan depends on them), computed once."""
+        if self._groups_hash is None:
+            data = np.ascontiguousarray(self.groups, dtype=np.int64).tobytes()
+            self._groups_hash = hashlib.sha1(data).hexdigest()[:16]
+        return self._groups_hash
+
     RESUME_SETTINGS = ("group_size", "num_examples", "num_groups")
+    RESUME_DATA = {"groups": ("groups_fingerprint", "groups")}
 
 
 def batch_similarity_stats(

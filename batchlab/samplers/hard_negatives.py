@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from batchlab._checks import check_positive_int
-from batchlab.errors import BatchlabInputError, StaleArtifactError
+from batchlab.errors import BatchlabInputError
 from batchlab.samplers.base import GlobalBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -129,6 +129,7 @@ class HardNegativeBatchSampler(GlobalBatchSampler):
                 f"batch_size ({self.batch_size}) is larger than the number of examples ({self.num_examples}); "
                 f"use batch_size <= {self.num_examples}"
             )
+        self.check_num_examples(self.num_examples)
         frac = float(max_neighbourhood_fraction)
         if not 0.0 < frac <= 1.0:
             raise BatchlabInputError(f"max_neighbourhood_fraction must be in (0, 1], got {max_neighbourhood_fraction!r}")
@@ -184,26 +185,14 @@ class HardNegativeBatchSampler(GlobalBatchSampler):
             batches[-1].extend(group)  # plan_groups never overfills a batch
         return batches
 
-    def negatives_fingerprint(self) -> str:
-        """A short content hash of ``negative_ids`` (the plan depends on them), computed once."""
+    def negatives_fingerprint(self, epoch: int | None = None) -> str:
+        """A short content hash of ``negative_ids`` (every epoch's plan depends on them), computed once."""
         if self._fingerprint is None:
             self._fingerprint = hashlib.sha1(np.ascontiguousarray(self._rows).tobytes()).hexdigest()[:16]
         return self._fingerprint
 
     RESUME_SETTINGS = ("max_neighbourhood_fraction", "hops")
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["negatives"] = self.negatives_fingerprint()
-        return state
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        if "negatives" in state and state["negatives"] != self.negatives_fingerprint():
-            raise StaleArtifactError(
-                f"cannot resume: the saved state was built from other negative_ids (hash {state['negatives']}, "
-                f"these hash to {self.negatives_fingerprint()}); load the mined negatives the run started with"
-            )
-        super().load_state_dict(state)
+    RESUME_DATA = {"negatives": ("negatives_fingerprint", "negative_ids")}
 
 
 def pair_colocation_rate(batches: list[list[int]], negative_ids: Any) -> float:

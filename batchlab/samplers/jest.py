@@ -224,8 +224,15 @@ class JointExampleSelector:
 
     def load_state_dict(self, state: dict) -> None:
         """Resume: the next ``select`` draws the noise it would have drawn without the break."""
-        if set(state) != {"seed", "step"}:
-            raise BatchlabInputError(f"state must have keys 'seed' and 'step', got {sorted(state)}")
+        if not isinstance(state, dict) or set(state) != {"seed", "step"}:
+            got = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise BatchlabInputError(f"state must be the dict from state_dict() with keys 'seed' and 'step', got {got}")
+        for key in ("seed", "step"):
+            value = state[key]
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise BatchlabInputError(
+                    f"state[{key!r}] must be a non-negative integer (as state_dict() saves it), got {value!r}"
+                )
         self.seed, self.step = int(state["seed"]), int(state["step"])
 
     @torch.no_grad()

@@ -62,6 +62,18 @@ class MixedBatchSampler(GlobalBatchSampler):
     ) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
         self.num_examples = check_positive_int("num_examples", num_examples)
+        if not isinstance(base, GlobalBatchSampler):
+            raise BatchlabInputError(
+                f"base must be a batchlab sampler (a GlobalBatchSampler, e.g. HardNegativeBatchSampler), "
+                f"got {type(base).__name__}"
+            )
+        base_n = getattr(base, "num_examples", None)
+        if base_n is not None and base_n != self.num_examples:
+            raise BatchlabInputError(
+                f"the structured sampler covers {base_n} examples but num_examples={num_examples}; both must "
+                f"describe the same dataset (num_examples={base_n})"
+            )
+        self.check_num_examples(self.num_examples)
         if not 0.0 <= float(mix_random) < 1.0:
             raise BatchlabInputError(f"mix_random must be in [0, 1) (the random share of a batch), got {mix_random!r}")
         self.mix_random = float(mix_random)
@@ -72,6 +84,12 @@ class MixedBatchSampler(GlobalBatchSampler):
                 f"batches of {self.batch_size} need {self.batch_size - self.num_random} structured examples; "
                 f"build it with batch_size={self.batch_size - self.num_random}"
             )
+        base_n = getattr(base, "num_examples", None)
+        if base_n is not None and base_n > self.num_examples:
+            raise BatchlabInputError(
+                f"the structured sampler draws from {base_n} examples but num_examples={self.num_examples}: its "
+                f"batches would hold ids this dataset does not have; pass num_examples={base_n} (the dataset size)"
+            )
         self.base = base
 
     def plan_epoch(self, generator: torch.Generator) -> list[list[int]]:
@@ -81,6 +99,11 @@ class MixedBatchSampler(GlobalBatchSampler):
         structured = [b for b in self.base.global_batches() if len(b) == size][:steps]
         used = torch.zeros(n, dtype=torch.bool)
         for batch in structured:
+            if min(batch) < 0 or max(batch) >= n:
+                raise BatchlabInputError(
+                    f"the structured sampler gave example ids outside [0, {n}) (num_examples); build both "
+                    "samplers over the same dataset"
+                )
             used[batch] = True
         # the base was seeded like this sampler: a stream of our own, or the random parts would
         # replay the base's first permutation (e.g. a random base's next batches)
@@ -93,12 +116,8 @@ class MixedBatchSampler(GlobalBatchSampler):
         batches += [rest[i : i + self.batch_size] for i in range(0, len(rest), self.batch_size)]
         return batches
 
-    RESUME_SETTINGS = ("mix_random",)
-
-    def state_dict(self) -> dict[str, Any]:
-        state = super().state_dict()
-        state["base"] = self.base.state_dict()
-        return state
+    # "base": the structured sampler's own settings and data hashes, checked on resume
+    RESUME_SETTINGS = ("mix_random", "num_examples", "base")
 
 
 def random_share(batch_size: int, mix_random: float) -> int:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import torch
 
 from batchlab._checks import check_embeddings, check_positive_int
@@ -32,6 +33,19 @@ from batchlab.samplers.clusters import _ClusteredSampler
 logger = logging.getLogger(__name__)
 
 _PAIR_SEED_SALT = 0x7A5B  # keeps the pair generator's stream apart from the batch plan's
+
+
+def pair_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch ``epoch``'s pair choice: (seed, epoch, salt) mixed by numpy's SeedSequence.
+
+    A sum such as ``(seed + epoch) * c`` would give seed 0 at epoch 1 the pairs of seed 1
+    at epoch 0; the SeedSequence hash keeps every (seed, epoch) apart.
+
+    >>> pair_seed(0, 1) != pair_seed(1, 0)
+    True
+    """
+    state = np.random.SeedSequence([int(seed), int(epoch), _PAIR_SEED_SALT]).generate_state(1, dtype=np.uint64)
+    return int(state[0] >> 1)  # torch seeds must fit in a signed 64-bit integer
 
 
 def balanced_margin_choice(
@@ -279,7 +293,7 @@ class TASBalancedBatchSampler(_ClusteredSampler):
             raise BatchlabInputError("pairs_for needs teacher_margins; build the sampler with teacher_margins=(N, P) margins")
         epoch = self.epoch if epoch is None else int(epoch)
         if self._pairs_cache is None or self._pairs_cache[0] != epoch:
-            g = torch.Generator().manual_seed((self.seed + epoch) * 65599 + _PAIR_SEED_SALT)
+            g = torch.Generator().manual_seed(pair_seed(self.seed, epoch))
             choice = balanced_margin_choice(self.teacher_margins, self.pair_mask, n_bins=self.n_bins, generator=g)
             self._pairs_cache = (epoch, choice)
         index = torch.as_tensor(batch, dtype=torch.long)

@@ -63,12 +63,17 @@ def test_resume_refuses_other_settings():
 
 def test_rank_split_rebuilds_the_global_batch():
     world = 3
-    ranks = [Shuffled(20, 6, seed=0, num_replicas=world, rank=r) for r in range(world)]
-    glob = Shuffled(20, 6, seed=0)
+    ranks = [Shuffled(21, 6, seed=0, num_replicas=world, rank=r) for r in range(world)]
+    glob = Shuffled(21, 6, seed=0)
     per_rank = [list(r) for r in ranks]
     assert len({len(p) for p in per_rank}) == 1 and len(per_rank[0]) == len(glob)
     for i, batch in enumerate(glob):
         assert sum((p[i] for p in per_rank), []) == batch
+        assert all(len(p[i]) == len(batch) // world > 0 for p in per_rank)
+    # 20 examples: the last global batch (2) cannot be split over 3 ranks; refused, never empty
+    with pytest.raises(BatchlabInputError, match="equal, non-empty shares"):
+        len(Shuffled(20, 6, seed=0, num_replicas=world, rank=2))
+    assert len(Shuffled(20, 6, seed=0, num_replicas=world, rank=2, drop_last=True)) == 3
 
 
 def test_bad_configuration():

@@ -49,13 +49,21 @@ def assert_sampler_contract(make, n: int, *, epoch: int = 0) -> None:
     f.load_state_dict(state)
     assert head + list(f) == plan
 
-    # rank split: the ranks' slices put together are the global batch, lengths agree
-    ranks = [make(seed=3, num_replicas=2, rank=r) for r in range(2)]
+    # rank split: the ranks' equal slices put together are the global batch, lengths agree;
+    # an odd n cannot split evenly without drop_last, and is refused at construction
+    split = {}
+    if n % 2:
+        with pytest.raises(BatchlabInputError, match="equal, non-empty shares"):
+            make(seed=3, num_replicas=2, rank=1)
+        split = {"drop_last": True}
+    ranks = [make(seed=3, num_replicas=2, rank=r, **split) for r in range(2)]
     for r in ranks:
         r.set_epoch(epoch)
     slices = [list(r) for r in ranks]
-    assert len(ranks[0]) == len(ranks[1]) == len(plan)
-    assert [s0 + s1 for s0, s1 in zip(*slices)] == plan
+    whole = [batch for batch in plan if len(batch) == a.batch_size] if split else plan
+    assert len(ranks[0]) == len(ranks[1]) == len(whole)
+    assert [s0 + s1 for s0, s1 in zip(*slices)] == whole
+    assert all(len(s0) == len(s1) > 0 for s0, s1 in zip(*slices))
 
     # drop_last drops only a short final batch
     g = make(seed=3, drop_last=True)
