@@ -11,6 +11,7 @@ from batchlab.samplers.hard_negatives import HardNegativeBatchSampler
 from batchlab.samplers.mixed import MixedBatchSampler
 from batchlab.samplers.tas import TASBalancedBatchSampler
 from batchlab.samplers.jest import JESTSelection, JointExampleSelector
+from batchlab.samplers.colm import CoLMSelection, CoLMSelector, last_layer_gradients
 from batchlab.samplers.reference_cache import ReferenceEmbeddingCache, model_hash
 from batchlab.samplers.false_negatives import GuidedNegativeMask, guided_negative_mask
 from batchlab.samplers.mining import MinedNegatives, mine_hard_negatives
@@ -28,6 +29,9 @@ __all__ = [
     "MixedBatchSampler",
     "JointExampleSelector",
     "JESTSelection",
+    "CoLMSelector",
+    "CoLMSelection",
+    "last_layer_gradients",
     "ReferenceEmbeddingCache",
     "model_hash",
     "mine_hard_negatives",
