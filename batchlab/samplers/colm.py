@@ -52,6 +52,7 @@ import torch
 
 from batchlab._checks import check_choice, check_embeddings, check_positive_int
 from batchlab.errors import BatchlabInputError
+from batchlab.samplers.jest import JointExampleSelector
 
 __all__ = ["CoLMSelector", "CoLMSelection", "last_layer_gradients"]
 
@@ -147,19 +148,11 @@ class CoLMSelector:
 
     # ------------------------------------------------------------------ public API
 
-    def batch_size(self, n: int) -> int:
-        """Size of the coreset for a super-batch of ``n``: ``round((1 - filter_ratio) * n)``."""
-        return int(round((1.0 - self.filter_ratio) * n))
-
-    def state_dict(self) -> dict:
-        """The seed and the step counter (how many selections were made)."""
-        return {"seed": self.seed, "step": self.step}
-
-    def load_state_dict(self, state: dict) -> None:
-        """Resume: the next ``select`` draws what it would have drawn without the break."""
-        if not isinstance(state, dict) or set(state) != {"seed", "step"}:
-            raise BatchlabInputError(f"state must have keys 'seed' and 'step', got {sorted(state) if isinstance(state, dict) else state!r}")
-        self.seed, self.step = int(state["seed"]), int(state["step"])
+    # The selector bookkeeping is JEST's, so the two are interchangeable in a training loop:
+    # b = round((1 - filter_ratio) * N); state_dict() = {"seed", "step"}; load_state_dict resumes.
+    batch_size = JointExampleSelector.batch_size
+    state_dict = JointExampleSelector.state_dict
+    load_state_dict = JointExampleSelector.load_state_dict
 
     def select(
         self,
