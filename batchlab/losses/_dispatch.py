@@ -40,15 +40,22 @@ def register(family: str, impl: str) -> Callable[[Callable], Callable]:
     return decorate
 
 
+#: Backends already imported (or known missing): later calls answer from this dict, which
+#: torch.compile can trace (it refuses to trace importlib).
+_LOADED: dict[str, bool] = {}
+
+
 def _load_backend(impl: str) -> bool:
     module = _BACKEND_MODULES.get(impl)
     if module is None:
         return True
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        return False
-    return True
+    if module not in _LOADED:
+        try:
+            importlib.import_module(module)
+            _LOADED[module] = True
+        except ImportError:
+            _LOADED[module] = False
+    return _LOADED[module]
 
 
 def _triton_usable(device: torch.device) -> bool:
@@ -89,9 +96,11 @@ def resolve(family: str, impl: str, n: int, m: int, device: torch.device) -> Cal
 def accepted_options(fn: Callable, options: dict, impl: str) -> dict:
     """The backend options (``tile_size=``, ...) that ``fn`` accepts.
 
-    With ``impl="auto"`` an option meant for another backend is dropped (auto may pick
-    the reference, which has no tiles); with an explicit ``impl`` it is an error, so a
-    misspelt option never passes silently.
+    An option that no registered implementation of ``fn``'s family takes is an error
+    whatever ``impl`` is, so a misspelt or foreign option (open_clip's ``local_loss``,
+    ``temperature``) never passes silently. With ``impl="auto"`` an option that another
+    backend of the family takes (``tile_size`` when auto picks the reference) is
+    dropped; with an explicit ``impl`` it is an error.
     """
     if not options:
         return options
@@ -99,10 +108,36 @@ def accepted_options(fn: Callable, options: dict, impl: str) -> dict:
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return options
     unknown = sorted(set(options) - set(params))
-    if unknown and impl != "auto":
+    if not unknown:
+        return options
+    # what users of other libraries pass, and what batchlab calls it
+    foreign_hints = {
+        "temperature": "batchlab takes the multiplier: use logit_scale=1/temperature",
+        "tau": "batchlab takes the multiplier: use logit_scale=1/tau",
+        "local_loss": "open_clip's options belong to batchlab.compat.open_clip.ClipLoss; "
+                      "batchlab's own losses take distributed='allgather' | 'ring' | 'auto'",
+        "gather_with_grad": "use batchlab.compat.open_clip.ClipLoss, or distributed='allgather'",
+        "gather_distributed": "use batchlab.compat.lightly, or distributed='allgather'",
+    }
+    hint = "".join(f"; {n}: {foreign_hints[n]}" for n in unknown if n in foreign_hints)
+    if impl != "auto":
         raise BatchlabInputError(
             f"impl={impl!r} does not take option(s) {unknown}; it takes "
-            f"{sorted(n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)}"
+            f"{sorted(n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)}{hint}"
+        )
+    family = next((f for (f, _), g in _REGISTRY.items() if g is fn), None)
+    for backend in _BACKEND_MODULES:
+        _load_backend(backend)
+    backend_options = {
+        name
+        for (f, _), g in _REGISTRY.items() if f == family
+        for name, p in inspect.signature(g).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+    } - set(params)
+    foreign = [n for n in unknown if n not in backend_options]
+    if foreign:
+        raise BatchlabInputError(
+            f"unknown option(s) {foreign}: no implementation of {family} takes them (backend options: "
+            f"{sorted(backend_options) or 'none'}){hint}"
         )
     return {k: v for k, v in options.items() if k in params}
 
