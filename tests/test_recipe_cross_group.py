@@ -63,7 +63,7 @@ def test_hard_negatives_and_communities_cross_group(planted):
     plain = make_sampler("community", views, batch_size=16, **options)
     cross = make_sampler("community", views, batch_size=16, cross_group=True, **options)
     assert community_same_group(plain) > 0.9 and community_same_group(cross) < 0.6  # 0.25: only itself
-    with pytest.raises(BatchlabInputError, match="not to cluster"):
+    with pytest.raises(BatchlabInputError, match="cross_group"):
         make_sampler("cluster", views, batch_size=16, cross_group=True)
 
 

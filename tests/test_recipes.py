@@ -127,7 +127,8 @@ def views():
 
 @pytest.mark.parametrize("name", ["random", "cluster", "community", "hard_negative"])
 def test_make_sampler_covers_every_example(name, views):
-    sampler = make_sampler(name, views, batch_size=32, seed=0, drop_last=False, group_size=8, rank_window=(1, 9))
+    options = {"community": {"group_size": 8, "rank_window": (1, 9)}}.get(name, {})
+    sampler = make_sampler(name, views, batch_size=32, seed=0, drop_last=False, **options)
     batches = list(sampler)
     assert len(batches) == len(sampler)
     assert sorted(sum(batches, [])) == list(range(128))
@@ -138,6 +139,8 @@ def test_make_sampler_bad_input(views):
         make_sampler("clustre", views, batch_size=32)
     with pytest.raises(BatchlabInputError, match="teacher"):
         make_sampler("community", None, batch_size=32)
+    with pytest.raises(BatchlabInputError, match="group_size"):  # an option the sampler does not take
+        make_sampler("hard_negative", views, batch_size=32, group_size=8)
 
 
 def test_model_teacher_schedule_refreshes():

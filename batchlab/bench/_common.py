@@ -17,6 +17,12 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from batchlab._table import format_table  # noqa: F401  (re-exported: the benchmarks print with it)
+
+#: Where benchmarks write unless --out says otherwise: under results/, which git ignores, so a
+#: run never overwrites the committed results in benchmarks/results that the docs cite.
+DEFAULT_OUT = "results/bench"
+
 
 def device_name(device: str | torch.device) -> str:
     """A human name for the device results were taken on (GPU model or CPU core count)."""
@@ -59,26 +65,6 @@ def peak_memory_call(fn: Callable[[], Any], device: str | torch.device) -> int |
     fn()
     synchronize(device)
     return torch.cuda.max_memory_allocated(device) - before
-
-
-def format_table(rows: Sequence[dict[str, Any]], columns: Sequence[str] | None = None) -> str:
-    """A plain-text table (markdown pipes) of ``rows``; floats printed with 4 significant digits."""
-    if not rows:
-        return "(no rows)"
-    columns = list(columns or rows[0].keys())
-
-    def cell(v: Any) -> str:
-        if v is None:
-            return "-"
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v)
-
-    body = [[cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(columns)]
-    line = lambda vals: "| " + " | ".join(v.ljust(w) for v, w in zip(vals, widths)) + " |"  # noqa: E731
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(columns), sep, *(line(b) for b in body)])
 
 
 def write_results(out_dir: str | Path, name: str, payload: dict[str, Any]) -> Path:

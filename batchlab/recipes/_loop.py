@@ -44,6 +44,8 @@ class TrainResult:
         Files written under ``out``.
     model : torch.nn.Module
         The trained model.
+    record : dict
+        Every setting the run used (stored in the checkpoint too; see :func:`~batchlab.recipes.load_run`).
     """
 
     metrics: dict[str, float]
@@ -54,6 +56,7 @@ class TrainResult:
     checkpoint: Path | None = None
     plot: Path | None = None
     model: torch.nn.Module | None = None
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 class ContrastiveHead(torch.nn.Module):
@@ -91,13 +94,24 @@ class ContrastiveHead(torch.nn.Module):
         return getattr(losses, self.loss)(q, k, self.scale(), impl=self.impl, **extra)
 
 
-def warmup_cosine(total_steps: int, warmup: int) -> Callable[[int], float]:
-    """Learning-rate factor: linear warm-up, then cosine decay to 0 at ``total_steps``."""
+def warmup_cosine(total_steps: int | Callable[[], int], warmup: int) -> Callable[[int], float]:
+    """Learning-rate factor: linear warm-up, then cosine decay to 0 at ``total_steps``.
+
+    ``total_steps`` may be a callable read at every step: the training loop re-estimates
+    the schedule's length at each epoch start from the real batch counts (a teacher-built
+    epoch can hold a different number of batches than the random first one).
+
+    Why not ``transformers.get_cosine_schedule_with_warmup``: after the warm-up it gives
+    exactly these factors (``tests/test_recipes_runs.py`` compares them), but it fixes
+    ``num_training_steps`` when it is built, and its first step has learning rate 0
+    (``step / warmup``; here ``(step + 1) / warmup``, so the first step learns).
+    """
 
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        total = total_steps() if callable(total_steps) else total_steps
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     return factor
@@ -121,7 +135,9 @@ def train_loop(
     eval_every: int = 1,
     out: str | Path | None = None,
     name: str = "run",
-    progress: bool = True,
+    progress: bool | Callable[[dict], None] = True,
+    record: dict[str, Any] | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` (+ ``head``) for ``epochs``; see the recipes for the arguments' meaning.
 
@@ -135,72 +151,119 @@ def train_loop(
     with cached embedding gradients (GradCache) instead of in one pass. With
     ``negative_mask(indices) -> neg_mask`` the loss leaves those (query, key) pairs of
     the batch out of its denominators (guided false-negative masking).
+
+    ``progress``: True for bars (epochs and steps, with time estimates) or heartbeat lines
+    (see :mod:`batchlab.recipes.progress`), False for nothing, or a callback that receives
+    the progress events. ``record``: the run's settings, stored in every checkpoint.
+    ``resume``: a checkpoint (as saved here) to continue from its last finished epoch.
     """
     if negative_mask is not None and cache is not None:
         raise BatchlabInputError("negative_mask does not work with the embedding cache yet; use one or the other")
-    from tqdm.auto import tqdm
-
     params = [p for p in list(model.parameters()) + list(head.parameters()) if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     result = TrainResult(metrics={}, model=model)
+    horizon = {"total": None}  # the schedule's length, re-estimated at every epoch start
     scheduler = None
-    step, train_seconds = 0, 0.0
-    for epoch in range(epochs):
-        start = time.perf_counter()
-        sampler = sampler_for_epoch(epoch)
-        result.sampler_seconds += time.perf_counter() - start
-        sampler.set_epoch(epoch)
-        if scheduler is None:  # the first epoch's length sets the schedule
-            total = max(1, len(sampler) * epochs)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(total, min(warmup_steps, total // 10 + 1)))
-        model.train()
-        epoch_losses = []
-        start = time.perf_counter()
-        bar = tqdm(sampler, desc=f"{name} epoch {epoch + 1}/{epochs}", unit="batch", disable=not progress, leave=False)
-        for batch in bar:
-            indices = torch.as_tensor(batch, dtype=torch.long)
-            if selector is not None:
+    step, train_seconds, first_epoch = 0, 0.0, 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        head.load_state_dict(resume["head"])
+        optimizer.load_state_dict(resume["optimizer"])
+        first_epoch, step = int(resume["epoch"]), int(resume["step"])
+        horizon["total"], warmup = int(resume["schedule_total"]), int(resume["warmup"])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(lambda: horizon["total"], warmup))
+        scheduler.load_state_dict(resume["scheduler"])
+        result.history, result.losses = list(resume["history"]), list(resume.get("losses", []))
+        result.metrics = dict(result.history[-1]) if result.history else {}
+        result.metrics = {k: v for k, v in result.metrics.items() if k not in ("epoch", "step", "train_loss", "seconds")}
+        train_seconds = float(resume.get("train_seconds", 0.0))
+        torch.set_rng_state(resume["rng"])
+    display, report = _progress(progress, name, epochs)
+    try:
+        for epoch in range(first_epoch, epochs):
+            start = time.perf_counter()
+            report({"event": "stage", "text": f"building the batches of epoch {epoch + 1}"})
+            sampler = sampler_for_epoch(epoch)
+            result.sampler_seconds += time.perf_counter() - start
+            sampler.set_epoch(epoch)
+            steps = len(sampler)
+            horizon["total"] = max(1, step + steps * (epochs - epoch))  # the real steps so far + this epoch's length
+            if scheduler is None:
+                warmup = min(warmup_steps, horizon["total"] // 10 + 1)
+                scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(lambda: horizon["total"], warmup))
+            report({"event": "epoch", "epoch": epoch + 1, "epochs": epochs, "steps": steps})
+            model.train()
+            epoch_losses = []
+            start = time.perf_counter()
+            for i, batch in enumerate(sampler):
+                indices = torch.as_tensor(batch, dtype=torch.long)
+                if selector is not None:
+                    with torch.no_grad():
+                        learner_q, learner_k = encode(indices)
+                        chosen = selector.select(learner=(learner_q, learner_k, head.scale()), reference=reference(indices))
+                    indices = indices[chosen.cpu()]
+                optimizer.zero_grad(set_to_none=True)
+                if cache is None:
+                    q, k = encode(indices)
+                    loss = head(q, k, None if negative_mask is None else negative_mask(indices))
+                    loss.backward()
+                else:
+                    embedding_cache, inputs = cache
+                    normalize = torch.nn.functional.normalize
+                    loss = embedding_cache.step(*inputs(indices), loss_fn=lambda a, b: head(normalize(a, dim=-1), normalize(b, dim=-1)))
+                optimizer.step()
+                scheduler.step()
+                step += 1
+                epoch_losses.append(float(loss.detach()))
+                report({"event": "step", "epoch": epoch + 1, "step": i + 1, "steps": steps, "loss": epoch_losses[-1]})
+            train_seconds += time.perf_counter() - start
+            result.losses.extend(epoch_losses)
+            last = epoch == epochs - 1
+            if last or (eval_every and (epoch + 1) % eval_every == 0):
+                report({"event": "stage", "text": f"evaluating after epoch {epoch + 1}"})
+                model.eval()
                 with torch.no_grad():
-                    learner_q, learner_k = encode(indices)
-                    chosen = selector.select(learner=(learner_q, learner_k, head.scale()), reference=reference(indices))
-                indices = indices[chosen.cpu()]
-            optimizer.zero_grad(set_to_none=True)
-            if cache is None:
-                q, k = encode(indices)
-                loss = head(q, k, None if negative_mask is None else negative_mask(indices))
-                loss.backward()
-            else:
-                embedding_cache, inputs = cache
-                normalize = torch.nn.functional.normalize
-                loss = embedding_cache.step(*inputs(indices), loss_fn=lambda a, b: head(normalize(a, dim=-1), normalize(b, dim=-1)))
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            epoch_losses.append(float(loss.detach()))
-            bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}")
-        train_seconds += time.perf_counter() - start
-        result.losses.extend(epoch_losses)
-        last = epoch == epochs - 1
-        if last or (eval_every and (epoch + 1) % eval_every == 0):
-            model.eval()
-            with torch.no_grad():
-                metrics = evaluate()
-            row = {"epoch": epoch + 1, "step": step, "train_loss": sum(epoch_losses) / max(1, len(epoch_losses))}
-            row.update(metrics)
-            row["seconds"] = train_seconds
-            result.history.append(row)
-            result.metrics = metrics
-            logger.info("%s epoch %d: %s", name, epoch + 1, {k: round(v, 4) for k, v in row.items()})
-        if out is not None:
-            result.checkpoint = save_checkpoint(Path(out) / f"{name}.pt", model, head, optimizer, sampler, epoch, result)
+                    metrics = evaluate()
+                row = {"epoch": epoch + 1, "step": step, "train_loss": sum(epoch_losses) / max(1, len(epoch_losses))}
+                row.update(metrics)
+                row["seconds"] = train_seconds
+                result.history.append(row)
+                result.metrics = metrics
+                logger.info("%s epoch %d: %s", name, epoch + 1, {k: round(v, 4) for k, v in row.items()})
+                if display is not None:
+                    display.write(f"{name} epoch {epoch + 1}/{epochs}: "
+                                  + " ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+            if out is not None:
+                result.checkpoint = save_checkpoint(
+                    Path(out) / f"{name}.pt", model, head, optimizer, sampler, epoch, result,
+                    extra={"step": step, "scheduler": scheduler.state_dict(), "schedule_total": horizon["total"],
+                           "warmup": warmup, "losses": result.losses, "train_seconds": train_seconds,
+                           "rng": torch.get_rng_state(), "record": record or {}})
+    finally:
+        if display is not None:
+            display.close()
     result.seconds = train_seconds
     if out is not None:
         result.plot = plot_curve(Path(out) / f"{name}.png", result, title=name)
     return result
 
 
-def save_checkpoint(path: Path, model, head, optimizer, sampler, epoch: int, result: TrainResult) -> Path:
-    """Model, head, optimizer and sampler state after ``epoch`` (resume with ``torch.load``)."""
+def _progress(progress: Any, name: str, epochs: int):
+    """``(display or None, report(event))`` for ``progress`` = True / False / a callback."""
+    if callable(progress):
+        return None, progress
+    if not progress:
+        return None, lambda event: None
+    from batchlab.recipes.progress import RunDisplay
+
+    display = RunDisplay([name], [1], unit="run")
+    return display, display.callback(0)
+
+
+def save_checkpoint(path: Path, model, head, optimizer, sampler, epoch: int, result: TrainResult,
+                    extra: dict[str, Any] | None = None) -> Path:
+    """Model, head, optimizer and sampler state after ``epoch``, plus ``extra`` (the schedule, the RNG
+    state and the run record that resuming needs); load it with :func:`batchlab.recipes.load_run`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
         "model": model.state_dict(),
@@ -209,8 +272,12 @@ def save_checkpoint(path: Path, model, head, optimizer, sampler, epoch: int, res
         "sampler": sampler.state_dict() if hasattr(sampler, "state_dict") else None,
         "epoch": epoch + 1,
         "history": result.history,
+        **(extra or {}),
     }
-    torch.save(state, path)
+    from batchlab._artifacts import atomic_file
+
+    with atomic_file(path) as tmp:  # a preempted save leaves the previous checkpoint intact
+        torch.save(state, tmp)
     return path
 
 

@@ -23,6 +23,37 @@ logger = logging.getLogger(__name__)
 
 SAMPLERS = ("random", "cluster", "community", "hard_negative")
 
+#: Every option :func:`make_sampler` takes per sampler, with its default (run records store them).
+SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
+    "random": {},
+    "cluster": {"cluster_size": 8},
+    "community": {"group_size": 8, "rank_window": (2, 34), "cross_group": False, "mix_random": 0.0},
+    "hard_negative": {"num_negatives": 8, "range_min": 0, "relative_margin": None, "max_neighbourhood_fraction": 0.25,
+                      "cross_group": False, "mix_random": 0.0, "negative_ids": None},
+}
+
+
+def resolved_options(name: Any, options: dict[str, Any] | None) -> dict[str, Any]:
+    """``options`` completed with :data:`SAMPLER_DEFAULTS` for a named sampler (what a run really used).
+
+    An option the sampler does not take is an error. A sampler that is not a name (an
+    instance or a factory) keeps ``options`` as given.
+    """
+    options = dict(options or {})
+    if not isinstance(name, str) or name not in SAMPLER_DEFAULTS:
+        return options
+    unknown = sorted(set(options) - set(SAMPLER_DEFAULTS[name]))
+    if unknown:
+        raise BatchlabInputError(
+            f"the {name!r} sampler takes no option(s) {unknown}; it takes {sorted(SAMPLER_DEFAULTS[name]) or 'none'}"
+        )
+    resolved = {**SAMPLER_DEFAULTS[name], **options}
+    if resolved.get("negative_ids") is not None:
+        resolved["negative_ids"] = f"given ({tuple(resolved['negative_ids'].shape)})"
+    if "rank_window" in resolved:
+        resolved["rank_window"] = list(resolved["rank_window"])
+    return resolved
+
 
 class RandomBatchSampler(GlobalBatchSampler):
     """Uniformly shuffled batches (the baseline every other sampler is compared with).
@@ -109,6 +140,8 @@ def make_sampler(
     """
     if name not in SAMPLERS:
         raise BatchlabInputError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
+    resolved_options(name, options)  # an option this sampler does not take is an error, not ignored
+    given, options = options, {**SAMPLER_DEFAULTS[name], **options}
     if isinstance(teacher, torch.Tensor):
         teacher = TeacherViews(teacher)
     if name == "random":
@@ -119,14 +152,15 @@ def make_sampler(
     if teacher is None:
         raise BatchlabInputError(f"the {name!r} sampler needs teacher embeddings; pass teacher='tfidf' or a tensor")
     mix = float(options.pop("mix_random", 0.0) or 0.0)
+    given.pop("mix_random", None)
     if mix:
         from batchlab.samplers.mixed import MixedBatchSampler, random_share
 
         structured = batch_size - random_share(batch_size, mix)
         if name == "hard_negative":  # the cap on one neighbourhood keeps its size in examples
-            fraction = options.get("max_neighbourhood_fraction", 0.25) * batch_size / structured
-            options["max_neighbourhood_fraction"] = min(1.0, fraction)
-        base = make_sampler(name, teacher, batch_size=structured, seed=seed, drop_last=True, **options)
+            fraction = options["max_neighbourhood_fraction"] * batch_size / structured
+            given["max_neighbourhood_fraction"] = min(1.0, fraction)
+        base = make_sampler(name, teacher, batch_size=structured, seed=seed, drop_last=True, **given)
         return MixedBatchSampler(base, len(teacher), batch_size=batch_size, mix_random=mix, seed=seed, drop_last=drop_last)
     cross_group = bool(options.get("cross_group", False))
     if name == "cluster":
@@ -135,16 +169,16 @@ def make_sampler(
         from batchlab.samplers import ClusterBatchSampler
 
         return ClusterBatchSampler(
-            teacher.pairs, batch_size, cluster_size=options.get("cluster_size", 8), seed=seed, drop_last=drop_last
+            teacher.pairs, batch_size, cluster_size=options["cluster_size"], seed=seed, drop_last=drop_last
         )
     if name == "community":
         from batchlab.samplers.community_sampler import CommunityBatchSampler
 
-        window = tuple(options.get("rank_window", (2, 34)))
+        window = tuple(options["rank_window"])
         return CommunityBatchSampler(
             None,
             batch_size,
-            group_size=options.get("group_size", 8),
+            group_size=options["group_size"],
             rank_window=window,
             seed=seed,
             drop_last=drop_last,
@@ -152,12 +186,12 @@ def make_sampler(
         )
     from batchlab.samplers.hard_negatives import HardNegativeBatchSampler
 
-    ids = options.get("negative_ids")
+    ids = options["negative_ids"]
     if ids is None:
-        ids = hard_negative_ids(teacher, num_negatives=options.get("num_negatives", 8), range_min=options.get("range_min", 0),
-                                relative_margin=options.get("relative_margin"), cross_group=cross_group)
+        ids = hard_negative_ids(teacher, num_negatives=options["num_negatives"], range_min=options["range_min"],
+                                relative_margin=options["relative_margin"], cross_group=cross_group)
     return HardNegativeBatchSampler(
-        ids, batch_size, max_neighbourhood_fraction=options.get("max_neighbourhood_fraction", 0.25), seed=seed, drop_last=drop_last
+        ids, batch_size, max_neighbourhood_fraction=options["max_neighbourhood_fraction"], seed=seed, drop_last=drop_last
     )
 
 
