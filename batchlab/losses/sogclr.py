@@ -52,7 +52,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -60,7 +60,15 @@ from torch import nn
 from batchlab._checks import check_choice, data_checks_on
 from batchlab.errors import BatchlabInputError
 from batchlab.losses import _dispatch
-from batchlab.losses._common import REDUCTIONS, checks_for, compute_dtype, prepare_pair
+from batchlab.losses._common import (
+    REDUCTIONS,
+    NegMask,
+    check_neg_mask,
+    checks_for,
+    compute_dtype,
+    neg_mask_tile,
+    prepare_pair,
+)
 from batchlab.losses._distributed_hook import use_distributed
 
 __all__ = ["sogclr", "SogCLRResult", "SogCLRLoss", "ISogCLRLoss", "MODES"]
@@ -89,7 +97,8 @@ class Direction(NamedTuple):
     """One direction of the loss: anchors against candidate blocks (concatenated in ``cands``).
 
     Block ``b`` starts at ``starts[b]`` in ``cands`` and holds ``sizes[b]`` rows; anchor ``i``
-    excludes the block's row ``offsets[b] + i`` (its positive, or itself) when it exists.
+    excludes the block's row ``offsets[b] + i`` (its positive, or itself) when it exists, and
+    the candidates ``mask(rows, cols)`` marks (known false negatives; None: none).
     """
 
     anchors: torch.Tensor  # (n, d)
@@ -98,6 +107,7 @@ class Direction(NamedTuple):
     starts: tuple[int, ...]
     sizes: tuple[int, ...]
     offsets: tuple[int, ...]
+    mask: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
 
 # ----------------------------------------------------------------------------- shared pieces
@@ -110,11 +120,14 @@ def excluded(direction: Direction, rows: torch.Tensor, cols: torch.Tensor) -> to
         own = rows + off
         target = torch.where(own < size, start + own, -1)  # -1 never matches a column
         mask |= cols[None, :] == target[:, None]
+    if direction.mask is not None:
+        mask |= direction.mask(rows, cols)
     return mask
 
 
 def negatives_per_row(direction: Direction, n: int, device: torch.device) -> torch.Tensor:
-    """(n,) number of negatives of each anchor: all candidates minus the excluded ones."""
+    """(n,) number of negatives of each anchor: all candidates minus its positive (and itself);
+    ``direction.mask`` not counted (the implementations count it tile by tile)."""
     rows = torch.arange(n, device=device)
     removed = sum(((rows + off) < size).long() for size, off in zip(direction.sizes, direction.offsets))
     return direction.cands.shape[0] - removed
@@ -126,6 +139,16 @@ def moving_average(log_u: torch.Tensor, log_g: torch.Tensor, gamma: float) -> to
         return log_g
     mixed = torch.logaddexp(log_u + math.log1p(-gamma), log_g + math.log(gamma))
     return torch.where(torch.isneginf(log_u), log_g, mixed)
+
+
+def log_negatives(count: torch.Tensor, check: bool) -> torch.Tensor:
+    """``log n_i``; an anchor whose negatives a mask removed entirely is refused (or, unchecked, kept finite)."""
+    if check and bool((count == 0).any()):
+        raise BatchlabInputError(
+            f"neg_mask leaves {int((count == 0).sum())} anchor(s) with no negative in the batch; the global "
+            "contrastive loss averages over negatives, so each anchor needs one"
+        )
+    return torch.log(count.clamp(min=1))
 
 
 def finish_rows(log_g, weighted_x, log_u, tau, gamma: float, rho: float):
@@ -144,7 +167,7 @@ def finish_rows(log_g, weighted_x, log_u, tau, gamma: float, rho: float):
 
 
 @_dispatch.register("sogclr", "reference")
-def sogclr_direction_reference(direction: Direction, tau, log_u, *, gamma: float, rho: float):
+def sogclr_direction_reference(direction: Direction, tau, log_u, *, gamma: float, rho: float, check: bool = True):
     """One direction, with the (n, K) logits materialised: the ground truth of the update rules.
 
     Returns ``(value (n,), new log u (n,), tau_grad (n,))``; ``value``'s gradient is the
@@ -157,7 +180,7 @@ def sogclr_direction_reference(direction: Direction, tau, log_u, *, gamma: float
     ex = excluded(direction, torch.arange(n, device=a.device), torch.arange(c.shape[0], device=a.device))
     h = a @ c.T - (a * p).sum(1, keepdim=True)
     x = (h / tau[:, None]).masked_fill(ex, float("-inf"))
-    log_n = torch.log(negatives_per_row(direction, n, a.device).to(cd))
+    log_n = log_negatives((~ex).sum(1).to(cd), check)
     with torch.no_grad():
         x0 = x.detach()
         log_g = torch.logsumexp(x0, 1) - log_n
@@ -173,19 +196,24 @@ def sogclr_direction_reference(direction: Direction, tau, log_u, *, gamma: float
 # ----------------------------------------------------------------------------- the public function
 
 
-def directions(q, k, mode: str, *, q_all=None, k_all=None, offsets=(0, 0)) -> list[Direction]:
+def directions(q, k, mode: str, *, q_all=None, k_all=None, offsets=(0, 0), neg_mask: NegMask = None) -> list[Direction]:
     """The directions of ``mode`` for local rows ``q``, ``k`` against candidates ``q_all``, ``k_all``.
 
     ``offsets``: the index of this shard's first row in ``q_all`` and ``k_all`` (0 in one process).
+    ``neg_mask`` (query x key, one process, symmetric or one_way): pairs left out of both directions.
     """
+    rows_mask = cols_mask = None
+    if neg_mask is not None:
+        rows_mask = lambda r, c: neg_mask_tile(neg_mask, r, c)  # noqa: E731
+        cols_mask = lambda r, c: neg_mask_tile(neg_mask, c, r).T  # noqa: E731
     q_all = q if q_all is None else q_all
     k_all = k if k_all is None else k_all
     oq, ok = offsets
     nq, nk = q_all.shape[0], k_all.shape[0]
     if mode == "one_way":
-        return [Direction(q, k_all, k[: q.shape[0]], (0,), (nk,), (ok,))]
+        return [Direction(q, k_all, k[: q.shape[0]], (0,), (nk,), (ok,), rows_mask)]
     if mode == "symmetric":
-        return [Direction(q, k_all, k, (0,), (nk,), (ok,)), Direction(k, q_all, q, (0,), (nq,), (oq,))]
+        return [Direction(q, k_all, k, (0,), (nk,), (ok,), rows_mask), Direction(k, q_all, q, (0,), (nq,), (oq,), cols_mask)]
     return [
         Direction(q, torch.cat([k_all, q_all]), k, (0, nk), (nk, nq), (ok, oq)),
         Direction(k, torch.cat([q_all, k_all]), q, (0, nq), (nq, nk), (oq, ok)),
@@ -245,6 +273,7 @@ def sogclr(
     impl: str = "auto",
     distributed: str = "none",
     group=None,
+    neg_mask: NegMask = None,
     check_inputs: bool | None = None,
     **impl_options,
 ) -> SogCLRResult:
@@ -278,6 +307,9 @@ def sogclr(
         ``q``, ``k`` (and ``log_u``, ``tau``) are this rank's shard of a global batch; the
         candidates are gathered with gradient. The loss and gradients follow
         :mod:`batchlab.losses.distributed`'s convention (rank r returns ``W`` times its share).
+    neg_mask : BoolTensor (N, M) | LongTensor (P, 2) | callable, optional
+        Known false negatives (query i, key j) left out of both directions' denominators
+        (as :func:`~batchlab.losses.info_nce`'s); single process, symmetric or one_way.
     check_inputs : bool, optional
         Run the checks that read values (unit rows, NaN, temperatures > 0); default on for
         CPU tensors, off on CUDA (see docs/losses.md).
@@ -306,6 +338,10 @@ def sogclr(
     tau = _check_state("tau", tau, (n_dir, n), q, positive=True, check=check)
 
     world, q_all, k_all, offsets = 1, None, None, (0, 0)
+    if neg_mask is not None:
+        if mode == "two_view" or use_distributed(distributed, group):
+            raise BatchlabInputError("neg_mask works in one process with mode='symmetric' or 'one_way'")
+        neg_mask = check_neg_mask(neg_mask, n, m, q.device, check=check)
     if use_distributed(distributed, group):
         from batchlab.losses.distributed.strategies import gather_sizes, gather_with_grad
 
@@ -318,7 +354,7 @@ def sogclr(
         n_global = sum(sizes_q)
     else:
         n_global = n
-    dirs = directions(q, k, mode, q_all=q_all, k_all=k_all, offsets=offsets)
+    dirs = directions(q, k, mode, q_all=q_all, k_all=k_all, offsets=offsets, neg_mask=neg_mask)
     fewest = int(min(negatives_per_row(d, 1, q.device)[0] for d in dirs)) if n else 1
     if n and fewest < 1:
         raise BatchlabInputError(
@@ -326,7 +362,7 @@ def sogclr(
             "loss averages over negatives, so a batch needs at least 2 pairs (or extra keys with mode='one_way')"
         )
     fn = _backend(impl, n, dirs[0].cands.shape[0], q.device)
-    options = _dispatch.accepted_options(fn, impl_options, impl)
+    options = {**_dispatch.accepted_options(fn, impl_options, impl), "check": check}
     values, new_log_u, tau_grads = [], [], []
     for i, d in enumerate(dirs):
         v, lu, tg = fn(d, tau[i], log_u[i], gamma=gamma, rho=rho, **options)

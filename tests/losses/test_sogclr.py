@@ -27,9 +27,10 @@ def _state(mode, n, gen, dtype=torch.float64):
     return log_u, tau.requires_grad_(True)
 
 
-def _oracle(q, k, log_u, tau, gamma, rho, mode):
+def _oracle(q, k, log_u, tau, gamma, rho, mode, neg_mask=None):
     """The update rules written out anchor by anchor (float64): value, new log u, tau gradient,
-    and a surrogate whose gradient is the papers' estimator sum_j P_ij dh_ij."""
+    and a surrogate whose gradient is the papers' estimator sum_j P_ij dh_ij. ``neg_mask[i, j]``:
+    key j is not a negative of query i (nor query i of key j)."""
     q, k = q.double(), k.double()
     n = q.shape[0]
     if mode == "one_way":
@@ -39,10 +40,13 @@ def _oracle(q, k, log_u, tau, gamma, rho, mode):
     else:
         dirs = [(q, [k, q], k), (k, [q, k], q)]
     values, new_u, tau_grads, surrogate = [], [], [], 0.0
+    def kept(d, i, j):
+        return neg_mask is None or not bool(neg_mask[i, j] if d == 0 else neg_mask[j, i])
+
     for d, (a, blocks, p) in enumerate(dirs):
         for i in range(n):
             t = float(tau[d, i])
-            hs = [a[i] @ c[j] - a[i] @ p[i] for c in blocks for j in range(c.shape[0]) if j != i]
+            hs = [a[i] @ c[j] - a[i] @ p[i] for c in blocks for j in range(c.shape[0]) if j != i and kept(d, i, j)]
             g = sum(math.exp(h.item() / t) for h in hs) / len(hs)
             old = float(log_u[d, i])
             u = g if old == float("-inf") else (1 - gamma) * math.exp(old) + gamma * g
@@ -73,6 +77,27 @@ def test_reference_follows_the_update_rules(mode):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     # the temperature receives the DRO gradient, divided by the mean over rows and directions
     torch.testing.assert_close(got[2], tau_grad / tau.numel(), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("mode", ["symmetric", "one_way"])
+def test_negative_mask_leaves_pairs_out(mode):
+    gen = torch.Generator().manual_seed(8)
+    n, m = 6, (8 if mode == "one_way" else 6)
+    q, k = unit(n, 5, gen, torch.float64), unit(m, 5, gen, torch.float64)
+    log_u, tau = _state(mode, n, gen)
+    mask = torch.rand(n, m, generator=gen) < 0.3
+    out = sogclr(q, k, log_u=log_u, tau=tau, gamma=0.6, rho=0.2, mode=mode, impl="reference", neg_mask=mask)
+    value, new_u, tau_grad, surrogate = _oracle(q, k, log_u, tau.detach(), 0.6, 0.2, mode, neg_mask=mask)
+    torch.testing.assert_close(out.loss.detach(), value, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(out.tau_grad, tau_grad, rtol=1e-10, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(out.loss, [q, k]), torch.autograd.grad(surrogate, [q, k])):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    tiled = sogclr(q, k, log_u=log_u, tau=tau, gamma=0.6, rho=0.2, mode=mode, impl="tiled", tile_size=(4, 3),
+                   neg_mask=lambda r, c: mask[r][:, c])
+    torch.testing.assert_close(tiled.loss, out.loss, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(tiled.log_u, out.log_u, rtol=1e-12, atol=1e-12)
+    with pytest.raises(BatchlabInputError, match="no negative"):
+        sogclr(q, k, log_u=log_u, tau=tau, mode=mode, neg_mask=torch.ones(n, m, dtype=torch.bool))
 
 
 def test_no_memory_is_tau_times_dcl():

@@ -20,7 +20,7 @@ import torch
 
 from batchlab.losses import _dispatch
 from batchlab.losses._common import compute_dtype
-from batchlab.losses.sogclr import Direction, excluded, finish_rows, negatives_per_row
+from batchlab.losses.sogclr import Direction, excluded, finish_rows, log_negatives
 from batchlab.losses.tiled.engine import resolve_tile, spans
 
 
@@ -40,17 +40,19 @@ def _row_block(direction: Direction, tau, r0: int, r1: int, cd):
 
 
 def forward_stats(direction: Direction, tau, tile: tuple[int, int]):
-    """``(log sum_j exp x_ij, sum_j softmax_ij x_ij)`` over each anchor's negatives, tile by tile."""
+    """``(log sum_j exp x_ij, sum_j softmax_ij x_ij, number of negatives)`` per anchor, tile by tile."""
     cd = compute_dtype(direction.anchors.dtype)
     n, k = direction.anchors.shape[0], direction.cands.shape[0]
     lse = torch.empty(n, dtype=cd, device=tau.device)
     mean_x = torch.empty(n, dtype=cd, device=tau.device)
+    count = torch.empty(n, dtype=cd, device=tau.device)
     floor = torch.finfo(cd).min / 4  # a finite start: exp(floor - max) is 0, never NaN
     for r0, r1 in spans(n, tile[0]):
         _, a_scaled, pos = _row_block(direction, tau, r0, r1, cd)
         m = torch.full((r1 - r0,), floor, dtype=cd, device=tau.device)
         s = torch.zeros_like(m)
         w = torch.zeros_like(m)
+        kept = torch.zeros_like(m)
         for c0, c1 in spans(k, tile[1]):
             x, ex = _tile_logits(direction, a_scaled, pos, r0, r1, c0, c1, cd)
             m_new = torch.maximum(m, x.max(1).values)
@@ -58,10 +60,12 @@ def forward_stats(direction: Direction, tau, tile: tuple[int, int]):
             e = torch.exp(x - m_new[:, None])
             s = s * alpha + e.sum(1)
             w = w * alpha + (e * x.masked_fill(ex, 0)).sum(1)
+            kept += (~ex).sum(1)
             m = m_new
         lse[r0:r1] = m + torch.log(s)
         mean_x[r0:r1] = w / s
-    return lse, mean_x
+        count[r0:r1] = kept
+    return lse, mean_x, count
 
 
 class _SogCLRDirection(torch.autograd.Function):
@@ -69,12 +73,11 @@ class _SogCLRDirection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchors, cands, positives, tau, log_u, meta):
-        gamma, rho, tile, starts, sizes, offsets = meta
-        d = Direction(anchors, cands, positives, starts, sizes, offsets)
+        gamma, rho, tile, check, d = meta
+        d = d._replace(anchors=anchors, cands=cands, positives=positives)
         cd = compute_dtype(anchors.dtype)
-        n = anchors.shape[0]
-        log_n = torch.log(negatives_per_row(d, n, anchors.device).to(cd))
-        lse, mean_x = forward_stats(d, tau, tile)
+        lse, mean_x, count = forward_stats(d, tau, tile)
+        log_n = log_negatives(count, check)
         value, log_u_new, s, tau_grad = finish_rows(lse - log_n, mean_x, log_u.to(cd), tau, gamma, rho)
         ctx.meta = meta
         ctx.save_for_backward(anchors, cands, positives, tau, log_u_new + log_n, s, tau_grad)
@@ -84,8 +87,8 @@ class _SogCLRDirection(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_value, _g_log_u, _g_tau_grad):
         anchors, cands, positives, tau, shift, s, tau_grad = ctx.saved_tensors
-        _, _, tile, starts, sizes, offsets = ctx.meta
-        d = Direction(anchors, cands, positives, starts, sizes, offsets)
+        _, _, tile, _, d = ctx.meta
+        d = d._replace(anchors=anchors, cands=cands, positives=positives)
         cd = compute_dtype(anchors.dtype)
         n, k = anchors.shape[0], cands.shape[0]
         g = g_value.to(cd)
@@ -117,8 +120,10 @@ class _SogCLRDirection(torch.autograd.Function):
 
 
 @_dispatch.register("sogclr", "tiled")
-def sogclr_direction_tiled(direction: Direction, tau, log_u, *, gamma: float, rho: float, tile_size=None):
+def sogclr_direction_tiled(direction: Direction, tau, log_u, *, gamma: float, rho: float, check: bool = True,
+                           tile_size=None):
     """One direction without the (n, K) logits; ``tile_size``: int or (rows, cols)."""
     tile = resolve_tile(tile_size, direction.anchors.device)
-    meta = (gamma, rho, tile, direction.starts, direction.sizes, direction.offsets)
+    # the tensors go through apply (autograd sees them); the rest rides along in meta
+    meta = (gamma, rho, tile, check, direction._replace(anchors=None, cands=None, positives=None))
     return _SogCLRDirection.apply(direction.anchors, direction.cands, direction.positives, tau, log_u, meta)
