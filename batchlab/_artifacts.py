@@ -40,11 +40,12 @@ import json
 import os
 import shutil
 import socket
+import stat
 import uuid
 import zipfile
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import numpy as np
 
@@ -56,6 +57,7 @@ __all__ = [
     "atomic_file",
     "check_writable_directory",
     "file_hash",
+    "open_directory",
     "read_manifest",
     "read_npz",
     "write_directory",
@@ -177,6 +179,15 @@ def check_writable_directory(path: str | Path, *, kind: str, owned: Iterable[str
     because replacing it would delete files we did not write.
     """
     path = Path(path)
+    for _ in range(10):  # a concurrent writer may be swapping the directory while we look
+        try:
+            return _check_writable(path, kind, set(owned))
+        except FileNotFoundError:
+            continue
+    return _check_writable(path, kind, set(owned))
+
+
+def _check_writable(path: Path, kind: str, owned: set[str]) -> Path:
     if path.exists() and not path.is_dir():
         raise BatchlabInputError(
             f"{path} is a file, but the {kind} artifact is a directory; pass a directory path "
@@ -184,17 +195,17 @@ def check_writable_directory(path: str | Path, *, kind: str, owned: Iterable[str
         )
     if not path.is_dir():
         return path
-    entries = {p.name for p in path.iterdir()}
+    entries = set(os.listdir(path))
     if not entries:
         return path
     if MANIFEST in entries:
         try:
             found = json.loads((path / MANIFEST).read_text()).get("kind")
-        except (ValueError, OSError, AttributeError):
+        except (ValueError, AttributeError):
             found = None
         if found == kind:
             return path
-    elif entries <= set(owned) | {MANIFEST}:
+    elif entries <= owned | {MANIFEST}:
         return path
     raise BatchlabInputError(
         f"{path} already exists and is not a {kind} artifact (it holds {sorted(entries)[:5]}"
@@ -288,51 +299,181 @@ def write_directory(
 
 
 # -- verified reads ------------------------------------------------------------
-def read_manifest(path: str | Path, *, kind: str, what: str | None = None, rebuild: str = "rebuild it") -> dict[str, Any]:
-    """The manifest of the directory artifact at ``path``, after checking every file against it.
+class OpenArtifact:
+    """A directory artifact whose files are all open and hash-checked: a consistent snapshot.
 
-    Raises :class:`BatchlabInputError` when ``path`` does not exist, and
+    The files were opened through one handle on the directory right after its manifest
+    was read, so a writer swapping a new build in meanwhile cannot mix its files into
+    this one (the open files keep their content even when the old directory is deleted).
+
+    Attributes
+    ----------
+    path : the artifact's directory.
+    manifest : its manifest (``kind``, ``n``, ``d``, ``files``).
+    """
+
+    def __init__(self, path: Path, manifest: dict[str, Any], files: dict[str, BinaryIO], what: str, rebuild: str):
+        self.path, self.manifest, self._files, self._what, self._rebuild = path, manifest, files, what, rebuild
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._files
+
+    def file(self, name: str) -> BinaryIO:
+        """The open file ``name``, rewound."""
+        f = self._files[name]
+        f.seek(0)
+        return f
+
+    def json(self, name: str) -> Any:
+        try:
+            return json.loads(self.file(name).read().decode())
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise StaleArtifactError(f"{self.path / name} is not valid JSON ({exc}); {self._rebuild}") from exc
+
+    def npy(self, name: str) -> np.ndarray:
+        try:
+            return np.load(self.file(name), allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise StaleArtifactError(f"{self.path / name} is not a readable .npy array ({exc}); {self._rebuild}") from exc
+
+    def npz(self, name: str, names: Iterable[str]) -> dict[str, np.ndarray]:
+        try:
+            with np.load(self.file(name), allow_pickle=False) as f:
+                return {k: f[k] for k in names}
+        except _NPZ_ERRORS as exc:
+            raise StaleArtifactError(f"{self.path / name} is not a complete .npz file ({exc}); {self._rebuild}") from exc
+
+    def close(self) -> None:
+        for f in self._files.values():
+            f.close()
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _open_all(path: Path) -> tuple[dict[str, Any], dict[str, BinaryIO], set[str], tuple[int, int]]:
+    """Open ``manifest.json`` and the files it lists through one directory handle.
+
+    Returns the manifest, the open files, the names present and the directory's identity
+    (device, inode), which the caller compares with ``path`` afterwards: if they differ, a
+    writer swapped the directory meanwhile and the listing may be of a half-deleted one.
+    """
+    if os.open in os.supports_dir_fd:
+        dfd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        opener = lambda name, flags: os.open(name, flags, dir_fd=dfd)  # noqa: E731
+        present = set(os.listdir(dfd))
+        identity = _identity(os.fstat(dfd))
+    else:  # pragma: no cover - Windows: by name (a concurrent swap is then caught by the hashes)
+        dfd = None
+        opener = lambda name, flags: os.open(path / name, flags)  # noqa: E731
+        identity = _identity(os.stat(path))
+        present = set(os.listdir(path))
+    files: dict[str, BinaryIO] = {}
+    try:
+        if MANIFEST not in present:
+            return {}, files, present, identity
+        files[MANIFEST] = open(MANIFEST, "rb", opener=opener)
+        manifest_bytes = files[MANIFEST].read()
+        try:
+            manifest = json.loads(manifest_bytes)
+            listed = manifest["files"]
+            if not isinstance(listed, dict) or "kind" not in manifest:
+                raise TypeError("no 'files' mapping or no 'kind'")
+        except (ValueError, KeyError, TypeError) as exc:
+            manifest = {"_error": f"{type(exc).__name__}: {exc}"}
+            return manifest, files, present, identity
+        for name in listed:
+            if name in present:
+                files[name] = open(name, "rb", opener=opener)
+        return manifest, files, present, identity
+    except BaseException:
+        for f in files.values():
+            f.close()
+        raise
+    finally:
+        if dfd is not None:
+            os.close(dfd)
+
+
+@contextlib.contextmanager
+def open_directory(
+    path: str | Path, *, kind: str, what: str | None = None, rebuild: str = "rebuild it"
+) -> Iterator[OpenArtifact]:
+    """Open every file of the directory artifact at ``path`` and check it against the manifest.
+
+    Raises :class:`BatchlabInputError` when ``path`` is not a directory, and
     :class:`StaleArtifactError` when the manifest is missing, unreadable or of another
-    kind, or when a file is missing, extra, or differs in size or hash.
-    ``rebuild`` finishes each message: how the user makes a good artifact.
+    kind, or when a file is missing, extra, or differs in size or hash. ``rebuild``
+    finishes each message: how the user makes a good artifact.
     """
     path = Path(path)
     what = what or f"{kind} artifact"
-    if not path.is_dir():
-        raise BatchlabInputError(f"no {what} at {path} ({'a file' if path.exists() else 'nothing there'}); {rebuild}")
-    manifest_path = path / MANIFEST
-    if not manifest_path.is_file():
+    for attempt in range(5):
+        try:
+            is_dir = stat.S_ISDIR(os.stat(path).st_mode)
+        except FileNotFoundError:
+            raise BatchlabInputError(f"no {what} at {path} (nothing there); {rebuild}") from None
+        if not is_dir:
+            raise BatchlabInputError(f"no {what} at {path} (a file, not a directory); {rebuild}")
+        try:
+            manifest, files, present, identity = _open_all(path)
+        except FileNotFoundError:  # a writer swapped a new build in while we opened this one: again
+            continue
+        try:
+            swapped = _identity(os.stat(path)) != identity
+        except FileNotFoundError:
+            swapped = True
+        if not swapped:
+            break
+        for f in files.values():  # the listing may be of a directory being deleted: again
+            f.close()
+    else:
+        raise StaleArtifactError(f"{path} kept changing while it was read (concurrent writers?); try again")
+    artifact = OpenArtifact(path, manifest, {k: v for k, v in files.items() if k != MANIFEST}, what, rebuild)
+    try:
+        _verify(artifact, present - {MANIFEST}, kind, files.get(MANIFEST) is not None)
+        yield artifact
+    finally:
+        artifact.close()
+        if MANIFEST in files:
+            files[MANIFEST].close()
+
+
+def _verify(artifact: OpenArtifact, present: set[str], kind: str, has_manifest: bool) -> None:
+    path, manifest, rebuild, what = artifact.path, artifact.manifest, artifact._rebuild, artifact._what
+    if not has_manifest:
         raise StaleArtifactError(
             f"{path} has no {MANIFEST}, so its files cannot be checked: it was written by an older batchlab or "
             f"by a writer that did not finish; {rebuild}"
         )
-    try:
-        manifest = json.loads(manifest_path.read_text())
-        files = manifest["files"]
-        found_kind = manifest["kind"]
-        if not isinstance(files, dict):
-            raise TypeError("files is not a mapping")
-    except (ValueError, KeyError, TypeError, OSError) as exc:
-        raise StaleArtifactError(f"{manifest_path} is unreadable ({type(exc).__name__}: {exc}); {rebuild}") from exc
-    if found_kind != kind:
-        raise StaleArtifactError(f"{path} holds a {found_kind!r} artifact, not a {what}; {rebuild}")
-    present = {p.name for p in path.iterdir()} - {MANIFEST}
-    missing, extra = sorted(set(files) - present), sorted(present - set(files))
+    if "_error" in manifest:
+        raise StaleArtifactError(f"{path / MANIFEST} is unreadable ({manifest['_error']}); {rebuild}")
+    if manifest["kind"] != kind:
+        raise StaleArtifactError(f"{path} holds a {manifest['kind']!r} artifact, not a {what}; {rebuild}")
+    listed = manifest["files"]
+    missing, extra = sorted(set(listed) - present), sorted(present - set(listed))
     if missing or extra:
-        raise StaleArtifactError(
-            f"{path} does not match its manifest: "
-            + "; ".join(s for s in (f"missing {missing}" if missing else "", f"not written with it {extra}" if extra else "") if s)
-            + f"; {rebuild}"
-        )
-    for name, entry in files.items():
-        size = (path / name).stat().st_size
-        if size != entry.get("bytes") or file_hash(path / name) != entry.get("blake2b"):
+        parts = [f"missing {missing}" if missing else "", f"not written with it {extra}" if extra else ""]
+        raise StaleArtifactError(f"{path} does not match its manifest: {'; '.join(p for p in parts if p)}; {rebuild}")
+    for name, entry in listed.items():
+        f = artifact.file(name)
+        size = os.fstat(f.fileno()).st_size
+        h = hashlib.blake2b(digest_size=16)
+        for chunk in iter(lambda: f.read(_CHUNK), b""):
+            h.update(chunk)
+        if size != entry.get("bytes") or h.hexdigest() != entry.get("blake2b"):
             raise StaleArtifactError(
-                f"{path / name} is not the file this {what} was written with "
-                f"({size} bytes, expected {entry.get('bytes')}; or its content hash differs): "
-                f"it was changed, truncated or replaced; {rebuild}"
+                f"{path / name} is not the file this {what} was written with ({size} bytes, expected "
+                f"{entry.get('bytes')}; or its content hash differs): it was changed, truncated or replaced; {rebuild}"
             )
-    return manifest
+
+
+def read_manifest(path: str | Path, *, kind: str, what: str | None = None, rebuild: str = "rebuild it") -> dict[str, Any]:
+    """The manifest of the directory artifact at ``path``, after checking every file against it
+    (see :func:`open_directory`, which loaders use to read the checked files themselves)."""
+    with open_directory(path, kind=kind, what=what, rebuild=rebuild) as artifact:
+        return artifact.manifest
 
 
 _NPZ_ERRORS = (zipfile.BadZipFile, EOFError, KeyError, ValueError, OSError, zlib.error)
@@ -352,11 +493,3 @@ def read_npz(path: str | Path, names: Iterable[str], *, what: str, rebuild: str)
             f"{path} is not a complete {what} file ({type(exc).__name__}: {exc}): truncated, corrupt or of "
             f"another kind; {rebuild}"
         ) from exc
-
-
-def load_npy(path: str | Path, *, what: str, rebuild: str, mmap: bool = False) -> np.ndarray:
-    """One ``.npy`` array; a truncated or corrupt file is a :class:`StaleArtifactError`."""
-    try:
-        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
-    except (ValueError, OSError, EOFError) as exc:
-        raise StaleArtifactError(f"{path} is not a readable {what} ({type(exc).__name__}: {exc}); {rebuild}") from exc

@@ -775,19 +775,24 @@ class EmbeddingIndex:
         :class:`StaleArtifactError`. Without them, exact search and ``recall`` use the
         vectors stored with the index.
         """
-        from batchlab._artifacts import read_manifest, read_npz
+        from batchlab._artifacts import open_directory
 
         path = Path(path)
         rebuild = "rebuild it with EmbeddingIndex(embeddings, ...).save(path)"
         if not (path / "meta.json").exists() and not (path / "manifest.json").exists():
             raise BatchlabInputError(f"{path} is not a saved EmbeddingIndex (no meta.json); write one with index.save(path)")
-        manifest = read_manifest(path, kind=ARTIFACT_KIND, what="saved EmbeddingIndex", rebuild=rebuild)
+        with open_directory(path, kind=ARTIFACT_KIND, what="saved EmbeddingIndex", rebuild=rebuild) as art:
+            # one consistent, hash-checked snapshot of the files
+            meta = art.json("meta.json")
+            manifest, files = art.manifest, set(art.manifest["files"])
+            faiss_bytes = art.file("index.faiss").read() if "index.faiss" in art else None
+            lists = art.npz("ivfgemm.npz", ("centroids", "assignment")) if "ivfgemm.npz" in art else None
+            stored = art.npy("embeddings.npy") if "embeddings.npy" in art and embeddings is None else None
         try:
-            meta = json.loads((path / "meta.json").read_text())
             p = meta["params"]
             saved_hash = meta["content_hash"]
             n, d = int(p["n"]), int(p["d"])
-        except (ValueError, KeyError, TypeError, OSError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise StaleArtifactError(f"{path}/meta.json is incomplete ({type(exc).__name__}: {exc}); {rebuild}") from exc
         if meta.get("format_version") != FORMAT_VERSION:
             raise StaleArtifactError(f"{path} has format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
@@ -812,17 +817,18 @@ class EmbeddingIndex:
                 )
         else:
             emb = None
-        files = manifest["files"]
-        stored = {"index.faiss": self.kind in ("flat", "ivf", "hnsw"), "ivfgemm.npz": self.kind == "ivf-gemm",
-                  "embeddings.npy": self.kind not in ("flat", "ivf", "hnsw", "ivf-gemm")}
-        for name, wanted in stored.items():
+        needs = {"index.faiss": self.kind in ("flat", "ivf", "hnsw"), "ivfgemm.npz": self.kind == "ivf-gemm",
+                 "embeddings.npy": self.kind not in ("flat", "ivf", "hnsw", "ivf-gemm")}
+        for name, wanted in needs.items():
             if wanted != (name in files):
                 raise StaleArtifactError(f"{path}: a {self.kind} index {'needs' if wanted else 'has no'} {name}; {rebuild}")
-        if "index.faiss" in files:
+        if faiss_bytes is not None:
+            faiss = _faiss()
             try:
-                self._faiss_index = _faiss().read_index(str(path / "index.faiss"))
+                self._faiss_index = faiss.deserialize_index(np.frombuffer(faiss_bytes, dtype=np.uint8))
             except RuntimeError as exc:  # hash-checked above, so only a foreign file written with its manifest
                 raise StaleArtifactError(f"{path}/index.faiss is not a faiss index ({exc}); {rebuild}") from exc
+            del faiss_bytes
             if (self._faiss_index.ntotal, self._faiss_index.d) != (n, d):
                 raise StaleArtifactError(
                     f"{path}/index.faiss holds ({self._faiss_index.ntotal}, {self._faiss_index.d}) vectors, "
@@ -831,17 +837,14 @@ class EmbeddingIndex:
             self._hnsw_l2 = meta.get("hnsw_l2", False)
             if emb is None and self.kind != "ivf":  # flat and HNSW store their vectors
                 emb = torch.from_numpy(self._faiss_index.reconstruct_n(0, n))
-        elif "ivfgemm.npz" in files:
-            arrays = read_npz(path / "ivfgemm.npz", ("centroids", "assignment"), what="ivf-gemm lists", rebuild=rebuild)
-            self._centroids = torch.from_numpy(arrays["centroids"])
-            assignment = torch.from_numpy(arrays["assignment"])
+        elif lists is not None:
+            self._centroids = torch.from_numpy(lists["centroids"])
+            assignment = torch.from_numpy(lists["assignment"])
             if (tuple(self._centroids.shape) != (self.nlist, d) or tuple(assignment.shape) != (n,)
                     or int(assignment.min()) < 0 or int(assignment.max()) >= self.nlist):
                 raise StaleArtifactError(f"{path}/ivfgemm.npz does not fit a ({n}, {d}) index of {self.nlist} lists; {rebuild}")
         elif emb is None:
-            from batchlab._artifacts import load_npy
-
-            emb = torch.from_numpy(load_npy(path / "embeddings.npy", what="embeddings array", rebuild=rebuild))
+            emb = torch.from_numpy(stored)
             if tuple(emb.shape) != (n, d):  # its bytes were checked against the manifest above
                 raise StaleArtifactError(f"{path}/embeddings.npy has shape {tuple(emb.shape)}, expected ({n}, {d}); {rebuild}")
         if emb is None:

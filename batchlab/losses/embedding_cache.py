@@ -173,6 +173,11 @@ class EmbeddingCache:
         if len(inputs) != len(self.encoders):
             raise BatchlabInputError(f"got inputs for {len(inputs)} towers but {len(self.encoders)} encoders")
         lengths = [_batch_len(x, f"inputs of tower {t}") for t, x in enumerate(inputs)]
+        if 0 in lengths:
+            raise BatchlabInputError(
+                f"inputs of tower {lengths.index(0)} have 0 rows (batch sizes per tower: {lengths}); "
+                "a contrastive step needs at least one example per tower: skip empty batches"
+            )
         self._pending, self._embeddings = [], []
         with self._bar(sum(len(self._chunks(t, n)) for t, n in enumerate(lengths)), "encode (no grad)") as bar:
             for tower, (encoder, x, n) in enumerate(zip(self.encoders, inputs, lengths)):

@@ -601,18 +601,20 @@ def load_artifacts(directory: str | Path, *, embeddings: Any = None) -> tuple[di
     and, given ``embeddings``, when they are not the teacher embeddings the directory
     was built from (shape, then content hash).
     """
-    import json
-
-    from batchlab._artifacts import load_npy, read_manifest
+    from batchlab._artifacts import open_directory
     from batchlab.errors import StaleArtifactError
 
     directory = Path(directory)
-    manifest = read_manifest(directory, kind=ARTIFACT_KIND, what="build-batches directory", rebuild=_REBUILD)
+    with open_directory(directory, kind=ARTIFACT_KIND, what="build-batches directory", rebuild=_REBUILD) as art:
+        # one consistent, hash-checked snapshot of the files, whatever writers do meanwhile
+        meta = art.json("meta.json")
+        groups = art.npy("groups.npy")
+        window = art.npy("window_ids.npy") if "window_ids.npy" in art else None
+        manifest = art.manifest
     try:
-        meta = json.loads((directory / "meta.json").read_text())
         n, group_size, (start, stop) = int(meta["n"]), int(meta["group_size"]), map(int, meta["rank_window"])
         teacher = meta["teacher_hash"]
-    except (ValueError, KeyError, TypeError, OSError) as exc:
+    except (ValueError, KeyError, TypeError) as exc:
         raise StaleArtifactError(f"{directory}/meta.json is incomplete ({type(exc).__name__}: {exc}); {_REBUILD}") from exc
     if n != manifest["n"] or meta.get("d") != manifest["d"]:
         raise StaleArtifactError(
@@ -634,15 +636,12 @@ def load_artifacts(directory: str | Path, *, embeddings: Any = None) -> tuple[di
                 f"the artifacts in {directory} were built from embeddings with hash {teacher}, "
                 f"but these embeddings hash to {actual}; {_REBUILD}"
             )
-    groups = load_npy(directory / "groups.npy", what="groups array", rebuild=_REBUILD)
     if groups.shape != (n,):
         raise StaleArtifactError(f"{directory}/groups.npy has shape {groups.shape}, expected ({n},); {_REBUILD}")
     _check_ids("groups.npy", groups, n, directory, allow_missing=False)
     if group_size < 1 or group_size > n:
         raise StaleArtifactError(f"{directory}/meta.json: group_size={group_size} for N={n}; {_REBUILD}")
-    window = None
-    if "window_ids.npy" in manifest["files"]:
-        window = load_npy(directory / "window_ids.npy", what="window ids array", rebuild=_REBUILD)
+    if window is not None:
         if window.ndim != 2 or window.shape[0] != n or window.shape[1] > max(0, stop - start):
             raise StaleArtifactError(
                 f"{directory}/window_ids.npy has shape {window.shape}, expected ({n}, <= {stop - start}) for rank "

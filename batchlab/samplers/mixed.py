@@ -84,12 +84,6 @@ class MixedBatchSampler(GlobalBatchSampler):
                 f"batches of {self.batch_size} need {self.batch_size - self.num_random} structured examples; "
                 f"build it with batch_size={self.batch_size - self.num_random}"
             )
-        base_n = getattr(base, "num_examples", None)
-        if base_n is not None and base_n > self.num_examples:
-            raise BatchlabInputError(
-                f"the structured sampler draws from {base_n} examples but num_examples={self.num_examples}: its "
-                f"batches would hold ids this dataset does not have; pass num_examples={base_n} (the dataset size)"
-            )
         self.base = base
 
     def plan_epoch(self, generator: torch.Generator) -> list[list[int]]:

@@ -153,7 +153,14 @@ class ReferenceEmbeddingCache:
         logger.info("created reference cache at %s (%d examples, fields %s)", self.root, num_examples, dict(fields))
 
     def _open(self, model_hash, num_examples, fields) -> None:
-        info = json.loads((self.root / _META).read_text())
+        try:
+            info = json.loads((self.root / _META).read_text())
+            info = {key: info[key] for key in ("model_hash", "num_examples", "fields", "dtype", "meta")}
+        except (ValueError, KeyError, TypeError, OSError) as exc:
+            raise StaleArtifactError(
+                f"the reference cache at {self.root} has an unreadable {_META} ({type(exc).__name__}: {exc}); "
+                "pass overwrite=True to rebuild it"
+            ) from exc
         if info["model_hash"] != model_hash:
             raise StaleArtifactError(
                 f"the reference cache at {self.root} holds embeddings of model {info['model_hash'][:16]}..., "
@@ -178,8 +185,21 @@ class ReferenceEmbeddingCache:
         self.fields: dict[str, int] = info["fields"]
         self.dtype: str = info["dtype"]
         self.meta: dict = info["meta"]
-        self._arrays = {name: np.load(self.root / f"{name}.npy", mmap_mode="r+") for name in self.fields}
-        self._filled = np.load(self.root / _FILLED, mmap_mode="r+")
+        expected = {name: (self.num_examples, dim) for name, dim in self.fields.items()}
+        try:
+            self._arrays = {name: np.load(self.root / f"{name}.npy", mmap_mode="r+") for name in self.fields}
+            self._filled = np.load(self.root / _FILLED, mmap_mode="r+")
+        except (ValueError, OSError) as exc:  # a missing or truncated field file
+            raise StaleArtifactError(
+                f"the reference cache at {self.root} is incomplete ({type(exc).__name__}: {exc}); "
+                "pass overwrite=True to rebuild it"
+            ) from exc
+        shapes = {name: arr.shape for name, arr in self._arrays.items()}
+        if shapes != expected or self._filled.shape != (self.num_examples,):
+            raise StaleArtifactError(
+                f"the reference cache at {self.root} holds arrays of shapes {shapes} (filled "
+                f"{self._filled.shape}), expected {expected}; pass overwrite=True to rebuild it"
+            )
 
     # ------------------------------------------------------------------ reading and writing
 

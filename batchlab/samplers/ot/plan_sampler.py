@@ -123,6 +123,12 @@ class OTPlanSampler:
 
         With ``condition_weight`` set and both labels given, the labels enter the cost.
         """
+        for name, y, x in (("y0", y0, x0), ("y1", y1, x1)):
+            if y is not None and (getattr(y, "ndim", 1) == 0 or len(y) != len(x)):
+                raise BatchlabInputError(
+                    f"{name} must hold one label per row of {'x0' if name == 'y0' else 'x1'} ({len(x)} rows), "
+                    f"got {'a scalar' if getattr(y, 'ndim', 1) == 0 else len(y)}; pass the labels of the same batch"
+                )
         cond = None
         if self.condition_weight is not None and y0 is not None and y1 is not None:
             cond = (torch.as_tensor(y0), torch.as_tensor(y1))
