@@ -24,6 +24,7 @@ from batchlab.errors import BatchlabInputError
 BOGUS = "zz_not_an_option"
 COMPAT = {
     "open_clip": ("ClipLoss", "SigLipLoss"),
+    "torchcfm": ("OTPlanSampler",),
 }
 
 
