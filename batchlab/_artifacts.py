@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import glob
 import hashlib
 import json
 import os
@@ -112,7 +113,7 @@ def _remove_dead_temporaries(path: Path) -> None:
     """Delete temporaries of ``path`` left by writers on this host that were killed (their pid is gone)."""
     host = socket.gethostname()
     for tag in ("tmp", "old"):
-        for stale in path.parent.glob(f".{path.name}.{tag}-{host}-*"):
+        for stale in path.parent.glob(f"{glob.escape(f'.{path.name}.{tag}-{host}-')}*"):
             pid = stale.name[len(f".{path.name}.{tag}-{host}-") :].split("-")[0]
             if not pid.isdigit() or int(pid) == os.getpid():
                 continue
