@@ -492,8 +492,10 @@ class SogCLRLoss(nn.Module):
         rows = table[:, ids].to(like.device, compute_dtype(like.dtype))
         return rows.expand(2, -1) if self.mode == "two_view" else rows
 
-    def forward(self, image_features, text_features, ids, output_dict: bool = False):
-        """The batch's loss; updates the state of the examples ``ids`` (N,) as a side effect."""
+    def forward(self, image_features, text_features, ids, output_dict: bool = False, neg_mask=None):
+        """The batch's loss; updates the state of the examples ``ids`` (N,) as a side effect.
+
+        ``neg_mask``: the batch's known false negatives, as :func:`sogclr` takes them."""
         if not isinstance(image_features, torch.Tensor):
             raise BatchlabInputError("image_features must be a tensor (N, d)")
         ids = self._check_ids(ids, image_features.shape[0])
@@ -501,7 +503,7 @@ class SogCLRLoss(nn.Module):
         tau = self._rows(self.tau, ids, image_features) if self.isogclr else self.tau_init
         out = sogclr(
             image_features, text_features, log_u=self._rows(self.log_u, ids, image_features), tau=tau,
-            gamma=self.gamma, rho=self.rho, mode=self.mode, **opts,
+            gamma=self.gamma, rho=self.rho, mode=self.mode, neg_mask=neg_mask, **opts,
         )
         self._update(ids, out)
         return {"contrastive_loss": out.loss} if output_dict else out.loss

@@ -28,6 +28,7 @@ from batchlab.errors import BatchlabInputError
 from batchlab.recipes._loop import ContrastiveHead, TrainResult, train_loop
 from batchlab.recipes.runs import load_checkpoint
 from batchlab.recipes.evaluate import retrieval_metrics
+from batchlab.recipes.global_loss import global_contrastive_head
 from batchlab.recipes.models import TINY_TEXT, init_token_embeddings_lsa, text_encoder, tokenizer
 from batchlab.recipes.samplers import SamplerSchedule, resolved_options
 from batchlab.recipes.teachers import TeacherViews, tfidf_views
@@ -215,7 +216,9 @@ def train_dual_encoder(
         Passes over ``train``; AdamW peak learning rate (warm-up, cosine decay to 0 at the
         last step; the length is re-estimated at each epoch start from the real batch counts).
     loss, impl :
-        ``"info_nce"`` (symmetric, CLIP), ``"siglip"``, ``"dcl"`` or a callable
+        ``"info_nce"`` (symmetric, CLIP), ``"siglip"``, ``"dcl"``, ``"sogclr"`` / ``"isogclr"``
+        (per-example state; :mod:`batchlab.recipes.global_loss`), a
+        :class:`~batchlab.losses.SogCLRLoss`, or a callable
         ``fn(q, k, logit_scale)``; ``impl`` picks the batchlab implementation
         (``"auto"``, ``"reference"``, ``"tiled"``, ...).
     teacher :
@@ -245,7 +248,8 @@ def train_dual_encoder(
     jest :
         Optional :class:`~batchlab.samplers.JointExampleSelector`; its reference model is
         the teacher (TF-IDF when ``teacher`` gives no query/document views), scored at
-        CLIP's initial scale 1/0.07.
+        CLIP's initial scale 1/0.07. Or a :class:`~batchlab.samplers.CoLMSelector` (mini-batch
+        coresets by gradient matching; no reference model).
     embedding_cache :
         Optional chunk size: encode each batch in chunks of this many examples with
         :class:`~batchlab.losses.EmbeddingCache` (GradCache), so a batch can be larger
@@ -297,7 +301,7 @@ def train_dual_encoder(
     elif init is not None:
         raise BatchlabInputError(f"init must be None or 'lsa', got {init!r}")
     model = model.to(device)
-    head = ContrastiveHead(loss, impl=impl).to(device)
+    head = (global_contrastive_head(loss, len(train_q), impl=impl) or ContrastiveHead(loss, impl=impl)).to(device)
     torch.manual_seed(seed)
     eval_labels = relevance_labels(test_q, test_d, test_labels)
     label_mask = same_label_mask(relevance_labels(train_q, train_d, train_labels))
@@ -373,7 +377,11 @@ def train_dual_encoder(
 
         cache = (EmbeddingCache([model, model], embedding_cache), lambda indices: (tokens_q[indices], tokens_d[indices]))
     reference = None
-    if jest is not None:
+    if hasattr(head, "track"):  # SogCLR / iSogCLR: the loss reads the batch's ids from encode
+        encode = head.track(encode)
+    if jest is not None and not getattr(jest, "needs_reference", True):
+        reference = lambda indices: None  # noqa: E731  (CoLM)
+    elif jest is not None:
         ref_q, ref_d = views.queries.to(device), views.documents.to(device)
 
         def reference(indices: torch.Tensor):

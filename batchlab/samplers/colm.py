@@ -148,6 +148,9 @@ class CoLMSelector:
 
     # ------------------------------------------------------------------ public API
 
+    #: a training loop built for JEST passes ``reference=None`` to this selector
+    needs_reference = False
+
     # The selector bookkeeping is JEST's, so the two are interchangeable in a training loop:
     # b = round((1 - filter_ratio) * N); state_dict() = {"seed", "step"}; load_state_dict resumes.
     batch_size = JointExampleSelector.batch_size
