@@ -19,11 +19,15 @@ from batchlab.integrations.sentence_transformers.losses import (
     MultipleNegativesRankingLoss,
     MultipleNegativesSymmetricRankingLoss,
 )
+from batchlab.integrations.sentence_transformers.samplers import KINDS, BatchlabBatchSampler, batch_sampler
 from batchlab.integrations.sentence_transformers.testing import tiny_model
 
 __all__ = [
     "MultipleNegativesRankingLoss",
     "MultipleNegativesSymmetricRankingLoss",
     "GISTEmbedLoss",
+    "BatchlabBatchSampler",
+    "batch_sampler",
+    "KINDS",
     "tiny_model",
 ]

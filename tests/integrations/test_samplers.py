@@ -1,0 +1,113 @@
+"""Trainer-ready batch samplers: every example once per epoch, alone and under accelerate on 2 gloo ranks."""
+
+import pytest
+import torch
+from datasets import Dataset
+
+from batchlab.errors import BatchlabInputError
+from batchlab.integrations.sentence_transformers import BatchlabBatchSampler, batch_sampler
+from tests.gloo import run_on_ranks
+
+N = 48
+KIND_OPTIONS = [
+    ("random", {}),
+    ("community", {"group_size": 4, "rank_window": (2, 10)}),
+    ("hard_negatives", {"num_negatives": 3, "range_min": 1}),
+    ("cluster", {"cluster_size": 4}),
+    ("tas", {"n_clusters": 4}),
+    ("community", {"group_size": 4, "rank_window": (2, 10), "mix_random": 0.5}),
+]
+
+
+def pairs_dataset(n=N):
+    return Dataset.from_dict({"anchor": [f"query {i}" for i in range(n)], "positive": [f"doc {i}" for i in range(n)]})
+
+
+def teacher_embeddings(n=N, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.nn.functional.normalize(torch.randn(n, 8, generator=g), dim=1)
+    return q, torch.nn.functional.normalize(q + 0.3 * torch.randn(n, 8, generator=g), dim=1)
+
+
+def trainer_call(factory, dataset, batch_size=8, drop_last=False, seed=0):
+    """How the SentenceTransformerTrainer calls ``args.batch_sampler``."""
+    return factory(dataset, batch_size=batch_size, drop_last=drop_last, valid_label_columns=["label", "score"],
+                   generator=torch.Generator().manual_seed(seed), seed=seed)
+
+
+@pytest.mark.parametrize("kind,options", KIND_OPTIONS)
+def test_every_example_once_per_epoch(kind, options):
+    sampler = trainer_call(batch_sampler(kind, embeddings=teacher_embeddings(), **options), pairs_dataset())
+    for epoch in range(2):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert len(batches) == len(sampler)
+        assert sorted(i for b in batches for i in b) == list(range(N))
+    assert sampler.state_dict()["epoch"] == 1
+
+
+def test_teacher_model_and_refresh(tiny_dir):
+    from tests.integrations.conftest import load
+
+    model = load(tiny_dir)
+    sampler = trainer_call(batch_sampler("cluster", teacher=model, cluster_size=4, refresh_every=1),
+                           pairs_dataset(16), batch_size=4)
+    first = sampler.inner
+    sampler.set_epoch(1)
+    assert sampler.inner is not first  # re-encoded with the (trained) model
+    assert sorted(i for b in sampler for i in b) == list(range(16))
+
+
+def test_bad_options():
+    with pytest.raises(BatchlabInputError, match="kind"):
+        batch_sampler("b3")
+    with pytest.raises(BatchlabInputError, match="does not take"):
+        trainer_call(batch_sampler("cluster", embeddings=teacher_embeddings()[0], clusters=4), pairs_dataset())
+    with pytest.raises(BatchlabInputError, match="teacher"):
+        trainer_call(batch_sampler("community"), pairs_dataset())
+    with pytest.raises(BatchlabInputError, match="no column"):
+        trainer_call(batch_sampler("tas", teacher=object(), columns=["query"]), pairs_dataset())
+
+
+ACCELERATE_CASES = [
+    ("random", {}, 5, False),  # 48 = 4 global batches of 10 + one of 8
+    ("community", {"group_size": 4, "rank_window": (2, 10)}, 4, False),
+    ("hard_negatives", {"num_negatives": 3}, 5, True),
+    ("cluster", {"cluster_size": 4, "mix_random": 0.25}, 4, False),
+]
+
+
+def _accelerate_body(rank, world):
+    from accelerate.data_loader import prepare_data_loader
+    from torch.utils.data import DataLoader
+
+    results = []
+    for kind, options, batch_size, drop_last in ACCELERATE_CASES:
+        # each rank passes different embeddings: the sampler must plan with rank 0's everywhere
+        sampler = trainer_call(batch_sampler(kind, embeddings=teacher_embeddings(seed=rank), **options),
+                               pairs_dataset(), batch_size=batch_size, drop_last=drop_last)
+        loader = DataLoader(list(range(N)), batch_sampler=sampler, collate_fn=list)
+        # what the SentenceTransformerTrainer does: accelerator.prepare with even_batches=False
+        loader = prepare_data_loader(loader, num_processes=world, process_index=rank, even_batches=False)
+        seen = []
+        for epoch in range(2):
+            sampler.set_epoch(epoch)
+            seen.append([list(b) for b in loader])
+        results.append({"seen": seen, "len": len(loader), "global": sampler.inner.global_batches()})
+    return results
+
+
+@pytest.mark.distributed
+def test_accelerate_two_processes_no_double_sharding():
+    out = run_on_ranks(_accelerate_body, world=2)
+    for case, (kind, _, batch_size, drop_last) in enumerate(ACCELERATE_CASES):
+        r0, r1 = out[0][case], out[1][case]
+        assert r0["global"] == r1["global"], kind  # one plan on both ranks
+        for epoch in range(2):
+            assert len(r0["seen"][epoch]) == len(r1["seen"][epoch]) == r0["len"], kind
+            seen = sorted(i for r in (r0, r1) for b in r["seen"][epoch] for i in b)
+            expected = N - (N % (2 * batch_size) if drop_last else 0)
+            assert len(seen) == expected and len(set(seen)) == expected, kind  # each example exactly once
+        # rank r's k-th batch is slice r of global batch k: the loss gathers the batch the sampler built
+        for k, batch in enumerate(r0["global"]):
+            assert r0["seen"][1][k] + r1["seen"][1][k] == batch, kind
