@@ -233,26 +233,30 @@ def _exchange(a: Path, b: Path) -> bool:
 def _swap_into_place(tmp: Path, path: Path) -> None:
     """Make the complete directory ``tmp`` appear at ``path``; the old one (if any) is deleted.
 
-    With ``renameat2`` the swap is one atomic step. Elsewhere it is two renames (old
-    aside, new in); a concurrent writer may slip in between, in which case the loop
-    puts its directory aside too, so the last writer to finish wins and no directory
-    is ever a mix of two writers.
+    With ``renameat2`` (Linux) the swap is one atomic step. Elsewhere it is two renames
+    (old aside, new in); a concurrent writer may slip in between, in which case the loop
+    puts its directory aside too, so the last writer to finish wins and no directory is
+    ever a mix of two writers. Only there, a writer killed between the two renames leaves
+    ``path`` absent, with the previous artifact intact in ``.<name>.old-<host>-<pid>-*``.
     """
+    aside: list[Path] = []
     while True:
         try:
             os.rename(tmp, path)  # path absent (or an empty directory)
-            return
+            break
         except OSError as exc:
             if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                 raise
         if _exchange(tmp, path):  # tmp now holds the old artifact
             shutil.rmtree(tmp, ignore_errors=True)
-            return
+            break
         old = _temp_name(path, "old")
         try:
             os.rename(path, old)
+            aside.append(old)  # deleted only once the new one is in place
         except FileNotFoundError:
             continue  # a concurrent writer moved it aside first
+    for old in aside:
         shutil.rmtree(old, ignore_errors=True)
 
 
