@@ -1,0 +1,122 @@
+"""Benchmark: the cost of SogCLR / iSogCLR per step against plain InfoNCE at the same batch.
+
+Forward + backward of one training step's loss on fresh random unit embeddings (N, d),
+through the modules a training loop uses: :class:`~batchlab.losses.SogCLRLoss` and
+:class:`~batchlab.losses.ISogCLRLoss` (symmetric image-text, state for N examples,
+``ids = arange(N)``; state reads, moving-average and temperature updates included) and
+:func:`~batchlab.losses.info_nce` (symmetric CLIP) as the anchor, measured in the same
+run. Methods are ``<loss> <impl>``: ``info_nce auto`` (Triton on CUDA), ``info_nce tiled``
+(the same tiled engine family), ``sogclr reference|tiled``, ``isogclr reference|tiled``.
+The reference materialises (N, N) logits per direction and is skipped above
+``--reference-max-n``. Each row reports the median of ``--repeats`` timed calls after one
+warm-up (which also fills the state, so every timed call updates seen examples), the peak
+memory above the inputs (CUDA), and the ratio to ``info_nce auto``. The issue's target:
+SogCLR/iSogCLR within 1.2x of InfoNCE's time at N = 4,096 and 65,536 on one H200.
+
+    python -m batchlab.bench.sogclr                          # CPU, N = 1,024 and 4,096, d = 256
+    python -m batchlab.bench.sogclr --device cuda --out DIR  # GPU, N = 4,096 and 65,536, d = 512, bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from batchlab._argtypes import device as device_arg
+from batchlab._argtypes import positive_int
+from batchlab.bench._common import device_name, format_table, peak_memory_call, plot_series, time_call, write_results
+
+log = logging.getLogger(__name__)
+
+METHODS = ["info_nce auto", "info_nce tiled", "sogclr reference", "sogclr tiled", "isogclr reference", "isogclr tiled"]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--sizes", default=None, help="comma-separated N (default: 1024,4096 CPU; 4096,65536 CUDA)")
+    parser.add_argument("--dim", type=positive_int, default=None, help="embedding width (default 256 CPU, 512 CUDA)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                        help="embedding dtype (default float32 CPU, bfloat16 CUDA)")
+    parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="what to time (default: all)")
+    parser.add_argument("--reference-max-n", type=positive_int, default=32768,
+                        help="largest N for the reference, which materialises the logits (default 32768)")
+    parser.add_argument("--repeats", type=positive_int, default=5, help="timed calls per row, median (default 5)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="benchmarks/results", help="folder for sogclr-<device>.json and .png")
+
+
+def _step(method: str, n: int, q: torch.Tensor, k: torch.Tensor):
+    """A closure running one forward + backward of ``method`` (its state lives in the closure)."""
+    from batchlab.losses import ISogCLRLoss, SogCLRLoss, info_nce
+
+    loss_name, impl = method.split()
+    if loss_name == "info_nce":
+        scale = torch.tensor(1 / 0.07, device=q.device, requires_grad=True)
+        return lambda: torch.autograd.grad(info_nce(q, k, scale, impl=impl), [q, k, scale])
+    cls = ISogCLRLoss if loss_name == "isogclr" else SogCLRLoss
+    loss_fn = cls(n, mode="symmetric", impl=impl).to(q.device)
+    ids = torch.arange(n, device=q.device)
+    return lambda: torch.autograd.grad(loss_fn(q, k, ids), [q, k])
+
+
+def run(args) -> int:
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([4096, 65536] if cuda else [1024, 4096])
+    dim = args.dim or (512 if cuda else 256)
+    dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    gen = torch.Generator(device="cpu").manual_seed(args.seed)
+    rows = []
+    for n in sizes:
+        q = F.normalize(torch.randn(n, dim, generator=gen), dim=1).to(device, dtype).requires_grad_(True)
+        k = F.normalize(torch.randn(n, dim, generator=gen), dim=1).to(device, dtype).requires_grad_(True)
+        anchor = None
+        for method in args.methods:
+            row = {"N": n, "d": dim, "dtype": str(dtype).replace("torch.", ""), "method": method}
+            if method.endswith("reference") and n > args.reference_max_n:
+                rows.append({**row, "ms": None, "note": f"skipped above --reference-max-n {args.reference_max_n}"})
+                continue
+            step = _step(method, n, q, k)
+            peak = peak_memory_call(step, device)  # also the warm-up (fills the SogCLR state)
+            seconds = time_call(step, device=device, warmup=0, repeats=args.repeats)
+            row.update(ms=seconds * 1e3, peak_extra_MiB=None if peak is None else peak / 2**20)
+            if method == "info_nce auto":
+                anchor = seconds
+            row["x_info_nce_auto"] = None if anchor is None else seconds / anchor
+            rows.append(row)
+            log.info("%s", row)
+            del step
+            if cuda:
+                torch.cuda.empty_cache()
+    table = format_table(rows, ["N", "method", "ms", "x_info_nce_auto", "peak_extra_MiB", "note"])
+    print(f"SogCLR / iSogCLR vs InfoNCE, forward + backward, {device_name(device)}, d={dim}, {dtype}")
+    print(table)
+    tag = "cpu" if not cuda else torch.cuda.get_device_name(device).lower().replace(" ", "-")
+    payload = {"benchmark": "sogclr", "device": device_name(device), "dim": dim, "dtype": str(dtype),
+               "repeats": args.repeats, "rows": rows,
+               "target": "SogCLR/iSogCLR within 1.2x of info_nce auto at N = 4,096 and 65,536 on one H200"}
+    path = write_results(args.out, f"sogclr-{tag}", payload)
+    series = {}
+    for method in args.methods:
+        pts = [(r["N"], r["ms"]) for r in rows if r["method"] == method and r.get("ms") is not None]
+        if pts:
+            series[method] = ([p[0] for p in pts], [p[1] for p in pts])
+    if series:
+        plot_series(Path(args.out) / f"sogclr-{tag}.png", series, xlabel="N (batch)", ylabel="ms per forward+backward",
+                    title=f"SogCLR / iSogCLR vs InfoNCE ({device_name(device)})")
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    from batchlab.bench._common import script_main
+
+    return script_main("batchlab.bench.sogclr", __doc__, add_arguments, run, argv, log_level=logging.INFO)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
