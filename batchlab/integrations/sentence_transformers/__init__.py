@@ -14,6 +14,10 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
         "install the extra: pip install 'batchlab[st]'"
     ) from exc
 
+from batchlab.integrations.sentence_transformers.cached import (
+    CachedGISTEmbedLoss,
+    CachedMultipleNegativesRankingLoss,
+)
 from batchlab.integrations.sentence_transformers.losses import (
     GISTEmbedLoss,
     MultipleNegativesRankingLoss,
@@ -26,6 +30,8 @@ __all__ = [
     "MultipleNegativesRankingLoss",
     "MultipleNegativesSymmetricRankingLoss",
     "GISTEmbedLoss",
+    "CachedMultipleNegativesRankingLoss",
+    "CachedGISTEmbedLoss",
     "BatchlabBatchSampler",
     "batch_sampler",
     "KINDS",
