@@ -20,7 +20,7 @@ import math
 import re
 from pathlib import Path
 
-__all__ = ["device", "non_negative_int", "out_dir", "positive_float", "positive_int"]
+__all__ = ["add_common_arguments", "device", "non_negative_int", "out_dir", "positive_float", "positive_int"]
 
 
 def _int(text: str) -> int:
@@ -88,3 +88,16 @@ def out_dir(text: str) -> str:
         if parent.exists() and not parent.is_dir():
             raise argparse.ArgumentTypeError(f"{parent} is a file, so {text} cannot be created as a directory")
     return text
+
+
+def add_common_arguments(parser: argparse.ArgumentParser, *, out: str = "results") -> None:
+    """Add ``--device``, ``--seed`` and ``--out`` (every subcommand and benchmark takes them).
+
+    Lives here, below both :mod:`batchlab.commands` and :mod:`batchlab.bench`, so that a
+    benchmark never imports upward from the commands.
+    """
+    parser.add_argument("--device", type=device, default="cpu",
+                        help="torch device to run on: cpu, cuda, cuda:N or mps (default: cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument("--out", type=out_dir, default=out,
+                        help=f"directory for the JSON results and PNG plots (default: {out})")

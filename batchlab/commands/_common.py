@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from batchlab._argtypes import device, out_dir
+from batchlab._argtypes import add_common_arguments  # noqa: F401  (re-exported: every subcommand adds them)
 from batchlab.errors import BatchlabInputError
 
 # Exit codes that mean something (documented in docs/cli.md).
@@ -17,15 +17,6 @@ EXIT_FAILED = 1  # the command ran but failed (an unexpected error; the tracebac
 EXIT_BAD_INPUT = 2  # bad arguments or bad input data (argparse uses 2 as well)
 EXIT_MISSING = 3  # an optional dataset, dependency or subcommand is not installed
 EXIT_INTERRUPTED = 130
-
-
-def add_common_arguments(parser: argparse.ArgumentParser, *, out: str = "results") -> None:
-    """Add ``--device``, ``--seed`` and ``--out`` (every subcommand takes them)."""
-    parser.add_argument("--device", type=device, default="cpu",
-                        help="torch device to run on: cpu, cuda, cuda:N or mps (default: cpu)")
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    parser.add_argument("--out", type=out_dir, default=out,
-                        help=f"directory for the JSON results and PNG plots (default: {out})")
 
 
 def add_subcommand(subparsers, name: str, *, help: str, description: str, example: str) -> argparse.ArgumentParser:
