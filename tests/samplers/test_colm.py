@@ -109,3 +109,16 @@ def test_refusals():
         sel.select(gradients=g, sources=torch.zeros(7, dtype=torch.long))
     with pytest.raises(BatchlabInputError, match="filter_ratio"):
         CoLMSelector(1.0)
+
+
+def test_recipe_trains_with_isogclr_on_colm_coresets(tmp_path):
+    """The recipe API end to end: iSogCLR's state and CoLM's selection inside train_dual_encoder."""
+    from batchlab.recipes import train_dual_encoder
+
+    pairs = [(f"query {i} about topic {i % 5}", f"def f{i}(): return {i % 5}") for i in range(40)]
+    result = train_dual_encoder(pairs[:32], pairs[32:], sampler="random", batch_size=4, epochs=1, loss="isogclr",
+                                jest=CoLMSelector(0.5, seed=1), teacher=None, progress=False, out=tmp_path)
+    assert len(result.losses) == 4 and all(torch.isfinite(torch.tensor(result.losses)))
+    head = torch.load(result.checkpoint, weights_only=False)["head"]
+    seen = torch.isfinite(head["loss_fn.log_u"]).all(0)
+    assert int(seen.sum()) == 16  # 4 steps x 4 chosen pairs, each pair's state written once
