@@ -15,9 +15,11 @@ $(PY):
 # Re-install only when the package metadata changes; torch/torchvision come
 # from the local disk through pip's constraint on this kind of machine.
 $(STAMP): pyproject.toml | $(PY)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e ".[test]"
+	@echo "installing batchlab and its test extras into $(VENV) (one to two minutes the first time; pip shows each step)"
+	$(PY) -m pip install --upgrade pip
+	$(PY) -m pip install -e ".[test]"
 	touch $(STAMP)
+	@echo "installed: $(VENV)/bin/batchlab"
 
 install: $(STAMP)
 
@@ -27,8 +29,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# writes under results/bench (git-ignored); the results the docs cite stay in benchmarks/results
 bench: $(STAMP)
-	$(VENV)/bin/batchlab bench losses
+	$(VENV)/bin/batchlab bench losses --out results/bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,1 +1,2 @@
-"""Benchmarks behind ``batchlab bench ...``; results files live in ``benchmarks/results``."""
+"""Benchmarks behind ``batchlab bench ...``: they write under ``results/bench`` (git-ignored) unless ``--out`` says
+otherwise; the results the docs cite are committed in ``benchmarks/results``."""

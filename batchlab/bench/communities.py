@@ -52,7 +52,7 @@ METHODS = ("metis", "metis-loose", "louvain-igraph", "leiden-igraph", "louvain-n
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="device for the kNN (cpu or cuda); partitions run on the CPU")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks/results", help="results folder")
+    parser.add_argument("--out", default="results/bench", help="results folder")
     parser.add_argument("--sizes", default="10000,100000", help="comma-separated N (quality is reported for each)")
     parser.add_argument("--dim", type=int, default=64, help="teacher embedding dimension")
     parser.add_argument("--topic-size", type=int, default=500, help="examples per planted topic (community)")

@@ -38,7 +38,7 @@ from batchlab.bench._common import format_table, plot_series, write_results
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cuda (NCCL, one GPU per rank) or cpu (gloo)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default="results/bench")
     parser.add_argument("--worlds", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--sizes", type=int, nargs="+", default=[1024, 4096], help="global batch sizes N")
     parser.add_argument("--dim", type=int, default=256)

@@ -51,9 +51,9 @@ DATASETS = ("codesearch", "planted", "fashion-mnist")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from batchlab.commands._common import add_common_arguments
+    from batchlab._argtypes import add_common_arguments
 
-    add_common_arguments(parser, out="benchmarks/results")
+    add_common_arguments(parser, out="results/bench")
     parser.add_argument("--datasets", default=",".join(DATASETS), help=f"comma-separated, from {', '.join(DATASETS)}")
     parser.add_argument("--batch-sizes", default="64,256,1024", help="comma-separated |B| (capped by N)")
     parser.add_argument("--group-sizes", default="8,16,32,64", help="comma-separated K")

@@ -41,7 +41,7 @@ NAME = "jest"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks/results", help="results directory")
+    parser.add_argument("--out", default="results/bench", help="results directory")
     parser.add_argument("--n", type=int, default=None, help="super-batch size (default 20480 on cuda, 2560 on cpu)")
     parser.add_argument("--filter-ratio", type=float, default=0.8)
     parser.add_argument("--dim", type=int, default=None, help="embedding dim (default 512 on cuda, 256 on cpu)")

@@ -38,7 +38,7 @@ DEFAULT_SIZES = [8192, 32768, 65536, 131072, 262144, 524288, 1048576]
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cuda (the kernels need a GPU; cpu only runs the interpreter)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--out", default="results/bench")
     parser.add_argument("--sizes", type=int, nargs="+", default=DEFAULT_SIZES, help="batch sizes N (= M)")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])

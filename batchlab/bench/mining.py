@@ -62,7 +62,7 @@ TARGET_N, TARGET_D = 1_000_000, 768
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks/results", help="results directory")
+    parser.add_argument("--out", default="results/bench", help="results directory")
     parser.add_argument("--sizes", default=None, help="comma-separated N (queries = corpus = N); "
                         "default 10000,30000,100000 on cpu, 1000000 on cuda")
     parser.add_argument("--dim", type=int, default=None, help="embedding dim (default 256 cpu, 768 cuda)")

@@ -57,7 +57,7 @@ NAME = "ot"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks/results", help="results directory")
+    parser.add_argument("--out", default="results/bench", help="results directory")
     parser.add_argument("--sizes", default="256,512,1024,2048", help="comma-separated batch sizes n")
     parser.add_argument("--dim", type=int, default=3072, help="dimension d (default 3072 = 3x32x32)")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats for calls under --slow seconds")

@@ -48,7 +48,7 @@ DATASETS = ("planted", "fashion-mnist", "codesearch")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="cpu", help="device for the teacher similarities (cpu or cuda)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks/results", help="results folder")
+    parser.add_argument("--out", default="results/bench", help="results folder")
     parser.add_argument("--n", type=int, default=20000, help="examples per dataset")
     parser.add_argument("--dim", type=int, default=64, help="teacher embedding dimension (planted data)")
     parser.add_argument("--labels", type=int, default=100, help="planted clusters (labels)")

@@ -6,40 +6,39 @@
 * :class:`TfidfTeacher` / :func:`tfidf_views`: an offline lexical teacher for batch construction.
 * :func:`make_sampler`: batch samplers by name (random, cluster, community, hard_negative).
 * :func:`load_run`: a saved run's model (``run.encode(texts)``), record and history.
-* :func:`compare`: several batch constructions x several seeds, with seed-paired claim
-  checks (:mod:`batchlab.recipes.compare`; what ``batchlab demo`` runs).
+* :mod:`batchlab.recipes.compare`: ``compare(train, test, arms=..., seeds=...)`` trains several
+  batch constructions x several seeds, with seed-paired claim checks (what ``batchlab demo`` runs).
+* :func:`read_pairs`: your own (query, document[, label]) pairs from a .jsonl / .tsv / .csv file.
 
-Heavy imports (open_clip, faiss) happen inside the functions.
+Names load on first use (torch, open_clip and faiss with them), so that importing
+:mod:`batchlab.recipes.compare` for the command line's ``--help`` stays light.
 """
 
-from batchlab.recipes._loop import ContrastiveHead, TrainResult
-from batchlab.recipes.clip import train_clip
-from batchlab.recipes.compare import ARMS, Arm, Comparison, compare, paired_difference, register_arm
-from batchlab.recipes.dual_encoder import train_dual_encoder
-from batchlab.recipes.evaluate import retrieval_metrics
-from batchlab.recipes.runs import Run, load_run
-from batchlab.recipes.samplers import SAMPLERS, RandomBatchSampler, SamplerSchedule, make_sampler
-from batchlab.recipes.teachers import TeacherViews, TfidfTeacher, tfidf_views
+import importlib
 
-__all__ = [
-    "ARMS",
-    "Arm",
-    "Comparison",
-    "Run",
-    "compare",
-    "load_run",
-    "paired_difference",
-    "register_arm",
-    "ContrastiveHead",
-    "RandomBatchSampler",
-    "SAMPLERS",
-    "SamplerSchedule",
-    "TeacherViews",
-    "TfidfTeacher",
-    "TrainResult",
-    "make_sampler",
-    "retrieval_metrics",
-    "tfidf_views",
-    "train_clip",
-    "train_dual_encoder",
-]
+_WHERE = {
+    "ContrastiveHead": "_loop", "TrainResult": "_loop",
+    "train_clip": "clip",
+    "ARMS": "compare", "Arm": "compare", "Comparison": "compare", "paired_difference": "compare",
+    "register_arm": "compare",
+    "train_dual_encoder": "dual_encoder",
+    "retrieval_metrics": "evaluate",
+    "Pairs": "pairs", "read_pairs": "pairs",
+    "Run": "runs", "load_run": "runs",
+    "SAMPLERS": "samplers", "RandomBatchSampler": "samplers", "SamplerSchedule": "samplers", "make_sampler": "samplers",
+    "TeacherViews": "teachers", "TfidfTeacher": "teachers", "tfidf_views": "teachers",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'batchlab.recipes' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"batchlab.recipes.{_WHERE[name]}"), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))

@@ -23,10 +23,11 @@ import torch
 
 from batchlab.errors import BatchlabInputError
 from batchlab.recipes._loop import ContrastiveHead, TrainResult, train_loop
-from batchlab.recipes.dual_encoder import tokenize
+from batchlab.recipes.dual_encoder import teacher_name, tokenize
 from batchlab.recipes.evaluate import retrieval_metrics
 from batchlab.recipes.models import TINY_CLIP, clip_model, model_config
-from batchlab.recipes.samplers import SamplerSchedule
+from batchlab.recipes.runs import load_checkpoint
+from batchlab.recipes.samplers import SamplerSchedule, resolved_options
 from batchlab.recipes.teachers import TeacherViews
 
 
@@ -86,10 +87,12 @@ def train_clip(
     config: str = TINY_CLIP,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    data_seed: int | None = None,
     eval_every: int = 1,
     out: str | os.PathLike | None = None,
     name: str = "clip",
-    progress: bool = True,
+    progress: bool | Callable[[dict], None] = True,
+    resume: str | os.PathLike | dict | None = None,
 ) -> TrainResult:
     """Train a tiny CLIP on (image, caption, label) data; evaluate image -> caption retrieval by class.
 
@@ -102,6 +105,9 @@ def train_clip(
     ``embedding_cache`` (a chunk size) encodes each batch in chunks with
     :class:`~batchlab.losses.EmbeddingCache`.
 
+    ``seed`` sets the initial weights, ``data_seed`` (default: ``seed``) the batch order;
+    ``resume`` continues an interrupted run from its checkpoint (same settings).
+
     Returns a :class:`~batchlab.recipes.TrainResult` whose metrics are image -> caption
     recall@1, recall@10 and MRR, where any caption of the image's class counts.
     """
@@ -109,6 +115,17 @@ def train_clip(
     if epochs < 1:
         raise BatchlabInputError(f"epochs must be >= 1, got {epochs}")
     device = torch.device(device)
+    data_seed = seed if data_seed is None else int(data_seed)
+    record = {
+        "recipe": "clip", "sampler": sampler if isinstance(sampler, str) else type(sampler).__name__,
+        "batch_size": batch_size, "epochs": epochs, "lr": lr, "loss": loss if isinstance(loss, str) else repr(loss),
+        "impl": impl, "teacher": teacher_name(teacher), "refresh_every": refresh_every,
+        "sampler_options": resolved_options(sampler, sampler_options),
+        "jest": None if jest is None else {"filter_ratio": jest.filter_ratio, "seed": getattr(jest, "seed", None)},
+        "embedding_cache": embedding_cache, "config": config, "device": str(device), "seed": seed, "data_seed": data_seed,
+        "eval_every": eval_every, "train_examples": len(train), "test_examples": len(test),
+    }
+    state = load_checkpoint(resume, record) if resume is not None else None
     size = model_config(config)["vision_cfg"]["image_size"]
     train_images, train_captions, _ = _tensors(train, "train")
     test_images, test_captions, test_labels = _tensors(test, "test")
@@ -139,7 +156,7 @@ def train_clip(
         with torch.no_grad():
             i, t = embed_all(model.encode_image, images), embed_all(model.encode_text, tokens)
         model.train()
-        return TeacherViews(normalize(i + t, dim=1), i, t)
+        return TeacherViews(normalize(i + t, dim=1), i, t, device=device)  # ranked on the run's device
 
     use_model = isinstance(teacher, str) and teacher == "model"
     views = None
@@ -151,7 +168,7 @@ def train_clip(
         raise BatchlabInputError(f"teacher must be 'model', 'pixels', None, a tensor or TeacherViews, got {teacher!r}")
     sample_size = batch_size if jest is None else int(round(batch_size / (1.0 - jest.filter_ratio)))
     schedule = SamplerSchedule(
-        sampler, views, batch_size=sample_size, num_examples=len(images), seed=seed,
+        sampler, views, batch_size=sample_size, num_examples=len(images), seed=data_seed,
         model_views=model_views if use_model else None, refresh_every=refresh_every, options=sampler_options,
     )
     cache = None
@@ -166,8 +183,10 @@ def train_clip(
         def reference(indices: torch.Tensor):
             return ref_q[indices], ref_d[indices], 1 / 0.07
 
-    return train_loop(
+    result = train_loop(
         model=model, head=head, encode=encode, sampler_for_epoch=schedule, evaluate=evaluate, epochs=epochs, lr=lr,
         selector=jest, reference=reference, cache=cache, eval_every=eval_every, out=Path(out) if out is not None else None,
-        name=name, progress=progress,
+        name=name, progress=progress, record=record, resume=state,
     )
+    result.record = record
+    return result

@@ -50,6 +50,9 @@ logger = logging.getLogger(__name__)
 MIN_SEEDS_FOR_VERDICT = 3
 
 TEACHERS = ("model", "tfidf", "none")
+# The sampler names of batchlab.recipes.samplers.SAMPLERS, here without importing torch (the
+# command line's --help lists the arms); tests/test_recipes_compare.py checks that they agree.
+SAMPLER_NAMES = ("random", "cluster", "community", "hard_negative")
 
 
 @dataclass(frozen=True)
@@ -98,10 +101,8 @@ class Arm:
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from batchlab.recipes.samplers import SAMPLERS
-
-        if self.sampler not in SAMPLERS:
-            raise BatchlabInputError(f"Arm {self.name!r}: unknown sampler {self.sampler!r}; choose one of {SAMPLERS}")
+        if self.sampler not in SAMPLER_NAMES:
+            raise BatchlabInputError(f"Arm {self.name!r}: unknown sampler {self.sampler!r}; choose one of {SAMPLER_NAMES}")
         if self.teacher not in TEACHERS:
             raise BatchlabInputError(f"Arm {self.name!r}: teacher must be one of {TEACHERS}, got {self.teacher!r}")
         if self.sampler != "random" and self.teacher == "none":
@@ -268,7 +269,7 @@ def resolve_arms(arms: Iterable[str | Arm]) -> list[Arm]:
             tfidf = arm.endswith("-tfidf")
             head, _, size = (arm[: -len("-tfidf")] if tfidf else arm).rpartition("-")
             sampler = head.replace("-", "_")
-            if size.isdigit() and sampler in ("random", "cluster", "community", "hard_negative"):
+            if size.isdigit() and sampler in SAMPLER_NAMES:
                 out.append(arm_for(sampler, int(size), teacher="tfidf" if tfidf else "model"))
                 continue
         out.append(get_arm(arm))
@@ -514,7 +515,11 @@ class Comparison:
         """The table and one line per claim check."""
         from batchlab._table import format_table
 
-        lines = [format_table(self.rows())]
+        rows = self.rows()
+        metrics = [k for r in rows for k in r if k not in ("arm", "batch", "seeds", "teacher sim top-10", "train s/run",
+                                                           "cpu s/run")]
+        columns = ["arm", "batch", "seeds", *dict.fromkeys(metrics), "teacher sim top-10", "train s/run", "cpu s/run"]
+        lines = [format_table(rows, [c for c in columns if any(c in r for r in rows)])]
         lines += [format_check(c) for c in self.checks]
         return "\n".join(lines)
 
