@@ -194,7 +194,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
             below, above = n - n % world, n + world - n % world
             raise BatchlabInputError(
                 f"{n} examples cannot be split into equal, non-empty shares over num_replicas={world} ranks: "
-                f"the last global batch would hold {last} examples, not a multiple of {world}. Use "
+                f"the last global batch would hold {last} example(s), not a multiple of {world}. Use "
                 f"drop_last=True (drops that short batch; the plan moves which examples fall in it each epoch), "
                 f"or a dataset of a multiple of {world} examples (e.g. {below} or {above})"
             )
@@ -240,7 +240,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         if uneven:
             i = uneven[0]
             raise BatchlabInputError(
-                f"global batch {i} of epoch {epoch} holds {len(plan[i])} examples, which do not split into "
+                f"global batch {i} of epoch {epoch} holds {len(plan[i])} example(s), which do not split into "
                 f"equal, non-empty shares over num_replicas={self.num_replicas} ranks; use drop_last=True or "
                 f"a dataset of a multiple of {self.num_replicas} examples"
             )
@@ -254,12 +254,19 @@ class GlobalBatchSampler(Sampler[list[int]]):
         return batch[self.rank * share : (self.rank + 1) * share]
 
     def __iter__(self) -> Iterator[list[int]]:
-        plan = self.global_batches()
-        self._restart(self._position if self._resume_pending else 0, resume=False)
-        token = self._pass = object()
-        return self._run(plan, self._pass_start, token)
+        if not self._resume_pending:
+            self._restart(0, resume=False)  # a clean pass: nothing of this epoch done yet
+        return self._run()
 
-    def _run(self, plan: list[list[int]], start: int, token: object) -> Iterator[list[int]]:
+    def _run(self) -> Iterator[list[int]]:
+        # The loaded position is taken when the pass *starts*, not at iter(): a DataLoader
+        # iterator calls iter(batch_sampler) twice (in __init__ and in _reset) and runs
+        # only the second, and torchdata's StatefulDataLoader makes one iterator before
+        # it restores the sampler's state.
+        plan = self.global_batches()
+        start = self._position if self._resume_pending else 0
+        self._restart(start, resume=False)
+        token = self._pass = object()
         for i in range(start, len(plan)):
             if self._pass is token:  # a newer pass (or set_epoch) took over: stop counting
                 self._position = i + 1
