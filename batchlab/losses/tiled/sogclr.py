@@ -10,33 +10,50 @@ folded into the anchors (``h_ij / tau_i = (a_i / tau_i) . c_j - a_i . p_i / tau_
 * backward, one pass that recomputes each tile's ``P_ij = exp(x_ij - log u_i - log n_i)``
   and accumulates ``W = P @ c`` (rows) and ``P.T @ (G a)`` (candidates).
 
-Saved for the backward: O(n) statistics besides the inputs. Everything accumulates in
-float32 (float64 stays float64); gradients come back in the inputs' dtype.
+Saved for the backward: O(n) statistics besides the inputs. Statistics accumulate in
+float32 (float64 stays float64); gradients come back in the inputs' dtype. Products follow
+the tiled engine's precision rule (:mod:`batchlab.losses.tiled.engine`): on CUDA, bf16/fp16
+tiles are multiplied in their own dtype with fp32 output and the backward's tile of ``P``
+is rounded to that dtype for its two products; on the CPU everything is fp32.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
 from batchlab.losses import _dispatch
 from batchlab.losses._common import compute_dtype
 from batchlab.losses.sogclr import Direction, excluded, finish_rows, log_negatives
-from batchlab.losses.tiled.engine import resolve_tile, spans
+from batchlab.losses.tiled.engine import matmul_operand, resolve_tile, spans, tile_mm, uses_low_precision_matmul
 
 
-def _tile_logits(direction: Direction, a_scaled, pos, r0: int, r1: int, c0: int, c1: int, cd):
-    """``x = h / tau`` for rows [r0, r1) x candidates [c0, c1), excluded entries -inf; and the mask."""
-    x = a_scaled @ direction.cands[c0:c1].to(cd).T - pos[:, None]
+class _Rows(NamedTuple):
+    """A block of anchors: as matmul operand, in the compute dtype, temperatures, ``a.p / tau``."""
+
+    op: torch.Tensor
+    a: torch.Tensor
+    tau: torch.Tensor
+    pos: torch.Tensor
+
+
+def _row_block(direction: Direction, tau, r0: int, r1: int, cd) -> _Rows:
+    raw = direction.anchors[r0:r1]
+    a = raw.to(cd)
+    t = tau[r0:r1]
+    return _Rows(matmul_operand(raw), a, t, (a * direction.positives[r0:r1].to(cd)).sum(1) / t)
+
+
+def _tile_logits(direction: Direction, rows: _Rows, r0: int, r1: int, c0: int, c1: int, cd):
+    """``x = h / tau`` for rows [r0, r1) x candidates [c0, c1), excluded entries -inf; and the mask.
+
+    The product runs as the engine's do (CUDA bf16/fp16: in the input dtype, fp32 out) and the
+    per-row temperature divides the fp32 result, so no scaled operand is ever rounded."""
+    x = tile_mm(rows.op, matmul_operand(direction.cands[c0:c1]).T, cd) / rows.tau[:, None] - rows.pos[:, None]
     device = x.device
     ex = excluded(direction, torch.arange(r0, r1, device=device), torch.arange(c0, c1, device=device))
     return x.masked_fill(ex, float("-inf")), ex
-
-
-def _row_block(direction: Direction, tau, r0: int, r1: int, cd):
-    a = direction.anchors[r0:r1].to(cd)
-    t = tau[r0:r1]
-    pos = (a * direction.positives[r0:r1].to(cd)).sum(1) / t
-    return a, a / t[:, None], pos
 
 
 def forward_stats(direction: Direction, tau, tile: tuple[int, int]):
@@ -48,13 +65,13 @@ def forward_stats(direction: Direction, tau, tile: tuple[int, int]):
     count = torch.empty(n, dtype=cd, device=tau.device)
     floor = torch.finfo(cd).min / 4  # a finite start: exp(floor - max) is 0, never NaN
     for r0, r1 in spans(n, tile[0]):
-        _, a_scaled, pos = _row_block(direction, tau, r0, r1, cd)
+        rows = _row_block(direction, tau, r0, r1, cd)
         m = torch.full((r1 - r0,), floor, dtype=cd, device=tau.device)
         s = torch.zeros_like(m)
         w = torch.zeros_like(m)
         kept = torch.zeros_like(m)
         for c0, c1 in spans(k, tile[1]):
-            x, ex = _tile_logits(direction, a_scaled, pos, r0, r1, c0, c1, cd)
+            x, ex = _tile_logits(direction, rows, r0, r1, c0, c1, cd)
             m_new = torch.maximum(m, x.max(1).values)
             alpha = torch.exp(m - m_new)
             e = torch.exp(x - m_new[:, None])
@@ -95,16 +112,20 @@ class _SogCLRDirection(torch.autograd.Function):
         d_a = torch.zeros(anchors.shape, dtype=cd, device=anchors.device)
         d_c = torch.zeros(cands.shape, dtype=cd, device=anchors.device) if ctx.needs_input_grad[1] else None
         d_p = torch.zeros(positives.shape, dtype=cd, device=anchors.device)
+        # CUDA bf16/fp16: the tile of P is rounded to the input dtype for its two products (as the
+        # engine and FlashAttention do); elsewhere everything stays in the compute dtype
+        low = (lambda t: t.to(anchors.dtype)) if uses_low_precision_matmul(anchors) else (lambda t: t)
         for r0, r1 in spans(n, tile[0]):
-            a, a_scaled, pos = _row_block(d, tau, r0, r1, cd)
+            rows = _row_block(d, tau, r0, r1, cd)
+            a = rows.a
             acc = torch.zeros(r1 - r0, anchors.shape[1], dtype=cd, device=anchors.device)
-            ga = g[r0:r1, None] * a
+            ga = low(g[r0:r1, None] * a)
             for c0, c1 in spans(k, tile[1]):
-                x, _ = _tile_logits(d, a_scaled, pos, r0, r1, c0, c1, cd)
-                weights = torch.exp(x - shift[r0:r1, None])  # P_ij (0 where excluded)
-                acc += weights @ cands[c0:c1].to(cd)
+                x, _ = _tile_logits(d, rows, r0, r1, c0, c1, cd)
+                weights = low(torch.exp(x - shift[r0:r1, None]))  # P_ij (0 where excluded)
+                acc += tile_mm(weights, matmul_operand(cands[c0:c1]), cd)
                 if d_c is not None:
-                    d_c[c0:c1] += weights.T @ ga
+                    d_c[c0:c1] += tile_mm(weights.T, ga, cd)
             gs = (g * s)[r0:r1, None]
             d_a[r0:r1] = g[r0:r1, None] * acc - gs * positives[r0:r1].to(cd)
             d_p[r0:r1] = -gs * a
