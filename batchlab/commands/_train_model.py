@@ -1,0 +1,98 @@
+"""``batchlab train --model PATH|minilm``: fine-tune a pretrained sentence-transformers encoder.
+
+The ``--model`` branch of ``batchlab train`` (:mod:`batchlab.commands.train` adds the
+flags below and hands over here). It runs :func:`batchlab.recipes.finetune.finetune`
+on an offline dataset and writes ``<out>/<name>/model`` (loadable with
+``SentenceTransformer(path)``), ``<out>/<name>/finetune.json`` and checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from batchlab.commands._common import EXIT_BAD_INPUT
+
+DATASETS = ("codesearch", "wordnet")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags only the ``--model`` branch reads (the shared ones live in ``train.py``)."""
+    group = parser.add_argument_group("pretrained encoder (--model)")
+    group.add_argument("--model", default=None, metavar="PATH|minilm",
+                       help="fine-tune this sentence-transformers model (a folder, or 'minilm' for the offline "
+                            "all-MiniLM-L6-v2) instead of training a tiny model from scratch; datasets: codesearch, wordnet")
+    group.add_argument("--steps", type=int, default=None, help="--model: optimizer steps (default: --epochs passes)")
+    group.add_argument("--mined-negatives", type=int, default=0,
+                       help="--model: hard negatives per pair mined with the pretrained model (sentence-transformers' "
+                            "recipe: ranks 10-50, relative margin 0.05, max score 0.8; default 0)")
+    group.add_argument("--guide", default=None, choices=["pretrained", "model"],
+                       help="--model: GISTEmbed in-batch false-negative mask from this guide")
+    group.add_argument("--cache-chunk", type=int, default=None,
+                       help="--model: encode batches in chunks of this many texts with cached gradients (large batches)")
+    group.add_argument("--max-seq-length", type=int, default=None, help="--model: token limit (default: the model's)")
+    group.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="--model: bf16 autocast on CUDA")
+    group.add_argument("--packages", nargs="*", default=(), help="--model with codesearch: also harvest these packages")
+    # --resume is defined once in train.py (both branches read args.resume)
+
+
+def load_pairs(name: str, *, max_train: int | None, max_test: int | None, packages=(), progress: bool = True):
+    """``(train, test)`` lists of (query, document) pairs of an offline dataset, the first N of each."""
+    if name == "codesearch":
+        from batchlab.datasets import load_codesearch
+
+        train = load_codesearch("train", packages=tuple(packages), progress=progress)
+        test = load_codesearch("test", packages=tuple(packages), progress=progress)
+    elif name == "wordnet":
+        from batchlab.datasets.wordnet import load_wordnet
+
+        train, test = load_wordnet("train"), load_wordnet("test")
+    else:
+        from batchlab.errors import BatchlabInputError
+
+        raise BatchlabInputError(f"--model trains on one of {DATASETS}, got --dataset {name}")
+    return list(zip(train.queries, train.documents))[:max_train], list(zip(test.queries, test.documents))[:max_test]
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from batchlab.errors import BatchlabInputError
+    from batchlab.recipes.finetune import finetune
+
+    if args.model is None:
+        print("batchlab train: --dataset wordnet trains a pretrained encoder: add --model minilm (or a model folder)",
+              file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.dataset not in DATASETS or getattr(args, "data", None) or args.loss != "info_nce" or args.jest is not None:
+        print(f"batchlab train --model: takes --dataset {' or '.join(DATASETS)}, the loss of sentence-transformers' "
+              "MultipleNegativesRankingLoss (no --loss, --data or --jest)", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    teacher = None if args.teacher == "none" else args.teacher  # "model": from the pretrained weights, refreshed per epoch
+    name = args.name or f"{args.dataset}-{args.sampler}-{args.batch_size}"
+    out = Path(args.out) / name
+    try:
+        train, test = load_pairs(args.dataset, max_train=args.max_train, max_test=args.max_test,
+                                 packages=args.packages, progress=args.progress)
+        options = {"group_size": args.group_size} if args.group_size else {}
+        result = finetune(
+            args.model, train, test, sampler=args.sampler, batch_size=args.batch_size, steps=args.steps,
+            epochs=args.epochs, lr=args.lr or 5e-5, teacher=teacher, sampler_options=options,
+            mined_negatives=args.mined_negatives, guide=args.guide, cache_chunk=args.cache_chunk,
+            max_seq_length=args.max_seq_length, precision=args.precision, device=args.device, seed=args.seed,
+            order_seed=getattr(args, "data_seed", None), out=out, resume=getattr(args, "resume", None), progress=args.progress,
+        )
+    except BatchlabInputError as error:
+        print(f"batchlab train --model: {error}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    for label, metrics in (("before", result.before), ("after", result.after)):
+        print(f"{label:>6}: " + "  ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+    print(f"{result.steps} steps, {result.examples} pairs seen, {result.seconds['wall']:.1f} s "
+          f"(teacher {result.seconds['teacher']:.1f}, mining {result.seconds['mining']:.1f}, "
+          f"batches {result.seconds['sampler']:.1f}, training {result.seconds['train']:.1f})")
+    print(f"wrote {result.model_path} and {out / 'finetune.json'}")
+    return 0

