@@ -10,11 +10,9 @@ import torch.nn.functional as F
 
 from batchlab.compat import open_clip as compat
 from batchlab.errors import BatchlabInputError
-from tests.compat.helpers import assert_same, assert_same_run, peer_file, run
-from tests.gloo import run_on_ranks
+from tests.compat.helpers import assert_same, assert_same_run, run
+from tests.compat.peers import open_clip_loss
 
-# open_clip 3.3.0's own loss.py (importing the package would also load torchvision and transformers)
-open_clip_loss = peer_file("open_clip", "loss.py")
 
 
 def _features(gen, n=6, d=8, unit=True, scale=3.0):
@@ -92,31 +90,4 @@ def test_bad_arguments():
     with pytest.raises(BatchlabInputError, match="logit_bias"):
         compat.SigLipLoss()(torch.randn(2, 4), torch.randn(2, 4), torch.tensor(1.0), None)
 
-
-# --- two gloo ranks: every (local_loss, gather_with_grad) combination and every dist_impl ---------
-
-def _distributed_cases(rank, world):
-    gen = torch.Generator().manual_seed(7)
-    out = []
-    for unit in (True, False):
-        full = _features(gen, n=4 * world, unit=unit)
-        local = [full[0][rank * 4:(rank + 1) * 4], full[1][rank * 4:(rank + 1) * 4], full[2], full[3]]
-        for local_loss in (False, True):
-            for with_grad in (False, True):
-                args = (local_loss, with_grad, False, rank, world, False)
-                want = run(open_clip_loss.ClipLoss(*args), local[:3])
-                got = run(compat.ClipLoss(*args), local[:3])
-                out.append((f"clip local_loss={local_loss} gather_with_grad={with_grad} unit={unit}", got, want))
-        for impl in compat.DIST_IMPLS:
-            want = run(open_clip_loss.SigLipLoss(False, rank, world, impl), local)
-            got = run(compat.SigLipLoss(False, rank, world, impl), local)
-            out.append((f"siglip dist_impl={impl} unit={unit}", got, want))
-    return out
-
-
-def test_two_ranks_match_open_clip():
-    per_rank = run_on_ranks(_distributed_cases)
-    for rank, cases in enumerate(per_rank):
-        assert len(cases) == 2 * (4 + len(compat.DIST_IMPLS))
-        for what, got, want in cases:
-            assert_same_run(got, want, what=f"rank {rank} {what}")
+# the 2-rank parity checks run in tests/compat/test_two_ranks.py (one spawn for every peer)

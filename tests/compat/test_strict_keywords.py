@@ -25,6 +25,8 @@ BOGUS = "zz_not_an_option"
 COMPAT = {
     "open_clip": ("ClipLoss", "SigLipLoss"),
     "torchcfm": ("OTPlanSampler",),
+    "lightly": ("NTXentLoss", "DCLLoss", "DCLWLoss"),
+    "pytorch_metric_learning": ("NTXentLoss",),
 }
 
 
@@ -127,6 +129,8 @@ CALLS = {
     "ReferenceEmbeddingCache.get_or_compute": _reference_cache("get_or_compute"),
     "couple_global": lambda mp, tp: batchlab.samplers.couple_global(
         torch.randn(4, 2), torch.randn(4, 2), **{BOGUS: 1}),
+    "compat.pytorch_metric_learning.NTXentLoss()": lambda mp, tp: importlib.import_module(
+        "batchlab.compat.pytorch_metric_learning").NTXentLoss(**{BOGUS: 1}),
     # batchlab's own OTPlanSampler keeps couple()'s options for the first solve: refused there
     "OTPlanSampler()": lambda mp, tp: batchlab.samplers.OTPlanSampler(**{BOGUS: 1}).sample_plan(
         torch.randn(4, 2), torch.randn(4, 2)),
