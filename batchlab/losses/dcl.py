@@ -58,6 +58,10 @@ def dcl(
 ):
     """Decoupled contrastive loss (DCL), or DCLW with ``weighted=True``.
 
+    This is the two-tower form: query i's negatives are the other keys (N-1). lightly's
+    ``DCLLoss``/``DCLWLoss`` are SimCLR's form (both views, 2N-2 negatives) and take a
+    temperature: :mod:`batchlab.compat.lightly` reproduces them on this function.
+
     Parameters are those of :func:`~batchlab.losses.info_nce`, plus ``weighted`` (DCLW)
     and ``sigma`` (its temperature, default 0.5 as in the paper). Each query needs at
     least one negative: N=1 without ``extra_negatives`` is refused.

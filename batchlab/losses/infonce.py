@@ -56,6 +56,10 @@ def info_nce(
 ):
     """InfoNCE, one-way or symmetric (CLIP).
 
+    Where open_clip's ``ClipLoss`` differs (any-norm features; ``gather_with_grad=False``
+    keeps one rank's gradient once instead of batchlab's W times; ``local_loss``), use
+    :class:`batchlab.compat.open_clip.ClipLoss`, which reproduces it on this function.
+
     Parameters
     ----------
     q, k : Tensor (N, d), (M, d)

@@ -36,6 +36,11 @@ def nt_xent(
 ):
     """NT-Xent over ``views`` (V, N, d), V >= 2.
 
+    For V > 2 an anchor's positives share one term (their logits averaged, the other
+    positives kept in the denominator); pytorch-metric-learning's ``NTXentLoss`` makes
+    one term per positive pair: :mod:`batchlab.compat.pytorch_metric_learning`.
+    lightly's ``NTXentLoss(temperature)(out0, out1)``: :mod:`batchlab.compat.lightly`.
+
     Parameters
     ----------
     views : Tensor (V, N, d)

@@ -12,10 +12,11 @@ from batchlab.samplers.ot.couple import METHODS, couple
 
 
 class OTPlanSampler:
-    """Drop-in for ``torchcfm.optimal_transport.OTPlanSampler``.
+    """torchcfm's ``OTPlanSampler`` call shape, with batchlab's choices.
 
-    Switch with ``from batchlab.samplers import OTPlanSampler``. Differences, all
-    deliberate:
+    For torchcfm's exact semantics (the same plans and numpy-seeded draws, absolute
+    ``reg``, entropic ``"partial"``, uneven exact batches) use
+    :class:`batchlab.compat.torchcfm.OTPlanSampler`. Differences here, all deliberate:
 
     * ``replace=False`` is the default and returns a *permutation*: every ``x0`` and
       every ``x1`` appears exactly once (torchcfm samples pairs from the plan with
