@@ -44,7 +44,7 @@ import warnings
 from typing import Any, Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import BatchSampler, Sampler
 
 from batchlab._checks import check_positive_int
 from batchlab.errors import BatchlabInputError, StaleArtifactError
@@ -93,10 +93,17 @@ def resolve_replicas(num_replicas: int | None, rank: int | None) -> tuple[int, i
     initialised = dist.is_available() and dist.is_initialized()
     if num_replicas is None:
         num_replicas = dist.get_world_size() if initialised else 1
-    if rank is None:
-        rank = dist.get_rank() if initialised else 0
     check_positive_int("num_replicas", num_replicas)
-    if not 0 <= rank < num_replicas:
+    if rank is None:
+        if num_replicas > 1 and not initialised:
+            # defaulting to rank 0 would give every process rank 0's batches
+            raise BatchlabInputError(
+                f"num_replicas={num_replicas} was given without rank, and torch.distributed is not initialised "
+                f"to tell this process's rank; pass rank= (0 to {num_replicas - 1})"
+            )
+        rank = dist.get_rank() if initialised else 0
+    rank = _check_index("rank", rank)
+    if rank >= num_replicas:
         raise BatchlabInputError(f"rank must be in [0, {num_replicas}), got {rank}")
     return num_replicas, rank
 
@@ -151,6 +158,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
         rank: int | None = None,
     ) -> None:
         self.batch_size = check_positive_int("batch_size", batch_size)
+        if isinstance(drop_last, str) or drop_last not in (True, False):
+            raise BatchlabInputError(f"drop_last must be True or False, got {drop_last!r}")
         self.drop_last = bool(drop_last)
         self.seed = _check_index("seed", seed, maximum=_SEED_LIMIT)
         self.num_replicas, self.rank = resolve_replicas(num_replicas, rank)
@@ -407,6 +416,9 @@ class ShardedBatchSampler(Sampler[list[int]]):
     Wraps a sampler that yields *global* batches (any ``torch.utils.data`` batch
     sampler, seeded the same on every rank) and yields rank ``rank``'s contiguous
     slice of each, so the batch the loss gathers is the batch the sampler built.
+    Every share is equal and non-empty: a global batch whose size is not a multiple of
+    ``num_replicas`` raises (at construction when the wrapped sampler is a
+    ``torch.utils.data.BatchSampler`` over a sized sampler, whose last batch is known).
     ``set_epoch``, ``state_dict`` and ``load_state_dict`` pass through to the wrapped
     sampler when it has them. batchlab's own samplers split by themselves
     (``num_replicas=``, ``rank=``); this wrapper is for everything else.
@@ -420,18 +432,26 @@ class ShardedBatchSampler(Sampler[list[int]]):
     def __init__(self, batch_sampler, *, num_replicas: int | None = None, rank: int | None = None) -> None:
         self.batch_sampler = batch_sampler
         self.num_replicas, self.rank = resolve_replicas(num_replicas, rank)
+        if isinstance(batch_sampler, BatchSampler) and hasattr(batch_sampler.sampler, "__len__"):
+            n, size = len(batch_sampler.sampler), batch_sampler.batch_size
+            sizes = [size] if batch_sampler.drop_last or n % size == 0 else [size, n % size]
+            for b in sizes:
+                self._check_split(b)
+
+    def _check_split(self, size: int) -> None:
+        if size % self.num_replicas:
+            raise BatchlabInputError(
+                f"a global batch of {size} example(s) cannot be split into equal, non-empty shares over "
+                f"{self.num_replicas} ranks; use a batch size and a dataset size that are multiples of "
+                f"{self.num_replicas}, or drop_last=True"
+            )
 
     def __iter__(self) -> Iterator[list[int]]:
         for batch in self.batch_sampler:
             batch = list(batch)
-            if len(batch) < self.num_replicas:
-                raise BatchlabInputError(
-                    f"a global batch of {len(batch)} example(s) cannot be split over {self.num_replicas} ranks; "
-                    "use drop_last=True or a batch size that is a multiple of the world size"
-                )
-            base, extra = divmod(len(batch), self.num_replicas)
-            start = self.rank * base + min(self.rank, extra)
-            yield batch[start : start + base + (1 if self.rank < extra else 0)]
+            self._check_split(len(batch))
+            share = len(batch) // self.num_replicas
+            yield batch[self.rank * share : (self.rank + 1) * share]
 
     def __len__(self) -> int:
         return len(self.batch_sampler)
@@ -442,12 +462,13 @@ class ShardedBatchSampler(Sampler[list[int]]):
         elif hasattr(getattr(self.batch_sampler, "sampler", None), "set_epoch"):
             self.batch_sampler.sampler.set_epoch(epoch)
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, **kwargs: Any) -> dict[str, Any]:
+        """The wrapped sampler's state (``consumed=`` passes through to a batchlab sampler)."""
         if not hasattr(self.batch_sampler, "state_dict"):
             raise BatchlabInputError(
                 f"{type(self.batch_sampler).__name__} has no state_dict, so it cannot be resumed exactly"
             )
-        return self.batch_sampler.state_dict()
+        return self.batch_sampler.state_dict(**kwargs)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not hasattr(self.batch_sampler, "load_state_dict"):

@@ -171,6 +171,24 @@ def test_rank_split_never_hands_out_an_empty_share(n, batch, world):
     assert all(share == shares[0] for share in shares) and all(k == batch // world for k in shares[0])
 
 
+def test_split_settings_that_would_silently_duplicate_or_misalign_are_refused():
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    from batchlab.samplers import ShardedBatchSampler
+
+    with pytest.raises(BatchlabInputError, match="without rank"):  # every process would be rank 0
+        RandomBatchSampler(20, 4, num_replicas=2)
+    with pytest.raises(BatchlabInputError, match="drop_last must be True or False"):
+        RandomBatchSampler(20, 4, drop_last="False")
+    uneven = BatchSampler(SequentialSampler(range(10)), batch_size=3, drop_last=False)  # last batch: 1
+    with pytest.raises(BatchlabInputError, match="equal, non-empty shares"):
+        ShardedBatchSampler(BatchSampler(SequentialSampler(range(9)), 3, False), num_replicas=2, rank=0)
+    with pytest.raises(BatchlabInputError, match="equal, non-empty shares"):
+        ShardedBatchSampler(uneven, num_replicas=3, rank=0)
+    even = BatchSampler(SequentialSampler(range(9)), batch_size=3, drop_last=False)
+    assert [len(b) for b in ShardedBatchSampler(even, num_replicas=3, rank=2)] == [1, 1, 1]
+
+
 def test_community_refuses_a_state_of_other_groups_or_drop_last():
     n, k = 256, 16
     groups = [(torch.randperm(n, generator=torch.Generator().manual_seed(s)) // k).numpy() for s in (1, 2)]
