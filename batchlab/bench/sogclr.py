@@ -45,6 +45,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-max-n", type=positive_int, default=32768,
                         help="largest N for the reference, which materialises the logits (default 32768)")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed calls per row, median (default 5)")
+    parser.add_argument("--check", action="store_true",
+                        help="first check the tiled path against the float64 reference on this device (fp32 and bf16)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="benchmarks/results", help="folder for sogclr-<device>.json and .png")
 
@@ -63,8 +65,44 @@ def _step(method: str, n: int, q: torch.Tensor, k: torch.Tensor):
     return lambda: torch.autograd.grad(loss_fn(q, k, ids), [q, k])
 
 
+def check(device: torch.device, n: int = 1500, dim: int = 128) -> list[dict]:
+    """Tiled vs the float64 reference on ``device``, normwise (max abs error / max abs value): fp32
+    inputs 1e-5; bf16 inputs 1e-3 for the values and 2e-2 for the gradients (on CUDA bf16 tiles are
+    multiplied in bf16 and P is rounded to bf16 for the backward; each direction's gradient is
+    rounded to bf16 before autograd adds them). Elementwise errors are larger where gradient
+    entries are small differences of large terms, in the fp32 reference too."""
+    from batchlab.losses import sogclr
+
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for dtype, rtol_value, rtol_grad in ((torch.float32, 1e-5, 1e-5), (torch.bfloat16, 1e-3, 2e-2)):
+        q64, k64 = (F.normalize(torch.randn(n, dim, generator=gen, dtype=torch.float64), dim=1) for _ in range(2))
+        log_u = torch.randn(2, n, generator=gen, dtype=torch.float64) + 3.0
+        tau64 = 0.02 + 0.05 * torch.rand(2, n, generator=gen, dtype=torch.float64)
+        q, k = (x.to(device, dtype).requires_grad_(True) for x in (q64, k64))
+        tau = tau64.float().to(device).requires_grad_(True)
+        out = sogclr(q, k, log_u=log_u.float().to(device), tau=tau, rho=1.0, impl="tiled", tile_size=(512, 384))
+        got = [out.loss.detach()] + list(torch.autograd.grad(out.loss, [q, k, tau]))
+        # the reference sees the same rounded inputs, in float64 on the CPU
+        rq, rk = (x.detach().double().cpu().requires_grad_(True) for x in (q, k))
+        rtau = tau.detach().double().cpu().requires_grad_(True)
+        ref = sogclr(rq, rk, log_u=log_u, tau=rtau, rho=1.0, impl="reference", check_inputs=False)
+        want = [ref.loss.detach()] + list(torch.autograd.grad(ref.loss, [rq, rk, rtau]))
+        row = {"dtype": str(dtype), "n": n}
+        for name, a, b, rtol in zip(["loss", "dq", "dk", "dtau"], got, want, [rtol_value, rtol_grad, rtol_grad, rtol_value]):
+            a = a.double().cpu()
+            err = float((a - b).abs().max() / b.abs().max())
+            row[f"{name}_max_rel_err"] = err
+            row[f"{name}_ok"] = err <= rtol
+        row["pass"] = all(v for key, v in row.items() if key.endswith("_ok"))
+        results.append(row)
+        print(f"check {row['dtype']}: {'PASS' if row['pass'] else 'FAIL'} {row}")
+    return results
+
+
 def run(args) -> int:
     device = torch.device(args.device)
+    checks = check(device) if args.check else None
     cuda = device.type == "cuda"
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([4096, 65536] if cuda else [1024, 4096])
     dim = args.dim or (512 if cuda else 256)
@@ -97,7 +135,7 @@ def run(args) -> int:
     print(table)
     tag = "cpu" if not cuda else torch.cuda.get_device_name(device).lower().replace(" ", "-")
     payload = {"benchmark": "sogclr", "device": device_name(device), "dim": dim, "dtype": str(dtype),
-               "repeats": args.repeats, "rows": rows,
+               "repeats": args.repeats, "rows": rows, "checks": checks,
                "target": "SogCLR/iSogCLR within 1.2x of info_nce auto at N = 4,096 and 65,536 on one H200"}
     path = write_results(args.out, f"sogclr-{tag}", payload)
     series = {}
@@ -109,7 +147,7 @@ def run(args) -> int:
         plot_series(Path(args.out) / f"sogclr-{tag}.png", series, xlabel="N (batch)", ylabel="ms per forward+backward",
                     title=f"SogCLR / iSogCLR vs InfoNCE ({device_name(device)})")
     print(f"wrote {path}")
-    return 0
+    return 1 if checks and not all(c["pass"] for c in checks) else 0
 
 
 def main(argv=None) -> int:
