@@ -23,6 +23,7 @@ from batchlab.integrations.sentence_transformers.losses import (
     MultipleNegativesRankingLoss,
     MultipleNegativesSymmetricRankingLoss,
 )
+from batchlab.integrations.sentence_transformers.mining import mine_hard_negatives
 from batchlab.integrations.sentence_transformers.samplers import KINDS, BatchlabBatchSampler, batch_sampler
 from batchlab.integrations.sentence_transformers.testing import tiny_model
 
@@ -33,6 +34,7 @@ __all__ = [
     "CachedMultipleNegativesRankingLoss",
     "CachedGISTEmbedLoss",
     "BatchlabBatchSampler",
+    "mine_hard_negatives",
     "batch_sampler",
     "KINDS",
     "tiny_model",
