@@ -125,14 +125,6 @@ def excluded(direction: Direction, rows: torch.Tensor, cols: torch.Tensor) -> to
     return mask
 
 
-def negatives_per_row(direction: Direction, n: int, device: torch.device) -> torch.Tensor:
-    """(n,) number of negatives of each anchor: all candidates minus its positive (and itself);
-    ``direction.mask`` not counted (the implementations count it tile by tile)."""
-    rows = torch.arange(n, device=device)
-    removed = sum(((rows + off) < size).long() for size, off in zip(direction.sizes, direction.offsets))
-    return direction.cands.shape[0] - removed
-
-
 def moving_average(log_u: torch.Tensor, log_g: torch.Tensor, gamma: float) -> torch.Tensor:
     """``log((1 - gamma) u + gamma g)``; ``log u = -inf`` marks a first visit (then ``log g``)."""
     if gamma >= 1.0:
@@ -355,7 +347,8 @@ def sogclr(
     else:
         n_global = n
     dirs = directions(q, k, mode, q_all=q_all, k_all=k_all, offsets=offsets, neg_mask=neg_mask)
-    fewest = int(min(negatives_per_row(d, 1, q.device)[0] for d in dirs)) if n else 1
+    # the first row has the most exclusions (its own index exists in every block): counted on the host
+    fewest = min(d.cands.shape[0] - sum(off < size for size, off in zip(d.sizes, d.offsets)) for d in dirs) if n else 1
     if n and fewest < 1:
         raise BatchlabInputError(
             f"mode={mode!r} with {n_global} pair(s) leaves an anchor with no negative: the global contrastive "
