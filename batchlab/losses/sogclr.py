@@ -401,7 +401,8 @@ class SogCLRLoss(nn.Module):
     Distributed (``distributed="allgather"`` or ``"auto"`` with a process group): each rank
     computes the loss of its own rows against the gathered batch and updates its own
     examples' rows; the ids and updated rows are then all-gathered so that every rank holds
-    the same full state (``state_dict`` on any rank is the whole state).
+    the same full state (``state_dict`` on any rank is the whole state, and DDP's buffer
+    broadcast from rank 0, if the loss sits inside a DDP module, changes nothing).
 
     Parameters
     ----------
@@ -438,6 +439,12 @@ class SogCLRLoss(nn.Module):
         if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 1:
             raise BatchlabInputError(f"num_examples must be a positive integer (the training set's size), got {num_examples!r}")
         mode = check_choice("mode", options.pop("mode", "symmetric"), MODES)
+        only_isogclr = sorted(set(options) & {"rho", "eta", "beta", "tau_min", "tau_max"})
+        if only_isogclr and not options.get("isogclr", False):
+            raise BatchlabInputError(
+                f"{only_isogclr} set iSogCLR's learned temperatures; SogCLR keeps one fixed tau: pass isogclr=True "
+                "(or use ISogCLRLoss), or leave them out"
+            )
         settings = {**_DEFAULTS[mode], "gamma": 0.9, "eta": 0.01, "beta": 0.9, "isogclr": False, **options}
         self.mode, self.num_examples = mode, num_examples
         self.isogclr = bool(settings.pop("isogclr"))

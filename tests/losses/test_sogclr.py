@@ -207,6 +207,8 @@ def test_module_refuses_bad_ids_and_keywords():
         loss_fn(q, k, torch.tensor([1, 2, 5]))
     with pytest.raises(BatchlabInputError, match="unknown keyword"):
         SogCLRLoss(5, temperature=0.1)
+    with pytest.raises(BatchlabInputError, match="isogclr=True"):
+        SogCLRLoss(5, rho=0.3)
     assert "tau" not in SogCLRLoss(5).state_dict()  # SogCLR: one fixed temperature, no per-example state
 
 
