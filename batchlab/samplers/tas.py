@@ -28,6 +28,7 @@ import torch
 
 from batchlab._checks import check_embeddings, check_positive_int
 from batchlab.errors import BatchlabInputError
+from batchlab.samplers.base import _check_index
 from batchlab.samplers.clusters import _ClusteredSampler
 
 logger = logging.getLogger(__name__)
@@ -291,7 +292,7 @@ class TASBalancedBatchSampler(_ClusteredSampler):
         """
         if self.teacher_margins is None:
             raise BatchlabInputError("pairs_for needs teacher_margins; build the sampler with teacher_margins=(N, P) margins")
-        epoch = self.epoch if epoch is None else int(epoch)
+        epoch = self.epoch if epoch is None else _check_index("epoch", epoch)
         if self._pairs_cache is None or self._pairs_cache[0] != epoch:
             g = torch.Generator().manual_seed(pair_seed(self.seed, epoch))
             choice = balanced_margin_choice(self.teacher_margins, self.pair_mask, n_bins=self.n_bins, generator=g)
