@@ -67,3 +67,9 @@ def lift_to_unit(q: torch.Tensor, k: torch.Tensor, rq: torch.Tensor, rk: torch.T
         return torch.cat([x / r.to(x.dtype), fill, zero] if first else [x / r.to(x.dtype), zero, fill], dim=1)
 
     return pad(q, rq, True), pad(k, rk, False)
+
+
+def peer_result_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the peers' loss: the features' own, or float32 when autocast runs their
+    cross-entropy (batchlab accumulates in fp32 and casts the result to this)."""
+    return torch.float32 if torch.is_autocast_enabled(x.device.type) else x.dtype

@@ -31,6 +31,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from batchlab.compat._features import peer_result_dtype
 from batchlab.errors import BatchlabInputError
 from batchlab.losses import dcl, info_nce, nt_xent
 from batchlab.losses.dcl import dclw_weights
@@ -140,6 +141,9 @@ class NTXentLoss(nn.Module):
         _check_distributed_available(gather_distributed)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        return self._loss(out0, out1).to(peer_result_dtype(out0))
+
+    def _loss(self, out0: Tensor, out1: Tensor) -> Tensor:
         out0 = nn.functional.normalize(out0, dim=1)
         out1 = nn.functional.normalize(out1, dim=1)
         scale = 1.0 / self.temperature
@@ -195,6 +199,9 @@ class DCLLoss(nn.Module):
         return None
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
+        return self._loss(out0, out1).to(peer_result_dtype(out0))
+
+    def _loss(self, out0: Tensor, out1: Tensor) -> Tensor:
         out0 = nn.functional.normalize(out0, dim=1)
         out1 = nn.functional.normalize(out1, dim=1)
         n = out0.shape[0]

@@ -27,7 +27,14 @@ from typing import Optional
 import torch
 from torch import nn
 
-from batchlab.compat._features import UNIT_TOL, autocast_pair, lift_to_unit, max_row_norm, needs_lift
+from batchlab.compat._features import (
+    UNIT_TOL,
+    autocast_pair,
+    lift_to_unit,
+    max_row_norm,
+    needs_lift,
+    peer_result_dtype,
+)
 from batchlab.errors import BatchlabInputError
 from batchlab.losses import info_nce, siglip
 from batchlab.losses.distributed.strategies import gather_sizes, gather_with_grad
@@ -168,7 +175,7 @@ class ClipLoss(nn.Module):
         else:
             lift = bool(needs_lift(img, txt) > UNIT_TOL)
             loss = info_nce(*_scaled_pair(img, txt, logit_scale, lift))
-        loss = _with_bias_grad(loss, logit_bias)
+        loss = _with_bias_grad(loss, logit_bias).to(peer_result_dtype(img))
         return {"contrastive_loss": loss} if output_dict else loss
 
     @staticmethod
@@ -231,5 +238,5 @@ class SigLipLoss(nn.Module):
             rq, rk = rq.clamp_min(1e-30), rk.clamp_min(1e-30)
             img, txt = lift_to_unit(img, txt, rq, rk)
             logit_scale = logit_scale * (rq * rk)
-        loss = siglip(img, txt, logit_scale, logit_bias, distributed=distributed)
+        loss = siglip(img, txt, logit_scale, logit_bias, distributed=distributed).to(peer_result_dtype(img))
         return {"contrastive_loss": loss} if output_dict else loss

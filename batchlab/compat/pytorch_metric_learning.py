@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from batchlab.compat._features import peer_result_dtype
 from batchlab.errors import BatchlabInputError
 from batchlab.losses import info_nce
 
@@ -128,4 +129,4 @@ class NTXentLoss(nn.Module):
 
         per_pair = info_nce(q_all[a1], keys, 1.0 / self.temperature, symmetric=False, targets=p,
                             neg_mask=not_a_negative, reduction="none")
-        return per_pair.mean()
+        return per_pair.mean().to(peer_result_dtype(embeddings))

@@ -126,3 +126,22 @@ def test_pml_options():
             compat_pml.NTXentLoss(**bad)
     with pytest.raises(BatchlabInputError, match="labels or indices_tuple"):
         compat_pml.NTXentLoss()(torch.randn(4, 3))
+
+
+@pytest.mark.parametrize("name", ["NTXentLoss", "DCLLoss", "DCLWLoss", "pml"])
+def test_bf16_like_the_peers(gen, name):
+    """bf16 in, bf16 loss out (the peers compute in bf16; batchlab accumulates in fp32, so
+    the two agree to bf16's precision), gradients in bf16."""
+    inputs = [x.bfloat16() for x in _views(gen, 6)]
+    if name == "pml":
+        inputs = [torch.cat(inputs)]
+        peer, ours, extra = pml_losses.NTXentLoss(0.2), compat_pml.NTXentLoss(0.2), (torch.arange(6).repeat(2),)
+    else:
+        peer, ours, extra = PEERS[name](), getattr(compat, name)(), ()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = run(peer, inputs, *extra)
+    got = run(ours, inputs, *extra)
+    assert got[0].dtype == want[0].dtype == torch.bfloat16
+    assert [g.dtype for g in got[1]] == [g.dtype for g in want[1]]
+    assert_same_run(got, want, rtol=3e-2, what=f"{name} bf16")

@@ -80,6 +80,22 @@ def test_mixed_dtypes_under_autocast(gen):
         compat.ClipLoss()(img, txt, scale)
 
 
+def test_bf16_without_autocast(gen):
+    """bf16 features: open_clip's logits and loss are bf16; ours accumulate in fp32 and
+    return the loss in bf16 too (agreement to bf16's precision)."""
+    img, txt, scale, bias = _features(gen, n=8)
+    img, txt = img.bfloat16(), txt.bfloat16()
+    for peer, ours, extra in ((open_clip_loss.ClipLoss(), compat.ClipLoss(), ()),
+                              (open_clip_loss.SigLipLoss(), compat.SigLipLoss(), (bias,))):
+        want = run(peer, [img, txt, scale, *extra])
+        got = run(ours, [img, txt, scale, *extra])
+        assert got[0].dtype == want[0].dtype == torch.bfloat16
+        assert [g.dtype for g in got[1]] == [g.dtype for g in want[1]]
+        assert_same(got[0], want[0], rtol=2e-2, what=f"{type(ours).__name__} bf16 loss")
+        for i in range(2):
+            assert_same(got[1][i], want[1][i], rtol=5e-2, what=f"{type(ours).__name__} bf16 grad[{i}]")
+
+
 def test_bad_arguments():
     with pytest.raises(BatchlabInputError, match="dist_impl"):
         compat.SigLipLoss(dist_impl="ring")
