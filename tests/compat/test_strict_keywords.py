@@ -94,6 +94,16 @@ def _reference_cache(method):
     return call
 
 
+def _sharded_state_dict(monkeypatch, tmp_path):
+    from batchlab.samplers import GlobalBatchSampler, ShardedBatchSampler
+
+    class Fixed(GlobalBatchSampler):  # the smallest batchlab sampler: the state_dict it forwards to
+        def plan_epoch(self, generator):
+            return [[0, 1], [2, 3]]
+
+    ShardedBatchSampler(Fixed(batch_size=2), num_replicas=1, rank=0).state_dict(**{BOGUS: 1})
+
+
 def _loss_module(cls_name, positional=()):
     def call(monkeypatch, tmp_path):
         cls = getattr(batchlab.losses, cls_name)
@@ -127,6 +137,7 @@ CALLS = {
     "MixedBatchSampler()": lambda mp, tp: batchlab.samplers.MixedBatchSampler(None, 8, batch_size=2, **{BOGUS: 1}),
     "ReferenceEmbeddingCache.put": _reference_cache("put"),
     "ReferenceEmbeddingCache.get_or_compute": _reference_cache("get_or_compute"),
+    "ShardedBatchSampler.state_dict": _sharded_state_dict,
     "couple_global": lambda mp, tp: batchlab.samplers.couple_global(
         torch.randn(4, 2), torch.randn(4, 2), **{BOGUS: 1}),
     "compat.pytorch_metric_learning.NTXentLoss()": lambda mp, tp: importlib.import_module(
