@@ -25,13 +25,19 @@ BENCHMARKS = {
     "ot": "mini-batch optimal-transport couplings against scipy and POT",
     "jest": "joint example selection cost and quality",
     "distributed": "ring and all-gather losses across processes",
+    "st-cached": "Cached MNRL: sentence-transformers' own against batchlab's (step, loss part, peak memory)",
 }
+
+
+def module_of(name: str) -> str:
+    """The module behind benchmark ``name`` (``st-cached`` -> ``batchlab.bench.st_cached``)."""
+    return f"batchlab.bench.{name.replace('-', '_')}"
 
 
 def available(name: str) -> bool:
     """Whether ``batchlab.bench.<name>`` exists in this installation (without importing it)."""
     try:
-        return importlib.util.find_spec(f"batchlab.bench.{name}") is not None
+        return importlib.util.find_spec(module_of(name)) is not None
     except ImportError:
         return False
 
@@ -74,7 +80,7 @@ def run(args) -> int:
         )
         return EXIT_MISSING
     try:
-        module = importlib.import_module(f"batchlab.bench.{name}")
+        module = importlib.import_module(module_of(name))
     except ImportError as error:  # e.g. an optional dependency of that benchmark is missing
         print(f"batchlab bench {name}: this benchmark cannot run here ({type(error).__name__}: {error})", file=sys.stderr)
         return EXIT_MISSING

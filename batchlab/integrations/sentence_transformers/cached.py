@@ -144,6 +144,11 @@ def _replay(grad_output: Tensor, *, cache: EmbeddingCache, embeddings: list[Tens
         cache.backward()
 
 
+def joined(parts: list[Tensor]) -> Tensor:
+    """One column's embeddings from its mini-batches (no copy when there is one part, as from ``EmbeddingCache``)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def check_no_token_budget(mini_batch_num_tokens: int | None) -> None:
     if mini_batch_num_tokens is not None:
         raise BatchlabInputError(
@@ -193,7 +198,7 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
     def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *,
                        with_backward: bool = False) -> Tensor:
         """The loss of the whole batch (batchlab's, in one piece) from per-column lists of mini-batch embeddings."""
-        loss = self.loss.compute_loss_from_embeddings([torch.cat(r) for r in reps], labels)
+        loss = self.loss.compute_loss_from_embeddings([joined(r) for r in reps], labels)
         if with_backward:
             loss.backward()
             loss = loss.detach()
@@ -253,7 +258,7 @@ class CachedGISTEmbedLoss(_STCachedGISTEmbedLoss):
 
     def calculate_loss(self, reps: list[list[Tensor]], reps_guided: list[list[Tensor]], *,
                        with_backward: bool = False) -> Tensor:
-        loss = gist_loss(self, [torch.cat(r) for r in reps], [torch.cat(r) for r in reps_guided], impl=self.impl)
+        loss = gist_loss(self, [joined(r) for r in reps], [joined(r) for r in reps_guided], impl=self.impl)
         if with_backward:
             loss.backward()
             loss = loss.detach()

