@@ -27,6 +27,12 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 CHECK_INPUTS_ENV = "BATCHLAB_CHECK_INPUTS"
 
 
+@torch.compiler.assume_constant_result
+def _env_switch() -> str:
+    """``BATCHLAB_CHECK_INPUTS`` as set now (a constant to torch.compile, which does not trace os.environ)."""
+    return os.environ.get(CHECK_INPUTS_ENV, "").strip()
+
+
 def data_checks_on(device: torch.device, check_inputs: bool | None = None) -> bool:
     """Whether to run the checks that read tensor values (NaN/Inf, unit norm, index ranges).
 
@@ -38,7 +44,7 @@ def data_checks_on(device: torch.device, check_inputs: bool | None = None) -> bo
         if not isinstance(check_inputs, bool):
             raise BatchlabInputError(f"check_inputs must be True, False or None, got {check_inputs!r}")
         return check_inputs
-    env = os.environ.get(CHECK_INPUTS_ENV, "").strip()
+    env = _env_switch()
     if env in ("0", "1"):
         return env == "1"
     if env:

@@ -24,6 +24,13 @@ runs (median).
     python -m batchlab.bench.losses --reference-max-n 16384 --anchor-max-n 16384  # the committed CPU file
     python -m batchlab.bench.losses --device cuda --check # GPU, N up to 1,048,576, d=512, bf16
     # (the committed H100 file: this command with open_clip installed from carried wheels, 128 s)
+    # the per-call overhead sweep (benchmarks/results/losses-h200-overhead/README.md has the exact command):
+    batchlab bench losses --device cuda --sizes 256,1024,4096,8192,16384,32768,65536,262144,1048576 \
+        --methods "batchlab auto" "batchlab reference" open_clip --repeats 30
+
+On CUDA each row also reports ``launches`` (kernel and memset events per call, from
+torch.profiler) and ``syncs`` (host-device synchronisations per call, counted with
+``torch.cuda.set_sync_debug_mode("warn")``), up to ``--count-max-n``.
 """
 
 from __future__ import annotations
@@ -38,6 +45,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from batchlab._argtypes import device as device_arg
+from batchlab._argtypes import positive_int
 from batchlab.bench._common import device_name, format_table, plot_series, synchronize, write_results
 
 log = logging.getLogger(__name__)
@@ -48,12 +57,13 @@ CUDA_SIZES = [8192, 32768, 65536, 131072, 262144, 1048576]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks/results", help="results directory")
-    parser.add_argument("--sizes", type=int, nargs="+", default=None,
-                        help=f"batch sizes N (= M); default {CPU_SIZES} on cpu, {CUDA_SIZES} on cuda")
-    parser.add_argument("--dim", type=int, default=None, help="embedding dimension (default 256 cpu, 512 cuda)")
+    parser.add_argument("--out", default="results/bench", help="results directory")
+    parser.add_argument("--sizes", type=_size_list, nargs="+", default=None,
+                        help=f"batch sizes N (= M), space- or comma-separated (--sizes 256,1024,4096); "
+                             f"default {CPU_SIZES} on cpu, {CUDA_SIZES} on cuda")
+    parser.add_argument("--dim", type=positive_int, default=None, help="embedding dimension (default 256 cpu, 512 cuda)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="input dtype (default float32 cpu, bfloat16 cuda)")
     parser.add_argument("--families", nargs="+", default=["info_nce", "siglip"], choices=["info_nce", "siglip"])
@@ -65,13 +75,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest N for open_clip (default 8192 cpu, 65536 cuda: 32 GiB there)")
     parser.add_argument("--siglip-max-n", type=int, default=None,
                         help="largest N for the SigLIP rows (default 4096 cpu, 262144 cuda)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--single-run-above", type=int, default=None,
                         help="above this N run each method once (default 4096 cpu, 131072 cuda)")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: the CPU is shared)")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch CPU threads (default 1: the CPU is shared)")
     parser.add_argument("--check", action="store_true",
                         help="first compare tiled against the reference (values and gradients) on this device")
     parser.add_argument("--tag", default="", help="suffix for the results file names")
+    parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                        help="what to measure (default: all that run on the device)")
+    parser.add_argument("--count-max-n", type=positive_int, default=65536,
+                        help="largest N at which kernel launches and host syncs per call are counted "
+                             "(two extra profiled calls each)")
+
+
+def _size_list(text: str) -> list[int]:
+    """``"256,1024"`` -> [256, 1024]; every entry a positive integer (argparse error otherwise)."""
+    return [positive_int(part) for part in text.split(",") if part.strip()] or [positive_int(text)]
 
 
 # ----------------------------------------------------------------------------- memory
@@ -162,17 +182,62 @@ def _open_clip_step(family: str):
     return lambda q, k, scale, bias: torch.autograd.grad(loss_fn(q, k, scale, bias), [q, k, scale, bias])
 
 
-def _methods(family: str, device: torch.device, tile) -> dict:
+#: Every method the benchmark knows, by label: (impl or "open_clip", runs on the CPU).
+METHODS = {
+    "batchlab auto": ("auto", True),
+    "batchlab reference": ("reference", True),
+    "batchlab tiled": ("tiled", True),
+    "batchlab triton": ("triton", False),
+    "open_clip": ("open_clip", True),
+}
+
+
+def _methods(family: str, device: torch.device, tile, chosen=None) -> dict:
     from batchlab.losses import available_impls
 
-    methods = {
-        "batchlab reference": _batchlab_step(family, "reference", tile),
-        "batchlab tiled": _batchlab_step(family, "tiled", tile),
-        "open_clip": _open_clip_step(family),
-    }
-    if device.type == "cuda" and "triton" in available_impls(family):
-        methods["batchlab triton"] = _batchlab_step(family, "triton", tile)
+    methods = {}
+    for label, (impl, on_cpu) in METHODS.items():
+        if chosen is not None and label not in chosen:
+            continue
+        if chosen is None and label == "batchlab auto" and device.type != "cuda":
+            continue  # on the CPU auto is the reference or the tiled engine, both measured
+        if impl == "open_clip":
+            methods[label] = _open_clip_step(family)
+        elif impl == "triton":
+            if device.type == "cuda" and "triton" in available_impls(family):
+                methods[label] = _batchlab_step(family, impl, tile)
+        elif on_cpu or device.type == "cuda":
+            methods[label] = _batchlab_step(family, impl, tile)
     return methods
+
+
+def _launches_and_syncs(call, device: torch.device, calls: int = 2) -> tuple[float | None, float | None]:
+    """Kernel launches (torch.profiler's CUDA kernel and memset events) and host syncs
+    (``torch.cuda.set_sync_debug_mode("warn")`` warnings) per call, on CUDA; (None, None) elsewhere."""
+    if device.type != "cuda":
+        return None, None
+    import warnings
+
+    from torch.profiler import ProfilerActivity, profile
+
+    synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(calls):
+                call()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = sum("synchroniz" in str(w.message).lower() for w in caught)
+    synchronize(device)
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call()
+        synchronize(device)
+    kernels = sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                  and "memcpy" not in e.name.lower())
+    return kernels / calls, syncs / calls
 
 
 # ----------------------------------------------------------------------------- measuring
@@ -201,6 +266,7 @@ def _measure(family, label, step, n, args, gen) -> dict:
         times = [first]
         if n <= args.single_run_above:
             times = [_timed(call, device) for _ in range(args.repeats)]
+        launches, syncs = _launches_and_syncs(call, device) if n <= args.count_max_n else (None, None)
     except torch.cuda.OutOfMemoryError:
         return {**row, "status": "out of memory"}
     finally:
@@ -213,6 +279,8 @@ def _measure(family, label, step, n, args, gen) -> dict:
         **row,
         "ms": median * 1e3,
         "runs": len(times),
+        "launches": launches,
+        "syncs": syncs,
         "peak_extra_mib": None if peak is None else peak / 2**20,
         "beyond_grads_mib": None if peak is None else (peak - grads) / 2**20,
         "status": "ok",
@@ -269,7 +337,8 @@ def run(args) -> int:
     logging.basicConfig(level=logging.WARNING)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
-    args.sizes = args.sizes or (CUDA_SIZES if cuda else CPU_SIZES)
+    args.sizes = sorted({n for group in args.sizes for n in group}) if args.sizes else (
+        CUDA_SIZES if cuda else CPU_SIZES)
     args.dim = args.dim or (512 if cuda else 256)
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     args.reference_max_n = args.reference_max_n or (32768 if cuda else 8192)
@@ -289,7 +358,7 @@ def run(args) -> int:
                "cpu: VmHWM (reset via /proc/self/clear_refs) above VmRSS before the call"}
     rows: list[dict] = []
     failed: set[tuple[str, str]] = set()
-    methods = {family: _methods(family, device, tile) for family in args.families}
+    methods = {family: _methods(family, device, tile, args.methods) for family in args.families}
     # size by size (largest last), so an interrupted run still leaves every smaller size
     for n in sorted(args.sizes):
         for family in args.families:
@@ -309,8 +378,8 @@ def run(args) -> int:
                     failed.add((family, label))
                 _add_ratios(rows)
                 write_results(args.out, name, {**payload, "rows": rows})
-    columns = ["family", "method", "N", "d", "dtype", "ms", "runs", "peak_extra_mib", "beyond_grads_mib",
-               "x_reference", "x_open_clip", "status"]
+    columns = ["family", "method", "N", "d", "dtype", "ms", "runs", "launches", "syncs", "peak_extra_mib",
+               "beyond_grads_mib", "x_reference", "x_open_clip", "status"]
     print(f"\n{gpu}; torch {torch.__version__}; forward+backward; tile {tile or 'default'}")
     print(format_table(rows, columns))
     path = write_results(args.out, name, {**payload, "rows": rows})

@@ -58,7 +58,9 @@ def _load_backend(impl: str) -> bool:
     return _LOADED[module]
 
 
+@torch.compiler.assume_constant_result
 def _triton_usable(device: torch.device) -> bool:
+    """Whether the Triton kernels run on ``device`` (a constant to torch.compile: no import is traced)."""
     if device.type != "cuda" or not _load_backend("triton"):
         return False
     triton_mod = importlib.import_module(_BACKEND_MODULES["triton"])

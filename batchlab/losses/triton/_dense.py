@@ -27,6 +27,7 @@ the streaming kernels (:mod:`._lse`, :mod:`._siglip`).
 
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -36,8 +37,9 @@ from batchlab.losses.triton import _dense_kernels as kd
 from batchlab.losses.triton._launch import config, interpreting, kernel_flags, mm_f32
 
 #: The small-batch path runs up to this many logits (N * M): 8,192 x 8,192. Above it the
-#: streaming kernels win and hold O(N + M) instead of O(N M) (see docs/losses.md's table).
-DENSE_MAX_LOGITS = 8192 * 8192
+#: streaming kernels hold O(N + M) instead of O(N M) (see docs/losses.md's table for the
+#: measured crossover). ``BATCHLAB_DENSE_MAX_LOGITS`` overrides it (0: always stream).
+DENSE_MAX_LOGITS = int(os.environ.get("BATCHLAB_DENSE_MAX_LOGITS", 8192 * 8192))
 #: Input dtypes of the small-batch path (fp16 logit gradients could underflow: streaming path).
 DENSE_DTYPES = (torch.bfloat16, torch.float32)
 #: Owned block and swept chunk of ``clip_lse_kernel``; interpreter: small, several blocks at test sizes.

@@ -129,18 +129,16 @@ def online_lse(m_i, l_i, x):
 
 
 @triton.jit
-def _fwd_tile(acc, rows, cols, m_i, l_i, s2, ref2, one_exp, col_sum_ptr, tgt_ptr, N, M,
-              COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr, TGT_ON_COLS: tl.constexpr):
-    """Fold one tile of ``q . k`` into the rows' online (max, sum) and the columns' shifted sums.
-
-    ``one_exp`` (a runtime flag, uniform over the launch) picks the single-exponential epilogue.
-    """
+def _fwd_tile(acc, rows, cols, m_i, l_i, s2, ref2, col_sum_ptr, tgt_ptr, N, M,
+              COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr, TGT_ON_COLS: tl.constexpr,
+              ONE_EXP: tl.constexpr):
+    """Fold one tile of ``q . k`` into the rows' online (max, sum) and the columns' shifted sums."""
     l2 = acc * s2
     valid = _valid(rows, cols, N, M, tgt_ptr, EXCLUDE, HAS_TGT, TGT_ON_COLS)
     l2m = tl.where(valid, l2, float("-inf"))
     m_new, l_i, p = online_lse(m_i, l_i, l2m)
     if COLS:
-        if one_exp:  # 2^(l2 - ref2) = p * 2^(m_new - ref2): exact while p cannot underflow
+        if ONE_EXP:  # 2^(l2 - ref2) = p * 2^(m_new - ref2): exact while p cannot underflow
             pc = p * tl.exp2(m_new - ref2)[:, None]
         else:
             pc = tl.where(valid, tl.exp2(l2 - ref2), 0.0)
@@ -183,11 +181,22 @@ def lse_fwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ctl_ptr,
         shifted = tl.load(col_sum_ptr + rows, mask=rows < N, other=1.0)
         low = shifted < 1.3552527156068805e-20  # 2**-66: the flushed terms could matter
         t_end = tl.where(tl.max(low.to(tl.int32), 0) > 0, t_end, t_start)
-    for t in tl.range(t_start, t_end, flatten=FLAT):
-        cols = t * BN + tl.arange(0, BN)
-        acc = _tile_dot(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
-        m_i, l_i = _fwd_tile(acc, rows, cols, m_i, l_i, s2, ref2, one_exp, col_sum_ptr, tgt_ptr, N, M,
-                             COLS, EXCLUDE, HAS_TGT, TGT_ON_COLS)
+    # The runtime flag picks one of two loops (never a branch inside the loop, which would
+    # stop Triton from software-pipelining it).
+    if one_exp:
+        for t in tl.range(t_start, t_end, flatten=FLAT):
+            cols = t * BN + tl.arange(0, BN)
+            acc = _tile_dot(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC,
+                            TMA)
+            m_i, l_i = _fwd_tile(acc, rows, cols, m_i, l_i, s2, ref2, col_sum_ptr, tgt_ptr, N, M,
+                                 COLS, EXCLUDE, HAS_TGT, TGT_ON_COLS, True)
+    else:
+        for t in tl.range(t_start, t_end, flatten=FLAT):
+            cols = t * BN + tl.arange(0, BN)
+            acc = _tile_dot(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC,
+                            TMA)
+            m_i, l_i = _fwd_tile(acc, rows, cols, m_i, l_i, s2, ref2, col_sum_ptr, tgt_ptr, N, M,
+                                 COLS, EXCLUDE, HAS_TGT, TGT_ON_COLS, False)
     if FIX:
         final = tl.where(low, m_i + tl.log2(l_i), ref2 + tl.log2(shifted))
         tl.store(row_m_ptr + rows, final, mask=rows < N)
@@ -221,25 +230,44 @@ def lse_bwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ginv_ptr, ctl_ptr,
     one_exp = tl.load(ctl_ptr + 1) != 0  # runtime flag, uniform over the launch (see lse_fwd_kernel)
     a = tl.exp2(lse_r)  # used by the single-exponential epilogue only
     t0 = tl.program_id(1) * TPP
-    for t in tl.range(t0, tl.minimum(t0 + TPP, tl.cdiv(M, BN)), flatten=FLAT):
-        cols = t * BN + tl.arange(0, BN)
-        cmask = cols < M
-        acc = _tile_dot(q_ptr, k_ptr, rows, cols, r1, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
-        l2 = acc * s2
-        p_r = tl.exp2(l2 - lse_r[:, None])
-        if COLS:
-            lse_c = tl.load(col_lse2_ptr + cols, mask=cmask, other=0.0)
-            g_c = tl.load(g_col_ptr + cols, mask=cmask, other=0.0)
-            if one_exp:  # 2^(l2 - lse_c) = p_r 2^lse_r 2^-lse_c: exact while p_r cannot underflow
-                b = g_c * tl.exp2(-lse_c)
-                g = p_r * (g_r[:, None] + a[:, None] * b[None, :])
-            else:
-                g = g_r[:, None] * p_r + g_c[None, :] * tl.exp2(l2 - lse_c[None, :])
+    t1 = tl.minimum(t0 + TPP, tl.cdiv(M, BN))
+    if one_exp:  # one loop per epilogue: no branch inside the pipelined loop
+        for t in tl.range(t0, t1, flatten=FLAT):
+            _bwd_tile(q_ptr, k_ptr, tgt_ptr, col_lse2_ptr, g_col_ptr, out_ptr, rows, rmask, t, r0, r1, M, D,
+                      stride_q, stride_k, stride_out, s2, lse_r, g_r, a, ginv,
+                      BM, BN, BD, COLS, EXCLUDE, HAS_TGT, True, EVEN_D, UPCAST, PREC, TMA, TMA_OUT)
+    else:
+        for t in tl.range(t0, t1, flatten=FLAT):
+            _bwd_tile(q_ptr, k_ptr, tgt_ptr, col_lse2_ptr, g_col_ptr, out_ptr, rows, rmask, t, r0, r1, M, D,
+                      stride_q, stride_k, stride_out, s2, lse_r, g_r, a, ginv,
+                      BM, BN, BD, COLS, EXCLUDE, HAS_TGT, False, EVEN_D, UPCAST, PREC, TMA, TMA_OUT)
+
+
+@triton.jit
+def _bwd_tile(q_ptr, k_ptr, tgt_ptr, col_lse2_ptr, g_col_ptr, out_ptr, rows, rmask, t, r0, r1, M, D,
+              stride_q, stride_k, stride_out, s2, lse_r, g_r, a, ginv,
+              BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, COLS: tl.constexpr, EXCLUDE: tl.constexpr,
+              HAS_TGT: tl.constexpr, ONE_EXP: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
+              PREC: tl.constexpr, TMA: tl.constexpr, TMA_OUT: tl.constexpr):
+    """One column tile of ``lse_bwd_kernel``: recompute, form the logit gradient, store it."""
+    cols = t * BN + tl.arange(0, BN)
+    cmask = cols < M
+    acc = _tile_dot(q_ptr, k_ptr, rows, cols, r1, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
+    l2 = acc * s2
+    p_r = tl.exp2(l2 - lse_r[:, None])
+    if COLS:
+        lse_c = tl.load(col_lse2_ptr + cols, mask=cmask, other=0.0)
+        g_c = tl.load(g_col_ptr + cols, mask=cmask, other=0.0)
+        if ONE_EXP:  # 2^(l2 - lse_c) = p_r 2^lse_r 2^-lse_c: exact while p_r cannot underflow
+            b = g_c * tl.exp2(-lse_c)
+            g = p_r * (g_r[:, None] + a[:, None] * b[None, :])
         else:
-            g = g_r[:, None] * p_r
-        if EXCLUDE:  # out-of-range entries are never stored; excluded positives must be zero
-            g = tl.where(_valid(rows, cols, r1, M, tgt_ptr, EXCLUDE, HAS_TGT, False), g, 0.0)
-        _store_logit_grad(out_ptr, g, ginv, rows, cols, r0, stride_out, rmask[:, None] & cmask[None, :], TMA_OUT)
+            g = g_r[:, None] * p_r + g_c[None, :] * tl.exp2(l2 - lse_c[None, :])
+    else:
+        g = g_r[:, None] * p_r
+    if EXCLUDE:  # out-of-range entries are never stored; excluded positives must be zero
+        g = tl.where(_valid(rows, cols, r1, M, tgt_ptr, EXCLUDE, HAS_TGT, False), g, 0.0)
+    _store_logit_grad(out_ptr, g, ginv, rows, cols, r0, stride_out, rmask[:, None] & cmask[None, :], TMA_OUT)
 
 
 @triton.jit

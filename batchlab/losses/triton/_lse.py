@@ -23,6 +23,7 @@ underflowed columns is decided per program on the GPU (``lse_fwd_kernel``'s ``FI
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 import triton
@@ -162,28 +163,63 @@ def lse_backward(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, excl
     return dq, dk, dot * gscale
 
 
+@torch.library.custom_op("batchlab::lse_forward", mutates_args=())
+def lse_forward_op(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, targets: Optional[torch.Tensor],
+                   cols: bool, exclude: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(row_lse2 (N,), col_lse2 (M,) or (0,), ctl (2,))``: :func:`lse_forward` as an opaque op."""
+    ctl = control(q, k, scale) if cols else torch.zeros(2, device=q.device, dtype=torch.float32)
+    row2, col2 = lse_forward(q, k, scale, targets, cols=cols, exclude=exclude, ctl=ctl)
+    return row2, (col2 if cols else row2.new_empty(0)), ctl
+
+
+@lse_forward_op.register_fake
+def _(q, k, scale, targets, cols, exclude):
+    f32 = dict(dtype=torch.float32)
+    return q.new_empty(q.shape[0], **f32), q.new_empty(k.shape[0] if cols else 0, **f32), q.new_empty(2, **f32)
+
+
+@torch.library.custom_op("batchlab::lse_backward", mutates_args=())
+def lse_backward_op(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, targets: Optional[torch.Tensor],
+                    row2: torch.Tensor, col2: torch.Tensor, ctl: torch.Tensor, g_row: torch.Tensor,
+                    g_col: Optional[torch.Tensor], exclude: bool, workspace_bytes: Optional[int], need_q: bool,
+                    need_k: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, ds)`` of :func:`lse_backward` (dq/dk empty when not needed), as an opaque op."""
+    dq, dk, ds = lse_backward(q, k, scale, targets, row2, col2 if g_col is not None else None, g_row, g_col,
+                              exclude=exclude, workspace_bytes=workspace_bytes, need_q=need_q, need_k=need_k,
+                              ctl=ctl)
+    return (dq if need_q else q.new_empty(0)), (dk if need_k else k.new_empty(0)), ds.reshape(()).float()
+
+
+@lse_backward_op.register_fake
+def _(q, k, scale, targets, row2, col2, ctl, g_row, g_col, exclude, workspace_bytes, need_q, need_k):
+    return (q.new_empty(q.shape if need_q else (0,)), k.new_empty(k.shape if need_k else (0,)),
+            q.new_empty((), dtype=torch.float32))
+
+
 class PairLSE(torch.autograd.Function):
-    """(row_lse, col_lse) of ``scale * q @ k.T``; col_lse is empty unless ``cols``."""
+    """(row_lse, col_lse) of ``scale * q @ k.T``; col_lse is empty unless ``cols``.
+
+    The kernels run inside the custom ops above, so ``torch.compile`` traces this
+    function (and a CUDA graph captures it) without looking into the launches.
+    """
 
     @staticmethod
     def forward(ctx, q, k, scale, targets, cols, exclude, workspace_bytes):
-        ctl = control(q, k, scale) if cols else None
-        row2, col2 = lse_forward(q, k, scale, targets, cols=cols, exclude=exclude, ctl=ctl)
-        ctx.save_for_backward(q, k, scale, targets, row2, col2 if cols else None, ctl)
+        row2, col2, ctl = lse_forward_op(q, k, scale, targets, cols, exclude)
+        ctx.save_for_backward(q, k, scale, targets, row2, col2, ctl)
         ctx.cols, ctx.exclude, ctx.workspace_bytes = cols, exclude, workspace_bytes
-        col = col2 * LN2 if cols else row2.new_empty(0)
-        return row2 * LN2, col
+        return row2 * LN2, col2 * LN2
 
     @staticmethod
     def backward(ctx, g_row, g_col):
         q, k, scale, targets, row2, col2, ctl = ctx.saved_tensors
         need_q, need_k, need_s = ctx.needs_input_grad[:3]
-        dq, dk, ds = lse_backward(
-            q, k, scale, targets, row2, col2, g_row, g_col if ctx.cols else None,
-            exclude=ctx.exclude, workspace_bytes=ctx.workspace_bytes, need_q=need_q, need_k=need_k,
-            ctl=ctl,
+        dq, dk, ds = lse_backward_op(
+            q, k, scale, targets, row2, col2, ctl, g_row.contiguous(),
+            g_col.contiguous() if ctx.cols else None, ctx.exclude, ctx.workspace_bytes, need_q, need_k,
         )
-        return dq, dk, (ds.to(scale.dtype) if need_s else None), None, None, None, None
+        return ((dq if need_q else None), (dk if need_k else None), (ds.to(scale.dtype) if need_s else None),
+                None, None, None, None)
 
 
 def pair_lse(q, k, scale, targets=None, *, cols: bool, exclude: bool = False, workspace_bytes: int | None = None):

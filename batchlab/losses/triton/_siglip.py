@@ -10,6 +10,8 @@ for the backward, which recomputes the tiles with the per-row weights.
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 
@@ -65,6 +67,37 @@ def siglip_pass(q, k, scale, bias, targets, *, loss: bool, g_row=None, workspace
     return (row_loss if loss else None), grads
 
 
+@torch.library.custom_op("batchlab::siglip_pass", mutates_args=())
+def siglip_pass_op(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
+                   targets: Optional[torch.Tensor], loss: bool, g_row: Optional[torch.Tensor],
+                   workspace_bytes: Optional[int], need_q: bool, need_k: bool) -> list[torch.Tensor]:
+    """:func:`siglip_pass` as an opaque op: ``[rows, dq, dk, ds_db]`` (empty where not asked for)."""
+    rows, grads = siglip_pass(q, k, scale, bias, targets, loss=loss, g_row=g_row, workspace_bytes=workspace_bytes,
+                              need_q=need_q, need_k=need_k)
+    rows = rows if loss else q.new_empty(0, dtype=torch.float32)
+    if grads is None:
+        return [rows, q.new_empty(0), k.new_empty(0), q.new_empty(0, dtype=torch.float32)]
+    dq, dk, ds, db = grads
+    return [rows, dq if need_q else q.new_empty(0), dk if need_k else k.new_empty(0),
+            torch.stack([ds.float(), db.float()])]
+
+
+@siglip_pass_op.register_fake
+def _(q, k, scale, bias, targets, loss, g_row, workspace_bytes, need_q, need_k):
+    grad = g_row is not None
+    return [q.new_empty(q.shape[0] if loss else 0, dtype=torch.float32),
+            q.new_empty(q.shape if grad and need_q else (0,)), k.new_empty(k.shape if grad and need_k else (0,)),
+            q.new_empty(2 if grad else 0, dtype=torch.float32)]
+
+
+def _pass(q, k, scale, bias, targets, *, loss, g_row=None, workspace_bytes=None, need_q=True, need_k=True):
+    """:func:`siglip_pass` through the custom op: ``(rows or None, (dq, dk, ds, db) or None)``."""
+    rows, dq, dk, dsb = siglip_pass_op(q, k, scale, bias, targets, loss, g_row, workspace_bytes, need_q, need_k)
+    if g_row is None:
+        return rows, None
+    return rows, (dq if need_q else None, dk if need_k else None, dsb[0], dsb[1])
+
+
 class SigLIPSum(torch.autograd.Function):
     """Total SigLIP loss ``sum_ij softplus(-y_ij z_ij)`` (scalar); gradients made in the forward."""
 
@@ -73,8 +106,8 @@ class SigLIPSum(torch.autograd.Function):
         need = ctx.needs_input_grad
         want_grad = any(need[:4])
         g_row = torch.ones(q.shape[0], device=q.device, dtype=torch.float32) if want_grad else None
-        rows, grads = siglip_pass(q, k, scale, bias, targets, loss=True, g_row=g_row,
-                                  workspace_bytes=workspace_bytes, need_q=need[0], need_k=need[1])
+        rows, grads = _pass(q, k, scale, bias, targets, loss=True, g_row=g_row,
+                            workspace_bytes=workspace_bytes, need_q=need[0], need_k=need[1])
         if want_grad:
             ctx.save_for_backward(*grads)
         ctx.dtypes = (scale.dtype, bias.dtype)
@@ -96,7 +129,7 @@ class SigLIPRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, scale, bias, targets, workspace_bytes):
-        rows, _ = siglip_pass(q, k, scale, bias, targets, loss=True)
+        rows, _ = _pass(q, k, scale, bias, targets, loss=True)
         ctx.save_for_backward(q, k, scale, bias, targets)
         ctx.workspace_bytes = workspace_bytes
         return rows
@@ -105,8 +138,8 @@ class SigLIPRows(torch.autograd.Function):
     def backward(ctx, g_row):
         q, k, scale, bias, targets = ctx.saved_tensors
         need = ctx.needs_input_grad
-        _, (dq, dk, ds, db) = siglip_pass(q, k, scale, bias, targets, loss=False, g_row=g_row,
-                                          workspace_bytes=ctx.workspace_bytes, need_q=need[0], need_k=need[1])
+        _, (dq, dk, ds, db) = _pass(q, k, scale, bias, targets, loss=False, g_row=g_row.contiguous(),
+                                    workspace_bytes=ctx.workspace_bytes, need_q=need[0], need_k=need[1])
         return (dq, dk, ds.to(scale.dtype) if need[2] else None, db.to(bias.dtype) if need[3] else None,
                 None, None)
 
