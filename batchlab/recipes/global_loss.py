@@ -28,7 +28,8 @@ GLOBAL_LOSSES = ("sogclr", "isogclr")
 #: bimodal defaults start at tau = 0.01 for CLIP at scale; a tiny model trained from scratch
 #: starts nearer CLIP's 0.07, so the recipes start at 0.05 and let iSogCLR move within
 #: [0.01, 0.1]. rho = 6 is LibAUC's bimodal radius (a KL budget; log of 5.6k pairs is 8.6).
-RECIPE_OPTIONS = {"mode": "symmetric", "tau": 0.05, "tau_min": 0.01, "tau_max": 0.1, "rho": 6.0}
+RECIPE_OPTIONS = {"mode": "symmetric", "tau": 0.05}
+RECIPE_ISOGCLR_OPTIONS = {"tau_min": 0.01, "tau_max": 0.1, "rho": 6.0}
 
 
 def global_contrastive_head(loss: Any, num_examples: int, *, impl: str = "auto") -> "GlobalContrastiveHead | None":
@@ -41,7 +42,9 @@ def global_contrastive_head(loss: Any, num_examples: int, *, impl: str = "auto")
         return GlobalContrastiveHead(loss)
     if not isinstance(loss, str) or loss not in GLOBAL_LOSSES:
         return None
-    return GlobalContrastiveHead(SogCLRLoss(num_examples, isogclr=loss == "isogclr", impl=impl, **RECIPE_OPTIONS))
+    isogclr = loss == "isogclr"
+    options = {**RECIPE_OPTIONS, **(RECIPE_ISOGCLR_OPTIONS if isogclr else {})}
+    return GlobalContrastiveHead(SogCLRLoss(num_examples, isogclr=isogclr, impl=impl, **options))
 
 
 class GlobalContrastiveHead(nn.Module):

@@ -265,3 +265,20 @@ def _compare_ranks(single_run, per_rank):
     for rank_state in (per_rank[0][1], per_rank[1][1]):  # every rank holds the whole, same state
         for name, buf in single_state.items():
             torch.testing.assert_close(rank_state[name], buf, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_recipe_heads():
+    from batchlab.recipes.global_loss import GlobalContrastiveHead, global_contrastive_head
+
+    assert global_contrastive_head("info_nce", 10) is None
+    sog, isog = global_contrastive_head("sogclr", 10), global_contrastive_head("isogclr", 10)
+    assert isinstance(sog, GlobalContrastiveHead) and not sog.loss_fn.isogclr and isog.loss_fn.isogclr
+    with pytest.raises(BatchlabInputError, match="holds state for 12"):
+        global_contrastive_head(SogCLRLoss(12), 10)
+    gen = torch.Generator().manual_seed(9)
+    q, k = unit(3, 4, gen), unit(3, 4, gen)
+    with pytest.raises(BatchlabInputError, match="track"):
+        sog(q, k)
+    encode = sog.track(lambda ids: (q, k))
+    torch.testing.assert_close(sog(*encode(torch.tensor([1, 4, 7]))),
+                               SogCLRLoss(10, tau=0.05)(q, k, torch.tensor([1, 4, 7])))
