@@ -56,6 +56,15 @@ def _lightly_cases(rank, world, gen):
             warnings.simplefilter("ignore")
             want = run(PEERS[name](**kwargs), local)
         yield f"lightly {name} {kwargs}", run(getattr(compat, name)(**kwargs), local), want
+    # MoCo-style bank filled from every rank's batch: two steps, the second reads the first's
+    modules = []
+    for cls in (PEERS["NTXentLoss"], compat.NTXentLoss):
+        torch.manual_seed(3)  # the bank is drawn at construction
+        modules.append(cls(temperature=0.3, memory_bank_size=(8, 5), gather_distributed=True))
+    for step in range(2):
+        batch = [x.roll(step, dims=1) for x in local]
+        want, got = run(modules[0], batch), run(modules[1], batch)
+        yield f"lightly NTXentLoss memory bank step {step}", got, want
 
 
 def _all_cases(rank, world):
@@ -66,6 +75,6 @@ def _all_cases(rank, world):
 def test_two_ranks_match_the_peers():
     per_rank = run_on_ranks(_all_cases)
     for rank, cases in enumerate(per_rank):
-        assert len(cases) == 2 * (4 + 4) + 4
+        assert len(cases) == 2 * (4 + 4) + 4 + 2
         for what, got, want in cases:
             assert_same_run(got, want, what=f"rank {rank} {what}")
