@@ -176,3 +176,12 @@ def test_minilm_smoke():
                       batch_size=16, steps=2, max_seq_length=32)
     assert result.before["ndcg@10"] > 0.3  # a pretrained encoder, far above chance (0.1 at 32 documents)
     assert result.steps == 2 and set(result.after) == set(METRICS)
+
+
+def test_sogclr_loss_keeps_its_state_across_a_resume(tiny_path, tmp_path):
+    kw = dict(batch_size=16, steps=4, lr=1e-3, loss="sogclr")
+    full = finetune(tiny_path, TRAIN, None, out=tmp_path / "full", **kw)
+    resumed = finetune(tiny_path, TRAIN, None, resume=tmp_path / "full" / "checkpoints" / "step-2", **kw)
+    a, b = weights(full.model), weights(resumed.model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert full.losses != finetune(tiny_path, TRAIN, None, batch_size=16, steps=4, lr=1e-3).losses  # not MNRL

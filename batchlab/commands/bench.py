@@ -26,6 +26,7 @@ BENCHMARKS = {
     "jest": "joint example selection cost and quality",
     "distributed": "ring and all-gather losses across processes",
     "st-cached": "Cached MNRL: sentence-transformers' own against batchlab's (step, loss part, peak memory)",
+    "quality": "fine-tune a pretrained encoder with each batch construction, seed-paired against random-64",
 }
 
 

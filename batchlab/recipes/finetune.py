@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 
 SAMPLERS = ("random", "community", "hard_negative", "cluster", "tas")
 TEACHERS = ("pretrained", "model", "tfidf")
-LOSSES = ("mnrl", "mnsrl")
+LOSSES = ("mnrl", "mnsrl", "sogclr")
 METRICS = ("ndcg@10", "mrr@10", "recall@1", "recall@10")
 # sentence-transformers' documented mining recipe (util.mine_hard_negatives docs example):
 # ranks 10..50 of the pretrained model, at most 95% of the positive's score, at most 0.8, one at random.
@@ -260,7 +260,8 @@ def _make_sampler(name: str, views: TeacherViews | None, *, batch_size: int, n: 
 
 def _views(model, q_table: TokenTable, d_table: TokenTable, embed) -> TeacherViews:
     q, d = _embed_all(model, q_table, embed), _embed_all(model, d_table, embed)
-    return TeacherViews(F.normalize(q + d, dim=1), q, d, device=q.device)
+    # samplers take CPU tensors; neighbour ranking still runs where the model is (seconds on a GPU)
+    return TeacherViews(F.normalize(q + d, dim=1).cpu(), q.cpu(), d.cpu(), device=q.device)
 
 
 def finetune(
@@ -319,8 +320,10 @@ def finetune(
         AdamW; linear warm-up over the first ``warmup`` fraction of steps, then linear decay
         to 0 (sentence-transformers' trainer defaults, lr 5e-5).
     loss, scale :
-        ``"mnrl"`` (``MultipleNegativesRankingLoss``: query -> documents and mined negatives)
-        or ``"mnsrl"`` (symmetric; no mined negatives); similarity scale (20, as sentence-transformers).
+        ``"mnrl"`` (``MultipleNegativesRankingLoss``: query -> documents and mined negatives),
+        ``"mnsrl"`` (symmetric; no mined negatives) or ``"sogclr"`` (one-way SogCLR, Yuan et al.
+        2022: a moving average of each query's denominator over the epochs, temperature
+        ``1 / scale``); similarity scale (20, as sentence-transformers).
     teacher, refresh_every :
         Embeddings that build the batches (module doc); ``"model"`` re-embeds every
         ``refresh_every`` epochs.
@@ -454,7 +457,17 @@ def finetune(
     from batchlab.losses import info_nce
     from batchlab.samplers import guided_negative_mask
 
-    def batch_loss(q: torch.Tensor, keys: torch.Tensor, mask) -> torch.Tensor:
+    global_loss = None
+    if loss == "sogclr":  # one-way SogCLR at the same temperature (1 / scale); per-example state by dataset id
+        from batchlab.losses.sogclr import SogCLRLoss
+
+        global_loss = SogCLRLoss(n, mode="one_way", tau=1.0 / scale).to(device)
+        if resume is not None:
+            global_loss.load_state_dict(torch.load(Path(resume) / "trainer_state.pt", weights_only=False)["global_loss"])
+
+    def batch_loss(q: torch.Tensor, keys: torch.Tensor, mask, ids: torch.Tensor) -> torch.Tensor:
+        if global_loss is not None:
+            return global_loss(q, keys, ids.to(device), neg_mask=mask)
         return info_nce(q, keys, scale, symmetric=loss == "mnsrl", neg_mask=mask)
 
     model.train()
@@ -489,15 +502,14 @@ def finetune(
             k_features = _cat([d_table.take(idx), *([d_table.take(negatives[idx].reshape(-1))] if negatives is not None else [])])
             mask = None
             if guide is not None:
-                gq = guide_views.queries[idx.to(guide_views.queries.device)]
-                gk = guide_views.documents[key_idx.to(guide_views.documents.device)]
+                gq, gk = guide_views.queries[idx].to(device), guide_views.documents[key_idx].to(device)
                 mask = guided_negative_mask(gq, gk, margin=float(guide_margin), strategy="absolute")
             optimizer.zero_grad(set_to_none=True)
             if cache is None:
-                value = batch_loss(embed(q_features), embed(k_features), mask)
+                value = batch_loss(embed(q_features), embed(k_features), mask, idx)
                 value.backward()
             else:
-                value = cache.step(q_features, k_features, loss_fn=lambda a, b: batch_loss(a, b, mask))
+                value = cache.step(q_features, k_features, loss_fn=lambda a, b: batch_loss(a, b, mask, idx))
             optimizer.step()
             scheduler.step()
             step += 1
@@ -516,7 +528,7 @@ def finetune(
         result.losses.append(float(epoch_loss) / max(1, count))
         epoch += 1
         if out_dir is not None and step < total:
-            _save_checkpoint(out_dir, model, optimizer, scheduler, settings, result, step, epoch)
+            _save_checkpoint(out_dir, model, optimizer, scheduler, settings, result, step, epoch, global_loss)
     bar.close()
     result.steps = step
     if test_q:
@@ -546,7 +558,7 @@ def _atomic_save(model, path: Path) -> None:
 
 
 def _save_checkpoint(out: Path, model, optimizer, scheduler, settings, result: FinetuneResult, step: int, epoch: int,
-                     keep: int = 2) -> Path:
+                     global_loss=None, keep: int = 2) -> Path:
     """``<out>/checkpoints/step-<step>``: the model (sentence-transformers format) plus ``trainer_state.pt``."""
     folder = out / "checkpoints" / f"step-{step}"
     folder.parent.mkdir(parents=True, exist_ok=True)
@@ -556,6 +568,7 @@ def _save_checkpoint(out: Path, model, optimizer, scheduler, settings, result: F
         "scheduler": scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
         "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None,
         "before": result.before, "losses": result.losses, "history": result.history, "examples": result.examples,
+        "global_loss": None if global_loss is None else global_loss.state_dict(),
     }
     torch.save(state, folder / "trainer_state.pt")
     older = sorted(folder.parent.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))

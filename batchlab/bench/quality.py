@@ -1,0 +1,370 @@
+"""Learning quality: fine-tune a pretrained encoder with each batch construction, seed-paired against random-64.
+
+For every dataset and seed, every arm starts from the same weights (the pretrained
+model; ``--model tiny`` builds a one-layer BERT whose initialisation depends on the seed
+only) and trains with :func:`batchlab.recipes.finetune.finetune` for the same number of
+optimizer steps; the batch order and the mining draw come from a separate seed
+(``--order-seed-offset``). Held-out nDCG@10, MRR@10, recall@1 and recall@10 come from
+sentence-transformers' ``InformationRetrievalEvaluator``; each arm's difference from the
+baseline (random batches of 64) is taken seed by seed, with its standard error
+(:func:`batchlab.recipes.compare.paired_difference`). Wall time counts the teacher's
+embedding passes, mining, batch building and the steps (not evaluation).
+
+Arms are named ``<kind>-<batch>[-self][-cached][-same-examples]``:
+
+* ``zero-shot``: no training;
+* ``random-B``: uniform batches; ``-same-examples``: ``steps * 64 / B`` steps, so as many
+  pairs are seen as by the baseline; ``-cached``: GradCache chunks of 256 texts;
+* ``st-mined-B``: sentence-transformers' usual recipe, random batches plus one negative
+  per pair mined with the pretrained model (ranks 10-50, relative margin 0.05, max score
+  0.8, drawn at random), ``MultipleNegativesRankingLoss``;
+* ``community-B`` (B3), ``hard-negative-B``, ``cluster-B`` (NGAME), ``tas-B``: batches built
+  from the pretrained model's embeddings; ``-self``: from the model being trained,
+  re-embedded every epoch (its first epoch uses the pretrained weights);
+* ``gist-B``: random batches with GISTEmbed's guided false-negative mask (pretrained guide;
+  ``-self``: the model being trained, refreshed every epoch);
+* ``community-mined-B``: B3 batches plus the mined negative;
+* ``sogclr-B``: random batches, one-way SogCLR (per-query moving-average denominators) instead of MNRL.
+
+Example: ``batchlab bench quality --model minilm --datasets codesearch wordnet --seeds 5``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_ARMS = ("zero-shot", "random-64", "random-256", "random-256-same-examples", "random-1024-cached", "st-mined-64",
+                "community-64", "community-64-self", "hard-negative-64", "hard-negative-64-self", "cluster-64-self",
+                "tas-64", "gist-64", "gist-64-self", "sogclr-64")
+KINDS = {"random": {}, "st-mined": {"mined_negatives": 1}, "community": {"sampler": "community"},
+         "community-mined": {"sampler": "community", "mined_negatives": 1}, "hard-negative": {"sampler": "hard_negative"},
+         "cluster": {"sampler": "cluster"}, "tas": {"sampler": "tas"}, "gist": {"guide": "pretrained"},
+         "sogclr": {"loss": "sogclr"}}
+_ARM = re.compile(r"^(?P<kind>[a-z-]+?)-(?P<batch>\d+)(?P<self>-self)?(?P<cached>-cached)?(?P<same>-same-examples)?$")
+METRIC = "ndcg@10"
+CACHE_CHUNK = 256
+
+
+def arm_settings(name: str, *, steps: int, base_batch: int) -> dict[str, Any] | None:
+    """``finetune`` keywords of an arm name (None for ``zero-shot``).
+
+    >>> arm_settings("community-64-self", steps=100, base_batch=64)
+    {'sampler': 'community', 'batch_size': 64, 'steps': 100, 'teacher': 'model'}
+    >>> arm_settings("random-256-same-examples", steps=100, base_batch=64)["steps"]
+    25
+    """
+    from batchlab.errors import BatchlabInputError
+
+    if name == "zero-shot":
+        return None
+    match = _ARM.match(name)
+    if match is None or match["kind"] not in KINDS:
+        raise BatchlabInputError(
+            f"unknown arm {name!r}: use zero-shot or <kind>-<batch>[-self][-cached][-same-examples] with kind one of "
+            f"{', '.join(KINDS)} (e.g. random-64, community-64-self, random-1024-cached)")
+    batch = int(match["batch"])
+    settings: dict[str, Any] = {"sampler": "random", **KINDS[match["kind"]], "batch_size": batch}
+    settings["steps"] = max(1, round(steps * base_batch / batch)) if match["same"] else steps
+    if match["self"]:
+        if match["kind"] == "gist":
+            settings["guide"] = "model"
+        elif settings["sampler"] == "random":
+            raise BatchlabInputError(f"arm {name!r}: -self needs a teacher-built kind (community, hard-negative, cluster, tas, gist)")
+        else:
+            settings["teacher"] = "model"
+    if match["cached"]:
+        settings["cache_chunk"] = CACHE_CHUNK
+    return settings
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", default="minilm",
+                        help="'minilm' (offline all-MiniLM-L6-v2), a sentence-transformers folder, or 'tiny' (a one-layer "
+                             "BERT built locally, initialised per seed: CI) (default: minilm)")
+    parser.add_argument("--datasets", nargs="+", default=["codesearch", "wordnet"], help="(default: codesearch wordnet)")
+    parser.add_argument("--data", default=None, help="read <data>/<dataset>.json written by --export-data instead of building")
+    parser.add_argument("--export-data", default=None, help="write the (subsampled) splits to this folder and stop")
+    parser.add_argument("--packages", nargs="*", default=["numpy", "scipy", "torch", "networkx", "pandas"],
+                        help="codesearch: also harvest these installed packages (default: numpy scipy torch networkx pandas)")
+    parser.add_argument("--max-train", type=int, default=8192, help="training pairs per dataset (random subset; default 8192)")
+    parser.add_argument("--max-test", type=int, default=2000, help="held-out pairs per dataset (default 2000)")
+    parser.add_argument("--arms", nargs="+", default=list(DEFAULT_ARMS), help="arms (see the module doc)")
+    parser.add_argument("--baseline", default="random-64", help="the arm every other is paired against (default: random-64)")
+    parser.add_argument("--seeds", type=int, default=5, help="seeds per arm (default 5)")
+    parser.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    parser.add_argument("--order-seed-offset", type=int, default=1000,
+                        help="batch-order seed = seed + this (kept apart from the init/dropout seed; default 1000)")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps of every arm (default 200)")
+    parser.add_argument("--lr", type=float, default=5e-5, help="AdamW peak learning rate (default 5e-5)")
+    parser.add_argument("--max-seq-length", type=int, default=128, help="token limit (default 128)")
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast on CUDA (default fp32)")
+    parser.add_argument("--time-budget", type=float, default=None,
+                        help="seconds: start no new seed that the time per seed so far says would end past this")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", default="results/bench/quality")
+    parser.add_argument("--no-progress", dest="progress", action="store_false")
+
+
+# -- data -------------------------------------------------------------------------------
+def _subset(pairs: list, limit: int | None) -> list:
+    import torch
+
+    if limit is None or len(pairs) <= limit:
+        return list(pairs)
+    keep = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(0))[:limit].sort().values
+    return [pairs[i] for i in keep.tolist()]
+
+
+def load_data(name: str, args) -> dict[str, Any]:
+    """``{"train": [(q, d)], "test": [(q, d)], "source": ...}`` for one dataset."""
+    if args.data is not None:
+        path = Path(args.data) / f"{name}.json"
+        if not path.exists():
+            from batchlab.errors import BatchlabInputError
+
+            raise BatchlabInputError(f"{path} does not exist; write it with --export-data {args.data}")
+        blob = json.loads(path.read_text())
+        return {"train": [tuple(p) for p in blob["train"]], "test": [tuple(p) for p in blob["test"]], "source": blob["source"]}
+    from batchlab.commands._train_model import load_pairs
+
+    packages = args.packages if name == "codesearch" else ()
+    train, test = load_pairs(name, max_train=None, max_test=None, packages=packages, progress=args.progress)
+    source = {"dataset": name, "packages": list(packages), "full_train": len(train), "full_test": len(test)}
+    return {"train": _subset(train, args.max_train), "test": _subset(test, args.max_test), "source": source}
+
+
+# -- models --------------------------------------------------------------------------------
+class Models:
+    """The initial model of a seed: the pretrained one (loaded once) or a tiny one built per seed."""
+
+    def __init__(self, spec: str, device: str, texts: list[str]) -> None:
+        self.spec, self.device, self.texts = spec, device, texts
+        self._base = None
+        self._tmp = tempfile.TemporaryDirectory(prefix="batchlab-quality-") if spec == "tiny" else None
+
+    def initial(self, seed: int):
+        from batchlab.recipes.finetune import load_model, tiny_sentence_transformer
+
+        if self.spec == "tiny":
+            return tiny_sentence_transformer(Path(self._tmp.name) / f"seed{seed}", texts=self.texts, seed=seed).to(self.device)
+        if self._base is None:
+            self._base = load_model(self.spec, device=self.device)
+        return copy.deepcopy(self._base)
+
+
+# -- statistics --------------------------------------------------------------------------------
+def summarise(runs: list[dict[str, Any]], baseline: str) -> dict[str, Any]:
+    """Per arm: mean and sd of each metric, and the seed-paired difference from ``baseline``."""
+    from batchlab.recipes.compare import paired_difference
+    from batchlab.recipes.finetune import METRICS
+
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    by = {a: {m: {r["seed"]: r["metrics"][m] for r in runs if r["arm"] == a} for m in METRICS} for a in arms}
+    summary = {}
+    for arm in arms:
+        rows = [r for r in runs if r["arm"] == arm]
+        entry: dict[str, Any] = {"seeds": len(rows), "steps": rows[0]["steps"], "examples": rows[0]["examples"],
+                                 "wall_seconds": statistics.fmean(r["seconds"].get("wall", 0.0) for r in rows)}
+        for metric in METRICS:
+            values = list(by[arm][metric].values())
+            entry[metric] = statistics.fmean(values)
+            entry[f"{metric}_sd"] = statistics.stdev(values) if len(values) > 1 else None
+            if arm != baseline and baseline in by:
+                entry[f"{metric}_vs_{baseline}"] = paired_difference(by[arm][metric], by[baseline][metric]).to_dict()
+        summary[arm] = entry
+    return summary
+
+
+def targets(runs: list[dict[str, Any]], summary: dict[str, Any], baseline: str) -> list[dict[str, Any]]:
+    """Issue 22's claims on nDCG@10, each checked seed by seed (compare.claim_checks) plus its +0.02 target."""
+    from batchlab.recipes.compare import Claim, claim_checks
+
+    b = int(_ARM.match(baseline)["batch"]) if _ARM.match(baseline) else 64
+    arms = set(summary)
+    built = [a for a in arms if a not in ("zero-shot", baseline) and not a.startswith("random-")]
+    at_base = [a for a in built if _ARM.match(a) and int(_ARM.match(a)["batch"]) == b and not a.startswith("st-mined")]
+    claims = [Claim(a, baseline, f"{a} beats {baseline} by >= +0.02 on every seed", METRIC) for a in sorted(at_base)]
+    if f"community-{b}" in arms and f"random-{4 * b}" in arms:
+        claims.append(Claim(f"community-{b}", f"random-{4 * b}", f"B3's claim: community-{b} beats random-{4 * b} "
+                            "(same steps)", METRIC))
+    if f"random-{4 * b}" in arms:
+        claims.append(Claim(f"random-{4 * b}", baseline, f"random-{4 * b} beats {baseline} (same steps)", METRIC))
+    reference = f"st-mined-{b}"
+    trained = [a for a in arms if a not in ("zero-shot", reference)]
+    if reference in arms and trained:
+        best = max(trained, key=lambda a: summary[a][METRIC])
+        claims.append(Claim(best, reference, f"best arm ({best}) beats sentence-transformers' recipe ({reference}) "
+                            "by >= +0.02 on every seed (same steps, not same wall time)", METRIC))
+    checks = claim_checks(runs, [], claims=claims, metric=METRIC)
+    for check in checks:
+        check["target_+0.02_every_seed"] = (check["verdict"] == "held" and check["difference"] >= 0.02
+                                            and check["wins"] == len(check["seeds"]))
+    return checks
+
+
+def plot(path: Path, dataset: str, summary: dict[str, Any], baseline: str, title: str) -> Path:
+    """Left: mean nDCG@10 (sd over seeds); right: paired difference from the baseline (2 SE)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from batchlab.bench._common import save_figure
+
+    arms = list(summary)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.42 * len(arms) + 1.6), sharey=True)
+    y = list(range(len(arms)))[::-1]
+    left.barh(y, [summary[a][METRIC] for a in arms], xerr=[summary[a][f"{METRIC}_sd"] or 0 for a in arms],
+              color=["tab:gray" if a == "zero-shot" else "tab:blue" for a in arms])
+    low = min(summary[a][METRIC] for a in arms)
+    left.set_xlim(max(0.0, low - 0.05), max(summary[a][METRIC] for a in arms) + 0.02)
+    left.set_yticks(y, arms)
+    left.set_xlabel(f"held-out {METRIC} (mean, sd over seeds)")
+    key = f"{METRIC}_vs_{baseline}"
+    diffs = [summary[a][key]["difference"] if key in summary[a] else 0.0 for a in arms]
+    errs = [2 * (summary[a][key]["standard_error"] or 0) if key in summary[a] else 0.0 for a in arms]
+    right.barh(y, diffs, xerr=errs, color=["tab:green" if d > e else "tab:red" if d < -e else "tab:gray"
+                                            for d, e in zip(diffs, errs)])
+    right.axvline(0, color="black", lw=0.8)
+    right.axvline(0.02, color="black", lw=0.8, ls="--")
+    right.set_xlabel(f"{METRIC} minus {baseline}, paired by seed (2 SE)")
+    fig.suptitle(f"{dataset}: {title}", fontsize=10)
+    return save_figure(fig, path)
+
+
+# -- the study ----------------------------------------------------------------------------------
+def _write(out: Path, payload: dict[str, Any]) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "quality.json"
+    tmp = out / f"quality.json.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)  # a run stopped at a time limit leaves the last complete file
+    return path
+
+
+def _format(summary: dict[str, Any], baseline: str) -> str:
+    from batchlab.recipes.finetune import METRICS
+
+    head = ["arm", *METRICS, f"d{METRIC} vs {baseline} (SE) wins", "steps", "pairs seen", "wall s"]
+    lines = [" | ".join(head), " | ".join("---" for _ in head)]
+    for arm, s in summary.items():
+        d = s.get(f"{METRIC}_vs_{baseline}")
+        diff = "-" if d is None else (f"{d['difference']:+.4f} ({d['standard_error']:.4f}) {d['wins']}/{len(d['seeds'])}"
+                                      if d["standard_error"] is not None else f"{d['difference']:+.4f} (1 seed)")
+        cells = [arm, *(f"{s[m]:.4f}" for m in METRICS), diff, str(s["steps"]), str(s["examples"]), f"{s['wall_seconds']:.1f}"]
+        lines.append(" | ".join(cells))
+    return "\n".join("| " + line + " |" for line in lines)
+
+
+def run(args) -> int:
+    import torch
+
+    from batchlab.errors import BatchlabInputError
+    from batchlab.recipes.finetune import finetune
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    out = Path(args.out)
+    base_batch = int(_ARM.match(args.baseline)["batch"]) if _ARM.match(args.baseline) else 64
+    try:
+        settings = {a: arm_settings(a, steps=args.steps, base_batch=base_batch) for a in args.arms}
+        if args.baseline not in settings:
+            raise BatchlabInputError(f"the baseline {args.baseline!r} is not among --arms")
+        data = {name: load_data(name, args) for name in args.datasets}
+    except BatchlabInputError as error:
+        print(f"batchlab bench quality: {error}", file=sys.stderr)
+        return 2
+    if args.export_data:
+        folder = Path(args.export_data)
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, blob in data.items():
+            (folder / f"{name}.json").write_text(json.dumps(blob))
+            print(f"wrote {folder / name}.json: {len(blob['train'])} train, {len(blob['test'])} test pairs")
+        return 0
+    command = "batchlab bench quality " + " ".join(shlex.quote(a) for a in sys.argv[3:]) if sys.argv[1:3] == ["bench", "quality"] \
+        else " ".join(shlex.quote(a) for a in sys.argv)
+    payload: dict[str, Any] = {
+        "command": command, "device": str(args.device),
+        "device_name": torch.cuda.get_device_name(0) if str(args.device).startswith("cuda") else "cpu",
+        "settings": {k: v for k, v in vars(args).items() if k != "func"}, "arm_settings": settings,
+        "datasets": {n: {"train_pairs": len(d["train"]), "test_pairs": len(d["test"]), **d["source"]} for n, d in data.items()},
+        "runs": [], "summary": {}, "claims": {}, "seeds_done": 0,
+    }
+    texts = [t for d in data.values() for pair in d["train"] for t in pair]
+    models = Models(args.model, args.device, texts)
+    if str(args.device).startswith("cuda"):  # compile kernels and warm the allocator outside the timed runs
+        first = next(iter(data.values()))
+        for extra in ({}, {"cache_chunk": CACHE_CHUNK, "batch_size": 2 * CACHE_CHUNK}):
+            finetune(models.initial(args.seed), first["train"], None, **{"batch_size": base_batch, "steps": 3, **extra},
+                     device=args.device, precision=args.precision, max_seq_length=args.max_seq_length)
+    start = time.perf_counter()
+    for seed in range(args.seed, args.seed + args.seeds):
+        done = seed - args.seed
+        if args.time_budget and done and (time.perf_counter() - start) * (done + 1) / done > args.time_budget:
+            payload["stopped"] = f"time budget {args.time_budget:.0f} s: stopped after {done} seeds"
+            print(payload["stopped"])
+            break
+        for name, d in data.items():
+            for arm, kw in settings.items():
+                model = models.initial(seed)
+                if kw is None:
+                    from batchlab.recipes.finetune import ir_metrics
+
+                    model.max_seq_length = args.max_seq_length or model.max_seq_length
+                    record = {"metrics": ir_metrics(model, [q for q, _ in d["test"]], [x for _, x in d["test"]]),
+                              "steps": 0, "examples": 0, "seconds": {"wall": 0.0}}
+                else:
+                    result = finetune(model, d["train"], d["test"], **kw, lr=args.lr, seed=seed,
+                                      order_seed=seed + args.order_seed_offset, max_seq_length=args.max_seq_length,
+                                      precision=args.precision, device=args.device, evaluate_before=False,
+                                      progress=args.progress)
+                    record = {"metrics": result.after, "steps": result.steps, "examples": result.examples,
+                              "seconds": result.seconds, "losses": result.losses}
+                payload["runs"].append({"dataset": name, "arm": arm, "seed": seed, **record})
+                print(f"seed {seed} {name} {arm}: {METRIC}={record['metrics'][METRIC]:.4f} "
+                      f"wall {record['seconds']['wall']:.1f}s", flush=True)
+                del model
+            _write(out, payload)
+        payload["seeds_done"] = done + 1
+        _finish(payload, args, out)
+    _finish(payload, args, out)
+    for name in data:
+        print(f"\n{name} ({payload['datasets'][name]['train_pairs']} train / {payload['datasets'][name]['test_pairs']} "
+              f"test pairs, {payload['seeds_done']} seeds)")
+        print(_format(payload["summary"][name], args.baseline))
+        for check in payload["claims"][name]:
+            from batchlab.recipes.compare import format_check
+
+            print("  " + format_check(check) + ("  [target met]" if check["target_+0.02_every_seed"] else ""))
+    print(f"\nwrote {out / 'quality.json'} and {', '.join(str(out / f'quality-{n}.png') for n in data)}")
+    return 0
+
+
+def _finish(payload: dict[str, Any], args, out: Path) -> None:
+    for name in payload["datasets"]:
+        runs = [r for r in payload["runs"] if r["dataset"] == name]
+        if not runs:
+            continue
+        payload["summary"][name] = summarise(runs, args.baseline)
+        payload["claims"][name] = targets(runs, payload["summary"][name], args.baseline)
+        title = f"{args.model}, {args.steps} steps, {payload['seeds_done']} seeds, {payload['device_name']}"
+        plot(out / f"quality-{name}.png", name, payload["summary"][name], args.baseline, title)
+    _write(out, payload)
+
+
+if __name__ == "__main__":
+    from batchlab.bench._common import script_main
+
+    sys.exit(script_main(__name__, __doc__, add_arguments, run))
