@@ -163,6 +163,11 @@ def _bad_input_on_rank(rank, world):
         lambda: info_nce(q, k, 2.0, pos_mask=torch.eye(4, dtype=torch.bool), distributed="ring"),
         lambda: info_nce(q, k, 2.0, neg_mask=torch.zeros(4, 8, dtype=torch.bool), distributed="allgather"),
         lambda: nt_xent(torch.stack([q, k]), 2.0, distributed="ring"),
+        # unknown keywords are refused before any strategy runs (the ring never reads them)
+        lambda: info_nce(q, k, 2.0, distributed="ring", temperature=0.1),
+        lambda: siglip(q, k, 2.0, -1.0, distributed="ring", temperature=0.1),
+        lambda: dcl(q, k, 2.0, distributed="ring", temprature=0.1),
+        lambda: info_nce(q, k, 2.0, distributed="allgather", local_loss=True),
     ):
         try:
             call()
@@ -178,6 +183,9 @@ def test_distributed_bad_input_is_refused_clearly():
     assert "pos_mask is not supported" in messages[1]
     assert "callable" in messages[2]
     assert "allgather" in messages[3]
+    assert "logit_scale=1/temperature" in messages[4] and "logit_scale=1/temperature" in messages[5]
+    assert "temprature" in messages[6]
+    assert "compat.open_clip" in messages[7]
 
 
 def _ring_cases_on_rank(rank, world):

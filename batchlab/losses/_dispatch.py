@@ -112,36 +112,57 @@ def accepted_options(fn: Callable, options: dict, impl: str) -> dict:
     unknown = sorted(set(options) - set(params))
     if not unknown:
         return options
-    # what users of other libraries pass, and what batchlab calls it
-    foreign_hints = {
-        "temperature": "batchlab takes the multiplier: use logit_scale=1/temperature",
-        "tau": "batchlab takes the multiplier: use logit_scale=1/tau",
-        "local_loss": "open_clip's options belong to batchlab.compat.open_clip.ClipLoss; "
-                      "batchlab's own losses take distributed='allgather' | 'ring' | 'auto'",
-        "gather_with_grad": "use batchlab.compat.open_clip.ClipLoss, or distributed='allgather'",
-        "gather_distributed": "use batchlab.compat.lightly, or distributed='allgather'",
-    }
-    hint = "".join(f"; {n}: {foreign_hints[n]}" for n in unknown if n in foreign_hints)
+    hint = _foreign_hint(unknown)
     if impl != "auto":
         raise BatchlabInputError(
             f"impl={impl!r} does not take option(s) {unknown}; it takes "
             f"{sorted(n for n, p in params.items() if p.kind is inspect.Parameter.KEYWORD_ONLY)}{hint}"
         )
     family = next((f for (f, _), g in _REGISTRY.items() if g is fn), None)
+    check_known_options(family, {n: options[n] for n in unknown})
+    return {k: v for k, v in options.items() if k in params}
+
+
+#: what users of other libraries pass, and what batchlab calls it
+_FOREIGN_HINTS = {
+    "temperature": "batchlab takes the multiplier: use logit_scale=1/temperature",
+    "tau": "batchlab takes the multiplier: use logit_scale=1/tau",
+    "local_loss": "open_clip's options belong to batchlab.compat.open_clip.ClipLoss; "
+                  "batchlab's own losses take distributed='allgather' | 'ring' | 'auto'",
+    "gather_with_grad": "use batchlab.compat.open_clip.ClipLoss, or distributed='allgather'",
+    "gather_distributed": "use batchlab.compat.lightly, or distributed='allgather'",
+}
+
+
+def _foreign_hint(names) -> str:
+    return "".join(f"; {n}: {_FOREIGN_HINTS[n]}" for n in names if n in _FOREIGN_HINTS)
+
+
+def check_known_options(family: str | None, options: dict) -> None:
+    """Refuse backend options that no registered implementation of ``family`` takes.
+
+    Called by :func:`accepted_options` and, before the distributed strategies (which
+    pass options on to several backends), by the public loss functions, so that an
+    unknown keyword is an error whatever ``impl`` and ``distributed`` resolve to.
+    """
+    if not options:
+        return
     for backend in _BACKEND_MODULES:
         _load_backend(backend)
     backend_options = {
         name
         for (f, _), g in _REGISTRY.items() if f == family
         for name, p in inspect.signature(g).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
-    } - set(params)
-    foreign = [n for n in unknown if n not in backend_options]
+    }
+    reference = _REGISTRY.get((family, "reference"))
+    if reference is not None:  # the reference's own arguments are not backend options
+        backend_options -= set(inspect.signature(reference).parameters)
+    foreign = sorted(n for n in options if n not in backend_options)
     if foreign:
         raise BatchlabInputError(
             f"unknown option(s) {foreign}: no implementation of {family} takes them (backend options: "
-            f"{sorted(backend_options) or 'none'}){hint}"
+            f"{sorted(backend_options) or 'none'}){_foreign_hint(foreign)}"
         )
-    return {k: v for k, v in options.items() if k in params}
 
 
 def available_impls(family: str) -> list[str]:
