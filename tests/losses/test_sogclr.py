@@ -282,3 +282,18 @@ def test_recipe_heads():
     encode = sog.track(lambda ids: (q, k))
     torch.testing.assert_close(sog(*encode(torch.tensor([1, 4, 7]))),
                                SogCLRLoss(10, tau=0.05)(q, k, torch.tensor([1, 4, 7])))
+
+
+def test_temperature_gradient_is_rho_minus_kl_on_first_visit():
+    """With u = g (an unseen example), d loss_i / d tau_i = rho - KL(softmax over negatives || uniform):
+    iSogCLR lowers tau_i until its negatives' weighting is rho nats from uniform."""
+    gen = torch.Generator().manual_seed(10)
+    q, k = unit(9, 6, gen, torch.float64), unit(9, 6, gen, torch.float64)
+    tau = 0.05 + 0.1 * torch.rand(2, 9, generator=gen, dtype=torch.float64)
+    out = sogclr(q, k, log_u=torch.full((2, 9), float("-inf"), dtype=torch.float64), tau=tau, rho=0.7)
+    for d, (a, c) in enumerate(((q, k), (k, q))):
+        h = (a @ c.T - (a * c).sum(1, keepdim=True)) / tau[d][:, None]
+        h = h.masked_fill(torch.eye(9, dtype=torch.bool), float("-inf"))
+        p = torch.softmax(h, 1)
+        kl = (p * (p.clamp_min(1e-300).log() + math.log(8))).sum(1)
+        torch.testing.assert_close(out.tau_grad[d], 0.7 - kl, rtol=1e-10, atol=1e-12)
