@@ -82,8 +82,8 @@ def dcl(
     extra_negatives = check_extra_negatives(extra_negatives, q, check=check)
     options = dict(weighted=weighted, sigma=float(sigma), symmetric=symmetric, targets=targets,
                    pos_mask=pos_mask, extra_negatives=extra_negatives, neg_mask=neg_mask, reduction=reduction)
-    _dispatch.check_known_options("dcl", impl_options)  # the strategies pass them on unread
     if use_distributed(distributed, group):
+        _dispatch.check_known_options("dcl", impl_options)  # the strategies pass them on unread
         return run_distributed("dcl", distributed, group, q, k, scale, return_lse=return_lse, impl=impl,
                                **options, **impl_options)
     n, m = q.shape[0], k.shape[0]

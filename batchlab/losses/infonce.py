@@ -115,8 +115,8 @@ def info_nce(
     q, k = prepare_pair(q, k, normalize=normalize, check=check)
     scale = prepare_scalar("logit_scale", logit_scale, q, check=check)
     extra_negatives = check_extra_negatives(extra_negatives, q, check=check)
-    _dispatch.check_known_options("info_nce", impl_options)  # the strategies pass them on unread
     if use_distributed(distributed, group):
+        _dispatch.check_known_options("info_nce", impl_options)  # the strategies pass them on unread
         return run_distributed(
             "info_nce", distributed, group, q, k, scale,
             symmetric=symmetric, targets=targets, pos_mask=pos_mask, extra_negatives=extra_negatives,

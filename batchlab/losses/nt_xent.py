@@ -66,8 +66,8 @@ def nt_xent(
         raise BatchlabInputError(f"views must hold at least 2 views (shape (V>=2, N, d)), got V={views.shape[0]}")
     views = prepare_rows("views", views, normalize=normalize, check=check)
     scale = prepare_scalar("logit_scale", logit_scale, views, check=check)
-    _dispatch.check_known_options("nt_xent", impl_options)  # the strategies pass them on unread
     if use_distributed(distributed, group):
+        _dispatch.check_known_options("nt_xent", impl_options)  # the strategies pass them on unread
         return run_distributed("nt_xent", distributed, group, views, scale, reduction=reduction,
                                return_lse=return_lse, impl=impl, **impl_options)
     v, n, _ = views.shape

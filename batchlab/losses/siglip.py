@@ -78,8 +78,8 @@ def siglip(
     scale = prepare_scalar("logit_scale", logit_scale, q, check=check)
     bias = prepare_scalar("logit_bias", logit_bias, q, check=check)
     extra_negatives = check_extra_negatives(extra_negatives, q, check=check)
-    _dispatch.check_known_options("siglip", impl_options)  # the strategies pass them on unread
     if use_distributed(distributed, group):
+        _dispatch.check_known_options("siglip", impl_options)  # the strategies pass them on unread
         return run_distributed(
             "siglip", distributed, group, q, k, scale, bias, targets=targets, pos_mask=pos_mask,
             extra_negatives=extra_negatives, neg_mask=neg_mask, reduction=reduction, impl=impl, **impl_options,
