@@ -186,14 +186,24 @@ def register_arm(arm: Arm, *, replace: bool = False) -> Arm:
 
 
 def get_arm(arm: str | Arm) -> Arm:
-    """An :class:`Arm` by name (or the arm itself); a renamed or unknown name says what to use."""
+    """An :class:`Arm` by name (or the arm itself).
+
+    Names not in :data:`ARMS` of the form ``<sampler>-<batch>[-tfidf]`` (``random-32``,
+    ``community-128``, ``hard-negative-32-tfidf``) are built by :func:`arm_for`; a renamed
+    or unknown name says what to use.
+    """
     if isinstance(arm, Arm):
         return arm
     if arm in ARMS:
         return ARMS[arm]
     if arm in RENAMED:
         raise BatchlabInputError(f"arm {arm!r} was renamed {RENAMED[arm]!r} (names now say what they do)")
-    raise BatchlabInputError(f"unknown arm {arm!r}; known arms: {', '.join(ARMS)} (or pass an Arm object)")
+    tfidf = arm.endswith("-tfidf")
+    head, _, size = (arm[: -len("-tfidf")] if tfidf else arm).rpartition("-")
+    if size.isdigit() and int(size) > 0 and head.replace("-", "_") in SAMPLER_NAMES:
+        return arm_for(head.replace("-", "_"), int(size), teacher="tfidf" if tfidf else "model")
+    raise BatchlabInputError(f"unknown arm {arm!r}; known arms: {', '.join(ARMS)}, or <sampler>-<batch>[-tfidf] "
+                             f"with a sampler from {SAMPLER_NAMES} (or pass an Arm object)")
 
 
 def _builtin_arms() -> None:
@@ -262,17 +272,8 @@ def arm_for(sampler: str, batch_size: int, *, teacher: str = "model", **settings
 
 
 def resolve_arms(arms: Iterable[str | Arm]) -> list[Arm]:
-    """Arms by name or object; ``<sampler>-<batch>`` names not in the registry are built by :func:`arm_for`."""
-    out = []
-    for arm in arms:
-        if isinstance(arm, str) and arm not in ARMS and arm not in RENAMED:
-            tfidf = arm.endswith("-tfidf")
-            head, _, size = (arm[: -len("-tfidf")] if tfidf else arm).rpartition("-")
-            sampler = head.replace("-", "_")
-            if size.isdigit() and sampler in SAMPLER_NAMES:
-                out.append(arm_for(sampler, int(size), teacher="tfidf" if tfidf else "model"))
-                continue
-        out.append(get_arm(arm))
+    """Arms by name or object (see :func:`get_arm`); names must be distinct."""
+    out = [get_arm(arm) for arm in arms]
     names = [a.name for a in out]
     if len(set(names)) != len(names):
         raise BatchlabInputError(f"arms must have distinct names, got {names}")
