@@ -97,7 +97,7 @@ def load_model(args, device: torch.device):
         path = save_tiny_model(tempfile.mkdtemp(prefix="st-cached-"), hidden_size=32, seed=args.seed)
     else:
         path = args.model or packaged_minilm()
-    model = SentenceTransformer(str(path), device=str(device)).float()
+    model = SentenceTransformer(str(path), device=str(device), model_kwargs={"dtype": torch.float32}).float()
     model.train()
     return model
 

@@ -77,7 +77,36 @@ ACCELERATE_CASES = [
 ]
 
 
-def _accelerate_body(rank, world):
+def _trainer_epochs(rank, world, tiny_dir, out_dir, epochs=2):
+    """A real SentenceTransformerTrainer run under accelerate (DDP on gloo): the labels each rank's loss saw."""
+    import os
+
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
+
+    from batchlab.integrations.sentence_transformers import MultipleNegativesRankingLoss
+
+    # accelerate reads the launcher's variables; the process group itself is already up
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT="29555")
+    model = SentenceTransformer(tiny_dir, device="cpu")
+    train = pairs_dataset(24).add_column("label", list(range(24)))  # the collator passes labels: the indices
+    seen = []
+
+    class Recording(MultipleNegativesRankingLoss):
+        def forward(self, features, labels):
+            seen.append(labels.tolist())
+            return super().forward(features, labels)
+
+    args = SentenceTransformerTrainingArguments(
+        output_dir=os.path.join(out_dir, f"run{rank}"), num_train_epochs=epochs, per_device_train_batch_size=4,
+        batch_sampler=batch_sampler("cluster", teacher=model, cluster_size=4), report_to="none",
+        save_strategy="no", use_cpu=True, seed=0, disable_tqdm=True)
+    SentenceTransformerTrainer(model=model, args=args, train_dataset=train,
+                               loss=Recording(model, gather_across_devices=True)).train()
+    return seen
+
+
+def _accelerate_body(rank, world, tiny_dir, out_dir):
     from accelerate.data_loader import prepare_data_loader
     from torch.utils.data import DataLoader
 
@@ -94,12 +123,19 @@ def _accelerate_body(rank, world):
             sampler.set_epoch(epoch)
             seen.append([list(b) for b in loader])
         results.append({"seen": seen, "len": len(loader), "global": sampler.inner.global_batches()})
-    return results
+    return {"loaders": results, "trainer": _trainer_epochs(rank, world, tiny_dir, out_dir)}
 
 
 @pytest.mark.distributed
-def test_accelerate_two_processes_no_double_sharding():
-    out = run_on_ranks(_accelerate_body, world=2)
+def test_accelerate_two_processes_no_double_sharding(tiny_dir, tmp_path):
+    ranks = run_on_ranks(_accelerate_body, str(tiny_dir), str(tmp_path), world=2)
+    # the trainer: 24 examples, 2 ranks x 4 per device, 2 epochs -> 3 steps per epoch per rank
+    trainer = [r["trainer"] for r in ranks]
+    assert len(trainer[0]) == len(trainer[1]) == 6
+    for epoch in range(2):
+        labels = sorted(i for steps in trainer for batch in steps[3 * epoch:3 * epoch + 3] for i in batch)
+        assert labels == list(range(24))  # each example exactly once per epoch, across the ranks
+    out = [r["loaders"] for r in ranks]
     for case, (kind, _, batch_size, drop_last) in enumerate(ACCELERATE_CASES):
         r0, r1 = out[0][case], out[1][case]
         assert r0["global"] == r1["global"], kind  # one plan on both ranks
