@@ -113,6 +113,20 @@ class Direction(NamedTuple):
 # ----------------------------------------------------------------------------- shared pieces
 
 
+def touches_exclusions(direction: Direction, r0: int, r1: int, c0: int, c1: int) -> bool:
+    """Whether the tile rows [r0, r1) x candidates [c0, c1) holds an excluded entry (host only).
+
+    Without ``mask`` only the shifted diagonals ``start + offset + i`` are excluded, and most
+    tiles of a large batch miss them: those tiles need no mask at all."""
+    if direction.mask is not None:
+        return True
+    for start, size, off in zip(direction.starts, direction.sizes, direction.offsets):
+        lo, hi = start + off + r0, start + min(off + r1, size)  # excluded columns of these rows
+        if lo < hi and lo < c1 and hi > c0:
+            return True
+    return False
+
+
 def excluded(direction: Direction, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """Bool (len(rows), len(cols)): candidate ``cols`` that are not negatives of anchor ``rows``."""
     mask = torch.zeros(len(rows), len(cols), dtype=torch.bool, device=rows.device)

@@ -297,3 +297,17 @@ def test_temperature_gradient_is_rho_minus_kl_on_first_visit():
         p = torch.softmax(h, 1)
         kl = (p * (p.clamp_min(1e-300).log() + math.log(8))).sum(1)
         torch.testing.assert_close(out.tau_grad[d], 0.7 - kl, rtol=1e-10, atol=1e-12)
+
+
+def test_tiles_without_exclusions_are_found_on_the_host():
+    """The tiled path skips the mask of tiles with no excluded entry; the host rule must agree with the mask."""
+    from batchlab.losses.sogclr import Direction, excluded, touches_exclusions
+
+    x = torch.zeros(1, 1)
+    for starts, sizes, offsets in [((0,), (9,), (0,)), ((0,), (9,), (4,)), ((0, 9), (9, 7), (2, 5)), ((0,), (12,), (7,))]:
+        d = Direction(x, x, x, starts, sizes, offsets)
+        k = sum(sizes)
+        for r0 in range(0, 6, 2):
+            for c0 in range(0, k, 3):
+                rows, cols = torch.arange(r0, r0 + 2), torch.arange(c0, min(c0 + 3, k))
+                assert touches_exclusions(d, r0, r0 + 2, c0, min(c0 + 3, k)) == bool(excluded(d, rows, cols).any())

@@ -25,7 +25,7 @@ import torch
 
 from batchlab.losses import _dispatch
 from batchlab.losses._common import compute_dtype
-from batchlab.losses.sogclr import Direction, excluded, finish_rows, log_negatives
+from batchlab.losses.sogclr import Direction, excluded, finish_rows, log_negatives, touches_exclusions
 from batchlab.losses.tiled.engine import matmul_operand, resolve_tile, spans, tile_mm, uses_low_precision_matmul
 
 
@@ -46,11 +46,14 @@ def _row_block(direction: Direction, tau, r0: int, r1: int, cd) -> _Rows:
 
 
 def _tile_logits(direction: Direction, rows: _Rows, r0: int, r1: int, c0: int, c1: int, cd):
-    """``x = h / tau`` for rows [r0, r1) x candidates [c0, c1), excluded entries -inf; and the mask.
+    """``x = h / tau`` for rows [r0, r1) x candidates [c0, c1), excluded entries -inf; and the mask
+    (None for a tile with no excluded entry, most tiles of a large batch).
 
     The product runs as the engine's do (CUDA bf16/fp16: in the input dtype, fp32 out) and the
     per-row temperature divides the fp32 result, so no scaled operand is ever rounded."""
     x = tile_mm(rows.op, matmul_operand(direction.cands[c0:c1]).T, cd) / rows.tau[:, None] - rows.pos[:, None]
+    if not touches_exclusions(direction, r0, r1, c0, c1):
+        return x, None
     device = x.device
     ex = excluded(direction, torch.arange(r0, r1, device=device), torch.arange(c0, c1, device=device))
     return x.masked_fill(ex, float("-inf")), ex
@@ -76,8 +79,8 @@ def forward_stats(direction: Direction, tau, tile: tuple[int, int]):
             alpha = torch.exp(m - m_new)
             e = torch.exp(x - m_new[:, None])
             s = s * alpha + e.sum(1)
-            w = w * alpha + (e * x.masked_fill(ex, 0)).sum(1)
-            kept += (~ex).sum(1)
+            w = w * alpha + (e * (x if ex is None else x.masked_fill(ex, 0))).sum(1)
+            kept += (c1 - c0) if ex is None else (~ex).sum(1)
             m = m_new
         lse[r0:r1] = m + torch.log(s)
         mean_x[r0:r1] = w / s
