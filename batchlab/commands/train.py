@@ -19,7 +19,7 @@ from batchlab.commands._train_model import add_arguments as add_model_arguments,
 # Options that change a run, in the order the default name lists them, with their defaults:
 # an option left at its default stays out of the name.
 NAMED = {"epochs": 3, "lr": None, "loss": "info_nce", "impl": "auto", "teacher": "model", "group_size": None,
-         "jest": None, "max_train": None, "max_test": None, "seed": 0, "data_seed": None, "data": None,
+         "jest": None, "coreset": None, "max_train": None, "max_test": None, "seed": 0, "data_seed": None, "data": None,
          "test_data": None, "data_path": None, "device": "cpu", "threads": None}
 
 
@@ -45,7 +45,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=64, help="the batch the loss sees (default: 64)")
     parser.add_argument("--epochs", type=positive_int, default=NAMED["epochs"], help="passes over the training split (default: 3)")
     parser.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: 2e-3 text, 1e-3 CLIP)")
-    parser.add_argument("--loss", default="info_nce", choices=["info_nce", "siglip", "dcl"], help="(default: info_nce)")
+    parser.add_argument("--loss", default="info_nce", choices=["info_nce", "siglip", "dcl", "sogclr", "isogclr"],
+                        help="(default: info_nce; sogclr / isogclr keep per-example state, text dual encoder only)")
     parser.add_argument("--impl", default="auto", help="loss implementation: auto, reference, tiled, triton (default: auto)")
     parser.add_argument("--teacher", default="model", choices=["model", "tfidf", "pixels", "none"],
                         help="embeddings that build the batches: model (the model's own, refreshed every epoch after a "
@@ -53,6 +54,9 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--group-size", type=positive_int, default=None, help="community: examples per group (default: 8)")
     parser.add_argument("--jest", type=float, default=None, metavar="FILTER_RATIO",
                         help="choose each batch with JEST from a super-batch, filtering out this fraction (e.g. 0.5)")
+    parser.add_argument("--coreset", type=float, default=None, metavar="FILTER_RATIO",
+                        help="choose each batch as a CoLM coreset (gradient matching) of a super-batch, filtering out "
+                        "this fraction (e.g. 0.75: 64 of 256); text dual encoder only")
     parser.add_argument("--max-train", type=positive_int, default=None, help="use only the first N training examples")
     parser.add_argument("--max-test", type=positive_int, default=None, help="use only the first N test examples")
     parser.add_argument("--data-path", default=None, help="fashion_mnist: directory with the IDX files")
@@ -110,6 +114,13 @@ def run(args) -> int:
         from batchlab.samplers import JointExampleSelector
 
         jest = JointExampleSelector(filter_ratio=args.jest, seed=args.seed)
+    if args.coreset is not None:
+        from batchlab.samplers import CoLMSelector
+
+        if jest is not None:
+            print("batchlab train: error: --jest and --coreset both choose the batch; pass one", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        jest = CoLMSelector(filter_ratio=args.coreset, seed=args.seed)
     teacher = None if args.teacher == "none" else args.teacher
     common = dict(sampler=args.sampler, batch_size=args.batch_size, epochs=args.epochs, loss=args.loss, impl=args.impl,
                   sampler_options=options, jest=jest, device=args.device, seed=args.seed, out=args.out, name=name,
@@ -120,6 +131,10 @@ def run(args) -> int:
         if teacher == "tfidf":
             print("batchlab train: error: --teacher tfidf needs text pairs; fashion_mnist takes model, pixels or none",
                   file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if args.loss in ("sogclr", "isogclr") or args.coreset is not None:
+            print("batchlab train: error: --loss sogclr/isogclr and --coreset are wired into the text dual encoder "
+                  "only; use the codesearch dataset or --data", file=sys.stderr)
             return EXIT_BAD_INPUT
         train = load_fashion_mnist("train", path=args.data_path, limit=args.max_train)
         test = load_fashion_mnist("test", path=args.data_path, limit=args.max_test)
