@@ -26,8 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from batchlab._argtypes import device as device_arg
-from batchlab._argtypes import positive_int
+from batchlab._argtypes import add_common_arguments, positive_int
 from batchlab.bench._common import device_name, format_table, peak_memory_call, plot_series, time_call, write_results
 
 log = logging.getLogger(__name__)
@@ -36,7 +35,6 @@ METHODS = ["info_nce auto", "info_nce tiled", "sogclr reference", "sogclr tiled"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--sizes", default=None, help="comma-separated N (default: 1024,4096 CPU; 4096,65536 CUDA)")
     parser.add_argument("--dim", type=positive_int, default=None, help="embedding width (default 256 CPU, 512 CUDA)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
@@ -47,8 +45,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed calls per row, median (default 5)")
     parser.add_argument("--check", action="store_true",
                         help="first check the tiled path against the float64 reference on this device (fp32 and bf16)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default="benchmarks/results", help="folder for sogclr-<device>.json and .png")
+    add_common_arguments(parser, out="results/bench")  # --device, --seed, --out (sogclr-<device>.json and .png)
 
 
 def _step(method: str, n: int, q: torch.Tensor, k: torch.Tensor):
