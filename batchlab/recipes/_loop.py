@@ -168,10 +168,11 @@ def train_loop(
     if resume is not None:
         model.load_state_dict(resume["model"])
         head.load_state_dict(resume["head"])
-        optimizer.load_state_dict(resume["optimizer"])
         first_epoch, step = int(resume["epoch"]), int(resume["step"])
         horizon["total"], warmup = int(resume["schedule_total"]), int(resume["warmup"])
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(lambda: horizon["total"], warmup))
+        # after the scheduler: building it resets the learning rate, loading the optimizer restores it
+        optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         result.history, result.losses = list(resume["history"]), list(resume.get("losses", []))
         result.metrics = dict(result.history[-1]) if result.history else {}
