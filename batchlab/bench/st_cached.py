@@ -12,6 +12,12 @@ One SentenceTransformer (all-MiniLM-L6-v2 by default, fp32), one global batch of
   ``mini_batch_size`` rows of the score matrix against batchlab's one ``info_nce``;
 * **peak memory** of each, above what was allocated before it (CUDA).
 
+The step runs with torch's default fp32 matmuls. The loss part is also compared over a
+small grid: ``--precisions`` (fp32 = IEEE products; tf32 = ``allow_tf32``, which both
+cuBLAS and batchlab's Triton kernels follow) x ``--st-loss-chunks`` (sentence-transformers
+computes its loss in chunks of ``mini_batch_size`` rows: the step's, and its default 32).
+The first row is the one the target is checked on.
+
 The targets (issue 17): loss part >= 3x faster, step no slower, peak memory no higher.
 The table also reports both losses' values and the relative difference of the parameter
 gradients after one step (a parity check at full size).
@@ -56,6 +62,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mini-batch-size", type=int, default=512, help="encoder chunk (and ST's loss chunk)")
     parser.add_argument("--seq-len", type=int, default=32, help="longest sequence in tokens, [CLS] and [SEP] included")
     parser.add_argument("--impl", default="auto", help="batchlab's info_nce implementation")
+    parser.add_argument("--precisions", nargs="+", default=["fp32", "tf32"], choices=["fp32", "tf32"],
+                        help="matmul precisions of the loss-part comparison (the first one is the target's)")
+    parser.add_argument("--st-loss-chunks", type=int, nargs="+", default=None,
+                        help="sentence-transformers' loss chunks (its mini_batch_size) in the loss-part comparison; "
+                             "default: --mini-batch-size then 32 (its default)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--export", default=None, metavar="DIR",
@@ -117,24 +128,42 @@ def random_features(model, n: int, seq_len: int, generator: torch.Generator, dev
             "token_type_ids": torch.zeros_like(ids).to(device)}
 
 
-def make_losses(model, args) -> dict:
+def st_loss(model, mini_batch_size: int):
     from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss as STCached
 
+    return STCached(model, mini_batch_size=mini_batch_size)
+
+
+def batchlab_loss(model, args):
     from batchlab.integrations.sentence_transformers.cached import CachedMultipleNegativesRankingLoss
 
-    return {"sentence-transformers": STCached(model, mini_batch_size=args.mini_batch_size),
-            "batchlab": CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.mini_batch_size,
-                                                           impl=args.impl)}
+    return CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.mini_batch_size, impl=args.impl)
+
+
+class tf32:
+    """``torch.backends.cuda.matmul.allow_tf32`` set for the block (cuBLAS and batchlab's Triton follow it)."""
+
+    def __init__(self, on: bool) -> None:
+        self.on = on
+
+    def __enter__(self):
+        self.before = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = self.on
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.before
 
 
 def measure(args) -> dict:
+    """The step of both losses (torch's default fp32 matmuls), then the loss part over precision x ST's loss chunk."""
     device = torch.device(args.device)
     torch.manual_seed(args.seed)
     model = load_model(args, device)
     generator = torch.Generator().manual_seed(args.seed)
     columns = [random_features(model, args.batch_size, args.seq_len, generator, device) for _ in range(2)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.0)
-    losses = make_losses(model, args)
+    losses = {"sentence-transformers": st_loss(model, args.mini_batch_size), "batchlab": batchlab_loss(model, args)}
+    timing = dict(device=device, warmup=args.warmup, repeats=args.repeats)
 
     def step(loss_fn):
         optimizer.zero_grad(set_to_none=True)
@@ -143,42 +172,50 @@ def measure(args) -> dict:
         optimizer.step()
         return value
 
+    steps, grads = {}, {}
+    for side, loss_fn in losses.items():
+        torch.manual_seed(args.seed)  # the same dropout masks on both sides: the gradients are comparable
+        value = step(loss_fn).item()
+        grads[side] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).double()
+        steps[side] = {"loss": value, "step_s": time_call(lambda: step(loss_fn), **timing),
+                       "step_peak_bytes": peak_memory_call(lambda: step(loss_fn), device)}
+    optimizer.zero_grad(set_to_none=True)
+
     with torch.no_grad():  # the step's embeddings, for the loss part
         embeddings = [torch.cat([model({k: v[i:i + args.mini_batch_size] for k, v in c.items()})["sentence_embedding"]
                                  for i in range(0, args.batch_size, args.mini_batch_size)]) for c in columns]
 
-    def loss_part(side):
-        if side == "batchlab":
-            reps = [[e.clone().requires_grad_()] for e in embeddings]
-        else:
-            reps = [[chunk.clone().requires_grad_() for chunk in e.split(args.mini_batch_size)] for e in embeddings]
-        return lambda: losses[side].calculate_loss(reps, None, with_backward=True)
+    def loss_part(loss_fn, chunk: int | None):
+        """``calculate_loss`` with backward on the embeddings, laid out as each loss receives them."""
+        parts = (lambda e: [e]) if chunk is None else (lambda e: list(e.split(chunk)))
+        reps = [[p.clone().requires_grad_() for p in parts(e)] for e in embeddings]
+        return lambda: loss_fn.calculate_loss(reps, None, with_backward=True)
 
-    results, grads = {}, {}
-    for side in SIDES:
-        torch.manual_seed(args.seed)  # the same dropout masks on both sides: the gradients are comparable
-        value = step(losses[side]).item()
-        grads[side] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).double()
-        timing = dict(device=device, warmup=args.warmup, repeats=args.repeats)
-        results[side] = {
-            "loss": value,
-            "loss_part_s": time_call(loss_part(side), **timing),
-            "step_s": time_call(lambda: step(losses[side]), **timing),
-            "loss_part_peak_bytes": peak_memory_call(loss_part(side), device),
-            "step_peak_bytes": peak_memory_call(lambda: step(losses[side]), device),
-        }
-    st, ours = results["sentence-transformers"], results["batchlab"]
+    chunks = list(dict.fromkeys(args.st_loss_chunks or [args.mini_batch_size, 32]))
+    parts = []
+    for precision in args.precisions:
+        with tf32(precision == "tf32"):
+            ours = loss_part(losses["batchlab"], None)
+            row = {"precision": precision, "batchlab_s": time_call(ours, **timing),
+                   "batchlab_peak_bytes": peak_memory_call(ours, device)}
+            for chunk in chunks:
+                theirs = loss_part(st_loss(model, chunk), chunk)
+                parts.append({**row, "st_loss_chunk": chunk, "st_s": time_call(theirs, **timing),
+                              "st_peak_bytes": peak_memory_call(theirs, device)})
+    st, ours = steps["sentence-transformers"], steps["batchlab"]
     ratio = lambda a, b: a / b if (a is not None and b) else None  # noqa: E731
+    for row in parts:
+        row["speedup"] = ratio(row["st_s"], row["batchlab_s"])
+    primary = parts[0]  # the first precision, sentence-transformers' loss chunk = the step's mini-batch
     summary = {
-        "loss_part_speedup": ratio(st["loss_part_s"], ours["loss_part_s"]),
+        "loss_part_speedup": primary["speedup"],
         "step_ratio": ratio(ours["step_s"], st["step_s"]),
         "peak_ratio": ratio(ours["step_peak_bytes"], st["step_peak_bytes"]),
-        "loss_part_peak_ratio": ratio(ours["loss_part_peak_bytes"], st["loss_part_peak_bytes"]),
         "loss_rel_diff": abs(ours["loss"] - st["loss"]) / abs(st["loss"]),
         "grad_rel_diff": float((grads["batchlab"] - grads["sentence-transformers"]).abs().max()
                                / grads["sentence-transformers"].abs().max()),
     }
-    return {"results": results, "summary": summary}
+    return {"steps": steps, "loss_parts": parts, "summary": summary}
 
 
 def verdict(summary: dict) -> dict:
@@ -198,14 +235,18 @@ def run(args) -> int:
         return export(args.export)
     measured = measure(args)
     gib = lambda b: None if b is None else b / 2**30  # noqa: E731
-    rows = [{"loss": side, "value": r["loss"], "loss part (s)": r["loss_part_s"], "step (s)": r["step_s"],
-             "loss part peak (GiB)": gib(r["loss_part_peak_bytes"]), "step peak (GiB)": gib(r["step_peak_bytes"])}
-            for side, r in measured["results"].items()]
     s = measured["summary"]
     print(f"Cached MNRL, global batch {args.batch_size:,}, mini-batch {args.mini_batch_size}, seq <= {args.seq_len}, "
           f"{device_name(args.device)}")
-    print(format_table(rows))
-    print(format_table([{"loss part speed-up (ST / batchlab)": s["loss_part_speedup"],
+    print("training step (fp32, torch's default matmul precision):")
+    print(format_table([{"loss": side, "value": r["loss"], "step (s)": r["step_s"],
+                         "step peak (GiB)": gib(r["step_peak_bytes"])} for side, r in measured["steps"].items()]))
+    print("loss part (calculate_loss with backward on the step's embeddings):")
+    print(format_table([{"precision": r["precision"], "ST loss chunk": r["st_loss_chunk"], "ST (s)": r["st_s"],
+                         "batchlab (s)": r["batchlab_s"], "speed-up": r["speedup"],
+                         "ST peak (GiB)": gib(r["st_peak_bytes"]), "batchlab peak (GiB)": gib(r["batchlab_peak_bytes"])}
+                        for r in measured["loss_parts"]]))
+    print(format_table([{"loss part speed-up (first row)": s["loss_part_speedup"],
                          "step time (batchlab / ST)": s["step_ratio"], "step peak (batchlab / ST)": s["peak_ratio"],
                          "loss rel. diff": s["loss_rel_diff"], "grad rel. diff": s["grad_rel_diff"]}]))
     targets = verdict(s)
