@@ -98,9 +98,30 @@ def test_tfidf_neighbours_exact_and_deterministic():
     assert torch.equal(explicit.neighbours(1, between="query_document")[1], qd)
 
 
+def test_tfidf_weights_follow_the_formula():
+    """scikit-learn underneath, batchlab's weighting on top: sublinear tf x smoothed idf, L2 rows."""
+    import math
+    from collections import Counter
+
+    teacher = TfidfTeacher(dim=2).fit(TEXTS_Q + TEXTS_D)
+    words = [analyze(t) for t in TEXTS_Q + TEXTS_D]
+    n, df = len(words), Counter(w for ws in words for w in set(ws))
+    dense = teacher.transform(TEXTS_Q).to_dense()
+    for row, ws in enumerate(words[: len(TEXTS_Q)]):
+        weights = {w: (1 + math.log(c)) * (math.log((1 + n) / (1 + df[w])) + 1) for w, c in Counter(ws).items()}
+        norm = math.sqrt(sum(v * v for v in weights.values()))
+        expected = torch.zeros(len(teacher.vocabulary))
+        for w, v in weights.items():
+            expected[teacher.vocabulary[w]] = v / norm
+        assert torch.allclose(dense[row], expected, atol=1e-6)
+    assert torch.equal(teacher.embed(["zzz unknown"]), torch.zeros(1, 2))  # no known word: a zero row
+
+
 def test_tfidf_bad_input():
     with pytest.raises(BatchlabInputError, match="no texts"):
         TfidfTeacher().fit([])
+    with pytest.raises(BatchlabInputError, match="min_df"):
+        TfidfTeacher(min_df=3).fit(["a b", "c d"])
     with pytest.raises(BatchlabInputError, match="fit"):
         TfidfTeacher().embed(["x"])
     with pytest.raises(BatchlabInputError, match="k must be"):

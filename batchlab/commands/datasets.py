@@ -25,7 +25,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--samples", type=int, default=2, help="how many examples to print (default: 2)")
     parser.add_argument("--packages", nargs="*", default=(), help="codesearch: also harvest these installed packages")
     parser.add_argument("--cache-dir", default=None, help="codesearch cache (default: ~/.cache/batchlab)")
-    parser.add_argument("--path", default=None, help="fashion_mnist: directory with the IDX files")
+    parser.add_argument("--data-path", "--path", dest="path", default=None,
+                        help="fashion_mnist: directory with the IDX files (the same flag as batchlab train's)")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     add_common_arguments(parser, out="results/datasets")
     parser.set_defaults(func=run)

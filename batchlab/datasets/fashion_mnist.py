@@ -27,7 +27,8 @@ from torch.utils.data import Dataset
 from batchlab.errors import BatchlabInputError
 
 DEFAULT_PATH = Path("/usr/share/datasets/fashion-mnist")
-INSTALL_HINT = "install it with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or pass path= a directory holding the IDX files"
+INSTALL_HINT = ("install it with `sudo apt-get install dataset-fashion-mnist` (Debian/Ubuntu), or point to a directory "
+                "holding the IDX files: --data-path DIR on the command line, path=DIR in Python")
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
@@ -83,7 +84,14 @@ def _find(directory: Path, stem: str) -> Path:
 
 
 def read_idx(path: str | os.PathLike) -> np.ndarray:
-    """Read an IDX file (optionally gzipped) into a numpy array of its declared shape."""
+    """Read an IDX file (optionally gzipped) into a numpy array of its declared shape.
+
+    Why not torchvision's reader: ``torchvision.datasets.FashionMNIST`` only accepts
+    ``<root>/FashionMNIST/raw/`` holding the unpacked files its download step writes, and
+    its ``read_sn3_pascalvincent_tensor`` opens files without gzip (torchvision 0.29),
+    while Debian's ``dataset-fashion-mnist`` ships the gzipped IDX files in
+    ``/usr/share/datasets/fashion-mnist``; reading them takes these 12 lines.
+    """
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rb") as f:
         data = f.read()

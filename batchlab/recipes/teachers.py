@@ -2,12 +2,10 @@
 
 Batch samplers (communities, clusters, hard negatives) need teacher embeddings that
 say which examples look alike. :class:`TfidfTeacher` gives them from the text alone:
-TF-IDF over identifier-aware words (``snake_case`` and ``camelCase`` split), reduced to
-``dim`` dense dimensions with a truncated SVD (LSA, ``torch.svd_lowrank`` on the
-sparse matrix) so that faiss and the samplers can use them. It is a small torch
-implementation rather than scikit-learn's ``TfidfVectorizer`` so that batchlab keeps
-no extra dependency for a ~60-line job; the weighting follows scikit-learn's defaults
-(smoothed idf ``log((1 + n) / (1 + df)) + 1``, sublinear tf, L2 rows).
+scikit-learn's ``TfidfVectorizer`` over identifier-aware words (``snake_case`` and
+``camelCase`` split by :func:`analyze`; sublinear tf, smoothed idf, L2 rows), reduced to
+``dim`` dense dimensions with scikit-learn's ``TruncatedSVD`` (LSA) so that faiss and the
+samplers can use them.
 
 The other teacher the recipes support is the model itself: its own embeddings from
 an earlier epoch (``teacher="model"`` in :func:`~batchlab.recipes.train_dual_encoder`).
@@ -15,11 +13,10 @@ an earlier epoch (``teacher="model"`` in :func:`~batchlab.recipes.train_dual_enc
 
 from __future__ import annotations
 
-import math
 import re
-from collections import Counter
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 
 from batchlab.errors import BatchlabInputError
@@ -38,7 +35,7 @@ def analyze(text: str) -> list[str]:
 
 
 class TfidfTeacher:
-    """TF-IDF + LSA text embeddings, fitted on a corpus.
+    """TF-IDF + LSA text embeddings, fitted on a corpus (scikit-learn underneath).
 
     Parameters
     ----------
@@ -64,40 +61,32 @@ class TfidfTeacher:
 
     def fit(self, texts: Sequence[str]) -> "TfidfTeacher":
         """Learn the vocabulary, idf weights and the SVD basis from ``texts``."""
+        from sklearn.decomposition import TruncatedSVD
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
         if len(texts) == 0:
             raise BatchlabInputError("TfidfTeacher.fit: no texts; pass the training texts (a non-empty list of str)")
-        df = Counter(w for text in texts for w in set(analyze(text)))
-        words = sorted(w for w, c in df.items() if c >= self.min_df)
-        if not words:
-            raise BatchlabInputError(f"TfidfTeacher.fit: no word occurs in at least min_df={self.min_df} texts")
-        self.vocabulary = {w: i for i, w in enumerate(words)}
-        n = len(texts)
-        self.idf = torch.tensor([math.log((1 + n) / (1 + df[w])) + 1.0 for w in words])
-        matrix = self.transform(texts)
+        self._vectorizer = TfidfVectorizer(analyzer=analyze, min_df=self.min_df, sublinear_tf=True, dtype=np.float32)
+        try:
+            matrix = self._vectorizer.fit_transform(list(texts))
+        except ValueError:  # scikit-learn: "empty vocabulary" / "no terms remain"
+            raise BatchlabInputError(f"TfidfTeacher.fit: no word occurs in at least min_df={self.min_df} texts") from None
+        self.vocabulary = dict(self._vectorizer.vocabulary_)
+        self.idf = torch.from_numpy(self._vectorizer.idf_.astype(np.float32))
         k = min(self.dim, min(matrix.shape) - 1) if min(matrix.shape) > 1 else 1
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
-            _, _, v = torch.svd_lowrank(matrix, q=k, niter=4)
-        # fix each component's sign so the embeddings do not flip between runs
-        signs = torch.sign(v[v.abs().argmax(dim=0), torch.arange(v.shape[1])])
-        self.components = v * signs  # (V, k)
+        # signs are fixed by scikit-learn (svd_flip), so the embeddings do not flip between runs
+        svd = TruncatedSVD(n_components=k, n_iter=5, random_state=self.seed).fit(matrix)
+        self.components = torch.from_numpy(svd.components_.T.astype(np.float32).copy())  # (V, k)
         return self
 
     def transform(self, texts: Sequence[str]) -> torch.Tensor:
         """Sparse ``(len(texts), V)`` TF-IDF matrix (sublinear tf, L2-normalised rows)."""
         if self.vocabulary is None:
             raise BatchlabInputError("TfidfTeacher: call fit(texts) before transform or embed")
-        rows, cols, vals = [], [], []
-        for r, text in enumerate(texts):
-            counts = Counter(self.vocabulary[w] for w in analyze(text) if w in self.vocabulary)
-            weights = {c: (1.0 + math.log(tf)) * float(self.idf[c]) for c, tf in counts.items()}
-            norm = math.sqrt(sum(w * w for w in weights.values())) or 1.0
-            for c, w in weights.items():
-                rows.append(r)
-                cols.append(c)
-                vals.append(w / norm)
-        index = torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1)
-        return torch.sparse_coo_tensor(index, torch.tensor(vals, dtype=torch.float32), (len(texts), len(self.vocabulary)), check_invariants=False).coalesce()
+        coo = self._vectorizer.transform(list(texts)).tocoo()
+        index = torch.from_numpy(np.stack([coo.row, coo.col]).astype(np.int64)) if coo.nnz else torch.zeros(2, 0, dtype=torch.long)
+        values = torch.from_numpy(coo.data.astype(np.float32))
+        return torch.sparse_coo_tensor(index, values, coo.shape, check_invariants=False).coalesce()
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         """Dense L2-normalised ``(len(texts), dim)`` embeddings (rows with no known word are zero)."""
