@@ -257,12 +257,13 @@ def _check_hyper(gamma, rho) -> tuple[float, float]:
     return float(gamma), float(rho)
 
 
-def _backend(impl: str, n: int, k: int, device: torch.device):
+def _backend(impl: str, n: int, k: int, device: torch.device) -> str:
+    """The implementation ``impl`` names for an (n x k) problem (its module imported)."""
     if impl in ("auto", "tiled"):
-        importlib.import_module("batchlab.losses.tiled.sogclr")  # registers ("sogclr", "tiled")
+        importlib.import_module("batchlab.losses.tiled.sogclr")  # registers the "tiled" implementations
     if impl == "auto":
         impl = "tiled" if n * k > _dispatch.AUTO_TILED_MIN_LOGITS else "reference"
-    return _dispatch.resolve("sogclr", impl, n, k, device)
+    return impl
 
 
 def sogclr(
@@ -368,21 +369,24 @@ def sogclr(
             f"mode={mode!r} with {n_global} pair(s) leaves an anchor with no negative: the global contrastive "
             "loss averages over negatives, so a batch needs at least 2 pairs (or extra keys with mode='one_way')"
         )
-    fn = _backend(impl, n, dirs[0].cands.shape[0], q.device)
-    options = {**_dispatch.accepted_options(fn, impl_options, impl), "check": check}
-    values, new_log_u, tau_grads = [], [], []
-    for i, d in enumerate(dirs):
-        v, lu, tg = fn(d, tau[i], log_u[i], gamma=gamma, rho=rho, **options)
-        values.append(v)
-        new_log_u.append(lu)
-        tau_grads.append(tg)
-    per_row = torch.stack(values).mean(0)
+    chosen = _backend(impl, n, dirs[0].cands.shape[0], q.device)
+    if chosen == "tiled" and mode == "symmetric" and world == 1:
+        # one product per tile serves both directions (the per-direction path would compute it twice)
+        fn = _dispatch.resolve("sogclr_symmetric", "tiled", n, m, q.device)
+        options = {**_dispatch.accepted_options(fn, impl_options, impl), "check": check, "neg_mask": neg_mask}
+        values, new_log_u, tau_grads = fn(q, k, tau, log_u, gamma=gamma, rho=rho, **options)
+    else:
+        fn = _dispatch.resolve("sogclr", chosen, n, m, q.device)
+        options = {**_dispatch.accepted_options(fn, impl_options, impl), "check": check}
+        values, new_log_u, tau_grads = (torch.stack(x) for x in zip(*(
+            fn(d, tau[i], log_u[i], gamma=gamma, rho=rho, **options) for i, d in enumerate(dirs))))
+    per_row = values.mean(0)
     if reduction == "none":
         loss = per_row
     else:
         total = per_row.sum()
         loss = world * total if reduction == "sum" else world * total / max(n_global, 1)
-    return SogCLRResult(loss, torch.stack(new_log_u).detach(), torch.stack(tau_grads).detach())
+    return SogCLRResult(loss, new_log_u.detach(), tau_grads.detach())
 
 
 # ----------------------------------------------------------------------------- the stateful module
