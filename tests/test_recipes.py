@@ -53,6 +53,20 @@ def test_retrieval_metrics_with_labels_and_ties(gen):
     assert retrieval_metrics(same, same, ks=(1,))["recall@1"] == 0.0
 
 
+def test_retrieval_metrics_equal_torchmetrics_without_ties(gen):
+    import torchmetrics  # in the test extras: the peer the metric must agree with
+    q = torch.nn.functional.normalize(torch.randn(40, 6, generator=gen), dim=1)
+    d = torch.nn.functional.normalize(torch.randn(50, 6, generator=gen), dim=1)
+    ql, dl = torch.arange(40) % 7, torch.arange(50) % 7  # several relevant documents per query
+    ours = retrieval_metrics(q, d, query_labels=ql, document_labels=dl, ks=(1, 10))
+    scores, target = (q @ d.T).reshape(-1), (ql[:, None] == dl[None, :]).reshape(-1)
+    indexes = torch.arange(40).repeat_interleave(50)
+    for k in (1, 10):
+        hit = torchmetrics.retrieval.RetrievalHitRate(top_k=k)(scores, target, indexes=indexes)
+        assert ours[f"recall@{k}"] == pytest.approx(float(hit), abs=1e-6)
+    assert ours["mrr"] == pytest.approx(float(torchmetrics.retrieval.RetrievalMRR()(scores, target, indexes=indexes)), abs=1e-6)
+
+
 def test_retrieval_metrics_bad_input():
     x = torch.eye(3)
     with pytest.raises(BatchlabInputError, match="N must equal M"):

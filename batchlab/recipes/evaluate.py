@@ -1,4 +1,13 @@
-"""Retrieval metrics on a held-out split: recall@k and mean reciprocal rank."""
+"""Retrieval metrics on a held-out split: recall@k and mean reciprocal rank.
+
+Why not torchmetrics' ``RetrievalHitRate`` / ``RetrievalMRR`` (the same numbers when no
+two documents tie; ``tests/test_recipes.py`` checks it against them): they take the whole
+``N x M`` score matrix flattened with an index per entry (at 20,000 queries and documents,
+2.4 GB of scores, query ids and targets at once, against ``block x M`` here), and they
+break ties by sort order, where this counts a wrong document tied with the right one
+against the query. sentence-transformers' ``InformationRetrievalEvaluator`` needs a
+SentenceTransformer model, not embeddings.
+"""
 
 from __future__ import annotations
 
