@@ -108,6 +108,14 @@ def forward_stats(direction: Direction, tau, tile: tuple[int, int]):
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
+def close_direction(stats, log_u, tau, gamma: float, rho: float, check: bool):
+    """A direction's ``(value, new log u, s, tau_grad, backward shift log u + log n)`` from its statistics."""
+    lse, mean_x, count = stats
+    log_n = log_negatives(count, check)
+    value, log_u_new, s, tau_grad = finish_rows(lse - log_n, mean_x, log_u.to(lse.dtype), tau, gamma, rho)
+    return value, log_u_new, s, tau_grad, log_u_new + log_n
+
+
 class _SogCLRDirection(torch.autograd.Function):
     """``value, log_u_new, tau_grad = _SogCLRDirection.apply(anchors, cands, positives, tau, log_u, meta)``."""
 
@@ -115,12 +123,9 @@ class _SogCLRDirection(torch.autograd.Function):
     def forward(ctx, anchors, cands, positives, tau, log_u, meta):
         gamma, rho, tile, check, d = meta
         d = d._replace(anchors=anchors, cands=cands, positives=positives)
-        cd = compute_dtype(anchors.dtype)
-        lse, mean_x, count = forward_stats(d, tau, tile)
-        log_n = log_negatives(count, check)
-        value, log_u_new, s, tau_grad = finish_rows(lse - log_n, mean_x, log_u.to(cd), tau, gamma, rho)
+        value, log_u_new, s, tau_grad, shift = close_direction(forward_stats(d, tau, tile), log_u, tau, gamma, rho, check)
         ctx.meta = meta
-        ctx.save_for_backward(anchors, cands, positives, tau, log_u_new + log_n, s, tau_grad)
+        ctx.save_for_backward(anchors, cands, positives, tau, shift, s, tau_grad)
         ctx.mark_non_differentiable(log_u_new, tau_grad)
         return value, log_u_new, tau_grad
 
@@ -225,14 +230,11 @@ class _SymmetricShared(torch.autograd.Function):
                 rows = rows.add(x_row, ex, dim=1)
                 cols[t] = cols[t].add(x_col, ex, dim=0)
             row_parts.append(rows.finish())
-        out = []
-        for parts, d in ((row_parts, 0), ([c.finish() for c in cols], 1)):
-            lse, mean_x, count = (torch.cat(p) for p in zip(*parts))
-            log_n = log_negatives(count, check)
-            out.append((*finish_rows(lse - log_n, mean_x, log_u[d].to(cd), tau[d], gamma, rho), log_n))
-        value, log_u_new, s, tau_grad, log_n = (torch.stack(x) for x in zip(*out))
+        out = [close_direction([torch.cat(p) for p in zip(*parts)], log_u[d], tau[d], gamma, rho, check)
+               for d, parts in enumerate((row_parts, [c.finish() for c in cols]))]
+        value, log_u_new, s, tau_grad, shift = (torch.stack(x) for x in zip(*out))
         ctx.meta = meta
-        ctx.save_for_backward(q, k, tau, pos, log_u_new + log_n, s, tau_grad)
+        ctx.save_for_backward(q, k, tau, pos, shift, s, tau_grad)
         ctx.mark_non_differentiable(log_u_new, tau_grad)
         return value, log_u_new, tau_grad
 
