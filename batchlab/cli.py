@@ -20,6 +20,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 
 from batchlab.commands._common import (
     EXIT_BAD_INPUT,
@@ -82,6 +83,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _warning_printer(command: str, *, verbose: bool):
+    """Warnings as one line naming the command; their source file and line only with ``-v``.
+
+    A library warning's ``stacklevel`` points at its caller, which under the command line
+    is often this module rather than the code that was wrong; the message is what helps.
+    """
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        where = f" [{category.__name__} from {filename}:{lineno}]" if verbose else ""
+        print(f"batchlab {command}: warning: {message}{where}", file=file or sys.stderr)
+
+    return show
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the ``batchlab`` command; returns the exit code (see the module docstring)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # open_clip must never wait on the hub
@@ -99,7 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     from batchlab.errors import BatchlabInputError
 
     try:
-        return int(args.func(args) or EXIT_OK)
+        with warnings.catch_warnings():
+            warnings.showwarning = _warning_printer(args.command, verbose=args.verbose > 0)
+            return int(args.func(args) or EXIT_OK)
     except BatchlabInputError as error:
         print(f"batchlab {args.command}: error: {error}", file=sys.stderr)
         return EXIT_BAD_INPUT

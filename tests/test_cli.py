@@ -235,3 +235,19 @@ def test_benchmarks_write_under_results_by_default():
     for name in (n for n in bench.BENCHMARKS if bench.available(n)):
         parser = bench.build_bench_parser(name, importlib.import_module(f"batchlab.bench.{name}"))
         assert parser.get_default("out").startswith("results"), (name, parser.get_default("out"))
+
+
+def test_warnings_name_the_command_and_numpy_maps_do_not_warn(tmp_path, capsys):
+    import warnings
+
+    import numpy as np
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(0).standard_normal((60, 8)).astype(np.float32))
+    args = ["build-batches", str(tmp_path / "x.npy"), "--out", str(tmp_path / "b"), "--batch-size", "16",
+            "--group-size", "4", "--rank-window", "2", "500", "--no-progress"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")  # pytest may have seen the warnings before: show them again
+        assert cli.main(args) == EXIT_OK
+    err = capsys.readouterr().err
+    assert "batchlab build-batches: warning: rank_window=(2, 500)" in err
+    assert "cli.py" not in err and "not writable" not in err

@@ -72,7 +72,8 @@ def load_embeddings(path: str | Path, flag: str = "embeddings"):
     import torch
 
     x = load_matrix(path, flag, torch_files=True)
-    return torch.from_numpy(np.asarray(x, dtype=np.float32)) if isinstance(x, np.ndarray) else x.float()
+    # np.array copies: the memory-mapped file is read-only, and torch warns on (and must not write to) such arrays
+    return torch.from_numpy(np.array(x, dtype=np.float32)) if isinstance(x, np.ndarray) else x.float()
 
 
 def run(args) -> int:

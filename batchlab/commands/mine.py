@@ -98,8 +98,8 @@ def run(args) -> int:
     positives = _load_positives(args.positives, queries.shape[0])
     q, c = queries, corpus
     if args.device != "cpu":
-        c = torch.from_numpy(np.ascontiguousarray(corpus)).to(args.device)
-        q = c if args.queries is None else torch.from_numpy(np.ascontiguousarray(queries)).to(args.device)
+        c = torch.from_numpy(np.array(corpus)).to(args.device)  # a copy: the memory map is read-only
+        q = c if args.queries is None else torch.from_numpy(np.array(queries)).to(args.device)
     index_kwargs = {"kind": args.index, "metric": args.metric}
     if args.nprobe is not None:
         index_kwargs["nprobe"] = args.nprobe
