@@ -52,7 +52,7 @@ import torch
 
 from batchlab._checks import check_choice, check_embeddings, check_positive_int
 from batchlab.errors import BatchlabInputError
-from batchlab.samplers.jest import JointExampleSelector
+from batchlab.samplers.jest import JointExampleSelector, _all_gather_rows
 
 __all__ = ["CoLMSelector", "CoLMSelection", "last_layer_gradients"]
 
@@ -168,6 +168,8 @@ class CoLMSelector:
         adam_state: torch.Tensor | dict | None = None,
         batch_size: int | None = None,
         step: int | None = None,
+        group=None,
+        return_local: bool = False,
         return_weights: bool = False,
     ):
         """Choose the coreset of a super-batch of N examples.
@@ -196,6 +198,12 @@ class CoLMSelector:
             Override ``round((1 - filter_ratio) * N)``.
         step : int, optional
             Random step; default: the internal counter, which then advances by one.
+        group : ProcessGroup, optional
+            As :meth:`JointExampleSelector.select`: the inputs are this rank's shard (global
+            index = the rank's offset + local index); the features and sources are
+            all-gathered, every rank runs the same selection and rank 0's is broadcast.
+        return_local : bool
+            With ``group``: this rank's contiguous slice of the sorted global indices.
         return_weights : bool
             Return a :class:`CoLMSelection` (indices, weights, small) instead of indices.
 
@@ -206,6 +214,10 @@ class CoLMSelector:
         if reference is not None:
             raise BatchlabInputError("CoLMSelector needs no reference model; pass reference=None")
         feats = self._features(gradients, last_layer, learner)
+        src = self._sources(sources, feats.shape[0], feats.device)
+        if group is not None:
+            feats = _all_gather_rows(feats, group)
+            src = _all_gather_rows(src[:, None].double(), group)[:, 0].long()
         n = feats.shape[0]
         b = self.batch_size(n) if batch_size is None else check_positive_int("batch_size", batch_size)
         if b > n or b < 1:
@@ -214,13 +226,21 @@ class CoLMSelector:
         if self.dims is not None and self.dims < feats.shape[1]:
             keep = feats.abs().mean(0).topk(self.dims).indices
             feats = feats[:, keep]
-        src = self._sources(sources, n, feats.device)
         if step is None:
             step = self.step
             self.step += 1
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, int(step)]).generate_state(1)[0]))
         indices, weights, small = self._choose(feats, src, b, gen)
         weights = weights * (b / n)  # weights sum to N; scaled to average 1 over the coreset
+        if group is not None:
+            # every rank chose from the same data with the same noise; rank 0's choice is broadcast
+            # anyway so that last-bit float differences can never split the ranks
+            order = JointExampleSelector._agree(torch.cat([indices.double(), weights.double(), small.double()]), group)
+            indices, weights, small = order[:b].long(), order[b:2 * b].to(weights.dtype), order[2 * b:].bool()
+            if return_local:
+                mine = JointExampleSelector._local_slice(torch.arange(b, device=indices.device), group)
+                ranked = indices.argsort()[mine]
+                indices, weights, small = indices[ranked], weights[ranked], small[ranked]
         if return_weights:
             return CoLMSelection(indices, weights, small)
         return indices

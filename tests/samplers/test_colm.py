@@ -122,3 +122,29 @@ def test_recipe_trains_with_isogclr_on_colm_coresets(tmp_path):
     head = torch.load(result.checkpoint, weights_only=False)["head"]
     seen = torch.isfinite(head["loss_fn.log_u"]).all(0)
     assert int(seen.sum()) == 16  # 4 steps x 4 chosen pairs, each pair's state written once
+
+
+def _colm_rank(rank, world, grads, sources):
+    half = grads.shape[0] // world
+    rows = slice(rank * half, (rank + 1) * half)
+    import torch.distributed as dist
+
+    sel = CoLMSelector(0.75, seed=3)
+    full = sel.select(gradients=grads[rows], sources=sources[rows], group=dist.group.WORLD, return_weights=True)
+    local = sel.select(gradients=grads[rows], sources=sources[rows], group=dist.group.WORLD, step=0, return_local=True)
+    return tuple(full), local, sel.state_dict()  # a plain tuple: run_on_ranks loads with weights_only
+
+
+def test_two_ranks_choose_what_one_process_chooses():
+    from tests.gloo import run_on_ranks
+
+    gen = torch.Generator().manual_seed(5)
+    grads = torch.randn(48, 6, generator=gen)
+    sources = (torch.arange(48) % 12 == 0).long()  # 4 examples of a small source
+    one = CoLMSelector(0.75, seed=3).select(gradients=grads, sources=sources, return_weights=True)
+    per_rank = run_on_ranks(_colm_rank, grads, sources, world=2)
+    for (indices, weights, small), _, state in per_rank:
+        assert torch.equal(indices, one.indices) and torch.equal(small, one.small)
+        torch.testing.assert_close(weights, one.weights)
+        assert state == {"seed": 3, "step": 1}
+    assert torch.equal(torch.cat([r[1] for r in per_rank]), one.indices.sort().values)
