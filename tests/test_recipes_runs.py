@@ -121,3 +121,13 @@ def test_learning_rate_reaches_zero_on_the_last_real_step():
     # the last step's rate is the cosine at (steps - 1 - warmup) / (steps - warmup) of its way down
     expected = lr * 0.5 * (1 + math.cos(math.pi * (steps - 1 - warmup) / (steps - warmup)))
     assert seen[-1] == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_ready_sampler_is_used_as_given_with_the_default_teacher():
+    from batchlab.recipes import RandomBatchSampler
+
+    train, test = _pairs(48), _pairs(16, offset=48)
+    kw = dict(batch_size=16, epochs=1, progress=False, eval_every=0)
+    given = train_dual_encoder(train, test, sampler=RandomBatchSampler(48, 16, seed=7), **kw)
+    named = train_dual_encoder(train, test, sampler="random", data_seed=7, **kw)
+    assert given.losses == named.losses  # not replaced by a random first epoch of data_seed 0

@@ -169,7 +169,8 @@ def train_clip(
     sample_size = batch_size if jest is None else int(round(batch_size / (1.0 - jest.filter_ratio)))
     schedule = SamplerSchedule(
         sampler, views, batch_size=sample_size, num_examples=len(images), seed=data_seed,
-        model_views=model_views if use_model else None, refresh_every=refresh_every, options=sampler_options,
+        model_views=model_views if use_model and (isinstance(sampler, str) or callable(sampler)) else None,
+        refresh_every=refresh_every, options=sampler_options,
     )
     cache = None
     if embedding_cache is not None:

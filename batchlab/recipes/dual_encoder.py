@@ -347,7 +347,8 @@ def train_dual_encoder(
         batch_size=sample_size,
         num_examples=len(train_q),
         seed=data_seed,
-        model_views=model_views if isinstance(teacher, str) and teacher == "model" else None,
+        # a ready sampler instance is used as given: the model-as-teacher refresh applies to named samplers and factories
+        model_views=model_views if isinstance(teacher, str) and teacher == "model" and not ready else None,
         refresh_every=refresh_every,
         random_epochs=random_epochs,
         options=sampler_options,
