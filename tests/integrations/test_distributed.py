@@ -48,7 +48,32 @@ def _body(rank, world, tiny_dir, guide_dir):
             assert_same(mine, theirs)
         except AssertionError as exc:
             failures.append(f"{name} {n_columns} {options}: {exc}")
+    failures += _ddp_cached(rank, model)
     return failures
+
+
+def _ddp_cached(rank, model):
+    """Cached losses on a DDP-wrapped model (as the trainer hands it to the loss): the synchronised
+    gradients must equal sentence-transformers' (DDP all-reduces once per step in both)."""
+    from sentence_transformers.sentence_transformer import losses as st_losses
+    from torch.nn.parallel import DistributedDataParallel
+
+    import batchlab.integrations.sentence_transformers as ours
+    from tests.integrations.conftest import columns
+    from tests.integrations.helpers import assert_same, value_and_grads
+
+    ddp = DistributedDataParallel(model, find_unused_parameters=True)  # BERT's pooler is unused
+    features = columns(model, 5, 2, shift=3 * rank)
+    results = []
+    for make in (st_losses.CachedMultipleNegativesRankingLoss, ours.CachedMultipleNegativesRankingLoss):
+        loss = make(model, mini_batch_size=2, gather_across_devices=True)
+        loss.model = ddp  # what SentenceTransformerTrainer.override_model_in_loss does
+        results.append(value_and_grads(loss, model, features))
+    try:
+        assert_same(results[1], results[0])
+    except AssertionError as exc:
+        return [f"DDP cached: {exc}"]
+    return []
 
 
 @pytest.mark.distributed
