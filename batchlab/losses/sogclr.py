@@ -147,33 +147,31 @@ def moving_average(log_u: torch.Tensor, log_g: torch.Tensor, gamma: float) -> to
     return torch.where(torch.isneginf(log_u), log_g, mixed)
 
 
-def log_negatives(count: torch.Tensor, check: bool) -> torch.Tensor:
-    """``log n_i``; an anchor whose negatives a mask removed entirely is refused (or, unchecked, kept finite)."""
-    if check and bool((count == 0).any()):
-        raise BatchlabInputError(
-            f"neg_mask leaves {int((count == 0).sum())} anchor(s) with no negative in the batch; the global "
-            "contrastive loss averages over negatives, so each anchor needs one"
-        )
-    return torch.log(count.clamp(min=1))
+def finish_rows(lse, log_n, weighted_x, log_u, tau, gamma: float, rho: float):
+    """From a direction's batch statistics to ``(value, new log u, s, tau_grad, shift)``.
 
-
-def finish_rows(log_g, weighted_x, log_u, tau, gamma: float, rho: float):
-    """From a direction's batch statistics to ``(value, new log u, s, tau_grad)``.
-
-    ``log_g``: (n,) log of the batch estimate; ``weighted_x``: (n,) softmax-weighted mean of
-    ``h / tau`` over the negatives; ``s = g / u`` is ``sum_j P_ij``.
+    ``lse``: (n,) log sum of ``exp(h / tau)`` over each anchor's negatives; ``log_n``: log of
+    their number; ``weighted_x``: softmax-weighted mean of ``h / tau``; ``s = g / u`` is
+    ``sum_j P_ij``; ``shift = log u + log n`` turns ``h / tau`` into ``log P`` in the backward.
+    An anchor whose negatives ``neg_mask`` removed entirely (``lse = -inf``) has no contrastive
+    signal: value 0, no gradient, its ``u`` left as it was.
     """
-    log_u_new = moving_average(log_u, log_g, gamma)
-    s = torch.exp(log_g - log_u_new)
-    tau_grad = log_u_new + rho - s * weighted_x
-    return tau * (log_u_new + rho), log_u_new, s, tau_grad
+    empty = torch.isneginf(lse)
+    log_n = torch.where(empty, 0.0, log_n)
+    log_g = lse - log_n
+    log_u_new = torch.where(empty, log_u, moving_average(log_u, log_g, gamma))
+    shift = torch.where(empty, 0.0, log_u_new + log_n)
+    s = torch.where(empty, 0.0, torch.exp(log_g - log_u_new))
+    tau_grad = torch.where(empty, 0.0, log_u_new + rho - s * weighted_x)
+    value = torch.where(empty, 0.0, tau * (log_u_new + rho))
+    return value, log_u_new, s, tau_grad, shift
 
 
 # ----------------------------------------------------------------------------- the exact reference
 
 
 @_dispatch.register("sogclr", "reference")
-def sogclr_direction_reference(direction: Direction, tau, log_u, *, gamma: float, rho: float, check: bool = True):
+def sogclr_direction_reference(direction: Direction, tau, log_u, *, gamma: float, rho: float):
     """One direction, with the (n, K) logits materialised: the ground truth of the update rules.
 
     Returns ``(value (n,), new log u (n,), tau_grad (n,))``; ``value``'s gradient is the
@@ -186,16 +184,18 @@ def sogclr_direction_reference(direction: Direction, tau, log_u, *, gamma: float
     ex = excluded(direction, torch.arange(n, device=a.device), torch.arange(c.shape[0], device=a.device))
     h = a @ c.T - (a * p).sum(1, keepdim=True)
     x = (h / tau[:, None]).masked_fill(ex, float("-inf"))
-    log_n = log_negatives((~ex).sum(1).to(cd), check)
     with torch.no_grad():
         x0 = x.detach()
-        log_g = torch.logsumexp(x0, 1) - log_n
-        log_u_new = moving_average(log_u.to(cd), log_g, gamma)
-        weights = torch.exp(x0 - (log_u_new + log_n)[:, None])  # P_ij, 0 where excluded
+        lse = torch.logsumexp(x0, 1)
+        log_n = torch.log((~ex).sum(1).to(cd))
+        base, log_u_new, _, _, shift = finish_rows(lse, log_n, torch.zeros_like(lse), log_u.to(cd), tau.detach(),
+                                                   gamma, rho)
+        weights = torch.exp(x0 - shift[:, None])  # P_ij, 0 where excluded
+        # the papers' rule written out: d loss_i / d tau_i = log u_i + rho - sum_j P_ij h_ij / tau_i
         tau_grad = log_u_new + rho - (weights * x0.masked_fill(ex, 0)).sum(1)
+        tau_grad = torch.where(torch.isneginf(lse), 0.0, tau_grad)
     surrogate = (weights * h.masked_fill(ex, 0)).sum(1)
-    tau_d = tau.detach()
-    value = (tau_d * (log_u_new + rho) + (surrogate - surrogate.detach()) + (tau - tau_d) * tau_grad)
+    value = base + (surrogate - surrogate.detach()) + (tau - tau.detach()) * tau_grad
     return value, log_u_new, tau_grad
 
 
@@ -316,7 +316,8 @@ def sogclr(
         :mod:`batchlab.losses.distributed`'s convention (rank r returns ``W`` times its share).
     neg_mask : BoolTensor (N, M) | LongTensor (P, 2) | callable, optional
         Known false negatives (query i, key j) left out of both directions' denominators
-        (as :func:`~batchlab.losses.info_nce`'s); single process, symmetric or one_way.
+        (as :func:`~batchlab.losses.info_nce`'s); single process, symmetric or one_way. An anchor
+        left with no negative carries no signal: value 0, no gradient, its ``u`` kept.
     check_inputs : bool, optional
         Run the checks that read values (unit rows, NaN, temperatures > 0); default on for
         CPU tensors, off on CUDA (see docs/losses.md).
@@ -373,11 +374,11 @@ def sogclr(
     if chosen == "tiled" and mode == "symmetric" and world == 1:
         # one product per tile serves both directions (the per-direction path would compute it twice)
         fn = _dispatch.resolve("sogclr_symmetric", "tiled", n, m, q.device)
-        options = {**_dispatch.accepted_options(fn, impl_options, impl), "check": check, "neg_mask": neg_mask}
+        options = {**_dispatch.accepted_options(fn, impl_options, impl), "neg_mask": neg_mask}
         values, new_log_u, tau_grads = fn(q, k, tau, log_u, gamma=gamma, rho=rho, **options)
     else:
         fn = _dispatch.resolve("sogclr", chosen, n, m, q.device)
-        options = {**_dispatch.accepted_options(fn, impl_options, impl), "check": check}
+        options = _dispatch.accepted_options(fn, impl_options, impl)
         values, new_log_u, tau_grads = (torch.stack(x) for x in zip(*(
             fn(d, tau[i], log_u[i], gamma=gamma, rho=rho, **options) for i, d in enumerate(dirs))))
     per_row = values.mean(0)

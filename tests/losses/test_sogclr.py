@@ -96,8 +96,21 @@ def test_negative_mask_leaves_pairs_out(mode):
                    neg_mask=lambda r, c: mask[r][:, c])
     torch.testing.assert_close(tiled.loss, out.loss, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(tiled.log_u, out.log_u, rtol=1e-12, atol=1e-12)
-    with pytest.raises(BatchlabInputError, match="no negative"):
-        sogclr(q, k, log_u=log_u, tau=tau, mode=mode, neg_mask=torch.ones(n, m, dtype=torch.bool))
+    # a query whose every negative is masked carries no signal: value 0, no gradient, u kept
+    emptied = mask.clone()
+    emptied[:2] = True
+    runs = []
+    for impl in ("reference", "tiled"):
+        out = sogclr(q, k, log_u=log_u, tau=tau, gamma=0.6, rho=0.2, mode=mode, impl=impl, neg_mask=emptied,
+                     reduction="none")
+        assert torch.equal(out.log_u[0, :2], log_u[0, :2]) and torch.all(out.tau_grad[0, :2] == 0)
+        if mode == "one_way":
+            assert torch.all(out.loss[:2] == 0)
+            assert torch.all(torch.autograd.grad(out.loss[:2].sum(), q, retain_graph=True)[0] == 0)
+        runs.append((out, torch.autograd.grad(out.loss.sum(), [q, k, tau])))
+    for a, b in zip([runs[0][0].loss, *runs[0][1]], [runs[1][0].loss, *runs[1][1]]):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(b, a, rtol=1e-12, atol=1e-12)
 
 
 def test_no_memory_is_tau_times_dcl():

@@ -32,7 +32,7 @@ import torch
 
 from batchlab.losses import _dispatch
 from batchlab.losses._common import compute_dtype, neg_mask_tile
-from batchlab.losses.sogclr import Direction, excluded, finish_rows, log_negatives, touches_exclusions
+from batchlab.losses.sogclr import Direction, excluded, finish_rows, touches_exclusions
 from batchlab.losses.tiled.engine import matmul_operand, resolve_tile, spans, tile_mm, uses_low_precision_matmul
 
 
@@ -108,12 +108,10 @@ def forward_stats(direction: Direction, tau, tile: tuple[int, int]):
     return tuple(torch.cat(p) for p in zip(*parts))
 
 
-def close_direction(stats, log_u, tau, gamma: float, rho: float, check: bool):
-    """A direction's ``(value, new log u, s, tau_grad, backward shift log u + log n)`` from its statistics."""
+def close_direction(stats, log_u, tau, gamma: float, rho: float):
+    """A direction's ``(value, new log u, s, tau_grad, backward shift)`` from its tile statistics."""
     lse, mean_x, count = stats
-    log_n = log_negatives(count, check)
-    value, log_u_new, s, tau_grad = finish_rows(lse - log_n, mean_x, log_u.to(lse.dtype), tau, gamma, rho)
-    return value, log_u_new, s, tau_grad, log_u_new + log_n
+    return finish_rows(lse, torch.log(count), mean_x, log_u.to(lse.dtype), tau, gamma, rho)
 
 
 class _SogCLRDirection(torch.autograd.Function):
@@ -121,9 +119,9 @@ class _SogCLRDirection(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, anchors, cands, positives, tau, log_u, meta):
-        gamma, rho, tile, check, d = meta
+        gamma, rho, tile, d = meta
         d = d._replace(anchors=anchors, cands=cands, positives=positives)
-        value, log_u_new, s, tau_grad, shift = close_direction(forward_stats(d, tau, tile), log_u, tau, gamma, rho, check)
+        value, log_u_new, s, tau_grad, shift = close_direction(forward_stats(d, tau, tile), log_u, tau, gamma, rho)
         ctx.meta = meta
         ctx.save_for_backward(anchors, cands, positives, tau, shift, s, tau_grad)
         ctx.mark_non_differentiable(log_u_new, tau_grad)
@@ -132,7 +130,7 @@ class _SogCLRDirection(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_value, _g_log_u, _g_tau_grad):
         anchors, cands, positives, tau, shift, s, tau_grad = ctx.saved_tensors
-        _, _, tile, _, d = ctx.meta
+        _, _, tile, d = ctx.meta
         d = d._replace(anchors=anchors, cands=cands, positives=positives)
         cd = compute_dtype(anchors.dtype)
         n, k = anchors.shape[0], cands.shape[0]
@@ -169,12 +167,11 @@ class _SogCLRDirection(torch.autograd.Function):
 
 
 @_dispatch.register("sogclr", "tiled")
-def sogclr_direction_tiled(direction: Direction, tau, log_u, *, gamma: float, rho: float, check: bool = True,
-                           tile_size=None):
+def sogclr_direction_tiled(direction: Direction, tau, log_u, *, gamma: float, rho: float, tile_size=None):
     """One direction without the (n, K) logits; ``tile_size``: int or (rows, cols)."""
     tile = resolve_tile(tile_size, direction.anchors.device)
     # the tensors go through apply (autograd sees them); the rest rides along in meta
-    meta = (gamma, rho, tile, check, direction._replace(anchors=None, cands=None, positives=None))
+    meta = (gamma, rho, tile, direction._replace(anchors=None, cands=None, positives=None))
     return _SogCLRDirection.apply(direction.anchors, direction.cands, direction.positives, tau, log_u, meta)
 
 
@@ -215,7 +212,7 @@ class _SymmetricShared(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, tau, log_u, meta):
-        gamma, rho, tile, check, neg_mask = meta
+        gamma, rho, tile, neg_mask = meta
         cd = compute_dtype(q.dtype)
         n = q.shape[0]
         pos = (q.to(cd) * k.to(cd)).sum(1)[None] / tau  # (2, n): the positive's logit per direction
@@ -230,7 +227,7 @@ class _SymmetricShared(torch.autograd.Function):
                 rows = rows.add(x_row, ex, dim=1)
                 cols[t] = cols[t].add(x_col, ex, dim=0)
             row_parts.append(rows.finish())
-        out = [close_direction([torch.cat(p) for p in zip(*parts)], log_u[d], tau[d], gamma, rho, check)
+        out = [close_direction([torch.cat(p) for p in zip(*parts)], log_u[d], tau[d], gamma, rho)
                for d, parts in enumerate((row_parts, [c.finish() for c in cols]))]
         value, log_u_new, s, tau_grad, shift = (torch.stack(x) for x in zip(*out))
         ctx.meta = meta
@@ -241,7 +238,7 @@ class _SymmetricShared(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_value, _g_log_u, _g_tau_grad):
         q, k, tau, pos, shift, s, tau_grad = ctx.saved_tensors
-        _, _, tile, _, neg_mask = ctx.meta
+        _, _, tile, neg_mask = ctx.meta
         cd = compute_dtype(q.dtype)
         n = q.shape[0]
         g = g_value.to(cd)
@@ -267,8 +264,7 @@ class _SymmetricShared(torch.autograd.Function):
 
 
 @_dispatch.register("sogclr_symmetric", "tiled")
-def sogclr_symmetric_tiled(q, k, tau, log_u, *, gamma: float, rho: float, check: bool = True, neg_mask=None,
-                           tile_size=None):
+def sogclr_symmetric_tiled(q, k, tau, log_u, *, gamma: float, rho: float, neg_mask=None, tile_size=None):
     """Both directions of the symmetric loss in one process: ``(value, log_u, tau_grad)``, each (2, n)."""
     tile = resolve_tile(tile_size, q.device)
-    return _SymmetricShared.apply(q, k, tau, log_u, (gamma, rho, tile, check, neg_mask))
+    return _SymmetricShared.apply(q, k, tau, log_u, (gamma, rho, tile, neg_mask))
