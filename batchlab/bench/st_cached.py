@@ -67,6 +67,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--st-loss-chunks", type=int, nargs="+", default=None,
                         help="sentence-transformers' loss chunks (its mini_batch_size) in the loss-part comparison; "
                              "default: --mini-batch-size then 32 (its default)")
+    parser.add_argument("--loss-impls", nargs="*", default=["tiled"],
+                        help="more batchlab impls to time in the loss-part comparison (besides --impl)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--export", default=None, metavar="DIR",
@@ -134,10 +136,10 @@ def st_loss(model, mini_batch_size: int):
     return STCached(model, mini_batch_size=mini_batch_size)
 
 
-def batchlab_loss(model, args):
+def batchlab_loss(model, args, impl: str | None = None):
     from batchlab.integrations.sentence_transformers.cached import CachedMultipleNegativesRankingLoss
 
-    return CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.mini_batch_size, impl=args.impl)
+    return CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.mini_batch_size, impl=impl or args.impl)
 
 
 class tf32:
@@ -192,21 +194,25 @@ def measure(args) -> dict:
         return lambda: loss_fn.calculate_loss(reps, None, with_backward=True)
 
     chunks = list(dict.fromkeys(args.st_loss_chunks or [args.mini_batch_size, 32]))
+    impls = list(dict.fromkeys([args.impl, *(args.loss_impls or [])]))
     parts = []
     for precision in args.precisions:
         with tf32(precision == "tf32"):
-            ours = loss_part(losses["batchlab"], None)
-            row = {"precision": precision, "batchlab_s": time_call(ours, **timing),
-                   "batchlab_peak_bytes": peak_memory_call(ours, device)}
+            st_rows = []
             for chunk in chunks:
                 theirs = loss_part(st_loss(model, chunk), chunk)
-                parts.append({**row, "st_loss_chunk": chunk, "st_s": time_call(theirs, **timing),
-                              "st_peak_bytes": peak_memory_call(theirs, device)})
+                st_rows.append({"st_loss_chunk": chunk, "st_s": time_call(theirs, **timing),
+                                "st_peak_bytes": peak_memory_call(theirs, device)})
+            for impl in impls:
+                ours = loss_part(batchlab_loss(model, args, impl), None)
+                mine = {"batchlab_impl": impl, "batchlab_s": time_call(ours, **timing),
+                        "batchlab_peak_bytes": peak_memory_call(ours, device)}
+                parts += [{"precision": precision, **st_row, **mine} for st_row in st_rows]
     st, ours = steps["sentence-transformers"], steps["batchlab"]
     ratio = lambda a, b: a / b if (a is not None and b) else None  # noqa: E731
     for row in parts:
         row["speedup"] = ratio(row["st_s"], row["batchlab_s"])
-    primary = parts[0]  # the first precision, sentence-transformers' loss chunk = the step's mini-batch
+    primary = parts[0]  # first precision, ST's loss chunk = the step's mini-batch, batchlab's --impl
     summary = {
         "loss_part_speedup": primary["speedup"],
         "step_ratio": ratio(ours["step_s"], st["step_s"]),
@@ -243,7 +249,7 @@ def run(args) -> int:
                          "step peak (GiB)": gib(r["step_peak_bytes"])} for side, r in measured["steps"].items()]))
     print("loss part (calculate_loss with backward on the step's embeddings):")
     print(format_table([{"precision": r["precision"], "ST loss chunk": r["st_loss_chunk"], "ST (s)": r["st_s"],
-                         "batchlab (s)": r["batchlab_s"], "speed-up": r["speedup"],
+                         "batchlab impl": r["batchlab_impl"], "batchlab (s)": r["batchlab_s"], "speed-up": r["speedup"],
                          "ST peak (GiB)": gib(r["st_peak_bytes"]), "batchlab peak (GiB)": gib(r["batchlab_peak_bytes"])}
                         for r in measured["loss_parts"]]))
     print(format_table([{"loss part speed-up (first row)": s["loss_part_speedup"],

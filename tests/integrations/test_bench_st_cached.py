@@ -11,8 +11,8 @@ def test_st_cached_bench_tiny(tmp_path, capsys):
     assert code == 0
     out = json.loads((tmp_path / "st-cached-cpu.json").read_text())
     assert set(out["steps"]) == {"sentence-transformers", "batchlab"}
-    assert [(r["precision"], r["st_loss_chunk"]) for r in out["loss_parts"]] == [
-        ("fp32", 8), ("fp32", 32), ("tf32", 8), ("tf32", 32)]
+    assert [(r["precision"], r["st_loss_chunk"], r["batchlab_impl"]) for r in out["loss_parts"]] == [
+        (p, c, i) for p in ("fp32", "tf32") for i in ("auto", "tiled") for c in (8, 32)]
     summary = out["summary"]
     assert summary["loss_rel_diff"] <= 1e-5 and summary["grad_rel_diff"] <= 1e-5  # same loss, same gradients
     assert summary["loss_part_speedup"] > 0 and summary["step_ratio"] > 0
