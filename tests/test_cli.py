@@ -233,7 +233,7 @@ def test_benchmarks_write_under_results_by_default():
     import importlib
 
     for name in (n for n in bench.BENCHMARKS if bench.available(n)):
-        parser = bench.build_bench_parser(name, importlib.import_module(f"batchlab.bench.{name}"))
+        parser = bench.build_bench_parser(name, importlib.import_module(bench.module_of(name)))
         assert parser.get_default("out").startswith("results"), (name, parser.get_default("out"))
 
 
