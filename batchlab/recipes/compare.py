@@ -28,8 +28,15 @@ text is never scored as a miss.
 The registry :data:`ARMS` holds the demo's arms; :func:`register_arm` adds yours, and
 any :class:`Arm` object can be passed to :func:`compare` directly. ``train_fn`` swaps the
 training recipe (default :func:`~batchlab.recipes.train_dual_encoder`): any function that
-takes ``(train, test, **keywords)`` with the keywords of :meth:`Arm.train_kwargs` and the
-shared settings, and returns a :class:`~batchlab.recipes.TrainResult`.
+takes ``(train, test, **keywords)`` and returns an object with ``metrics`` (dict),
+``history``, ``seconds`` and ``sampler_seconds`` (a :class:`~batchlab.recipes.TrainResult`).
+It always receives ``seed``, ``name``, ``progress`` (False or a callback of progress
+events), the keywords of :meth:`Arm.train_kwargs` (``sampler``, ``batch_size``,
+``teacher``, ``sampler_options``, and the arm's ``random_epochs`` / ``init`` /
+``guide_margin`` / ``extra`` when set), ``data_seed`` when it differs from ``seed``, and
+the shared settings given to :func:`compare` (``epochs``, ``lr``, ``device``, ...). With
+``jobs > 1`` it must be importable by name (a module-level function), and a script needs
+the ``if __name__ == "__main__":`` guard, as with any ``multiprocessing`` code.
 """
 
 from __future__ import annotations
