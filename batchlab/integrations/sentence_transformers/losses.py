@@ -44,7 +44,7 @@ from torch import Tensor
 
 from batchlab._checks import check_choice
 from batchlab.errors import BatchlabInputError
-from batchlab.integrations.sentence_transformers._scores import Gathered, JointRows, cosine_rows
+from batchlab.integrations.sentence_transformers._scores import Gathered, JointRows, cosine_rows, world_and_rank
 from batchlab.losses import info_nce
 
 IMPLS = ("auto", "reference", "tiled", "triton")
@@ -137,8 +137,7 @@ class MultipleNegativesRankingLoss(_STMultipleNegativesRankingLoss):
 
     def _pairs(self, q: Tensor, d: Tensor, *, symmetric: bool) -> Tensor:
         """(anchor, positive) pairs: one ``info_nce`` call, distributed by batchlab's strategies."""
-        distributed = self.distributed if Gathered(0, q.device, enabled=self.gather_across_devices).active \
-            else "none"
+        distributed = self.distributed if self.gather_across_devices and world_and_rank()[0] > 1 else "none"
         return info_nce(q, d, self.scale, symmetric=symmetric, impl=self.impl, distributed=distributed)
 
     def _joint(self, q, d_pos, q_all, keys, targets, world_batch) -> JointRows:
