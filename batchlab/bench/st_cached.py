@@ -156,6 +156,16 @@ class tf32:
         torch.backends.cuda.matmul.allow_tf32 = self.before
 
 
+def guarded(prefix: str, fn, device, timing: dict) -> dict:
+    """``{prefix}_s`` (median time) and ``{prefix}_peak_bytes`` of ``fn``, or ``{prefix}_error`` if it fails."""
+    try:
+        return {f"{prefix}_s": time_call(fn, **timing), f"{prefix}_peak_bytes": peak_memory_call(fn, device)}
+    except (RuntimeError, ValueError) as error:  # out of memory, no kernel here: recorded, the run goes on
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+        return {f"{prefix}_error": f"{type(error).__name__}: {error}"[:300]}
+
+
 def measure(args) -> dict:
     """The step of both losses (torch's default fp32 matmuls), then the loss part over precision x ST's loss chunk."""
     device = torch.device(args.device)
@@ -177,10 +187,15 @@ def measure(args) -> dict:
     steps, grads = {}, {}
     for side, loss_fn in losses.items():
         torch.manual_seed(args.seed)  # the same dropout masks on both sides: the gradients are comparable
-        value = step(loss_fn).item()
-        grads[side] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).double()
-        steps[side] = {"loss": value, "step_s": time_call(lambda: step(loss_fn), **timing),
-                       "step_peak_bytes": peak_memory_call(lambda: step(loss_fn), device)}
+        try:
+            value = step(loss_fn).item()
+        except (RuntimeError, ValueError) as error:  # out of memory, say: recorded, the other side still runs
+            steps[side] = {"error": f"{type(error).__name__}: {error}"[:300]}
+            print(f"step, {side}: {steps[side]['error']}", flush=True)
+            continue
+        grads[side] = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]).double().cpu()
+        steps[side] = {"loss": value, **guarded("step", lambda: step(loss_fn), device, timing)}
+        print(f"step, {side}: {steps[side]}", flush=True)
     optimizer.zero_grad(set_to_none=True)
 
     with torch.no_grad():  # the step's embeddings, for the loss part
@@ -198,28 +213,26 @@ def measure(args) -> dict:
     parts = []
     for precision in args.precisions:
         with tf32(precision == "tf32"):
-            st_rows = []
-            for chunk in chunks:
-                theirs = loss_part(st_loss(model, chunk), chunk)
-                st_rows.append({"st_loss_chunk": chunk, "st_s": time_call(theirs, **timing),
-                                "st_peak_bytes": peak_memory_call(theirs, device)})
+            st_rows = [{"st_loss_chunk": chunk, **guarded("st", loss_part(st_loss(model, chunk), chunk), device, timing)}
+                       for chunk in chunks]
             for impl in impls:
-                ours = loss_part(batchlab_loss(model, args, impl), None)
-                mine = {"batchlab_impl": impl, "batchlab_s": time_call(ours, **timing),
-                        "batchlab_peak_bytes": peak_memory_call(ours, device)}
+                mine = {"batchlab_impl": impl,
+                        **guarded("batchlab", loss_part(batchlab_loss(model, args, impl), None), device, timing)}
                 parts += [{"precision": precision, **st_row, **mine} for st_row in st_rows]
+                print(f"loss part, {precision}: {parts[-len(st_rows):]}", flush=True)
     st, ours = steps["sentence-transformers"], steps["batchlab"]
     ratio = lambda a, b: a / b if (a is not None and b) else None  # noqa: E731
     for row in parts:
-        row["speedup"] = ratio(row["st_s"], row["batchlab_s"])
+        row["speedup"] = ratio(row.get("st_s"), row.get("batchlab_s"))
     primary = parts[0]  # first precision, ST's loss chunk = the step's mini-batch, batchlab's --impl
+    both = len(grads) == 2
     summary = {
         "loss_part_speedup": primary["speedup"],
-        "step_ratio": ratio(ours["step_s"], st["step_s"]),
-        "peak_ratio": ratio(ours["step_peak_bytes"], st["step_peak_bytes"]),
-        "loss_rel_diff": abs(ours["loss"] - st["loss"]) / abs(st["loss"]),
+        "step_ratio": ratio(ours.get("step_s"), st.get("step_s")),
+        "peak_ratio": ratio(ours.get("step_peak_bytes"), st.get("step_peak_bytes")),
+        "loss_rel_diff": abs(ours["loss"] - st["loss"]) / abs(st["loss"]) if both else None,
         "grad_rel_diff": float((grads["batchlab"] - grads["sentence-transformers"]).abs().max()
-                               / grads["sentence-transformers"].abs().max()),
+                               / grads["sentence-transformers"].abs().max()) if both else None,
     }
     return {"steps": steps, "loss_parts": parts, "summary": summary}
 
@@ -245,13 +258,15 @@ def run(args) -> int:
     print(f"Cached MNRL, global batch {args.batch_size:,}, mini-batch {args.mini_batch_size}, seq <= {args.seq_len}, "
           f"{device_name(args.device)}")
     print("training step (fp32, torch's default matmul precision):")
-    print(format_table([{"loss": side, "value": r["loss"], "step (s)": r["step_s"],
-                         "step peak (GiB)": gib(r["step_peak_bytes"])} for side, r in measured["steps"].items()]))
+    print(format_table([{"loss": side, "value": r.get("loss"), "step (s)": r.get("step_s"),
+                         "step peak (GiB)": gib(r.get("step_peak_bytes")), "error": r.get("error", r.get("step_error"))}
+                        for side, r in measured["steps"].items()]))
     print("loss part (calculate_loss with backward on the step's embeddings):")
-    print(format_table([{"precision": r["precision"], "ST loss chunk": r["st_loss_chunk"], "ST (s)": r["st_s"],
-                         "batchlab impl": r["batchlab_impl"], "batchlab (s)": r["batchlab_s"], "speed-up": r["speedup"],
-                         "ST peak (GiB)": gib(r["st_peak_bytes"]), "batchlab peak (GiB)": gib(r["batchlab_peak_bytes"])}
-                        for r in measured["loss_parts"]]))
+    print(format_table([{"precision": r["precision"], "ST loss chunk": r["st_loss_chunk"], "ST (s)": r.get("st_s"),
+                         "batchlab impl": r["batchlab_impl"], "batchlab (s)": r.get("batchlab_s"),
+                         "speed-up": r["speedup"], "ST peak (GiB)": gib(r.get("st_peak_bytes")),
+                         "batchlab peak (GiB)": gib(r.get("batchlab_peak_bytes")),
+                         "error": r.get("st_error") or r.get("batchlab_error")} for r in measured["loss_parts"]]))
     print(format_table([{"loss part speed-up (first row)": s["loss_part_speedup"],
                          "step time (batchlab / ST)": s["step_ratio"], "step peak (batchlab / ST)": s["peak_ratio"],
                          "loss rel. diff": s["loss_rel_diff"], "grad rel. diff": s["grad_rel_diff"]}]))
