@@ -235,12 +235,14 @@ def plot(path: Path, dataset: str, summary: dict[str, Any], baseline: str, title
     left.set_xlabel(f"held-out {METRIC} (mean, sd over seeds)")
     key = f"{METRIC}_vs_{baseline}"
     diffs = [summary[a][key]["difference"] if key in summary[a] else 0.0 for a in arms]
-    errs = [2 * (summary[a][key]["standard_error"] or 0) if key in summary[a] else 0.0 for a in arms]
-    right.barh(y, diffs, xerr=errs, color=["tab:green" if d > e else "tab:red" if d < -e else "tab:gray"
-                                            for d, e in zip(diffs, errs)])
+    errs = [2 * summary[a][key]["standard_error"] if key in summary[a] and summary[a][key]["standard_error"] else None
+            for a in arms]  # None: one seed, no error bar and no colour (nothing is beyond noise)
+    right.barh(y, diffs, xerr=[e or 0.0 for e in errs],
+               color=["tab:gray" if e is None else "tab:green" if d > e else "tab:red" if d < -e else "tab:gray"
+                      for d, e in zip(diffs, errs)])
     right.axvline(0, color="black", lw=0.8)
     right.axvline(0.02, color="black", lw=0.8, ls="--")
-    right.set_xlabel(f"{METRIC} minus {baseline}, paired by seed (2 SE)")
+    right.set_xlabel(f"{METRIC} - {baseline}, paired by seed (2 SE; coloured beyond)")
     fig.suptitle(f"{dataset}: {title}", fontsize=10)
     return save_figure(fig, path)
 
