@@ -29,7 +29,7 @@ def test_arm_names():
 
 
 def test_initial_weights_are_shared_by_the_arms_of_a_seed():
-    models = Models("tiny", "cpu", ["find the alpha"])
+    models = Models("tiny", "cpu")
     a, b, c = (dict(m.state_dict()) for m in (models.initial(0), models.initial(0), models.initial(1)))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert not all(torch.equal(a[k], c[k]) for k in a)

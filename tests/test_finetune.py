@@ -1,7 +1,7 @@
 """The pretrained-encoder recipe (batchlab.recipes.finetune) and `batchlab train --model`.
 
-A one-layer BERT SentenceTransformer built locally (no download, no dropout) stands in for
-MiniLM everywhere but one smoke test. Tolerances: values computed by the same float32
+A one-layer BERT SentenceTransformer built locally (integrations' save_tiny_model: no download, no
+dropout) stands in for MiniLM everywhere but one smoke test. Tolerances: values computed by the same float32
 operations in the same order are compared exactly; different operation orders (cached
 vs one-pass encoding, batchlab's InfoNCE vs sentence-transformers' cross-entropy) within
 1e-5 relative.
@@ -17,7 +17,8 @@ import torch
 pytest.importorskip("sentence_transformers")
 
 from batchlab.errors import BatchlabInputError, StaleArtifactError  # noqa: E402
-from batchlab.recipes.finetune import METRICS, TokenTable, finetune, ir_metrics, tiny_sentence_transformer  # noqa: E402
+from batchlab.integrations.sentence_transformers.testing import save_tiny_model  # noqa: E402
+from batchlab.recipes.finetune import METRICS, TokenTable, finetune, ir_metrics  # noqa: E402
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho sigma tau".split()
 
@@ -37,9 +38,7 @@ TRAIN, TEST = PAIRS[:32], PAIRS[32:]
 
 @pytest.fixture(scope="module")
 def tiny_path(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny")
-    tiny_sentence_transformer(path, texts=[t for pair in PAIRS for t in pair])
-    return path / "model"
+    return save_tiny_model(tmp_path_factory.mktemp("tiny"), hidden_size=32)
 
 
 def weights(model) -> dict[str, torch.Tensor]:

@@ -150,16 +150,19 @@ def load_data(name: str, args) -> dict[str, Any]:
 class Models:
     """The initial model of a seed: the pretrained one (loaded once) or a tiny one built per seed."""
 
-    def __init__(self, spec: str, device: str, texts: list[str]) -> None:
-        self.spec, self.device, self.texts = spec, device, texts
+    def __init__(self, spec: str, device: str) -> None:
+        self.spec, self.device = spec, device
         self._base = None
         self._tmp = tempfile.TemporaryDirectory(prefix="batchlab-quality-") if spec == "tiny" else None
 
     def initial(self, seed: int):
-        from batchlab.recipes.finetune import load_model, tiny_sentence_transformer
+        from batchlab.recipes.finetune import load_model
 
         if self.spec == "tiny":
-            return tiny_sentence_transformer(Path(self._tmp.name) / f"seed{seed}", texts=self.texts, seed=seed).to(self.device)
+            from batchlab.integrations.sentence_transformers.testing import save_tiny_model
+
+            return load_model(save_tiny_model(Path(self._tmp.name) / f"seed{seed}", hidden_size=32, seed=seed),
+                              device=self.device)
         if self._base is None:
             self._base = load_model(self.spec, device=self.device)
         return copy.deepcopy(self._base)
@@ -304,8 +307,7 @@ def run(args) -> int:
         "datasets": {n: {"train_pairs": len(d["train"]), "test_pairs": len(d["test"]), **d["source"]} for n, d in data.items()},
         "runs": [], "summary": {}, "claims": {}, "seeds_done": 0,
     }
-    texts = [t for d in data.values() for pair in d["train"] for t in pair]
-    models = Models(args.model, args.device, texts)
+    models = Models(args.model, args.device)
     if str(args.device).startswith("cuda"):  # compile kernels and warm the allocator outside the timed runs
         first = next(iter(data.values()))
         for extra in ({}, {"cache_chunk": CACHE_CHUNK, "batch_size": 2 * CACHE_CHUNK}):

@@ -96,49 +96,6 @@ def load_model(model: Any, *, device: str | torch.device = "cpu"):
     return SentenceTransformer(str(path), device=str(device), local_files_only=True).float()
 
 
-def tiny_sentence_transformer(path: str | os.PathLike, *, texts: Sequence[str] = (), hidden: int = 32,
-                              layers: int = 1, max_seq_length: int = 32, seed: int = 0):
-    """A randomly initialised one-layer BERT SentenceTransformer (no dropout) built locally (tests, CI; no download).
-
-    The WordPiece vocabulary holds the special tokens, single characters (as word starts and
-    ``##`` pieces) and the 500 most frequent words of ``texts``. The folder ``path`` then
-    holds a model loadable with ``SentenceTransformer(path)``.
-
-    >>> m = tiny_sentence_transformer("/tmp/tiny-st", texts=["return the sum"])  # doctest: +SKIP
-    >>> m.encode(["sum"]).shape  # doctest: +SKIP
-    (1, 32)
-    """
-    from collections import Counter
-
-    from sentence_transformers import SentenceTransformer, models
-    from transformers import BertConfig, BertModel, BertTokenizer
-
-    path = Path(path)
-    raw = path / "transformer"
-    raw.mkdir(parents=True, exist_ok=True)
-    chars = list("abcdefghijklmnopqrstuvwxyz0123456789_.,:;()[]{}=+-*/'\"#<>!?@%&|")
-    words = Counter(w for t in texts for w in t.lower().split() if w.isalpha() and len(w) > 1)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *("##" + c for c in chars),
-             *sorted(w for w, _ in words.most_common(500))]
-    vocab = list(dict.fromkeys(vocab))
-    (raw / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    try:  # transformers >= 5 takes the vocabulary itself
-        tokenizer = BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}, do_lower_case=True)
-    except TypeError:  # transformers 4: a vocabulary file
-        tokenizer = BertTokenizer(vocab_file=str(raw / "vocab.txt"), do_lower_case=True)
-    tokenizer.save_pretrained(str(raw))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        config = BertConfig(vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers,
-                            num_attention_heads=2, intermediate_size=2 * hidden, max_position_embeddings=max_seq_length + 2,
-                            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)  # deterministic: exact tests
-        BertModel(config).save_pretrained(str(raw))
-    transformer = models.Transformer(str(raw), max_seq_length=max_seq_length)
-    model = SentenceTransformer(modules=[transformer, models.Pooling(hidden, "mean"), models.Normalize()], device="cpu")
-    model.save(str(path / "model"))
-    return load_model(path / "model")
-
-
 # -- evaluation --------------------------------------------------------------------
 def ir_metrics(model, queries: Sequence[str], documents: Sequence[str], *, batch_size: int = 128) -> dict[str, float]:
     """nDCG@10, MRR@10, recall@1 and recall@10 from sentence-transformers' ``InformationRetrievalEvaluator``.
