@@ -14,7 +14,7 @@ from batchlab.errors import BatchlabInputError  # noqa: E402
 from tests.test_finetune import make_pairs  # noqa: E402
 
 ARMS = ["zero-shot", "random-8", "random-16", "random-16-same-examples", "random-16-cached", "st-mined-8", "community-8-self",
-        "gist-8", "sogclr-8"]
+        "gist-8", "sogclr-8", "scratch-4", "jest-scratch-4"]
 
 
 def test_arm_names():
@@ -55,6 +55,9 @@ def test_bench_quality_cpu(tmp_path, capsys):
     claims = {c["better"]: c for c in result["claims"]["toy"]}
     assert claims["community-8-self"]["verdict"] is not None  # 3 seeds: a verdict
     assert "st-mined-8" in {c["worse"] for c in result["claims"]["toy"]}
+    jest = next(c for c in result["claims"]["toy"] if c["better"] == "jest-scratch-4")
+    assert sorted(jest["share_of_steps"]) == ["0", "1", "2"] and isinstance(jest["target_half_steps"], bool)
+    assert all(len(r["history"]) == 2 for r in result["runs"] if "scratch" in r["arm"])  # every steps / 8 = 1 step
     assert (tmp_path / "out" / "quality-toy.png").stat().st_size > 0
     assert "wrote" in capsys.readouterr().out
     assert main(["bench", "quality", "--model", "tiny", "--data", str(tmp_path / "data"), "--datasets", "toy",

@@ -184,3 +184,18 @@ def test_sogclr_loss_keeps_its_state_across_a_resume(tiny_path, tmp_path):
     a, b = weights(full.model), weights(resumed.model)
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert full.losses != finetune(tiny_path, TRAIN, None, batch_size=16, steps=4, lr=1e-3).losses  # not MNRL
+
+
+def test_jest_keeps_batch_size_of_each_super_batch_and_resumes(tiny_path, tmp_path):
+    """JEST with another model as reference (a second tiny model stands in for MiniLM)."""
+    reference = save_tiny_model(tmp_path / "reference", hidden_size=16, seed=5)
+    kw = dict(batch_size=4, steps=6, lr=1e-3, jest=0.5, reference=reference)  # super-batches of 8: 4 per epoch
+    full = finetune(tiny_path, TRAIN, None, out=tmp_path / "full", **kw)
+    assert full.examples == 24 and full.steps == 6
+    resumed = finetune(tiny_path, TRAIN, None, resume=tmp_path / "full" / "checkpoints" / "step-4", **kw)
+    a, b = weights(full.model), weights(resumed.model)
+    assert resumed.steps == 6 and all(torch.equal(a[k], b[k]) for k in a)
+    plain = weights(finetune(tiny_path, TRAIN, None, batch_size=4, steps=6, lr=1e-3).model)
+    assert not all(torch.equal(a[k], plain[k]) for k in a)  # JEST chose other batches than the plain sampler
+    with pytest.raises(BatchlabInputError, match="super-batch"):
+        finetune(tiny_path, TRAIN, None, batch_size=16, steps=1, jest=0.8)

@@ -24,7 +24,12 @@ Arms are named ``<kind>-<batch>[-self][-cached][-same-examples]``:
 * ``gist-B``: random batches with GISTEmbed's guided false-negative mask (pretrained guide;
   ``-self``: the model being trained, refreshed every epoch);
 * ``community-mined-B``: B3 batches plus the mined negative;
-* ``sogclr-B``: random batches, one-way SogCLR (per-query moving-average denominators) instead of MNRL.
+* ``sogclr-B``: random batches, one-way SogCLR (per-query moving-average denominators) instead of MNRL;
+* ``scratch-B`` / ``jest-scratch-B``: a small learner from scratch (two-layer BERT, hidden 64, seeded
+  per seed, ``--scratch-lr``) on random batches / on JEST batches (filter ratio 0.8: ``B`` of ``5 B``)
+  with ``--model`` as the frozen reference (embedded once per dataset), evaluated every ``steps / 8``
+  steps; the check reports at which share of the steps JEST first reaches the uniform learner's
+  final nDCG@10, seed by seed (issue 22's target: at most half).
 
 Example: ``batchlab bench quality --model minilm --datasets codesearch wordnet --seeds 5``.
 """
@@ -52,7 +57,8 @@ DEFAULT_ARMS = ("zero-shot", "random-64", "random-256", "random-256-same-example
 KINDS = {"random": {}, "st-mined": {"mined_negatives": 1}, "community": {"sampler": "community"},
          "community-mined": {"sampler": "community", "mined_negatives": 1}, "hard-negative": {"sampler": "hard_negative"},
          "cluster": {"sampler": "cluster"}, "tas": {"sampler": "tas"}, "gist": {"guide": "pretrained"},
-         "sogclr": {"loss": "sogclr"}}
+         "sogclr": {"loss": "sogclr"}, "scratch": {"learner": "scratch"},
+         "jest-scratch": {"learner": "scratch", "jest": 0.8}}
 _ARM = re.compile(r"^(?P<kind>[a-z-]+?)-(?P<batch>\d+)(?P<self>-self)?(?P<cached>-cached)?(?P<same>-same-examples)?$")
 METRIC = "ndcg@10"
 CACHE_CHUNK = 256
@@ -109,6 +115,7 @@ def add_arguments(parser) -> None:
                         help="batch-order seed = seed + this (kept apart from the init/dropout seed; default 1000)")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps of every arm (default 200)")
     parser.add_argument("--lr", type=float, default=5e-5, help="AdamW peak learning rate (default 5e-5)")
+    parser.add_argument("--scratch-lr", type=float, default=1e-3, help="learning rate of the scratch learners (default 1e-3)")
     parser.add_argument("--max-seq-length", type=int, default=128, help="token limit (default 128)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast on CUDA (default fp32)")
     parser.add_argument("--time-budget", type=float, default=None,
@@ -167,6 +174,16 @@ class Models:
             self._base = load_model(self.spec, device=self.device)
         return copy.deepcopy(self._base)
 
+    def scratch(self, seed: int):
+        """A small learner initialised from ``seed`` (two-layer BERT, hidden 64, no dropout)."""
+        from batchlab.integrations.sentence_transformers.testing import save_tiny_model
+        from batchlab.recipes.finetune import load_model
+
+        tmp = self._tmp or tempfile.TemporaryDirectory(prefix="batchlab-quality-")
+        self._tmp = tmp
+        folder = save_tiny_model(Path(tmp.name) / f"scratch{seed}", hidden_size=64, layers=2, seed=seed, max_seq_length=64)
+        return load_model(folder, device=self.device)
+
 
 # -- statistics --------------------------------------------------------------------------------
 def summarise(runs: list[dict[str, Any]], baseline: str) -> dict[str, Any]:
@@ -196,7 +213,7 @@ def targets(runs: list[dict[str, Any]], summary: dict[str, Any], baseline: str) 
     from batchlab.recipes.compare import Claim, claim_checks
 
     b = int(_ARM.match(baseline)["batch"]) if _ARM.match(baseline) else 64
-    arms = set(summary)
+    arms = {a for a in summary if "scratch" not in a}  # scratch learners are another model: checked by jest_checks
     built = [a for a in arms if a not in ("zero-shot", baseline) and not a.startswith("random-")]
     at_base = [a for a in built if _ARM.match(a) and int(_ARM.match(a)["batch"]) == b and not a.startswith("st-mined")]
     claims = [Claim(a, baseline, f"{a} beats {baseline} by >= +0.02 on every seed", METRIC) for a in sorted(at_base)]
@@ -212,10 +229,35 @@ def targets(runs: list[dict[str, Any]], summary: dict[str, Any], baseline: str) 
         claims.append(Claim(best, reference, f"best arm ({best}) beats sentence-transformers' recipe ({reference}) "
                             "by >= +0.02 on every seed (same steps, not same wall time)", METRIC))
     checks = claim_checks(runs, [], claims=claims, metric=METRIC)
+    checks += jest_checks(runs)
     for check in checks:
         check["target_+0.02_every_seed"] = (check["verdict"] == "held" and check["difference"] >= 0.02
                                             and check["wins"] == len(check["seeds"]))
     return checks
+
+
+def jest_checks(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """For each ``jest-scratch-B`` arm: per seed, the first evaluated share of the steps at which it reaches
+    ``scratch-B``'s final nDCG@10 (None: not within the run); the target holds when every seed is <= 0.5."""
+    out = []
+    for arm in sorted({r["arm"] for r in runs if r["arm"].startswith("jest-scratch-")}):
+        uniform = {r["seed"]: r for r in runs if r["arm"] == arm.replace("jest-", "", 1)}
+        shares = {}
+        for r in (r for r in runs if r["arm"] == arm and r["seed"] in uniform):
+            goal = uniform[r["seed"]]["metrics"][METRIC]
+            reached = [h["step"] for h in r.get("history", []) if h[METRIC] >= goal]
+            shares[r["seed"]] = reached[0] / r["steps"] if reached else None
+        if shares:
+            met = all(v is not None and v <= 0.5 for v in shares.values())
+            out.append({"claim": f"{arm} reaches {arm.replace('jest-', '', 1)}'s final {METRIC} in at most half the steps",
+                        "better": arm, "worse": arm.replace("jest-", "", 1), "metric": METRIC, "share_of_steps": shares,
+                        "difference": None, "standard_error": None, "basis": "per seed", "wins": sum(
+                            v is not None and v <= 0.5 for v in shares.values()), "seeds": sorted(shares),
+                        "verdict": "held" if met and len(shares) >= 3 else None,
+                        "reason": "share of steps per seed: " + ", ".join(
+                            f"{s}: {'not reached' if v is None else f'{v:.2f}'}" for s, v in sorted(shares.items())),
+                        "target_+0.02_every_seed": None, "target_half_steps": met})
+    return out
 
 
 def plot(path: Path, dataset: str, summary: dict[str, Any], baseline: str, title: str) -> Path:
@@ -314,6 +356,7 @@ def run(args) -> int:
             finetune(models.initial(args.seed), first["train"], None, **{"batch_size": base_batch, "steps": 3, **extra},
                      device=args.device, precision=args.precision, max_seq_length=args.max_seq_length)
     start = time.perf_counter()
+    references: dict[str, Any] = {}  # JEST's frozen reference embeddings, per dataset
     for seed in range(args.seed, args.seed + args.seeds):
         done = seed - args.seed
         if args.time_budget and done and (time.perf_counter() - start) * (done + 1) / done > args.time_budget:
@@ -323,6 +366,19 @@ def run(args) -> int:
         for name, d in data.items():
             for arm, kw in settings.items():
                 model = models.initial(seed)
+                extra: dict[str, Any] = {"lr": args.lr, "max_seq_length": args.max_seq_length}
+                if kw is not None and kw.get("learner") == "scratch":  # a small learner; --model is JEST's reference
+                    if name not in references and any("jest" in k for k in settings.values() if k):
+                        from batchlab.recipes.finetune import embed_pairs  # once per dataset: the reference is frozen
+
+                        references[name] = embed_pairs(model, d["train"], device=args.device,
+                                                       max_seq_length=min(64, args.max_seq_length))
+                    reference = references.get(name)
+                    model = models.scratch(seed)
+                    steps = kw["steps"]
+                    extra = {"lr": args.scratch_lr, "max_seq_length": min(64, args.max_seq_length), "eval_every": max(1, steps // 8),
+                             **({"reference": reference} if "jest" in kw else {})}
+                    kw = {k: v for k, v in kw.items() if k != "learner"}
                 if kw is None:
                     from batchlab.recipes.finetune import ir_metrics
 
@@ -330,12 +386,11 @@ def run(args) -> int:
                     record = {"metrics": ir_metrics(model, [q for q, _ in d["test"]], [x for _, x in d["test"]]),
                               "steps": 0, "examples": 0, "seconds": {"wall": 0.0}}
                 else:
-                    result = finetune(model, d["train"], d["test"], **kw, lr=args.lr, seed=seed,
-                                      order_seed=seed + args.order_seed_offset, max_seq_length=args.max_seq_length,
-                                      precision=args.precision, device=args.device, evaluate_before=False,
-                                      progress=args.progress)
+                    result = finetune(model, d["train"], d["test"], **kw, **extra, seed=seed,
+                                      order_seed=seed + args.order_seed_offset, precision=args.precision,
+                                      device=args.device, evaluate_before=False, progress=args.progress)
                     record = {"metrics": result.after, "steps": result.steps, "examples": result.examples,
-                              "seconds": result.seconds, "losses": result.losses}
+                              "seconds": result.seconds, "losses": result.losses, "history": result.history}
                 payload["runs"].append({"dataset": name, "arm": arm, "seed": seed, **record})
                 print(f"seed {seed} {name} {arm}: {METRIC}={record['metrics'][METRIC]:.4f} "
                       f"wall {record['seconds']['wall']:.1f}s", flush=True)
@@ -351,7 +406,10 @@ def run(args) -> int:
         for check in payload["claims"][name]:
             from batchlab.recipes.compare import format_check
 
-            print("  " + format_check(check) + ("  [target met]" if check["target_+0.02_every_seed"] else ""))
+            if "share_of_steps" in check:
+                print(f"  {check['claim']}: {check['reason']}" + ("  [target met]" if check["target_half_steps"] else ""))
+            else:
+                print("  " + format_check(check) + ("  [target met]" if check["target_+0.02_every_seed"] else ""))
     print(f"\nwrote {out / 'quality.json'} and {', '.join(str(out / f'quality-{n}.png') for n in data)}")
     return 0
 

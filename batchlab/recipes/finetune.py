@@ -55,7 +55,7 @@ METRICS = ("ndcg@10", "mrr@10", "recall@1", "recall@10")
 # ranks 10..50 of the pretrained model, at most 95% of the positive's score, at most 0.8, one at random.
 ST_MINING = {"range_min": 10, "range_max": 50, "relative_margin": 0.05, "max_score": 0.8, "sampling": "random"}
 # settings a checkpoint must share with the run that resumes it
-RESUME_KEYS = ("sampler", "batch_size", "total_steps", "lr", "loss", "scale", "teacher", "mined_negatives",
+RESUME_KEYS = ("sampler", "batch_size", "total_steps", "lr", "loss", "scale", "teacher", "mined_negatives", "jest",
                "guide", "cache_chunk", "seed", "order_seed", "num_train", "max_seq_length")
 
 
@@ -215,6 +215,39 @@ def _make_sampler(name: str, views: TeacherViews | None, *, batch_size: int, n: 
     return make_sampler(name, views, batch_size=batch_size, seed=seed, num_examples=n, drop_last=True, **options)
 
 
+def _jest_setup(jest, reference, model, pretrained_views, train_q, train_d, q_table, d_table, embed, device, seed,
+                batch_size):
+    """The selector (16 chunks, the paper's, or one per kept example when fewer) and the reference's views."""
+    from batchlab.samplers import JointExampleSelector
+
+    selector = jest if isinstance(jest, JointExampleSelector) else JointExampleSelector(
+        filter_ratio=float(jest), n_chunks=min(16, batch_size), seed=seed)
+    if isinstance(reference, TeacherViews):
+        if len(reference) != len(train_q):
+            raise BatchlabInputError(f"reference views have {len(reference)} rows, the training set {len(train_q)} pairs")
+        return selector, reference
+    if isinstance(reference, str) and reference == "pretrained":
+        return selector, pretrained_views if pretrained_views is not None else _views(model, q_table, d_table, embed)
+    return selector, embed_pairs(reference, list(zip(train_q, train_d)), device=device, max_seq_length=model.max_seq_length)
+
+
+def embed_pairs(model: Any, pairs: Any, *, device: str | torch.device = "cpu", max_seq_length: int | None = None) -> TeacherViews:
+    """A model's (frozen) embeddings of (query, document) pairs as TeacherViews: a teacher or JEST reference.
+
+    Compute once and pass as ``teacher=`` or ``reference=`` to several :func:`finetune` runs.
+    """
+    device = torch.device(device)
+    queries, documents = _pairs(pairs, "pairs")
+    model = load_model(model, device=device)
+    if max_seq_length is not None:
+        model.max_seq_length = int(max_seq_length)
+
+    def embed(features):
+        return F.normalize(model(dict(features))["sentence_embedding"].float(), dim=-1)
+
+    return _views(model, TokenTable(model, queries, device), TokenTable(model, documents, device), embed)
+
+
 def _views(model, q_table: TokenTable, d_table: TokenTable, embed) -> TeacherViews:
     q, d = _embed_all(model, q_table, embed), _embed_all(model, d_table, embed)
     # samplers take CPU tensors; neighbour ranking still runs where the model is (seconds on a GPU)
@@ -242,6 +275,8 @@ def finetune(
     mining_options: dict[str, Any] | None = None,
     guide: Any = None,
     guide_margin: float = 0.0,
+    jest: Any = None,
+    reference: Any = "pretrained",
     cache_chunk: int | None = None,
     max_seq_length: int | None = None,
     precision: str = "fp32",
@@ -292,6 +327,13 @@ def finetune(
         GISTEmbed: ``"pretrained"`` or ``"model"`` (refreshed like the teacher) guide
         embeddings; a key the guide scores above ``positive - guide_margin`` for a query
         leaves that query's denominator.
+    jest, reference :
+        JEST (Evans et al. 2024): a filter ratio (0.8: keep 64 of 320) or a
+        :class:`~batchlab.samplers.JointExampleSelector`; the sampler then draws super-batches
+        of ``batch_size / (1 - filter_ratio)`` and the selector keeps ``batch_size`` of them by
+        learnability against ``reference``: ``"pretrained"`` (the initial model) or another
+        model (``"minilm"``, a folder, a SentenceTransformer; embedded once) or its
+        :func:`embed_pairs` views: a stronger encoder teaching a smaller or from-scratch learner.
     cache_chunk :
         Encode each batch in chunks of this many texts with cached gradients (GradCache), so
         ``batch_size`` can exceed activation memory; gradients are those of the whole batch.
@@ -369,7 +411,9 @@ def finetune(
                 "mined_negatives": int(mined_negatives), "guide": guide, "cache_chunk": cache_chunk, "seed": seed,
                 "order_seed": order_seed, "num_train": n, "max_seq_length": model.max_seq_length,
                 "refresh_every": refresh_every, "sampler_options": options, "guide_margin": guide_margin,
-                "precision": precision, "warmup": warmup, "weight_decay": weight_decay}
+                "precision": precision, "warmup": warmup, "weight_decay": weight_decay,
+                "jest": None if jest is None else float(getattr(jest, "filter_ratio", jest)),
+                "reference": reference if isinstance(reference, str) else type(reference).__name__}
 
     # Teachers from the initial weights, before any step (and before a checkpoint is loaded).
     uses_teacher = sampler != "random"
@@ -388,10 +432,18 @@ def finetune(
         negatives = timed("mining", _mine, pretrained_views, train_d, int(mined_negatives), order_seed, dict(mining_options or {}))
     before = timed("eval", ir_metrics, model, test_q, test_d, batch_size=eval_batch_size) if test_q and evaluate_before else {}
 
+    selector, reference_views, draw = None, None, batch_size
+    if jest is not None:
+        selector, reference_views = timed("teacher", _jest_setup, jest, reference, model, pretrained_views, train_q,
+                                          train_d, q_table, d_table, embed, device, order_seed, batch_size)
+        draw = int(round(batch_size / (1.0 - selector.filter_ratio)))
+        if draw > n:
+            raise BatchlabInputError(f"JEST's super-batch ({draw}) is larger than the training set ({n} pairs)")
+
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
     first_sampler = timed("sampler", _make_sampler, sampler, initial_views if uses_teacher else None,
-                          batch_size=batch_size, n=n, seed=order_seed, options=options)
+                          batch_size=draw, n=n, seed=order_seed, options=options)
     per_epoch = len(first_sampler)
     if per_epoch == 0:
         raise BatchlabInputError(f"the {sampler} sampler built no full batch of {batch_size} from {n} pairs")
@@ -445,7 +497,7 @@ def finetune(
             current = None if model_teacher else current
         if current is None:
             current = first_sampler if views is initial_views else timed(
-                "sampler", _make_sampler, sampler, views, batch_size=batch_size, n=n, seed=order_seed, options=options)
+                "sampler", _make_sampler, sampler, views, batch_size=draw, n=n, seed=order_seed, options=options)
         current.set_epoch(epoch)
         sync()
         start = time.perf_counter()
@@ -454,6 +506,11 @@ def finetune(
             if step >= total:
                 break
             idx = torch.as_tensor(batch, dtype=torch.long)
+            if selector is not None:  # keep batch_size of the super-batch, by learnability
+                with torch.no_grad():
+                    learner = (embed(q_table.take(idx)), embed(d_table.take(idx)), scale)
+                ref = (reference_views.queries[idx].to(device), reference_views.documents[idx].to(device), scale)
+                idx = idx[selector.select(learner=learner, reference=ref, step=step).cpu()]  # step: exact on resume
             key_idx = idx if negatives is None else torch.cat([idx, negatives[idx].reshape(-1)])
             q_features = q_table.take(idx)
             k_features = _cat([d_table.take(idx), *([d_table.take(negatives[idx].reshape(-1))] if negatives is not None else [])])
