@@ -113,7 +113,7 @@ def _labelled_pairs(n):
             for i in range(n)]
 
 
-def test_compare_on_labelled_pairs_is_deterministic(capsys):
+def test_compare_on_labelled_pairs_is_deterministic(tmp_path):
     pairs = _labelled_pairs(120)
     kwargs = dict(arms=["random-16", "hard-negative-16-tfidf"], seeds=3, epochs=1, progress=False, tfidf_anchor=True)
     first = compare(pairs[:96], pairs[96:], **kwargs)
@@ -126,6 +126,11 @@ def test_compare_on_labelled_pairs_is_deterministic(capsys):
     report = first.report()
     assert "hard-negative-16-tfidf" in report and "TF-IDF teacher alone" in report
     json.dumps(first.to_dict(), default=str)  # the results file is JSON
+    # one call from a file: without a test split, 20% is held out with a label's pairs together
+    path = tmp_path / "pairs.tsv"
+    path.write_text("\n".join("\t".join(map(str, p)) for p in pairs))
+    from_file = compare(path, arms=["random-16"], seeds=1, epochs=1, progress=False, tfidf_anchor=False)
+    assert from_file.settings["train_pairs"] + from_file.settings["test_pairs"] == 120
     with pytest.raises(BatchlabInputError, match="data_seeds"):
         compare(pairs[:96], pairs[96:], arms=["random-16"], seeds=2, data_seeds=[1], progress=False)
 
@@ -182,12 +187,15 @@ def test_heartbeat_lines_when_stdout_is_not_a_terminal(capsys):
     from batchlab.recipes.progress import RunDisplay
 
     display = RunDisplay(["a seed 0", "b seed 0"], [10, 10], bars=False, lines=True, interval=0.05)
+    display.note("loading the data")
+    time.sleep(0.2)
     display.event(0, {"event": "epoch", "epoch": 1, "epochs": 2, "steps": 5})
     display.event(0, {"event": "step", "epoch": 1, "step": 3, "steps": 5, "loss": 1.0})
     time.sleep(0.3)
     display.finish(0, "a seed 0: recall@1=0.5")
     display.close()
     out = capsys.readouterr().out
+    assert "0% of steps; loading the data" in out  # before any run reports, the stage is named
     assert "running: a seed 0 (epoch 1/2, step 3/5)" in out and "15% of steps" in out
     assert "finished a seed 0: recall@1=0.5" in out
     quiet = RunDisplay(["x"], [1], enabled=False)

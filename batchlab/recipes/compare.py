@@ -538,7 +538,7 @@ class Comparison:
 
 def compare(
     train: Any,
-    test: Any,
+    test: Any = None,
     *,
     arms: Iterable[str | Arm] = DEFAULT_ARMS,
     seeds: int | Sequence[int] = 3,
@@ -563,8 +563,10 @@ def compare(
     Parameters
     ----------
     train, test :
-        ``(query, document[, label])`` tuples, or objects with ``.queries``,
-        ``.documents`` (and optional ``.labels``); see the module docstring.
+        ``(query, document[, label])`` tuples, objects with ``.queries``, ``.documents``
+        (and optional ``.labels``), or paths of ``.jsonl`` / ``.tsv`` / ``.csv`` pairs files
+        (:func:`~batchlab.recipes.pairs.read_pairs`); without ``test``, 20% of ``train``
+        is held out (:func:`~batchlab.recipes.pairs.holdout`: a label's pairs stay together).
     arms :
         Names from :data:`ARMS`, ``<sampler>-<batch>`` names (``random-32``,
         ``community-32``, ``hard-negative-32-tfidf``), or :class:`Arm` objects.
@@ -594,6 +596,13 @@ def compare(
     from batchlab.recipes import progress as progress_mod
     from batchlab.recipes.dual_encoder import split_pairs
 
+    import os
+
+    from batchlab.recipes.pairs import holdout, read_pairs
+
+    train, test = (read_pairs(x) if isinstance(x, (str, os.PathLike)) else x for x in (train, test))
+    if test is None:
+        train, test = holdout(train if hasattr(train, "subset") else _as_pairs(train))
     arms = resolve_arms(arms)
     seed_list = list(range(seeds)) if isinstance(seeds, int) else [int(s) for s in seeds]
     if not arms or not seed_list or epochs < 1 or jobs < 1:
@@ -610,10 +619,12 @@ def compare(
     shared = dict(epochs=epochs, lr=lr, device=device, **settings)
     context = _RunContext(train, test, groups, device, sampler_options, train_fn, threads,
                           any(a.needs_tfidf for a in arms))
-    anchor = tfidf_anchor_metrics(train, test) if tfidf_anchor else None
     tasks = [(arm, seed, order[seed]) for arm in arms for seed in seed_list]
     steps = [max(1, len(queries) // arm.batch_size) * epochs for arm, _, _ in tasks]
     display = progress_mod.RunDisplay(tasks=[f"{a.name} seed {s}" for a, s, _ in tasks], steps=steps, enabled=progress)
+    display.note("scoring the TF-IDF teacher alone on the test split" if tfidf_anchor else None)
+    anchor = tfidf_anchor_metrics(train, test) if tfidf_anchor else None
+    display.note("starting the runs" + (f" in {jobs} worker processes" if jobs > 1 and len(tasks) > 1 else ""))
     runs: list[dict[str, Any]] = []
 
     def finished(i: int, record: dict[str, Any]) -> None:
@@ -642,6 +653,14 @@ def compare(
             "train_pairs": len(queries), "test_pairs": len(split_pairs(test, "test")[0]), "min_seeds": min_seeds,
             "arithmetic": progress_mod.arithmetic()}
     return Comparison(arms, runs, checks, used, anchor, time.perf_counter() - start)
+
+
+def _as_pairs(data: Any):
+    """Any accepted training data as :class:`~batchlab.recipes.pairs.Pairs` (to hold some out)."""
+    from batchlab.recipes.dual_encoder import split_pairs
+    from batchlab.recipes.pairs import Pairs
+
+    return Pairs(*split_pairs(data, "train"))
 
 
 def tfidf_anchor_metrics(train: Any, test: Any) -> dict[str, float]:

@@ -57,6 +57,7 @@ class RunDisplay:
             self._tqdm = tqdm
             self._overall = tqdm(total=sum(self.expected), desc=self._label(), unit="step", dynamic_ncols=True)
             self._slots = []
+        self._note: str | None = None
         self._stop = threading.Event()
         self._thread = None
         if self.lines:
@@ -67,6 +68,13 @@ class RunDisplay:
     def callback(self, i: int) -> Callable[[dict[str, Any]], None]:
         """The ``progress=`` callback of task ``i`` (same process)."""
         return lambda event: self.event(i, event)
+
+    def note(self, text: str | None) -> None:
+        """What happens before or between runs (shown while no run reports, e.g. data or teacher work)."""
+        with self._lock:
+            self._note = text
+        if self.bars and text:
+            self._overall.set_postfix_str(text)
 
     def start(self, i: int) -> None:
         with self._lock:
@@ -154,7 +162,7 @@ class RunDisplay:
             left = f"about {_clock(elapsed / fraction * (1 - fraction))} left" if fraction > 0.02 else "estimating time left"
             head = (f"{len(self.finished)}/{len(self.names)} {self.unit}s done, " if len(self.names) > 1 else "")
             return (f"[{_clock(elapsed)}] {head}{100 * fraction:.0f}% of steps; "
-                    f"{'running: ' + '; '.join(running) if running else 'preparing'}; {left}")
+                    f"{'running: ' + '; '.join(running) if running else self._note or 'preparing'}; {left}")
 
     def _heartbeat(self) -> None:
         while not self._stop.wait(self.interval):
