@@ -67,10 +67,30 @@ def _triton_usable(device: torch.device) -> bool:
     return bool(getattr(triton_mod, "triton_available", lambda d: False)(device))
 
 
-def resolve(family: str, impl: str, n: int, m: int, device: torch.device) -> Callable:
-    """The implementation of ``family`` that ``impl`` names for an (n x m) problem on ``device``."""
+#: Above this many logits the Triton kernels stream tiles through ``tl.dot``; in fp32 with
+#: TF32 off (torch's default) that dot runs without tensor cores, so ``auto`` takes the tiled
+#: engine (cuBLAS SGEMM per tile) instead. Measured on an H200 (Cached MNRL loss part,
+#: N=65,536, d=384, fp32; benchmarks/results/st-cached-h200/): Triton 12.5 s, tiled 0.43 s.
+#: Below it the Triton small-batch path multiplies with cuBLAS and stays the choice.
+AUTO_FP32_TRITON_MAX_LOGITS = 8192 * 8192
+
+
+def _ieee_fp32(dtype: torch.dtype | None) -> bool:
+    return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
+
+
+def resolve(family: str, impl: str, n: int, m: int, device: torch.device,
+            dtype: torch.dtype | None = None) -> Callable:
+    """The implementation of ``family`` that ``impl`` names for an (n x m) problem on ``device``.
+
+    ``dtype`` (the embeddings') lets ``auto`` avoid the streaming Triton kernels in strict
+    fp32, where they are far slower than the tiled engine's cuBLAS products.
+    """
     if impl == "auto":
-        if _triton_usable(device) and (family, "triton") in _REGISTRY:
+        strict_fp32_large = _ieee_fp32(dtype) and n * m > AUTO_FP32_TRITON_MAX_LOGITS
+        if strict_fp32_large and _load_backend("tiled") and (family, "tiled") in _REGISTRY:
+            impl = "tiled"
+        elif _triton_usable(device) and (family, "triton") in _REGISTRY:
             impl = "triton"
         elif n * m > AUTO_TILED_MIN_LOGITS and _load_backend("tiled") and (family, "tiled") in _REGISTRY:
             impl = "tiled"

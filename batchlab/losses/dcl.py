@@ -101,7 +101,7 @@ def dcl(
         n, m, q.device, targets=targets, pos_mask=pos_mask, need_columns=symmetric, check=check
     )
     options["neg_mask"] = check_neg_mask(neg_mask, n, m, q.device, check=check)
-    fn = _dispatch.resolve("dcl", impl, n, m, q.device)
+    fn = _dispatch.resolve("dcl", impl, n, m, q.device, q.dtype)
     loss, lse = fn(q, k, scale, **options, **_dispatch.accepted_options(fn, impl_options, impl))
     if check:  # a neg_mask or pos_mask can leave a query no negative: its loss would be -inf
         check_has_negatives(lse.row)

@@ -131,7 +131,7 @@ def info_nce(
     targets, pos_mask = prepare_positives(n, m, q.device, targets=targets, pos_mask=pos_mask,
                                           need_columns=symmetric, check=check)
     neg_mask = check_neg_mask(neg_mask, n, m, q.device, check=check)
-    fn = _dispatch.resolve("info_nce", impl, n, m, q.device)
+    fn = _dispatch.resolve("info_nce", impl, n, m, q.device, q.dtype)
     loss, lse = fn(
         q, k, scale, symmetric=symmetric, targets=targets, pos_mask=pos_mask,
         extra_negatives=extra_negatives, neg_mask=neg_mask, reduction=reduction,

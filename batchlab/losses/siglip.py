@@ -88,7 +88,7 @@ def siglip(
     targets, pos_mask = prepare_positives(n, m, q.device, targets=targets, pos_mask=pos_mask, need_columns=False,
                                           check=check)
     neg_mask = check_neg_mask(neg_mask, n, m, q.device, check=check)
-    fn = _dispatch.resolve("siglip", impl, n, m, q.device)
+    fn = _dispatch.resolve("siglip", impl, n, m, q.device, q.dtype)
     loss, _ = fn(q, k, scale, bias, targets=targets, pos_mask=pos_mask, extra_negatives=extra_negatives,
                  neg_mask=neg_mask, reduction=reduction, **_dispatch.accepted_options(fn, impl_options, impl))
     return loss
