@@ -199,3 +199,13 @@ def test_jest_keeps_batch_size_of_each_super_batch_and_resumes(tiny_path, tmp_pa
     assert not all(torch.equal(a[k], plain[k]) for k in a)  # JEST chose other batches than the plain sampler
     with pytest.raises(BatchlabInputError, match="super-batch"):
         finetune(tiny_path, TRAIN, None, batch_size=16, steps=1, jest=0.8)
+
+
+def test_train_model_datasets_are_the_loadable_text_pair_datasets():
+    from batchlab.commands._train_model import DATASETS
+    from batchlab.datasets.text_pairs import TEXT_PAIR_DATASETS, load_pairs
+    from batchlab.errors import BatchlabInputError
+
+    assert DATASETS == TEXT_PAIR_DATASETS
+    with pytest.raises(BatchlabInputError, match="expected one of"):
+        load_pairs("nope", max_train=1, max_test=1)

@@ -145,7 +145,7 @@ def load_data(name: str, args) -> dict[str, Any]:
             raise BatchlabInputError(f"{path} does not exist; write it with --export-data {args.data}")
         blob = json.loads(path.read_text())
         return {"train": [tuple(p) for p in blob["train"]], "test": [tuple(p) for p in blob["test"]], "source": blob["source"]}
-    from batchlab.commands._train_model import load_pairs
+    from batchlab.datasets.text_pairs import load_pairs
 
     packages = args.packages if name == "codesearch" else ()
     train, test = load_pairs(name, max_train=None, max_test=None, packages=packages, progress=args.progress)

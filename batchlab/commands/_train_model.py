@@ -12,7 +12,8 @@ import argparse
 import sys
 
 from batchlab.commands._common import EXIT_BAD_INPUT
-
+#: batchlab.datasets.text_pairs.TEXT_PAIR_DATASETS, written out because importing batchlab.datasets
+#: loads torch and --help must not (tests/test_finetune.py checks that the two agree)
 DATASETS = ("codesearch", "wordnet")
 
 
@@ -34,24 +35,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="--model: bf16 autocast on CUDA")
     group.add_argument("--packages", nargs="*", default=(), help="--model with codesearch: also harvest these packages")
     # --resume is defined once in train.py (both branches read args.resume)
-
-
-def load_pairs(name: str, *, max_train: int | None, max_test: int | None, packages=(), progress: bool = True):
-    """``(train, test)`` lists of (query, document) pairs of an offline dataset, the first N of each."""
-    if name == "codesearch":
-        from batchlab.datasets import load_codesearch
-
-        train = load_codesearch("train", packages=tuple(packages), progress=progress)
-        test = load_codesearch("test", packages=tuple(packages), progress=progress)
-    elif name == "wordnet":
-        from batchlab.datasets.wordnet import load_wordnet
-
-        train, test = load_wordnet("train"), load_wordnet("test")
-    else:
-        from batchlab.errors import BatchlabInputError
-
-        raise BatchlabInputError(f"--model trains on one of {DATASETS}, got --dataset {name}")
-    return list(zip(train.queries, train.documents))[:max_train], list(zip(test.queries, test.documents))[:max_test]
 
 
 def run(args) -> int:
@@ -76,6 +59,8 @@ def run(args) -> int:
     name = args.name or f"{args.dataset}-{args.sampler}-{args.batch_size}"
     out = Path(args.out) / name
     try:
+        from batchlab.datasets.text_pairs import load_pairs
+
         train, test = load_pairs(args.dataset, max_train=args.max_train, max_test=args.max_test,
                                  packages=args.packages, progress=args.progress)
         options = {"group_size": args.group_size} if args.group_size else {}
