@@ -8,7 +8,7 @@ from pathlib import Path
 
 from batchlab.commands._common import EXIT_BAD_INPUT, add_common_arguments, add_subcommand
 
-NAMES = ("codesearch", "fashion_mnist")
+NAMES = ("codesearch", "fashion_mnist", "wordnet")
 
 
 def add_parser(subparsers) -> None:
@@ -47,6 +47,17 @@ def _summary(name: str, args) -> dict:
             "source_hash": train.source_hash,
             "samples": [{"query": train.queries[i], "document": train.documents[i]} for i in range(min(args.samples, len(train)))],
         }
+    if name == "wordnet":
+        from batchlab.datasets.wordnet import load_wordnet
+
+        train, test = load_wordnet("train"), load_wordnet("test")
+        return {
+            "name": name,
+            "train_pairs": len(train),
+            "test_pairs": len(test),
+            "source_hash": train.source_hash,
+            "samples": [{"query": train.queries[i], "document": train.documents[i]} for i in range(min(args.samples, len(train)))],
+        }
     from batchlab.datasets import load_fashion_mnist
 
     train = load_fashion_mnist("train", path=args.path)
@@ -67,6 +78,14 @@ def run(args) -> int:
         print("codesearch     (docstring summary, code) pairs from the Python standard library  [always available]")
         status = "available" if fashion_mnist_available(args.path) else "missing: apt-get install dataset-fashion-mnist"
         print(f"fashion_mnist  70,000 28x28 images with caption templates  [{status}]")
+        from batchlab.datasets.wordnet import find_wordnet
+        from batchlab.errors import BatchlabInputError
+
+        try:
+            status = f"available: {find_wordnet()}"
+        except BatchlabInputError:
+            status = "missing: apt-get install wordnet-base"
+        print(f"wordnet        (words, definition) pairs from WordNet 3.0, for --model fine-tuning  [{status}]")
         return 0
     if args.name is None:
         print("batchlab datasets info: name which dataset, e.g. `batchlab datasets info codesearch`", file=sys.stderr)
