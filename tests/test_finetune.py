@@ -163,6 +163,25 @@ def test_cli_train_model(tiny_path, tmp_path, capsys):
     assert "before:" in out and "after:" in out
     assert (tmp_path / "run" / "model" / "modules.json").exists()
     assert main(["train", "--model", str(tiny_path), "--dataset", "fashion_mnist", "--out", str(tmp_path)]) == 2
+    # the same name again is refused; --overwrite replaces it
+    again = ["train", "--model", str(tiny_path), "--dataset", "codesearch", "--max-train", "24", "--max-test", "12",
+             "--steps", "2", "--batch-size", "8", "--no-progress", "--out", str(tmp_path), "--name", "run"]
+    assert main(again) == 2
+    assert "exists" in capsys.readouterr().err
+    assert main(again + ["--overwrite"]) == 0
+    # --coreset is not a --model option: refused, not ignored
+    assert main(again + ["--overwrite", "--coreset", "0.5"]) == 2
+
+
+def test_cli_model_run_names_hold_every_option_that_changes_the_run():
+    import argparse
+
+    from batchlab.commands._train_model import model_run_name
+
+    args = argparse.Namespace(model="/x/my-encoder/", steps=40, mined_negatives=1, guide=None, cache_chunk=None,
+                              max_seq_length=None, precision="bf16", packages=("numpy", "scipy"))
+    assert model_run_name(args, "codesearch-random-64") == (
+        "codesearch-random-64-model-my-encoder-steps-40-mined-negatives-1-precision-bf16-packages-numpy_scipy")
 
 
 def test_minilm_smoke():

@@ -37,7 +37,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # --resume is defined once in train.py (both branches read args.resume)
 
 
-def run(args) -> int:
+#: --model options that change the run, with their defaults (the shared ones are named by train.py)
+MODEL_NAMED = {"model": None, "steps": None, "mined_negatives": 0, "guide": None, "cache_chunk": None,
+               "max_seq_length": None, "precision": "fp32", "packages": ()}
+
+
+def model_run_name(args, default_name: str) -> str:
+    """``default_name`` (train.py's, from the shared options) plus every --model option not at its default."""
+    parts = [default_name]
+    for key, default in MODEL_NAMED.items():
+        value = getattr(args, key, default)
+        if value != default and value is not None:
+            text = "_".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+            if key == "model" and text != "minilm":
+                text = text.rstrip("/").rsplit("/", 1)[-1]  # a folder: its last part
+            parts += [key.replace("_", "-"), text.replace("/", "_").replace(":", "")]
+    return "-".join(parts)
+
+
+def run(args, default_name: str) -> int:
+    import shutil
     from pathlib import Path
 
     from batchlab.errors import BatchlabInputError
@@ -47,17 +66,25 @@ def run(args) -> int:
         print("batchlab train: --dataset wordnet trains a pretrained encoder: add --model minilm (or a model folder)",
               file=sys.stderr)
         return EXIT_BAD_INPUT
-    if args.dataset not in DATASETS or getattr(args, "data", None) or args.loss != "info_nce" or args.jest is not None:
+    if args.dataset not in DATASETS or getattr(args, "data", None) or args.loss != "info_nce" or args.jest is not None \
+            or getattr(args, "coreset", None) is not None:
         print(f"batchlab train --model: takes --dataset {' or '.join(DATASETS)}, the loss of sentence-transformers' "
-              "MultipleNegativesRankingLoss (no --loss, --data or --jest)", file=sys.stderr)
+              "MultipleNegativesRankingLoss (no --loss, --data, --jest or --coreset)", file=sys.stderr)
         return EXIT_BAD_INPUT
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     teacher = None if args.teacher == "none" else args.teacher  # "model": from the pretrained weights, refreshed per epoch
-    name = args.name or f"{args.dataset}-{args.sampler}-{args.batch_size}"
+    name = args.name or model_run_name(args, default_name)
     out = Path(args.out) / name
+    if (out / "finetune.json").exists() or (out / "model").exists():
+        if args.overwrite:
+            shutil.rmtree(out)
+        elif not getattr(args, "resume", None):
+            print(f"batchlab train --model: error: a run named {name!r} exists ({out}); pass --overwrite to replace "
+                  "it, --resume to continue it, or --name for a new one", file=sys.stderr)
+            return EXIT_BAD_INPUT
     try:
         from batchlab.datasets.text_pairs import load_pairs
 

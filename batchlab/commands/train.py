@@ -93,7 +93,7 @@ def run_name(args) -> str:
 
 def run(args) -> int:
     if args.model is not None or args.dataset == "wordnet":
-        return run_model(args)
+        return run_model(args, default_name=run_name(args))
     name = args.name or run_name(args)
     out = Path(args.out)
     existing = [p for p in (out / f"{name}.json", out / f"{name}.pt") if p.exists()]
