@@ -274,3 +274,18 @@ def test_clip_steps_with_pixel_teacher(tmp_path):
     assert len(result.losses) == 2 and all(torch.isfinite(torch.tensor(result.losses)))
     assert set(result.metrics) == {"recall@1", "recall@10", "mrr"}
     assert result.plot.exists()
+
+
+def test_make_sampler_builds_tas_topic_batches():
+    """TAS lives in make_sampler (the recipes and the fine-tuning recipe share it), strict options."""
+    from batchlab.errors import BatchlabInputError
+    from batchlab.recipes.samplers import make_sampler
+    from batchlab.samplers import TASBalancedBatchSampler
+
+    teacher = torch.nn.functional.normalize(torch.randn(400, 16, generator=torch.Generator().manual_seed(0)), dim=1)
+    sampler = make_sampler("tas", teacher, batch_size=32, seed=0)
+    assert isinstance(sampler, TASBalancedBatchSampler)
+    seen = [i for batch in sampler for i in batch]
+    assert len(seen) == len(set(seen)) == 384  # drop_last: 12 full batches, no example twice
+    with pytest.raises(BatchlabInputError, match="takes no option"):
+        make_sampler("tas", teacher, batch_size=32, group_size=3)

@@ -59,7 +59,7 @@ MIN_SEEDS_FOR_VERDICT = 3
 TEACHERS = ("model", "tfidf", "none")
 # The sampler names of batchlab.recipes.samplers.SAMPLERS, here without importing torch (the
 # command line's --help lists the arms); tests/test_recipes_compare.py checks that they agree.
-SAMPLER_NAMES = ("random", "cluster", "community", "hard_negative")
+SAMPLER_NAMES = ("random", "cluster", "community", "hard_negative", "tas")
 
 
 @dataclass(frozen=True)

@@ -207,11 +207,6 @@ def _mine(views: TeacherViews, documents: Sequence[str], count: int, seed: int, 
 def _make_sampler(name: str, views: TeacherViews | None, *, batch_size: int, n: int, seed: int, options: dict[str, Any]):
     from batchlab.recipes.samplers import make_sampler
 
-    if name == "tas":
-        from batchlab.samplers import TASBalancedBatchSampler
-
-        return TASBalancedBatchSampler(views.queries, batch_size, method="balanced", drop_last=True, seed=seed,
-                                       **{"n_clusters": max(1, n // 200), **options})
     return make_sampler(name, views, batch_size=batch_size, seed=seed, num_examples=n, drop_last=True, **options)
 
 

@@ -21,7 +21,7 @@ from batchlab.samplers.base import GlobalBatchSampler
 
 logger = logging.getLogger(__name__)
 
-SAMPLERS = ("random", "cluster", "community", "hard_negative")
+SAMPLERS = ("random", "cluster", "community", "hard_negative", "tas")
 
 #: Every option :func:`make_sampler` takes per sampler, with its default (run records store them).
 SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -30,6 +30,8 @@ SAMPLER_DEFAULTS: dict[str, dict[str, Any]] = {
     "community": {"group_size": 8, "rank_window": (2, 34), "cross_group": False, "mix_random": 0.0},
     "hard_negative": {"num_negatives": 8, "range_min": 0, "relative_margin": None, "max_neighbourhood_fraction": 0.25,
                       "cross_group": False, "mix_random": 0.0, "negative_ids": None},
+    # n_clusters None: one topic per 200 queries (TAS-Balanced's topics hold a few hundred queries)
+    "tas": {"n_clusters": None, "method": "balanced"},
 }
 
 
@@ -121,7 +123,7 @@ def make_sampler(
 
     Parameters
     ----------
-    name : "random" | "cluster" | "community" | "hard_negative"
+    name : "random" | "cluster" | "community" | "hard_negative" | "tas"
     teacher : TeacherViews or Tensor (N, d)
         Teacher embeddings (ignored by ``"random"``, which then needs ``num_examples``).
     batch_size, seed, drop_last :
@@ -136,7 +138,9 @@ def make_sampler(
         (``teacher.groups``, e.g. modules); ``mix_random`` (default 0) fills that share of
         every batch with uniformly random examples and the rest from the named sampler
         (:class:`~batchlab.samplers.mixed.MixedBatchSampler`; group sizes and the
-        neighbourhood cap keep their size in examples).
+        neighbourhood cap keep their size in examples). ``n_clusters`` and ``method``
+        (tas: TAS-Balanced topic batches over the teacher's query embeddings; defaults one
+        topic per 200 queries and ``"balanced"``).
     """
     if name not in SAMPLERS:
         raise BatchlabInputError(f"unknown sampler {name!r}; choose one of {SAMPLERS}")
@@ -171,6 +175,14 @@ def make_sampler(
         return ClusterBatchSampler(
             teacher.pairs, batch_size, cluster_size=options["cluster_size"], seed=seed, drop_last=drop_last
         )
+    if name == "tas":
+        if cross_group:
+            raise BatchlabInputError("cross_group applies to the community and hard_negative samplers, not to tas")
+        from batchlab.samplers import TASBalancedBatchSampler
+
+        n_clusters = options["n_clusters"] or max(1, len(teacher) // 200)
+        return TASBalancedBatchSampler(teacher.queries, batch_size, n_clusters=n_clusters, method=options["method"],
+                                       seed=seed, drop_last=drop_last)
     if name == "community":
         from batchlab.samplers.community_sampler import CommunityBatchSampler
 
