@@ -35,6 +35,7 @@ def register(family: str, impl: str) -> Callable[[Callable], Callable]:
 
     def decorate(fn: Callable) -> Callable:
         _REGISTRY[(family, impl)] = fn
+        _BACKEND_OPTIONS.pop(family, None)  # a new backend may take new options
         return fn
 
     return decorate
@@ -158,6 +159,27 @@ def _foreign_hint(names) -> str:
     return "".join(f"; {n}: {_FOREIGN_HINTS[n]}" for n in names if n in _FOREIGN_HINTS)
 
 
+_BACKEND_OPTIONS: dict[str | None, frozenset] = {}
+
+
+def _backend_options(family: str | None) -> frozenset:
+    """The keyword-only options some backend of ``family`` takes beyond the reference's
+    arguments; computed once per family (signature inspection is too slow for every call)."""
+    if family not in _BACKEND_OPTIONS:
+        for backend in _BACKEND_MODULES:
+            _load_backend(backend)
+        names = {
+            name
+            for (f, _), g in _REGISTRY.items() if f == family
+            for name, p in inspect.signature(g).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
+        }
+        reference = _REGISTRY.get((family, "reference"))
+        if reference is not None:  # the reference's own arguments are not backend options
+            names -= set(inspect.signature(reference).parameters)
+        _BACKEND_OPTIONS[family] = frozenset(names)
+    return _BACKEND_OPTIONS[family]
+
+
 def check_known_options(family: str | None, options: dict) -> None:
     """Refuse backend options that no registered implementation of ``family`` takes.
 
@@ -167,16 +189,7 @@ def check_known_options(family: str | None, options: dict) -> None:
     """
     if not options:
         return
-    for backend in _BACKEND_MODULES:
-        _load_backend(backend)
-    backend_options = {
-        name
-        for (f, _), g in _REGISTRY.items() if f == family
-        for name, p in inspect.signature(g).parameters.items() if p.kind is inspect.Parameter.KEYWORD_ONLY
-    }
-    reference = _REGISTRY.get((family, "reference"))
-    if reference is not None:  # the reference's own arguments are not backend options
-        backend_options -= set(inspect.signature(reference).parameters)
+    backend_options = _backend_options(family)
     foreign = sorted(n for n in options if n not in backend_options)
     if foreign:
         raise BatchlabInputError(
