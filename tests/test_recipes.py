@@ -289,3 +289,12 @@ def test_make_sampler_builds_tas_topic_batches():
     assert len(seen) == len(set(seen)) == 384  # drop_last: 12 full batches, no example twice
     with pytest.raises(BatchlabInputError, match="takes no option"):
         make_sampler("tas", teacher, batch_size=32, group_size=3)
+
+
+def test_random_sampler_refuses_an_impossible_rank_split_at_construction():
+    from batchlab.errors import BatchlabInputError
+    from batchlab.recipes.samplers import RandomBatchSampler
+
+    with pytest.raises(BatchlabInputError, match="equal, non-empty shares"):
+        RandomBatchSampler(3, 2, num_replicas=2, rank=0)
+    assert len(RandomBatchSampler(3, 2, num_replicas=2, rank=0, drop_last=True)) == 1

@@ -67,6 +67,7 @@ class RandomBatchSampler(GlobalBatchSampler):
     def __init__(self, num_examples: int, batch_size: int, **kwargs: Any) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
         self.num_examples = check_positive_int("num_examples", num_examples)
+        self.check_num_examples(self.num_examples)  # an impossible rank split is refused here, not at len()/iter()
 
     def plan_epoch(self, generator: torch.Generator) -> list[list[int]]:
         order = torch.randperm(self.num_examples, generator=generator).tolist()
