@@ -147,3 +147,18 @@ def test_accelerate_two_processes_no_double_sharding(tiny_dir, tmp_path):
         # rank r's k-th batch is slice r of global batch k: the loss gathers the batch the sampler built
         for k, batch in enumerate(r0["global"]):
             assert r0["seen"][1][k] + r1["seen"][1][k] == batch, kind
+
+
+def test_resume_from_the_batches_the_loop_received():
+    """state_dict(consumed=k) resumes after the k-th batch even when more were prefetched."""
+    make = lambda: trainer_call(batch_sampler("random"), pairs_dataset())  # noqa: E731
+    sampler = make()
+    sampler.set_epoch(0)
+    full = list(sampler)
+    it = iter(sampler)
+    received = [next(it) for _ in range(3)]
+    next(it)  # prefetched, never received by the loop
+    state = sampler.state_dict(consumed=len(received))
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert received + list(resumed) == full

@@ -268,8 +268,14 @@ class BatchlabBatchSampler(DefaultBatchSampler):
             return len(self.inner)
         return self.world * sum(1 for b in self.inner.global_batches() if len(b) >= self.world)
 
-    def state_dict(self) -> dict[str, Any]:
-        return self.inner.state_dict()
+    def state_dict(self, *, consumed: int | None = None) -> dict[str, Any]:
+        """The wrapped batchlab sampler's state; ``consumed`` = the batches this rank's loop received.
+
+        Under accelerate each rank receives one slice of every global batch, so the steps a
+        rank's loop received are the global batches consumed: ``consumed`` passes through
+        unchanged (see :meth:`batchlab.samplers.base.GlobalBatchSampler.state_dict`).
+        """
+        return self.inner.state_dict(consumed=consumed)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.inner.load_state_dict(state)
