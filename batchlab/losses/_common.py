@@ -99,7 +99,10 @@ def prepare_scalar(name: str, value: torch.Tensor | float, like: torch.Tensor, *
         if check:
             check_finite(name, value.detach())
         value = value.reshape(()) if value.dim() else value
-        return value.to(device=like.device, dtype=compute_dtype(like.dtype))
+        dtype = compute_dtype(like.dtype)
+        if value.dtype == dtype and value.device == like.device:
+            return value  # the common case: no conversion op on every call
+        return value.to(device=like.device, dtype=dtype)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise BatchlabInputError(f"{name} must be a float or a scalar tensor, got {type(value).__name__}")
     if not math.isfinite(float(value)):

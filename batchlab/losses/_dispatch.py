@@ -36,6 +36,7 @@ def register(family: str, impl: str) -> Callable[[Callable], Callable]:
     def decorate(fn: Callable) -> Callable:
         _REGISTRY[(family, impl)] = fn
         _BACKEND_OPTIONS.pop(family, None)  # a new backend may take new options
+        _TRITON_USABLE.clear()
         return fn
 
     return decorate
@@ -59,9 +60,23 @@ def _load_backend(impl: str) -> bool:
     return _LOADED[module]
 
 
+#: ``_triton_usable`` per CUDA device, answered once (a device's capability does not change; the
+#: CUDA queries cost microseconds on every call otherwise). Cleared by :func:`register`.
+_TRITON_USABLE: dict = {}
+
+
 @torch.compiler.assume_constant_result
 def _triton_usable(device: torch.device) -> bool:
     """Whether the Triton kernels run on ``device`` (a constant to torch.compile: no import is traced)."""
+    if device.type != "cuda":  # the CPU runs the kernels only under TRITON_INTERPRET=1, read each time
+        return _probe_triton(device)
+    usable = _TRITON_USABLE.get(device)
+    if usable is None:
+        usable = _TRITON_USABLE[device] = _probe_triton(device)
+    return usable
+
+
+def _probe_triton(device: torch.device) -> bool:
     if device.type != "cuda" or not _load_backend("triton"):
         return False
     triton_mod = importlib.import_module(_BACKEND_MODULES["triton"])

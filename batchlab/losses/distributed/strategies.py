@@ -510,9 +510,9 @@ class _RingTritonContrastive(torch.autograd.Function):
         ring = RING_EXCHANGE(group, sizes)
         n = q.shape[0]
         symmetric, decoupled = spec["symmetric"], spec["decoupled"]
-        own_targets = torch.arange(n, device=q.device)
-        row2 = torch.full((n,), float("-inf"), device=q.device)
-        col2 = torch.full((k.shape[0],), float("-inf"), device=q.device)
+        own_targets = torch.arange(n, device=q.device) if decoupled else None
+        # the first block's statistics start the accumulators (no -inf buffers, no extra launches)
+        row2 = col2 = None
         block = k
         for step in range(ring.world):
             own = ring.source_of(step) == ring.rank
@@ -520,15 +520,15 @@ class _RingTritonContrastive(torch.autograd.Function):
                 key_req, (next_block,) = ring.start([block], ring.source_of(step + 1))
             r2, c2 = lse_forward(q, block.contiguous(), scale, own_targets if own and decoupled else None,
                                  cols=symmetric, exclude=own and decoupled)
-            row2 = torch.logaddexp2(row2, r2)
-            if symmetric:
-                col2 = torch.logaddexp2(col2, c2)
-            acc_req, (col2,) = ring.start([col2], ring.source_of(step + 1))
-            ring.wait(acc_req)
+            row2 = r2 if row2 is None else torch.logaddexp2(row2, r2)
+            if symmetric:  # the column statistics travel with their key block
+                col2 = c2 if col2 is None else torch.logaddexp2(col2, c2)
+                acc_req, (col2,) = ring.start([col2], ring.source_of(step + 1))
+                ring.wait(acc_req)
             if step < ring.world - 1:
                 ring.wait(key_req)
                 block = next_block
-        row_lse, col_lse = row2 * LN2, col2 * LN2
+        row_lse, col_lse = row2 * LN2, (col2 * LN2 if symmetric else None)
         if extra is not None and extra.shape[1]:
             row_lse = torch.logaddexp(row_lse, torch.logsumexp(extra_logits(q, extra, scale), 1))
         cos = (q.float() * k.float()).sum(1)
@@ -559,12 +559,10 @@ class _RingTritonContrastive(torch.autograd.Function):
         a = _loss_coefficients(grad_out, spec["reduction"], ring.world, sum(sizes), n, torch.float32)
         if symmetric:
             a = a / 2
-        own_targets = torch.arange(n, device=q.device)
+        own_targets = torch.arange(n, device=q.device) if decoupled else None
         row2 = (row_lse * LOG2E).contiguous()
-        dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)
-        dscale = torch.zeros((), device=q.device, dtype=torch.float32)
         block, bundle = k, ([(col_lse * LOG2E).contiguous(), a.contiguous()] if symmetric else [])
-        dk = torch.zeros(k.shape, device=q.device, dtype=torch.float32)
+        dq = dk = dscale = None  # fp32 accumulators, started by the first block (no zero fills)
         for step in range(ring.world):
             own = ring.source_of(step) == ring.rank
             if step < ring.world - 1:
@@ -572,9 +570,10 @@ class _RingTritonContrastive(torch.autograd.Function):
             dq_b, dk_b, ds_b = lse_backward(
                 q, block.contiguous(), scale, own_targets if own and decoupled else None, row2,
                 bundle[0] if symmetric else None, a, bundle[1] if symmetric else None, exclude=own and decoupled)
-            dq += dq_b
-            dscale += ds_b.float().reshape(())
-            grad_req, (dk,) = ring.start([dk + dk_b.float()], ring.source_of(step + 1))
+            dq_b, ds_b = dq_b.float(), ds_b.float().reshape(())
+            dq = dq_b if dq is None else dq + dq_b
+            dscale = ds_b if dscale is None else dscale + ds_b
+            grad_req, (dk,) = ring.start([dk_b.float() if dk is None else dk + dk_b.float()], ring.source_of(step + 1))
             ring.wait(grad_req)
             if step < ring.world - 1:
                 ring.wait(key_req)
@@ -617,10 +616,8 @@ def _loss_coefficients(grad_out, reduction, world, n_global, n_local, dtype):
     return (grad_out.to(dtype) * factor).expand(n_local)
 
 
-def _ring_pairs(q, k, targets, pos_mask, neg_mask, sizes, rank, group, need_columns):
-    """Positives and masks of the global batch, as the tiled engine's ``Pairs``."""
-    from batchlab.losses.tiled.engine import Pairs
-
+def _check_ring_inputs(q, k, pos_mask, neg_mask) -> None:
+    """What the ring accepts, from metadata only."""
     if pos_mask is not None:
         raise BatchlabInputError(
             "pos_mask is not supported under distributed=...; pass global targets (indices into the global keys)"
@@ -631,9 +628,20 @@ def _ring_pairs(q, k, targets, pos_mask, neg_mask, sizes, rank, group, need_colu
         raise BatchlabInputError(
             "under distributed=..., pass neg_mask as a callable fn(global_rows, global_cols) -> BoolTensor"
         )
+
+
+def _ring_pairs(q, k, targets, pos_mask, neg_mask, sizes, rank, group, need_columns):
+    """Positives and masks of the global batch, as the tiled engine's ``Pairs``."""
+    from batchlab.losses.tiled.engine import Pairs
+
+    _check_ring_inputs(q, k, pos_mask, neg_mask)
     glob = _global_targets(targets, sizes, rank, q.device, group)
     n_global, offset = sum(sizes), _offset(sizes, rank)
-    if targets is not None and (int(glob.min()) < 0 or int(glob.max()) >= n_global):
+    cd = compute_dtype(q.dtype)
+    if targets is None:  # the global diagonal: one positive per key, nothing to count (no host sync)
+        ones = torch.ones(q.shape[0], device=q.device, dtype=cd)
+        return Pairs(targets=glob, neg_mask=neg_mask), ones, ones
+    if int(glob.min()) < 0 or int(glob.max()) >= n_global:
         raise BatchlabInputError(f"global targets must index keys in [0, {n_global})")
     counts = torch.bincount(glob, minlength=n_global)
     if need_columns and bool((counts == 0).any()):
@@ -641,7 +649,6 @@ def _ring_pairs(q, k, targets, pos_mask, neg_mask, sizes, rank, group, need_colu
             f"{int((counts == 0).sum())} key(s) are nobody's target; the symmetric loss needs a positive for "
             "every key: pass symmetric=False, or targets that cover every key"
         )
-    cd = compute_dtype(q.dtype)
     local_counts = counts[offset : offset + k.shape[0]].to(cd).clamp_min(1)
     return Pairs(targets=glob, neg_mask=neg_mask), torch.ones(q.shape[0], device=q.device, dtype=cd), local_counts
 
@@ -652,13 +659,16 @@ def _ring_contrastive(group, q, k, scale, *, symmetric, targets, pos_mask, extra
     if return_lse:
         raise BatchlabInputError("return_lse is not available with distributed='ring'; use 'allgather'")
     world, rank = world_and_rank(group)
-    sizes = gather_sizes(q.shape[0], q.device, group)
+    sizes = gather_sizes(q.shape[0], q.device, group)  # the one host sync per call: shards may be uneven
+    if _ring_uses_triton(impl, q.device, targets, neg_mask):
+        # diagonal positives: the Triton blocks need no pairs, counts or tiles (metadata checks only)
+        _check_ring_inputs(q, k, pos_mask, neg_mask)
+        spec = dict(symmetric=symmetric, decoupled=decoupled, weighted=weighted, sigma=sigma, reduction=reduction)
+        return _RingTritonContrastive.apply(q, k, extra_negatives, scale, spec, group, sizes)
     pairs, row_counts, col_counts = _ring_pairs(q, k, targets, pos_mask, neg_mask, sizes, rank, group, symmetric)
     spec = dict(pairs=pairs, symmetric=symmetric, decoupled=decoupled, weighted=weighted, sigma=sigma,
                 reduction=reduction, tile=_ring_tile(tile_size, q.device), row_counts=row_counts,
                 col_counts=col_counts)
-    if _ring_uses_triton(impl, q.device, targets, neg_mask):
-        return _RingTritonContrastive.apply(q, k, extra_negatives, scale, spec, group, sizes)
     return _RingContrastive.apply(q, k, extra_negatives, scale, spec, group, sizes)
 
 

@@ -34,12 +34,15 @@ import torch
 import triton
 
 from batchlab.losses.triton import _dense_kernels as kd
+from batchlab.losses.triton import _launch
 from batchlab.losses.triton._launch import config, interpreting, kernel_flags, mm_f32
 
-#: The small-batch path runs up to this many logits (N * M): 8,192 x 8,192. Above it the
-#: streaming kernels hold O(N + M) instead of O(N M) (see docs/losses.md's table for the
-#: measured crossover). ``BATCHLAB_DENSE_MAX_LOGITS`` overrides it (0: always stream).
-DENSE_MAX_LOGITS = int(os.environ.get("BATCHLAB_DENSE_MAX_LOGITS", 8192 * 8192))
+#: The small-batch path runs up to this many logits (N * M): 16,384 x 16,384 (then 1 GiB of
+#: fp32 product in the forward, 0.5 GiB of bf16 logit gradient in the backward: less than
+#: open_clip holds at that size). Above it the streaming kernels hold O(N + M) instead of
+#: O(N M) (benchmarks/results/losses-h200-small/ has the measured crossover).
+#: ``BATCHLAB_DENSE_MAX_LOGITS`` overrides it (0: always stream).
+DENSE_MAX_LOGITS = int(os.environ.get("BATCHLAB_DENSE_MAX_LOGITS", 16384 * 16384))
 #: Input dtypes of the small-batch path (fp16 logit gradients could underflow: streaming path).
 DENSE_DTYPES = (torch.bfloat16, torch.float32)
 #: Owned block and swept chunk of ``clip_lse_kernel``; interpreter: small, several blocks at test sizes.
@@ -67,33 +70,147 @@ def _grad_flags(q: torch.Tensor, cfg: dict) -> dict:
                 num_stages=cfg["num_stages"], **flags)
 
 
+# ----------------------------------------------------------------------------- low-overhead launches
+
+
+#: Launch the compiled kernels directly (``BATCHLAB_TRITON_DIRECT_LAUNCH=0``: through Triton's
+#: ``kernel[grid](...)`` every time). Never under the interpreter.
+DIRECT_LAUNCH = os.environ.get("BATCHLAB_TRITON_DIRECT_LAUNCH", "1") != "0"
+
+
+def _arg_key(a):
+    """What Triton specialises an argument on: a tensor's dtype and 16-byte alignment, an int's value."""
+    if isinstance(a, torch.Tensor):
+        return a.dtype, a.data_ptr() % 16 == 0
+    return a if a.__class__ is int else a.__class__
+
+
+class _Kernel:
+    """A ``@triton.jit`` kernel launched through its compiled launcher.
+
+    ``kernel[grid](...)`` binds and specialises every argument, reads Triton's settings and
+    builds launch metadata on every call (tens of microseconds of host time). Here the first
+    launch of each specialisation goes through it and returns the compiled kernel; later
+    launches with the same key (what Triton specialises on: tensor dtypes and alignment,
+    integer values, constexprs) call that kernel's launcher directly. Launch hooks (profilers
+    that register with ``triton.knobs.runtime``) are honoured.
+    """
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.compiled: dict = {}
+        self.tail_names: tuple = ()
+
+    def __call__(self, grid, args: tuple, consts: dict):
+        """Launch on ``grid`` with the runtime ``args`` (signature order) and the constexpr/launch options ``consts``."""
+        if not DIRECT_LAUNCH or interpreting():
+            self.fn[grid](*args, **consts)
+            return
+        key = (tuple(consts.items()), tuple(map(_arg_key, args)))
+        entry = self.compiled.get(key)
+        if entry is None:
+            kernel = self.fn[grid](*args, **consts)
+            if kernel is not None and hasattr(kernel, "packed_metadata") and not hasattr(kernel, "result"):
+                names = self.fn.arg_names[len(args):]
+                params = self.fn.params[len(args):]
+                tail = tuple(consts[name] if name in consts else p.default for name, p in zip(names, params))
+                self.compiled[key] = (kernel, tail)
+            return
+        kernel, tail = entry
+        stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+        runtime = triton.knobs.runtime
+        enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
+        if enter is None or not getattr(enter, "calls", True):  # no hook installed (3.6: an empty HookChain)
+            meta = enter = leave = None
+        else:
+            meta = kernel.launch_metadata(grid, stream, *args, *tail)
+        kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
+                   kernel.function, kernel.packed_metadata, meta, enter, leave, *args, *tail)
+
+
+_clip_lse = _Kernel(kd.clip_lse_kernel)
+_clip_grad = _Kernel(kd.clip_grad_kernel)
+_siglip_fwd = _Kernel(kd.siglip_loss_kernel)
+_siglip_grad = _Kernel(kd.siglip_grad_kernel)
+
+_FLAGS: dict = {}
+
+
+def _grad_flags_cached(q: torch.Tensor) -> dict:
+    """:func:`_grad_flags` of the backward config, computed once per (dtype, d, TF32 switch, config)."""
+    cfg_obj = None if interpreting() else _launch.CONFIGS["bwd"]
+    key = (q.dtype, q.shape[1], torch.backends.cuda.matmul.allow_tf32, interpreting())
+    entry = _FLAGS.get(key)
+    if entry is None or entry[0] is not cfg_obj:  # the sweep replaces CONFIGS["bwd"]: recompute
+        entry = (cfg_obj, _grad_flags(q, config("bwd", q.dtype)))
+        _FLAGS[key] = entry
+    return entry[1]
+
+
+def _lse_blocks() -> tuple[int, int]:
+    return _INTERPRET_LSE_BLOCKS if interpreting() else _LSE_BLOCKS
+
+
 # ----------------------------------------------------------------------------- CLIP / InfoNCE
+
+
+def _clip_forward(q, k, scale, targets, symmetric: bool, reduction: int):
+    """``(loss, stats, counts)`` of the CLIP loss (see :func:`clip_dense`); ``counts`` is None without targets."""
+    n, m = q.shape[0], k.shape[0]
+    s = mm_f32(q, k.t())
+    block, chunk = _lse_blocks()
+    programs = triton.cdiv(n, block) + (triton.cdiv(m, block) if symmetric else 0)
+    none = reduction == 2
+    f32 = dict(device=q.device, dtype=torch.float32)
+    stats = torch.empty(n + (m if symmetric else 0), **f32)
+    parts = torch.empty(programs, **f32)  # one partial sum of the loss per program
+    rows = cols = parts  # placeholders: the per-row and per-column losses are stored for "none" only
+    if none:
+        rows, cols = torch.empty(n, **f32), torch.empty(m if symmetric else 1, **f32)
+    counts = None
+    if targets is not None and symmetric:
+        counts = torch.empty(m, device=q.device, dtype=torch.int32)
+    cr, cc = _coefficients(n, m, symmetric, reduction)
+    _clip_lse((programs,), (s, scale, targets if targets is not None else stats, stats, rows, cols,
+                            counts if counts is not None else stats, parts, n, m, s.stride(0), cr, cc),
+              dict(BLOCK=block, CHUNK=chunk, SYM=symmetric, HAS_TGT=targets is not None, STORE_LOSSES=none))
+    if not none:
+        loss = parts.sum()
+    else:
+        loss = (rows + cols) * 0.5 if symmetric else rows
+    return loss, stats, counts
+
+
+def _clip_backward_impl(q, k, scale, targets, stats, counts, g, g_stats, symmetric: bool, reduction: int,
+                        need_q: bool, need_k: bool):
+    """``(dq, dk, dscale)`` of ``g * loss + g_stats . stats`` (``g_stats`` None: zero; dq/dk None when not needed)."""
+    n, d = q.shape
+    m = k.shape[0]
+    flags = _grad_flags_cached(q)
+    grad = torch.empty(n, m, device=q.device, dtype=q.dtype)
+    grid = (triton.cdiv(n, flags["BM"]), triton.cdiv(m, flags["BN"]))
+    parts = torch.empty(grid[0] * grid[1], device=q.device, dtype=torch.float32)
+    cr, cc = _coefficients(n, m, symmetric, reduction)
+    has_tgt = targets is not None
+    _clip_grad(grid, (q, k, scale, targets if has_tgt else parts, stats,
+                      g_stats if g_stats is not None else parts, counts if counts is not None else parts, g, grad,
+                      parts, n, m, d, q.stride(0), k.stride(0), grad.stride(0), cr, cc),
+               dict(SYM=symmetric, HAS_TGT=has_tgt, G_VEC=g.dim() > 0, HAS_GSTATS=g_stats is not None, **flags))
+    dq = torch.mm(grad, k) if need_q else None
+    dk = torch.mm(grad.t(), q) if need_k else None
+    ds = parts.sum()
+    return dq, dk, (ds if ds.dtype == scale.dtype else ds.to(scale.dtype))
 
 
 @torch.library.custom_op("batchlab::clip_dense", mutates_args=())
 def clip_dense(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, targets: Optional[torch.Tensor],
                symmetric: bool, reduction: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(loss, stats, counts)``: the loss (0-d, or (N,) for "none"), the row then column
-    log-sum-exps (N + M,) fp32, and positives per column (M,) int32 (symmetric with targets)."""
-    n, m = q.shape[0], k.shape[0]
-    s = mm_f32(q, k.t())
-    block, chunk = _INTERPRET_LSE_BLOCKS if interpreting() else _LSE_BLOCKS
-    programs = triton.cdiv(n, block) + (triton.cdiv(m, block) if symmetric else 0)
-    f32 = dict(device=q.device, dtype=torch.float32)
-    stats = torch.empty(n + (m if symmetric else 0), **f32)
-    rows = torch.empty(n, **f32)
-    cols = torch.empty(m if symmetric else 1, **f32)
-    counts = torch.empty(m if symmetric else 1, device=q.device, dtype=torch.int32)
-    parts = torch.empty(programs, **f32)
-    cr, cc = _coefficients(n, m, symmetric, reduction)
-    kd.clip_lse_kernel[(programs,)](
-        s, scale, targets if targets is not None else counts, stats, rows, cols, counts, parts,
-        n, m, s.stride(0), cr, cc, BLOCK=block, CHUNK=chunk, SYM=symmetric, HAS_TGT=targets is not None,
-    )
-    if _REDUCTIONS[reduction] != "none":
-        loss = parts.sum()
-    else:
-        loss = (rows + cols) * 0.5 if symmetric else rows
+    log-sum-exps (N + M,) fp32, and positives per column (M,) int32 (symmetric with targets;
+    else a placeholder). The op that ``torch.compile`` traces; eager calls take :class:`_ClipDense`."""
+    loss, stats, counts = _clip_forward(q, k, scale, targets, symmetric, reduction)
+    if counts is None:
+        counts = torch.empty(k.shape[0] if symmetric else 1, device=q.device, dtype=torch.int32)
     return loss, stats, counts
 
 
@@ -111,21 +228,9 @@ def clip_dense_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, t
                         symmetric: bool, reduction: int, need_q: bool, need_k: bool
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, dscale)`` of ``g * loss + g_stats . stats`` (dq/dk empty when not needed)."""
-    n, d = q.shape
-    m = k.shape[0]
-    cfg = config("bwd", q.dtype)
-    grad = torch.empty(n, m, device=q.device, dtype=q.dtype)
-    grid = (triton.cdiv(n, cfg["BM"]), triton.cdiv(m, cfg["BN"]))
-    parts = torch.empty(grid[0] * grid[1], device=q.device, dtype=torch.float32)
-    cr, cc = _coefficients(n, m, symmetric, reduction)
-    kd.clip_grad_kernel[grid](
-        q, k, scale, targets if targets is not None else counts, stats, g_stats, counts, g, grad, parts,
-        n, m, d, q.stride(0), k.stride(0), grad.stride(0), cr, cc,
-        SYM=symmetric, HAS_TGT=targets is not None, G_VEC=g.dim() > 0, **_grad_flags(q, cfg),
-    )
-    dq = torch.mm(grad, k) if need_q else q.new_empty(0)
-    dk = torch.mm(grad.t(), q) if need_k else k.new_empty(0)
-    return dq, dk, parts.sum().to(scale.dtype)
+    dq, dk, ds = _clip_backward_impl(q, k, scale, targets, stats, counts, g, g_stats, symmetric, reduction,
+                                     need_q, need_k)
+    return (dq if need_q else q.new_empty(0)), (dk if need_k else k.new_empty(0)), ds
 
 
 @clip_dense_backward.register_fake
@@ -154,32 +259,85 @@ def _clip_backward(ctx, g, g_stats, _g_counts):
 clip_dense.register_autograd(_clip_backward, setup_context=_clip_setup)
 
 
+class _ClipDense(torch.autograd.Function):
+    """The eager twin of :func:`clip_dense`: the same kernels without the custom-op dispatch.
+
+    An autograd function costs a fraction of a custom op's host time per call (measured on
+    the CPU: ~5 vs ~20-37 us forward); gradients left unused (the returned log-sum-exps,
+    usually) are not materialised as zeros: the kernel skips them.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, scale, targets, symmetric, reduction):
+        loss, stats, counts = _clip_forward(q, k, scale, targets, symmetric, reduction)
+        ctx.save_for_backward(q, k, scale, targets, stats, counts)
+        ctx.symmetric, ctx.reduction = symmetric, reduction
+        ctx.set_materialize_grads(False)
+        return loss, stats
+
+    @staticmethod
+    def backward(ctx, g, g_stats):
+        q, k, scale, targets, stats, counts = ctx.saved_tensors
+        need_q, need_k, need_s = ctx.needs_input_grad[:3]
+        if g is None and g_stats is None:
+            return None, None, None, None, None, None
+        if g is None:
+            g = torch.zeros((q.shape[0],) if ctx.reduction == 2 else (), device=q.device, dtype=torch.float32)
+        dq, dk, ds = _clip_backward_impl(q, k, scale, targets, stats, counts, g.contiguous(),
+                                         None if g_stats is None else g_stats.contiguous(), ctx.symmetric,
+                                         ctx.reduction, need_q, need_k)
+        return dq, dk, (ds if need_s else None), None, None, None
+
+
 def clip_loss(q, k, scale, targets, *, symmetric: bool, reduction: str):
     """``(loss, row_lse (N,), col_lse (M,) or None)`` of InfoNCE/CLIP on the small-batch path."""
     n = q.shape[0]
-    loss, stats, _ = clip_dense(q.contiguous(), k.contiguous(), scale.reshape(()), targets, symmetric,
-                                _REDUCTIONS.index(reduction))
+    red = _REDUCTIONS.index(reduction)
+    if torch.compiler.is_compiling():
+        loss, stats, _ = clip_dense(q.contiguous(), k.contiguous(), scale.reshape(()), targets, symmetric, red)
+    else:
+        loss, stats = _ClipDense.apply(q.contiguous(), k.contiguous(), scale.reshape(()) if scale.dim() else scale,
+                                       targets, symmetric, red)
     return loss, stats[:n], (stats[n:] if symmetric else None)
 
 
 # ----------------------------------------------------------------------------- SigLIP
 
 
+def _siglip_forward(q, k, scale, bias, targets, reduction: int):
+    n, d = q.shape
+    m = k.shape[0]
+    flags = _grad_flags_cached(q)
+    grid = (triton.cdiv(n, flags["BM"]), triton.cdiv(m, flags["BN"]))
+    parts = torch.empty(grid[0] * grid[1], device=q.device, dtype=torch.float32)
+    coef = 1.0 / n if reduction == 0 else 1.0
+    _siglip_fwd(grid, (q, k, scale, bias, targets if targets is not None else parts, parts, n, m, d, q.stride(0),
+                       k.stride(0), coef), dict(HAS_TGT=targets is not None, **flags))
+    return parts.sum()
+
+
+def _siglip_backward_impl(q, k, scale, bias, targets, g, reduction: int, need_q: bool, need_k: bool):
+    """``(dq, dk, ds_db (2,) fp32)``; dq/dk None when not needed."""
+    n, d = q.shape
+    m = k.shape[0]
+    flags = _grad_flags_cached(q)
+    grid = (triton.cdiv(n, flags["BM"]), triton.cdiv(m, flags["BN"]))
+    grad = torch.empty(n, m, device=q.device, dtype=q.dtype)
+    parts = torch.empty(grid[0] * grid[1], 2, device=q.device, dtype=torch.float32)
+    coef = 1.0 / n if reduction == 0 else 1.0
+    _siglip_grad(grid, (q, k, scale, bias, targets if targets is not None else parts, g, grad, parts,
+                        n, m, d, q.stride(0), k.stride(0), grad.stride(0), coef),
+                 dict(HAS_TGT=targets is not None, **flags))
+    dq = torch.mm(grad, k) if need_q else None
+    dk = torch.mm(grad.t(), q) if need_k else None
+    return dq, dk, parts.sum(0)
+
+
 @torch.library.custom_op("batchlab::siglip_dense", mutates_args=())
 def siglip_dense(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
                  targets: Optional[torch.Tensor], reduction: int) -> torch.Tensor:
-    """The summed (``reduction`` 1) or mean-per-query (0) SigLIP loss, 0-d fp32."""
-    n, d = q.shape
-    m = k.shape[0]
-    cfg = config("bwd", q.dtype)
-    grid = (triton.cdiv(n, cfg["BM"]), triton.cdiv(m, cfg["BN"]))
-    parts = torch.empty(grid[0] * grid[1], device=q.device, dtype=torch.float32)
-    coef = 1.0 / n if _REDUCTIONS[reduction] == "mean" else 1.0
-    kd.siglip_loss_kernel[grid](
-        q, k, scale, bias, targets if targets is not None else parts, parts, n, m, d, q.stride(0), k.stride(0),
-        coef, HAS_TGT=targets is not None, **_grad_flags(q, cfg),
-    )
-    return parts.sum()
+    """The summed (``reduction`` 1) or mean-per-query (0) SigLIP loss, 0-d fp32 (traced by torch.compile)."""
+    return _siglip_forward(q, k, scale, bias, targets, reduction)
 
 
 @siglip_dense.register_fake
@@ -192,21 +350,8 @@ def siglip_dense_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor,
                           targets: Optional[torch.Tensor], g: torch.Tensor, reduction: int, need_q: bool,
                           need_k: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(dq, dk, [dscale, dbias])`` of ``g * loss`` (fp32 (2,); dq/dk empty when not needed)."""
-    n, d = q.shape
-    m = k.shape[0]
-    cfg = config("bwd", q.dtype)
-    grid = (triton.cdiv(n, cfg["BM"]), triton.cdiv(m, cfg["BN"]))
-    grad = torch.empty(n, m, device=q.device, dtype=q.dtype)
-    parts = torch.empty(grid[0] * grid[1], 2, device=q.device, dtype=torch.float32)
-    coef = 1.0 / n if _REDUCTIONS[reduction] == "mean" else 1.0
-    kd.siglip_grad_kernel[grid](
-        q, k, scale, bias, targets if targets is not None else parts, g, grad, parts,
-        n, m, d, q.stride(0), k.stride(0), grad.stride(0), coef, HAS_TGT=targets is not None,
-        **_grad_flags(q, cfg),
-    )
-    dq = torch.mm(grad, k) if need_q else q.new_empty(0)
-    dk = torch.mm(grad.t(), q) if need_k else k.new_empty(0)
-    return dq, dk, parts.sum(0)
+    dq, dk, dsb = _siglip_backward_impl(q, k, scale, bias, targets, g, reduction, need_q, need_k)
+    return (dq if need_q else q.new_empty(0)), (dk if need_k else k.new_empty(0)), dsb
 
 
 @siglip_dense_backward.register_fake
@@ -233,7 +378,31 @@ def _siglip_backward(ctx, g):
 siglip_dense.register_autograd(_siglip_backward, setup_context=_siglip_setup)
 
 
+class _SiglipDense(torch.autograd.Function):
+    """The eager twin of :func:`siglip_dense` (see :class:`_ClipDense`)."""
+
+    @staticmethod
+    def forward(ctx, q, k, scale, bias, targets, reduction):
+        ctx.save_for_backward(q, k, scale, bias, targets)
+        ctx.reduction = reduction
+        return _siglip_forward(q, k, scale, bias, targets, reduction)
+
+    @staticmethod
+    def backward(ctx, g):
+        q, k, scale, bias, targets = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dq, dk, dsb = _siglip_backward_impl(q, k, scale, bias, targets, g.contiguous(), ctx.reduction, need[0],
+                                            need[1])
+        ds = db = None
+        if need[2] or need[3]:
+            ds, db = (dsb if dsb.dtype == scale.dtype else dsb.to(scale.dtype)).unbind()
+        return dq, dk, ds, db, None, None
+
+
 def siglip_loss(q, k, scale, bias, targets, *, reduction: str):
     """SigLIP's summed or mean loss (0-d) on the small-batch path (``reduction`` "mean" or "sum")."""
-    return siglip_dense(q.contiguous(), k.contiguous(), scale.reshape(()), bias.reshape(()), targets,
-                        _REDUCTIONS.index(reduction))
+    red = _REDUCTIONS.index(reduction)
+    if torch.compiler.is_compiling():
+        return siglip_dense(q.contiguous(), k.contiguous(), scale.reshape(()), bias.reshape(()), targets, red)
+    return _SiglipDense.apply(q.contiguous(), k.contiguous(), scale.reshape(()) if scale.dim() else scale,
+                              bias.reshape(()) if bias.dim() else bias, targets, red)

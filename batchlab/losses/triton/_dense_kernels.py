@@ -29,10 +29,13 @@ LN2 = 0.6931471805599453
 @triton.jit
 def clip_lse_kernel(s_ptr, scale_ptr, tgt_ptr, stats_ptr, rows_out_ptr, cols_out_ptr, cnt_ptr, part_ptr,
                     N, M, stride_s, coef_row, coef_col,
-                    BLOCK: tl.constexpr, CHUNK: tl.constexpr, SYM: tl.constexpr, HAS_TGT: tl.constexpr):
+                    BLOCK: tl.constexpr, CHUNK: tl.constexpr, SYM: tl.constexpr, HAS_TGT: tl.constexpr,
+                    STORE_LOSSES: tl.constexpr = True):
     """Row (and column) log-sum-exp, losses and partial loss sums of ``s * S`` (see module doc).
 
-    ``stats`` (N + M,): row then column log-sum-exp (natural log); ``cnt`` (M,): positives per column.
+    ``stats`` (N + M,): row then column log-sum-exp (natural log); ``cnt`` (M,): positives per column
+    (written with ``HAS_TGT`` only: the diagonal has one per column). ``STORE_LOSSES``: write the
+    per-row (``rows_out``) and per-column (``cols_out``) losses (only ``reduction="none"`` reads them).
     """
     pid = tl.program_id(0)
     row_blocks = tl.cdiv(N, BLOCK)
@@ -56,7 +59,8 @@ def clip_lse_kernel(s_ptr, scale_ptr, tgt_ptr, stats_ptr, rows_out_ptr, cols_out
         lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
         loss = lse - pos * 0.6931471805599453
         tl.store(stats_ptr + rows, lse, mask=rmask)
-        tl.store(rows_out_ptr + rows, loss, mask=rmask)
+        if STORE_LOSSES:
+            tl.store(rows_out_ptr + rows, loss, mask=rmask)
         tl.store(part_ptr + pid, tl.sum(tl.where(rmask, loss, 0.0), 0) * coef_row)
     else:
         cols = (pid - row_blocks) * BLOCK + tl.arange(0, BLOCK)
@@ -84,8 +88,10 @@ def clip_lse_kernel(s_ptr, scale_ptr, tgt_ptr, stats_ptr, rows_out_ptr, cols_out
         lse = (m_j + tl.log2(l_j)) * 0.6931471805599453
         loss = lse - pos * 0.6931471805599453 / tl.maximum(cnt, 1).to(tl.float32)
         tl.store(stats_ptr + N + cols, lse, mask=cmask)
-        tl.store(cols_out_ptr + cols, loss, mask=cmask)
-        tl.store(cnt_ptr + cols, cnt, mask=cmask)
+        if STORE_LOSSES:
+            tl.store(cols_out_ptr + cols, loss, mask=cmask)
+        if HAS_TGT:
+            tl.store(cnt_ptr + cols, cnt, mask=cmask)
         tl.store(part_ptr + pid, tl.sum(tl.where(cmask, loss, 0.0), 0) * coef_col)
 
 
@@ -102,11 +108,13 @@ def clip_grad_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, stats_ptr, gstats_ptr, cn
                      N, M, D, stride_q, stride_k, stride_out, cr, cc,
                      BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                      SYM: tl.constexpr, HAS_TGT: tl.constexpr, G_VEC: tl.constexpr,
-                     EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
+                     EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                     HAS_GSTATS: tl.constexpr = True):
     """``out = s * dLoss/dL`` on one tile, and ``part[pid] = sum dLoss/dL * (q . k)``.
 
     Row loss ``lse_i - L_{i,t_i}`` weighs ``a_i = cr g``; column loss ``lse_j - mean_{i: t_i = j} L_ij``
-    weighs ``b_j = cc g``; ``gstats`` adds the gradients of the returned log-sum-exps.
+    weighs ``b_j = cc g``; ``gstats`` adds the gradients of the returned log-sum-exps (read only with
+    ``HAS_GSTATS``: without it they are zero and ``gstats_ptr`` may be any tensor).
     """
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -122,17 +130,23 @@ def clip_grad_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, stats_ptr, gstats_ptr, cn
     pos = cols[None, :] == t[:, None]
     a = _coefficient(g_ptr, rows, rmask, cr, G_VEC)
     lse_r = tl.load(stats_ptr + rows, mask=rmask, other=0.0) * 1.4426950408889634
-    ga = tl.load(gstats_ptr + rows, mask=rmask, other=0.0)
-    grad = (a + ga)[:, None] * tl.exp2(l2 - lse_r[:, None]) - tl.where(pos, a[:, None], 0.0)
+    if HAS_GSTATS:
+        a_lse = a + tl.load(gstats_ptr + rows, mask=rmask, other=0.0)
+    else:
+        a_lse = a
+    grad = a_lse[:, None] * tl.exp2(l2 - lse_r[:, None]) - tl.where(pos, a[:, None], 0.0)
     if SYM:
         b = _coefficient(g_ptr, cols, cmask, cc, G_VEC)
         lse_c = tl.load(stats_ptr + N + cols, mask=cmask, other=0.0) * 1.4426950408889634
-        gb = tl.load(gstats_ptr + N + cols, mask=cmask, other=0.0)
+        if HAS_GSTATS:
+            b_lse = b + tl.load(gstats_ptr + N + cols, mask=cmask, other=0.0)
+        else:
+            b_lse = b
         if HAS_TGT:
             b_pos = b / tl.maximum(tl.load(cnt_ptr + cols, mask=cmask, other=1), 1).to(tl.float32)
         else:
             b_pos = b
-        grad += (b + gb)[None, :] * tl.exp2(l2 - lse_c[None, :]) - tl.where(pos, b_pos[None, :], 0.0)
+        grad += b_lse[None, :] * tl.exp2(l2 - lse_c[None, :]) - tl.where(pos, b_pos[None, :], 0.0)
     mask = rmask[:, None] & cmask[None, :]
     grad = tl.where(mask, grad, 0.0)
     out = out_ptr + rows[:, None].to(tl.int64) * stride_out + cols[None, :]
