@@ -74,7 +74,7 @@ from batchlab.losses._distributed_hook import use_distributed
 __all__ = ["sogclr", "SogCLRResult", "SogCLRLoss", "ISogCLRLoss", "MODES"]
 
 MODES = ("symmetric", "one_way", "two_view")
-_IMPLS = ("auto", "reference", "tiled")
+_IMPLS = ("auto", "reference", "tiled", "triton")
 _DISTRIBUTED = ("none", "allgather", "auto")
 #: backend options some implementation of the family takes (anything else is an error)
 _BACKEND_OPTIONS = ("tile_size",)
@@ -257,10 +257,38 @@ def _check_hyper(gamma, rho) -> tuple[float, float]:
     return float(gamma), float(rho)
 
 
-def _backend(impl: str, n: int, k: int, device: torch.device) -> str:
-    """The implementation ``impl`` names for an (n x k) problem (its module imported)."""
-    if impl in ("auto", "tiled"):
-        importlib.import_module("batchlab.losses.tiled.sogclr")  # registers the "tiled" implementations
+#: Whether the Triton kernels of this family imported (filled on first use; torch.compile reads the dict).
+_TRITON: dict[str, bool] = {}
+
+
+def _triton_module():
+    """``batchlab.losses.triton._sogclr`` (registers the "triton" implementations), or None without Triton."""
+    if "ok" not in _TRITON:
+        try:
+            importlib.import_module("batchlab.losses.triton._sogclr")
+            _TRITON["ok"] = True
+        except ImportError:
+            _TRITON["ok"] = False
+    return importlib.import_module("batchlab.losses.triton._sogclr") if _TRITON["ok"] else None
+
+
+def _backend(impl: str, n: int, k: int, q: torch.Tensor, dirs: Sequence[Direction]) -> str:
+    """The implementation ``impl`` names for an (n x k) problem (its module imported).
+
+    ``auto``: the Triton kernels on a CUDA device where they run (bf16/fp32, no ``neg_mask``; strict
+    fp32 above ``_dispatch.AUTO_FP32_TRITON_MAX_LOGITS`` logits takes the tiled engine, whose
+    products use cuBLAS), else tiled above ``_dispatch.AUTO_TILED_MIN_LOGITS`` logits, else the
+    reference. ``triton`` runs what the kernels do not cover on the tiled engine."""
+    importlib.import_module("batchlab.losses.tiled.sogclr")  # registers the "tiled" implementations
+    if impl in ("auto", "triton"):
+        module = _triton_module() if (impl == "triton" or q.is_cuda) else None
+        fits = (module is not None and n > 0 and module.supported(q) and all(module.direction_ok(d) for d in dirs))
+        if impl == "triton":
+            _dispatch.resolve("sogclr", "triton", n, k, q.device)  # refuses the CPU outside the interpreter
+            return "triton" if fits else "tiled"
+        strict_large = _dispatch._ieee_fp32(q.dtype) and n * k > _dispatch.AUTO_FP32_TRITON_MAX_LOGITS
+        if fits and not strict_large and _dispatch._triton_usable(q.device):
+            return "triton"
     if impl == "auto":
         impl = "tiled" if n * k > _dispatch.AUTO_TILED_MIN_LOGITS else "reference"
     return impl
@@ -307,9 +335,12 @@ def sogclr(
         Over rows, then the mean over directions.
     normalize : bool
         L2-normalise ``q`` and ``k`` first.
-    impl : "auto" | "reference" | "tiled"
-        ``reference`` materialises the (N, K) logits; ``tiled`` never does (``tile_size=``).
-        ``auto``: tiled above ``_dispatch.AUTO_TILED_MIN_LOGITS`` logits.
+    impl : "auto" | "reference" | "tiled" | "triton"
+        ``reference`` materialises the (N, K) logits; ``tiled`` never does (``tile_size=``);
+        ``triton``: fused kernels with per-row (and per-column) temperatures, bf16/fp32 on
+        CUDA (what they do not cover -- fp16, float64, ``neg_mask`` -- runs tiled).
+        ``auto``: Triton on CUDA where it runs (strict fp32 above 8192 x 8192 logits: tiled),
+        elsewhere tiled above ``_dispatch.AUTO_TILED_MIN_LOGITS`` logits, else the reference.
     distributed : "none" | "allgather" | "auto"
         ``q``, ``k`` (and ``log_u``, ``tau``) are this rank's shard of a global batch; the
         candidates are gathered with gradient. The loss and gradients follow
@@ -370,7 +401,13 @@ def sogclr(
             f"mode={mode!r} with {n_global} pair(s) leaves an anchor with no negative: the global contrastive "
             "loss averages over negatives, so a batch needs at least 2 pairs (or extra keys with mode='one_way')"
         )
-    chosen = _backend(impl, n, dirs[0].cands.shape[0], q.device)
+    chosen = _backend(impl, n, dirs[0].cands.shape[0], q, dirs)
+    if chosen == "triton" and mode == "symmetric" and world == 1:
+        # one tile pass for both directions; the kernels also sum the loss (no (2, n) values to reduce)
+        fn = _dispatch.resolve("sogclr_symmetric", "triton", n, m, q.device)
+        _dispatch.accepted_options(fn, impl_options, impl)
+        loss, new_log_u, tau_grads = fn(q, k, tau, log_u, gamma=gamma, rho=rho, reduction=reduction)
+        return SogCLRResult(loss, new_log_u.detach(), tau_grads.detach())
     if chosen == "tiled" and mode == "symmetric" and world == 1:
         # one product per tile serves both directions (the per-direction path would compute it twice)
         fn = _dispatch.resolve("sogclr_symmetric", "tiled", n, m, q.device)
@@ -530,6 +567,16 @@ class SogCLRLoss(nn.Module):
     @torch.no_grad()
     def _update(self, ids: torch.Tensor, out: SogCLRResult) -> None:
         log_u, tau_grad = out.log_u, out.tau_grad
+        distributed = self.call_options.get("distributed", "none")
+        if (ids.is_cuda and self.call_options.get("impl", "auto") in ("auto", "triton") and log_u.dtype == torch.float32
+                and not use_distributed(distributed, self.call_options.get("group"))):
+            module = _triton_module()
+            if module is not None and all(module.update_ok(t) for t in self._tables()):
+                # one launch instead of a dozen small ones (the step's fixed cost at small N)
+                module.sogclr_update(ids, log_u, tau_grad, self.log_u, self.tau if self.isogclr else None,
+                                     self.tau_momentum if self.isogclr else None, self.mode == "two_view",
+                                     self.beta, self.eta, self.tau_min, self.tau_max)
+                return
         if self.mode == "two_view":  # one row per example: the mean of the two views' u and steps
             log_u = (torch.logsumexp(log_u, 0) - math.log(2.0))[None]
             tau_grad = tau_grad.mean(0, keepdim=True)
@@ -539,13 +586,15 @@ class SogCLRLoss(nn.Module):
             momentum = (1 - self.beta) * self.tau_momentum[:, ids] + self.beta * tau_grad.to(self.tau)
             tau = (self.tau[:, ids] - self.eta * momentum).clamp_(self.tau_min, self.tau_max)
             rows += [tau, momentum]
-        distributed = self.call_options.get("distributed", "none")
         if use_distributed(distributed, self.call_options.get("group")):
             ids, rows = _gather_rows(ids, rows, self.call_options.get("group"))
         self.log_u[:, ids] = rows[0]
         if self.isogclr:
             self.tau[:, ids] = rows[1]
             self.tau_momentum[:, ids] = rows[2]
+
+    def _tables(self) -> list[torch.Tensor]:
+        return [self.log_u, self.tau, self.tau_momentum] if self.isogclr else [self.log_u]
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         for name, buf in self.named_buffers():

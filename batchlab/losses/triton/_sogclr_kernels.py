@@ -1,0 +1,252 @@
+"""Triton kernels of SogCLR / iSogCLR (:mod:`._sogclr`): per-row and per-column temperatures.
+
+Everything is in base 2, as in :mod:`._kernels`. For anchors ``a_i`` (rows) and candidates
+``c_j`` (columns) the kernels see ``y_ij = (a_i . c_j) log2(e) / tau_i`` (rows) and, for the
+symmetric loss, ``y'_ij = (a_i . c_j) log2(e) / tau'_j`` (columns: anchor ``c_j`` against the
+negatives ``a_i``); the positive's logit ``a_i . p_i / tau_i`` is a per-row constant that the
+finish subtracts, so the tile loops never touch it. The entry ``j == i + OFF`` (the anchor's
+positive, or itself for two views) is no negative.
+
+* ``sog_fwd_kernel``: one pass over (rows x column tiles). A program owns BM rows and a
+  group of column tiles; per row it keeps the online (max, sum of ``2^y``, sum of ``2^y y``)
+  and writes them as a partial ``(lse, softmax-weighted mean of y)`` per group. With
+  ``COLS`` every tile also yields its columns' exact partial statistics over its BM rows
+  (the tile's own column maximum: no global shift, so any temperature works), written per
+  (row block, column). No atomics: the partials are combined in a fixed order.
+* ``sog_finish_kernel``: combines the partials of each anchor, computes the positive's
+  logit and applies the update rules (moving average of ``u``, value, temperature
+  gradient, and the bias that turns ``y`` into ``log2 P`` for the backward), plus one
+  partial sum of the loss per program.
+* ``sog_combine_kernel``: folds rows of partials into the first (large N, in chunks).
+* ``sog_bwd_kernel``: recomputes a panel of rows' tiles and writes
+  ``dLoss/dS_ij = G_i P_ij + G'_j P'_ij`` in the inputs' dtype, with ``-(G_i s_i + G'_i s'_i)``
+  on the positive's entry (the ``- a_i . p_i`` term of ``h``), so that two matrix products
+  (cuBLAS) give every embedding gradient.
+* ``sog_update_kernel``: the stateful module's step (``u`` rows, iSogCLR's momentum and
+  clipped temperature) scattered into the tables by dataset id.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from batchlab.losses.triton._kernels import _tile_dot
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def sog_fwd_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, rlse_ptr, rwm_ptr, clse_ptr, cwm_ptr,
+                   N, M, D, stride_a, stride_c, OFF, tiles_per_group, rb0, rpart0, cpart0,
+                   BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, COLS: tl.constexpr,
+                   EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+                   FLAT: tl.constexpr = False):
+    """Partial row statistics over a group of column tiles; with ``COLS`` each tile's column partials.
+
+    Row partials go to ``r*_ptr[(rpart0 + group) * N + row]``; column partials of row block
+    ``rb0 + pid_m`` to ``c*_ptr[(cpart0 + pid_m) * M + col]``: ``lse`` of ``y`` (base 2; -inf
+    when empty) and the softmax-weighted mean of ``y`` (0 when empty).
+    """
+    pid_m = tl.program_id(0)
+    pid_g = tl.program_id(1)
+    rows = (rb0 + pid_m) * BM + tl.arange(0, BM)
+    rmask = rows < N
+    ar = 1.4426950408889634 / tl.load(tau_r_ptr + rows, mask=rmask, other=1.0)
+    excl = rows + OFF
+    m_i = tl.full((BM,), -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros((BM,), dtype=tl.float32)
+    w_i = tl.zeros((BM,), dtype=tl.float32)
+    t_start = pid_g * tiles_per_group
+    t_end = tl.minimum(t_start + tiles_per_group, tl.cdiv(M, BN))
+    for t in tl.range(t_start, t_end, flatten=FLAT):
+        cols = t * BN + tl.arange(0, BN)
+        cmask = cols < M
+        acc = _tile_dot(a_ptr, c_ptr, rows, cols, N, M, D, stride_a, stride_c, BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
+        valid = rmask[:, None] & cmask[None, :] & (cols[None, :] != excl[:, None])
+        y = acc * ar[:, None]
+        m_new = tl.maximum(m_i, tl.max(tl.where(valid, y, -1.0e30), 1))
+        p = tl.where(valid, tl.exp2(y - m_new[:, None]), 0.0)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        w_i = w_i * alpha + tl.sum(p * y, 1)
+        m_i = m_new
+        if COLS:
+            ac = 1.4426950408889634 / tl.load(tau_c_ptr + cols, mask=cmask, other=1.0)
+            yc = acc * ac[None, :]
+            cm = tl.max(tl.where(valid, yc, -1.0e30), 0)
+            pc = tl.where(valid, tl.exp2(yc - cm[None, :]), 0.0)
+            cl = tl.sum(pc, 0)
+            cw = tl.sum(pc * yc, 0)
+            ok = cl > 0
+            cl1 = tl.where(ok, cl, 1.0)
+            out = (cpart0 + pid_m).to(tl.int64) * M + cols
+            tl.store(clse_ptr + out, tl.where(ok, cm + tl.log2(cl1), float("-inf")), mask=cmask)
+            tl.store(cwm_ptr + out, tl.where(ok, cw / cl1, 0.0), mask=cmask)
+    ok = l_i > 0
+    l1 = tl.where(ok, l_i, 1.0)
+    out = (rpart0 + pid_g).to(tl.int64) * N + rows
+    tl.store(rlse_ptr + out, tl.where(ok, m_i + tl.log2(l1), float("-inf")), mask=rmask)
+    tl.store(rwm_ptr + out, tl.where(ok, w_i / l1, 0.0), mask=rmask)
+
+
+@triton.jit
+def _combine(lse_ptr, wm_ptr, base, L, P, idx, mask, BLOCK: tl.constexpr):
+    """Fold ``P`` partials ``(lse, mean)`` at ``base + p * L + idx`` into ``(max, sum, weighted sum)``."""
+    mx = tl.full((BLOCK,), -1.0e30, dtype=tl.float32)
+    s = tl.zeros((BLOCK,), dtype=tl.float32)
+    w = tl.zeros((BLOCK,), dtype=tl.float32)
+    for p in range(0, P):
+        off = base + p * L + idx
+        lp = tl.load(lse_ptr + off, mask=mask, other=float("-inf"))
+        wp = tl.load(wm_ptr + off, mask=mask, other=0.0)
+        m_new = tl.maximum(mx, lp)
+        alpha = tl.exp2(mx - m_new)
+        e = tl.exp2(lp - m_new)
+        s = s * alpha + e
+        w = w * alpha + e * wp
+        mx = m_new
+    return mx, s, w
+
+
+@triton.jit
+def sog_combine_kernel(lse_ptr, wm_ptr, L, P, BLOCK: tl.constexpr):
+    """Rows ``[0, P)`` of the (P, L) partials folded into row 0 (each program owns its columns)."""
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < L
+    mx, s, w = _combine(lse_ptr, wm_ptr, 0, L, P, idx, mask, BLOCK)
+    ok = s > 0
+    s1 = tl.where(ok, s, 1.0)
+    tl.store(lse_ptr + idx, tl.where(ok, mx + tl.log2(s1), float("-inf")), mask=mask)
+    tl.store(wm_ptr + idx, tl.where(ok, w / s1, 0.0), mask=mask)
+
+
+@triton.jit
+def sog_finish_kernel(lse_ptr, wm_ptr, x_ptr, p_ptr, tau_ptr, logu_ptr, val_ptr, stats_ptr, part_ptr,
+                      L, D, stride_x, stride_p, P0, P1, log_n, log_keep, log_gamma, rho, coef,
+                      BLOCK: tl.constexpr, BD: tl.constexpr, MEMORY: tl.constexpr, EVEN_D: tl.constexpr):
+    """The update rules for anchors ``idx`` of direction ``program_id(1)`` (see :mod:`batchlab.losses.sogclr`).
+
+    Direction 0's partials are ``P0`` rows of (lse, mean) from offset 0, direction 1's ``P1`` rows
+    from ``P0 * L``. ``x``/``p``: anchors and positives (the positive's logit ``x_i . p_i``).
+    ``stats`` (4, D_dirs, L): new ``log u``, ``d loss / d tau``, the backward's base-2 bias
+    ``-(x_i . p_i / tau_i + log u_i + log n) log2(e)`` and ``s_i = sum_j P_ij``.
+    """
+    pid = tl.program_id(0)
+    d = tl.program_id(1)
+    n_dirs = tl.num_programs(1)
+    idx = pid * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < L
+    P = tl.where(d == 0, P0, P1)
+    base = (d * P0).to(tl.int64) * L
+    mx, s, w = _combine(lse_ptr, wm_ptr, base, L, P, idx, mask, BLOCK)
+    pos = tl.zeros((BLOCK,), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        dd = d0 + tl.arange(0, BD)
+        m2 = mask[:, None] & (dd[None, :] < D)
+        xa = tl.load(x_ptr + idx[:, None].to(tl.int64) * stride_x + dd[None, :], mask=m2, other=0.0)
+        pa = tl.load(p_ptr + idx[:, None].to(tl.int64) * stride_p + dd[None, :], mask=m2, other=0.0)
+        pos += tl.sum(xa.to(tl.float32) * pa.to(tl.float32), 1)
+    row = d * L + idx
+    tau = tl.load(tau_ptr + row, mask=mask, other=1.0)
+    log_u = tl.load(logu_ptr + row, mask=mask, other=0.0)
+    s1 = tl.where(s > 0, s, 1.0)
+    px = pos / tau
+    lse = (mx + tl.log2(s1)) * 0.6931471805599453 - px  # log sum_j exp(h_ij / tau_i)
+    mean_x = (w / s1) * 0.6931471805599453 - px  # softmax-weighted mean of h_ij / tau_i
+    log_g = lse - log_n
+    if MEMORY:  # log((1 - gamma) u + gamma g); u = g on a first visit (log u = -inf)
+        u1 = log_u + log_keep
+        g1 = log_g + log_gamma
+        hi = tl.maximum(u1, g1)
+        lo = tl.minimum(u1, g1)
+        mixed = hi + tl.log(1.0 + tl.exp(lo - hi))
+        new_u = tl.where(log_u == float("-inf"), log_g, mixed)
+    else:
+        new_u = log_g
+    shift = new_u + log_n
+    s_i = tl.exp(log_g - new_u)
+    tau_grad = new_u + rho - s_i * mean_x
+    value = tau * (new_u + rho)
+    tl.store(val_ptr + row, value, mask=mask)
+    plane = n_dirs * L
+    tl.store(stats_ptr + row, new_u, mask=mask)
+    tl.store(stats_ptr + plane + row, tau_grad, mask=mask)
+    tl.store(stats_ptr + 2 * plane + row, -(px + shift) * 1.4426950408889634, mask=mask)
+    tl.store(stats_ptr + 3 * plane + row, s_i, mask=mask)
+    tl.store(part_ptr + d * tl.num_programs(0) + pid, tl.sum(tl.where(mask, value, 0.0), 0) * coef)
+
+
+@triton.jit
+def sog_bwd_kernel(a_ptr, c_ptr, tau_ptr, stats_ptr, g_ptr, out_ptr,
+                   r0, r1, M, D, stride_a, stride_c, stride_out, OFF, L, n_dirs, DR, DC, sgd, sgi, coef,
+                   BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, COLS: tl.constexpr, POS: tl.constexpr,
+                   EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
+    """``dLoss/dS`` on one tile of the row panel [r0, r1), written at panel-relative rows.
+
+    Row anchors use direction ``DR``'s temperatures and statistics, columns (``COLS``) direction
+    ``DC``'s; the upstream gradient of anchor i of direction d is ``g[d * sgd + i * sgi] * coef``.
+    ``POS``: the excluded entry is the positive, whose logit enters ``h`` with weight ``-G s``.
+    """
+    rows = r0 + tl.program_id(0) * BM + tl.arange(0, BM)
+    cols = tl.program_id(1) * BN + tl.arange(0, BN)
+    rmask = rows < r1
+    cmask = cols < M
+    acc = _tile_dot(a_ptr, c_ptr, rows, cols, r1, M, D, stride_a, stride_c, BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
+    plane = n_dirs * L
+    r_idx = DR * L + rows
+    ar = 1.4426950408889634 / tl.load(tau_ptr + r_idx, mask=rmask, other=1.0)
+    br = tl.load(stats_ptr + 2 * plane + r_idx, mask=rmask, other=0.0)
+    gr = tl.load(g_ptr + DR * sgd + rows * sgi, mask=rmask, other=0.0) * coef
+    grad = gr[:, None] * tl.exp2(acc * ar[:, None] + br[:, None])
+    if POS:
+        on_pos = -(gr * tl.load(stats_ptr + 3 * plane + r_idx, mask=rmask, other=0.0))[:, None]
+    if COLS:
+        c_idx = DC * L + cols
+        ac = 1.4426950408889634 / tl.load(tau_ptr + c_idx, mask=cmask, other=1.0)
+        bc = tl.load(stats_ptr + 2 * plane + c_idx, mask=cmask, other=0.0)
+        gc = tl.load(g_ptr + DC * sgd + cols * sgi, mask=cmask, other=0.0) * coef
+        grad += gc[None, :] * tl.exp2(acc * ac[None, :] + bc[None, :])
+        if POS:
+            on_pos = on_pos - (gc * tl.load(stats_ptr + 3 * plane + c_idx, mask=cmask, other=0.0))[None, :]
+    diag = cols[None, :] == (rows + OFF)[:, None]
+    if POS:
+        grad = tl.where(diag, on_pos, grad)
+    else:
+        grad = tl.where(diag, 0.0, grad)
+    out = out_ptr + (rows - r0)[:, None].to(tl.int64) * stride_out + cols[None, :]
+    tl.store(out, grad.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
+
+
+@triton.jit
+def sog_update_kernel(ids_ptr, new_u_ptr, tau_grad_ptr, logu_tab, tau_tab, mom_tab, n, num,
+                      keep, beta, eta, tau_min, tau_max,
+                      ROWS: tl.constexpr, TWO_VIEW: tl.constexpr, ISOG: tl.constexpr, BLOCK: tl.constexpr):
+    """Scatter the batch's new ``log u`` (and iSogCLR's momentum and temperature) into the tables.
+
+    ``TWO_VIEW``: one table row fed by both views (``log u`` = log of the mean of the two ``u``,
+    the temperature step their mean), as :class:`~batchlab.losses.SogCLRLoss` documents.
+    """
+    idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n
+    ids = tl.load(ids_ptr + idx, mask=mask, other=0).to(tl.int64)
+    for d in tl.static_range(ROWS):
+        if TWO_VIEW:
+            u0 = tl.load(new_u_ptr + idx, mask=mask, other=0.0)
+            u1 = tl.load(new_u_ptr + n + idx, mask=mask, other=0.0)
+            hi = tl.maximum(u0, u1)
+            new_u = hi + tl.log(tl.exp(u0 - hi) + tl.exp(u1 - hi)) - 0.6931471805599453
+            tg = (tl.load(tau_grad_ptr + idx, mask=mask, other=0.0)
+                  + tl.load(tau_grad_ptr + n + idx, mask=mask, other=0.0)) * 0.5
+        else:
+            new_u = tl.load(new_u_ptr + d * n + idx, mask=mask, other=0.0)
+            tg = tl.load(tau_grad_ptr + d * n + idx, mask=mask, other=0.0)
+        at = d * num + ids
+        tl.store(logu_tab + at, new_u, mask=mask)
+        if ISOG:
+            mom = keep * tl.load(mom_tab + at, mask=mask, other=0.0) + beta * tg
+            tau = tl.load(tau_tab + at, mask=mask, other=1.0) - eta * mom
+            tau = tl.minimum(tl.maximum(tau, tau_min), tau_max)
+            tl.store(mom_tab + at, mom, mask=mask)
+            tl.store(tau_tab + at, tau, mask=mask)
