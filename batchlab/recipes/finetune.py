@@ -5,18 +5,27 @@ One :class:`~sentence_transformers.SentenceTransformer` embeds both sides of eac
 (random, B3 communities, hard-negative neighbourhoods, NGAME clusters, TAS topics),
 optionally adds hard negatives mined with the pretrained model (sentence-transformers'
 usual recipe: ranks 10-50, ``relative_margin=0.05``, ``max_score=0.8``, one drawn at
-random), optionally masks in-batch false negatives with a guide (GISTEmbed), and computes
+random), optionally masks in-batch false negatives with a guide (GISTEmbed), optionally
+synthesises extra hard negatives by mixing (MoCHi), optionally chooses the batch from a
+larger super-batch (JEST by learnability, CoLM by gradient matching), and computes
 ``MultipleNegativesRankingLoss`` (one-way InfoNCE at scale 20) with batchlab's
-:func:`~batchlab.losses.info_nce`. Batches larger than activation memory go through
-:class:`~batchlab.losses.EmbeddingCache` (GradCache). Retrieval on the held-out split is
-measured before and after with sentence-transformers' ``InformationRetrievalEvaluator``
-(nDCG@10, MRR@10, recall@1, recall@10). The model is saved in sentence-transformers'
+:func:`~batchlab.losses.info_nce`, or SogCLR / iSogCLR. Batches larger than activation
+memory go through :class:`~batchlab.losses.EmbeddingCache` (GradCache). Retrieval on the
+held-out split is measured before and after (nDCG@10, MRR@10, recall@1, recall@10: the
+same numbers as sentence-transformers' ``InformationRetrievalEvaluator``, computed on the
+model's device from pre-tokenised texts). The model is saved in sentence-transformers'
 format, checkpoints at epoch ends, and a run resumes exactly from a checkpoint.
 
 The teacher that builds the batches is ``"pretrained"`` (the initial model's embeddings,
 computed once), ``"model"`` (the model being trained, re-embedded every
 ``refresh_every`` epochs; its first epoch uses the initial weights, i.e. the pretrained
 teacher), ``"tfidf"``, a tensor or :class:`~batchlab.recipes.teachers.TeacherViews`.
+
+Speed (the loop is overhead-bound at batch 64 on a GPU): texts are tokenised once per
+(tokenizer, texts) and shared by later runs; each batch is padded to its own longest text;
+a mean-pooling model is run as its transformer plus pooling (no sentence-transformers
+wrapper); on CUDA both sides of a batch go through one forward pass; the step reads
+nothing back to the host (losses accumulate on the device and are read at epoch ends).
 
 Example
 -------
@@ -29,14 +38,16 @@ Example
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import shutil
 import time
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,14 +60,18 @@ logger = logging.getLogger(__name__)
 
 SAMPLERS = ("random", "community", "hard_negative", "cluster", "tas")
 TEACHERS = ("pretrained", "model", "tfidf")
-LOSSES = ("mnrl", "mnsrl", "sogclr")
+LOSSES = ("mnrl", "mnsrl", "sogclr", "isogclr")
 METRICS = ("ndcg@10", "mrr@10", "recall@1", "recall@10")
 # sentence-transformers' documented mining recipe (util.mine_hard_negatives docs example):
 # ranks 10..50 of the pretrained model, at most 95% of the positive's score, at most 0.8, one at random.
 ST_MINING = {"range_min": 10, "range_max": 50, "relative_margin": 0.05, "max_score": 0.8, "sampling": "random"}
+#: MoCHi (Kalantidis et al. 2020) scaled to a batch: mix the 16 hardest of a query's in-batch negatives into
+#: 16 synthetic negatives, plus 8 mixes of the query itself with one of them (query weight below 0.5).
+#: The paper's ImageNet settings (N=1024, s=1024, s'=256 from a 16k queue) shrink with the 63 negatives here.
+MOCHI_DEFAULTS = {"num_hardest": 16, "num_synthetic": 16, "mix_query": 8, "query_weight_max": 0.5}
 # settings a checkpoint must share with the run that resumes it
 RESUME_KEYS = ("sampler", "batch_size", "total_steps", "lr", "loss", "scale", "teacher", "mined_negatives", "jest",
-               "guide", "cache_chunk", "seed", "order_seed", "num_train", "max_seq_length")
+               "coreset", "mochi", "guide", "cache_chunk", "seed", "order_seed", "num_train", "max_seq_length")
 
 
 # -- models ----------------------------------------------------------------------
@@ -96,11 +111,59 @@ def load_model(model: Any, *, device: str | torch.device = "cpu"):
     return SentenceTransformer(str(path), device=str(device), local_files_only=True).float()
 
 
+def _mean_pooling_transformer(model):
+    """The transformer under a ``[Transformer, Pooling(mean), Normalize...]`` model, or None for any other layout."""
+    parts = list(getattr(model, "_modules", {}).values())
+    if len(parts) < 2:
+        return None
+    transformer, pooling, rest = parts[0], parts[1], parts[2:]
+    if type(transformer).__name__ != "Transformer" or not hasattr(transformer, "auto_model"):
+        return None
+    text = (getattr(transformer, "modality_config", None) or {}).get("text", {})
+    if text.get("method", "forward") != "forward" or text.get("method_output_name", "last_hidden_state") not in (
+            "last_hidden_state", ("last_hidden_state",), ["last_hidden_state"]):
+        return None
+    mode = getattr(pooling, "pooling_mode", None)
+    if mode is None and getattr(pooling, "pooling_mode_mean_tokens", False):  # older sentence-transformers
+        others = ("cls_token", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
+        mode = "mean" if not any(getattr(pooling, f"pooling_mode_{o}", False) for o in others) else None
+    if type(pooling).__name__ != "Pooling" or mode not in ("mean", ("mean",)) or not getattr(pooling, "include_prompt", True):
+        return None
+    if any(type(m).__name__ != "Normalize" for m in rest):
+        return None
+    return transformer.auto_model
+
+
+def sentence_encoder(model, *, fast: bool = True) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
+    """``features -> (B, d)`` sentence embeddings (not normalised) of a SentenceTransformer.
+
+    With ``fast`` and a mean-pooling model (all-MiniLM-L6-v2's layout), the transformer is
+    called directly and its tokens mean-pooled exactly as sentence-transformers' ``Pooling``
+    does (fp32 accumulation, count clamped at 1e-9); any other model goes through its own
+    forward. Both give the same numbers (tested).
+    """
+    auto = _mean_pooling_transformer(model) if fast else None
+    if auto is None:
+        return lambda features: model(dict(features))["sentence_embedding"]
+    accepted = set(inspect.signature(auto.forward).parameters)
+
+    def encode(features: dict[str, torch.Tensor]) -> torch.Tensor:
+        h = auto(**{k: v for k, v in features.items() if k in accepted}, return_dict=True).last_hidden_state
+        acc = torch.float32 if h.dtype in (torch.float16, torch.bfloat16) else h.dtype
+        mask = features["attention_mask"].unsqueeze(-1).to(h.dtype)
+        total = (h * mask).sum(dim=1, dtype=acc)
+        count = mask.sum(dim=1, dtype=acc).clamp(min=1e-9)
+        return (total / count).to(h.dtype)
+
+    return encode
+
+
 # -- evaluation --------------------------------------------------------------------
 def ir_metrics(model, queries: Sequence[str], documents: Sequence[str], *, batch_size: int = 128) -> dict[str, float]:
     """nDCG@10, MRR@10, recall@1 and recall@10 from sentence-transformers' ``InformationRetrievalEvaluator``.
 
     Query ``i``'s one relevant document is document ``i``; the corpus is all of ``documents``.
+    The reference for :func:`retrieval_metrics_from_tables` (what :func:`finetune` uses).
     """
     try:
         from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
@@ -119,6 +182,34 @@ def ir_metrics(model, queries: Sequence[str], documents: Sequence[str], *, batch
     return {metric: float(raw[f"heldout_cosine_{metric}"]) for metric in METRICS}
 
 
+def ranks_to_metrics(ranks: torch.Tensor) -> dict[str, float]:
+    """:data:`METRICS` from each query's 1-based rank of its one relevant document (one host read)."""
+    r = ranks.double()
+    top10 = r <= 10
+    values = torch.stack([torch.where(top10, 1.0 / torch.log2(r + 1), 0.0).mean(), torch.where(top10, 1.0 / r, 0.0).mean(),
+                          (r <= 1).double().mean(), top10.double().mean()])
+    return dict(zip(METRICS, values.tolist()))
+
+
+def retrieval_metrics_from_tables(model, q_table: "TokenTable", d_table: "TokenTable", *, fast: bool = True,
+                                  block: int = 1024) -> dict[str, float]:
+    """:func:`ir_metrics` from pre-tokenised texts, on the model's device, in fp32 (no autocast).
+
+    Cosine scores of every query against every document; a query's rank is 1 + the number
+    of documents scored strictly above its own (ties, which do not occur with real
+    embeddings, count in its favour).
+    """
+    encode = sentence_encoder(model, fast=fast)
+    q = _embed_all(model, q_table, lambda f: F.normalize(encode(f).float(), dim=-1))
+    d = _embed_all(model, d_table, lambda f: F.normalize(encode(f).float(), dim=-1))
+    ranks = []
+    for start in range(0, q.shape[0], block):
+        scores = q[start : start + block] @ d.T
+        own = scores[torch.arange(scores.shape[0], device=q.device), torch.arange(start, start + scores.shape[0], device=q.device)]
+        ranks.append((scores > own[:, None]).sum(1) + 1)
+    return ranks_to_metrics(torch.cat(ranks))
+
+
 # -- tokens --------------------------------------------------------------------------
 class TokenTable:
     """Every text tokenised once (padded to the longest); :meth:`take` gives a batch trimmed to its own longest."""
@@ -128,6 +219,7 @@ class TokenTable:
                                  max_length=model.max_seq_length, return_tensors="pt") for i in range(0, len(texts), chunk)]
         self.features = {key: torch.cat([p[key] for p in parts]).to(device) for key in parts[0].keys()}
         self.lengths = torch.cat([p["attention_mask"].sum(1) for p in parts])  # CPU: no sync to trim a batch
+        self.device = torch.device(device)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -136,6 +228,31 @@ class TokenTable:
         width = int(self.lengths[indices].max())
         rows = indices.to(self.features["input_ids"].device, non_blocking=True)
         return {key: value[rows, :width] for key, value in self.features.items()}
+
+
+_TABLES: "OrderedDict[tuple, tuple[tuple[str, ...], TokenTable]]" = OrderedDict()
+_TABLES_KEPT = 8
+
+
+def token_table(model, texts: Sequence[str], device: torch.device) -> TokenTable:
+    """A :class:`TokenTable`, shared by every run with the same tokenizer, length limit, device and texts.
+
+    The last :data:`_TABLES_KEPT` tables are kept (a study's arms re-use their dataset's tables
+    instead of tokenising it again for each run). Treat the table as read-only.
+    """
+    tokenizer = model.tokenizer
+    texts = tuple(texts)
+    key = (type(tokenizer).__name__, str(getattr(tokenizer, "name_or_path", "")), len(tokenizer),
+           int(model.max_seq_length), str(torch.device(device)), len(texts), hash(texts))
+    hit = _TABLES.get(key)
+    if hit is not None and hit[0] == texts:
+        _TABLES.move_to_end(key)
+        return hit[1]
+    table = TokenTable(model, texts, torch.device(device))
+    _TABLES[key] = (texts, table)
+    while len(_TABLES) > _TABLES_KEPT:
+        _TABLES.popitem(last=False)
+    return table
 
 
 def _cat(parts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
@@ -173,12 +290,17 @@ class FinetuneResult:
 
 
 # -- the recipe -------------------------------------------------------------------------
-def _embed_all(model, table: TokenTable, embed, chunk: int = 512) -> torch.Tensor:
+def _embed_all(model, table: TokenTable, embed, chunk: int | None = None) -> torch.Tensor:
+    """Every row of ``table`` embedded without gradients, in chunks of similar lengths (longest first)."""
+    chunk = chunk or (4096 if table.device.type == "cuda" else 256)
     was_training = model.training
     model.eval()
+    order = torch.argsort(table.lengths, descending=True, stable=True)
     with torch.no_grad():
-        out = torch.cat([embed(table.take(torch.arange(i, min(i + chunk, len(table))))) for i in range(0, len(table), chunk)])
+        parts = torch.cat([embed(table.take(order[i : i + chunk])) for i in range(0, len(table), chunk)])
     model.train(was_training)
+    out = torch.empty_like(parts)
+    out[order.to(parts.device)] = parts
     return out
 
 
@@ -226,6 +348,44 @@ def _jest_setup(jest, reference, model, pretrained_views, train_q, train_d, q_ta
     return selector, embed_pairs(reference, list(zip(train_q, train_d)), device=device, max_seq_length=model.max_seq_length)
 
 
+def _coreset_selector(coreset, seed: int):
+    from batchlab.samplers.colm import CoLMSelector
+
+    if isinstance(coreset, CoLMSelector):
+        return coreset
+    if isinstance(coreset, bool) or not isinstance(coreset, (int, float)) or not 0 < float(coreset) < 1:
+        raise BatchlabInputError(f"coreset must be a filter ratio in (0, 1) (0.75: 64 of 256) or a CoLMSelector, got {coreset!r}")
+    return CoLMSelector(filter_ratio=float(coreset), seed=seed)
+
+
+def _mochi_options(mochi) -> dict[str, Any] | None:
+    if mochi is None or mochi is False:
+        return None
+    if mochi is True:
+        return dict(MOCHI_DEFAULTS)
+    if not isinstance(mochi, dict):
+        raise BatchlabInputError(f"mochi must be None, True or a dict of {sorted(MOCHI_DEFAULTS)}, got {type(mochi).__name__}")
+    unknown = sorted(set(mochi) - set(MOCHI_DEFAULTS))
+    if unknown:
+        raise BatchlabInputError(f"mochi got unknown option(s) {unknown}; it takes {sorted(MOCHI_DEFAULTS)}")
+    return {**MOCHI_DEFAULTS, **mochi}
+
+
+def mochi_negatives(q: torch.Tensor, keys: torch.Tensor, options: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
+    """MoCHi's synthetic negatives ``(N, s + s', d)`` for a batch: each query mixes its hardest keys other
+    than its own positive (key ``i`` for query ``i``; keys past ``N`` are mined negatives), detached.
+
+    The same as :func:`~batchlab.samplers.mixing.mix_hard_negatives` with the keys as a shared bank
+    and ``targets=arange(N)`` (tested), through its per-query form, which reads nothing back to the host.
+    """
+    from batchlab.samplers.mixing import mix_hard_negatives
+
+    n, m = q.shape[0], keys.shape[0]
+    cols = torch.arange(m - 1, device=keys.device)
+    others = cols[None, :] + (cols[None, :] >= torch.arange(n, device=keys.device)[:, None]).long()  # (N, M-1), no positive
+    return mix_hard_negatives(q, keys.detach()[others], generator=generator, **options)
+
+
 def embed_pairs(model: Any, pairs: Any, *, device: str | torch.device = "cpu", max_seq_length: int | None = None) -> TeacherViews:
     """A model's (frozen) embeddings of (query, document) pairs as TeacherViews: a teacher or JEST reference.
 
@@ -236,17 +396,58 @@ def embed_pairs(model: Any, pairs: Any, *, device: str | torch.device = "cpu", m
     model = load_model(model, device=device)
     if max_seq_length is not None:
         model.max_seq_length = int(max_seq_length)
+    encode = sentence_encoder(model)
 
     def embed(features):
-        return F.normalize(model(dict(features))["sentence_embedding"].float(), dim=-1)
+        return F.normalize(encode(features).float(), dim=-1)
 
-    return _views(model, TokenTable(model, queries, device), TokenTable(model, documents, device), embed)
+    return _views(model, token_table(model, queries, device), token_table(model, documents, device), embed)
 
 
 def _views(model, q_table: TokenTable, d_table: TokenTable, embed) -> TeacherViews:
     q, d = _embed_all(model, q_table, embed), _embed_all(model, d_table, embed)
     # samplers take CPU tensors; neighbour ranking still runs where the model is (seconds on a GPU)
     return TeacherViews(F.normalize(q + d, dim=1).cpu(), q.cpu(), d.cpu(), device=q.device)
+
+
+class _Clock:
+    """A wall-time budget for the whole run (teacher, mining, batch building and steps): the learning
+    rate follows the share of the budget spent on steps, and no step starts that would end past it."""
+
+    def __init__(self, budget: float, seconds: dict[str, float], warmup: float, sync: Callable[[], None]) -> None:
+        self.budget, self.seconds, self.warmup, self.sync = float(budget), seconds, float(warmup), sync
+        self.setup = None
+        self.fraction = 0.0
+        self.segment_start = time.perf_counter()
+
+    def spent(self, now: float) -> float:
+        s = self.seconds
+        return s["teacher"] + s["mining"] + s["sampler"] + s["train"] + (now - self.segment_start)
+
+    def start_steps(self, segment_start: float) -> None:
+        self.segment_start = segment_start
+        if self.setup is None:
+            self.setup = self.spent(segment_start)
+
+    def factor(self, _step: int) -> float:
+        w = max(self.warmup, 1e-9)
+        f = self.fraction
+        return max(f, 0.01 * w) / w if f < w else max(0.0, (1.0 - f) / max(1e-9, 1.0 - w))
+
+    def step_done(self) -> None:
+        training = max(1e-9, self.budget - (self.setup or 0.0))
+        self.fraction = min(1.0, (self.spent(time.perf_counter()) - (self.setup or 0.0)) / training)
+
+    def room_for_step(self, steps_done: int) -> bool:
+        """Whether one more step (at the mean step time so far) fits; syncs only near the end."""
+        now = time.perf_counter()
+        per_step = (self.spent(now) - (self.setup or 0.0)) / steps_done if steps_done else 0.0
+        if self.spent(now) + 2 * per_step < self.budget:
+            return True
+        self.sync()  # the host may be ahead of the device: measure exactly before stopping
+        now = time.perf_counter()
+        per_step = (self.spent(now) - (self.setup or 0.0)) / steps_done if steps_done else 0.0
+        return self.spent(now) + per_step <= self.budget
 
 
 def finetune(
@@ -270,9 +471,12 @@ def finetune(
     mining_options: dict[str, Any] | None = None,
     guide: Any = None,
     guide_margin: float = 0.0,
+    mochi: Any = None,
     jest: Any = None,
     reference: Any = "pretrained",
+    coreset: Any = None,
     cache_chunk: int | None = None,
+    time_budget: float | None = None,
     max_seq_length: int | None = None,
     precision: str = "fp32",
     device: str | torch.device = "cpu",
@@ -280,7 +484,9 @@ def finetune(
     order_seed: int | None = None,
     eval_every: int | None = None,
     eval_batch_size: int = 128,
+    evaluator: str = "fast",
     evaluate_before: bool = True,
+    fuse_sides: bool | None = None,
     out: str | os.PathLike | None = None,
     save_model: bool = True,
     resume: str | os.PathLike | None = None,
@@ -308,9 +514,11 @@ def finetune(
         to 0 (sentence-transformers' trainer defaults, lr 5e-5).
     loss, scale :
         ``"mnrl"`` (``MultipleNegativesRankingLoss``: query -> documents and mined negatives),
-        ``"mnsrl"`` (symmetric; no mined negatives) or ``"sogclr"`` (one-way SogCLR, Yuan et al.
+        ``"mnsrl"`` (symmetric; no mined negatives), ``"sogclr"`` (one-way SogCLR, Yuan et al.
         2022: a moving average of each query's denominator over the epochs, temperature
-        ``1 / scale``); similarity scale (20, as sentence-transformers).
+        ``1 / scale``) or ``"isogclr"`` (iSogCLR, Qiu et al. 2023: also a temperature per query,
+        starting at ``1 / scale``, learned in [0.02, 0.2] with DRO radius 0.3, the recipes'
+        settings in :mod:`batchlab.recipes.global_loss`); similarity scale (20, as sentence-transformers).
     teacher, refresh_every :
         Embeddings that build the batches (module doc); ``"model"`` re-embeds every
         ``refresh_every`` epochs.
@@ -322,6 +530,10 @@ def finetune(
         GISTEmbed: ``"pretrained"`` or ``"model"`` (refreshed like the teacher) guide
         embeddings; a key the guide scores above ``positive - guide_margin`` for a query
         leaves that query's denominator.
+    mochi :
+        MoCHi (Kalantidis et al. 2020): ``True`` (:data:`MOCHI_DEFAULTS`) or a dict of its
+        options; every step adds, to each query's denominator only, synthetic negatives mixed
+        from its hardest keys in the batch (:func:`mochi_negatives`; detached, as in the paper).
     jest, reference :
         JEST (Evans et al. 2024): a filter ratio (0.8: keep 64 of 320) or a
         :class:`~batchlab.samplers.JointExampleSelector`; the sampler then draws super-batches
@@ -329,17 +541,36 @@ def finetune(
         learnability against ``reference``: ``"pretrained"`` (the initial model) or another
         model (``"minilm"``, a folder, a SentenceTransformer; embedded once) or its
         :func:`embed_pairs` views: a stronger encoder teaching a smaller or from-scratch learner.
+    coreset :
+        CoLM (Nguyen & Mirzasoleiman 2025): a filter ratio (0.75: 64 of 256) or a
+        :class:`~batchlab.samplers.colm.CoLMSelector`; super-batches are drawn as for JEST and
+        the selector keeps the medoids of the per-example gradients of the super-batch's loss at
+        the embeddings; each kept query's loss is weighted by its medoid's cluster size (the
+        weights average 1), as CoLM and CRAIG weight the coreset's gradients.
     cache_chunk :
         Encode each batch in chunks of this many texts with cached gradients (GradCache), so
         ``batch_size`` can exceed activation memory; gradients are those of the whole batch.
+    time_budget :
+        Seconds of wall time for the run (teacher embedding, mining, batch building and steps;
+        not evaluation), e.g. another recipe's measured time. The learning rate then follows the
+        share of the budget spent on steps (warm-up over ``warmup`` of it, then linear decay),
+        ``steps`` (default: no limit) only caps the count, and no step starts that the mean step
+        time says would end past the budget. Not resumable.
     max_seq_length, precision :
         Token limit (default: the model's); ``"bf16"`` autocasts the encoder on CUDA.
     device, seed, order_seed :
         ``seed`` fixes dropout (and a tiny model's init upstream); ``order_seed`` (default
         ``seed``) fixes the batch order and the mining draw, so arms of one seed can share
         initial weights while batch orders vary separately.
-    eval_every :
+    eval_every, evaluator :
         Also evaluate every that many steps (``history``), e.g. for learning curves.
+        ``evaluator="fast"`` scores pre-tokenised texts on the model's device
+        (:func:`retrieval_metrics_from_tables`); ``"sentence-transformers"`` runs
+        :func:`ir_metrics` (the same numbers, slower).
+    fuse_sides :
+        Embed a batch's queries and documents in one forward pass (default: on CUDA, where the
+        step is bound by launch overhead; on the CPU the sides go separately, each padded to
+        its own longest text).
     out, save_model, resume :
         Write ``<out>/model`` (sentence-transformers format), ``<out>/finetune.json`` and a
         checkpoint ``<out>/checkpoints/step-<n>`` at every epoch end (the last two kept);
@@ -360,6 +591,8 @@ def finetune(
         raise BatchlabInputError(f"precision must be 'fp32' or 'bf16', got {precision!r}")
     if guide is not None and not (isinstance(guide, str) and guide in ("pretrained", "model")):
         raise BatchlabInputError(f"guide must be None, 'pretrained' or 'model', got {guide!r}")
+    if evaluator not in ("fast", "sentence-transformers"):
+        raise BatchlabInputError(f"evaluator must be 'fast' or 'sentence-transformers', got {evaluator!r}")
     for label, value in (("batch_size", batch_size), ("epochs", epochs), ("refresh_every", refresh_every)):
         if int(value) < 1:
             raise BatchlabInputError(f"{label} must be >= 1, got {value}")
@@ -367,6 +600,20 @@ def finetune(
         raise BatchlabInputError(f"steps must be >= 1 (or None for `epochs` passes), got {steps}")
     if int(mined_negatives) < 0:
         raise BatchlabInputError(f"mined_negatives must be >= 0, got {mined_negatives}")
+    if jest is not None and coreset is not None:
+        raise BatchlabInputError("jest and coreset both choose the batch from a super-batch; pass one of them")
+    mochi_options = _mochi_options(mochi)
+    global_state = loss in ("sogclr", "isogclr")
+    if global_state and (mochi_options or coreset is not None or loss == "mnsrl"):
+        raise BatchlabInputError(f"loss={loss!r} takes neither mochi nor coreset (their extra negatives and per-query "
+                                 "weights are defined for MultipleNegativesRankingLoss); use loss='mnrl'")
+    if mochi_options and loss == "mnsrl":
+        raise BatchlabInputError("mochi adds negatives to each query's denominator: use loss='mnrl', not 'mnsrl'")
+    if time_budget is not None:
+        if isinstance(time_budget, bool) or not isinstance(time_budget, (int, float)) or not time_budget > 0:
+            raise BatchlabInputError(f"time_budget must be a positive number of seconds, got {time_budget!r}")
+        if resume is not None:
+            raise BatchlabInputError("a run under a time_budget cannot resume (its schedule follows the clock)")
     order_seed = seed if order_seed is None else int(order_seed)
     device = torch.device(device)
     train_q, train_d = _pairs(train, "train")
@@ -377,6 +624,7 @@ def finetune(
     if max_seq_length is not None:
         model.max_seq_length = int(max_seq_length)
     bf16 = precision == "bf16" and device.type == "cuda"
+    fuse = device.type == "cuda" if fuse_sides is None else bool(fuse_sides)
     torch.manual_seed(seed)
     seconds = {"teacher": 0.0, "mining": 0.0, "sampler": 0.0, "train": 0.0, "eval": 0.0}
 
@@ -392,13 +640,31 @@ def finetune(
         seconds[key] += time.perf_counter() - start
         return value
 
+    encode = sentence_encoder(model)
+
     def embed(features: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16):
-            out = model(dict(features))["sentence_embedding"]
+            out = encode(features)
         return F.normalize(out.float(), dim=-1)
 
-    q_table = TokenTable(model, train_q, device)
-    d_table = TokenTable(model, train_d, device)
+    def embed_sides(q_features: dict[str, torch.Tensor], k_features: dict[str, torch.Tensor]):
+        if not fuse:
+            return embed(q_features), embed(k_features)
+        both = embed(_cat([q_features, k_features]))
+        nq = q_features["input_ids"].shape[0]
+        return both[:nq], both[nq:]
+
+    q_table = token_table(model, train_q, device)
+    d_table = token_table(model, train_d, device)
+    test_tables = None
+    if test_q and evaluator == "fast":
+        test_tables = (token_table(model, test_q, device), token_table(model, test_d, device))
+
+    def evaluate() -> dict[str, float]:
+        if test_tables is not None:
+            return retrieval_metrics_from_tables(model, *test_tables)
+        return ir_metrics(model, test_q, test_d, batch_size=eval_batch_size)
+
     n = len(train_q)
     options = dict(sampler_options or {})
     settings = {"sampler": sampler, "batch_size": int(batch_size), "lr": lr, "loss": loss, "scale": scale,
@@ -408,12 +674,15 @@ def finetune(
                 "refresh_every": refresh_every, "sampler_options": options, "guide_margin": guide_margin,
                 "precision": precision, "warmup": warmup, "weight_decay": weight_decay,
                 "jest": None if jest is None else float(getattr(jest, "filter_ratio", jest)),
+                "coreset": None if coreset is None else float(getattr(coreset, "filter_ratio", coreset)),
+                "mochi": mochi_options, "time_budget": time_budget, "fuse_sides": fuse, "evaluator": evaluator,
                 "reference": reference if isinstance(reference, str) else type(reference).__name__}
 
     # Teachers from the initial weights, before any step (and before a checkpoint is loaded).
     uses_teacher = sampler != "random"
     if uses_teacher and (teacher is None or isinstance(teacher, str) and teacher not in TEACHERS):
         raise BatchlabInputError(f"sampler {sampler!r} needs a teacher: one of {TEACHERS}, a tensor or TeacherViews")
+    clock = _Clock(time_budget, seconds, warmup, sync) if time_budget is not None else None
     pretrained_views = None  # the initial model's embeddings: mining, guides, and the model teachers' first epochs
     if mined_negatives or guide is not None or uses_teacher and teacher in ("pretrained", "model"):
         pretrained_views = timed("teacher", _views, model, q_table, d_table, embed)
@@ -425,15 +694,18 @@ def finetune(
     negatives = None
     if mined_negatives:
         negatives = timed("mining", _mine, pretrained_views, train_d, int(mined_negatives), order_seed, dict(mining_options or {}))
-    before = timed("eval", ir_metrics, model, test_q, test_d, batch_size=eval_batch_size) if test_q and evaluate_before else {}
+    before = timed("eval", evaluate) if test_q and evaluate_before else {}
 
-    selector, reference_views, draw = None, None, batch_size
+    selector, reference_views, draw, weighted = None, None, batch_size, False
     if jest is not None:
         selector, reference_views = timed("teacher", _jest_setup, jest, reference, model, pretrained_views, train_q,
                                           train_d, q_table, d_table, embed, device, order_seed, batch_size)
+    elif coreset is not None:
+        selector, weighted = _coreset_selector(coreset, order_seed), True
+    if selector is not None:
         draw = int(round(batch_size / (1.0 - selector.filter_ratio)))
         if draw > n:
-            raise BatchlabInputError(f"JEST's super-batch ({draw}) is larger than the training set ({n} pairs)")
+            raise BatchlabInputError(f"the super-batch ({draw}) is larger than the training set ({n} pairs)")
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=device.type == "cuda")
@@ -442,11 +714,15 @@ def finetune(
     per_epoch = len(first_sampler)
     if per_epoch == 0:
         raise BatchlabInputError(f"the {sampler} sampler built no full batch of {batch_size} from {n} pairs")
-    total = int(steps) if steps is not None else per_epoch * int(epochs)
-    settings["total_steps"] = total
-    warm = max(1, int(round(warmup * total)))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    if clock is not None:
+        total = int(steps) if steps is not None else 2**62
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, clock.factor)
+    else:
+        total = int(steps) if steps is not None else per_epoch * int(epochs)
+        warm = max(1, int(round(warmup * total)))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: (s + 1) / warm if s < warm else max(0.0, (total - s) / max(1, total - warm)))
+    settings["total_steps"] = total if clock is None else None
     result = FinetuneResult(before=before, after={}, settings=settings, model=model)
     step, epoch = 0, 0
     if resume is not None:
@@ -462,27 +738,38 @@ def finetune(
     from batchlab.samplers import guided_negative_mask
 
     global_loss = None
-    if loss == "sogclr":  # one-way SogCLR at the same temperature (1 / scale); per-example state by dataset id
+    if global_state:  # one-way SogCLR / iSogCLR at MNRL's temperature (1 / scale); per-example state by dataset id
         from batchlab.losses.sogclr import SogCLRLoss
+        from batchlab.recipes.global_loss import RECIPE_ISOGCLR_OPTIONS
 
-        global_loss = SogCLRLoss(n, mode="one_way", tau=1.0 / scale).to(device)
+        extra = dict(RECIPE_ISOGCLR_OPTIONS) if loss == "isogclr" else {}
+        if extra:
+            extra["tau_min"] = min(extra["tau_min"], 1.0 / scale)
+            extra["tau_max"] = max(extra["tau_max"], 1.0 / scale)
+        global_loss = SogCLRLoss(n, mode="one_way", tau=1.0 / scale, isogclr=loss == "isogclr", **extra).to(device)
         if resume is not None:
             global_loss.load_state_dict(torch.load(Path(resume) / "trainer_state.pt", weights_only=False)["global_loss"])
 
-    def batch_loss(q: torch.Tensor, keys: torch.Tensor, mask, ids: torch.Tensor) -> torch.Tensor:
+    def batch_loss(q: torch.Tensor, keys: torch.Tensor, mask, ids: torch.Tensor, weights, generator) -> torch.Tensor:
         if global_loss is not None:
             return global_loss(q, keys, ids.to(device), neg_mask=mask)
-        return info_nce(q, keys, scale, symmetric=loss == "mnsrl", neg_mask=mask)
+        extra = mochi_negatives(q, keys, mochi_options, generator) if mochi_options else None
+        if weights is None:
+            return info_nce(q, keys, scale, symmetric=loss == "mnsrl", neg_mask=mask, extra_negatives=extra)
+        rows = info_nce(q, keys, scale, symmetric=loss == "mnsrl", neg_mask=mask, extra_negatives=extra, reduction="none")
+        return (rows * weights).mean()
 
     model.train()
     out_dir = Path(out) if out is not None else None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=total, initial=step, desc=f"finetune {sampler}", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=None if clock is not None else total, initial=step, desc=f"finetune {sampler}", unit="step",
+               disable=not progress, leave=False)
     model_teacher, model_guide = teacher == "model" and uses_teacher, guide == "model"
     current = None
     resumed_at = epoch if resume is not None else None
-    while step < total:
+    out_of_time = False
+    while step < total and not out_of_time:
         # The model as teacher / guide: re-embed every `refresh_every` epochs (and where a run resumes).
         refresh = epoch > 0 and (epoch % refresh_every == 0 or epoch == resumed_at)
         if refresh and (model_teacher or model_guide):
@@ -496,16 +783,26 @@ def finetune(
         current.set_epoch(epoch)
         sync()
         start = time.perf_counter()
+        if clock is not None:
+            clock.start_steps(start)
         epoch_loss, count = torch.zeros((), device=device), 0
         for batch in current:
             if step >= total:
                 break
+            if clock is not None and not clock.room_for_step(step):
+                out_of_time = True
+                break
             idx = torch.as_tensor(batch, dtype=torch.long)
-            if selector is not None:  # keep batch_size of the super-batch, by learnability
+            weights = None
+            if selector is not None:  # keep batch_size of the super-batch (JEST: learnability; CoLM: gradient medoids)
                 with torch.no_grad():
-                    learner = (embed(q_table.take(idx)), embed(d_table.take(idx)), scale)
-                ref = (reference_views.queries[idx].to(device), reference_views.documents[idx].to(device), scale)
-                idx = idx[selector.select(learner=learner, reference=ref, step=step).cpu()]  # step: exact on resume
+                    learner = (*embed_sides(q_table.take(idx), d_table.take(idx)), scale)
+                if weighted:
+                    chosen = selector.select(learner=learner, step=step, return_weights=True)  # step: exact on resume
+                    idx, weights = idx[chosen.indices.cpu()], chosen.weights.to(device, torch.float32)
+                else:
+                    ref = (reference_views.queries[idx].to(device), reference_views.documents[idx].to(device), scale)
+                    idx = idx[selector.select(learner=learner, reference=ref, step=step).cpu()]
             key_idx = idx if negatives is None else torch.cat([idx, negatives[idx].reshape(-1)])
             q_features = q_table.take(idx)
             k_features = _cat([d_table.take(idx), *([d_table.take(negatives[idx].reshape(-1))] if negatives is not None else [])])
@@ -513,13 +810,20 @@ def finetune(
             if guide is not None:
                 gq, gk = guide_views.queries[idx].to(device), guide_views.documents[key_idx].to(device)
                 mask = guided_negative_mask(gq, gk, margin=float(guide_margin), strategy="absolute")
+            generator = None
+            if mochi_options:
+                generator = torch.Generator(device=device)
+                generator.manual_seed(order_seed * 1_000_003 + step)  # per step: exact on resume
             optimizer.zero_grad(set_to_none=True)
             if cache is None:
-                value = batch_loss(embed(q_features), embed(k_features), mask, idx)
+                value = batch_loss(*embed_sides(q_features, k_features), mask, idx, weights, generator)
                 value.backward()
             else:
-                value = cache.step(q_features, k_features, loss_fn=lambda a, b: batch_loss(a, b, mask, idx))
+                value = cache.step(q_features, k_features,
+                                   loss_fn=lambda a, b: batch_loss(a, b, mask, idx, weights, generator))
             optimizer.step()
+            if clock is not None:
+                clock.step_done()
             scheduler.step()
             step += 1
             count += 1
@@ -529,19 +833,24 @@ def finetune(
             if eval_every and test_q and step % eval_every == 0 and step < total:
                 sync()
                 seconds["train"] += time.perf_counter() - start
-                row = {"step": step, **timed("eval", ir_metrics, model, test_q, test_d, batch_size=eval_batch_size)}
+                row = {"step": step, **timed("eval", evaluate)}
                 result.history.append(row)
                 start = time.perf_counter()
+                if clock is not None:
+                    clock.start_steps(start)
         sync()
         seconds["train"] += time.perf_counter() - start
-        result.losses.append(float(epoch_loss) / max(1, count))
+        if clock is not None:
+            clock.start_steps(time.perf_counter())
+        if count:
+            result.losses.append(float(epoch_loss) / count)
         epoch += 1
-        if out_dir is not None and step < total:
+        if out_dir is not None and step < total and not out_of_time:
             _save_checkpoint(out_dir, model, optimizer, scheduler, settings, result, step, epoch, global_loss)
     bar.close()
     result.steps = step
     if test_q:
-        result.after = timed("eval", ir_metrics, model, test_q, test_d, batch_size=eval_batch_size)
+        result.after = timed("eval", evaluate)
         if eval_every:
             result.history.append({"step": step, **result.after})
     seconds["wall"] = seconds["teacher"] + seconds["mining"] + seconds["sampler"] + seconds["train"]
