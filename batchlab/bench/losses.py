@@ -27,10 +27,17 @@ runs (median).
     # the per-call overhead sweep (benchmarks/results/losses-h200-overhead/README.md has the exact command):
     batchlab bench losses --device cuda --sizes 256,1024,4096,8192,16384,32768,65536,262144,1048576 \
         --methods "batchlab auto" "batchlab reference" open_clip --repeats 30
+    # small and middle N at both widths (benchmarks/results/losses-h200-small/README.md):
+    batchlab bench losses --device cuda --sizes 256,1024,4096,8192,16384 --dim 512 768 \
+        --methods "batchlab auto" open_clip --repeats 30
+    batchlab bench losses --replot results/bench/losses-h200.json   # redraw the log-log plots
 
 On CUDA each row also reports ``launches`` (kernel and memset events per call, from
-torch.profiler) and ``syncs`` (host-device synchronisations per call, counted with
-``torch.cuda.set_sync_debug_mode("warn")``), up to ``--count-max-n``.
+torch.profiler), ``syncs`` (host-device synchronisations per call, counted with
+``torch.cuda.set_sync_debug_mode("warn")``) and ``host_ms`` (host time per call with ten calls
+queued back to back: the per-call host work where it, not the GPU, is the limit), up to
+``--count-max-n``. Plots: time and peak memory vs N, log-log, one line per implementation,
+one pair per ``--dim``.
 """
 
 from __future__ import annotations
@@ -63,7 +70,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", type=_size_list, nargs="+", default=None,
                         help=f"batch sizes N (= M), space- or comma-separated (--sizes 256,1024,4096); "
                              f"default {CPU_SIZES} on cpu, {CUDA_SIZES} on cuda")
-    parser.add_argument("--dim", type=positive_int, default=None, help="embedding dimension (default 256 cpu, 512 cuda)")
+    parser.add_argument("--dim", type=positive_int, nargs="+", default=None,
+                        help="embedding dimension(s), e.g. --dim 512 768 (default 256 cpu, 512 cuda)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                         help="input dtype (default float32 cpu, bfloat16 cuda)")
     parser.add_argument("--families", nargs="+", default=["info_nce", "siglip"], choices=["info_nce", "siglip"])
@@ -84,6 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tag", default="", help="suffix for the results file names")
     parser.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
                         help="what to measure (default: all that run on the device)")
+    parser.add_argument("--replot", default=None, metavar="JSON",
+                        help="only redraw the plots of a results file written by this benchmark (next to it)")
     parser.add_argument("--count-max-n", type=positive_int, default=65536,
                         help="largest N at which kernel launches and host syncs per call are counted "
                              "(two extra profiled calls each)")
@@ -247,14 +257,27 @@ def _unit(n, d, dtype, device, gen):
     return F.normalize(torch.randn(n, d, device=device, generator=gen), dim=1).to(dtype)
 
 
-def _measure(family, label, step, n, args, gen) -> dict:
+def _host_ms(call, device, calls: int = 10) -> float:
+    """Host time per call with ``calls`` calls queued back to back (no synchronisation between them):
+    the per-call host work when it, not the GPU, is the limit (small N); the GPU time otherwise."""
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    seconds = (time.perf_counter() - start) / calls
+    synchronize(device)
+    return seconds * 1e3
+
+
+def _measure(family, label, step, n, args, gen, dim=None) -> dict:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
-    row = {"family": family, "method": label, "N": n, "d": args.dim, "dtype": args.dtype}
+    dim = dim or args.dim[0]
+    row = {"family": family, "method": label, "N": n, "d": dim, "dtype": args.dtype}
     if step is None:
         return {**row, "status": "not installed"}
-    q = _unit(n, args.dim, dtype, device, gen).requires_grad_()
-    k = _unit(n, args.dim, dtype, device, gen).requires_grad_()
+    q = _unit(n, dim, dtype, device, gen).requires_grad_()
+    k = _unit(n, dim, dtype, device, gen).requires_grad_()
     scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
     bias = torch.tensor(-10.0, device=device, requires_grad=True)
     call = lambda: step(q, k, scale, bias)  # noqa: E731
@@ -267,17 +290,19 @@ def _measure(family, label, step, n, args, gen) -> dict:
         if n <= args.single_run_above:
             times = [_timed(call, device) for _ in range(args.repeats)]
         launches, syncs = _launches_and_syncs(call, device) if n <= args.count_max_n else (None, None)
+        host = _host_ms(call, device) if device.type == "cuda" and n <= args.count_max_n else None
     except torch.cuda.OutOfMemoryError:
         return {**row, "status": "out of memory"}
     finally:
         if device.type == "cuda":
             q = k = None
             torch.cuda.empty_cache()
-    grads = 2 * n * args.dim * torch.empty(0, dtype=dtype).element_size()
+    grads = 2 * n * dim * torch.empty(0, dtype=dtype).element_size()
     median = statistics.median(times)
     return {
         **row,
         "ms": median * 1e3,
+        "host_ms": host,
         "runs": len(times),
         "launches": launches,
         "syncs": syncs,
@@ -293,7 +318,7 @@ def _check(args) -> list[dict]:
 
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
-    n, d = 4096 if device.type == "cuda" else 512, args.dim
+    n, d = 4096 if device.type == "cuda" else 512, args.dim[0]
     tile = {"tile_size": args.tile}
     perm = torch.randperm(n, device=device, generator=gen)
     extra = F.normalize(torch.randn(n, 4, d, device=device, generator=gen), dim=-1).to(dtype)
@@ -324,22 +349,55 @@ def _check(args) -> list[dict]:
 
 
 def _add_ratios(rows: list[dict]) -> None:
-    by_key = {(r["family"], r["N"], r["method"]): r.get("ms") for r in rows}
+    by_key = {(r["family"], r["N"], r.get("d"), r["method"]): r.get("ms") for r in rows}
     for r in rows:
         if not r.get("ms"):
             continue
         for anchor, col in (("batchlab reference", "x_reference"), ("open_clip", "x_open_clip")):
-            base = by_key.get((r["family"], r["N"], anchor))
+            base = by_key.get((r["family"], r["N"], r.get("d"), anchor))
             r[col] = r["ms"] / base if base else None
+
+
+def plot_results(rows: list[dict], out: str | Path, name: str, dtype: str, gpu: str) -> list[Path]:
+    """Log-log plots of time and peak memory vs N, one line per (family, method), one pair per d."""
+    paths = []
+    for dim in sorted({r.get("d") for r in rows if r.get("d")}):
+        for metric, ylabel in (("ms", "forward + backward (ms)"), ("peak_extra_mib", "peak extra memory (MiB)")):
+            series: dict = {}
+            for r in rows:
+                if r.get("d") == dim and r.get(metric):
+                    xs, ys = series.setdefault(f"{r['family']}: {r['method']}", ([], []))
+                    xs.append(r["N"])
+                    ys.append(r[metric])
+            if series:
+                path = Path(out) / f"{name}-d{dim}-{'time' if metric == 'ms' else 'memory'}.png"
+                plot_series(path, series, xlabel="N (= M)", ylabel=ylabel,
+                            title=f"losses, d={dim} {dtype}, {gpu}")
+                paths.append(path)
+    return paths
+
+
+def replot(path: str | Path) -> int:
+    """Redraw the plots of a results file (``--replot``), next to it."""
+    import json
+
+    path = Path(path)
+    payload = json.loads(path.read_text())
+    args = payload.get("args", {})
+    for plot in plot_results(payload["rows"], path.parent, path.stem, args.get("dtype", ""), payload.get("device", "")):
+        print(f"wrote {plot}")
+    return 0
 
 
 def run(args) -> int:
     logging.basicConfig(level=logging.WARNING)
+    if args.replot:
+        return replot(args.replot)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     args.sizes = sorted({n for group in args.sizes for n in group}) if args.sizes else (
         CUDA_SIZES if cuda else CPU_SIZES)
-    args.dim = args.dim or (512 if cuda else 256)
+    args.dim = args.dim or [512 if cuda else 256]
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
     args.reference_max_n = args.reference_max_n or (32768 if cuda else 8192)
     args.anchor_max_n = args.anchor_max_n or (65536 if cuda else 8192)
@@ -357,42 +415,34 @@ def run(args) -> int:
                "memory_method": "cuda: max_memory_allocated above the start" if cuda else
                "cpu: VmHWM (reset via /proc/self/clear_refs) above VmRSS before the call"}
     rows: list[dict] = []
-    failed: set[tuple[str, str]] = set()
+    failed: set[tuple[str, str, int]] = set()
     methods = {family: _methods(family, device, tile, args.methods) for family in args.families}
-    # size by size (largest last), so an interrupted run still leaves every smaller size
-    for n in sorted(args.sizes):
-        for family in args.families:
-            if family == "siglip" and n > args.siglip_max_n:
-                continue
-            for label, step in methods[family].items():
-                limit = {"batchlab reference": args.reference_max_n, "open_clip": args.anchor_max_n}.get(label, n)
-                if n > limit or (family, label) in failed:
+    # dimension by dimension, size by size (largest last), so an interrupted run still leaves every smaller size
+    for dim in args.dim:
+        for n in sorted(args.sizes):
+            for family in args.families:
+                if family == "siglip" and n > args.siglip_max_n:
                     continue
-                try:
-                    row = _measure(family, label, step, n, args, gen)
-                except Exception as exc:  # noqa: BLE001 - a failing method is a result; keep measuring the rest
-                    row = {"family": family, "method": label, "N": n, "status": f"error: {exc!r}"[:200]}
-                rows.append(row)
-                print(format_table([row]), flush=True)
-                if row["status"] != "ok":  # a larger N will not fit (or install) either
-                    failed.add((family, label))
-                _add_ratios(rows)
-                write_results(args.out, name, {**payload, "rows": rows})
-    columns = ["family", "method", "N", "d", "dtype", "ms", "runs", "launches", "syncs", "peak_extra_mib",
+                for label, step in methods[family].items():
+                    limit = {"batchlab reference": args.reference_max_n, "open_clip": args.anchor_max_n}.get(label, n)
+                    if n > limit or (family, label, dim) in failed:
+                        continue
+                    try:
+                        row = _measure(family, label, step, n, args, gen, dim)
+                    except Exception as exc:  # noqa: BLE001 - a failing method is a result; keep measuring the rest
+                        row = {"family": family, "method": label, "N": n, "d": dim, "status": f"error: {exc!r}"[:200]}
+                    rows.append(row)
+                    print(format_table([row]), flush=True)
+                    if row["status"] != "ok":  # a larger N will not fit (or install) either
+                        failed.add((family, label, dim))
+                    _add_ratios(rows)
+                    write_results(args.out, name, {**payload, "rows": rows})
+    columns = ["family", "method", "N", "d", "dtype", "ms", "host_ms", "runs", "launches", "syncs", "peak_extra_mib",
                "beyond_grads_mib", "x_reference", "x_open_clip", "status"]
     print(f"\n{gpu}; torch {torch.__version__}; forward+backward; tile {tile or 'default'}")
     print(format_table(rows, columns))
     path = write_results(args.out, name, {**payload, "rows": rows})
-    for metric, ylabel in (("ms", "forward + backward (ms)"), ("peak_extra_mib", "peak extra memory (MiB)")):
-        series = {}
-        for r in rows:
-            if r.get(metric):
-                xs, ys = series.setdefault(f"{r['family']}: {r['method']}", ([], []))
-                xs.append(r["N"])
-                ys.append(r[metric])
-        if series:
-            plot_series(Path(args.out) / f"{name}-{'time' if metric == 'ms' else 'memory'}.png", series,
-                        xlabel="N (= M)", ylabel=ylabel, title=f"losses, d={args.dim} {args.dtype}, {gpu}")
+    plot_results(rows, args.out, name, args.dtype, gpu)
     print(f"wrote {path}")
     return 0
 

@@ -59,3 +59,79 @@ def test_siglip_small_batch_matches_float64(dtype, reduction, gen):
     t = torch.randperm(n + 5, generator=gen)[:n]
     compare(lambda impl, q, k, s, b: siglip(q, k, s, b, impl=impl, targets=t, reduction=reduction),
             [q, k, torch.tensor(10.0), torch.tensor(-10.0)], dtype, gen, reduction=reduction)
+
+
+@pytest.mark.parametrize("use", ["loss", "lse", "both"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_eager_function_matches_custom_op(use, reduction, monkeypatch, gen):
+    """Eager calls take the autograd function, torch.compile the custom op: same values and gradients,
+    also when only the loss (the LSE gradient is skipped in-kernel) or only the LSE is differentiated."""
+    q0, k0 = unit(21, 12, gen, torch.float32), unit(21, 12, gen, torch.float32)
+    t = torch.randperm(21, generator=gen)
+    results = []
+    for eager in (True, False):
+        monkeypatch.setattr(_dense, "EAGER_FUNCTION", eager)
+        q, k = q0.clone().requires_grad_(), k0.clone().requires_grad_()
+        s = torch.tensor(9.0, requires_grad=True)
+        loss, lse = info_nce(q, k, s, targets=t, reduction=reduction, return_lse=True, impl="triton")
+        out = {"loss": loss.sum(), "lse": lse.row.sum() + lse.col.sum(), "both": loss.sum() + lse.row.mean()}[use]
+        results.append([out.detach(), *torch.autograd.grad(out, [q, k, s])])
+        sig = siglip(q, k, s, torch.tensor(-3.0), targets=t, impl="triton")
+        results[-1] += [sig.detach(), *torch.autograd.grad(sig, [q, k, s])]
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+class _FakeCompiled:
+    def __init__(self, calls):
+        self.calls, self.function, self.packed_metadata = calls, "fn", "meta"
+
+    def run(self, *args):
+        self.calls.append(("direct", args))
+
+    def launch_metadata(self, grid, stream, *args):
+        return "launch-meta"
+
+
+class _FakeJit:
+    """Stands in for a @triton.jit kernel: (x_ptr, n, c, BLOCK: constexpr, FLAG: constexpr = 7)."""
+
+    arg_names = ["x_ptr", "n", "c", "BLOCK", "FLAG"]
+
+    def __init__(self):
+        import inspect
+
+        self.params = [type("P", (), {"default": d})() for d in [inspect.Parameter.empty] * 4 + [7]]
+        self.calls = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.calls.append(("jit", grid, args, kwargs))
+            return _FakeCompiled(self.calls)
+
+        return launch
+
+
+def test_direct_launch_reuses_the_compiled_kernel_per_specialisation(monkeypatch):
+    monkeypatch.setattr(_dense, "interpreting", lambda: False)
+    monkeypatch.setattr(_dense, "_current_stream", lambda: 1234)
+    monkeypatch.setattr(_dense, "DIRECT_LAUNCH", True)
+    fake = _FakeJit()
+    kernel = _dense._Kernel(fake)
+    x = torch.zeros(8)
+    consts = dict(BLOCK=16, num_warps=4)
+    kernel((3,), (x, 10, 0.5), consts)  # first use: Triton's own launch, which compiles
+    kernel((5, 2), (x, 10, 0.25), consts)  # same specialisation (floats are not specialised): direct
+    kernel((3,), (x, 11, 0.5), consts)  # another integer: Triton again (it may specialise on it)
+    kernel((3,), (x[1:], 10, 0.5), consts)  # a misaligned pointer: Triton again
+    kernel((3,), (x, 10, 0.5), dict(BLOCK=32, num_warps=4))  # another constexpr: Triton again
+    kinds = [c[0] for c in fake.calls]
+    assert kinds == ["jit", "direct", "jit", "jit", "jit"]
+    _, args = fake.calls[1]
+    hooks = args[6:9]
+    assert args[:6] == (5, 2, 1, 1234, "fn", "meta")
+    assert args[9:] == (x, 10, 0.25, 16, 7)  # runtime args, then the constexprs (FLAG's default)
+    assert hooks[0] is None or hooks[0] == "launch-meta"
+    monkeypatch.setattr(_dense, "DIRECT_LAUNCH", False)
+    kernel((3,), (x, 10, 0.5), consts)
+    assert fake.calls[-1][0] == "jit"

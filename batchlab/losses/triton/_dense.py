@@ -73,6 +73,9 @@ def _grad_flags(q: torch.Tensor, cfg: dict) -> dict:
 # ----------------------------------------------------------------------------- low-overhead launches
 
 
+#: Eager calls go through :class:`_ClipDense` / :class:`_SiglipDense` (autograd functions); the
+#: custom ops (what torch.compile traces) cost more host time per call. False: custom ops always.
+EAGER_FUNCTION = os.environ.get("BATCHLAB_DENSE_EAGER_FUNCTION", "1") != "0"
 #: Launch the compiled kernels directly (``BATCHLAB_TRITON_DIRECT_LAUNCH=0``: through Triton's
 #: ``kernel[grid](...)`` every time). Never under the interpreter.
 DIRECT_LAUNCH = os.environ.get("BATCHLAB_TRITON_DIRECT_LAUNCH", "1") != "0"
@@ -83,6 +86,11 @@ def _arg_key(a):
     if isinstance(a, torch.Tensor):
         return a.dtype, a.data_ptr() % 16 == 0
     return a if a.__class__ is int else a.__class__
+
+
+def _current_stream() -> int:
+    """The current CUDA stream's handle (what Triton's own launch path asks for)."""
+    return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
 
 
 class _Kernel:
@@ -117,7 +125,7 @@ class _Kernel:
                 self.compiled[key] = (kernel, tail)
             return
         kernel, tail = entry
-        stream = torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
+        stream = _current_stream()
         runtime = triton.knobs.runtime
         enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
         if enter is None or not getattr(enter, "calls", True):  # no hook installed (3.6: an empty HookChain)
@@ -293,7 +301,7 @@ def clip_loss(q, k, scale, targets, *, symmetric: bool, reduction: str):
     """``(loss, row_lse (N,), col_lse (M,) or None)`` of InfoNCE/CLIP on the small-batch path."""
     n = q.shape[0]
     red = _REDUCTIONS.index(reduction)
-    if torch.compiler.is_compiling():
+    if not EAGER_FUNCTION or torch.compiler.is_compiling():
         loss, stats, _ = clip_dense(q.contiguous(), k.contiguous(), scale.reshape(()), targets, symmetric, red)
     else:
         loss, stats = _ClipDense.apply(q.contiguous(), k.contiguous(), scale.reshape(()) if scale.dim() else scale,
@@ -402,7 +410,7 @@ class _SiglipDense(torch.autograd.Function):
 def siglip_loss(q, k, scale, bias, targets, *, reduction: str):
     """SigLIP's summed or mean loss (0-d) on the small-batch path (``reduction`` "mean" or "sum")."""
     red = _REDUCTIONS.index(reduction)
-    if torch.compiler.is_compiling():
+    if not EAGER_FUNCTION or torch.compiler.is_compiling():
         return siglip_dense(q.contiguous(), k.contiguous(), scale.reshape(()), bias.reshape(()), targets, red)
     return _SiglipDense.apply(q.contiguous(), k.contiguous(), scale.reshape(()) if scale.dim() else scale,
                               bias.reshape(()) if bias.dim() else bias, targets, red)
