@@ -13,8 +13,9 @@ from batchlab.bench.quality import Models, arm_settings  # noqa: E402
 from batchlab.errors import BatchlabInputError  # noqa: E402
 from tests.test_finetune import make_pairs  # noqa: E402
 
-ARMS = ["zero-shot", "random-8", "random-16", "random-16-same-examples", "random-16-cached", "st-mined-8", "community-8-self",
-        "gist-8", "sogclr-8", "scratch-4", "jest-scratch-4"]
+ARMS = ["zero-shot", "random-8", "random-16", "random-16-same-examples", "random-16-cached", "random-32", "st-mined-8",
+        "community-8-self", "gist-8", "sogclr-8", "isogclr-8", "colm-8", "mochi-8", "random-16-cached-same-wall",
+        "scratch-4", "jest-scratch-4"]
 
 
 def test_arm_names():
@@ -23,7 +24,12 @@ def test_arm_names():
         "sampler": "random", "batch_size": 1024, "steps": 10, "cache_chunk": 256}
     assert arm_settings("st-mined-64", steps=10, base_batch=64)["mined_negatives"] == 1
     assert arm_settings("gist-64-self", steps=10, base_batch=64)["guide"] == "model"
-    for bad in ("random-64-self", "bogus-64", "random"):
+    assert arm_settings("isogclr-64", steps=10, base_batch=64)["loss"] == "isogclr"
+    assert arm_settings("colm-64", steps=10, base_batch=64)["coreset"] == 0.75
+    assert arm_settings("mochi-64", steps=10, base_batch=64)["mochi"] is True
+    wall = arm_settings("community-1024-cached-same-wall", steps=10, base_batch=64)
+    assert wall["time_budget"] == "same-wall" and wall["sampler"] == "community" and wall["steps"] == 80
+    for bad in ("random-64-self", "bogus-64", "random", "random-64-same-examples-same-wall"):
         with pytest.raises(BatchlabInputError):
             arm_settings(bad, steps=10, base_batch=64)
 
@@ -35,12 +41,27 @@ def test_initial_weights_are_shared_by_the_arms_of_a_seed():
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
+def test_pretrained_weights_are_copied_back_into_one_model(tmp_path):
+    from batchlab.integrations.sentence_transformers.testing import save_tiny_model
+
+    models = Models(str(save_tiny_model(tmp_path / "m", hidden_size=16)), "cpu")
+    first = models.initial(0)
+    original = {k: v.clone() for k, v in first.state_dict().items()}
+    with torch.no_grad():
+        for p in first.parameters():
+            p.add_(1.0)
+    first.max_seq_length = 5
+    again = models.initial(1)
+    assert again is first and again.max_seq_length == 32
+    assert all(torch.equal(original[k], v) for k, v in again.state_dict().items())
+
+
 def test_bench_quality_cpu(tmp_path, capsys):
     from batchlab.cli import main
 
-    pairs = make_pairs(40, seed=3)
+    pairs = make_pairs(56, seed=3)
     (tmp_path / "data").mkdir()
-    (tmp_path / "data" / "toy.json").write_text(json.dumps({"train": pairs[:24], "test": pairs[24:], "source": {}}))
+    (tmp_path / "data" / "toy.json").write_text(json.dumps({"train": pairs[:40], "test": pairs[40:], "source": {}}))
     code = main(["bench", "quality", "--model", "tiny", "--data", str(tmp_path / "data"), "--datasets", "toy",
                  "--arms", *ARMS, "--baseline", "random-8", "--seeds", "3", "--steps", "2", "--lr", "1e-3",
                  "--no-progress", "--out", str(tmp_path / "out")])
@@ -55,6 +76,15 @@ def test_bench_quality_cpu(tmp_path, capsys):
     claims = {c["better"]: c for c in result["claims"]["toy"]}
     assert claims["community-8-self"]["verdict"] is not None  # 3 seeds: a verdict
     assert "st-mined-8" in {c["worse"] for c in result["claims"]["toy"]}
+    by_claim = {c["claim"]: c for c in result["claims"]["toy"]}
+    for arm in ("isogclr-8", "sogclr-8", "colm-8"):
+        check = by_claim[f"issue 19: {arm} at least matches random-32 (same steps)"]
+        assert isinstance(check["target_at_least_matches"], bool) and len(check["seeds"]) == 3
+    wall_runs = [r for r in result["runs"] if r["arm"] == "random-16-cached-same-wall"]
+    reference = {r["seed"]: r["seconds"]["wall"] for r in result["runs"] if r["arm"] == "st-mined-8"}
+    assert all(r["time_budget"] == reference[r["seed"]] for r in wall_runs)  # the reference's own wall time
+    assert "random-16-cached-same-wall beats st-mined-8 by >= +0.02 on every seed (same wall time)" in by_claim
+    assert any(c["selected_on_test"] for c in result["claims"]["toy"])
     jest = next(c for c in result["claims"]["toy"] if c["better"] == "jest-scratch-4")
     assert sorted(jest["share_of_steps"]) == ["0", "1", "2"] and isinstance(jest["target_half_steps"], bool)
     assert all(len(r["history"]) == 2 for r in result["runs"] if "scratch" in r["arm"])  # every steps / 8 = 1 step
