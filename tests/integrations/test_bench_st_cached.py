@@ -7,14 +7,34 @@ from batchlab.cli import main
 
 def test_st_cached_bench_tiny(tmp_path, capsys):
     code = main(["bench", "st-cached", "--tiny", "--device", "cpu", "--batch-size", "24", "--mini-batch-size", "8",
-                 "--seq-len", "10", "--repeats", "1", "--warmup", "0", "--out", str(tmp_path)])
+                 "--seq-len", "10", "--repeats", "1", "--warmup", "0", "--tune",
+                 "--variants", "tiled", "rows/0.001/2/0", "rows/1/1/0/3xtf32", "bf16", "--out", str(tmp_path)])
     assert code == 0
     out = json.loads((tmp_path / "st-cached-cpu.json").read_text())
-    assert set(out["steps"]) == {"sentence-transformers", "batchlab"}
-    assert [(r["precision"], r["st_loss_chunk"], r["batchlab_impl"]) for r in out["loss_parts"]] == [
-        (p, c, i) for p in ("fp32", "tf32") for i in ("auto", "tiled") for c in (8, 32)]
-    summary = out["summary"]
-    assert summary["loss_rel_diff"] <= 1e-5 and summary["grad_rel_diff"] <= 1e-5  # same loss, same gradients
-    assert summary["loss_part_speedup"] > 0 and summary["step_ratio"] > 0
+    variants = ["auto", "tiled", "rows/0.001/2/0", "rows/1/1/0/3xtf32", "bf16"]
+    assert [(r["precision"], r["batchlab"]) for r in out["loss_parts"]] == [
+        (p, v) for p in ("highest", "high") for v in variants]
+    for row in out["loss_parts"]:
+        assert row["error"] is None and row["speedup"] > 0
+        tol = 5e-2 if row["batchlab"] == "bf16" else 1e-5
+        assert row["value_rel_diff"] <= tol and row["grad_rel_diff"] <= tol, row
+    assert [s["precision"] for s in out["steps"]] == ["highest", "high"]
+    for step in out["steps"]:
+        assert step["batchlab_variant"] == "rows/0.001/2/0"  # --tune: the only default-products rows variant
+        assert step["loss_rel_diff"] <= 1e-5 and step["grad_rel_diff"] <= 1e-5  # same loss, same gradients
+        assert step["step_ratio"] > 0
+    assert out["summary"]["highest"]["loss_part_variant"] == "rows/0.001/2/0"
     assert out["targets"]["peak memory no higher"] == "not measured"  # CUDA only
+    assert out["stages_skipped"] == []
     assert "targets:" in capsys.readouterr().out
+
+
+def test_st_cached_bench_time_limit(tmp_path):
+    """Stages past --time-limit are skipped and named; the JSON is still written."""
+    code = main(["bench", "st-cached", "--tiny", "--device", "cpu", "--batch-size", "8", "--mini-batch-size", "4",
+                 "--seq-len", "6", "--repeats", "1", "--warmup", "0", "--variants", "--precisions", "highest",
+                 "--time-limit", "0", "--out", str(tmp_path)])
+    assert code == 0
+    out = json.loads((tmp_path / "st-cached-cpu.json").read_text())
+    assert out["stages_skipped"] == ["warm-up highest", "loss parts highest", "steps highest"]
+    assert out["loss_parts"] == [] and out["steps"] == []

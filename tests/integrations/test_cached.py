@@ -10,6 +10,8 @@ from sentence_transformers.sentence_transformer import losses as st_losses
 
 from batchlab.errors import BatchlabInputError
 from batchlab.integrations.sentence_transformers import CachedGISTEmbedLoss, CachedMultipleNegativesRankingLoss
+from batchlab.integrations.sentence_transformers import cached as cached_module
+from batchlab.integrations.sentence_transformers._rows import RowBlocks
 from tests.integrations.conftest import columns, load
 from tests.integrations.helpers import assert_same, rel_err, value_and_grads
 
@@ -49,10 +51,73 @@ def test_cached_gist_matches(model, guide, n_columns, options):
     assert_same(ours, theirs)
 
 
-def test_backward_scaled_by_upstream_gradient(model):
+@pytest.fixture
+def row_calls(monkeypatch):
+    """How many times the cached loss took the row-block pass."""
+    calls = []
+    original = cached_module.row_block_info_nce
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(cached_module, "row_block_info_nce", spy)
+    return calls
+
+
+ROW_BLOCKS = {"torch": RowBlocks(fused=False), "blocks-of-2-split-5": RowBlocks(block_bytes=2 * 4 * 5, split=5),
+              "3xtf32": RowBlocks(block_bytes=2 * 4 * 20, fused=False, products="3xtf32")}
+
+
+@pytest.mark.parametrize("blocks", list(ROW_BLOCKS))
+@pytest.mark.parametrize("n_rows,n_columns,mini_batch_size,options", [
+    (5, 2, 2, {}), (5, 4, 3, {}), (5, 2, 8, {"scale": 5.0}), (1, 3, 1, {}), (1, 2, 1, {}),
+])
+def test_row_blocks_match(model, row_calls, blocks, n_rows, n_columns, mini_batch_size, options):
+    """impl="rows" (the CUDA default of "auto" for query_to_doc) against sentence-transformers' cached loss."""
+    features = columns(model, n_rows, n_columns)
+    loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=mini_batch_size, impl="rows",
+                                              row_blocks=ROW_BLOCKS[blocks], **options)
+    ours = value_and_grads(loss, model, features)
+    assert row_calls  # the row-block pass ran
+    st_cached = st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=mini_batch_size, **options)
+    theirs = value_and_grads(st_cached, model, features)
+    if n_rows == 1 and n_columns == 2:  # one pair: the loss is 0 and no parameter gets a gradient on either side
+        assert float(ours[0]) == float(theirs[0]) == 0.0
+        assert all(float(g.abs().max()) == 0 for g in ours[1].values())
+    else:
+        assert_same(ours, theirs)
+
+
+def test_row_blocks_only_for_query_to_doc(model, row_calls):
+    """Other directions fall back to info_nce (and still match), as does "auto" on the CPU."""
+    features = columns(model, 5, 3)
+    options = {"directions": ("query_to_doc", "doc_to_query"), "partition_mode": "per_direction"}
+    ours = value_and_grads(CachedMultipleNegativesRankingLoss(model, mini_batch_size=2, impl="rows", **options),
+                           model, features)
+    theirs = value_and_grads(st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=2, **options),
+                             model, features)
+    assert_same(ours, theirs)
+    value_and_grads(CachedMultipleNegativesRankingLoss(model, mini_batch_size=2), model, features)
+    assert not row_calls
+
+
+def test_bf16_loss_dtype(model):
+    """The opt-in bf16 loss phase: close to fp32, not equal (bf16 unit embeddings: 2^-9 relative per entry)."""
+    features = columns(model, 6, 3)
+    ours = value_and_grads(CachedMultipleNegativesRankingLoss(model, mini_batch_size=4, loss_dtype=torch.bfloat16),
+                           model, features)
+    theirs = value_and_grads(st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=4), model, features)
+    flat = [torch.cat([g[k].flatten() for k in sorted(g)]) for g in (ours[1], theirs[1])]
+    assert rel_err(ours[0], theirs[0]) <= 1e-2 and rel_err(flat[0], flat[1]) <= 5e-2
+    assert rel_err(flat[0], flat[1]) > 1e-6  # really computed in bf16
+
+
+@pytest.mark.parametrize("impl", ["auto", "rows"])
+def test_backward_scaled_by_upstream_gradient(model, impl):
     """Gradient accumulation and loss scaling reach the re-encoded mini-batches."""
     features = columns(model, 4, 2)
-    loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=3)
+    loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=3, impl=impl)
     _, full = value_and_grads(loss, model, features)
     model.zero_grad(set_to_none=True)
     (loss([dict(f) for f in features], None) * 0.25).backward()
@@ -61,9 +126,10 @@ def test_backward_scaled_by_upstream_gradient(model):
     model.zero_grad(set_to_none=True)
 
 
-def test_no_grad_gives_the_value(model):
+@pytest.mark.parametrize("impl", ["auto", "rows"])
+def test_no_grad_gives_the_value(model, impl):
     features = columns(model, 4, 2)
-    loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=3)
+    loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=3, impl=impl)
     with torch.no_grad():
         value = loss([dict(f) for f in features], None)
     expected, _ = value_and_grads(st_losses.MultipleNegativesRankingLoss(model), model, features)
@@ -75,3 +141,9 @@ def test_refused(model):
         CachedMultipleNegativesRankingLoss(model, mini_batch_num_tokens=64)
     with pytest.raises(BatchlabInputError, match="at least 2"):
         CachedMultipleNegativesRankingLoss(model)(columns(model, 3, 1), None)
+    with pytest.raises(BatchlabInputError, match="loss_dtype"):
+        CachedMultipleNegativesRankingLoss(model, loss_dtype=torch.int64)
+    with pytest.raises(BatchlabInputError, match="row_blocks"):
+        CachedMultipleNegativesRankingLoss(model, row_blocks={"split": 2})
+    with pytest.raises(BatchlabInputError, match="impl"):
+        CachedMultipleNegativesRankingLoss(model, impl="rowz")

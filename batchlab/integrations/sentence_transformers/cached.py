@@ -10,8 +10,17 @@ the (detached) loss with a hook: the trainer's ``loss.backward()`` runs the re-e
 phase, scaled by the gradient it receives (gradient accumulation, fp16 loss scaling).
 
 Constructor arguments and defaults are sentence-transformers 6.2's (plus keyword-only
-``impl`` / ``distributed``). ``mini_batch_num_tokens`` (token-budget mini-batches) is not
-supported: ``EmbeddingCache`` cuts fixed-size chunks.
+``impl`` / ``distributed`` / ``loss_dtype`` / ``row_blocks``). ``mini_batch_num_tokens`` (token-budget
+mini-batches) is not supported: ``EmbeddingCache`` cuts fixed-size chunks.
+
+``CachedMultipleNegativesRankingLoss`` with its default ``directions=("query_to_doc",)``
+(any number of hard-negative columns, one process or ``gather_across_devices=False``)
+computes the loss phase in one pass over full-width row blocks (:mod:`._rows`: three
+matrix products per logit, loss and gradients together) on CUDA (``impl="auto"``) or
+wherever ``impl="rows"`` asks (``row_blocks=RowBlocks(...)`` tunes it; ``products="3xtf32"``
+opts in to TF32 tensor-core products that keep about 21 of fp32's 24 bits); every other
+configuration goes through batchlab's ``info_nce`` with ``impl``. ``loss_dtype=torch.bfloat16`` (opt-in) computes the loss phase
+on bf16 unit embeddings (batchlab's Triton kernels on CUDA): faster, not fp32-exact.
 
 Example
 -------
@@ -41,10 +50,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from batchlab._checks import check_choice
 from batchlab.errors import BatchlabInputError
+from batchlab.integrations.sentence_transformers._rows import RowBlocks, row_block_info_nce
+from batchlab.integrations.sentence_transformers._scores import cosine_rows, world_and_rank
 from batchlab.integrations.sentence_transformers.losses import (
     IMPLS,
+    STRATEGIES,
     MultipleNegativesRankingLoss,
-    check_batchlab_options,
     gist_loss,
 )
 from batchlab.losses import EmbeddingCache
@@ -149,6 +160,12 @@ def joined(parts: list[Tensor]) -> Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+#: ``impl`` values of the cached MNRL: batchlab's ``info_nce`` ones plus "rows" (the row-block pass, any device).
+CACHED_IMPLS = (*IMPLS, "rows")
+#: ``loss_dtype`` values: None (the embeddings' own, fp32 for an fp32 model) or a dtype to cast unit embeddings to.
+LOSS_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
+
+
 def check_no_token_budget(mini_batch_num_tokens: int | None) -> None:
     if mini_batch_num_tokens is not None:
         raise BatchlabInputError(
@@ -178,13 +195,20 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
         *,
         impl: str = "auto",
         distributed: str = "auto",
+        loss_dtype: torch.dtype | None = None,
+        row_blocks: RowBlocks | None = None,
     ) -> None:
-        check_batchlab_options(impl, distributed)
+        check_choice("impl", impl, CACHED_IMPLS)
+        if row_blocks is not None and not isinstance(row_blocks, RowBlocks):
+            raise BatchlabInputError(f"row_blocks must be a RowBlocks, got {type(row_blocks).__name__}")
+        check_choice("distributed", distributed, STRATEGIES)
+        if loss_dtype not in LOSS_DTYPES:
+            raise BatchlabInputError(f"loss_dtype must be one of {LOSS_DTYPES}, got {loss_dtype!r}")
         check_no_token_budget(mini_batch_num_tokens)
         batchlab_loss = MultipleNegativesRankingLoss(
             model, scale=scale, similarity_fct=similarity_fct, gather_across_devices=gather_across_devices,
             directions=directions, partition_mode=partition_mode, hardness_mode=hardness_mode,
-            hardness_strength=hardness_strength, impl=impl, distributed=distributed)
+            hardness_strength=hardness_strength, impl="auto" if impl == "rows" else impl, distributed=distributed)
         try:
             super().__init__(model, scale=scale, similarity_fct=similarity_fct, mini_batch_size=mini_batch_size,
                              mini_batch_num_tokens=mini_batch_num_tokens,
@@ -193,12 +217,35 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
         except ValueError as exc:
             raise BatchlabInputError(str(exc)) from None
         self.loss = batchlab_loss  # the wrapped loss owns the hyperparameters, as in sentence-transformers
-        self.impl, self.distributed = impl, distributed
+        self.impl, self.distributed, self.loss_dtype = impl, distributed, loss_dtype
+        #: How the row-block pass cuts its work (buffer, split GEMM, Triton row kernel, products): ``_rows.RowBlocks``.
+        self.row_blocks = row_blocks or RowBlocks()
+
+    def uses_row_blocks(self, embeddings: list[Tensor]) -> bool:
+        """Whether the loss phase of these embeddings takes the row-block pass (see the module docstring)."""
+        e = embeddings[0]
+        return (
+            (self.impl == "rows" or (self.impl == "auto" and e.is_cuda))
+            and self.loss_dtype in (None, torch.float32)
+            and set(self.directions) == {"query_to_doc"}
+            and not (self.gather_across_devices and world_and_rank()[0] > 1)
+            and len(embeddings) >= 2
+            and len({x.shape[0] for x in embeddings}) == 1
+            and all(x.dtype in (torch.float32, torch.float64) and x.dtype == e.dtype for x in embeddings)
+        )
 
     def calculate_loss(self, reps: list[list[Tensor]], labels: Tensor | None = None, *,
                        with_backward: bool = False) -> Tensor:
         """The loss of the whole batch (batchlab's, in one piece) from per-column lists of mini-batch embeddings."""
-        loss = self.loss.compute_loss_from_embeddings([joined(r) for r in reps], labels)
+        embeddings = [joined(r) for r in reps]
+        if self.uses_row_blocks(embeddings):
+            docs = [cosine_rows(e) for e in embeddings[1:]]
+            keys = docs[0] if len(docs) == 1 else torch.cat(docs)
+            loss = row_block_info_nce(cosine_rows(embeddings[0]), keys, self.scale, config=self.row_blocks)
+        else:
+            if self.loss_dtype is not None:
+                embeddings = [cosine_rows(e).to(self.loss_dtype) for e in embeddings]
+            loss = self.loss.compute_loss_from_embeddings(embeddings, labels)
         if with_backward:
             loss.backward()
             loss = loss.detach()
@@ -208,7 +255,8 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
         return gradient_cached(self, sentence_features, labels)
 
     def get_config_dict(self) -> dict[str, Any]:
-        return {**super().get_config_dict(), "impl": self.impl}
+        extra = {} if self.loss_dtype is None else {"loss_dtype": str(self.loss_dtype).removeprefix("torch.")}
+        return {**super().get_config_dict(), "impl": self.impl, **extra}
 
 
 class CachedGISTEmbedLoss(_STCachedGISTEmbedLoss):

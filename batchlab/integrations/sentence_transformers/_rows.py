@@ -1,0 +1,262 @@
+"""sentence-transformers' default cached loss in one pass over full-width row blocks.
+
+``CachedMultipleNegativesRankingLoss`` with ``directions=("query_to_doc",)`` (its default)
+is ``mean_i [logsumexp_j(s q_i . k_j) - s q_i . k_i]`` over unit rows ``q_i`` and unit keys
+``k_j`` (the positives, then any hard-negative columns): each row's softmax runs over ALL
+the keys, and nothing runs over columns. A block of ``R`` full rows therefore holds
+everything its gradient needs:
+
+1. its logits ``L = s Q_b K^T`` (one GEMM into an ``R x M`` buffer, the scale in the GEMM's alpha);
+2. each row's log-sum-exp, and the logit gradient ``G = (s/N)(softmax(L) - onehot)``
+   written over the logits (the Triton row kernel of :mod:`._rows_kernel` on CUDA: three
+   HBM passes; PyTorch's in-place ops elsewhere: eight);
+3. ``dQ_b = G K`` and ``dK += G^T Q_b`` (two GEMMs).
+
+Three products per logit, the fewest an exact loss with gradients can use without
+keeping the ``N x M`` logits; the tiled engine, whose tiles also serve column softmaxes,
+makes the logits twice (four). sentence-transformers also makes three, but in blocks of
+``mini_batch_size`` rows (small GEMMs) through autograd (a dozen elementwise passes and
+a fresh buffer for most of them). The products follow torch's fp32 matmul precision
+(``torch.set_float32_matmul_precision``: "highest" = IEEE fp32, "high" = TF32), as
+sentence-transformers' do.
+
+``RowBlocks(products="3xtf32")`` (opt-in) makes every product from three TF32 tensor-core
+products of split operands (``x = hi + lo``, ``hi`` with TF32's 10 mantissa bits:
+``hi.hi + hi.lo + lo.hi``), which keeps about 21 of fp32's 24 bits (the dropped ``lo.lo`` and
+TF32's rounding of ``lo``) whatever the global setting: close to fp32, not IEEE fp32.
+
+The loss and both gradients come out of the forward (the cached loss backpropagates at
+once); ``backward`` scales them by the incoming gradient. Without grad mode only the
+loss is computed (one GEMM per block).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from batchlab._checks import check_choice
+from batchlab.errors import BatchlabInputError
+
+_KERNEL = "batchlab.integrations.sentence_transformers._rows_kernel"
+PRODUCTS = ("default", "3xtf32")
+_TF32_MASK = -8192  # 0xFFFFE000: sign, exponent and the top 10 mantissa bits of an fp32
+
+
+@dataclass(frozen=True)
+class RowBlocks:
+    """How :func:`row_block_info_nce` cuts its work.
+
+    ``block_bytes``: the logit buffer (``R = block_bytes // (M * itemsize)`` rows a block,
+    at least 1; 256 MiB = 1,024 rows of 65,536 fp32 logits; 3xTF32 holds two). ``split``:
+    cut ``G K`` into ``split`` column groups summed after one batched GEMM (more parallel
+    work when ``R x d`` is small and ``M`` long; 1 = one GEMM). ``fused``: the Triton row
+    kernel (None: on CUDA when Triton imports, and on the CPU under ``TRITON_INTERPRET=1``).
+    ``products``: "default" (torch's fp32 matmul precision, as sentence-transformers) or
+    "3xtf32" (see the module docstring; CUDA only, elsewhere the same split in fp32).
+    """
+
+    block_bytes: int = 256 * 2**20
+    split: int = 1
+    fused: bool | None = None
+    products: str = "default"
+
+    def __post_init__(self) -> None:
+        check_choice("products", self.products, PRODUCTS)
+        if not (isinstance(self.block_bytes, int) and self.block_bytes > 0 and isinstance(self.split, int)
+                and self.split > 0):
+            raise BatchlabInputError(f"RowBlocks needs a positive int block_bytes and split, got {self.block_bytes!r}, "
+                                     f"{self.split!r}")
+
+    def rows(self, n: int, m: int, itemsize: int) -> int:
+        return max(1, min(n, self.block_bytes // max(1, m * itemsize)))
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fused_available(device: torch.device) -> bool:
+    """Whether the Triton row kernel can run on ``device``."""
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and not _interpreting()):
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@torch.library.custom_op("batchlab_st::row_softmax_grad_", mutates_args=("logits", "low"))
+def row_softmax_grad_(logits: Tensor, low: Tensor, diag_offset: int, coef: float, grads: bool) -> Tensor:
+    """Row log-sum-exp of ``logits`` (R, M) (returned, fp32); with ``grads`` the logits become the logit gradient.
+
+    A non-empty ``low`` (R, M) receives the low part of the split gradient (3xTF32).
+    """
+    import importlib
+
+    kernel = sys.modules.get(_KERNEL) or importlib.import_module(_KERNEL)
+    lse = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
+    kernel.launch(logits, lse, diag_offset, coef, grads, low if low.numel() else None)
+    return lse
+
+
+@row_softmax_grad_.register_fake
+def _(logits, low, diag_offset, coef, grads):
+    return logits.new_empty(logits.shape[0], dtype=torch.float32)
+
+
+def tf32_split(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(hi, lo)`` with ``x = hi + lo`` exactly and ``hi`` representable in TF32 (fp32 input)."""
+    hi = (x.view(torch.int32) & _TF32_MASK).view(x.dtype)
+    return hi, x - hi
+
+
+def _rows_torch(L: Tensor, low: Tensor, diag_offset: int, coef: float, grads: bool) -> Tensor:
+    """:func:`row_softmax_grad_` in PyTorch ops (in place, one extra (R,) vector or two)."""
+    top = L.amax(1, keepdim=True)
+    L.sub_(top).exp_()
+    total = L.sum(1, keepdim=True)
+    if grads:
+        L.mul_(coef / total)
+        L.diagonal(diag_offset).sub_(coef)
+        if low.numel():
+            low.copy_(L)
+            L.view(torch.int32).bitwise_and_(_TF32_MASK)
+            low.sub_(L)
+    return (top + total.log()).squeeze(1)
+
+
+@contextmanager
+def _tf32(on: bool):
+    """TF32 products for the block (3xTF32 on CUDA), the global setting restored after."""
+    if not on:
+        yield
+        return
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision("high")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def _times_keys(G: Tensor, K: Tensor, out: Tensor, split: int, accumulate: bool) -> None:
+    """``out (+)= G @ K``; with ``split`` > 1 as one batched GEMM over column groups, summed."""
+    if split > 1:
+        r, m = G.shape
+        parts = torch.bmm(G.view(r, split, m // split).transpose(0, 1), K.view(split, m // split, K.shape[1]))
+        if accumulate:
+            out.add_(parts.sum(0))
+        else:
+            torch.sum(parts, 0, out=out)
+    elif accumulate:
+        out.addmm_(G, K)
+    else:
+        torch.mm(G, K, out=out)
+
+
+def _pass(q: Tensor, keys: Tensor, scale: float, config: RowBlocks, grads: bool):
+    """(loss, dq, dk): the loss of every row block and, with ``grads``, both gradients."""
+    n, d = q.shape
+    m = keys.shape[0]
+    rows = config.rows(n, m, q.element_size())
+    fused = q.dtype == torch.float32 and (config.fused if config.fused is not None else fused_available(q.device))
+    split = config.split if config.split > 1 and m % config.split == 0 else 1
+    three = config.products == "3xtf32" and q.dtype == torch.float32
+    buf = q.new_empty(rows, m)
+    low = q.new_empty(rows, m) if three and grads else q.new_empty(0)
+    total = q.new_zeros(())
+    dq = q.new_empty(n, d) if grads else None
+    dk = torch.zeros_like(keys) if grads else None
+    coef = scale / n
+    k_hi, k_lo = tf32_split(keys) if three else (keys, None)
+    with _tf32(three and q.is_cuda):
+        for r0 in range(0, n, rows):
+            r1 = min(r0 + rows, n)
+            L, q_b = buf[: r1 - r0], q[r0:r1]
+            if three:  # s (lo.hi + hi.lo + hi.hi), the small terms first
+                q_hi, q_lo = tf32_split(q_b)
+                torch.addmm(L, q_lo, k_hi.T, beta=0.0, alpha=scale, out=L)
+                L.addmm_(q_hi, k_lo.T, alpha=scale)
+                L.addmm_(q_hi, k_hi.T, alpha=scale)
+            else:
+                torch.addmm(L, q_b, keys.T, beta=0.0, alpha=scale, out=L)  # beta=0: L's old contents ignored
+            positive = L.diagonal(r0).sum()  # before the logits are overwritten
+            lo = low[: r1 - r0] if low.numel() else low
+            lse = (row_softmax_grad_ if fused else _rows_torch)(L, lo, r0, coef, grads)
+            total = total + (lse.sum() - positive)
+            if not grads:
+                continue
+            if three:  # L = G_hi, lo = G_lo
+                _times_keys(L, k_hi, dq[r0:r1], split, accumulate=False)
+                _times_keys(L, k_lo, dq[r0:r1], split, accumulate=True)
+                _times_keys(lo, k_hi, dq[r0:r1], split, accumulate=True)
+                dk.addmm_(L.T, q_hi).addmm_(L.T, q_lo).addmm_(lo.T, q_hi)
+            else:
+                _times_keys(L, keys, dq[r0:r1], split, accumulate=False)
+                dk.addmm_(L.T, q_b)
+    return total / n, dq, dk
+
+
+class _RowBlockLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, keys, scale, config):
+        loss, dq, dk = _pass(q, keys, scale, config, grads=True)
+        ctx.grads = (dq, dk)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        if ctx.grads is None:
+            raise RuntimeError("the row-block loss computed its gradients once; backward through it twice "
+                               "(retain_graph=True) is not supported")
+        dq, dk = ctx.grads
+        ctx.grads = None
+        g = grad_output.to(dq.dtype)
+        return (dq.mul_(g) if ctx.needs_input_grad[0] else None,
+                dk.mul_(g) if ctx.needs_input_grad[1] else None, None, None)
+
+
+DEFAULT = RowBlocks()
+
+
+def row_block_info_nce(q: Tensor, keys: Tensor, scale: float, *, config: RowBlocks = DEFAULT) -> Tensor:
+    """``mean_i [logsumexp_j(scale q_i . k_j) - scale q_i . k_i]``: row ``i``'s positive is key ``i``.
+
+    Parameters
+    ----------
+    q : Tensor (N, d)
+        Unit query rows.
+    keys : Tensor (M, d), M >= N
+        Unit keys; key ``i < N`` is query ``i``'s positive, every key is a negative of every other row.
+    scale : float
+        The logit scale.
+    config : RowBlocks
+
+    Returns the scalar loss; its gradients are computed in the same pass when grad mode is
+    on and an input requires them.
+
+    Example
+    -------
+    >>> import torch.nn.functional as F
+    >>> q, k = F.normalize(torch.randn(6, 4), dim=1), F.normalize(torch.randn(9, 4), dim=1)
+    >>> ref = F.cross_entropy(20 * q @ k.T, torch.arange(6))
+    >>> bool(torch.allclose(row_block_info_nce(q, k, 20.0, config=RowBlocks(block_bytes=64)), ref))
+    True
+    """
+    if q.dim() != 2 or keys.dim() != 2 or q.shape[1] != keys.shape[1] or keys.shape[0] < q.shape[0]:
+        raise BatchlabInputError(f"row_block_info_nce needs q (N, d) and keys (M >= N, d), got {tuple(q.shape)} "
+                                 f"and {tuple(keys.shape)}")
+    if q.dtype != keys.dtype or q.dtype not in (torch.float32, torch.float64):
+        raise BatchlabInputError(f"row_block_info_nce takes fp32 or fp64 q and keys of one dtype, got {q.dtype} and "
+                                 f"{keys.dtype}; cast them (the products follow torch's fp32 matmul precision)")
+    scale = float(scale)
+    if torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad):
+        return _RowBlockLoss.apply(q, keys, scale, config)
+    return _pass(q.detach(), keys.detach(), scale, config, grads=False)[0]
