@@ -6,7 +6,8 @@ through the modules a training loop uses: :class:`~batchlab.losses.SogCLRLoss` a
 ``ids = arange(N)``; state reads, moving-average and temperature updates included) and
 :func:`~batchlab.losses.info_nce` (symmetric CLIP) as the anchor, measured in the same
 run. Methods are ``<loss> <impl>``: ``info_nce auto`` (Triton on CUDA), ``info_nce tiled``
-(the same tiled engine family), ``sogclr reference|tiled``, ``isogclr reference|tiled``.
+(the same tiled engine family), ``sogclr reference|tiled|triton``, ``isogclr
+reference|tiled|triton`` (``triton``: the fused kernels with per-row temperatures).
 The reference materialises (N, N) logits per direction and is skipped above
 ``--reference-max-n``. Each row reports the median of ``--repeats`` timed calls after one
 warm-up (which also fills the state, so every timed call updates seen examples), the peak
@@ -15,6 +16,10 @@ SogCLR/iSogCLR within 1.2x of InfoNCE's time at N = 4,096 and 65,536 on one H200
 
     python -m batchlab.bench.sogclr                          # CPU, N = 1,024 and 4,096, d = 256
     python -m batchlab.bench.sogclr --device cuda --out DIR  # GPU, N = 4,096 and 65,536, d = 512, bf16
+
+``--check`` first compares the fast paths (tiled, and Triton where it runs) with the float64
+reference on the device: every mode, fp32 and bf16, per-example temperatures and the extreme
+temperatures 0.005 and 1.0, at a ragged N (1,500; one_way with 200 extra keys).
 """
 
 from __future__ import annotations
@@ -31,7 +36,8 @@ from batchlab.bench._common import device_name, format_table, peak_memory_call, 
 
 log = logging.getLogger(__name__)
 
-METHODS = ["info_nce auto", "info_nce tiled", "sogclr reference", "sogclr tiled", "isogclr reference", "isogclr tiled"]
+METHODS = ["info_nce auto", "info_nce tiled", "sogclr reference", "sogclr tiled", "sogclr triton", "isogclr reference",
+           "isogclr tiled", "isogclr triton"]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +50,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest N for the reference, which materialises the logits (default 32768)")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed calls per row, median (default 5)")
     parser.add_argument("--check", action="store_true",
-                        help="first check the tiled path against the float64 reference on this device (fp32 and bf16)")
+                        help="first check the tiled and Triton paths against the float64 reference on this device "
+                             "(every mode, fp32 and bf16, extreme temperatures)")
     add_common_arguments(parser, out="results/bench")  # --device, --seed, --out (sogclr-<device>.json and .png)
 
 
@@ -62,38 +69,69 @@ def _step(method: str, n: int, q: torch.Tensor, k: torch.Tensor):
     return lambda: torch.autograd.grad(loss_fn(q, k, ids), [q, k])
 
 
-def check(device: torch.device, n: int = 1500, dim: int = 128) -> list[dict]:
-    """Tiled vs the float64 reference on ``device``, normwise (max abs error / max abs value): fp32
-    inputs 1e-5; bf16 inputs 1e-3 for the values and 2e-2 for the gradients (on CUDA bf16 tiles are
-    multiplied in bf16 and P is rounded to bf16 for the backward; each direction's gradient is
-    rounded to bf16 before autograd adds them). Elementwise errors are larger where gradient
-    entries are small differences of large terms, in the fp32 reference too."""
-    from batchlab.losses import sogclr
+#: ``--check``'s tolerances on the normwise error (max abs error / max abs value of the float64
+#: reference on the same rounded inputs), per input dtype: (values and temperature gradients, embedding
+#: gradients). fp32: statistics and products in fp32; at tau = 0.005 an fp32 logit error of 1e-7 becomes
+#: 2e-5 in ``h / tau``, so the bound scales with 0.05 / tau below 0.05. bf16: the Triton and tiled
+#: backwards round ``dLoss/dS`` to bf16 (2**-9) before the two gradient products, and each gradient is
+#: returned in bf16.
+CHECK_TOL = {"float32": (1e-5, 1e-5), "bfloat16": (1e-3, 2e-2)}
 
+
+def _check_inputs(mode: str, n: int, dim: int, tau_kind: str, gen: torch.Generator):
+    m = n + 200 if mode == "one_way" else n
+    q64, k64 = (F.normalize(torch.randn(r, dim, generator=gen, dtype=torch.float64), dim=1) for r in (n, m))
+    rows = 1 if mode == "one_way" else 2
+    log_u = torch.randn(rows, n, generator=gen, dtype=torch.float64) + 3.0
+    log_u[:, ::7] = float("-inf")  # first visits
+    if tau_kind == "per-example":
+        tau = 0.02 + 0.05 * torch.rand(rows, n, generator=gen, dtype=torch.float64)
+    else:
+        tau = torch.full((rows, n), float(tau_kind), dtype=torch.float64)
+    return q64, k64, log_u, tau
+
+
+def check(device: torch.device, n: int = 1500, dim: int = 128, impls=None) -> list[dict]:
+    """The fast paths against the float64 reference on ``device``, normwise (max abs error / max abs
+    value; :data:`CHECK_TOL`): every mode, fp32 and bf16, per-example temperatures and tau = 0.005 and
+    1.0; values, new ``log u``, temperature gradients and the gradients of both inputs."""
+    from batchlab.losses import sogclr
+    from batchlab.losses.sogclr import MODES
+
+    if impls is None:
+        impls = ["tiled"] + (["triton"] if device.type == "cuda" else [])
     gen = torch.Generator().manual_seed(0)
     results = []
-    for dtype, rtol_value, rtol_grad in ((torch.float32, 1e-5, 1e-5), (torch.bfloat16, 1e-3, 2e-2)):
-        q64, k64 = (F.normalize(torch.randn(n, dim, generator=gen, dtype=torch.float64), dim=1) for _ in range(2))
-        log_u = torch.randn(2, n, generator=gen, dtype=torch.float64) + 3.0
-        tau64 = 0.02 + 0.05 * torch.rand(2, n, generator=gen, dtype=torch.float64)
-        q, k = (x.to(device, dtype).requires_grad_(True) for x in (q64, k64))
-        tau = tau64.float().to(device).requires_grad_(True)
-        out = sogclr(q, k, log_u=log_u.float().to(device), tau=tau, rho=1.0, impl="tiled", tile_size=(512, 384))
-        got = [out.loss.detach()] + list(torch.autograd.grad(out.loss, [q, k, tau]))
-        # the reference sees the same rounded inputs, in float64 on the CPU
-        rq, rk = (x.detach().double().cpu().requires_grad_(True) for x in (q, k))
-        rtau = tau.detach().double().cpu().requires_grad_(True)
-        ref = sogclr(rq, rk, log_u=log_u, tau=rtau, rho=1.0, impl="reference", check_inputs=False)
-        want = [ref.loss.detach()] + list(torch.autograd.grad(ref.loss, [rq, rk, rtau]))
-        row = {"dtype": str(dtype), "n": n}
-        for name, a, b, rtol in zip(["loss", "dq", "dk", "dtau"], got, want, [rtol_value, rtol_grad, rtol_grad, rtol_value]):
-            a = a.double().cpu()
-            err = float((a - b).abs().max() / b.abs().max())
-            row[f"{name}_max_rel_err"] = err
-            row[f"{name}_ok"] = err <= rtol
-        row["pass"] = all(v for key, v in row.items() if key.endswith("_ok"))
-        results.append(row)
-        print(f"check {row['dtype']}: {'PASS' if row['pass'] else 'FAIL'} {row}")
+    for mode in MODES:
+        for dtype in (torch.float32, torch.bfloat16):
+            for tau_kind in ("per-example", "0.005", "1.0"):
+                q64, k64, log_u, tau64 = _check_inputs(mode, n, dim, tau_kind, gen)
+                q, k = (x.to(device, dtype).requires_grad_(True) for x in (q64, k64))
+                # the reference sees the same rounded inputs, in float64 on the CPU
+                rq, rk = (x.detach().double().cpu().requires_grad_(True) for x in (q, k))
+                rtau = tau64.clone().requires_grad_(True)
+                ref = sogclr(rq, rk, log_u=log_u, tau=rtau, rho=1.0, mode=mode, impl="reference", check_inputs=False)
+                want = [ref.loss.detach(), ref.log_u, ref.tau_grad] + list(torch.autograd.grad(ref.loss, [rq, rk, rtau]))
+                name = str(dtype).replace("torch.", "")
+                value_tol, grad_tol = CHECK_TOL[name]
+                scale = max(1.0, 0.05 / float(tau64.min())) if dtype == torch.float32 else 1.0
+                for impl in impls:
+                    tau = tau64.float().to(device).requires_grad_(True)
+                    out = sogclr(q, k, log_u=log_u.float().to(device), tau=tau, rho=1.0, mode=mode, impl=impl)
+                    got = [out.loss.detach(), out.log_u, out.tau_grad] + list(torch.autograd.grad(out.loss, [q, k, tau]))
+                    row = {"impl": impl, "mode": mode, "dtype": name, "tau": tau_kind, "n": n}
+                    names = ["loss", "log_u", "tau_grad", "dq", "dk", "dtau"]
+                    tols = [value_tol, value_tol, value_tol, grad_tol, grad_tol, value_tol]
+                    for what, a, b, tol in zip(names, got, want, tols):
+                        a = a.double().cpu()
+                        finite = torch.isfinite(b)
+                        err = float((a[finite] - b[finite]).abs().max() / b[finite].abs().max().clamp_min(1e-300))
+                        row[f"{what}_err"] = err
+                        row[f"{what}_ok"] = err <= tol * scale and bool(torch.equal(torch.isfinite(a), finite))
+                    row["pass"] = all(v for key, v in row.items() if key.endswith("_ok"))
+                    results.append(row)
+                    errs = " ".join(f"{w}={row[w + '_err']:.1e}" for w in names)
+                    print(f"check {impl} {mode} {name} tau={tau_kind}: {'PASS' if row['pass'] else 'FAIL'} {errs}")
     return results
 
 
@@ -131,8 +169,13 @@ def run(args) -> int:
     print(f"SogCLR / iSogCLR vs InfoNCE, forward + backward, {device_name(device)}, d={dim}, {dtype}")
     print(table)
     tag = "cpu" if not cuda else torch.cuda.get_device_name(device).lower().replace(" ", "-")
+    configs = None
+    if any(m.endswith("triton") for m in args.methods):
+        from batchlab.losses.triton import _sogclr
+
+        configs = _sogclr.CONFIGS
     payload = {"benchmark": "sogclr", "device": device_name(device), "dim": dim, "dtype": str(dtype),
-               "repeats": args.repeats, "rows": rows, "checks": checks,
+               "repeats": args.repeats, "rows": rows, "checks": checks, "triton_configs": configs,
                "target": "SogCLR/iSogCLR within 1.2x of info_nce auto at N = 4,096 and 65,536 on one H200"}
     path = write_results(args.out, f"sogclr-{tag}", payload)
     series = {}

@@ -257,19 +257,26 @@ def _check_hyper(gamma, rho) -> tuple[float, float]:
     return float(gamma), float(rho)
 
 
-#: Whether the Triton kernels of this family imported (filled on first use; torch.compile reads the dict).
-_TRITON: dict[str, bool] = {}
+#: The backend modules of this family once imported (None: Triton missing); later calls read this
+#: dict, which torch.compile traces (it refuses to trace importlib).
+_MODULES: dict[str, object] = {}
+
+
+def _backend_module(name: str):
+    """``batchlab.losses.<name>`` imported once (registering its implementations), or None if it cannot be."""
+    if name not in _MODULES:
+        try:
+            _MODULES[name] = importlib.import_module(f"batchlab.losses.{name}")
+        except ImportError:
+            if name == "tiled.sogclr":
+                raise
+            _MODULES[name] = None
+    return _MODULES[name]
 
 
 def _triton_module():
     """``batchlab.losses.triton._sogclr`` (registers the "triton" implementations), or None without Triton."""
-    if "ok" not in _TRITON:
-        try:
-            importlib.import_module("batchlab.losses.triton._sogclr")
-            _TRITON["ok"] = True
-        except ImportError:
-            _TRITON["ok"] = False
-    return importlib.import_module("batchlab.losses.triton._sogclr") if _TRITON["ok"] else None
+    return _backend_module("triton._sogclr")
 
 
 def _backend(impl: str, n: int, k: int, q: torch.Tensor, dirs: Sequence[Direction]) -> str:
@@ -279,7 +286,7 @@ def _backend(impl: str, n: int, k: int, q: torch.Tensor, dirs: Sequence[Directio
     fp32 above ``_dispatch.AUTO_FP32_TRITON_MAX_LOGITS`` logits takes the tiled engine, whose
     products use cuBLAS), else tiled above ``_dispatch.AUTO_TILED_MIN_LOGITS`` logits, else the
     reference. ``triton`` runs what the kernels do not cover on the tiled engine."""
-    importlib.import_module("batchlab.losses.tiled.sogclr")  # registers the "tiled" implementations
+    _backend_module("tiled.sogclr")  # registers the "tiled" implementations
     if impl in ("auto", "triton"):
         module = _triton_module() if (impl == "triton" or q.is_cuda) else None
         fits = (module is not None and n > 0 and module.supported(q) and all(module.direction_ok(d) for d in dirs))

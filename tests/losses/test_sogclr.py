@@ -324,3 +324,18 @@ def test_tiles_without_exclusions_are_found_on_the_host():
             for c0 in range(0, k, 3):
                 rows, cols = torch.arange(r0, r0 + 2), torch.arange(c0, min(c0 + 3, k))
                 assert touches_exclusions(d, r0, r0 + 2, c0, min(c0 + 3, k)) == bool(excluded(d, rows, cols).any())
+
+
+def test_auto_never_picks_the_interpreter_and_triton_needs_cuda(monkeypatch):
+    """On the CPU ``auto`` is the reference (tiled when large), whatever TRITON_INTERPRET says;
+    ``impl="triton"`` on CPU tensors is refused outside Triton's interpreter."""
+    pytest.importorskip("triton")
+    gen = torch.Generator().manual_seed(12)
+    q, k = unit(6, 4, gen), unit(6, 4, gen)
+    log_u = torch.zeros(2, 6)
+    auto = sogclr(q, k, log_u=log_u, tau=0.1)
+    ref = sogclr(q, k, log_u=log_u, tau=0.1, impl="reference")
+    torch.testing.assert_close(auto.loss, ref.loss, rtol=0, atol=0)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(BatchlabInputError, match="CUDA"):
+        sogclr(q, k, log_u=log_u, tau=0.1, impl="triton")

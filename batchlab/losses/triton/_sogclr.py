@@ -179,6 +179,10 @@ def _backward(a, c, tau, stats, g, starts, sizes, offsets, cols: bool, coef: flo
             if need_a:
                 if single and len(panels) == 1:
                     da = torch.mm(grad, block)
+                elif single:  # a panel's rows are complete: one rounding
+                    if da is None:
+                        da = torch.empty_like(a)
+                    da[r0:r1] = torch.mm(grad, block)
                 else:
                     if da32 is None:
                         da32 = torch.zeros(n, d, device=a.device, dtype=torch.float32)

@@ -65,9 +65,10 @@ def sog_fwd_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, rlse_ptr, rwm_ptr, clse_p
         cmask = cols < M
         acc = _tile_dot(a_ptr, c_ptr, rows, cols, N, M, D, stride_a, stride_c, BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
         valid = rmask[:, None] & cmask[None, :] & (cols[None, :] != excl[:, None])
+        # excluded entries are -inf (2^-inf = 0); the weighted sums take the finite y, times 0 there
         y = acc * ar[:, None]
-        m_new = tl.maximum(m_i, tl.max(tl.where(valid, y, -1.0e30), 1))
-        p = tl.where(valid, tl.exp2(y - m_new[:, None]), 0.0)
+        m_new = tl.maximum(m_i, tl.max(tl.where(valid, y, float("-inf")), 1))  # m_i >= -1e30: finite
+        p = tl.exp2(tl.where(valid, y, float("-inf")) - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
         w_i = w_i * alpha + tl.sum(p * y, 1)
@@ -75,8 +76,9 @@ def sog_fwd_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, rlse_ptr, rwm_ptr, clse_p
         if COLS:
             ac = 1.4426950408889634 / tl.load(tau_c_ptr + cols, mask=cmask, other=1.0)
             yc = acc * ac[None, :]
-            cm = tl.max(tl.where(valid, yc, -1.0e30), 0)
-            pc = tl.where(valid, tl.exp2(yc - cm[None, :]), 0.0)
+            ycm = tl.where(valid, yc, float("-inf"))
+            cm = tl.maximum(tl.max(ycm, 0), -1.0e30)
+            pc = tl.exp2(ycm - cm[None, :])
             cl = tl.sum(pc, 0)
             cw = tl.sum(pc * yc, 0)
             ok = cl > 0

@@ -1,0 +1,231 @@
+"""SogCLR / iSogCLR ``impl="triton"`` in Triton's CPU interpreter, against the float64 reference.
+
+The interpreter runs the GPU kernels' code with small blocks (16 x 32: every size here is
+ragged, several row blocks and column tiles); bf16 dot operands are upcast there, and bf16
+products are exact in fp32 either way.
+
+Tolerances (normwise: max |error| / max |reference|, against the float64 reference on the same
+rounded inputs):
+
+* fp32 inputs: 1e-5 on values, new ``log u``, temperature gradients and embedding gradients
+  (fp32 statistics and products; the temperature gradient ``log u + rho - s mean(h / tau)`` is
+  a difference of terms as large as ``log u``, which sets the bound). At tau = 0.005 an fp32
+  error of 1e-7 in a similarity becomes 2e-5 in ``h / tau``: the bound scales with 0.05 / tau.
+* bf16 inputs: 1e-5 on the statistics (exact products, fp32 sums) and 2e-2 on the embedding
+  gradients: the backward stores ``dLoss/dS`` in bf16 (2**-9 per entry) before the two
+  gradient products, and returns the gradients in bf16.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ["TRITON_INTERPRET"] = "1"
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+pytest.importorskip("triton")
+
+from batchlab.errors import BatchlabInputError  # noqa: E402
+from batchlab.losses import ISogCLRLoss, SogCLRLoss, sogclr  # noqa: E402
+from batchlab.losses.sogclr import MODES, SogCLRResult  # noqa: E402
+from batchlab.losses.triton import _sogclr  # noqa: E402
+from tests.gloo import run_on_ranks  # noqa: E402
+
+GRAD_TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}
+# the interpreter warns about exp2 overflowing in lanes that the kernels mask out (never stored or summed)
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")
+
+
+def _inputs(mode, n, d, dtype, seed, tau=None, extra=3):
+    gen = torch.Generator().manual_seed(seed)
+    m = n + extra if mode == "one_way" else n
+    q, k = (F.normalize(torch.randn(r, d, generator=gen, dtype=torch.float64), dim=1).to(dtype) for r in (n, m))
+    rows = 1 if mode == "one_way" else 2
+    log_u = torch.randn(rows, n, generator=gen, dtype=torch.float64) + 1.0
+    log_u[:, ::3] = float("-inf")  # first visits
+    if tau is None:
+        tau = 0.05 + 0.2 * torch.rand(rows, n, generator=gen, dtype=torch.float64)
+    else:
+        tau = torch.full((rows, n), float(tau), dtype=torch.float64)
+    return q, k, log_u, tau
+
+
+def _run(q, k, log_u, tau, impl, **kw):
+    """(loss, log u, tau_grad, dq, dk, dtau) of one call; float64 runs on copies."""
+    dt = torch.float64 if impl == "reference" else torch.float32
+    q, k = (x.detach().to(torch.float64 if impl == "reference" else x.dtype).requires_grad_(True) for x in (q, k))
+    tau = tau.to(dt).requires_grad_(True)
+    out = sogclr(q, k, log_u=log_u.to(dt), tau=tau, impl=impl, check_inputs=False, **kw)
+    total = out.loss.sum()
+    return [out.loss.detach(), out.log_u, out.tau_grad, *torch.autograd.grad(total, [q, k, tau])]
+
+
+def _err(a, b):
+    a, b = a.double(), b.double()
+    finite = torch.isfinite(b)
+    assert torch.equal(torch.isfinite(a), finite)
+    return float((a[finite] - b[finite]).abs().max() / b[finite].abs().max().clamp_min(1e-300))
+
+
+def _compare(got, want, dtype, scale=1.0):
+    names = ["loss", "log_u", "tau_grad", "dq", "dk", "dtau"]
+    for name, a, b in zip(names, got, want):
+        tol = (GRAD_TOL[dtype] if name in ("dq", "dk") else 1e-5) * scale
+        err = _err(a, b)
+        assert err <= tol, f"{name}: {err:.2e} > {tol:.1e}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode,n", [("symmetric", 37), ("one_way", 21), ("two_view", 19)])
+def test_matches_float64_reference(mode, n, dtype):
+    q, k, log_u, tau = _inputs(mode, n, 20, dtype, seed=n, extra=24)
+    kw = dict(mode=mode, gamma=0.8, rho=0.3)
+    _compare(_run(q, k, log_u, tau, "triton", **kw), _run(q, k, log_u, tau, "reference", **kw), dtype)
+
+
+@pytest.mark.parametrize("tau", [0.005, 1.0])
+@pytest.mark.parametrize("mode", ["symmetric", "one_way"])
+def test_extreme_temperatures(mode, tau):
+    q, k, log_u, taus = _inputs(mode, 23, 16, torch.float32, seed=7, tau=tau)
+    kw = dict(mode=mode, gamma=0.9, rho=1.0)
+    _compare(_run(q, k, log_u, taus, "triton", **kw), _run(q, k, log_u, taus, "reference", **kw), torch.float32,
+             scale=max(1.0, 0.05 / tau))
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_reductions_and_no_memory(reduction):
+    """The symmetric kernels reduce the loss themselves: sum and none, and gamma = 1 (no moving average)."""
+    q, k, log_u, tau = _inputs("symmetric", 18, 12, torch.float32, seed=3)
+    kw = dict(mode="symmetric", gamma=1.0, rho=0.0, reduction=reduction)
+    _compare(_run(q, k, log_u, tau, "triton", **kw), _run(q, k, log_u, tau, "reference", **kw), torch.float32)
+
+
+def test_one_query_with_extra_keys():
+    q, k, log_u, tau = _inputs("one_way", 1, 8, torch.float32, seed=4, extra=2)
+    kw = dict(mode="one_way")
+    _compare(_run(q, k, log_u, tau, "triton", **kw), _run(q, k, log_u, tau, "reference", **kw), torch.float32)
+
+
+@pytest.mark.parametrize("mode", ["symmetric", "two_view"])
+def test_chunks_and_panels(mode, monkeypatch):
+    """Column partials folded chunk by chunk, and the backward in several row panels (fp32 accumulation)."""
+    q, k, log_u, tau = _inputs(mode, 50, 12, torch.bfloat16, seed=5)
+    want = _run(q, k, log_u, tau, "triton", mode=mode)
+    monkeypatch.setattr(_sogclr, "CHUNK_BYTES", 8 * 50 * 2)  # two row blocks per chunk
+    monkeypatch.setattr(_sogclr, "panel_rows", lambda n, m, elem, block, ws: 16)
+    got = _run(q, k, log_u, tau, "triton", mode=mode)
+    for name, a, b in zip(["loss", "log_u", "tau_grad", "dq", "dk", "dtau"], got, want):
+        assert _err(a, b) <= (1e-2 if name in ("dq", "dk") else 1e-6), name
+    _compare(got, _run(q, k, log_u, tau, "reference", mode=mode), torch.bfloat16)
+
+
+def test_fallbacks_and_strict_keywords():
+    """What the kernels do not cover runs tiled (same numbers); options no kernel takes are refused."""
+    q, k, log_u, tau = _inputs("symmetric", 9, 8, torch.float64, seed=6)
+    got = _run(q, k, log_u, tau, "triton")  # float64: the tiled engine
+    want = _run(q, k, log_u, tau, "tiled")
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    mask = torch.zeros(9, 9, dtype=torch.bool)
+    mask[0, 3] = True
+    got = _run(q.float(), k.float(), log_u, tau, "triton", neg_mask=mask)
+    want = _run(q.float(), k.float(), log_u, tau, "tiled", neg_mask=mask)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(BatchlabInputError, match="does not take"):
+        sogclr(q.float(), k.float(), log_u=log_u.float(), tau=0.1, impl="triton", tile_size=4)
+    # auto never picks the interpreter on the CPU
+    assert sogclr.__module__ and _sogclr.supported(q.float()) and not _sogclr.supported(q.half())
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("isogclr", [False, True])
+def test_fused_state_update_equals_the_module_step(mode, isogclr):
+    gen = torch.Generator().manual_seed(8)
+    cls = ISogCLRLoss if isogclr else SogCLRLoss
+    a, b = cls(50, mode=mode), cls(50, mode=mode)
+    for buf in a.buffers():
+        buf.copy_(0.01 + 0.05 * torch.rand(buf.shape, generator=gen))
+    b.load_state_dict(a.state_dict())
+    rows = 1 if mode == "one_way" else 2
+    ids = torch.randperm(50, generator=gen)[:13]
+    out = SogCLRResult(torch.zeros(()), torch.randn(rows, 13, generator=gen), torch.randn(rows, 13, generator=gen))
+    a._update(ids, out)  # the PyTorch step (CPU tensors)
+    assert _sogclr.update_ok(b.log_u)
+    _sogclr.sogclr_update(ids, out.log_u, out.tau_grad, b.log_u, b.tau if isogclr else None,
+                          b.tau_momentum if isogclr else None, mode == "two_view", b.beta, b.eta, b.tau_min, b.tau_max)
+    for name, buf in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[name], buf, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_fake_implementations_give_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        q, k, tau, log_u = torch.empty(6, 4), torch.empty(6, 4), torch.empty(2, 6), torch.empty(2, 6)
+        ops = torch.ops.batchlab
+        loss, stats = ops.sogclr_forward(q, k, k, tau, log_u, [0], [6], [0], True, 1.0, 0.9, 0.0, 0.1, True)
+        assert loss.shape == () and stats.shape == (4, 2, 6)
+        values, _ = ops.sogclr_forward(q, k, k, tau, log_u, [0], [6], [0], True, 1.0, 0.9, 0.0, 0.1, False)
+        assert values.shape == (2, 6)
+        dq, dk = ops.sogclr_backward(q, k, tau, stats, loss, [0], [6], [0], True, 0.1, True, False)
+        assert dq.shape == q.shape and dk.shape == (0,)
+
+
+def test_compiled_step_without_graph_breaks_matches_eager():
+    """The kernels sit in custom ops: torch.compile(fullgraph=True) traces forward and backward."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(12, 8)
+    x, y = torch.randn(16, 12), torch.randn(16, 12)
+    tau = torch.full((2, 16), 0.1, requires_grad=True)
+    log_u = torch.zeros(2, 16)
+
+    def step(x, y, log_u, tau):
+        q, k = F.normalize(lin(x), dim=-1), F.normalize(lin(y), dim=-1)
+        out = sogclr(q, k, log_u=log_u, tau=tau, impl="triton", check_inputs=False)
+        return out.loss, out.log_u
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        loss, new_log_u = fn(x, y, log_u, tau)
+        results.append([loss.detach(), new_log_u, *torch.autograd.grad(loss, [lin.weight, tau])])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def _ranks(rank: int, world: int):
+    """Two steps of iSogCLR (Triton) per mode on this rank's shard of 7 pairs (4 + 3)."""
+    results = {}
+    for mode in MODES:
+        gen = torch.Generator().manual_seed(11)
+        q, k = (F.normalize(torch.randn(7, 8, generator=gen), dim=1) for _ in range(2))
+        ids = torch.randperm(20, generator=gen)[:7]
+        loss_fn = ISogCLRLoss(20, mode=mode, tau=0.1, tau_min=0.05, tau_max=0.7, impl="triton",
+                              distributed="allgather" if world > 1 else "none")
+        rows = slice(0, 7) if world == 1 else [slice(0, 4), slice(4, 7)][rank]
+        out = []
+        for _ in range(2):
+            q_r, k_r = q[rows].clone().requires_grad_(True), k[rows].clone().requires_grad_(True)
+            loss = loss_fn(q_r, k_r, ids[rows])
+            out.append((loss.detach(), *torch.autograd.grad(loss, [q_r, k_r])))
+        results[mode] = (out, {name: buf.clone() for name, buf in loss_fn.state_dict().items()})
+    return results
+
+
+def test_two_ranks_equal_one_process():
+    """distributed='allgather' runs the per-direction kernels on local rows against gathered candidates."""
+    single = _ranks(0, 1)
+    spawned = run_on_ranks(_ranks, world=2)
+    for mode in MODES:
+        (want, want_state), per_rank = single[mode], [spawned[0][mode], spawned[1][mode]]
+        for step, w in enumerate(want):
+            torch.testing.assert_close(sum(r[0][step][0] for r in per_rank) / 2, w[0], rtol=1e-5, atol=1e-6)
+            for part in (1, 2):
+                got = torch.cat([r[0][step][part] for r in per_rank]) / 2
+                torch.testing.assert_close(got, w[part], rtol=1e-5, atol=1e-6)
+        for _, state in per_rank:
+            for name, buf in want_state.items():
+                torch.testing.assert_close(state[name], buf, rtol=1e-5, atol=1e-6, msg=name)
