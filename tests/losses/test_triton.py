@@ -144,19 +144,23 @@ def test_info_nce_extreme_scales(scale, one_exp, gen, monkeypatch):
     compare(lambda impl, q, k, s: info_nce(q, k, s, impl=impl), [q, k, torch.tensor(scale)], torch.float32, gen)
 
 
+def _one_pointing_away(gen, n=12, d=16):
+    """(a, b): unit rows near e1, except b[3] near -e1 (its logits against every row of a are near -s)."""
+    e1 = torch.zeros(d, dtype=torch.float64)
+    e1[0] = 1
+    a = F.normalize(e1 + 0.05 * torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1).float()
+    b = F.normalize(e1 + 0.05 * torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
+    b[3] = F.normalize(-e1 + 0.05 * torch.randn(d, generator=gen, dtype=torch.float64), dim=0)
+    return a, b.float()
+
+
 def test_column_underflow_is_recomputed_exactly(gen, monkeypatch):
     """At s=100 a key that every query points away from has column logits near -100.
 
     Against the fixed shift (bound - 92 binary orders) its column sum underflows; the
     forward must notice and recompute that column exactly (second pass on swapped inputs).
     """
-    n, d = 12, 16
-    e1 = torch.zeros(d, dtype=torch.float64)
-    e1[0] = 1
-    q = F.normalize(e1 + 0.05 * torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1).float()
-    k = F.normalize(e1 + 0.05 * torch.randn(n, d, generator=gen, dtype=torch.float64), dim=1)
-    k[3] = F.normalize(-e1 + 0.05 * torch.randn(d, generator=gen, dtype=torch.float64), dim=0)
-    k = k.float()
+    q, k = _one_pointing_away(gen)
     # the shifted column sum of key 3 underflows: the finish pass must recompute it exactly
     ctl = _lse.control(q, k, torch.tensor(100.0))
     shifted = torch.exp2(100.0 * (q @ k[3]) * _lse.LOG2E - ctl[0]).sum()
@@ -302,3 +306,56 @@ def test_availability_and_dispatch(gen):
     q, k = unit(8, 16, gen, torch.float32), unit(8, 16, gen, torch.float32)
     # auto never picks the interpreter on the CPU: it gives the reference result
     torch.testing.assert_close(info_nce(q, k, 10.0, impl="auto"), info_nce(q, k, 10.0, impl="triton"))
+
+
+TILE_OPTIONS = [dict(TILE=1), dict(TILE=1, TMA=1, WS=1, TWO_EXP=1)]
+
+
+@pytest.mark.parametrize("options", TILE_OPTIONS)
+def test_one_tile_kernels_match_float64(options, gen, monkeypatch):
+    """``TILE=1`` (one tile per program; fixed-shift row sums; per-tile row partials in SigLIP)
+    and its warp-specialised, branch-free variant against float64: ragged sizes over several
+    panels, bf16 and fp32, N=1, targets, DCL's excluded positives, per-row SigLIP."""
+    for key, value in options.items():
+        monkeypatch.setitem(_launch.INTERPRET_CONFIG, key, value)
+    n, m, d = 70, 45, 40  # partial row and column tiles, d = 2.5 chunks
+    q, k = unit(n, d, gen, torch.bfloat16), unit(n, d, gen, torch.bfloat16)
+    perm = torch.randperm(n, generator=gen)
+    panels = {"workspace_bytes": 16 * n * 2}
+
+    def clip(impl, q, k, s):
+        return info_nce(q, k, s, targets=perm, reduction="none", return_lse=True, impl=impl,
+                        **(panels if impl == "triton" else {}))
+
+    compare(clip, [q, k, torch.tensor(14.3)], torch.bfloat16, gen)
+    k = k[:m]
+    targets = torch.randint(0, m, (n,), generator=gen)
+    qs, ks = unit(33, 16, gen, torch.float32), unit(33, 16, gen, torch.float32)
+    for scale in (0.01, 100.0):
+        compare(lambda impl, q, k, s: info_nce(q, k, s, impl=impl), [qs, ks, torch.tensor(scale)], torch.float32, gen)
+    compare(lambda impl, q, k, s: info_nce(q, k, s, impl=impl), [qs[:1], ks[:1], torch.tensor(14.3)], torch.float32,
+            gen)
+    perm33 = torch.randperm(33, generator=gen)
+    compare(lambda impl, q, k, s: dcl(q, k, s, targets=perm33, impl=impl),
+            [qs, ks, torch.tensor(10.0)], torch.float32, gen)
+    compare(lambda impl, q, k, s: info_nce(q, k, s, symmetric=False, impl=impl), [qs, ks, torch.tensor(14.3)],
+            torch.float32, gen)
+    for reduction in ("mean", "none"):
+        compare(lambda impl, q, k, s, b: siglip(q, k, s, b, targets=targets, reduction=reduction, impl=impl,
+                                                **(panels if impl == "triton" else {})),
+                [q, k, torch.tensor(10.0), torch.tensor(-10.0)], torch.bfloat16, gen)
+
+
+@pytest.mark.parametrize("options", TILE_OPTIONS[:1])
+def test_one_tile_forward_recomputes_underflowed_rows(options, gen, monkeypatch):
+    """The one-tile forward shifts the row sums too: a query that points away from every key
+    (s=100) underflows against the shift and must be recomputed exactly (the row finish)."""
+    for key, value in options.items():
+        monkeypatch.setitem(_launch.INTERPRET_CONFIG, key, value)
+    k, q = _one_pointing_away(gen)
+    ctl = _lse.control(q, k, torch.tensor(100.0))
+    assert float(torch.exp2(100.0 * (k @ q[3]) * _lse.LOG2E - ctl[0]).sum()) < _lse._UNDERFLOW
+    (_, lse), (_, ref) = compare(lambda impl, q, k, s: info_nce(q, k, s, impl=impl, return_lse=True),
+                                 [q, k, torch.tensor(100.0)], torch.float32, gen)
+    torch.testing.assert_close(lse.row.double(), ref.row, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(lse.col.double(), ref.col, rtol=1e-5, atol=1e-5)

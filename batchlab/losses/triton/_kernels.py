@@ -271,6 +271,21 @@ def _bwd_tile(q_ptr, k_ptr, tgt_ptr, col_lse2_ptr, g_col_ptr, out_ptr, rows, rma
 
 
 @triton.jit
+def _siglip_terms(acc, scale_ptr, bias_ptr, tgt_ptr, rows, cols, rmask, HAS_TGT: tl.constexpr):
+    """``(pos, x, e)`` of a SigLIP tile: the positives, ``x = -y z`` (each term is softplus(x)),
+    and ``e = exp(-|x|)`` in (0, 1] (softplus(x) = max(x, 0) + log(1 + e); sigmoid(x) from e
+    without overflow)."""
+    z = acc * tl.load(scale_ptr).to(tl.float32) + tl.load(bias_ptr).to(tl.float32)
+    if HAS_TGT:
+        t = tl.load(tgt_ptr + rows, mask=rmask, other=-1)
+        pos = cols[None, :] == t[:, None]
+    else:
+        pos = cols[None, :] == rows[:, None]
+    x = tl.where(pos, -z, z)
+    return pos, x, tl.exp2(-tl.abs(x) * 1.4426950408889634)
+
+
+@triton.jit
 def siglip_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, bias_ptr, ginv_ptr, g_row_ptr,
                   row_loss_ptr, out_ptr, db_ptr,
                   r0, r1, M, D, stride_q, stride_k, stride_out,
@@ -286,15 +301,7 @@ def siglip_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, bias_ptr, ginv_ptr, g_row_pt
     """
     rows, cols, rmask, cmask, acc = _panel_tile(q_ptr, k_ptr, r0, r1, M, D, stride_q, stride_k,
                                                 BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
-    z = acc * tl.load(scale_ptr).to(tl.float32) + tl.load(bias_ptr).to(tl.float32)
-    if HAS_TGT:
-        t = tl.load(tgt_ptr + rows, mask=rmask, other=-1)
-        pos = cols[None, :] == t[:, None]
-    else:
-        pos = cols[None, :] == rows[:, None]
-    x = tl.where(pos, -z, z)  # the term is softplus(x), x = -y z
-    # e = exp(-|x|) in (0, 1]: softplus(x) = max(x, 0) + log(1 + e); sigmoid(x) from e without overflow.
-    e = tl.exp2(-tl.abs(x) * 1.4426950408889634)
+    pos, x, e = _siglip_terms(acc, scale_ptr, bias_ptr, tgt_ptr, rows, cols, rmask, HAS_TGT)
     if LOSS:
         sp = tl.maximum(x, 0.0) + tl.log2(1.0 + e) * 0.6931471805599453
         sp = tl.where(cmask[None, :], sp, 0.0)
@@ -308,3 +315,149 @@ def siglip_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, bias_ptr, ginv_ptr, g_row_pt
         tl.store(db_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(g, 1), 0))
         _store_logit_grad(out_ptr, g, tl.load(ginv_ptr), rows, cols, r0, stride_out, rmask[:, None] & cmask[None, :],
                       TMA_OUT)
+
+
+# ---------------------------------------------------------------------------------------------
+# One tile per program (``TILE=1`` in ``_launch.CONFIGS``): no loop around the d loop, so that
+# Triton's Hopper warp specialisation (``WS``: a producer warp group issues the copy-engine loads
+# of the d loop, two consumer warp groups split the tile's rows) can take the kernel; without
+# ``WS`` the simpler structure needs fewer registers than the looped kernels (no spills).
+# Triton 3.6's Hopper pass refuses atomics and column reductions inside a specialised kernel, so
+# these kernels write per-tile row partials with plain stores where they need reductions.
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _chunk_at(ptr, row0, idx, d0, N, D, stride,
+              BD: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, TMA: tl.constexpr):
+    """``_load_chunk`` with the first row index passed as a scalar (what the copy engine takes)."""
+    if TMA:
+        x = ptr.load([row0, d0])
+        if UPCAST:
+            x = x.to(tl.float32)
+    else:
+        x = _load_chunk(ptr, idx, d0, N, D, stride, BD, EVEN_D, UPCAST, False)
+    return x
+
+
+@triton.jit
+def _tile_dot_ws(q_ptr, k_ptr, row0, col0, N, M, D, stride_q, stride_k,
+                 BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                 EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+                 WS: tl.constexpr):
+    """acc[BM, BN] = q[row0:row0+BM] @ k[col0:col0+BN].T in fp32; the d loop warp-specialised when ``WS``."""
+    rows = row0 + tl.arange(0, BM)
+    cols = col0 + tl.arange(0, BN)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for d0 in tl.range(0, D, BD, warp_specialize=WS):
+        a = _chunk_at(q_ptr, row0, rows, d0, N, D, stride_q, BD, EVEN_D, UPCAST, TMA)
+        b = _chunk_at(k_ptr, col0, cols, d0, M, D, stride_k, BD, EVEN_D, UPCAST, TMA)
+        acc = tl.dot(a, tl.trans(b), acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def _panel_tile_ws(q_ptr, k_ptr, r0, r1, M, D, stride_q, stride_k,
+                   BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                   EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
+    """``_panel_tile`` for the one-tile kernels: rows, columns, their masks and ``q . k`` in fp32."""
+    row0 = r0 + tl.program_id(0) * BM
+    col0 = tl.program_id(1) * BN
+    acc = _tile_dot_ws(q_ptr, k_ptr, row0, col0, r1, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC, TMA, WS)
+    rows = row0 + tl.arange(0, BM)
+    cols = col0 + tl.arange(0, BN)
+    return rows, cols, rows < r1, cols < M, acc
+
+
+@triton.jit
+def lse_fwd_tile_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ctl_ptr, row_sum_ptr, col_sum_ptr,
+                        r0, r1, M, D, stride_q, stride_k,
+                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                        COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr,
+                        EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
+    """One tile of rows [r0, r1): its shifted sums ``sum 2^(L2 - ref2)`` added to its rows' and
+    (``COLS``) its columns' totals (relaxed atomics, one per row and column per tile).
+
+    Both directions use the column pass's fixed shift (``ctl[0]``): one exp2 per logit and no
+    running max. Rows or columns whose total underflowed are recomputed exactly by
+    ``lse_fwd_kernel``'s ``FIX`` pass, as the columns always were.
+    """
+    rows, cols, rmask, cmask, acc = _panel_tile_ws(q_ptr, k_ptr, r0, r1, M, D, stride_q, stride_k,
+                                                   BM, BN, BD, EVEN_D, UPCAST, PREC, TMA, False)
+    s2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+    valid = _valid(rows, cols, r1, M, tgt_ptr, EXCLUDE, HAS_TGT, False)
+    p = tl.where(valid, tl.exp2(acc * s2 - tl.load(ctl_ptr)), 0.0)
+    tl.atomic_add(row_sum_ptr + rows, tl.sum(p, 1), mask=rmask, sem="relaxed")
+    if COLS:
+        tl.atomic_add(col_sum_ptr + cols, tl.sum(p, 0), mask=cmask, sem="relaxed")
+
+
+@triton.jit
+def lse_bwd_tile_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ginv_ptr, ctl_ptr,
+                        row_lse2_ptr, col_lse2_ptr, g_row_ptr, g_col_ptr, out_ptr,
+                        r0, r1, M, D, stride_q, stride_k, stride_out,
+                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                        COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr,
+                        EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+                        WS: tl.constexpr = False, TWO_EXP: tl.constexpr = False):
+    """``lse_bwd_kernel`` with one tile per program (same arguments and output, plus ``WS``).
+
+    ``TWO_EXP``: always two exp2 per logit (row and column terms), so the epilogue has no
+    branch on the run-time one-exponential flag (a branch stops Triton's warp specialisation
+    and costs registers); exact at every scale, one more exp2 per logit.
+    """
+    rows, cols, rmask, cmask, acc = _panel_tile_ws(q_ptr, k_ptr, r0, r1, M, D, stride_q, stride_k,
+                                                   BM, BN, BD, EVEN_D, UPCAST, PREC, TMA, WS)
+    l2 = acc * (tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634)
+    lse_r = tl.load(row_lse2_ptr + rows, mask=rmask, other=0.0)
+    g_r = tl.load(g_row_ptr + rows, mask=rmask, other=0.0)
+    p_r = tl.exp2(l2 - lse_r[:, None])
+    if COLS:
+        lse_c = tl.load(col_lse2_ptr + cols, mask=cmask, other=0.0)
+        g_c = tl.load(g_col_ptr + cols, mask=cmask, other=0.0)
+        if TWO_EXP:
+            g = g_r[:, None] * p_r + g_c[None, :] * tl.exp2(l2 - lse_c[None, :])
+        elif tl.load(ctl_ptr + 1) != 0:  # one exp2 per logit (see _bwd_tile); uniform, outside any loop
+            b = g_c * tl.exp2(-lse_c)
+            g = p_r * (g_r[:, None] + tl.exp2(lse_r)[:, None] * b[None, :])
+        else:
+            g = g_r[:, None] * p_r + g_c[None, :] * tl.exp2(l2 - lse_c[None, :])
+    else:
+        g = g_r[:, None] * p_r
+    if EXCLUDE:
+        g = tl.where(_valid(rows, cols, r1, M, tgt_ptr, EXCLUDE, HAS_TGT, False), g, 0.0)
+    _store_logit_grad(out_ptr, g, tl.load(ginv_ptr), rows, cols, r0, stride_out, rmask[:, None] & cmask[None, :], False)
+
+
+@triton.jit
+def siglip_tile_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, bias_ptr, ginv_ptr, g_row_ptr,
+                       loss_part_ptr, out_ptr, g_part_ptr,
+                       r0, r1, M, D, stride_q, stride_k, stride_out, stride_part,
+                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                       LOSS: tl.constexpr, GRAD: tl.constexpr, HAS_TGT: tl.constexpr,
+                       EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+                       WS: tl.constexpr = False):
+    """``siglip_kernel`` with one tile per program; row partials instead of atomics.
+
+    Program (i, j) stores its rows' sums over its BN columns at ``[j, rows - r0]`` of the
+    (column tiles, panel rows) buffers: ``loss_part`` (softplus terms, ``LOSS``) and ``g_part``
+    (gradient terms before ``ginv``, ``GRAD``: their total is the bias gradient). The caller sums
+    the buffers over the column tiles.
+    """
+    rows, cols, rmask, cmask, acc = _panel_tile_ws(q_ptr, k_ptr, r0, r1, M, D, stride_q, stride_k,
+                                                   BM, BN, BD, EVEN_D, UPCAST, PREC, TMA, WS)
+    pos, x, e = _siglip_terms(acc, scale_ptr, bias_ptr, tgt_ptr, rows, cols, rmask, HAS_TGT)
+    part = tl.program_id(1).to(tl.int64) * stride_part + (rows - r0)
+    if LOSS:
+        sp = tl.maximum(x, 0.0) + tl.log2(1.0 + e) * 0.6931471805599453
+        sp = tl.where(cmask[None, :], sp, 0.0)
+        tl.store(loss_part_ptr + part, tl.sum(sp, 1), mask=rmask)
+    if GRAD:
+        r = tl.fdiv(1.0, 1.0 + e)
+        sig = tl.where(x >= 0, r, e * r)
+        g_r = tl.load(g_row_ptr + rows, mask=rmask, other=0.0)
+        g = tl.where(pos, -sig, sig) * g_r[:, None]
+        g = tl.where(cmask[None, :], g, 0.0)
+        tl.store(g_part_ptr + part, tl.sum(g, 1), mask=rmask)
+        _store_logit_grad(out_ptr, g, tl.load(ginv_ptr), rows, cols, r0, stride_out, rmask[:, None] & cmask[None, :],
+                          False)

@@ -38,8 +38,11 @@ INTERPRET_CONFIG = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, TMA=0)
 
 #: Speed-only options each kernel understands besides the tile shape (``_kernels`` says
 #: what they do): loop flattening (FLAT), column tiles per program (TPP), tile stores
-#: through the copy engine (TMA_OUT).
-KERNEL_OPTIONS = {"fwd": ("FLAT",), "bwd": ("TMA_OUT", "TPP", "FLAT"), "siglip": ("TMA_OUT",)}
+#: through the copy engine (TMA_OUT); TILE=1 switches to the one-tile-per-program kernels
+#: (``*_tile_kernel``), which take WS (Triton's Hopper warp specialisation of the d loop,
+#: with TMA only) and, in the backward, TWO_EXP (a branch-free epilogue).
+KERNEL_OPTIONS = {"fwd": ("FLAT", "TILE"), "bwd": ("TMA_OUT", "TPP", "FLAT", "TILE", "WS", "TWO_EXP"),
+                  "siglip": ("TMA_OUT", "TILE", "WS")}
 SHAPE_KEYS = ("BM", "BN", "BD", "num_warps", "num_stages", "TMA")
 
 
@@ -63,6 +66,8 @@ def operands(q: torch.Tensor, k: torch.Tensor, cfg: dict) -> tuple:
                   for t in (q, k))
     if not (cfg.get("TMA") and aligned):
         cfg["TMA"] = 0
+        if cfg.get("WS"):  # warp specialisation needs the copy engine's loads
+            cfg["WS"] = 0
         return q, k, cfg
     from triton.tools.tensor_descriptor import TensorDescriptor
 

@@ -83,6 +83,8 @@ def lse_forward(q, k, scale, targets, *, cols: bool, exclude: bool, ctl: torch.T
     n, d = q.shape
     m = k.shape[0]
     cfg = config("fwd", q.dtype)
+    if cfg.get("TILE"):
+        return _lse_forward_tiles(q, k, scale, targets, cols=cols, exclude=exclude, ctl=ctl, cfg=cfg)
     bm, bn = cfg["BM"], cfg["BN"]
     row_blocks = triton.cdiv(n, bm)
     n_tiles = triton.cdiv(m, bn)
@@ -123,6 +125,54 @@ def lse_forward(q, k, scale, targets, *, cols: bool, exclude: bool, ctl: torch.T
     return row_lse2, col_lse2
 
 
+#: Rows per launch of the one-tile forward: its programs run row block fastest, so a launch
+#: keeps this many query rows in L2 while the keys stream past once.
+_TILE_PANEL_ROWS = 8192
+
+
+def _finish(q_arg, k_arg, tgt, scale32, ctl, shifted, out, n, m, d, stride_q, stride_k, cfg, flags, *, swapped):
+    """Base-2 log-sum-exp of each row of ``q_arg`` against ``k_arg`` from its shifted sum (``FIX``)."""
+    _kernels.lse_fwd_kernel[(triton.cdiv(n, cfg["BM"]), 1)](
+        q_arg, k_arg, tgt, scale32, ctl, out, out, shifted,
+        n, m, d, stride_q, stride_k, triton.cdiv(m, cfg["BN"]),
+        COLS=False, TGT_ON_COLS=swapped, FIX=True, **cfg, **flags,
+    )
+    return out
+
+
+def _lse_forward_tiles(q, k, scale, targets, *, cols: bool, exclude: bool, ctl, cfg):
+    """:func:`lse_forward` on ``lse_fwd_tile_kernel``: one pass of shifted sums, then the two finishes."""
+    n, d = q.shape
+    m = k.shape[0]
+    f32 = dict(device=q.device, dtype=torch.float32)
+    if ctl is None or not cols:
+        ctl = control(q, k, scale)
+    scale32 = scale.detach().float().reshape(1).contiguous()
+    row_sum = torch.zeros(n, **f32)
+    col_sum = torch.zeros(m if cols else 1, **f32)
+    tgt = targets if targets is not None else row_sum
+    flags = dict(EXCLUDE=exclude, HAS_TGT=targets is not None, **kernel_flags(q, cfg["BD"]))
+    tile_cfg = {key: v for key, v in cfg.items() if key not in ("TILE", "FLAT")}
+    q_arg, k_arg, tile_cfg = operands(q, k, tile_cfg)
+    step = max(tile_cfg["BM"], (_TILE_PANEL_ROWS // tile_cfg["BM"]) * tile_cfg["BM"])
+    for r0 in range(0, n, step):
+        r1 = min(n, r0 + step)
+        _kernels.lse_fwd_tile_kernel[(triton.cdiv(r1 - r0, tile_cfg["BM"]), triton.cdiv(m, tile_cfg["BN"]))](
+            q_arg, k_arg, tgt, scale32, ctl, row_sum, col_sum, r0, r1, m, d, q.stride(0), k.stride(0),
+            COLS=cols, **tile_cfg, **flags,
+        )
+    fix_cfg = {key: v for key, v in config("fwd", q.dtype).items() if key not in ("TILE", "FLAT")}
+    q_f, k_f, fix_cfg = operands(q, k, fix_cfg)
+    row_lse2 = _finish(q_f, k_f, tgt, scale32, ctl, row_sum, torch.empty(n, **f32), n, m, d, q.stride(0),
+                       k.stride(0), fix_cfg, flags, swapped=False)
+    if not cols:
+        return row_lse2, None
+    k_f, q_f, fix_cfg = operands(k, q, fix_cfg)
+    col_lse2 = _finish(k_f, q_f, tgt, scale32, ctl, col_sum, torch.empty(m, **f32), m, n, d, k.stride(0),
+                       q.stride(0), fix_cfg, flags, swapped=True)
+    return row_lse2, col_lse2
+
+
 def lse_backward(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, exclude: bool,
                  workspace_bytes: int | None = None, need_q: bool = True, need_k: bool = True,
                  ctl: torch.Tensor | None = None):
@@ -148,8 +198,21 @@ def lse_backward(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, excl
     col_groups = triton.cdiv(triton.cdiv(m, bn), cfg.get("TPP", 1))
     dummy = ginv
     q_arg, k_arg, cfg = operands(q, k, cfg)
+    tile_cfg = {key: v for key, v in cfg.items() if key not in ("TILE", "TPP", "FLAT", "TMA_OUT")}
+    if not cols_on:
+        tile_cfg.pop("TWO_EXP", None)
+
+    def fill_tiles(p, r0, r1, buf):
+        _kernels.lse_bwd_tile_kernel[(triton.cdiv(r1 - r0, bm), triton.cdiv(m, bn))](
+            q_arg, k_arg, targets if targets is not None else dummy, scale32, ginv, ctl,
+            row_lse2, col_lse2 if cols_on else dummy, g_row, g_col if cols_on else dummy, buf,
+            r0, r1, m, d, q.stride(0), k.stride(0), buf.stride(0),
+            COLS=cols_on, EXCLUDE=exclude, HAS_TGT=targets is not None, **tile_cfg, **kernel_flags(q, cfg["BD"]),
+        )
 
     def fill(p, r0, r1, buf):
+        if cfg.get("TILE"):
+            return fill_tiles(p, r0, r1, buf)
         out, tma_out = panel_output(buf, r1 - r0, cfg)
         _kernels.lse_bwd_kernel[(triton.cdiv(r1 - r0, bm), col_groups)](
             q_arg, k_arg, targets if targets is not None else dummy, scale32, ginv, ctl,

@@ -40,7 +40,8 @@ def siglip_pass(q, k, scale, bias, targets, *, loss: bool, g_row=None, workspace
     bias32 = bias.detach().float().reshape(1).contiguous()
     col_blocks = triton.cdiv(m, bn)
     q_arg, k_arg, cfg = operands(q, k, cfg)
-    flags = dict(cfg, HAS_TGT=targets is not None, **kernel_flags(q, cfg["BD"]))
+    every = dict(cfg, HAS_TGT=targets is not None, **kernel_flags(q, cfg["BD"]))
+    flags = {key: v for key, v in every.items() if key not in ("TILE", "WS")}  # siglip_kernel's
     tgt = targets if targets is not None else row_loss
     if not grad:
         _kernels.siglip_kernel[(triton.cdiv(n, bm), col_blocks)](
@@ -52,9 +53,25 @@ def siglip_pass(q, k, scale, bias, targets, *, loss: bool, g_row=None, workspace
     gscale = g_row.abs().max().clamp_min(1e-30)
     ginv = (1.0 / gscale).reshape(1)
     rows_per_panel = panel_rows(n, m, q.element_size(), bm, workspace_bytes)
-    db_parts = torch.zeros(triton.cdiv(n, rows_per_panel), triton.cdiv(rows_per_panel, bm) * col_blocks, **f32)
+    tiled = bool(cfg.get("TILE"))
+    if tiled:  # per-(column tile, row) partial sums instead of atomics; summed after each panel
+        tile_cfg = {key: v for key, v in every.items() if key not in ("TILE", "TMA_OUT")}
+        parts = torch.empty(2, col_blocks, rows_per_panel, **f32)
+        db_parts = torch.zeros(triton.cdiv(n, rows_per_panel), **f32)
+    else:
+        db_parts = torch.zeros(triton.cdiv(n, rows_per_panel), triton.cdiv(rows_per_panel, bm) * col_blocks, **f32)
 
     def fill(p, r0, r1, buf):
+        if tiled:
+            _kernels.siglip_tile_kernel[(triton.cdiv(r1 - r0, bm), col_blocks)](
+                q_arg, k_arg, tgt, scale32, bias32, ginv, g_row, parts[0], buf, parts[1],
+                r0, r1, m, d, q.stride(0), k.stride(0), buf.stride(0), parts.stride(1),
+                LOSS=loss, GRAD=True, **tile_cfg,
+            )
+            if loss:
+                row_loss[r0:r1] += parts[0, :, : r1 - r0].sum(0)
+            db_parts[p] = parts[1, :, : r1 - r0].sum()
+            return
         out, tma_out = panel_output(buf, r1 - r0, cfg)
         _kernels.siglip_kernel[(triton.cdiv(r1 - r0, bm), col_blocks)](
             q_arg, k_arg, tgt, scale32, bias32, ginv, g_row, row_loss, out, db_parts[p],
