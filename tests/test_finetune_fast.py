@@ -230,3 +230,18 @@ def test_time_budget_schedule_follows_the_share_of_the_budget():
     for fraction, factor in ((0.0, 0.01), (0.05, 0.5), (0.1, 1.0), (0.55, 0.5), (1.0, 0.0)):
         clock.fraction = fraction
         assert clock.factor(0) == pytest.approx(factor)
+
+
+def test_widths_rounded_to_a_multiple_change_no_embedding(tiny_path):
+    from batchlab.recipes.finetune import TokenTable
+
+    model = load_model(tiny_path)
+    texts = [q for q, _ in PAIRS]
+    exact, rounded = TokenTable(model, texts, CPU), TokenTable(model, texts, CPU, multiple=16)
+    idx = torch.tensor([3, 7, 11])
+    a, b = exact.take(idx), rounded.take(idx)
+    assert a["input_ids"].shape[1] == int(exact.lengths[idx].max()) and b["input_ids"].shape[1] % 16 == 0
+    assert b["input_ids"].shape[1] <= rounded.width
+    assert TokenTable(model, texts, CPU, multiple=1000).take(idx)["input_ids"].shape[1] == rounded.width  # capped
+    encode = sentence_encoder(model)
+    torch.testing.assert_close(encode(b), encode(a), rtol=1e-5, atol=1e-6)

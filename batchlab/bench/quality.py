@@ -431,6 +431,7 @@ def run(args) -> int:
         "datasets": {n: {"train_pairs": len(d["train"]), "test_pairs": len(d["test"]), **d["source"]} for n, d in data.items()},
         "runs": [], "summary": {}, "claims": {}, "seeds_done": 0,
     }
+    print(f"data ready after {time.perf_counter() - began:.1f}s", flush=True)
     models = Models(args.model, args.device)
     if str(args.device).startswith("cuda"):  # compile kernels and warm the allocator outside the timed runs
         warm = time.perf_counter()
@@ -439,8 +440,14 @@ def run(args) -> int:
             if kw is None or kw.get("learner") == "scratch":
                 continue
             kw = {k: v for k, v in kw.items() if k != "time_budget"}
-            finetune(models.initial(args.seed), first["train"], None, **{**kw, "steps": 2}, lr=args.lr,
-                     device=args.device, precision=args.precision, max_seq_length=args.max_seq_length)
+            began_arm = time.perf_counter()
+            try:
+                finetune(models.initial(args.seed), first["train"], None, **{**kw, "steps": 2}, lr=args.lr,
+                         device=args.device, precision=args.precision, max_seq_length=args.max_seq_length)
+            except Exception as error:  # noqa: BLE001  (the timed run reports it)
+                print(f"  warm-up {arm}: FAILED {type(error).__name__}: {error}", flush=True)
+                continue
+            print(f"  warm-up {arm}: {time.perf_counter() - began_arm:.1f}s", flush=True)
         payload["warmup_seconds"] = time.perf_counter() - warm
         print(f"warm-up (every arm, 2 steps, untimed): {payload['warmup_seconds']:.1f}s", flush=True)
     start = time.perf_counter()
@@ -479,9 +486,16 @@ def run(args) -> int:
                         ref = next(r for r in payload["runs"] if r["dataset"] == name and r["seed"] == seed
                                    and r["arm"] == args.wall_reference)
                         kw = {**kw, "time_budget": ref["seconds"]["wall"]}
-                    result = finetune(model, d["train"], d["test"], **kw, **extra, seed=seed,
-                                      order_seed=seed + args.order_seed_offset, precision=args.precision,
-                                      device=args.device, evaluate_before=False, progress=args.progress)
+                    try:
+                        result = finetune(model, d["train"], d["test"], **kw, **extra, seed=seed,
+                                          order_seed=seed + args.order_seed_offset, precision=args.precision,
+                                          device=args.device, evaluate_before=False, progress=args.progress)
+                    except Exception as error:  # noqa: BLE001  (one broken arm must not lose the study)
+                        logger.exception("arm %s failed", arm)
+                        payload.setdefault("errors", []).append(
+                            {"dataset": name, "arm": arm, "seed": seed, "error": f"{type(error).__name__}: {error}"})
+                        print(f"seed {seed} {name} {arm}: FAILED {type(error).__name__}: {error}", flush=True)
+                        continue
                     record = {"metrics": result.after, "steps": result.steps, "examples": result.examples,
                               "seconds": result.seconds, "losses": result.losses, "history": result.history,
                               "time_budget": kw.get("time_budget")}
