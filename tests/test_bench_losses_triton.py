@@ -25,3 +25,16 @@ def test_sweep_candidates_use_only_known_keys():
         allowed = set(_launch.SHAPE_KEYS) | set(_launch.KERNEL_OPTIONS[kernel_of[kernel]])
         for cfg in configs:
             assert set(cfg) <= allowed, (kernel, cfg)
+
+
+def test_grid_variants_use_only_known_keys_and_best_picks_the_fastest():
+    from batchlab.bench.losses_triton import GRID_VARIANTS, grid_best
+
+    for kernel, configs in GRID_VARIANTS.items():
+        allowed = set(_launch.SHAPE_KEYS) | set(_launch.KERNEL_OPTIONS[kernel])
+        for cfg in configs:
+            assert set(cfg) <= allowed, (kernel, cfg)
+            assert not cfg.get("WS") or (cfg.get("TMA") and cfg.get("TILE")), cfg  # WS needs both
+    rows = [{"kernel": "bwd", "variant": 1, "N": 64, "ms": 2.0}, {"kernel": "bwd", "variant": 2, "N": 64, "ms": 1.0},
+            {"kernel": "bwd", "variant": 0, "N": 32, "ms": 0.1}, {"kernel": "fwd", "variant": 3, "N": 64, "ms": None}]
+    assert grid_best(rows, 64) == {"bwd": GRID_VARIANTS["bwd"][2]}

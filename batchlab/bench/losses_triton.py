@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import statistics
+import time
 from pathlib import Path
 
 import torch
@@ -57,6 +58,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tag", default="", help="suffix for the results file name")
     parser.add_argument("--configs", default=None,
                         help="a sweep results JSON whose 'best' tile configs to use")
+    parser.add_argument("--grid", action="store_true",
+                        help="time GRID_VARIANTS of each kernel at --grid-sizes (kernels compiled in parallel "
+                             "first), then fwd+bwd of the losses with the default and the fastest variants")
+    parser.add_argument("--grid-sizes", type=int, nargs="+", default=[16384, 65536])
+    parser.add_argument("--grid-losses-sizes", type=int, nargs="*", default=[16384, 32768, 65536])
+    parser.add_argument("--grid-jobs", type=int, default=12, help="processes compiling the variants")
+    parser.add_argument("--grid-compile-only", action="store_true",
+                        help="only compile the grid's variants into Triton's cache (to overlap with other work)")
 
 
 # ---------------------------------------------------------------------------
@@ -325,6 +334,167 @@ def run_sweep(args) -> list[dict]:
     return rows
 
 
+# ---------------------------------------------------------------------------
+# variant grid: one-tile kernels, warp specialisation, tile shapes (issue 21's large-N targets)
+# ---------------------------------------------------------------------------
+def _v(tile=0, **kw):
+    cfg = dict(BD=64, TMA=1, **kw)
+    if tile:
+        cfg["TILE"] = 1
+    return cfg
+
+
+#: Kernel variants of the grid, per ``_launch.CONFIGS`` key; the first of each is the default
+#: before this grid. Each was compiled offline for sm_90 with Triton 3.6 (no spills, shared
+#: memory within 227 KB); WS variants were checked to be warp-specialised.
+GRID_VARIANTS = {
+    "fwd": [
+        _v(0, BM=128, BN=128, num_warps=4, num_stages=3),
+        _v(1, BM=128, BN=128, num_warps=4, num_stages=3),
+        _v(1, BM=128, BN=128, num_warps=4, num_stages=2),
+        _v(1, BM=128, BN=128, num_warps=8, num_stages=3),
+        _v(1, BM=256, BN=128, num_warps=8, num_stages=2),
+        _v(1, BM=256, BN=128, num_warps=8, num_stages=3),
+        _v(1, BM=128, BN=256, num_warps=8, num_stages=2),
+    ],
+    "bwd": [
+        _v(0, BM=128, BN=128, num_warps=4, num_stages=3),
+        _v(1, BM=128, BN=128, num_warps=4, num_stages=3),
+        _v(1, BM=128, BN=128, num_warps=4, num_stages=3, TWO_EXP=1),
+        _v(1, BM=128, BN=128, num_warps=8, num_stages=3, TWO_EXP=1),
+        _v(1, BM=128, BN=256, num_warps=8, num_stages=3, TWO_EXP=1),
+        _v(1, BM=128, BN=128, num_warps=4, num_stages=2, TWO_EXP=1, WS=1),
+        _v(1, BM=128, BN=128, num_warps=4, num_stages=3, TWO_EXP=1, WS=1),
+        _v(1, BM=256, BN=128, num_warps=4, num_stages=2, TWO_EXP=1, WS=1),
+        _v(1, BM=128, BN=256, num_warps=4, num_stages=2, TWO_EXP=1, WS=1),
+    ],
+    "siglip": [
+        _v(0, BM=64, BN=128, num_warps=4, num_stages=4),
+        _v(1, BM=64, BN=128, num_warps=4, num_stages=4),
+        _v(1, BM=128, BN=128, num_warps=8, num_stages=3),
+        _v(1, BM=128, BN=128, num_warps=4, num_stages=2, WS=1),
+        _v(1, BM=128, BN=128, num_warps=4, num_stages=3, WS=1),
+    ],
+}
+
+
+def _grid_inputs(n, d, dtype, device, seed=0):
+    gen = torch.Generator(device=device).manual_seed(seed)
+    q, k = _unit(n, d, dtype, device, gen), _unit(n, d, dtype, device, gen)
+    return q, k, torch.tensor(1 / 0.07, device=device), torch.tensor(-10.0, device=device)
+
+
+def _grid_fn(kernel, q, k, scale, bias):
+    """The call that times one kernel family: forward statistics, backward (kernel + 2 products), SigLIP pass."""
+    from batchlab.losses.triton import _lse, _siglip
+
+    n = q.shape[0]
+    if kernel == "fwd":
+        return lambda: _lse.lse_forward(q, k, scale, None, cols=True, exclude=False)
+    if kernel == "bwd":
+        row2, col2 = _lse.lse_forward(q, k, scale, None, cols=True, exclude=False)
+        g = torch.full((n,), 1.0 / (2 * n), device=q.device)
+        ctl = _lse.control(q, k, scale)
+        return lambda: _lse.lse_backward(q, k, scale, None, row2, col2, g, g, exclude=False, ctl=ctl)
+    g = torch.full((n,), 1.0 / n, device=q.device)
+    return lambda: _siglip.siglip_pass(q, k, scale, bias, None, loss=True, g_row=g)
+
+
+def _compile_variant(job):
+    """Worker: run one variant once at a small size so that the kernels land in Triton's disk cache."""
+    kernel, cfg, n, d, dtype = job
+    from batchlab.losses.triton import _launch
+
+    _launch.CONFIGS[kernel] = dict(cfg)
+    try:
+        q, k, scale, bias = _grid_inputs(n, d, getattr(torch, dtype), "cuda")
+        if kernel == "bwd":  # the forward it needs is compiled by the fwd jobs (default config)
+            _launch.CONFIGS["fwd"] = dict(GRID_VARIANTS["fwd"][0])
+        _grid_fn(kernel, q, k, scale, bias)()
+        torch.cuda.synchronize()
+        return "ok"
+    except Exception as exc:  # noqa: BLE001 - reported, and the timing run reports it again
+        return f"{type(exc).__name__}: {str(exc)[:120]}"
+
+
+def _precompile(jobs, workers):
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    if workers <= 1 or not torch.cuda.is_available():  # the timing run compiles on its first calls
+        return []
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        return list(pool.map(_compile_variant, jobs))
+
+
+def _bench_ms(fn):
+    if not torch.cuda.is_available():
+        from batchlab.bench._common import time_call
+
+        return time_call(fn, repeats=1) * 1e3
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=20, rep=120, return_mode="median")
+
+
+def run_grid(args) -> list[dict]:
+    """Every GRID_VARIANTS entry timed alone at each --grid-sizes N; then the losses end to end."""
+    from batchlab.losses.triton import _launch
+
+    dtype = getattr(torch, args.dtype)
+    d = args.dim
+    saved = {key: dict(val) for key, val in _launch.CONFIGS.items()}
+    rows: list[dict] = []
+    t0 = time.perf_counter()
+    jobs = [(kernel, cfg, 2048, d, args.dtype) for kernel, cfgs in GRID_VARIANTS.items() for cfg in cfgs]
+    status = _precompile(jobs, args.grid_jobs)
+    print(f"precompiled {len(jobs)} variants in {time.perf_counter() - t0:.1f} s:",
+          [s for s in status if s != "ok"] or "all ok", flush=True)
+    if args.grid_compile_only:
+        return rows
+    if torch.cuda.is_available():  # the dense-rate anchor of the floor
+        a = torch.randn(8192, 8192, device="cuda", dtype=dtype)
+        ms = _bench_ms(lambda: a @ a)
+        rows.append({"kernel": "torch.mm 8192^3", "ms": ms, "tflops": 2 * 8192**3 / ms / 1e9, "status": "ok"})
+        del a
+    for n in args.grid_sizes:
+        q, k, scale, bias = _grid_inputs(n, d, dtype, args.device)
+        p = min(8192, n)
+        g = torch.randn(p, n, device=args.device, dtype=dtype)
+        for label, fn in {"fp32-out G@k": lambda: _launch.mm_f32(g, k),
+                          "fp32-out G.T@q": lambda: _launch.mm_f32(g.t(), q[:p])}.items():
+            ms = _bench_ms(fn) * (n / p)  # all panels
+            rows.append({"kernel": label, "N": n, "d": d, "ms": ms, "tflops": 2 * n * n * d / ms / 1e9, "status": "ok"})
+            print(format_table([rows[-1]]), flush=True)
+        del g
+        flops = {"fwd": 2, "bwd": 6, "siglip": 6}
+        for kernel, cfgs in GRID_VARIANTS.items():
+            for i, cfg in enumerate(cfgs):
+                _launch.CONFIGS[kernel] = dict(cfg)
+                try:
+                    ms, status = _bench_ms(_grid_fn(kernel, q, k, scale, bias)), "ok"
+                except Exception as exc:  # noqa: BLE001 - a variant that fails is a result
+                    ms, status = None, f"{type(exc).__name__}: {str(exc)[:100]}"
+                _launch.CONFIGS[kernel] = dict(saved[kernel])
+                row = {"kernel": kernel, "variant": i, "N": n, "d": d, **cfg, "ms": ms,
+                       "tflops": flops[kernel] * n * n * d / ms / 1e9 if ms else None, "status": status}
+                rows.append(row)
+                print(format_table([row]), flush=True)
+        q = k = None
+        torch.cuda.empty_cache() if torch.cuda.is_available() else None
+    return rows
+
+
+def grid_best(rows: list[dict], n: int) -> dict[str, dict]:
+    """The fastest variant of each kernel at size ``n`` (its config, as GRID_VARIANTS has it)."""
+    best: dict[str, tuple[float, dict]] = {}
+    for r in rows:
+        if r.get("N") == n and r.get("variant") is not None and r.get("ms"):
+            if r["kernel"] not in best or r["ms"] < best[r["kernel"]][0]:
+                best[r["kernel"]] = (r["ms"], GRID_VARIANTS[r["kernel"]][r["variant"]])
+    return {key: dict(cfg) for key, (_, cfg) in best.items()}
+
+
 def run(args) -> int:
     logging.basicConfig(level=logging.WARNING)
     if torch.device(args.device).type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
@@ -334,6 +504,8 @@ def run(args) -> int:
     gpu = device_name(args.device) if torch.device(args.device).type == "cuda" else "cpu-interpreter"
     slug = gpu.replace("NVIDIA ", "").replace(" ", "-").lower()
     configs = None
+    if args.grid:
+        return _run_grid_and_losses(args, gpu, slug)
     if args.sweep or args.tune:
         rows = run_sweep(args)
         print(format_table(rows))
@@ -376,6 +548,36 @@ def run(args) -> int:
                 title=f"Contrastive losses, d={args.dim}, {args.dtype}, {gpu}")
     plot_series(Path(args.out) / f"{name}-memory.png", series_m, xlabel="N (= M)", ylabel="peak GiB above inputs",
                 title=f"Loss memory, d={args.dim}, {args.dtype}, {gpu}")
+    return 0
+
+
+def _run_grid_and_losses(args, gpu, slug) -> int:
+    """--grid: the variant grid, then fwd+bwd of info_nce and siglip with the default and the best variants."""
+    from batchlab.losses.triton import _launch
+
+    name = f"losses-triton-grid-{slug}{args.tag}"
+    default = {key: dict(val) for key, val in _launch.CONFIGS.items()}
+    rows = run_grid(args)
+    if args.grid_compile_only:
+        return 0
+    best = grid_best(rows, max(args.grid_sizes))
+    print("best at N =", max(args.grid_sizes), ":", best, flush=True)
+    payload = {"gpu": gpu, "dim": args.dim, "dtype": args.dtype, "grid": rows, "best": best, "default": default,
+               "floor_flops": "8 N^2 d"}
+    write_results(args.out, name, payload)
+    loss_rows = []
+    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    for label, cfgs in (("default", default), ("best", {**default, **best})):
+        _launch.CONFIGS.update({key: dict(val) for key, val in cfgs.items()})
+        for n in args.grid_losses_sizes:
+            for loss in args.losses:
+                row = _measure(f"batchlab triton {loss} ({label})",
+                               lambda q, k, s, b, loss=loss: _batchlab_step(loss, q, k, s, b), n, args, gen)
+                loss_rows.append(row)
+                print(format_table([row]), flush=True)
+        payload["losses"] = loss_rows
+        write_results(args.out, name, payload)
+    _launch.CONFIGS.update(default)
     return 0
 
 
