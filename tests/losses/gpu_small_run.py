@@ -12,6 +12,10 @@ what ran):
    function + compiled kernels launched directly. ``ms``: one call between CUDA events (median of
    30, as ``batchlab bench losses``); ``host_ms``: host time per call with 30 calls queued back to back.
    The fastest correct variant at N <= 4,096 becomes the setting for everything below.
+1b. **forward**: the CLIP forward's two schemes over the fp32 product (one kernel sweeping rows and
+   columns; per-tile partials on a 2-D grid + merge), the tiled one checked against the reference,
+   both timed at N = 4,096 ... 16,384: the tiled scheme is used from the smallest N where it wins
+   (by 3%) at that and every larger size.
 2. ``batchlab bench losses`` at d = 512 and 768 (auto and open_clip), N = 256 ... 16,384;
 3. ``tests/losses/gpu_check_overhead.py --quick`` (no host sync, torch.compile fullgraph and CUDA
    graph replay for info_nce, siglip and dcl);
@@ -43,6 +47,7 @@ from batchlab.losses import info_nce, siglip  # noqa: E402
 from batchlab.losses.triton import _dense  # noqa: E402
 
 OUT = Path(os.environ.get("OUT", "/tmp/gpu_small"))
+TAG = os.environ.get("GPU_SMALL_TAG", "")
 T0 = time.time()
 RESULTS: dict = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
 VARIANTS = {"old": (False, False), "function": (True, False), "direct": (True, True)}
@@ -52,7 +57,7 @@ def save(key, value):
     RESULTS[key] = value
     RESULTS["elapsed_s"] = round(time.time() - T0, 1)
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "small.json").write_text(json.dumps(RESULTS, indent=1, default=str))
+    (OUT / f"small{TAG}.json").write_text(json.dumps(RESULTS, indent=1, default=str))
 
 
 def say(*args):
@@ -165,6 +170,57 @@ def choose(rows):
     return best
 
 
+def part_forward(sizes=(4096, 8192, 16384)):
+    """The CLIP forward's two kernels schemes: checked (tiled) and timed; sets the threshold."""
+    rows = []
+    _dense.TILED_STATS_MIN_LOGITS = 0
+    for n in (256, 4096):
+        loss_err, grad_err = check("info_nce", n)
+        ok = loss_err < 1e-4 and grad_err < 2e-2
+        rows.append(dict(part="check", forward="tiled", N=n, loss_err=loss_err, grad_err=grad_err, ok=ok))
+        say("check tiled forward", n, f"{loss_err:.2e} {grad_err:.2e}", "ok" if ok else "FAILED")
+    save("forward", rows)
+    # the tile kernel's shape: a few candidates at the largest size
+    q, k, s, b = leaves(max(sizes), 512)
+    call = batchlab_step("info_nce", q, k, s, b)
+    best = None
+    for blocks, warps in (((128, 128, 128, 32), 8), ((64, 128, 128, 32), 4), ((64, 256, 128, 32), 8)):
+        _dense._TILED_BLOCKS, _dense._TILED_WARPS = blocks, warps
+        ms, _ = timed(call, reps=10)
+        rows.append(dict(part="tile shape", blocks=blocks, warps=warps, N=max(sizes), ms=ms))
+        say("tile shape", blocks, warps, f"{ms:.3f} ms")
+        if best is None or ms < best[0]:
+            best = (ms, blocks, warps)
+    _dense._TILED_BLOCKS, _dense._TILED_WARPS = best[1], best[2]
+    save("tiled_shape", best)
+    del q, k
+    for n in sizes:
+        q, k, s, b = leaves(n, 512)
+        for name, limit in (("one-kernel", 2**62), ("tiled", 0), ("open_clip", None)):
+            if limit is None:
+                call = open_clip_step("info_nce", q, k, s, b)
+            else:
+                _dense.TILED_STATS_MIN_LOGITS = limit
+                call = batchlab_step("info_nce", q, k, s, b)
+            ms, host = timed(call)
+            rows.append(dict(part="time", forward=name, N=n, d=512, ms=ms, host_ms=host))
+            say("forward", n, name, f"{ms:.3f} ms (host {host:.3f})")
+        save("forward", rows)
+        del q, k
+    times = {(r["forward"], r["N"]): r["ms"] for r in rows if r["part"] == "time"}
+    threshold = 2**62
+    if all(r["ok"] for r in rows if r["part"] == "check"):
+        for n in sorted(sizes, reverse=True):  # the smallest N from which on tiled wins at every size
+            if times[("tiled", n)] < 0.97 * times[("one-kernel", n)]:
+                threshold = n * n
+            else:
+                break
+    _dense.TILED_STATS_MIN_LOGITS = threshold
+    say("tiled forward from", threshold, "logits")
+    save("tiled_stats_min_logits", threshold)
+    return rows
+
+
 def part_crossover():
     rows = []
     default = _dense.DENSE_MAX_LOGITS
@@ -248,8 +304,8 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", default="256,1024,4096,8192,16384", help="benchmark sizes")
     parser.add_argument("--variant-sizes", default="256,4096,16384")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["variants", "crossover", "profile", "bench",
-                                                                  "check"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["variants", "forward", "crossover", "profile",
+                                                                  "bench", "check"])
     parser.add_argument("--late-parts-before", type=float, default=90.0,
                         help="start the crossover and the profile only before this many seconds")
     args = parser.parse_args()
@@ -258,6 +314,8 @@ def main() -> int:
         best = choose(part_variants([int(x) for x in args.variant_sizes.split(",")]))
     use_variant(best)
     save("chosen_variant", best)
+    if "forward" not in args.skip:
+        part_forward()
     if "bench" not in args.skip:
         from batchlab.bench import losses as bench
 

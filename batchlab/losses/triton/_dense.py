@@ -48,6 +48,16 @@ DENSE_DTYPES = (torch.bfloat16, torch.float32)
 #: Owned block and swept chunk of ``clip_lse_kernel``; interpreter: small, several blocks at test sizes.
 _LSE_BLOCKS = (64, 128)
 _INTERPRET_LSE_BLOCKS = (16, 32)
+#: From this many logits on, the CLIP forward reads the fp32 product once, tile by tile
+#: (``clip_tile_stats_kernel`` on a 2-D grid, then ``clip_combine_kernel``: one launch more);
+#: below it one ``clip_lse_kernel`` sweeps it by rows and by columns (fewest launches, host-bound
+#: sizes). ``BATCHLAB_DENSE_TILED_MIN_LOGITS`` overrides it.
+TILED_STATS_MIN_LOGITS = int(os.environ.get("BATCHLAB_DENSE_TILED_MIN_LOGITS", 8192 * 8192))
+#: (tile rows, tile columns, merge block, partials per merge step) of the tiled forward, and the
+#: warps of its tile kernel.
+_TILED_BLOCKS = (128, 128, 128, 32)
+_TILED_WARPS = 8
+_TILED_BLOCKS_INTERPRET = (16, 16, 16, 4)
 _REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -81,6 +91,15 @@ EAGER_FUNCTION = os.environ.get("BATCHLAB_DENSE_EAGER_FUNCTION", "1") != "0"
 DIRECT_LAUNCH = os.environ.get("BATCHLAB_TRITON_DIRECT_LAUNCH", "1") != "0"
 
 
+#: Whether the kernels run in Triton's interpreter: decided when they were defined (``triton.jit``
+#: reads ``TRITON_INTERPRET`` then), so read once here (an environment lookup costs microseconds).
+_INTERPRET = interpreting()
+
+
+def _interpreting() -> bool:
+    return _INTERPRET
+
+
 def _arg_key(a):
     """What Triton specialises an argument on: a tensor's dtype and 16-byte alignment, an int's value."""
     if isinstance(a, torch.Tensor):
@@ -111,7 +130,7 @@ class _Kernel:
 
     def __call__(self, grid, args: tuple, consts: dict):
         """Launch on ``grid`` with the runtime ``args`` (signature order) and the constexpr/launch options ``consts``."""
-        if not DIRECT_LAUNCH or interpreting():
+        if not DIRECT_LAUNCH or _interpreting():
             self.fn[grid](*args, **consts)
             return
         key = (tuple(consts.items()), tuple(map(_arg_key, args)))
@@ -137,6 +156,8 @@ class _Kernel:
 
 
 _clip_lse = _Kernel(kd.clip_lse_kernel)
+_clip_tiles = _Kernel(kd.clip_tile_stats_kernel)
+_clip_combine = _Kernel(kd.clip_combine_kernel)
 _clip_grad = _Kernel(kd.clip_grad_kernel)
 _siglip_fwd = _Kernel(kd.siglip_loss_kernel)
 _siglip_grad = _Kernel(kd.siglip_grad_kernel)
@@ -146,8 +167,8 @@ _FLAGS: dict = {}
 
 def _grad_flags_cached(q: torch.Tensor) -> dict:
     """:func:`_grad_flags` of the backward config, computed once per (dtype, d, TF32 switch, config)."""
-    cfg_obj = None if interpreting() else _launch.CONFIGS["bwd"]
-    key = (q.dtype, q.shape[1], torch.backends.cuda.matmul.allow_tf32, interpreting())
+    cfg_obj = None if _interpreting() else _launch.CONFIGS["bwd"]
+    key = (q.dtype, q.shape[1], q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
     entry = _FLAGS.get(key)
     if entry is None or entry[0] is not cfg_obj:  # the sweep replaces CONFIGS["bwd"]: recompute
         entry = (cfg_obj, _grad_flags(q, config("bwd", q.dtype)))
@@ -156,37 +177,77 @@ def _grad_flags_cached(q: torch.Tensor) -> dict:
 
 
 def _lse_blocks() -> tuple[int, int]:
-    return _INTERPRET_LSE_BLOCKS if interpreting() else _LSE_BLOCKS
+    return _INTERPRET_LSE_BLOCKS if _interpreting() else _LSE_BLOCKS
 
 
 # ----------------------------------------------------------------------------- CLIP / InfoNCE
 
 
+def _product_f32(q, k):
+    """``q @ k.T`` in fp32 (``torch.mm(..., out_dtype=)`` where it exists: one dispatch less)."""
+    global _MM_OUT_DTYPE
+    if _MM_OUT_DTYPE and q.is_cuda and q.dtype != torch.float32:
+        try:
+            return torch.mm(q, k.t(), out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            _MM_OUT_DTYPE = False
+    return mm_f32(q, k.t())
+
+
+_MM_OUT_DTYPE = True
+
+
 def _clip_forward(q, k, scale, targets, symmetric: bool, reduction: int):
     """``(loss, stats, counts)`` of the CLIP loss (see :func:`clip_dense`); ``counts`` is None without targets."""
     n, m = q.shape[0], k.shape[0]
-    s = mm_f32(q, k.t())
-    block, chunk = _lse_blocks()
-    programs = triton.cdiv(n, block) + (triton.cdiv(m, block) if symmetric else 0)
+    s = _product_f32(q, k)
     none = reduction == 2
     f32 = dict(device=q.device, dtype=torch.float32)
     stats = torch.empty(n + (m if symmetric else 0), **f32)
-    parts = torch.empty(programs, **f32)  # one partial sum of the loss per program
-    rows = cols = parts  # placeholders: the per-row and per-column losses are stored for "none" only
-    if none:
-        rows, cols = torch.empty(n, **f32), torch.empty(m if symmetric else 1, **f32)
     counts = None
     if targets is not None and symmetric:
         counts = torch.empty(m, device=q.device, dtype=torch.int32)
     cr, cc = _coefficients(n, m, symmetric, reduction)
-    _clip_lse((programs,), (s, scale, targets if targets is not None else stats, stats, rows, cols,
-                            counts if counts is not None else stats, parts, n, m, s.stride(0), cr, cc),
-              dict(BLOCK=block, CHUNK=chunk, SYM=symmetric, HAS_TGT=targets is not None, STORE_LOSSES=none))
+    tgt = targets if targets is not None else stats  # a placeholder pointer without targets
+    cnt = counts if counts is not None else stats
+    flags = dict(SYM=symmetric, HAS_TGT=targets is not None)
+    if n * m >= TILED_STATS_MIN_LOGITS:
+        # large N: every tile of S read once by a 2-D grid, then the partials merged
+        br, bc, block, tb = _TILED_BLOCKS_INTERPRET if _interpreting() else _TILED_BLOCKS
+        tc, tr = triton.cdiv(m, bc), triton.cdiv(n, br)
+        sym_m = m if symmetric else 1
+        buf = torch.empty(3 * tc * n + 3 * tr * sym_m, **f32)
+        rm, rl, rp = buf[: tc * n], buf[tc * n: 2 * tc * n], buf[2 * tc * n: 3 * tc * n]
+        base = 3 * tc * n
+        cm, cl, cp = (buf[base: base + tr * sym_m], buf[base + tr * sym_m: base + 2 * tr * sym_m],
+                      buf[base + 2 * tr * sym_m:])
+        cpos = torch.empty(tr * m, device=q.device, dtype=torch.int32) if counts is not None else cm
+        _clip_tiles((tr, tc), (s, scale, tgt, rm, rl, rp, cm, cl, cp, cpos, n, m, s.stride(0)),
+                    dict(BR=br, BC=bc, num_warps=_TILED_WARPS, **flags))
+        programs = triton.cdiv(n, block) + (triton.cdiv(m, block) if symmetric else 0)
+        parts, rows, cols = _loss_buffers(programs, n, m, symmetric, none, f32)
+        _clip_combine((programs,), (rm, rl, rp, cm, cl, cp, cpos, stats, rows, cols, cnt, parts, n, m, tc, tr,
+                                    cr, cc), dict(BLOCK=block, TB=tb, STORE_LOSSES=none, **flags))
+    else:
+        block, chunk = _lse_blocks()
+        programs = triton.cdiv(n, block) + (triton.cdiv(m, block) if symmetric else 0)
+        parts, rows, cols = _loss_buffers(programs, n, m, symmetric, none, f32)
+        _clip_lse((programs,), (s, scale, tgt, stats, rows, cols, cnt, parts, n, m, s.stride(0), cr, cc),
+                  dict(BLOCK=block, CHUNK=chunk, STORE_LOSSES=none, **flags))
     if not none:
         loss = parts.sum()
     else:
         loss = (rows + cols) * 0.5 if symmetric else rows
     return loss, stats, counts
+
+
+def _loss_buffers(programs, n, m, symmetric, none, f32):
+    """``(parts, rows, cols)``: one partial loss sum per program; the per-row and per-column losses
+    for ``reduction="none"`` only (else placeholders)."""
+    parts = torch.empty(programs, **f32)
+    if not none:
+        return parts, parts, parts
+    return parts, torch.empty(n, **f32), torch.empty(m if symmetric else 1, **f32)
 
 
 def _clip_backward_impl(q, k, scale, targets, stats, counts, g, g_stats, symmetric: bool, reduction: int,

@@ -207,3 +207,110 @@ def siglip_grad_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, tgt_ptr, g_ptr, out_pt
     pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     tl.store(part_ptr + 2 * pid, tl.sum(tl.sum(grad * acc, 1), 0))
     tl.store(part_ptr + 2 * pid + 1, tl.sum(tl.sum(grad, 1), 0))
+
+
+@triton.jit
+def clip_tile_stats_kernel(s_ptr, scale_ptr, tgt_ptr, rm_ptr, rl_ptr, rp_ptr, cm_ptr, cl_ptr, cp_ptr, cc_ptr,
+                           N, M, stride_s,
+                           BR: tl.constexpr, BC: tl.constexpr, SYM: tl.constexpr, HAS_TGT: tl.constexpr):
+    """Per-tile partial statistics of ``s * S`` (base 2), every tile read once (the large-N forward).
+
+    Program (i, j) owns rows ``[i BR, (i+1) BR)`` and columns ``[j BC, (j+1) BC)`` and writes, for its
+    rows, the tile's row maximum, sum of ``2^(x - max)`` and sum of positive logits at ``[j, row]``
+    of ``rm``/``rl``/``rp`` ((col tiles, N) each); with ``SYM`` the same per column at ``[i, col]``
+    of ``cm``/``cl``/``cp`` ((row tiles, M)) and, with ``HAS_TGT``, the positives per column in ``cc``.
+    ``clip_combine_kernel`` merges them.
+    """
+    pid_r = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    rows = pid_r * BR + tl.arange(0, BR)
+    cols = pid_c * BC + tl.arange(0, BC)
+    rmask = rows < N
+    cmask = cols < M
+    mask = rmask[:, None] & cmask[None, :]
+    s2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+    x = tl.load(s_ptr + rows[:, None].to(tl.int64) * stride_s + cols[None, :], mask=mask, other=0.0) * s2
+    if HAS_TGT:
+        t = tl.load(tgt_ptr + rows, mask=rmask, other=-1)
+    else:
+        t = tl.where(rmask, rows, -1)
+    hit = (cols[None, :] == t[:, None]) & mask
+    xp = tl.where(hit, x, 0.0)
+    x = tl.where(mask, x, float("-inf"))
+    m_r = tl.max(x, 1)
+    m_r = tl.where(rmask, m_r, 0.0)  # rows past N: any finite value (not stored)
+    l_r = tl.sum(tl.exp2(x - m_r[:, None]), 1)
+    out = pid_c * N + rows
+    tl.store(rm_ptr + out, m_r, mask=rmask)
+    tl.store(rl_ptr + out, l_r, mask=rmask)
+    tl.store(rp_ptr + out, tl.sum(xp, 1), mask=rmask)
+    if SYM:
+        m_c = tl.max(x, 0)
+        m_c = tl.where(cmask, m_c, 0.0)
+        l_c = tl.sum(tl.exp2(x - m_c[None, :]), 0)
+        out_c = pid_r * M + cols
+        tl.store(cm_ptr + out_c, m_c, mask=cmask)
+        tl.store(cl_ptr + out_c, l_c, mask=cmask)
+        tl.store(cp_ptr + out_c, tl.sum(xp, 0), mask=cmask)
+        if HAS_TGT:
+            tl.store(cc_ptr + out_c, tl.sum(hit.to(tl.int32), 0), mask=cmask)
+
+
+@triton.jit
+def _merge_partials(m_ptr, l_ptr, p_ptr, c_ptr, idx, imask, size, tiles,
+                    BLOCK: tl.constexpr, TB: tl.constexpr, COUNT: tl.constexpr):
+    """Natural log-sum-exp, positive-logit sum (base 2) and (``COUNT``) positives of ``idx`` from
+    ``tiles`` partials laid out ``(tiles, size)``."""
+    m_i = tl.full((BLOCK,), -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros((BLOCK,), dtype=tl.float32)
+    pos = tl.zeros((BLOCK,), dtype=tl.float32)
+    cnt = tl.zeros((BLOCK,), dtype=tl.int32)
+    for t0 in range(0, tiles, TB):
+        t = t0 + tl.arange(0, TB)
+        mask = (t[:, None] < tiles) & imask[None, :]
+        off = t[:, None].to(tl.int64) * size + idx[None, :]
+        pm = tl.load(m_ptr + off, mask=mask, other=float("-inf"))
+        pl = tl.load(l_ptr + off, mask=mask, other=0.0)
+        pos += tl.sum(tl.load(p_ptr + off, mask=mask, other=0.0), 0)
+        if COUNT:
+            cnt += tl.sum(tl.load(c_ptr + off, mask=mask, other=0), 0)
+        m_new = tl.maximum(m_i, tl.max(pm, 0))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(pl * tl.exp2(pm - m_new[None, :]), 0)
+        m_i = m_new
+    return (m_i + tl.log2(l_i)) * 0.6931471805599453, pos, cnt
+
+
+@triton.jit
+def clip_combine_kernel(rm_ptr, rl_ptr, rp_ptr, cm_ptr, cl_ptr, cp_ptr, cc_ptr, stats_ptr, rows_out_ptr,
+                        cols_out_ptr, cnt_ptr, part_ptr, N, M, TC, TR, coef_row, coef_col,
+                        BLOCK: tl.constexpr, TB: tl.constexpr, SYM: tl.constexpr, HAS_TGT: tl.constexpr,
+                        STORE_LOSSES: tl.constexpr):
+    """Merge ``clip_tile_stats_kernel``'s partials into the outputs of ``clip_lse_kernel`` (same layout).
+
+    Programs ``[0, cdiv(N, BLOCK))`` merge the ``TC`` column-tile partials of a block of rows; the
+    others (``SYM``) the ``TR`` row-tile partials of a block of columns.
+    """
+    pid = tl.program_id(0)
+    row_blocks = tl.cdiv(N, BLOCK)
+    if pid < row_blocks:
+        idx = pid * BLOCK + tl.arange(0, BLOCK)
+        imask = idx < N
+        lse, pos, _ = _merge_partials(rm_ptr, rl_ptr, rp_ptr, cc_ptr, idx, imask, N, TC, BLOCK, TB, False)
+        loss = lse - pos * 0.6931471805599453
+        tl.store(stats_ptr + idx, lse, mask=imask)
+        if STORE_LOSSES:
+            tl.store(rows_out_ptr + idx, loss, mask=imask)
+        tl.store(part_ptr + pid, tl.sum(tl.where(imask, loss, 0.0), 0) * coef_row)
+    else:
+        idx = (pid - row_blocks) * BLOCK + tl.arange(0, BLOCK)
+        imask = idx < M
+        lse, pos, cnt = _merge_partials(cm_ptr, cl_ptr, cp_ptr, cc_ptr, idx, imask, M, TR, BLOCK, TB, HAS_TGT)
+        if HAS_TGT:
+            loss = lse - pos * 0.6931471805599453 / tl.maximum(cnt, 1).to(tl.float32)
+            tl.store(cnt_ptr + idx, cnt, mask=imask)
+        else:
+            loss = lse - pos * 0.6931471805599453
+        tl.store(stats_ptr + N + idx, lse, mask=imask)
+        if STORE_LOSSES:
+            tl.store(cols_out_ptr + idx, loss, mask=imask)
+        tl.store(part_ptr + pid, tl.sum(tl.where(imask, loss, 0.0), 0) * coef_col)
