@@ -5,8 +5,8 @@
 1. a short sweep of the forward and backward tile shapes at N = 65,536 (bf16, d = 512), whose
    best shapes the rest of the run uses (written to DIR/sweep.json);
 2. ``batchlab bench sogclr --device cuda --check`` in this process: the float64-reference check of
-   every mode, dtype and extreme temperature (tiled and Triton), then SogCLR / iSogCLR Triton and
-   tiled against InfoNCE (auto) at N = 4,096 and 65,536;
+   every mode, dtype and extreme temperature (tiled and Triton), then SogCLR / iSogCLR Triton
+   against InfoNCE (auto) at N = 4,096 and 65,536 (median of 20);
 3. extra checks: Triton against tiled at N = 16,384 (several backward panels), the chunked column
    partials against one chunk, and one module step under ``set_sync_debug_mode("error")``.
 
@@ -182,7 +182,7 @@ def main() -> int:
     print(f"[{time.time() - t0:.0f} s] sweep done", flush=True)
     from batchlab.bench import sogclr as bench
 
-    methods = ["info_nce auto", "sogclr triton", "isogclr triton", "sogclr tiled"]
+    methods = ["info_nce auto", "sogclr triton", "isogclr triton"]
     argv = ["--device", str(device), "--sizes", "64,256" if dry else "4096,65536", "--dim", "32" if dry else "512",
             "--dtype", "bfloat16", "--repeats", "3" if dry else "20", "--out", args.out, "--methods", *methods]
     if not dry:

@@ -39,10 +39,14 @@ from batchlab.losses.triton import _sogclr_kernels as ks
 from batchlab.losses.triton._launch import addmm_f32_, interpreting, kernel_flags, operands, panel_rows, tile_shares
 
 #: Tile shapes of the forward (two softmaxes per tile) and backward kernels on the GPU; FLAT as
-#: in ``_launch.KERNEL_OPTIONS``. fp32 inputs halve the d chunk (``BD``).
+#: in ``_launch.KERNEL_OPTIONS``. fp32 inputs halve the d chunk (``BD``). Chosen by the sweep of
+#: ``tests/losses/gpu_check_sogclr.py`` on one H200 (N = 65,536, d = 512, bf16; forward alone
+#: 19.2 ms at 128 x 64 / 4 warps against 24.5 ms at 128 x 128 / 4 warps and 28.0 ms at 128 x 128 /
+#: 8 warps; forward + backward 42.3 ms with the backward at 4 warps against 46.6 ms at 8):
+#: ``benchmarks/results/sogclr-h200-triton/sweep.json``.
 CONFIGS: dict[str, dict[str, int]] = {
-    "fwd": dict(BM=128, BN=128, BD=64, num_warps=8, num_stages=3, TMA=1, FLAT=0),
-    "bwd": dict(BM=128, BN=128, BD=64, num_warps=8, num_stages=3, TMA=1),
+    "fwd": dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0),
+    "bwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1),
 }
 _INTERPRET = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, TMA=0)
 #: Bytes of column partials held at once (row blocks x columns x 8 B); above it the row blocks
