@@ -120,10 +120,17 @@ def rel(a, b):
 
 
 def check(family, n, d=512):
-    """Max relative error of the loss and the gradients against the fp32 reference."""
+    """Max relative error of the loss and the gradients against the fp32 reference; the batchlab
+    forward + backward runs under ``set_sync_debug_mode("error")`` (a host sync raises)."""
     q, k, s, b = leaves(n, d, seed=n + 1)
-    out = batchlab_step(family, q, k, s, b)()
-    loss = info_nce(q, k, s) if family == "info_nce" else siglip(q, k, s, b)
+    batchlab_step(family, q, k, s, b)()  # first use: compiles (may sync)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = batchlab_step(family, q, k, s, b)()
+        loss = info_nce(q, k, s) if family == "info_nce" else siglip(q, k, s, b)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
     ref_leaves = [x.detach().float().requires_grad_() for x in (q, k, s, b)]
     rq, rk, rs, rb = ref_leaves
     ref = info_nce(rq, rk, rs, impl="reference") if family == "info_nce" else siglip(rq, rk, rs, rb, impl="reference")
@@ -174,7 +181,7 @@ def part_forward(sizes=(4096, 8192, 16384)):
     """The CLIP forward's two kernels schemes: checked (tiled) and timed; sets the threshold."""
     rows = []
     _dense.TILED_STATS_MIN_LOGITS = 0
-    for n in (256, 4096):
+    for n in (256, 4096, 16384):
         loss_err, grad_err = check("info_nce", n)
         ok = loss_err < 1e-4 and grad_err < 2e-2
         rows.append(dict(part="check", forward="tiled", N=n, loss_err=loss_err, grad_err=grad_err, ok=ok))
