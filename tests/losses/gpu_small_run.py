@@ -314,7 +314,7 @@ def main() -> int:
     parser.add_argument("--skip", nargs="*", default=[], choices=["variants", "forward", "crossover", "profile",
                                                                   "bench", "check"])
     parser.add_argument("--late-parts-before", type=float, default=90.0,
-                        help="start the crossover and the profile only before this many seconds")
+                        help="start the GPU checks, the profile and the crossover only before this many seconds")
     args = parser.parse_args()
     best = "direct"
     if "variants" not in args.skip:
@@ -331,7 +331,7 @@ def main() -> int:
                     "open_clip", "--repeats", "30", "--out", str(OUT), "--tag=-small"])
         for png in OUT.glob("*.png"):  # redrawn from the JSON (--replot): at most 8 files come back
             png.unlink()
-    if "check" not in args.skip:
+    if "check" not in args.skip and time.time() - T0 < args.late_parts_before:
         say("gpu checks")
         sys.argv = ["gpu_check_overhead.py", "--quick", "--out", str(OUT)]
         from tests.losses import gpu_check_overhead
