@@ -1,22 +1,32 @@
-"""The small-batch path of ``impl="triton"``: few launches, no host synchronisation.
+"""The small-batch path of ``impl="triton"``: few launches, little host work, no host synchronisation.
 
-Below ``DENSE_MAX_LOGITS`` logits (N x M) the whole loss is a handful of kernels,
-registered as PyTorch custom ops (``torch.library``) with fake (meta) implementations
-and autograd formulas, so that ``torch.compile(fullgraph=True)`` traces them without
-graph breaks and CUDA graphs can capture them:
+Below ``DENSE_MAX_LOGITS`` logits (N x M) the whole loss is a handful of kernels. Eager calls
+go through one ``torch.autograd.Function`` per loss (:class:`_ClipDense`, :class:`_SiglipDense`)
+whose forward and backward call cuBLAS and the Triton kernels, each compiled kernel launched
+directly through its launcher after its first use (:class:`_Kernel`); under ``torch.compile``
+the same code runs as PyTorch custom ops (``torch.library``, with fake implementations and
+autograd formulas), so that ``fullgraph=True`` traces them without graph breaks. Both can be
+captured in CUDA graphs.
 
 ==========  ==================================================================  ========
 loss        forward + backward                                                  launches
 ==========  ==================================================================  ========
-CLIP        ``S = q @ k.T`` (cuBLAS, fp32) ; ``clip_lse_kernel`` ; sum of the     8
-            per-program partials || zero grad of the statistics ;
+CLIP        ``S = q @ k.T`` (cuBLAS, fp32) ; ``clip_lse_kernel`` (from             7
+            ``TILED_STATS_MIN_LOGITS``: ``clip_tile_stats_kernel`` ;
+            ``clip_combine_kernel``) ; sum of the per-program partials ||
             ``clip_grad_kernel`` (recomputes the tiles) ; sum ; ``G @ k`` ; ``G.T @ q``
 SigLIP      ``siglip_loss_kernel`` ; sum || ``siglip_grad_kernel`` ; sum ;         6
             ``G @ k`` ; ``G.T @ q``
 ==========  ==================================================================  ========
 
+(plus the upstream gradient autograd creates, and whatever extra kernels cuBLAS picks for a
+shape: the H200 run counted 8-10 for CLIP and 7-9 for SigLIP per call up to N = 16,384, 12 for
+CLIP at N = 16,384 and d = 768). Measured on an H200 (benchmarks/results/losses-h200-small/):
+0.43-0.81x open_clip's time at N = 256 ... 8,192 (host-bound: ~1 ms per call on that machine's
+CPU), 0.50-0.65x at 16,384.
+
 Memory: the fp32 (N, M) product of the CLIP forward (freed before the backward) and the
-(N, M) logit gradient in the inputs' dtype: at N = 8,192 256 MiB and 128 MiB (bf16),
+(N, M) logit gradient in the inputs' dtype: at N = 16,384 1 GiB and 0.5 GiB (bf16), half of
 what open_clip's own loss holds at that size.
 
 Covered: bf16/fp32 inputs, the diagonal or ``targets``, symmetric or one-way, every
@@ -50,13 +60,16 @@ _LSE_BLOCKS = (64, 128)
 _INTERPRET_LSE_BLOCKS = (16, 32)
 #: From this many logits on, the CLIP forward reads the fp32 product once, tile by tile
 #: (``clip_tile_stats_kernel`` on a 2-D grid, then ``clip_combine_kernel``: one launch more);
-#: below it one ``clip_lse_kernel`` sweeps it by rows and by columns (fewest launches, host-bound
-#: sizes). ``BATCHLAB_DENSE_TILED_MIN_LOGITS`` overrides it.
-TILED_STATS_MIN_LOGITS = int(os.environ.get("BATCHLAB_DENSE_TILED_MIN_LOGITS", 8192 * 8192))
+#: below it one ``clip_lse_kernel`` sweeps it by rows and by columns (fewest launches). Measured
+#: on an H200 (InfoNCE, d=512, bf16, forward + backward; benchmarks/results/losses-h200-small/):
+#: N=16,384 2.82 ms tiled vs 3.90 ms one kernel; N=8,192 1.34 vs 1.28 ms; 4,096 0.90 vs 0.98 ms
+#: (host-bound there). ``BATCHLAB_DENSE_TILED_MIN_LOGITS`` overrides it.
+TILED_STATS_MIN_LOGITS = int(os.environ.get("BATCHLAB_DENSE_TILED_MIN_LOGITS", 16384 * 16384))
 #: (tile rows, tile columns, merge block, partials per merge step) of the tiled forward, and the
-#: warps of its tile kernel.
-_TILED_BLOCKS = (128, 128, 128, 32)
-_TILED_WARPS = 8
+#: warps of its tile kernel: 64 x 128 with 4 warps measured 2.78 ms at N=16,384 against 3.09 ms
+#: (64 x 256, 8 warps) and 3.33 ms (128 x 128, 8 warps).
+_TILED_BLOCKS = (64, 128, 128, 32)
+_TILED_WARPS = 4
 _TILED_BLOCKS_INTERPRET = (16, 16, 16, 4)
 _REDUCTIONS = ("mean", "sum", "none")
 
