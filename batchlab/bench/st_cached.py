@@ -204,7 +204,7 @@ def errors(fn):
     """``fn()``, or ``{"error": ...}`` when it fails (out of memory, no kernel here): the run goes on."""
     try:
         return fn()
-    except (RuntimeError, ValueError, ImportError) as error:
+    except Exception as error:  # noqa: BLE001 - a failed cell (a kernel that does not compile) is recorded
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return {"error": f"{type(error).__name__}: {error}"[:400]}
@@ -306,8 +306,9 @@ class Run:
         return rows
 
     def tuned_variant(self, rows: list[dict]) -> str | None:
-        """The fastest rows/... variant within ST's loss-part peak (or without a peak, the fastest)."""
-        ok = [r for r in rows if r["batchlab"].startswith("rows/") and r["batchlab"].count("/") == 3
+        """The fastest of ``--impl`` and the rows/MiB/split/fused variants within ST's loss-part peak."""
+        ok = [r for r in rows if (r["batchlab"] == self.args.impl
+                                  or (r["batchlab"].startswith("rows/") and r["batchlab"].count("/") == 3))
               and r.get("batchlab_s")
               and (r["st_peak_bytes"] is None or r["batchlab_peak_bytes"] <= r["st_peak_bytes"])]
         return min(ok, key=lambda r: r["batchlab_s"])["batchlab"] if ok else None

@@ -154,6 +154,7 @@ class EmbeddingCache:
         self.progress = progress
         self._pending: list[tuple[Inputs, list[tuple[int, int, _RngState | None]]]] | None = None
         self._embeddings: list[torch.Tensor] | None = None
+        self._grads: list[torch.Tensor | None] | None = None  # after keep_gradients()
 
     def _chunks(self, tower: int, n: int) -> list[tuple[int, int]]:
         size = self.chunk_sizes[tower]
@@ -178,7 +179,7 @@ class EmbeddingCache:
                 f"inputs of tower {lengths.index(0)} have 0 rows (batch sizes per tower: {lengths}); "
                 "a contrastive step needs at least one example per tower: skip empty batches"
             )
-        self._pending, self._embeddings = [], []
+        self._pending, self._embeddings, self._grads = [], [], None
         with self._bar(sum(len(self._chunks(t, n)) for t, n in enumerate(lengths)), "encode (no grad)") as bar:
             for tower, (encoder, x, n) in enumerate(zip(self.encoders, inputs, lengths)):
                 parts, chunks = [], []
@@ -194,28 +195,45 @@ class EmbeddingCache:
         log.debug("encoded %s examples in %s chunks", lengths, sum(len(c) for _, c in self._pending))
         return list(self._embeddings)
 
-    def backward(self) -> None:
+    def keep_gradients(self) -> None:
+        """After the loss's backward: hold only the embeddings' gradients, not the embeddings.
+
+        :meth:`backward` needs nothing else, so once the caller drops its own references the
+        embeddings are freed before the re-encode (phase 3's peak memory is then that of the
+        gradients and one chunk's activations, as in sentence-transformers' cached losses).
+        """
+        if self._pending is None or self._embeddings is None:
+            raise BatchlabInputError("keep_gradients() comes after encode() and the loss's backward")
+        self._grads = [e.grad for e in self._embeddings]
+        self._embeddings = None
+
+    def backward(self, scale: torch.Tensor | float | None = None) -> None:
         """Phase 3: re-encode chunk by chunk with autograd and push the cached embedding gradients.
 
         Towers whose embeddings got no gradient (the loss ignored them) are skipped, and so
-        are frozen towers (their first re-encoded chunk needs no gradient).
+        are frozen towers (their first re-encoded chunk needs no gradient). ``scale``
+        multiplies the cached gradients first, in place (the upstream gradient of a loss
+        whose backward runs this phase: gradient accumulation, fp16 loss scaling).
         """
-        if self._pending is None or self._embeddings is None:
+        if self._pending is None or (self._embeddings is None and self._grads is None):
             raise BatchlabInputError("call encode() (and loss.backward()) before backward(), or use step()")
-        pending, embeddings = self._pending, self._embeddings
-        self._pending = self._embeddings = None
+        pending = self._pending
+        grads = self._grads if self._grads is not None else [e.grad for e in self._embeddings]
+        self._pending = self._embeddings = self._grads = None
         with self._bar(sum(len(c) for _, c in pending), "re-encode (grad)") as bar:
-            for encoder, (x, chunks), emb in zip(self.encoders, pending, embeddings):
-                if emb.grad is None:
+            for encoder, (x, chunks), grad in zip(self.encoders, pending, grads):
+                if grad is None:
                     bar.update(len(chunks))
                     continue
+                if scale is not None:
+                    grad.mul_(scale.to(grad.dtype) if isinstance(scale, torch.Tensor) else scale)
                 for done, (start, stop, state) in enumerate(chunks):
                     with state.replay() if state is not None else nullcontext():
                         out = _call(encoder, _take(x, start, stop))
                     if not out.requires_grad:  # a frozen tower (LiT's locked image tower): nothing to push
                         bar.update(len(chunks) - done)
                         break
-                    out.backward(emb.grad[start:stop].to(out.dtype))
+                    out.backward(grad[start:stop].to(out.dtype))
                     bar.update()
 
     def step(self, *inputs: Inputs, loss_fn: Callable[..., torch.Tensor]) -> torch.Tensor:

@@ -113,6 +113,34 @@ def test_bf16_loss_dtype(model):
     assert rel_err(flat[0], flat[1]) > 1e-6  # really computed in bf16
 
 
+def test_embeddings_freed_before_the_re_encode(model, monkeypatch):
+    """As in sentence-transformers, only the embeddings' gradients stay alive until the trainer's backward."""
+    import gc
+    import weakref
+
+    from batchlab.losses import EmbeddingCache
+
+    alive = []
+    encode = EmbeddingCache.encode
+
+    def recording(self, *inputs):
+        out = encode(self, *inputs)
+        alive.extend(weakref.ref(e) for e in out)
+        return out
+
+    monkeypatch.setattr(EmbeddingCache, "encode", recording)
+    features = columns(model, 5, 3)
+    model.zero_grad(set_to_none=True)
+    value = CachedMultipleNegativesRankingLoss(model, mini_batch_size=2, impl="rows")([dict(f) for f in features], None)
+    gc.collect()
+    assert len(alive) == 3 and all(ref() is None for ref in alive)
+    value.backward()  # the re-encode from the gradients alone
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    theirs = value_and_grads(st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=2), model, features)
+    assert_same((value.detach(), grads), theirs)
+    model.zero_grad(set_to_none=True)
+
+
 @pytest.mark.parametrize("impl", ["auto", "rows"])
 def test_backward_scaled_by_upstream_gradient(model, impl):
     """Gradient accumulation and loss scaling reach the re-encoded mini-batches."""

@@ -160,3 +160,30 @@ def test_frozen_tower_is_skipped(gen):
     assert all(p.grad is None for p in img.parameters())
     for got, want in zip(_params_grads([txt]), ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_keep_gradients_frees_the_embeddings_and_scale(gen):
+    """keep_gradients(): the embeddings can be freed before the re-encode; backward(scale=) scales the pushes."""
+    import gc
+    import weakref
+
+    img, txt, logit_scale, x_img, x_txt, loss_fn = _setup(gen)
+    torch.manual_seed(42)
+    _reference(img, txt, x_img, x_txt, loss_fn, 8)
+    ref_grads = _params_grads([img, txt])
+
+    _zero(img, txt, logit_scale)
+    torch.manual_seed(42)
+    cache = EmbeddingCache([img, txt], chunk_size=8)
+    embeddings = cache.encode(x_img, x_txt)
+    loss_fn(*embeddings).backward()
+    cache.keep_gradients()
+    alive = [weakref.ref(e) for e in embeddings]
+    del embeddings
+    gc.collect()
+    assert all(ref() is None for ref in alive)  # nothing but the caller held them
+    cache.backward(scale=torch.tensor(0.5))
+    for got, want in zip(_params_grads([img, txt]), ref_grads):
+        torch.testing.assert_close(got, 0.5 * want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(BatchlabInputError, match="keep_gradients"):
+        cache.keep_gradients()  # the step is over

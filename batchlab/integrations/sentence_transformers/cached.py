@@ -142,17 +142,16 @@ def gradient_cached(loss_module, sentence_features: Iterable[dict[str, Tensor]],
     if unused:
         raise BatchlabInputError(f"the loss did not use input column(s) {', '.join(unused)}; remove them from the dataset")
     replay.remaining = sum(-(-e.shape[0] // loss_module.mini_batch_size) for e in embeddings)
+    cache.keep_gradients()  # the embeddings die with this frame: the re-encode holds their gradients only
     loss = loss.detach().requires_grad_()
-    loss.register_hook(partial(_replay, cache=cache, embeddings=embeddings))
+    loss.register_hook(partial(_replay, cache=cache))
     return loss
 
 
-def _replay(grad_output: Tensor, *, cache: EmbeddingCache, embeddings: list[Tensor]) -> None:
+def _replay(grad_output: Tensor, *, cache: EmbeddingCache) -> None:
     """Phase 3, run by the trainer's backward: re-encode with the cached gradients times ``grad_output``."""
-    for e in embeddings:
-        e.grad.mul_(grad_output.to(e.grad.dtype))
     with torch.enable_grad():
-        cache.backward()
+        cache.backward(scale=grad_output)
 
 
 def joined(parts: list[Tensor]) -> Tensor:
@@ -239,9 +238,7 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
         """The loss of the whole batch (batchlab's, in one piece) from per-column lists of mini-batch embeddings."""
         embeddings = [joined(r) for r in reps]
         if self.uses_row_blocks(embeddings):
-            docs = [cosine_rows(e) for e in embeddings[1:]]
-            keys = docs[0] if len(docs) == 1 else torch.cat(docs)
-            loss = row_block_info_nce(cosine_rows(embeddings[0]), keys, self.scale, config=self.row_blocks)
+            loss = self._row_block_loss(embeddings)
         else:
             if self.loss_dtype is not None:
                 embeddings = [cosine_rows(e).to(self.loss_dtype) for e in embeddings]
@@ -250,6 +247,12 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
             loss.backward()
             loss = loss.detach()
         return loss
+
+    def _row_block_loss(self, embeddings: list[Tensor]) -> Tensor:
+        """The row-block pass on unit rows (a function of its own: the unit copies die before the backward)."""
+        docs = [cosine_rows(e) for e in embeddings[1:]]
+        keys = docs[0] if len(docs) == 1 else torch.cat(docs)
+        return row_block_info_nce(cosine_rows(embeddings[0]), keys, self.scale, config=self.row_blocks)
 
     def forward(self, sentence_features: Iterable[dict[str, Tensor]], labels: Tensor | None) -> Tensor:
         return gradient_cached(self, sentence_features, labels)
