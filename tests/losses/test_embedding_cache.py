@@ -54,6 +54,18 @@ def _reference(img, txt, x_img, x_txt, loss_fn, chunk):
     return loss.detach()
 
 
+def _reference_grads(gen):
+    """The towers, inputs and loss, the reference's parameter gradients (chunks of 8, seed 42), then
+    the gradients cleared and the seed set again for the cached run."""
+    img, txt, logit_scale, x_img, x_txt, loss_fn = _setup(gen)
+    torch.manual_seed(42)
+    _reference(img, txt, x_img, x_txt, loss_fn, 8)
+    ref_grads = _params_grads([img, txt])
+    _zero(img, txt, logit_scale)
+    torch.manual_seed(42)
+    return img, txt, x_img, x_txt, loss_fn, ref_grads
+
+
 def test_same_gradients_as_one_backward_with_dropout(gen):
     img, txt, logit_scale, x_img, x_txt, loss_fn = _setup(gen)
     torch.manual_seed(42)
@@ -74,12 +86,7 @@ def test_same_gradients_as_one_backward_with_dropout(gen):
 
 def test_without_rng_restore_dropout_differs(gen):
     """The RNG replay matters: without it the re-encoded dropout masks differ (this test can fail)."""
-    img, txt, logit_scale, x_img, x_txt, loss_fn = _setup(gen)
-    torch.manual_seed(42)
-    _reference(img, txt, x_img, x_txt, loss_fn, 8)
-    ref_grads = _params_grads([img, txt])
-    _zero(img, txt, logit_scale)
-    torch.manual_seed(42)
+    img, txt, x_img, x_txt, loss_fn, ref_grads = _reference_grads(gen)
     cached_step([img, txt], [x_img, x_txt], loss_fn, chunk_size=8, restore_rng=False)
     assert any(not torch.allclose(g, r, rtol=1e-3, atol=1e-5) for g, r in zip(_params_grads([img, txt]), ref_grads))
 
@@ -167,13 +174,7 @@ def test_keep_gradients_frees_the_embeddings_and_scale(gen):
     import gc
     import weakref
 
-    img, txt, logit_scale, x_img, x_txt, loss_fn = _setup(gen)
-    torch.manual_seed(42)
-    _reference(img, txt, x_img, x_txt, loss_fn, 8)
-    ref_grads = _params_grads([img, txt])
-
-    _zero(img, txt, logit_scale)
-    torch.manual_seed(42)
+    img, txt, x_img, x_txt, loss_fn, ref_grads = _reference_grads(gen)
     cache = EmbeddingCache([img, txt], chunk_size=8)
     embeddings = cache.encode(x_img, x_txt)
     loss_fn(*embeddings).backward()
