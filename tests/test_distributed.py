@@ -272,3 +272,17 @@ def _auto_choice_on_rank(rank, world):
 def test_auto_strategy_choice_on_cpu():
     chosen = run_on_ranks(_auto_choice_on_rank)[0]
     assert chosen == ["allgather", "allgather", "allgather"]
+
+
+def test_ring_pairs_of_the_diagonal_read_no_values(monkeypatch):
+    """Diagonal positives: the ring builds its pairs from shapes alone (no bincount, no host sync)."""
+    from batchlab.losses.distributed import strategies
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("counted the targets of the diagonal")
+
+    monkeypatch.setattr(torch, "bincount", refuse)
+    q, k = torch.randn(3, 4), torch.randn(3, 4)
+    pairs, rows, cols = strategies._ring_pairs(q, k, None, None, None, [3, 2], 1, None, True)
+    assert torch.equal(pairs.targets, torch.arange(5)) and torch.equal(rows, torch.ones(3))
+    assert torch.equal(cols, torch.ones(3))  # (targets are still counted and checked: the tests above)

@@ -145,3 +145,16 @@ def test_direct_launch_reuses_the_compiled_kernel_per_specialisation(monkeypatch
     monkeypatch.setattr(_dense, "DIRECT_LAUNCH", False)
     kernel((3,), (x, 10, 0.5), consts)
     assert fake.calls[-1][0] == "jit"
+
+
+def test_backward_config_is_cached_until_the_sweep_replaces_it(monkeypatch):
+    from batchlab.losses.triton import _launch
+
+    monkeypatch.setattr(_dense, "_INTERPRET", False)
+    monkeypatch.setattr(_launch, "interpreting", lambda: False)
+    monkeypatch.setattr(_dense, "_FLAGS", {})
+    q = torch.empty(4, 256, dtype=torch.bfloat16)
+    first = _dense._grad_flags_cached(q)
+    assert _dense._grad_flags_cached(q) is first  # no recomputation per call
+    monkeypatch.setitem(_launch.CONFIGS, "bwd", dict(_launch.CONFIGS["bwd"], BM=64))  # what the sweep does
+    assert _dense._grad_flags_cached(q)["BM"] == 64
