@@ -23,7 +23,9 @@ sentence-transformers' do.
 ``RowBlocks(products="3xtf32")`` (opt-in) makes every product from three TF32 tensor-core
 products of split operands (``x = hi + lo``, ``hi`` with TF32's 10 mantissa bits:
 ``hi.hi + hi.lo + lo.hi``), which keeps about 21 of fp32's 24 bits (the dropped ``lo.lo`` and
-TF32's rounding of ``lo``) whatever the global setting: close to fp32, not IEEE fp32.
+TF32's rounding of ``lo``) whatever the global setting: close to fp32, not IEEE fp32 (measured
+on an H200 at 65,536 pairs: embedding gradients within 5.5e-5 of IEEE fp32, where the default
+strict path is within 1.7e-6; 1.28x faster; benchmarks/results/st-cached-h200-v2).
 
 The loss and both gradients come out of the forward (the cached loss backpropagates at
 once); ``backward`` scales them by the incoming gradient. Without grad mode only the
