@@ -24,7 +24,7 @@ BENCHMARKS = {
     "mining": "hard-negative mining at scale (exact and approximate indexes)",
     "ot": "mini-batch optimal-transport couplings against scipy and POT",
     "jest": "joint example selection cost and quality",
-    "sogclr": "SogCLR / iSogCLR cost per step against InfoNCE (and --check: tiled vs reference on the device)",
+    "sogclr": "SogCLR / iSogCLR cost per step against InfoNCE (and --check: tiled and Triton vs the float64 reference on the device)",
     "distributed": "ring and all-gather losses across processes",
     "st-cached": "Cached MNRL: sentence-transformers' own against batchlab's (step, loss part, peak memory)",
     "quality": "fine-tune a pretrained encoder with each batch construction, seed-paired against random-64",

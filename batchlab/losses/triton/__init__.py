@@ -2,7 +2,7 @@
 
 Importing this package imports Triton (an ImportError when it is missing tells the
 dispatcher to fall back) and registers the implementations of ``info_nce``,
-``siglip`` and ``dcl``. Use the public functions in :mod:`batchlab.losses` with
+``siglip``, ``dcl`` and ``sogclr``. Use the public functions in :mod:`batchlab.losses` with
 ``impl="triton"``, or the thin wrappers here:
 
 >>> from batchlab.losses.triton import triton_available  # doctest: +SKIP
@@ -28,6 +28,7 @@ import torch
 import triton  # noqa: F401  (ImportError here means: no Triton backend)
 
 from batchlab.losses.triton import _impl  # noqa: F401  (registers the implementations)
+from batchlab.losses.triton import _sogclr  # noqa: F401  (registers sogclr's, so available_impls lists them)
 
 
 def triton_available(device: torch.device | str) -> bool:
