@@ -64,16 +64,20 @@ def _ddp_cached(rank, model):
 
     ddp = DistributedDataParallel(model, find_unused_parameters=True)  # BERT's pooler is unused
     features = columns(model, 5, 2, shift=3 * rank)
-    results = []
-    for make in (st_losses.CachedMultipleNegativesRankingLoss, ours.CachedMultipleNegativesRankingLoss):
-        loss = make(model, mini_batch_size=2, gather_across_devices=True)
-        loss.model = ddp  # what SentenceTransformerTrainer.override_model_in_loss does
-        results.append(value_and_grads(loss, model, features))
-    try:
-        assert_same(results[1], results[0])
-    except AssertionError as exc:
-        return [f"DDP cached: {exc}"]
-    return []
+    failures = []
+    # gathered; and local rows on the row-block pass (impl="rows", the CUDA default), DDP syncing the gradients
+    for gather, options in ((True, {}), (False, {"impl": "rows"})):
+        results = []
+        for make, extra in ((st_losses.CachedMultipleNegativesRankingLoss, {}),
+                            (ours.CachedMultipleNegativesRankingLoss, options)):
+            loss = make(model, mini_batch_size=2, gather_across_devices=gather, **extra)
+            loss.model = ddp  # what SentenceTransformerTrainer.override_model_in_loss does
+            results.append(value_and_grads(loss, model, features))
+        try:
+            assert_same(results[1], results[0])
+        except AssertionError as exc:
+            failures.append(f"DDP cached, gather={gather} {options}: {exc}")
+    return failures
 
 
 @pytest.mark.distributed
