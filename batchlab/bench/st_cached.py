@@ -21,8 +21,9 @@ under the same setting:
   peak memory and the relative difference of the parameter gradients;
 * **peak memory** of each, above what was allocated before it (CUDA).
 
-With ``--tune`` the step's batchlab loss takes the fastest ``rows/MiB/split/fused`` variant
-(products as the precision setting says) whose loss-part peak is at most sentence-transformers' (the JSON records which); otherwise
+With ``--tune`` the step's batchlab loss takes the fastest of ``--impl`` and the
+``rows/MiB/split/fused`` variants (products as the precision setting says) whose loss-part
+peak is at most sentence-transformers' (the JSON records which); otherwise
 its ``RowBlocks`` default. ``--time-limit`` skips the stages that would start after it
 (the JSON, rewritten after every stage, says which ran).
 
@@ -395,7 +396,8 @@ def print_tables(run: Run) -> None:
     print("training step:")
     print(format_table([{"precision": s["precision"], "batchlab": s["batchlab_variant"],
                          "ST (s)": s["sentence-transformers"].get("s"), "batchlab (s)": s["batchlab"].get("s"),
-                         "ratio": s.get("step_ratio"), "ST peak (GiB)": gib(s["sentence-transformers"].get("peak_bytes")),
+                         "ratio": s.get("step_ratio"),
+                         "ST peak (GiB)": gib(s["sentence-transformers"].get("peak_bytes")),
                          "batchlab peak (GiB)": gib(s["batchlab"].get("peak_bytes")), "peak ratio": s.get("peak_ratio"),
                          "loss diff": s.get("loss_rel_diff"), "grad diff": s.get("grad_rel_diff"),
                          "error": s["sentence-transformers"].get("error") or s["batchlab"].get("error")}

@@ -18,9 +18,12 @@ mini-batches) is not supported: ``EmbeddingCache`` cuts fixed-size chunks.
 computes the loss phase in one pass over full-width row blocks (:mod:`._rows`: three
 matrix products per logit, loss and gradients together) on CUDA (``impl="auto"``) or
 wherever ``impl="rows"`` asks (``row_blocks=RowBlocks(...)`` tunes it; ``products="3xtf32"``
-opts in to TF32 tensor-core products that keep about 21 of fp32's 24 bits); every other
-configuration goes through batchlab's ``info_nce`` with ``impl``. ``loss_dtype=torch.bfloat16`` (opt-in) computes the loss phase
-on bf16 unit embeddings (batchlab's Triton kernels on CUDA): faster, not fp32-exact.
+opts in to TF32 tensor-core products, close to fp32 but not IEEE fp32); every other
+configuration goes through batchlab's ``info_nce`` with ``impl``. ``loss_dtype=torch.bfloat16``
+(opt-in) computes the loss phase on bf16 unit embeddings (batchlab's Triton kernels on CUDA):
+faster, not fp32-exact. Measured on an H200 at 65,536 pairs (docs/sentence_transformers.md):
+the default pass 4.3x sentence-transformers' loss phase in IEEE fp32, 15x in TF32; bf16 35x
+with gradients within 1e-2 of fp32; 3xTF32 5.5x within 5.5e-5.
 
 Example
 -------
