@@ -99,9 +99,15 @@ def _grad_flags(q: torch.Tensor, cfg: dict) -> dict:
 #: Eager calls go through :class:`_ClipDense` / :class:`_SiglipDense` (autograd functions); the
 #: custom ops (what torch.compile traces) cost more host time per call. False: custom ops always.
 EAGER_FUNCTION = os.environ.get("BATCHLAB_DENSE_EAGER_FUNCTION", "1") != "0"
+#: Triton releases whose compiled-kernel launcher (``CompiledKernel.run``'s argument order) the
+#: direct launch below was checked against on a GPU; that launcher is Triton-internal and can change.
+DIRECT_LAUNCH_TRITON = ("3.6",)
 #: Launch the compiled kernels directly (``BATCHLAB_TRITON_DIRECT_LAUNCH=0``: through Triton's
-#: ``kernel[grid](...)`` every time). Never under the interpreter.
-DIRECT_LAUNCH = os.environ.get("BATCHLAB_TRITON_DIRECT_LAUNCH", "1") != "0"
+#: ``kernel[grid](...)`` every time; ``=1``: also on an unchecked Triton). Never under the interpreter.
+DIRECT_LAUNCH = os.environ.get(
+    "BATCHLAB_TRITON_DIRECT_LAUNCH",
+    "1" if triton.__version__.startswith(tuple(v + "." for v in DIRECT_LAUNCH_TRITON)) else "0",
+) != "0"
 
 
 #: Whether the kernels run in Triton's interpreter: decided when they were defined (``triton.jit``
