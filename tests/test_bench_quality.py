@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -92,3 +93,35 @@ def test_bench_quality_cpu(tmp_path, capsys):
     assert "wrote" in capsys.readouterr().out
     assert main(["bench", "quality", "--model", "tiny", "--data", str(tmp_path / "data"), "--datasets", "toy",
                  "--arms", "random-8", "bogus-8", "--out", str(tmp_path / "bad")]) == 2
+
+
+def test_merge_combines_seeds_run_in_separate_calls(tmp_path, capsys):
+    """Seeds 0-1 with one extra arm, then seeds 2-3 without it: one study, each claim paired on the common seeds."""
+    from batchlab.cli import main
+
+    pairs = make_pairs(40, seed=4)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "toy.json").write_text(json.dumps({"train": pairs[:24], "test": pairs[24:], "source": {}}))
+    common = ["--model", "tiny", "--data", str(tmp_path / "data"), "--datasets", "toy", "--baseline", "random-8",
+              "--steps", "2", "--lr", "1e-3", "--no-progress"]
+    assert main(["bench", "quality", *common, "--arms", "random-8", "community-8", "mochi-8", "--seeds", "2",
+                 "--out", str(tmp_path / "a")]) == 0
+    assert main(["bench", "quality", *common, "--arms", "random-8", "community-8", "--seed", "2", "--seeds", "2",
+                 "--out", str(tmp_path / "b")]) == 0
+    files = [str(tmp_path / x / "quality.json") for x in ("a", "b")]
+    assert main(["bench", "quality", "--merge", *files, "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "quality.json").read_text())
+    summary = merged["summary"]["toy"]
+    assert summary["community-8"]["seeds"] == 4 and summary["mochi-8"]["seeds"] == 2
+    mochi = summary["mochi-8"]["ndcg@10_vs_random-8"]
+    assert mochi["basis"] == "paired by seed" and mochi["seeds"] == [0, 1]
+    claims = {c["better"]: c for c in merged["claims"]["toy"]}
+    assert claims["community-8"]["seeds"] == [0, 1, 2, 3] and claims["mochi-8"]["seeds"] == [0, 1]
+    assert (tmp_path / "m" / "quality-toy.png").stat().st_size > 0
+    # the same runs twice, or another study, are refused
+    assert main(["bench", "quality", "--merge", files[0], files[0], "--out", str(tmp_path / "x")]) == 2
+    other = json.loads(Path(files[1]).read_text())
+    other["settings"]["steps"] = 3
+    Path(tmp_path / "other.json").write_text(json.dumps(other))
+    assert main(["bench", "quality", "--merge", files[0], str(tmp_path / "other.json"), "--out", str(tmp_path / "y")]) == 2
+    assert "another study" in capsys.readouterr().err

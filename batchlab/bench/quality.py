@@ -142,6 +142,9 @@ def add_arguments(parser) -> None:
                              "(default: st-mined-<baseline batch>, sentence-transformers' recipe)")
     parser.add_argument("--time-budget", type=float, default=None,
                         help="seconds: start no new seed that the time per seed so far says would end past this")
+    parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                        help="combine the runs of several quality.json files of the same study (e.g. seeds run in "
+                             "separate calls) into --out: summary, claims and plots recomputed; nothing is trained")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="results/bench/quality")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
@@ -245,7 +248,10 @@ def summarise(runs: list[dict[str, Any]], baseline: str) -> dict[str, Any]:
             entry[metric] = statistics.fmean(values)
             entry[f"{metric}_sd"] = statistics.stdev(values) if len(values) > 1 else None
             if arm != baseline and baseline in by:
-                entry[f"{metric}_vs_{baseline}"] = paired_difference(by[arm][metric], by[baseline][metric]).to_dict()
+                mine = by[arm][metric]  # paired on the seeds both ran (an arm may have fewer seeds than the baseline)
+                base = {seed: v for seed, v in by[baseline][metric].items() if seed in mine}
+                if base:
+                    entry[f"{metric}_vs_{baseline}"] = paired_difference(mine, base).to_dict()
         summary[arm] = entry
     return summary
 
@@ -296,7 +302,10 @@ def targets(runs: list[dict[str, Any]], summary: dict[str, Any], baseline: str,
             claims.append(Claim(best, reference, f"best same-steps arm ({best}) beats sentence-transformers' recipe "
                                 f"({reference}) by >= +0.02 on every seed (same steps, not same wall time)", METRIC))
             selected.add(claims[-1].text)
-    checks = claim_checks(runs, [], claims=claims, metric=METRIC)
+    checks = []
+    for claim in claims:  # each claim paired on the seeds both of its arms ran
+        seeds = ({r["seed"] for r in runs if r["arm"] == claim.better} & {r["seed"] for r in runs if r["arm"] == claim.worse})
+        checks += claim_checks([r for r in runs if r["seed"] in seeds], [], claims=[claim], metric=METRIC)
     checks += jest_checks(runs)
     for check in checks:
         check["target_+0.02_every_seed"] = (check["verdict"] == "held" and check["difference"] >= 0.02
@@ -332,7 +341,8 @@ def jest_checks(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def plot(path: Path, dataset: str, summary: dict[str, Any], baseline: str, title: str) -> Path:
-    """Left: mean nDCG@10 (sd over seeds); right: paired difference from the baseline (2 SE)."""
+    """Left: mean nDCG@10 (sd over seeds); right: paired difference from the baseline (2 SE). The scratch
+    learners (another model, for JEST's check) are left out."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -340,14 +350,15 @@ def plot(path: Path, dataset: str, summary: dict[str, Any], baseline: str, title
 
     from batchlab.bench._common import save_figure
 
-    arms = list(summary)
+    arms = [a for a in summary if "scratch" not in a]  # the scratch learners are another model (JEST's check)
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 0.42 * len(arms) + 1.6), sharey=True)
     y = list(range(len(arms)))[::-1]
     left.barh(y, [summary[a][METRIC] for a in arms], xerr=[summary[a][f"{METRIC}_sd"] or 0 for a in arms],
               color=["tab:gray" if a == "zero-shot" else "tab:blue" for a in arms])
     low = min(summary[a][METRIC] for a in arms)
     left.set_xlim(max(0.0, low - 0.05), max(summary[a][METRIC] for a in arms) + 0.02)
-    left.set_yticks(y, arms)
+    most = max(summary[a]["seeds"] for a in arms)
+    left.set_yticks(y, [a if summary[a]["seeds"] == most else f"{a} ({summary[a]['seeds']} seeds)" for a in arms])
     left.set_xlabel(f"held-out {METRIC} (mean, sd over seeds)")
     key = f"{METRIC}_vs_{baseline}"
     diffs = [summary[a][key]["difference"] if key in summary[a] else 0.0 for a in arms]
@@ -376,15 +387,49 @@ def _write(out: Path, payload: dict[str, Any]) -> Path:
 def _format(summary: dict[str, Any], baseline: str) -> str:
     from batchlab.recipes.finetune import METRICS
 
-    head = ["arm", *METRICS, f"d{METRIC} vs {baseline} (SE) wins", "steps", "pairs seen", "wall s"]
+    head = ["arm", "seeds", *METRICS, f"d{METRIC} vs {baseline} (SE) wins", "steps", "pairs seen", "wall s"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
     for arm, s in summary.items():
         d = s.get(f"{METRIC}_vs_{baseline}")
         diff = "-" if d is None else (f"{d['difference']:+.4f} ({d['standard_error']:.4f}) {d['wins']}/{len(d['seeds'])}"
                                       if d["standard_error"] is not None else f"{d['difference']:+.4f} (1 seed)")
-        cells = [arm, *(f"{s[m]:.4f}" for m in METRICS), diff, str(s["steps"]), str(s["examples"]), f"{s['wall_seconds']:.1f}"]
+        cells = [arm, str(s["seeds"]), *(f"{s[m]:.4f}" for m in METRICS), diff, str(s["steps"]), str(s["examples"]),
+                 f"{s['wall_seconds']:.1f}"]
         lines.append(" | ".join(cells))
     return "\n".join("| " + line + " |" for line in lines)
+
+
+_SAME_STUDY = ("steps", "lr", "max_seq_length", "precision", "baseline", "order_seed_offset", "cache_chunk", "model", "scratch_lr")
+
+
+def merge(paths: list[str | os.PathLike], args) -> dict[str, Any]:
+    """One study from several ``quality.json`` files: their runs (each (dataset, arm, seed) once), with the
+    summary, claims and plots recomputed into ``args.out``. The files must share the study's settings
+    (:data:`_SAME_STUDY`) and datasets."""
+    from batchlab.errors import BatchlabInputError
+
+    parts = [json.loads(Path(p).read_text()) for p in paths]
+    first = parts[0]
+    for path, part in zip(paths[1:], parts[1:]):
+        changed = [k for k in _SAME_STUDY if part["settings"].get(k) != first["settings"].get(k)]
+        if changed or part["datasets"] != first["datasets"]:
+            raise BatchlabInputError(f"{path} is another study than {paths[0]}: {', '.join(changed) or 'datasets'} differ")
+    runs, seen = [], set()
+    for path, part in zip(paths, parts):
+        for r in part["runs"]:
+            key = (r["dataset"], r["arm"], r["seed"])
+            if key in seen:
+                raise BatchlabInputError(f"{path}: run {key} is in two of the files")
+            seen.add(key)
+            runs.append(r)
+    payload = {**first, "runs": runs, "summary": {}, "claims": {}, "merged_from": [str(p) for p in paths],
+               "seeds_done": len({r["seed"] for r in runs}), "commands": [p["command"] for p in parts],
+               "study_seconds_per_file": [p.get("study_seconds") for p in parts],
+               "warmup_seconds_per_file": [p.get("warmup_seconds") for p in parts]}
+    args.baseline, args.wall_reference = first["settings"]["baseline"], first["settings"].get("wall_reference")
+    args.model, args.steps = first["settings"]["model"], first["settings"]["steps"]
+    _finish(payload, args, Path(args.out))
+    return payload
 
 
 def run(args) -> int:
@@ -394,6 +439,16 @@ def run(args) -> int:
     from batchlab.recipes.finetune import finetune
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    if args.merge:
+        from batchlab.errors import BatchlabInputError
+
+        try:
+            payload = merge(args.merge, args)
+        except BatchlabInputError as error:
+            print(f"batchlab bench quality: {error}", file=sys.stderr)
+            return 2
+        _print_results(payload, args)
+        return 0
     began = time.perf_counter()
     out = Path(args.out)
     base_batch = int(_ARM.match(args.baseline)["batch"]) if _ARM.match(args.baseline) else 64
@@ -436,10 +491,16 @@ def run(args) -> int:
     if str(args.device).startswith("cuda"):  # compile kernels and warm the allocator outside the timed runs
         warm = time.perf_counter()
         first = next(iter(data.values()))
+        seen: set[str] = set()
         for arm, kw in settings.items():
             if kw is None or kw.get("learner") == "scratch":
                 continue
             kw = {k: v for k, v in kw.items() if k != "time_budget"}
+            # one arm per kind of step (batch shape, loss, selector, extra negatives); samplers need no warm-up
+            key = repr(sorted((k, v) for k, v in kw.items() if k not in ("sampler", "teacher", "steps")))
+            if key in seen:
+                continue
+            seen.add(key)
             began_arm = time.perf_counter()
             try:
                 finetune(models.initial(args.seed), first["train"], None, **{**kw, "steps": 2}, lr=args.lr,
@@ -509,7 +570,16 @@ def run(args) -> int:
         _finish(payload, args, out)
     payload["study_seconds"] = time.perf_counter() - began
     _finish(payload, args, out)
-    for name in data:
+    _print_results(payload, args)
+    print(f"\nstudy wall time {payload['study_seconds']:.0f}s (data loading, warm-up, training, evaluation)")
+    return 0
+
+
+def _print_results(payload: dict[str, Any], args) -> None:
+    out = Path(args.out)
+    for name in payload["datasets"]:
+        if name not in payload["summary"]:
+            continue
         print(f"\n{name} ({payload['datasets'][name]['train_pairs']} train / {payload['datasets'][name]['test_pairs']} "
               f"test pairs, {payload['seeds_done']} seeds)")
         print(_format(payload["summary"][name], args.baseline))
@@ -525,9 +595,7 @@ def run(args) -> int:
                 if check["selected_on_test"]:
                     tags.append("arm chosen on the test split")
                 print("  " + format_check(check) + "".join(f"  [{t}]" for t in tags))
-    print(f"\nstudy wall time {payload['study_seconds']:.0f}s (data loading, warm-up, training, evaluation)")
-    print(f"\nwrote {out / 'quality.json'} and {', '.join(str(out / f'quality-{n}.png') for n in data)}")
-    return 0
+    print(f"\nwrote {out / 'quality.json'} and {', '.join(str(out / f'quality-{n}.png') for n in payload['summary'])}")
 
 
 def _finish(payload: dict[str, Any], args, out: Path) -> None:
@@ -537,7 +605,9 @@ def _finish(payload: dict[str, Any], args, out: Path) -> None:
             continue
         payload["summary"][name] = summarise(runs, args.baseline)
         payload["claims"][name] = targets(runs, payload["summary"][name], args.baseline, args.wall_reference)
-        title = f"{args.model}, {args.steps} steps, {payload['seeds_done']} seeds, {payload['device_name']}"
+        counts = sorted({entry["seeds"] for entry in payload["summary"][name].values()})
+        seeds = f"{counts[0]} seeds" if len(counts) == 1 else f"{counts[0]}-{counts[-1]} seeds per arm"
+        title = f"{Path(str(args.model)).name}, {args.steps} steps, {seeds}, {payload['device_name']}"
         plot(out / f"quality-{name}.png", name, payload["summary"][name], args.baseline, title)
     _write(out, payload)
 
