@@ -76,6 +76,9 @@ def test_bench_quality_cpu(tmp_path, capsys):
     assert diff["basis"] == "paired by seed" and len(diff["seeds"]) == 3 and diff["standard_error"] is not None
     claims = {c["better"]: c for c in result["claims"]["toy"]}
     assert claims["community-8-self"]["verdict"] is not None  # 3 seeds: a verdict
+    per_seed = claims["community-8-self"]["per_seed"]
+    assert sorted(per_seed) == ["0", "1", "2"]
+    assert sum(per_seed.values()) / 3 == pytest.approx(claims["community-8-self"]["difference"])
     assert "st-mined-8" in {c["worse"] for c in result["claims"]["toy"]}
     by_claim = {c["claim"]: c for c in result["claims"]["toy"]}
     for arm in ("isogclr-8", "sogclr-8", "colm-8"):

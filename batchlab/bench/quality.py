@@ -306,6 +306,9 @@ def targets(runs: list[dict[str, Any]], summary: dict[str, Any], baseline: str,
     for claim in claims:  # each claim paired on the seeds both of its arms ran
         seeds = ({r["seed"] for r in runs if r["arm"] == claim.better} & {r["seed"] for r in runs if r["arm"] == claim.worse})
         checks += claim_checks([r for r in runs if r["seed"] in seeds], [], claims=[claim], metric=METRIC)
+    value = {(r["arm"], r["seed"]): r["metrics"][METRIC] for r in runs}
+    for check in checks:  # each seed's own paired difference, beside the mean and its SE
+        check["per_seed"] = {seed: value[(check["better"], seed)] - value[(check["worse"], seed)] for seed in check["seeds"]}
     checks += jest_checks(runs)
     for check in checks:
         check["target_+0.02_every_seed"] = (check["verdict"] == "held" and check["difference"] >= 0.02
