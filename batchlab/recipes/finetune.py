@@ -259,7 +259,7 @@ class TokenTable:
 
 
 _TABLES: "OrderedDict[tuple, tuple[tuple[str, ...], TokenTable]]" = OrderedDict()
-_TABLES_KEPT = 8
+_TABLES_KEPT = 16  # a study holds train and test, both sides, for the encoder and a scratch learner per dataset
 
 
 def token_table(model, texts: Sequence[str], device: torch.device) -> TokenTable:
