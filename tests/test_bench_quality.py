@@ -28,6 +28,10 @@ def test_arm_names():
     assert arm_settings("isogclr-64", steps=10, base_batch=64)["loss"] == "isogclr"
     assert arm_settings("colm-64", steps=10, base_batch=64)["coreset"] == 0.75
     assert arm_settings("mochi-64", steps=10, base_batch=64)["mochi"] is True
+    assert arm_settings("dcl-64", steps=10, base_batch=64)["loss"] == "dcl"
+    assert arm_settings("sogclr-nogamma-64", steps=10, base_batch=64)["loss_options"] == {"gamma": 1.0}
+    assert arm_settings("sogclr-rescaled-64", steps=10, base_batch=64)["loss_options"] == {"rescale": True}
+    assert arm_settings("mochi-noquery-64", steps=10, base_batch=64)["mochi"] == {"mix_query": 0}
     wall = arm_settings("community-1024-cached-same-wall", steps=10, base_batch=64)
     assert wall["time_budget"] == "same-wall" and wall["sampler"] == "community" and wall["steps"] == 80
     for bad in ("random-64-self", "bogus-64", "random", "random-64-same-examples-same-wall"):

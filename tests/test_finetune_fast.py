@@ -21,6 +21,7 @@ from batchlab.recipes.finetune import (  # noqa: E402
     finetune,
     ir_metrics,
     load_model,
+    make_batch_loss,
     mochi_negatives,
     retrieval_metrics_from_tables,
     sentence_encoder,
@@ -208,6 +209,85 @@ def test_isogclr_learns_temperatures_that_change_revisited_examples(tiny_path, t
     resumed = finetune(tiny_path, TRAIN, None, loss="isogclr", resume=tmp_path / "iso" / "checkpoints" / "step-4", **kw)
     a, b = weights(iso.model), weights(resumed.model)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- the SogCLR ablation: DCL, gamma = 1, rescaled ------------------------------------------------
+def _grads(batch_loss, q0, k0, ids):
+    q, k = q0.clone().requires_grad_(True), k0.clone().requires_grad_(True)
+    value = batch_loss(F.normalize(q, dim=1), F.normalize(k, dim=1), None, ids, None, None)
+    value.backward()
+    return value.detach(), q.grad, k.grad
+
+
+@pytest.mark.parametrize("extra_keys", [0, 3])
+def test_recipe_dcl_is_infonce_without_the_positive(extra_keys):
+    torch.manual_seed(0)
+    q0, k0 = torch.randn(6, 8, dtype=torch.float64), torch.randn(6 + extra_keys, 8, dtype=torch.float64)
+    fn, state = make_batch_loss("dcl", scale=20.0, num_examples=6)
+    value, gq, gk = _grads(fn, q0, k0, torch.arange(6))
+    q, k = q0.clone().requires_grad_(True), k0.clone().requires_grad_(True)
+    logits = 20.0 * F.normalize(q, dim=1) @ F.normalize(k, dim=1).T
+    pos = logits.diagonal()
+    negatives = logits.masked_fill(torch.eye(6, 6 + extra_keys, dtype=torch.bool), float("-inf"))
+    (torch.logsumexp(negatives, 1) - pos).mean().backward()
+    assert state is None
+    torch.testing.assert_close(gq, q.grad)
+    torch.testing.assert_close(gk, k.grad)
+
+
+@pytest.mark.parametrize("extra_keys", [0, 3])
+def test_recipe_sogclr_gradient_is_tau_times_dcl_with_gamma_one(extra_keys):
+    """The recipe's SogCLR (one-way, tau = 1/scale) against its DCL, on two visits of the same ids:
+    gamma = 1 gives tau x DCL's gradient on both, ``rescale`` DCL's own; gamma 0.9 departs on the revisit."""
+    torch.manual_seed(1)
+    scale, n, ids = 20.0, 6, torch.tensor([4, 0, 7, 2, 9, 5])
+    dcl_fn, _ = make_batch_loss("dcl", scale=scale, num_examples=10)
+    arms = {"gamma1": make_batch_loss("sogclr", scale=scale, num_examples=10, loss_options={"gamma": 1.0})[0],
+            "rescaled": make_batch_loss("sogclr", scale=scale, num_examples=10,
+                                        loss_options={"gamma": 1.0, "rescale": True})[0],
+            "default": make_batch_loss("sogclr", scale=scale, num_examples=10)[0]}
+    for visit in range(2):
+        q0, k0 = torch.randn(n, 8, dtype=torch.float64), torch.randn(n + extra_keys, 8, dtype=torch.float64)
+        _, dq, dk = _grads(dcl_fn, q0, k0, ids)
+        got = {name: _grads(fn, q0, k0, ids) for name, fn in arms.items()}
+        torch.testing.assert_close(got["gamma1"][1], dq / scale)
+        torch.testing.assert_close(got["gamma1"][2], dk / scale)
+        torch.testing.assert_close(got["rescaled"][1], dq)
+        torch.testing.assert_close(got["rescaled"][2], dk)
+        if visit == 0:  # first visit: u = the batch's own estimate, whatever gamma
+            torch.testing.assert_close(got["default"][1], dq / scale)
+        else:
+            assert not torch.allclose(got["default"][1], dq / scale, rtol=1e-3, atol=1e-8)
+
+
+def test_finetune_sogclr_with_gamma_one_rescaled_trains_as_dcl(tiny_path):
+    """End to end (ids, state, optimizer): 3 epochs of SogCLR with gamma = 1 times 1/tau give DCL's weights;
+    the default gamma 0.9 does not."""
+    kw = dict(batch_size=16, steps=6, lr=1e-3, seed=0)
+    dcl = weights(finetune(tiny_path, TRAIN, None, loss="dcl", **kw).model)
+    same = weights(finetune(tiny_path, TRAIN, None, loss="sogclr", loss_options={"gamma": 1.0, "rescale": True},
+                            **kw).model)
+    other = weights(finetune(tiny_path, TRAIN, None, loss="sogclr", loss_options={"rescale": True}, **kw).model)
+    # float32 sums in another order, through Adam's normalisation (measured: 8.5e-6; gamma 0.9: 6e-4)
+    assert max(float((same[k] - dcl[k]).abs().max()) for k in dcl) < 5e-5
+    assert max(float((other[k] - dcl[k]).abs().max()) for k in dcl) > 2e-4
+
+
+def test_loss_options_are_checked(tiny_path):
+    for loss, options, match in (("mnrl", {"gamma": 1.0}, "only"), ("sogclr", {"beta": 1}, "unknown"),
+                                 ("sogclr", {"rescale": 1}, "True or False"), ("sogclr", {"gamma": 0.0}, "gamma")):
+        with pytest.raises(BatchlabInputError, match=match):
+            finetune(tiny_path, TRAIN, None, batch_size=16, steps=1, loss=loss, loss_options=options)
+
+
+def test_mochi_without_query_mixes(tiny_path):
+    torch.manual_seed(0)
+    q, k = F.normalize(torch.randn(8, 16), dim=1), F.normalize(torch.randn(8, 16), dim=1)
+    options = {**MOCHI_DEFAULTS, "num_hardest": 4, "num_synthetic": 5, "mix_query": 0}
+    extra = mochi_negatives(q, k, options, torch.Generator().manual_seed(0))
+    assert extra.shape == (8, 5, 16)
+    result = finetune(tiny_path, TRAIN, None, batch_size=16, steps=1, lr=1e-3, mochi={"mix_query": 0})
+    assert result.settings["mochi"]["mix_query"] == 0 and result.steps == 1
 
 
 # -- same wall time -------------------------------------------------------------------------------

@@ -26,10 +26,15 @@ Arms are named ``<kind>-<batch>[-self][-cached][-same-examples|-same-wall]``:
 * ``community-mined-B``: B3 batches plus the mined negative;
 * ``sogclr-B`` / ``isogclr-B``: random batches, one-way SogCLR (per-query moving-average denominators) /
   iSogCLR (also a learned temperature per query) instead of MNRL;
+* ablations of SogCLR: ``dcl-B`` (one-way DCL: InfoNCE without the positive in the denominator, SogCLR's form
+  without the moving average, at MNRL's scale), ``sogclr-nogamma-B`` (SogCLR with gamma = 1: the batch's own
+  denominator, gradient ``tau`` times DCL's), ``sogclr-rescaled-B`` (SogCLR times ``1 / tau``: DCL's gradient
+  scale, gamma 0.9);
 * ``colm-B``: CoLM coresets, ``B`` chosen from a random super-batch of ``4 B`` by gradient matching, each
   query's loss weighted by its medoid's cluster size;
 * ``mochi-B``: random batches plus MoCHi's synthetic hard negatives (mixes of each query's hardest in-batch
-  keys, :data:`batchlab.recipes.finetune.MOCHI_DEFAULTS`);
+  keys, :data:`batchlab.recipes.finetune.MOCHI_DEFAULTS`); ``mochi-noquery-B``: the same without the mixes of
+  the query with a negative (``mix_query=0``: only negative-negative mixes);
 * ``-same-wall``: instead of a number of steps, the wall time of ``--wall-reference`` (default
   ``st-mined-64``: sentence-transformers' recipe) on the same dataset and seed, teacher, mining and batch
   building included (:func:`~batchlab.recipes.finetune.finetune`'s ``time_budget``: the learning-rate
@@ -68,6 +73,10 @@ KINDS = {"random": {}, "st-mined": {"mined_negatives": 1}, "community": {"sample
          "cluster": {"sampler": "cluster"}, "tas": {"sampler": "tas"}, "gist": {"guide": "pretrained"},
          "sogclr": {"loss": "sogclr"}, "isogclr": {"loss": "isogclr"}, "colm": {"coreset": 0.75},
          "mochi": {"mochi": True}, "scratch": {"learner": "scratch"},
+         # ablations of SogCLR and MoCHi (benchmarks/results/quality-cpu-ablation)
+         "dcl": {"loss": "dcl"}, "sogclr-nogamma": {"loss": "sogclr", "loss_options": {"gamma": 1.0}},
+         "sogclr-rescaled": {"loss": "sogclr", "loss_options": {"rescale": True}},
+         "mochi-noquery": {"mochi": {"mix_query": 0}},
          "jest-scratch": {"learner": "scratch", "jest": 0.8}}
 _ARM = re.compile(r"^(?P<kind>[a-z-]+?)-(?P<batch>\d+)(?P<self>-self)?(?P<cached>-cached)?"
                   r"(?:(?P<same>-same-examples)|(?P<wall>-same-wall))?$")

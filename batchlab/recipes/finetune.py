@@ -60,7 +60,10 @@ logger = logging.getLogger(__name__)
 
 SAMPLERS = ("random", "community", "hard_negative", "cluster", "tas")
 TEACHERS = ("pretrained", "model", "tfidf")
-LOSSES = ("mnrl", "mnsrl", "sogclr", "isogclr")
+LOSSES = ("mnrl", "mnsrl", "dcl", "sogclr", "isogclr")
+#: ``loss_options`` of the global losses: ``gamma`` (weight of the new batch in u's moving average; 1: none)
+#: and ``rescale`` (multiply the loss by ``scale`` = 1 / tau, so that its gradient is DCL's, not tau times it)
+GLOBAL_LOSS_OPTIONS = ("gamma", "rescale")
 METRICS = ("ndcg@10", "mrr@10", "recall@1", "recall@10")
 # sentence-transformers' documented mining recipe (util.mine_hard_negatives docs example):
 # ranks 10..50 of the pretrained model, at most 95% of the positive's score, at most 0.8, one at random.
@@ -71,7 +74,7 @@ ST_MINING = {"range_min": 10, "range_max": 50, "relative_margin": 0.05, "max_sco
 MOCHI_DEFAULTS = {"num_hardest": 16, "num_synthetic": 16, "mix_query": 8, "query_weight_max": 0.5}
 # settings a checkpoint must share with the run that resumes it
 RESUME_KEYS = ("sampler", "batch_size", "total_steps", "lr", "loss", "scale", "teacher", "mined_negatives", "jest",
-               "coreset", "mochi", "guide", "cache_chunk", "seed", "order_seed", "num_train", "max_seq_length")
+               "coreset", "mochi", "guide", "cache_chunk", "loss_options", "seed", "order_seed", "num_train", "max_seq_length")
 
 
 # -- models ----------------------------------------------------------------------
@@ -414,6 +417,68 @@ def mochi_negatives(q: torch.Tensor, keys: torch.Tensor, options: dict[str, Any]
     return mix_hard_negatives(q, keys.detach()[others], generator=generator, **options)
 
 
+def _loss_options(loss: str, loss_options) -> dict[str, Any]:
+    if loss_options is None:
+        return {}
+    if not isinstance(loss_options, dict):
+        raise BatchlabInputError(f"loss_options must be None or a dict, got {type(loss_options).__name__}")
+    if loss_options and loss not in ("sogclr", "isogclr"):
+        raise BatchlabInputError(f"loss_options {sorted(loss_options)} apply to loss='sogclr' or 'isogclr' only, not {loss!r}")
+    unknown = sorted(set(loss_options) - set(GLOBAL_LOSS_OPTIONS))
+    if unknown:
+        raise BatchlabInputError(f"loss_options got unknown key(s) {unknown}; it takes {list(GLOBAL_LOSS_OPTIONS)}")
+    if not isinstance(loss_options.get("rescale", False), bool):
+        raise BatchlabInputError(f"loss_options['rescale'] must be True or False, got {loss_options['rescale']!r}")
+    return dict(loss_options)
+
+
+def make_batch_loss(loss: str, *, scale: float, num_examples: int, loss_options: dict[str, Any] | None = None,
+                    mochi: Any = None, device: str | torch.device = "cpu"):
+    """The recipe's loss of one batch, as :func:`finetune` computes it: ``(batch_loss, global_loss)``.
+
+    ``batch_loss(q, keys, mask, ids, weights, generator)`` takes the batch's normalised query and key
+    embeddings (keys past ``N`` are mined negatives), the guide's negative mask (or None), the pairs'
+    dataset indices (the global losses' state), per-query weights (or None) and MoCHi's generator;
+    ``global_loss`` is the SogCLR / iSogCLR module holding the per-example state (None for the others).
+    ``"dcl"`` is one-way DCL (InfoNCE without the positive in the denominator) at the same scale.
+    """
+    from batchlab.losses import dcl, info_nce
+
+    options = _loss_options(loss, loss_options)
+    mochi_options = _mochi_options(mochi)
+    global_loss = None
+    factor = 1.0
+    if loss in ("sogclr", "isogclr"):  # one-way SogCLR / iSogCLR at MNRL's temperature (1 / scale); state by dataset id
+        from batchlab.losses.sogclr import SogCLRLoss
+        from batchlab.recipes.global_loss import RECIPE_ISOGCLR_OPTIONS
+
+        extra = dict(RECIPE_ISOGCLR_OPTIONS) if loss == "isogclr" else {}
+        if extra:
+            extra["tau_min"] = min(extra["tau_min"], 1.0 / scale)
+            extra["tau_max"] = max(extra["tau_max"], 1.0 / scale)
+        if "gamma" in options:
+            extra["gamma"] = options["gamma"]
+        factor = float(scale) if options.get("rescale") else 1.0
+        global_loss = SogCLRLoss(int(num_examples), mode="one_way", tau=1.0 / scale, isogclr=loss == "isogclr",
+                                 **extra).to(device)
+
+    def batch_loss(q: torch.Tensor, keys: torch.Tensor, mask, ids: torch.Tensor, weights, generator) -> torch.Tensor:
+        if global_loss is not None:
+            value = global_loss(q, keys, ids.to(q.device), neg_mask=mask)
+            return value * factor if factor != 1.0 else value
+        extra = mochi_negatives(q, keys, mochi_options, generator) if mochi_options else None
+        if loss == "dcl":
+            fn = lambda **kw: dcl(q, keys, scale, symmetric=False, neg_mask=mask, extra_negatives=extra, **kw)  # noqa: E731
+        else:
+            fn = lambda **kw: info_nce(q, keys, scale, symmetric=loss == "mnsrl", neg_mask=mask,  # noqa: E731
+                                       extra_negatives=extra, **kw)
+        if weights is None:
+            return fn()
+        return (fn(reduction="none") * weights).mean()
+
+    return batch_loss, global_loss
+
+
 def embed_pairs(model: Any, pairs: Any, *, device: str | torch.device = "cpu", max_seq_length: int | None = None) -> TeacherViews:
     """A model's (frozen) embeddings of (query, document) pairs as TeacherViews: a teacher or JEST reference.
 
@@ -492,6 +557,7 @@ def finetune(
     weight_decay: float = 0.01,
     loss: str = "mnrl",
     scale: float = 20.0,
+    loss_options: dict[str, Any] | None = None,
     teacher: Any = "pretrained",
     refresh_every: int = 1,
     sampler_options: dict[str, Any] | None = None,
@@ -546,7 +612,14 @@ def finetune(
         2022: a moving average of each query's denominator over the epochs, temperature
         ``1 / scale``) or ``"isogclr"`` (iSogCLR, Qiu et al. 2023: also a temperature per query,
         starting at ``1 / scale``, learned in [0.02, 0.2] with DRO radius 0.3, the recipes'
-        settings in :mod:`batchlab.recipes.global_loss`); similarity scale (20, as sentence-transformers).
+        settings in :mod:`batchlab.recipes.global_loss`), or ``"dcl"`` (one-way DCL: the positive left
+        out of the denominator, as in SogCLR, without its moving average); similarity scale (20, as
+        sentence-transformers).
+    loss_options :
+        SogCLR / iSogCLR only: ``{"gamma": g}`` (the moving average's weight of the new batch, default
+        0.9; 1: no average, the batch's own denominator, so the gradient is ``tau`` times DCL's) and
+        ``{"rescale": True}`` (the loss times ``scale``, so its gradient is DCL's scale, not ``tau`` times
+        it: for ablations of the optimizer's scale sensitivity).
     teacher, refresh_every :
         Embeddings that build the batches (module doc); ``"model"`` re-embeds every
         ``refresh_every`` epochs.
@@ -631,6 +704,7 @@ def finetune(
     if jest is not None and coreset is not None:
         raise BatchlabInputError("jest and coreset both choose the batch from a super-batch; pass one of them")
     mochi_options = _mochi_options(mochi)
+    loss_options = _loss_options(loss, loss_options)
     global_state = loss in ("sogclr", "isogclr")
     if global_state and (mochi_options or coreset is not None or loss == "mnsrl"):
         raise BatchlabInputError(f"loss={loss!r} takes neither mochi nor coreset (their extra negatives and per-query "
@@ -703,7 +777,7 @@ def finetune(
                 "precision": precision, "warmup": warmup, "weight_decay": weight_decay,
                 "jest": None if jest is None else float(getattr(jest, "filter_ratio", jest)),
                 "coreset": None if coreset is None else float(getattr(coreset, "filter_ratio", coreset)),
-                "mochi": mochi_options, "time_budget": time_budget, "fuse_sides": fuse, "evaluator": evaluator,
+                "mochi": mochi_options, "loss_options": loss_options or None, "time_budget": time_budget, "fuse_sides": fuse, "evaluator": evaluator,
                 "reference": reference if isinstance(reference, str) else type(reference).__name__}
 
     # Teachers from the initial weights, before any step (and before a checkpoint is loaded).
@@ -762,30 +836,12 @@ def finetune(
         from batchlab.losses import EmbeddingCache
 
         cache = EmbeddingCache([lambda **f: embed(f)] * 2, int(cache_chunk))
-    from batchlab.losses import info_nce
     from batchlab.samplers import guided_negative_mask
 
-    global_loss = None
-    if global_state:  # one-way SogCLR / iSogCLR at MNRL's temperature (1 / scale); per-example state by dataset id
-        from batchlab.losses.sogclr import SogCLRLoss
-        from batchlab.recipes.global_loss import RECIPE_ISOGCLR_OPTIONS
-
-        extra = dict(RECIPE_ISOGCLR_OPTIONS) if loss == "isogclr" else {}
-        if extra:
-            extra["tau_min"] = min(extra["tau_min"], 1.0 / scale)
-            extra["tau_max"] = max(extra["tau_max"], 1.0 / scale)
-        global_loss = SogCLRLoss(n, mode="one_way", tau=1.0 / scale, isogclr=loss == "isogclr", **extra).to(device)
-        if resume is not None:
-            global_loss.load_state_dict(torch.load(Path(resume) / "trainer_state.pt", weights_only=False)["global_loss"])
-
-    def batch_loss(q: torch.Tensor, keys: torch.Tensor, mask, ids: torch.Tensor, weights, generator) -> torch.Tensor:
-        if global_loss is not None:
-            return global_loss(q, keys, ids.to(device), neg_mask=mask)
-        extra = mochi_negatives(q, keys, mochi_options, generator) if mochi_options else None
-        if weights is None:
-            return info_nce(q, keys, scale, symmetric=loss == "mnsrl", neg_mask=mask, extra_negatives=extra)
-        rows = info_nce(q, keys, scale, symmetric=loss == "mnsrl", neg_mask=mask, extra_negatives=extra, reduction="none")
-        return (rows * weights).mean()
+    batch_loss, global_loss = make_batch_loss(loss, scale=scale, num_examples=n, loss_options=loss_options,
+                                              mochi=mochi_options, device=device)
+    if global_loss is not None and resume is not None:
+        global_loss.load_state_dict(torch.load(Path(resume) / "trainer_state.pt", weights_only=False)["global_loss"])
 
     model.train()
     out_dir = Path(out) if out is not None else None
