@@ -218,7 +218,9 @@ print("exit", code, "seconds", round(time.perf_counter() - start, 3))
 
 @pytest.mark.parametrize("argv", [["--help"], ["demo", "--help"], ["train", "--help"], ["mine", "--help"],
                                   ["build-batches", "--help"], ["bench", "--help"], ["datasets", "--help"],
-                                  ["train", "--epochs", "0"], ["demo", "--seeds", "x"], ["no-such-command"]])
+                                  ["train", "--epochs", "0"], ["demo", "--seeds", "x"], ["no-such-command"],
+                                  ["train", "--model", "minilm", "--mochi", "num_hardest=0"],
+                                  ["train", "--model", "minilm", "--loss", "siglip"], ["train", "--mochi"]])
 def test_help_and_bad_usage_answer_without_torch(argv):
     """Parsing never imports torch (it alone takes seconds to import); timing is not asserted on a shared box."""
     import subprocess

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from batchlab._argtypes import positive_float, positive_int
 from batchlab.commands._common import EXIT_BAD_INPUT, add_common_arguments, add_subcommand
+from batchlab.commands._train_model import MODEL_NAMED, filter_ratio
 from batchlab.commands._train_model import add_arguments as add_model_arguments, run as run_model
 
 # Options that change a run, in the order the default name lists them, with their defaults:
@@ -46,7 +47,8 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--epochs", type=positive_int, default=NAMED["epochs"], help="passes over the training split (default: 3)")
     parser.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: 2e-3 text, 1e-3 CLIP)")
     parser.add_argument("--loss", default="info_nce", choices=["info_nce", "siglip", "dcl", "sogclr", "isogclr"],
-                        help="(default: info_nce; sogclr / isogclr keep per-example state, text dual encoder only)")
+                        help="(default: info_nce; sogclr / isogclr keep per-example state: text dual encoder and "
+                        "--model only; --model takes info_nce, sogclr, isogclr)")
     parser.add_argument("--impl", default="auto", help="loss implementation: auto, reference, tiled, triton (default: auto)")
     parser.add_argument("--teacher", default="model", choices=["model", "tfidf", "pixels", "none"],
                         help="embeddings that build the batches: model (the model's own, refreshed every epoch after a "
@@ -54,9 +56,10 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--group-size", type=positive_int, default=None, help="community: examples per group (default: 8)")
     parser.add_argument("--jest", type=float, default=None, metavar="FILTER_RATIO",
                         help="choose each batch with JEST from a super-batch, filtering out this fraction (e.g. 0.5)")
-    parser.add_argument("--coreset", type=float, default=None, metavar="FILTER_RATIO",
+    parser.add_argument("--coreset", type=filter_ratio, default=None, metavar="FILTER_RATIO",
                         help="choose each batch as a CoLM coreset (gradient matching) of a super-batch, filtering out "
-                        "this fraction (e.g. 0.75: 64 of 256); text dual encoder only")
+                        "this fraction in (0, 1) (e.g. 0.75: 64 of 256); text dual encoder and --model (which also "
+                        "weights each kept query's loss by its medoid's cluster size, as CoLM does)")
     parser.add_argument("--max-train", type=positive_int, default=None, help="use only the first N training examples")
     parser.add_argument("--max-test", type=positive_int, default=None, help="use only the first N test examples")
     parser.add_argument("--data-path", default=None, help="fashion_mnist: directory with the IDX files")
@@ -94,6 +97,13 @@ def run_name(args) -> str:
 def run(args) -> int:
     if args.model is not None or args.dataset == "wordnet":
         return run_model(args, default_name=run_name(args))
+    model_only = [key for key, default in MODEL_NAMED.items() if getattr(args, key, default) not in (default, None)]
+    if model_only:
+        flags = ", ".join("--" + key.replace("_", "-") for key in model_only)
+        verb = "applies" if len(model_only) == 1 else "apply"
+        print(f"batchlab train: error: {flags} only {verb} with --model (fine-tuning a pretrained encoder); add "
+              "--model minilm or a model folder, or drop them", file=sys.stderr)
+        return EXIT_BAD_INPUT
     name = args.name or run_name(args)
     out = Path(args.out)
     existing = [p for p in (out / f"{name}.json", out / f"{name}.pt") if p.exists()]
