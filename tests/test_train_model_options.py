@@ -1,4 +1,4 @@
-"""`batchlab train --model`'s options that reach finetune(): --loss sogclr/isogclr, --mochi, --coreset,
+"""`batchlab train --model`'s options that reach finetune(): --loss dcl/sogclr/isogclr, --mochi, --coreset,
 --time-budget. Each one is checked where it lands (finetune.json's settings, the run's name), and each
 bad value or combination is refused with exit code 2 and a one-line message naming the flag.
 
@@ -31,6 +31,8 @@ def base(tiny_path, out) -> list[str]:
 @pytest.mark.parametrize("flags, name_part, expected", [
     (["--loss", "isogclr"], "loss-isogclr", {"loss": "isogclr"}),
     (["--loss", "sogclr"], "loss-sogclr", {"loss": "sogclr"}),
+    (["--loss", "dcl", "--mochi", "mix_query=0"], "loss-dcl", {"loss": "dcl", "mochi": {
+        "num_hardest": 16, "num_synthetic": 16, "mix_query": 0, "query_weight_max": 0.5}}),
     ([], None, {"loss": "mnrl", "mochi": None, "coreset": None, "time_budget": None}),
     (["--mochi"], "mochi-default", {"mochi": {"num_hardest": 16, "num_synthetic": 16, "mix_query": 8,
                                               "query_weight_max": 0.5}}),
@@ -91,7 +93,6 @@ def test_mochi_defaults_are_finetunes():
     (["--time-budget", "-5"], "argument --time-budget: expected a finite number > 0"),
     (["--time-budget", "inf"], "argument --time-budget: expected a finite number > 0"),
     (["--loss", "siglip"], "--loss siglip is a tiny-model loss; --model takes info_nce"),
-    (["--loss", "dcl"], "--loss dcl is a tiny-model loss"),
     (["--loss", "isogclr", "--coreset", "0.5"], "--loss isogclr takes no --coreset with --model"),
     (["--loss", "sogclr", "--mochi"], "--loss sogclr takes no --mochi with --model"),
     (["--time-budget", "30", "--resume", "somewhere"], "a run under --time-budget cannot --resume"),

@@ -6,8 +6,8 @@ on an offline dataset and writes ``<out>/<name>/model`` (loadable with
 ``SentenceTransformer(path)``), ``<out>/<name>/finetune.json`` and checkpoints.
 
 Shared flags that reach :func:`~batchlab.recipes.finetune.finetune`: ``--loss`` (``info_nce``
-is sentence-transformers' ``MultipleNegativesRankingLoss``, finetune's ``"mnrl"``; ``sogclr``
-and ``isogclr`` keep per-query state) and ``--coreset`` (CoLM, with finetune's per-query
+is sentence-transformers' ``MultipleNegativesRankingLoss``, finetune's ``"mnrl"``; ``dcl`` its
+one-way DCL; ``sogclr`` and ``isogclr`` keep per-query state) and ``--coreset`` (CoLM, with finetune's per-query
 weights). ``--mochi [KEY=VALUE ...]`` and ``--time-budget SECONDS`` are ``--model`` flags.
 """
 
@@ -28,7 +28,7 @@ MOCHI_DEFAULTS = {"num_hardest": 16, "num_synthetic": 16, "mix_query": 8, "query
 _MOCHI_RANGES = {"num_hardest": (int, 1, "an integer >= 1"), "num_synthetic": (int, 0, "an integer >= 0"),
                  "mix_query": (int, 0, "an integer >= 0"), "query_weight_max": (float, 0.0, "a number in [0, 1]")}
 #: --loss values the --model branch takes, and finetune()'s name for each
-LOSSES = {"info_nce": "mnrl", "sogclr": "sogclr", "isogclr": "isogclr"}
+LOSSES = {"info_nce": "mnrl", "dcl": "dcl", "sogclr": "sogclr", "isogclr": "isogclr"}
 
 
 def filter_ratio(text: str) -> float:
@@ -79,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model", default=None, metavar="PATH|minilm",
                        help="fine-tune this sentence-transformers model (a folder, or 'minilm' for the offline "
                             "all-MiniLM-L6-v2) instead of training a tiny model from scratch; datasets: codesearch, "
-                            "wordnet; losses: info_nce (MultipleNegativesRankingLoss), sogclr, isogclr; --coreset "
+                            "wordnet; losses: info_nce (MultipleNegativesRankingLoss), dcl (one-way), sogclr, isogclr; --coreset "
                             "weights each kept query by its medoid's cluster size")
     group.add_argument("--steps", type=int, default=None, help="--model: optimizer steps (default: --epochs passes)")
     group.add_argument("--mined-negatives", type=int, default=0,
@@ -89,7 +89,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="--model: GISTEmbed in-batch false-negative mask from this guide")
     group.add_argument("--mochi", nargs="*", type=mochi_setting, action=_MochiOptions, default=None, metavar="KEY=VALUE",
                        help="--model: MoCHi synthetic hard negatives mixed from each query's hardest in-batch keys "
-                            "(info_nce only); alone: num_hardest=16 num_synthetic=16 mix_query=8 query_weight_max=0.5, "
+                            "(info_nce, dcl); alone: num_hardest=16 num_synthetic=16 mix_query=8 query_weight_max=0.5, "
                             "or override some of them")
     group.add_argument("--time-budget", type=positive_float, default=None, metavar="SECONDS",
                        help="--model: wall seconds for teacher, mining, batches and steps (not evaluation); the "
@@ -135,7 +135,7 @@ def refusal(args) -> str | None:
         return f"takes --dataset {' or '.join(DATASETS)} (no --data)"
     if args.loss not in LOSSES:
         return (f"--loss {args.loss} is a tiny-model loss; --model takes info_nce (sentence-transformers' "
-                "MultipleNegativesRankingLoss, the default), sogclr or isogclr")
+                "MultipleNegativesRankingLoss, the default), dcl (one-way), sogclr or isogclr")
     if args.jest is not None:
         return "--jest is a tiny-model option (its reference is the tiny model's teacher); drop it"
     if args.impl != "auto":
@@ -143,7 +143,7 @@ def refusal(args) -> str | None:
     if args.loss in ("sogclr", "isogclr") and (args.mochi is not None or args.coreset is not None):
         flag = "--mochi" if args.mochi is not None else "--coreset"
         return (f"--loss {args.loss} takes no {flag} with --model (MoCHi's extra negatives and CoLM's per-query "
-                "weights are defined for info_nce); drop one of them")
+                "weights are defined for info_nce and dcl); drop one of them")
     if args.time_budget is not None and getattr(args, "resume", None):
         return "a run under --time-budget cannot --resume (its learning-rate schedule follows the clock)"
     return None

@@ -48,7 +48,7 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--lr", type=positive_float, default=None, help="peak learning rate (default: 2e-3 text, 1e-3 CLIP)")
     parser.add_argument("--loss", default="info_nce", choices=["info_nce", "siglip", "dcl", "sogclr", "isogclr"],
                         help="(default: info_nce; sogclr / isogclr keep per-example state: text dual encoder and "
-                        "--model only; --model takes info_nce, sogclr, isogclr)")
+                        "--model only; --model takes info_nce, dcl (one-way), sogclr, isogclr)")
     parser.add_argument("--impl", default="auto", help="loss implementation: auto, reference, tiled, triton (default: auto)")
     parser.add_argument("--teacher", default="model", choices=["model", "tfidf", "pixels", "none"],
                         help="embeddings that build the batches: model (the model's own, refreshed every epoch after a "
