@@ -169,8 +169,10 @@ def test_cli_train_model(tiny_path, tmp_path, capsys):
     assert main(again) == 2
     assert "exists" in capsys.readouterr().err
     assert main(again + ["--overwrite"]) == 0
-    # --coreset is not a --model option: refused, not ignored
-    assert main(again + ["--overwrite", "--coreset", "0.5"]) == 2
+    # --coreset with --model selects 8 of a super-batch of 8 / (1 - 0.9) = 80 pairs: more than the 24 there are,
+    # so it is refused with a message (tests/test_train_model_options.py runs a --coreset that fits)
+    assert main(again + ["--overwrite", "--coreset", "0.9"]) == 2
+    assert "super-batch (80) is larger than the training set (24 pairs)" in capsys.readouterr().err
 
 
 def test_cli_model_run_names_hold_every_option_that_changes_the_run():
