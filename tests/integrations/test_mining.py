@@ -68,6 +68,41 @@ def test_sentence_transformers_order_gives_the_same_dataset(model, options, dupl
     assert_same_dataset(ours, theirs)
 
 
+class HashCrossEncoder:
+    """A stand-in cross-encoder: a fixed pseudo-random score per (query, passage), no ties."""
+
+    def predict(self, sentence_pairs, batch_size=32, convert_to_tensor=False, **_):
+        import hashlib
+
+        import torch
+
+        scores = [int.from_bytes(hashlib.blake2b(f"{q}\x00{p}".encode(), digest_size=6).digest(), "big") / 2**48
+                  for q, p in sentence_pairs]
+        return torch.tensor(scores) if convert_to_tensor else scores
+
+
+@pytest.mark.parametrize("options", [
+    {"num_negatives": 2},  # no filter: sentence-transformers 6.3 rescores anyway, 6.2 does not
+    {"num_negatives": 2, "max_score": 0.9, "output_scores": True},
+    {"num_negatives": 2, "corpus": None},  # a query's own text in the corpus (see below)
+])
+def test_sentence_transformers_order_matches_the_installed_release_on_its_changed_rules(model, options):
+    """Rules that changed between sentence-transformers 6.2 and 6.3 (candidate count, the query's own
+    text excluded, cross-encoder rescoring without filters) follow whichever release is installed."""
+    data = pairs()
+    options = dict(options)
+    if "corpus" in options:  # four queries' own texts as corpus documents: never their own negatives on 6.3
+        options["corpus"] = list(data["query"][:4]) + [f"extra {t}" for t in TEXTS[:4]]
+    else:
+        options["cross_encoder"] = HashCrossEncoder()
+    random.seed(7)
+    theirs = st_mine(data, model, verbose=False, **options)
+    random.seed(7)
+    ours = mine_hard_negatives(data, model, verbose=False, filter_order="sentence-transformers", **options)
+    assert len(theirs) > 0
+    assert_same_dataset(ours, theirs)
+
+
 def test_batchlab_order_skips_ranks_before_filtering(model):
     """batchlab: range_min counts ranks before the filters; sentence-transformers: after them."""
     data = pairs()

@@ -1,7 +1,7 @@
 """``mine_hard_negatives(dataset, model, ...)``: sentence-transformers' front end on batchlab's index and miner.
 
 Same arguments, defaults and output formats as
-``sentence_transformers.util.mine_hard_negatives`` (6.2): a ``datasets.Dataset`` of
+``sentence_transformers.util.mine_hard_negatives`` (6.2 and 6.3): a ``datasets.Dataset`` of
 (anchor, positive) pairs in, a ``Dataset`` out in ``"triplet"``, ``"n-tuple"``,
 ``"labeled-pair"`` or ``"labeled-list"`` format, optionally with the scores
 (``output_scores``), the positives kept among the candidates (``include_positives``),
@@ -17,13 +17,16 @@ first ``range_min`` ranks, then apply the score filters** inside the window
 ``range_min + num_negatives``, ``x 10`` with a filter or random sampling). ``range_min``
 is then a false-negative guard in rank units that the filters cannot shift.
 
-``"sentence-transformers"`` reproduces sentence-transformers: retrieve the top
-``range_max + max_positives``, drop the positives, **apply the score filters first, then
+``"sentence-transformers"`` reproduces the installed sentence-transformers: retrieve the top
+``range_max + max_positives`` (6.3: ``+ 1``), drop the positives (6.3: and the corpus text equal
+to the query), **apply the score filters first, then
 skip the first ``range_min`` survivors** (so a margin that removes the top candidates
 moves the window down the ranking), and keep ``num_negatives``; ``range_max`` defaults as
 in sentence-transformers. Random sampling draws with Python's ``random`` module exactly
 as sentence-transformers does (``seed=`` uses a private ``random.Random(seed)`` instead).
-Cross-encoder rescoring needs this order (the batchlab miner ranks embeddings only).
+Cross-encoder rescoring needs this order (the batchlab miner ranks embeddings only); 6.2 rescores
+only when a score filter is set, 6.3 always. Without sentence-transformers installed, 6.3's
+rules apply.
 
 With a range filter and a margin together the two orders pick different negatives.
 
@@ -55,7 +58,21 @@ from batchlab.errors import BatchlabInputError
 from batchlab.index import EmbeddingIndex
 from batchlab.samplers.mining import mine_hard_negatives as batchlab_miner
 
+#: sentence-transformers releases whose miner changed what batchlab's "sentence-transformers" order does
+ST_EXTRA_CANDIDATE = (6, 3)  # one more candidate retrieved, the query's own text excluded, rescoring always
+
 logger = logging.getLogger(__name__)
+
+
+def installed_sentence_transformers() -> tuple[int, int]:
+    """(major, minor) of the installed sentence-transformers; (99, 0) when it is not installed (latest rules)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        major, minor = version("sentence-transformers").split(".")[:2]
+        return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+    except (PackageNotFoundError, ValueError):
+        return 99, 0
 
 FORMATS = ("triplet", "n-tuple", "labeled-pair", "labeled-list")
 ORDERS = ("batchlab", "sentence-transformers")
@@ -136,10 +153,12 @@ def sentence_transformers_order(q_emb, c_emb, pairs: Pairs, positive_scores: tor
 
     Returns ``(ids, scores, positive_scores)``; ``positive_scores`` changes with cross-encoder rescoring.
     """
+    new_rules = installed_sentence_transformers() >= ST_EXTRA_CANDIDATE
     index = EmbeddingIndex(c_emb, kind="flat", progress=False)
-    scores, ids = index.search(q_emb, range_max + pairs.max_positives, batch_size=faiss_batch_size, progress=False)
-    if cross_encoder is not None and any(v is not None for v in (absolute_margin, relative_margin, max_score,
-                                                                  min_score)):
+    count = range_max + pairs.max_positives + int(new_rules)
+    scores, ids = index.search(q_emb, count, batch_size=faiss_batch_size, progress=False)
+    if cross_encoder is not None and (new_rules or any(v is not None for v in (absolute_margin, relative_margin,
+                                                                                 max_score, min_score))):
         for row, candidates in enumerate(ids.tolist()):
             texts = [pairs.corpus[i] for i in candidates]
             scores[row] = cross_encoder.predict(list(zip([pairs.queries[row]] * len(texts), texts)),
@@ -149,6 +168,11 @@ def sentence_transformers_order(q_emb, c_emb, pairs: Pairs, positive_scores: tor
         positive_scores = cross_encoder.predict(list(zip(queries, positives)), batch_size=batch_size,
                                                 convert_to_tensor=True).float().cpu()
     scores[ids == -1] = -float("inf")
+    if new_rules:  # a corpus text equal to the query is not its negative (unless it is a kept positive)
+        corpus_idx = {t: i for i, t in enumerate(pairs.corpus)}
+        own = torch.tensor([-1 if include_positives and corpus_idx.get(q, -1) in p else corpus_idx.get(q, -1)
+                            for q, p in zip(pairs.queries, pairs.positive_ids)])
+        scores[(ids == own[:, None]) & (own[:, None] >= 0)] = -float("inf")
     if not include_positives:
         for row, positives in enumerate(pairs.positive_ids):
             scores[row, torch.isin(ids[row], torch.tensor(positives))] = -float("inf")
