@@ -41,6 +41,16 @@ def assert_same_dataset(ours, theirs):
             assert a[column] == b[column], column
 
 
+def assert_same_as_sentence_transformers(data, model, options):
+    """Both miners on the same data and options (Python's random seeded alike) give the same dataset."""
+    random.seed(7)
+    theirs = st_mine(data, model, verbose=False, **options)
+    random.seed(7)
+    ours = mine_hard_negatives(data, model, verbose=False, filter_order="sentence-transformers", **options)
+    assert len(theirs) > 0
+    assert_same_dataset(ours, theirs)
+
+
 CASES = [
     {},
     {"num_negatives": 4, "output_format": "n-tuple", "output_scores": True},
@@ -60,12 +70,7 @@ CASES = [
 @pytest.mark.parametrize("options", CASES)
 def test_sentence_transformers_order_gives_the_same_dataset(model, options, duplicates):
     data = pairs(duplicate_queries=duplicates)
-    random.seed(7)
-    theirs = st_mine(data, model, verbose=False, **options)
-    random.seed(7)
-    ours = mine_hard_negatives(data, model, verbose=False, filter_order="sentence-transformers", **options)
-    assert len(theirs) > 0
-    assert_same_dataset(ours, theirs)
+    assert_same_as_sentence_transformers(data, model, options)
 
 
 class HashCrossEncoder:
@@ -95,12 +100,7 @@ def test_sentence_transformers_order_matches_the_installed_release_on_its_change
         options["corpus"] = list(data["query"][:4]) + [f"extra {t}" for t in TEXTS[:4]]
     else:
         options["cross_encoder"] = HashCrossEncoder()
-    random.seed(7)
-    theirs = st_mine(data, model, verbose=False, **options)
-    random.seed(7)
-    ours = mine_hard_negatives(data, model, verbose=False, filter_order="sentence-transformers", **options)
-    assert len(theirs) > 0
-    assert_same_dataset(ours, theirs)
+    assert_same_as_sentence_transformers(data, model, options)
 
 
 def test_batchlab_order_skips_ranks_before_filtering(model):
