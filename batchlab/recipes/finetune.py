@@ -74,7 +74,8 @@ ST_MINING = {"range_min": 10, "range_max": 50, "relative_margin": 0.05, "max_sco
 MOCHI_DEFAULTS = {"num_hardest": 16, "num_synthetic": 16, "mix_query": 8, "query_weight_max": 0.5}
 # settings a checkpoint must share with the run that resumes it
 RESUME_KEYS = ("sampler", "batch_size", "total_steps", "lr", "loss", "scale", "teacher", "mined_negatives", "jest",
-               "coreset", "mochi", "guide", "cache_chunk", "loss_options", "seed", "order_seed", "num_train", "max_seq_length")
+               "coreset", "mochi", "guide", "cache_chunk", "loss_options", "seed", "order_seed", "num_train",
+               "max_seq_length")
 
 
 # -- models ----------------------------------------------------------------------
@@ -777,7 +778,8 @@ def finetune(
                 "precision": precision, "warmup": warmup, "weight_decay": weight_decay,
                 "jest": None if jest is None else float(getattr(jest, "filter_ratio", jest)),
                 "coreset": None if coreset is None else float(getattr(coreset, "filter_ratio", coreset)),
-                "mochi": mochi_options, "loss_options": loss_options or None, "time_budget": time_budget, "fuse_sides": fuse, "evaluator": evaluator,
+                "mochi": mochi_options, "loss_options": loss_options or None, "time_budget": time_budget,
+                "fuse_sides": fuse, "evaluator": evaluator,
                 "reference": reference if isinstance(reference, str) else type(reference).__name__}
 
     # Teachers from the initial weights, before any step (and before a checkpoint is loaded).
