@@ -80,7 +80,7 @@ def test_loss_is_sentence_transformers_multiple_negatives_ranking_loss(tiny_path
     from sentence_transformers.losses import MultipleNegativesRankingLoss
 
     from batchlab.losses import info_nce
-    from batchlab.recipes.finetune import _cat, load_model
+    from batchlab.recipes._encoder import _cat, load_model
 
     model = load_model(tiny_path)
     q_table = TokenTable(model, [q for q, _ in PAIRS], torch.device("cpu"))

