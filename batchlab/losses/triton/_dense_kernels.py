@@ -27,6 +27,16 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _store_lse_losses(stats_ptr, out_ptr, part_ptr, pid, idx, imask, lse, loss, coef, STORE_LOSSES: tl.constexpr):
+    """Epilogue of a block of rows or columns: its log-sum-exps, losses (``STORE_LOSSES``) and
+    the block's partial loss sum times ``coef`` (``stats_ptr`` already offset for the columns)."""
+    tl.store(stats_ptr + idx, lse, mask=imask)
+    if STORE_LOSSES:
+        tl.store(out_ptr + idx, loss, mask=imask)
+    tl.store(part_ptr + pid, tl.sum(tl.where(imask, loss, 0.0), 0) * coef)
+
+
+@triton.jit
 def clip_lse_kernel(s_ptr, scale_ptr, tgt_ptr, stats_ptr, rows_out_ptr, cols_out_ptr, cnt_ptr, part_ptr,
                     N, M, stride_s, coef_row, coef_col,
                     BLOCK: tl.constexpr, CHUNK: tl.constexpr, SYM: tl.constexpr, HAS_TGT: tl.constexpr,
@@ -58,10 +68,7 @@ def clip_lse_kernel(s_ptr, scale_ptr, tgt_ptr, stats_ptr, rows_out_ptr, cols_out
             m_i, l_i, _ = online_lse(m_i, l_i, tl.where(mask, x, float("-inf")))
         lse = (m_i + tl.log2(l_i)) * 0.6931471805599453
         loss = lse - pos * 0.6931471805599453
-        tl.store(stats_ptr + rows, lse, mask=rmask)
-        if STORE_LOSSES:
-            tl.store(rows_out_ptr + rows, loss, mask=rmask)
-        tl.store(part_ptr + pid, tl.sum(tl.where(rmask, loss, 0.0), 0) * coef_row)
+        _store_lse_losses(stats_ptr, rows_out_ptr, part_ptr, pid, rows, rmask, lse, loss, coef_row, STORE_LOSSES)
     else:
         cols = (pid - row_blocks) * BLOCK + tl.arange(0, BLOCK)
         cmask = cols < M
@@ -87,12 +94,10 @@ def clip_lse_kernel(s_ptr, scale_ptr, tgt_ptr, stats_ptr, rows_out_ptr, cols_out
             m_j = m_new
         lse = (m_j + tl.log2(l_j)) * 0.6931471805599453
         loss = lse - pos * 0.6931471805599453 / tl.maximum(cnt, 1).to(tl.float32)
-        tl.store(stats_ptr + N + cols, lse, mask=cmask)
-        if STORE_LOSSES:
-            tl.store(cols_out_ptr + cols, loss, mask=cmask)
         if HAS_TGT:
             tl.store(cnt_ptr + cols, cnt, mask=cmask)
-        tl.store(part_ptr + pid, tl.sum(tl.where(cmask, loss, 0.0), 0) * coef_col)
+        _store_lse_losses(stats_ptr + N, cols_out_ptr, part_ptr, pid, cols, cmask, lse, loss, coef_col,
+                          STORE_LOSSES)
 
 
 @triton.jit
@@ -297,10 +302,7 @@ def clip_combine_kernel(rm_ptr, rl_ptr, rp_ptr, cm_ptr, cl_ptr, cp_ptr, cc_ptr, 
         imask = idx < N
         lse, pos, _ = _merge_partials(rm_ptr, rl_ptr, rp_ptr, cc_ptr, idx, imask, N, TC, BLOCK, TB, False)
         loss = lse - pos * 0.6931471805599453
-        tl.store(stats_ptr + idx, lse, mask=imask)
-        if STORE_LOSSES:
-            tl.store(rows_out_ptr + idx, loss, mask=imask)
-        tl.store(part_ptr + pid, tl.sum(tl.where(imask, loss, 0.0), 0) * coef_row)
+        _store_lse_losses(stats_ptr, rows_out_ptr, part_ptr, pid, idx, imask, lse, loss, coef_row, STORE_LOSSES)
     else:
         idx = (pid - row_blocks) * BLOCK + tl.arange(0, BLOCK)
         imask = idx < M
@@ -310,7 +312,5 @@ def clip_combine_kernel(rm_ptr, rl_ptr, rp_ptr, cm_ptr, cl_ptr, cp_ptr, cc_ptr, 
             tl.store(cnt_ptr + idx, cnt, mask=imask)
         else:
             loss = lse - pos * 0.6931471805599453
-        tl.store(stats_ptr + N + idx, lse, mask=imask)
-        if STORE_LOSSES:
-            tl.store(cols_out_ptr + idx, loss, mask=imask)
-        tl.store(part_ptr + pid, tl.sum(tl.where(imask, loss, 0.0), 0) * coef_col)
+        _store_lse_losses(stats_ptr + N, cols_out_ptr, part_ptr, pid, idx, imask, lse, loss, coef_col,
+                          STORE_LOSSES)
