@@ -31,7 +31,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from batchlab.losses.triton._kernels import _tile_dot
+from batchlab.losses.triton._kernels import _tile_dot, online_lse
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -67,11 +67,8 @@ def sog_fwd_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, rlse_ptr, rwm_ptr, clse_p
         valid = rmask[:, None] & cmask[None, :] & (cols[None, :] != excl[:, None])
         # excluded entries are -inf (2^-inf = 0); the weighted sums take the finite y, times 0 there
         y = acc * ar[:, None]
-        m_new = tl.maximum(m_i, tl.max(tl.where(valid, y, float("-inf")), 1))  # m_i >= -1e30: finite
-        p = tl.exp2(tl.where(valid, y, float("-inf")) - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        w_i = w_i * alpha + tl.sum(p * y, 1)
+        m_new, l_i, p = online_lse(m_i, l_i, tl.where(valid, y, float("-inf")))  # m_i >= -1e30: finite
+        w_i = w_i * tl.exp2(m_i - m_new) + tl.sum(p * y, 1)
         m_i = m_new
         if COLS:
             ac = 1.4426950408889634 / tl.load(tau_c_ptr + cols, mask=cmask, other=1.0)
