@@ -68,8 +68,8 @@ _TRITON_USABLE: dict = {}
 @torch.compiler.assume_constant_result
 def _triton_usable(device: torch.device) -> bool:
     """Whether the Triton kernels run on ``device`` (a constant to torch.compile: no import is traced)."""
-    if device.type != "cuda":  # the CPU runs the kernels only under TRITON_INTERPRET=1, read each time
-        return _probe_triton(device)
+    if device.type != "cuda":  # auto never picks the interpreter
+        return False
     usable = _TRITON_USABLE.get(device)
     if usable is None:
         usable = _TRITON_USABLE[device] = _probe_triton(device)
@@ -77,7 +77,7 @@ def _triton_usable(device: torch.device) -> bool:
 
 
 def _probe_triton(device: torch.device) -> bool:
-    if device.type != "cuda" or not _load_backend("triton"):
+    if not _load_backend("triton"):
         return False
     triton_mod = importlib.import_module(_BACKEND_MODULES["triton"])
     return bool(getattr(triton_mod, "triton_available", lambda d: False)(device))

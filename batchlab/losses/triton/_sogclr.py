@@ -36,7 +36,8 @@ import triton
 from batchlab.losses import _dispatch
 from batchlab.losses.sogclr import Direction
 from batchlab.losses.triton import _sogclr_kernels as ks
-from batchlab.losses.triton._launch import addmm_f32_, interpreting, kernel_flags, operands, panel_rows, tile_shares
+from batchlab.losses.triton._launch import (FP32_BD, addmm_f32_, interpreting, kernel_flags, operands, panel_rows,
+                                            tile_shares)
 
 #: Tile shapes of the forward (two softmaxes per tile) and backward kernels on the GPU; FLAT as
 #: in ``_launch.KERNEL_OPTIONS``. fp32 inputs halve the d chunk (``BD``). Chosen by the sweep of
@@ -60,7 +61,7 @@ _FINISH_BLOCK = 128
 def _config(kernel: str, dtype: torch.dtype) -> dict:
     cfg = dict(_INTERPRET) if interpreting() else dict(CONFIGS[kernel])
     if dtype == torch.float32 and not interpreting():
-        cfg["BD"] = min(cfg["BD"], 32)
+        cfg["BD"] = min(cfg["BD"], FP32_BD)
     cfg.setdefault("TMA", 0)
     return cfg
 
