@@ -114,14 +114,10 @@ def lse_forward(q, k, scale, targets, *, cols: bool, exclude: bool, ctl: torch.T
         return row_lse2, None
     # The columns' finish: keys as rows, queries as columns, one group. A program walks the
     # queries (exact online max) only if one of its keys' shifted sums underflowed.
-    col_lse2 = torch.empty(m, **f32)
     k_arg, q_arg, cfg2 = operands(k, q, config("fwd", q.dtype))
     cfg2.pop("FLAT", None)
-    _kernels.lse_fwd_kernel[(triton.cdiv(m, cfg2["BM"]), 1)](
-        k_arg, q_arg, tgt, scale32, ctl, col_lse2, col_lse2, col_sum,
-        m, n, d, k.stride(0), q.stride(0), triton.cdiv(n, cfg2["BN"]),
-        COLS=False, TGT_ON_COLS=True, FIX=True, **cfg2, **flags,
-    )
+    col_lse2 = _finish(k_arg, q_arg, tgt, scale32, ctl, col_sum, torch.empty(m, **f32), m, n, d, k.stride(0),
+                       q.stride(0), cfg2, flags, swapped=True)
     return row_lse2, col_lse2
 
 
