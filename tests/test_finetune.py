@@ -124,6 +124,17 @@ def test_resume_continues_exactly(tiny_path, tmp_path):
         finetune(tiny_path, TRAIN, None, resume=checkpoint, **{**kw, "batch_size": 8})
 
 
+def test_checkpoint_appears_whole_or_not_at_all(tiny_path, tmp_path, monkeypatch):
+    """A writer that dies while writing trainer_state.pt leaves no checkpoint folder (nor temporaries)."""
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", fail)
+    with pytest.raises(OSError, match="disk full"):
+        finetune(tiny_path, TRAIN, None, batch_size=16, steps=4, lr=1e-3, out=tmp_path / "run")
+    assert list((tmp_path / "run" / "checkpoints").iterdir()) == []
+
+
 @pytest.mark.parametrize("arm", [
     {"sampler": "community", "sampler_options": {"group_size": 4, "rank_window": (1, 8)}},
     {"sampler": "cluster", "teacher": "model", "sampler_options": {"cluster_size": 4}},

@@ -183,6 +183,8 @@ def test_colm_and_jest_are_exclusive_and_global_losses_take_neither(tiny_path):
         finetune(tiny_path, TRAIN, None, batch_size=4, steps=1, coreset=1.5)
     with pytest.raises(BatchlabInputError, match="unknown option"):
         finetune(tiny_path, TRAIN, None, batch_size=4, steps=1, mochi={"hardest": 2})
+    with pytest.raises(BatchlabInputError, match="synthesises no negative"):
+        finetune(tiny_path, TRAIN, None, batch_size=4, steps=1, mochi={"num_synthetic": 0, "mix_query": 0})
 
 
 # -- iSogCLR ------------------------------------------------------------------------------------
@@ -290,8 +292,9 @@ def test_time_budget_stops_before_the_budget_and_caps_at_steps(tiny_path):
     assert capped.steps == 3
     with pytest.raises(BatchlabInputError, match="cannot resume"):
         finetune(tiny_path, TRAIN, None, batch_size=8, time_budget=10.0, resume="somewhere")
-    with pytest.raises(BatchlabInputError, match="positive number"):
-        finetune(tiny_path, TRAIN, None, batch_size=8, time_budget=0)
+    for bad in (0, float("inf"), float("nan")):  # an infinite budget without steps would never stop
+        with pytest.raises(BatchlabInputError, match="finite positive number"):
+            finetune(tiny_path, TRAIN, None, batch_size=8, time_budget=bad)
 
 
 def test_time_budget_schedule_follows_the_share_of_the_budget():

@@ -388,12 +388,10 @@ def plot(path: Path, dataset: str, summary: dict[str, Any], baseline: str, title
 
 # -- the study ----------------------------------------------------------------------------------
 def _write(out: Path, payload: dict[str, Any]) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "quality.json"
-    tmp = out / f"quality.json.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(payload, indent=2, default=str))
-    tmp.replace(path)  # a run stopped at a time limit leaves the last complete file
-    return path
+    from batchlab._artifacts import write_text
+
+    # atomic: a run stopped at a time limit leaves the last complete file
+    return write_text(out / "quality.json", json.dumps(payload, indent=2, default=str))
 
 
 def _format(summary: dict[str, Any], baseline: str) -> str:

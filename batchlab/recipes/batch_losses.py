@@ -44,7 +44,10 @@ def _mochi_options(mochi) -> dict[str, Any] | None:
     unknown = sorted(set(mochi) - set(MOCHI_DEFAULTS))
     if unknown:
         raise BatchlabInputError(f"mochi got unknown option(s) {unknown}; it takes {sorted(MOCHI_DEFAULTS)}")
-    return {**MOCHI_DEFAULTS, **mochi}
+    options = {**MOCHI_DEFAULTS, **mochi}
+    if options["num_synthetic"] == 0 and options["mix_query"] == 0:
+        raise BatchlabInputError("mochi with num_synthetic=0 and mix_query=0 synthesises no negative; leave one above 0")
+    return options
 
 
 def mochi_negatives(q: torch.Tensor, keys: torch.Tensor, options: dict[str, Any], generator: torch.Generator) -> torch.Tensor:

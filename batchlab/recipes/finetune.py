@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -50,6 +51,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from batchlab._artifacts import write_text
 from batchlab.errors import BatchlabInputError, StaleArtifactError
 from batchlab.recipes._encoder import (
     TokenTable,
@@ -389,8 +391,8 @@ def finetune(
     if mochi_options and loss == "mnsrl":
         raise BatchlabInputError("mochi adds negatives to each query's denominator: use loss='mnrl', not 'mnsrl'")
     if time_budget is not None:
-        if isinstance(time_budget, bool) or not isinstance(time_budget, (int, float)) or not time_budget > 0:
-            raise BatchlabInputError(f"time_budget must be a positive number of seconds, got {time_budget!r}")
+        if isinstance(time_budget, bool) or not isinstance(time_budget, (int, float)) or not 0 < time_budget < math.inf:
+            raise BatchlabInputError(f"time_budget must be a finite positive number of seconds, got {time_budget!r}")
         if resume is not None:
             raise BatchlabInputError("a run under a time_budget cannot resume (its schedule follows the clock)")
     order_seed = seed if order_seed is None else int(order_seed)
@@ -622,19 +624,25 @@ def finetune(
         if save_model:
             _atomic_save(model, out_dir / "model")
             result.model_path = str(out_dir / "model")
-        tmp = out_dir / f"finetune.json.tmp{os.getpid()}"
-        tmp.write_text(json.dumps(result.to_dict(), indent=2, default=str))
-        tmp.replace(out_dir / "finetune.json")
+        write_text(out_dir / "finetune.json", json.dumps(result.to_dict(), indent=2, default=str))
     return result
 
 
 # -- checkpoints ---------------------------------------------------------------------
-def _atomic_save(model, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save(str(tmp))
-    shutil.rmtree(path, ignore_errors=True)
-    tmp.rename(path)
+def _atomic_save(model, path: Path, state: dict[str, Any] | None = None) -> None:
+    """The model (sentence-transformers format, plus ``trainer_state.pt`` from ``state``) written beside
+    ``path`` and swapped in whole (:mod:`batchlab._artifacts`): a killed writer leaves the previous one."""
+    from batchlab._artifacts import _remove_dead_temporaries, _swap_into_place, _temp_name
+
+    _remove_dead_temporaries(path)
+    tmp = _temp_name(path, "tmp")
+    try:
+        model.save(str(tmp))
+        if state is not None:
+            torch.save(state, tmp / "trainer_state.pt")
+        _swap_into_place(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _save_checkpoint(out: Path, model, optimizer, scheduler, settings, result: FinetuneResult, step: int, epoch: int,
@@ -642,7 +650,6 @@ def _save_checkpoint(out: Path, model, optimizer, scheduler, settings, result: F
     """``<out>/checkpoints/step-<step>``: the model (sentence-transformers format) plus ``trainer_state.pt``."""
     folder = out / "checkpoints" / f"step-{step}"
     folder.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_save(model, folder)
     state = {
         "step": step, "epoch": epoch, "settings": settings, "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
@@ -650,7 +657,7 @@ def _save_checkpoint(out: Path, model, optimizer, scheduler, settings, result: F
         "before": result.before, "losses": result.losses, "history": result.history, "examples": result.examples,
         "global_loss": None if global_loss is None else global_loss.state_dict(),
     }
-    torch.save(state, folder / "trainer_state.pt")
+    _atomic_save(model, folder, state)  # the model and trainer_state.pt appear together or not at all
     older = sorted(folder.parent.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
     for stale in older[:-keep]:
         shutil.rmtree(stale, ignore_errors=True)
