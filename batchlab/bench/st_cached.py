@@ -51,7 +51,6 @@ import shutil
 import statistics
 import tempfile
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -168,17 +167,6 @@ def batchlab_loss(model, args, variant: str | None = None):
         return CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.mini_batch_size, impl="rows",
                                                   row_blocks=blocks)
     return CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.mini_batch_size, impl=variant)
-
-
-@contextmanager
-def matmul_precision(precision: str):
-    """``torch.set_float32_matmul_precision`` for the block (cuBLAS follows it; batchlab's products too)."""
-    before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
-    try:
-        yield
-    finally:
-        torch.set_float32_matmul_precision(before)
 
 
 def peak_and_time(fn, device) -> tuple[float, int | None, object]:
@@ -408,6 +396,8 @@ def print_tables(run: Run) -> None:
 def run(args) -> int:
     if args.export:
         return export(args.export)
+    from batchlab.integrations.sentence_transformers._rows import matmul_precision  # ST only when it runs
+
     bench = Run(args)
     print(f"[{bench.elapsed():6.1f} s] encode", flush=True)
     with matmul_precision("high"):  # the loss parts' inputs; their values do not matter for the timings

@@ -35,7 +35,6 @@ loss is computed (one GEMM per block).
 from __future__ import annotations
 
 import os
-import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -45,7 +44,6 @@ from torch import Tensor
 from batchlab._checks import check_choice
 from batchlab.errors import BatchlabInputError
 
-_KERNEL = "batchlab.integrations.sentence_transformers._rows_kernel"
 PRODUCTS = ("default", "3xtf32")
 _TF32_MASK = -8192  # 0xFFFFE000: sign, exponent and the top 10 mantissa bits of an fp32
 
@@ -80,6 +78,8 @@ class RowBlocks:
 
 
 def _interpreting() -> bool:
+    # batchlab.losses.triton._launch.interpreting() reads the same variable, but importing it would import
+    # batchlab.losses.triton (Triton, and the registration of every Triton loss) to answer "no" on a plain CPU.
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
@@ -100,9 +100,7 @@ def row_softmax_grad_(logits: Tensor, low: Tensor, diag_offset: int, coef: float
 
     A non-empty ``low`` (R, M) receives the low part of the split gradient (3xTF32).
     """
-    import importlib
-
-    kernel = sys.modules.get(_KERNEL) or importlib.import_module(_KERNEL)
+    from batchlab.integrations.sentence_transformers import _rows_kernel as kernel  # imports Triton: on first use
     lse = torch.empty(logits.shape[0], device=logits.device, dtype=torch.float32)
     kernel.launch(logits, lse, diag_offset, coef, grads, low if low.numel() else None)
     return lse
@@ -135,13 +133,16 @@ def _rows_torch(L: Tensor, low: Tensor, diag_offset: int, coef: float, grads: bo
 
 
 @contextmanager
-def _tf32(on: bool):
-    """TF32 products for the block (3xTF32 on CUDA), the global setting restored after."""
-    if not on:
+def matmul_precision(precision: str | None):
+    """``torch.set_float32_matmul_precision(precision)`` for the block, the global setting restored after.
+
+    None leaves the setting alone. The row-block pass asks for "high" (TF32) under 3xTF32 on CUDA.
+    """
+    if precision is None:
         yield
         return
     before = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("high")
+    torch.set_float32_matmul_precision(precision)
     try:
         yield
     finally:
@@ -178,7 +179,7 @@ def _pass(q: Tensor, keys: Tensor, scale: float, config: RowBlocks, grads: bool)
     dk = torch.zeros_like(keys) if grads else None
     coef = scale / n
     k_hi, k_lo = tf32_split(keys) if three else (keys, None)
-    with _tf32(three and q.is_cuda):
+    with matmul_precision("high" if three and q.is_cuda else None):
         for r0 in range(0, n, rows):
             r1 = min(r0 + rows, n)
             L, q_b = buf[: r1 - r0], q[r0:r1]

@@ -9,6 +9,19 @@ a row whose positive is column ``diag_offset + row``). Three HBM passes over the
 the gradient leaves split in two for 3xTF32 products (``hi`` = the top 10 mantissa bits,
 ``lo`` = the rest).
 
+Why not batchlab.losses' Triton kernels (``losses/triton/_dense_kernels.py``): ``clip_lse_kernel``
+reads a product buffer too, but only computes statistics (row and column log-sum-exps in base 2
+of ``s * S`` with a device-side scale, per-row losses, partial sums); ``clip_grad_kernel``
+recomputes each tile of ``q . k`` from the embeddings and writes ``s * dLoss/dL`` to a separate
+output. This kernel instead turns the fp32 logit block into its gradient in place (no fourth
+product, no second buffer), with the positive on the shifted diagonal ``diag_offset + row``
+(hard-negative columns after the N positives) and, for 3xTF32, the hi/lo split of the gradient
+in the same pass; its online log-sum-exp keeps one (max, sum) per lane in natural-base ``exp``
+where ``_kernels.online_lse`` folds 2-D tiles per row in base 2, so calling it would change the
+numerics of the fp32 path. The pass itself (:mod:`._rows`) is a row-only InfoNCE with nothing
+sentence-transformers-specific: it would fit batchlab.losses as an ``info_nce`` implementation
+(``symmetric=False``, diagonal targets), and stays here until it can be moved and re-measured on a GPU.
+
 ``TRITON_INTERPRET=1`` must be set before this module is imported for the kernel to run on
 the CPU (tests).
 """

@@ -170,9 +170,10 @@ def sentence_transformers_order(q_emb, c_emb, pairs: Pairs, positive_scores: tor
     scores[ids == -1] = -float("inf")
     if new_rules:  # a corpus text equal to the query is not its negative (unless it is a kept positive)
         corpus_idx = {t: i for i, t in enumerate(pairs.corpus)}
-        own = torch.tensor([-1 if include_positives and corpus_idx.get(q, -1) in p else corpus_idx.get(q, -1)
-                            for q, p in zip(pairs.queries, pairs.positive_ids)])
-        scores[(ids == own[:, None]) & (own[:, None] >= 0)] = -float("inf")
+        own = [corpus_idx.get(q, -1) for q in pairs.queries]  # -1 (none) matches only ids already at -inf
+        if include_positives:
+            own = [-1 if i in p else i for i, p in zip(own, pairs.positive_ids)]
+        scores[ids == torch.tensor(own)[:, None]] = -float("inf")
     if not include_positives:
         for row, positives in enumerate(pairs.positive_ids):
             scores[row, torch.isin(ids[row], torch.tensor(positives))] = -float("inf")
