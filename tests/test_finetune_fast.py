@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("sentence_transformers")
 
-from batchlab.errors import BatchlabInputError  # noqa: E402
+from batchlab.errors import BatchlabInputError, StaleArtifactError  # noqa: E402
 from batchlab.integrations.sentence_transformers.testing import save_tiny_model  # noqa: E402
 from batchlab.recipes._encoder import load_model, sentence_encoder, token_table  # noqa: E402
 from batchlab.recipes._evaluation import ir_metrics, retrieval_metrics_from_tables  # noqa: E402
@@ -147,6 +147,11 @@ def test_mochi_resumes_exactly(tiny_path, tmp_path):
     resumed = finetune(tiny_path, TRAIN, None, resume=tmp_path / "full" / "checkpoints" / "step-2", **kw)
     a, b = weights(full.model), weights(resumed.model)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    # a resume with other MoCHi / CoLM / loss settings than the checkpoint's is refused, naming the setting
+    for change, name in (({"mochi": {"num_hardest": 2}}, "mochi"), ({"mochi": None}, "mochi"),
+                         ({"coreset": 0.5}, "coreset"), ({"loss": "dcl"}, "loss")):
+        with pytest.raises(StaleArtifactError, match=f"{name}="):
+            finetune(tiny_path, TRAIN, None, resume=tmp_path / "full" / "checkpoints" / "step-2", **{**kw, **change})
 
 
 # -- CoLM -------------------------------------------------------------------------------------
@@ -203,6 +208,9 @@ def test_isogclr_learns_temperatures_that_change_revisited_examples(tiny_path, t
     resumed = finetune(tiny_path, TRAIN, None, loss="isogclr", resume=tmp_path / "iso" / "checkpoints" / "step-4", **kw)
     a, b = weights(iso.model), weights(resumed.model)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(StaleArtifactError, match="loss_options="):
+        finetune(tiny_path, TRAIN, None, loss="isogclr", loss_options={"gamma": 0.5},
+                 resume=tmp_path / "iso" / "checkpoints" / "step-4", **kw)
 
 
 # -- the SogCLR ablation: DCL, gamma = 1, rescaled ------------------------------------------------
