@@ -114,3 +114,19 @@ def test_model_options_without_model_are_refused(tmp_path, capsys, flags):
     assert cli.main(["train", "--max-train", "8", "--out", str(tmp_path)] + flags) == EXIT_BAD_INPUT
     err = capsys.readouterr().err.strip()
     assert err.startswith("batchlab train: error: --") and "only applies with --model" in err and "\n" not in err
+
+
+def test_resume_with_changed_options_is_refused_in_one_line(tiny_path, tmp_path, capsys):
+    first = base(tiny_path, tmp_path) + ["--steps", "4", "--mochi", "--name", "first"]  # 3 steps an epoch: step-3
+    assert cli.main(first) == EXIT_OK, capsys.readouterr().err
+    checkpoint = tmp_path / "first" / "checkpoints" / "step-3"
+    assert (checkpoint / "trainer_state.pt").exists()
+    capsys.readouterr()
+    again = base(tiny_path, tmp_path) + ["--steps", "4", "--mochi", "mix_query=0", "--name", "again",
+                                         "--resume", str(checkpoint)]
+    assert cli.main(again) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # (above it: the weights' loading bar)
+    assert last.startswith("batchlab train --model: error: the checkpoint") and "mochi=" in last, err
+    assert "Traceback" not in err
+    assert not (tmp_path / "again" / "finetune.json").exists()
