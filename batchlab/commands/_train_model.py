@@ -68,7 +68,8 @@ class _MochiOptions(argparse.Action):
             if key in options:
                 parser.error(f"argument --mochi: {key} given twice")
             options[key] = value
-        if {**MOCHI_DEFAULTS, **options}["num_synthetic"] == 0 and {**MOCHI_DEFAULTS, **options}["mix_query"] == 0:
+        merged = {**MOCHI_DEFAULTS, **options}
+        if merged["num_synthetic"] == 0 and merged["mix_query"] == 0:  # finetune refuses it too; here before torch loads
             parser.error("argument --mochi: num_synthetic=0 and mix_query=0 synthesise no negative; leave one above 0")
         setattr(namespace, self.dest, options)
 
@@ -184,11 +185,10 @@ def run(args, default_name: str) -> int:
         train, test = load_pairs(args.dataset, max_train=args.max_train, max_test=args.max_test,
                                  packages=args.packages, progress=args.progress)
         options = {"group_size": args.group_size} if args.group_size else {}
-        mochi = None if args.mochi is None else {**MOCHI_DEFAULTS, **args.mochi}
         result = finetune(
             args.model, train, test, sampler=args.sampler, batch_size=args.batch_size, steps=args.steps,
             epochs=args.epochs, lr=args.lr or 5e-5, loss=LOSSES[args.loss], teacher=teacher, sampler_options=options,
-            mined_negatives=args.mined_negatives, guide=args.guide, mochi=mochi, coreset=args.coreset,
+            mined_negatives=args.mined_negatives, guide=args.guide, mochi=args.mochi, coreset=args.coreset,
             cache_chunk=args.cache_chunk, time_budget=args.time_budget, max_seq_length=args.max_seq_length,
             precision=args.precision, device=args.device, seed=args.seed, order_seed=getattr(args, "data_seed", None),
             out=out, resume=getattr(args, "resume", None), progress=args.progress,
