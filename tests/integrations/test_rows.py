@@ -104,6 +104,12 @@ def test_tf32_split_is_exact():
     assert float((lo.abs() / x.abs()).max()) < 2.0 ** -10
 
 
+def test_row_blocks_is_exported_with_the_losses():
+    import batchlab.integrations.sentence_transformers as st_integration
+
+    assert st_integration.RowBlocks is RowBlocks and "RowBlocks" in st_integration.__all__
+
+
 def test_refused():
     q, k = problem(4, 3)
     with pytest.raises(BatchlabInputError, match="M >= N"):

@@ -37,6 +37,7 @@ _WHERE = {
     "GISTEmbedLoss": "losses",
     "CachedMultipleNegativesRankingLoss": "cached",
     "CachedGISTEmbedLoss": "cached",
+    "RowBlocks": "_rows",
     "BatchlabBatchSampler": "samplers",
     "batch_sampler": "samplers",
     "KINDS": "samplers",
