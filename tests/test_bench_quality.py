@@ -125,10 +125,68 @@ def test_merge_combines_seeds_run_in_separate_calls(tmp_path, capsys):
     claims = {c["better"]: c for c in merged["claims"]["toy"]}
     assert claims["community-8"]["seeds"] == [0, 1, 2, 3] and claims["mochi-8"]["seeds"] == [0, 1]
     assert (tmp_path / "m" / "quality-toy.png").stat().st_size > 0
-    # the same runs twice, or another study, are refused
+    assert "repeats" not in merged and "repeated runs" not in capsys.readouterr().out
+    # the same file twice, or another study, are refused
     assert main(["bench", "quality", "--merge", files[0], files[0], "--out", str(tmp_path / "x")]) == 2
     other = json.loads(Path(files[1]).read_text())
     other["settings"]["steps"] = 3
     Path(tmp_path / "other.json").write_text(json.dumps(other))
     assert main(["bench", "quality", "--merge", files[0], str(tmp_path / "other.json"), "--out", str(tmp_path / "y")]) == 2
     assert "another study" in capsys.readouterr().err
+
+
+def test_merge_keeps_the_first_files_repeated_runs_and_reports_the_differences(tmp_path, capsys):
+    """Every call runs the baseline: a (dataset, arm, seed) run in two files keeps the first file's, and the
+    differences of each metric between the files are reported; a repeat with other arm settings is refused."""
+    from batchlab.cli import main
+    from batchlab.recipes._evaluation import METRICS
+
+    pairs = make_pairs(40, seed=5)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "toy.json").write_text(json.dumps({"train": pairs[:24], "test": pairs[24:], "source": {}}))
+    assert main(["bench", "quality", "--model", "tiny", "--data", str(tmp_path / "data"), "--datasets", "toy",
+                 "--baseline", "random-8", "--steps", "2", "--lr", "1e-3", "--no-progress", "--arms", "random-8",
+                 "gist-8", "--seeds", "2", "--out", str(tmp_path / "a")]) == 0
+    a = json.loads((tmp_path / "a" / "quality.json").read_text())
+    # a second call: the baseline again on both seeds (shifted metrics), a new arm, and another --time-budget
+    b = json.loads(json.dumps(a))
+    b["settings"]["time_budget"] = 99.0
+    shift = {0: 0.01, 1: -0.03}
+    b["runs"] = [r for r in b["runs"] if r["arm"] == "random-8"]
+    for r in b["runs"]:
+        r["metrics"] = {m: v + shift[r["seed"]] * (i + 1) for i, (m, v) in enumerate(r["metrics"].items())}
+        r["seconds"]["wall"] += 0.5
+    b["runs"] += [{**r, "arm": "colm-8"} for r in a["runs"] if r["arm"] == "gist-8"]
+    b["arm_settings"] = {"random-8": a["arm_settings"]["random-8"], "colm-8": {"coreset": 0.75}}
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    files = [str(tmp_path / "a" / "quality.json"), str(tmp_path / "b.json")]
+    assert main(["bench", "quality", "--merge", *files, "--out", str(tmp_path / "m")]) == 0
+    merged = json.loads((tmp_path / "m" / "quality.json").read_text())
+    kept = {(r["arm"], r["seed"]): r["metrics"] for r in merged["runs"]}
+    assert len(merged["runs"]) == 6 and all(kept[("random-8", s)] == r["metrics"]
+                                            for s, r in ((r["seed"], r) for r in a["runs"] if r["arm"] == "random-8"))
+    repeats = merged["repeats"]
+    assert [(x["arm"], x["seed"], x["kept_from"], x["repeat_from"]) for x in repeats["runs"]] == [
+        ("random-8", 0, files[0], files[1]), ("random-8", 1, files[0], files[1])]
+    for x in repeats["runs"]:
+        assert x["difference"] == pytest.approx({m: shift[x["seed"]] * (i + 1) for i, m in enumerate(METRICS)})
+        assert x["wall_seconds_difference"] == pytest.approx(0.5)
+    assert repeats["max_abs_difference"] == pytest.approx({m: 0.03 * (i + 1) for i, m in enumerate(METRICS)})
+    assert merged["summary"]["toy"]["colm-8"]["seeds"] == 2 and "colm-8" in merged["arm_settings"]
+    out = capsys.readouterr().out
+    assert "repeated runs: 2 (random-8 x2; the first file's run kept)" in out and "ndcg@10 0.0300" in out
+    # a repeat whose arm settings differ, a run twice in one file, or a study setting that differs: refused
+    b["arm_settings"]["random-8"] = {**a["arm_settings"]["random-8"], "steps": 3}
+    (tmp_path / "c.json").write_text(json.dumps(b))
+    assert main(["bench", "quality", "--merge", files[0], str(tmp_path / "c.json"), "--out", str(tmp_path / "x")]) == 2
+    assert "other settings of arm random-8" in capsys.readouterr().err
+    twice = json.loads(json.dumps(a))
+    twice["runs"].append(twice["runs"][0])
+    (tmp_path / "d.json").write_text(json.dumps(twice))
+    assert main(["bench", "quality", "--merge", str(tmp_path / "d.json"), files[1], "--out", str(tmp_path / "y")]) == 2
+    assert "in the file twice" in capsys.readouterr().err
+    b["arm_settings"]["random-8"] = a["arm_settings"]["random-8"]
+    b["settings"]["max_seq_length"] = 17
+    (tmp_path / "e.json").write_text(json.dumps(b))
+    assert main(["bench", "quality", "--merge", files[0], str(tmp_path / "e.json"), "--out", str(tmp_path / "z")]) == 2
+    assert "max_seq_length differ" in capsys.readouterr().err

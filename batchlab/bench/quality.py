@@ -153,7 +153,8 @@ def add_arguments(parser) -> None:
                         help="seconds: start no new seed that the time per seed so far says would end past this")
     parser.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                         help="combine the runs of several quality.json files of the same study (e.g. seeds run in "
-                             "separate calls) into --out: summary, claims and plots recomputed; nothing is trained")
+                             "separate calls) into --out: summary, claims and plots recomputed; nothing is trained. A run "
+                             "in several files (e.g. the baseline) is kept from the first; the differences are reported")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default="results/bench/quality")
     parser.add_argument("--no-progress", dest="progress", action="store_false")
@@ -413,33 +414,77 @@ _SAME_STUDY = ("steps", "lr", "max_seq_length", "precision", "baseline", "order_
 
 
 def merge(paths: list[str | os.PathLike], args) -> dict[str, Any]:
-    """One study from several ``quality.json`` files: their runs (each (dataset, arm, seed) once), with the
-    summary, claims and plots recomputed into ``args.out``. The files must share the study's settings
-    (:data:`_SAME_STUDY`) and datasets."""
+    """One study from several ``quality.json`` files: their runs, with the summary, claims and plots
+    recomputed into ``args.out``. The files must share the study's settings (:data:`_SAME_STUDY`) and
+    datasets. A (dataset, arm, seed) run present in several files (every call runs the baseline) must have
+    the same arm settings in each; the first file's run is kept, and the others measure reproducibility:
+    ``payload["repeats"]`` lists each repeat's metric differences from the kept run (repeat minus kept)
+    and their largest absolute values (:func:`repeats_line`)."""
     from batchlab.errors import BatchlabInputError
+    from batchlab.recipes._evaluation import METRICS
 
+    resolved = [Path(p).resolve() for p in paths]
+    if len(set(resolved)) < len(resolved):
+        raise BatchlabInputError("a file is given twice: " + ", ".join(
+            str(p) for p, r in zip(paths, resolved) if resolved.count(r) > 1))
     parts = [json.loads(Path(p).read_text()) for p in paths]
     first = parts[0]
     for path, part in zip(paths[1:], parts[1:]):
         changed = [k for k in _SAME_STUDY if part["settings"].get(k) != first["settings"].get(k)]
         if changed or part["datasets"] != first["datasets"]:
             raise BatchlabInputError(f"{path} is another study than {paths[0]}: {', '.join(changed) or 'datasets'} differ")
-    runs, seen = [], set()
-    for path, part in zip(paths, parts):
+    runs, kept, repeats = [], {}, []
+    for index, (path, part) in enumerate(zip(paths, parts)):
         for r in part["runs"]:
             key = (r["dataset"], r["arm"], r["seed"])
-            if key in seen:
-                raise BatchlabInputError(f"{path}: run {key} is in two of the files")
-            seen.add(key)
-            runs.append(r)
-    payload = {**first, "runs": runs, "summary": {}, "claims": {}, "merged_from": [str(p) for p in paths],
+            if key not in kept:
+                kept[key] = index
+                runs.append(r)
+                continue
+            was = kept[key]
+            if was == index:
+                raise BatchlabInputError(f"{path}: run {key} is in the file twice")
+            if part["arm_settings"].get(r["arm"]) != parts[was]["arm_settings"].get(r["arm"]):
+                raise BatchlabInputError(f"{path}: run {key} is also in {paths[was]} with other settings of arm {r['arm']}")
+            old = next(o for o in parts[was]["runs"] if (o["dataset"], o["arm"], o["seed"]) == key)
+            repeats.append({"dataset": key[0], "arm": key[1], "seed": key[2], "kept_from": str(paths[was]),
+                            "repeat_from": str(path),
+                            "difference": {m: r["metrics"][m] - old["metrics"][m] for m in METRICS},
+                            "wall_seconds_difference": r["seconds"].get("wall", 0.0) - old["seconds"].get("wall", 0.0)})
+    arm_settings: dict[str, Any] = {}
+    for part in parts:
+        for arm, kw in part["arm_settings"].items():
+            arm_settings.setdefault(arm, kw)
+    payload = {**first, "runs": runs, "arm_settings": arm_settings, "summary": {}, "claims": {},
+               "merged_from": [str(p) for p in paths],
                "seeds_done": len({r["seed"] for r in runs}), "commands": [p["command"] for p in parts],
                "study_seconds_per_file": [p.get("study_seconds") for p in parts],
                "warmup_seconds_per_file": [p.get("warmup_seconds") for p in parts]}
+    errors = [e for part in parts for e in part.get("errors", [])]
+    if errors:
+        payload["errors"] = errors
+    if repeats:
+        payload["repeats"] = {
+            "runs": repeats,
+            "max_abs_difference": {m: max(abs(x["difference"][m]) for x in repeats) for m in METRICS},
+            "max_abs_wall_seconds_difference": max(abs(x["wall_seconds_difference"]) for x in repeats)}
     args.baseline, args.wall_reference = first["settings"]["baseline"], first["settings"].get("wall_reference")
     args.model, args.steps = first["settings"]["model"], first["settings"]["steps"]
     _finish(payload, args, Path(args.out))
     return payload
+
+
+def repeats_line(payload: dict[str, Any]) -> str | None:
+    """One line on the runs repeated across merged files: how many, of which arms, and the largest
+    absolute difference of each metric (and of the wall time) between a repeat and the kept run."""
+    rep = payload.get("repeats")
+    if not rep:
+        return None
+    arms = ", ".join(f"{arm} x{sum(x['arm'] == arm for x in rep['runs'])}"
+                     for arm in dict.fromkeys(x["arm"] for x in rep["runs"]))
+    diffs = ", ".join(f"{m} {v:.4f}" for m, v in rep["max_abs_difference"].items())
+    return (f"repeated runs: {len(rep['runs'])} ({arms}; the first file's run kept); max |repeat - kept|: {diffs}; "
+            f"wall {rep['max_abs_wall_seconds_difference']:.2f} s")
 
 
 def run(args) -> int:
@@ -606,6 +651,9 @@ def _print_results(payload: dict[str, Any], args) -> None:
                 if check["selected_on_test"]:
                     tags.append("arm chosen on the test split")
                 print("  " + format_check(check) + "".join(f"  [{t}]" for t in tags))
+    line = repeats_line(payload)
+    if line:
+        print(f"\n{line}")
     print(f"\nwrote {out / 'quality.json'} and {', '.join(str(out / f'quality-{n}.png') for n in payload['summary'])}")
 
 
