@@ -153,8 +153,8 @@ def st_loss(model, mini_batch_size: int):
 
 def batchlab_loss(model, args, variant: str | None = None):
     """batchlab's cached loss in the form ``variant`` names (None: ``--impl``)."""
-    from batchlab.integrations.sentence_transformers._rows import RowBlocks
     from batchlab.integrations.sentence_transformers.cached import CachedMultipleNegativesRankingLoss
+    from batchlab.losses.row_blocks import RowBlocks
 
     variant = variant or args.impl
     if variant == "bf16":
@@ -396,7 +396,7 @@ def print_tables(run: Run) -> None:
 def run(args) -> int:
     if args.export:
         return export(args.export)
-    from batchlab.integrations.sentence_transformers._rows import matmul_precision  # ST only when it runs
+    from batchlab.losses.row_blocks import matmul_precision
 
     bench = Run(args)
     print(f"[{bench.elapsed():6.1f} s] encode", flush=True)

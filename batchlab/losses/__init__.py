@@ -13,6 +13,7 @@ from batchlab.losses.embedding_cache import EmbeddingCache, cached_step
 from batchlab.losses.infonce import info_nce
 from batchlab.losses.modules import DCLLoss, InfoNCELoss, NTXentLoss, SigLIPLoss
 from batchlab.losses.nt_xent import nt_xent
+from batchlab.losses.row_blocks import RowBlocks, row_block_info_nce
 from batchlab.losses.siglip import siglip
 from batchlab.losses.sogclr import ISogCLRLoss, SogCLRLoss, SogCLRResult, sogclr
 
@@ -23,6 +24,8 @@ __all__ = [
     "siglip",
     "dcl",
     "nt_xent",
+    "row_block_info_nce",
+    "RowBlocks",
     "InfoNCELoss",
     "SigLIPLoss",
     "DCLLoss",

@@ -10,8 +10,8 @@ from sentence_transformers.sentence_transformer import losses as st_losses
 
 from batchlab.errors import BatchlabInputError
 from batchlab.integrations.sentence_transformers import CachedGISTEmbedLoss, CachedMultipleNegativesRankingLoss
+from batchlab.integrations.sentence_transformers import RowBlocks
 from batchlab.integrations.sentence_transformers import cached as cached_module
-from batchlab.integrations.sentence_transformers._rows import RowBlocks
 from tests.integrations.conftest import columns, load
 from tests.integrations.helpers import assert_same, rel_err, value_and_grads
 
@@ -49,6 +49,14 @@ def test_cached_gist_matches(model, guide, n_columns, options):
     ours = value_and_grads(CachedGISTEmbedLoss(model, guide, mini_batch_size=4, **options), model, features)
     theirs = value_and_grads(st_losses.CachedGISTEmbedLoss(model, guide, mini_batch_size=4, **options), model, features)
     assert_same(ours, theirs)
+
+
+def test_row_blocks_is_exported_with_the_losses():
+    """The docs import RowBlocks beside the losses; it is batchlab.losses' own class."""
+    import batchlab.integrations.sentence_transformers as st_integration
+    from batchlab.losses import RowBlocks as loss_row_blocks
+
+    assert RowBlocks is loss_row_blocks and "RowBlocks" in st_integration.__all__
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ transformers, datasets, accelerate). See docs/sentence_transformers.md.
 ``GISTEmbedLoss``                         losses.py: guided in-batch negatives
 ``CachedMultipleNegativesRankingLoss``    cached.py: GradCache on ``EmbeddingCache``
 ``CachedGISTEmbedLoss``                   cached.py
+``RowBlocks``                             cached.py (from batchlab.losses): the row-block pass
 ``BatchlabBatchSampler``, ``batch_sampler`` samplers.py: the trainer's ``batch_sampler=``
 ``mine_hard_negatives``                   mining.py: dataset in, dataset out
 ``tiny_model``                            testing.py: a tiny offline model
@@ -37,7 +38,7 @@ _WHERE = {
     "GISTEmbedLoss": "losses",
     "CachedMultipleNegativesRankingLoss": "cached",
     "CachedGISTEmbedLoss": "cached",
-    "RowBlocks": "_rows",
+    "RowBlocks": "cached",
     "BatchlabBatchSampler": "samplers",
     "batch_sampler": "samplers",
     "KINDS": "samplers",

@@ -15,8 +15,9 @@ mini-batches) is not supported: ``EmbeddingCache`` cuts fixed-size chunks.
 
 ``CachedMultipleNegativesRankingLoss`` with its default ``directions=("query_to_doc",)``
 (any number of hard-negative columns, one process or ``gather_across_devices=False``)
-computes the loss phase in one pass over full-width row blocks (:mod:`._rows`: three
-matrix products per logit, loss and gradients together) on CUDA (``impl="auto"``) or
+computes the loss phase in one pass over full-width row blocks
+(:func:`batchlab.losses.row_block_info_nce`: three matrix products per logit, loss and
+gradients together) on CUDA (``impl="auto"``) or
 wherever ``impl="rows"`` asks (``row_blocks=RowBlocks(...)`` tunes it; ``products="3xtf32"``
 opts in to TF32 tensor-core products, close to fp32 but not IEEE fp32); every other
 configuration goes through batchlab's ``info_nce`` with ``impl``. ``loss_dtype=torch.bfloat16``
@@ -53,7 +54,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from batchlab._checks import check_choice
 from batchlab.errors import BatchlabInputError
-from batchlab.integrations.sentence_transformers._rows import RowBlocks, row_block_info_nce
 from batchlab.integrations.sentence_transformers._scores import cosine_rows, world_and_rank
 from batchlab.integrations.sentence_transformers.losses import (
     IMPLS,
@@ -61,7 +61,7 @@ from batchlab.integrations.sentence_transformers.losses import (
     MultipleNegativesRankingLoss,
     gist_loss,
 )
-from batchlab.losses import EmbeddingCache
+from batchlab.losses import EmbeddingCache, RowBlocks, row_block_info_nce
 
 
 def split_features(features: dict[str, Any]) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -220,7 +220,7 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
             raise BatchlabInputError(str(exc)) from None
         self.loss = batchlab_loss  # the wrapped loss owns the hyperparameters, as in sentence-transformers
         self.impl, self.distributed, self.loss_dtype = impl, distributed, loss_dtype
-        #: How the row-block pass cuts its work (buffer, split GEMM, Triton row kernel, products): ``_rows.RowBlocks``.
+        #: How the row-block pass cuts its work (buffer, split GEMM, Triton row kernel, products): a ``RowBlocks``.
         self.row_blocks = row_blocks or RowBlocks()
 
     def uses_row_blocks(self, embeddings: list[Tensor]) -> bool:

@@ -1,4 +1,4 @@
-"""The Triton row kernel of :mod:`._rows`: a block of logits becomes its row log-sum-exp and logit gradient.
+"""The row kernel of :mod:`batchlab.losses.row_blocks`: a block of logits becomes its row LSE and logit gradient.
 
 One program per row, two passes over the row (no matrix product, so strict fp32 and TF32
 are the same here): an online per-lane max and sum of exponentials give the row's
@@ -9,7 +9,7 @@ a row whose positive is column ``diag_offset + row``). Three HBM passes over the
 the gradient leaves split in two for 3xTF32 products (``hi`` = the top 10 mantissa bits,
 ``lo`` = the rest).
 
-Why not batchlab.losses' Triton kernels (``losses/triton/_dense_kernels.py``): ``clip_lse_kernel``
+Why not this package's other kernels (``_dense_kernels.py``): ``clip_lse_kernel``
 reads a product buffer too, but only computes statistics (row and column log-sum-exps in base 2
 of ``s * S`` with a device-side scale, per-row losses, partial sums); ``clip_grad_kernel``
 recomputes each tile of ``q . k`` from the embeddings and writes ``s * dLoss/dL`` to a separate
@@ -18,9 +18,7 @@ product, no second buffer), with the positive on the shifted diagonal ``diag_off
 (hard-negative columns after the N positives) and, for 3xTF32, the hi/lo split of the gradient
 in the same pass; its online log-sum-exp keeps one (max, sum) per lane in natural-base ``exp``
 where ``_kernels.online_lse`` folds 2-D tiles per row in base 2, so calling it would change the
-numerics of the fp32 path. The pass itself (:mod:`._rows`) is a row-only InfoNCE with nothing
-sentence-transformers-specific: it would fit batchlab.losses as an ``info_nce`` implementation
-(``symmetric=False``, diagonal targets), and stays here until it can be moved and re-measured on a GPU.
+numerics of the fp32 path.
 
 ``TRITON_INTERPRET=1`` must be set before this module is imported for the kernel to run on
 the CPU (tests).

@@ -1,4 +1,4 @@
-"""The row-block pass (``_rows``) and its Triton row kernel, against float64 cross-entropy.
+"""The row-block InfoNCE (``batchlab.losses.row_blocks``) and its Triton row kernel, against float64 cross-entropy.
 
 The kernel runs in Triton's CPU interpreter (``TRITON_INTERPRET=1`` set before it is
 defined, as in tests/losses/test_triton.py). Tolerances (relative, max |diff| / max |ref|):
@@ -20,13 +20,10 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from batchlab.errors import BatchlabInputError  # noqa: E402
-from batchlab.integrations.sentence_transformers._rows import (  # noqa: E402
-    RowBlocks,
-    row_block_info_nce,
-    tf32_split,
-)
+from batchlab.losses import RowBlocks, row_block_info_nce  # noqa: E402
+from batchlab.losses.row_blocks import tf32_split  # noqa: E402
 
-KERNEL = "batchlab.integrations.sentence_transformers._rows_kernel"
+KERNEL = "batchlab.losses.triton._rows_kernel"
 if KERNEL in sys.modules:  # defined without the interpreter: redefine
     importlib.reload(sys.modules[KERNEL])
 
@@ -102,12 +99,6 @@ def test_tf32_split_is_exact():
     assert torch.equal(hi + lo, x)
     assert int((hi.view(torch.int32) & 0x1FFF).abs().max()) == 0  # hi has TF32's 10 mantissa bits only
     assert float((lo.abs() / x.abs()).max()) < 2.0 ** -10
-
-
-def test_row_blocks_is_exported_with_the_losses():
-    import batchlab.integrations.sentence_transformers as st_integration
-
-    assert st_integration.RowBlocks is RowBlocks and "RowBlocks" in st_integration.__all__
 
 
 def test_refused():
