@@ -18,8 +18,15 @@ under the same setting:
 * **step**: ``zero_grad``, ``loss(features)``, ``loss.backward()`` (the re-encode phase
   runs in this backward), ``AdamW.step()`` with ``lr=0`` (the weights never change, so
   both sides compute the same thing), timed once after a small warm-up step, with its
-  peak memory and the relative difference of the parameter gradients;
-* **peak memory** of each, above what was allocated before it (CUDA).
+  peak memory and the relative difference of the parameter gradients; each side starts
+  without parameter gradients (set to None before its ``before`` reading, so that the
+  second side is not credited with freeing the first side's);
+* **peak memory** of each, above what was allocated before it (CUDA), and for the step
+  where it is reached: the model's forward calls and the optimizer step split it into
+  phases (encode without a graph, loss, re-encode, optimizer), with the memory held when
+  the re-encode starts (``phases`` in the JSON). ``--compare-offload`` also measures
+  batchlab's step with ``offload_gradients=False`` (the cached gradients kept on the GPU
+  during the re-encode, as sentence-transformers keeps them).
 
 With ``--tune`` the step's batchlab loss takes the fastest of ``--impl`` and the
 ``rows/MiB/split/fused`` variants (products as the precision setting says) whose loss-part
@@ -51,6 +58,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -78,6 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--variants", nargs="*", default=["tiled", "bf16"],
                         help="more batchlab forms for the loss part: an impl, rows/MiB/split/fused[/products] (e.g. "
                              "rows/256/1/1, rows/128/8/1/3xtf32), or bf16 (loss_dtype=torch.bfloat16)")
+    parser.add_argument("--compare-offload", action="store_true",
+                        help="also measure batchlab's step with offload_gradients=False (gradients kept on the GPU)")
     parser.add_argument("--tune", action="store_true",
                         help="the step uses the fastest rows/... variant within ST's loss-part peak")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls of each loss part (median)")
@@ -151,22 +161,22 @@ def st_loss(model, mini_batch_size: int):
     return STCached(model, mini_batch_size=mini_batch_size)
 
 
-def batchlab_loss(model, args, variant: str | None = None):
-    """batchlab's cached loss in the form ``variant`` names (None: ``--impl``)."""
+def batchlab_loss(model, args, variant: str | None = None, **options):
+    """batchlab's cached loss in the form ``variant`` names (None: ``--impl``), with keyword ``options``."""
     from batchlab.integrations.sentence_transformers.cached import CachedMultipleNegativesRankingLoss
     from batchlab.losses.row_blocks import RowBlocks
 
     variant = variant or args.impl
     if variant == "bf16":
-        return CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.mini_batch_size, impl=args.impl,
-                                                  loss_dtype=torch.bfloat16)
-    if variant.startswith("rows/"):
+        options.update(impl=args.impl, loss_dtype=torch.bfloat16)
+    elif variant.startswith("rows/"):
         mib, split, fused, *products = variant.split("/")[1:]
-        blocks = RowBlocks(block_bytes=int(float(mib) * 2**20), split=int(split), fused=bool(int(fused)),
-                           products=products[0] if products else "default")
-        return CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.mini_batch_size, impl="rows",
-                                                  row_blocks=blocks)
-    return CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.mini_batch_size, impl=variant)
+        options.update(impl="rows", row_blocks=RowBlocks(block_bytes=int(float(mib) * 2**20), split=int(split),
+                                                         fused=bool(int(fused)),
+                                                         products=products[0] if products else "default"))
+    else:
+        options.update(impl=variant)
+    return CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.mini_batch_size, **options)
 
 
 def peak_and_time(fn, device) -> tuple[float, int | None, object]:
@@ -181,6 +191,55 @@ def peak_and_time(fn, device) -> tuple[float, int | None, object]:
     synchronize(device)
     seconds = time.perf_counter() - start
     return seconds, (torch.cuda.max_memory_allocated(device) - before) if cuda else None, out
+
+
+class StepPhases:
+    """Where a step's peak memory is reached (CUDA): the model's forward calls and the optimizer step mark phases.
+
+    At each mark the allocated bytes and the running peak are read (host-side allocator
+    counters: no synchronisation). Marks: a forward without grad mode ("encode"), a forward
+    with it ("re-encode"), the optimizer step; the interval between the last encode and the
+    first re-encode is the loss phase. ``summary()``: the memory held when the re-encode
+    starts, the running peak when it starts, and the phase in which the peak was reached.
+    """
+
+    def __init__(self, model, optimizer, device: torch.device) -> None:
+        self.model, self.optimizer, self.device = model, optimizer, device
+        self.marks: list[tuple[str, int, int]] = []
+
+    def __enter__(self) -> "StepPhases":
+        self.before = torch.cuda.memory_allocated(self.device)
+        self.handles = [self.model.register_forward_pre_hook(self._forward),
+                        self.optimizer.register_step_pre_hook(lambda *_: self._mark("optimizer"))]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._mark("end")
+        for handle in self.handles:
+            handle.remove()
+
+    def _mark(self, name: str) -> None:
+        self.marks.append((name, torch.cuda.memory_allocated(self.device) - self.before,
+                           torch.cuda.max_memory_allocated(self.device) - self.before))
+
+    def _forward(self, module, args) -> None:
+        self._mark("re-encode" if torch.is_grad_enabled() else "encode")
+
+    def summary(self) -> dict:
+        names = [m[0] for m in self.marks]
+        if "re-encode" not in names:
+            return {"marks": len(names)}
+        first = names.index("re-encode")
+        phase_of = {"encode": "encode", "re-encode": "re-encode", "optimizer": "optimizer"}
+        peak_phase, running = "start", self.marks[0][2]
+        for i in range(1, len(self.marks)):  # the interval (mark i-1, mark i] belongs to mark i-1's phase
+            if self.marks[i][2] > running:
+                running = self.marks[i][2]
+                before = names[i - 1]
+                peak_phase = "loss" if i == first else phase_of.get(before, before)
+        return {"held_at_reencode_bytes": self.marks[first][1], "peak_before_reencode_bytes": self.marks[first][2],
+                "peak_bytes": self.marks[-1][2], "peak_phase": peak_phase,
+                "forwards": names.count("encode") + names.count("re-encode")}
 
 
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -306,13 +365,20 @@ class Run:
         out, grads = {"precision": precision, "batchlab_variant": variant or self.args.impl}, {}
         losses = {"sentence-transformers": st_loss(self.model, self.args.mini_batch_size),
                   "batchlab": batchlab_loss(self.model, self.args, variant)}
+        if self.args.compare_offload:
+            losses["batchlab, gradients on the GPU"] = batchlab_loss(self.model, self.args, variant,
+                                                                     offload_gradients=False)
+        cuda = self.device.type == "cuda"
         for side, loss_fn in losses.items():
             torch.manual_seed(self.args.seed)  # the same dropout masks on both sides: the gradients are comparable
 
             def measured():
-                seconds, peak, value = peak_and_time(lambda: self.step(loss_fn), self.device)
+                self.optimizer.zero_grad(set_to_none=True)  # every side starts without parameter gradients
+                with StepPhases(self.model, self.optimizer, self.device) if cuda else nullcontext() as phases:
+                    seconds, peak, value = peak_and_time(lambda: self.step(loss_fn), self.device)
                 grads[side] = torch.cat([p.grad.flatten() for p in self.model.parameters() if p.grad is not None])
-                return {"s": seconds, "peak_bytes": peak, "loss": float(value)}
+                return {"s": seconds, "peak_bytes": peak, "loss": float(value),
+                        **({"phases": phases.summary()} if cuda else {})}
 
             out[side] = errors(measured)
             print(f"  step, {precision}, {side}: {out[side]}", flush=True)
@@ -323,6 +389,12 @@ class Run:
             out["peak_ratio"] = ours["peak_bytes"] / st["peak_bytes"] if st["peak_bytes"] else None
             out["loss_rel_diff"] = abs(ours["loss"] - st["loss"]) / abs(st["loss"])
             out["grad_rel_diff"] = rel_diff(grads["batchlab"], grads["sentence-transformers"])
+        kept = out.get("batchlab, gradients on the GPU", {})
+        if "s" in st and "s" in kept:
+            out["gpu_gradients_step_ratio"] = kept["s"] / st["s"]
+            out["gpu_gradients_peak_ratio"] = kept["peak_bytes"] / st["peak_bytes"] if st["peak_bytes"] else None
+            out["gpu_gradients_grad_rel_diff"] = rel_diff(grads["batchlab, gradients on the GPU"],
+                                                          grads["sentence-transformers"])
         return out
 
     def write(self) -> Path:
@@ -390,6 +462,13 @@ def print_tables(run: Run) -> None:
                          "loss diff": s.get("loss_rel_diff"), "grad diff": s.get("grad_rel_diff"),
                          "error": s["sentence-transformers"].get("error") or s["batchlab"].get("error")}
                         for s in r["steps"]]))
+    for s in r["steps"]:
+        for side in (k for k in s if isinstance(s[k], dict) and "phases" in s[k]):
+            ph = s[side]["phases"]
+            if "peak_phase" in ph:
+                print(f"  {s['precision']}, {side}: peak {gib(ph['peak_bytes']):.3f} GiB reached in the {ph['peak_phase']} "
+                      f"phase; held when the re-encode starts {gib(ph['held_at_reencode_bytes']):.3f} GiB, peak before "
+                      f"it {gib(ph['peak_before_reencode_bytes']):.3f} GiB; {side} step {s[side]['s']:.2f} s")
     print("targets: " + "; ".join(f"{k}: {v}" for k, v in r.get("targets", {}).items()))
 
 

@@ -38,3 +38,18 @@ def test_st_cached_bench_time_limit(tmp_path):
     out = json.loads((tmp_path / "st-cached-cpu.json").read_text())
     assert out["stages_skipped"] == ["warm-up highest", "loss parts highest", "steps highest"]
     assert out["loss_parts"] == [] and out["steps"] == []
+
+
+def test_step_phases_name_where_the_peak_is():
+    """The phase whose interval raised the running peak last; the memory held when the re-encode starts."""
+    from batchlab.bench.st_cached import StepPhases
+
+    phases = StepPhases(None, None, None)
+    phases.marks = [("encode", 0, 5), ("encode", 10, 15), ("re-encode", 30, 60), ("re-encode", 30, 90),
+                    ("optimizer", 40, 95), ("end", 40, 97)]
+    assert phases.summary() == {"held_at_reencode_bytes": 30, "peak_before_reencode_bytes": 60, "peak_bytes": 97,
+                                "peak_phase": "optimizer", "forwards": 4}
+    phases.marks[-2:] = [("optimizer", 40, 90), ("end", 40, 90)]
+    assert phases.summary()["peak_phase"] == "re-encode"
+    phases.marks = [("encode", 0, 5), ("encode", 10, 15), ("re-encode", 30, 60), ("end", 30, 60)]
+    assert phases.summary()["peak_phase"] == "loss"

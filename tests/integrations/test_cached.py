@@ -150,10 +150,24 @@ def test_embeddings_freed_before_the_re_encode(model, monkeypatch):
 
 
 @pytest.mark.parametrize("impl", ["auto", "rows"])
+def test_offloaded_gradients_match(model, guide, impl):
+    """offload_gradients=True (the CUDA default; on the CPU a host copy): the same re-encode, chunk by chunk."""
+    features = columns(model, 5, 3)
+    ours = value_and_grads(CachedMultipleNegativesRankingLoss(model, mini_batch_size=2, impl=impl,
+                                                              offload_gradients=True), model, features)
+    theirs = value_and_grads(st_losses.CachedMultipleNegativesRankingLoss(model, mini_batch_size=2), model, features)
+    assert_same(ours, theirs)
+    features = columns(model, 6, 2, shift=1)
+    ours = value_and_grads(CachedGISTEmbedLoss(model, guide, mini_batch_size=4, offload_gradients=True), model,
+                           features)
+    assert_same(ours, value_and_grads(st_losses.CachedGISTEmbedLoss(model, guide, mini_batch_size=4), model, features))
+
+
+@pytest.mark.parametrize("impl", ["auto", "rows"])
 def test_backward_scaled_by_upstream_gradient(model, impl):
-    """Gradient accumulation and loss scaling reach the re-encoded mini-batches."""
+    """Gradient accumulation and loss scaling reach the re-encoded mini-batches (offloaded ones too)."""
     features = columns(model, 4, 2)
-    loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=3, impl=impl)
+    loss = CachedMultipleNegativesRankingLoss(model, mini_batch_size=3, impl=impl, offload_gradients=impl == "rows")
     _, full = value_and_grads(loss, model, features)
     model.zero_grad(set_to_none=True)
     (loss([dict(f) for f in features], None) * 0.25).backward()
@@ -183,3 +197,5 @@ def test_refused(model):
         CachedMultipleNegativesRankingLoss(model, row_blocks={"split": 2})
     with pytest.raises(BatchlabInputError, match="impl"):
         CachedMultipleNegativesRankingLoss(model, impl="rowz")
+    with pytest.raises(BatchlabInputError, match="offload_gradients"):
+        CachedMultipleNegativesRankingLoss(model, offload_gradients="cpu")

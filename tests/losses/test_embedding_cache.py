@@ -169,8 +169,12 @@ def test_frozen_tower_is_skipped(gen):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_keep_gradients_frees_the_embeddings_and_scale(gen):
-    """keep_gradients(): the embeddings can be freed before the re-encode; backward(scale=) scales the pushes."""
+@pytest.mark.parametrize("offload", [False, True])
+def test_keep_gradients_frees_the_embeddings_and_scale(gen, offload):
+    """keep_gradients(): the embeddings can be freed before the re-encode; backward(scale=) scales the pushes.
+
+    With ``offload`` the gradients wait in host memory (on the CPU: a copy) and come back chunk by chunk.
+    """
     import gc
     import weakref
 
@@ -178,11 +182,13 @@ def test_keep_gradients_frees_the_embeddings_and_scale(gen):
     cache = EmbeddingCache([img, txt], chunk_size=8)
     embeddings = cache.encode(x_img, x_txt)
     loss_fn(*embeddings).backward()
-    cache.keep_gradients()
-    alive = [weakref.ref(e) for e in embeddings]
-    del embeddings
+    grads = [e.grad for e in embeddings]
+    cache.keep_gradients(offload=offload)
+    alive = [weakref.ref(g) for g in grads] + [weakref.ref(e) for e in embeddings]
+    del embeddings, grads
     gc.collect()
-    assert all(ref() is None for ref in alive)  # nothing but the caller held them
+    assert all(ref() is None for ref in alive[2:])  # nothing but the caller held the embeddings
+    assert all((ref() is None) == offload for ref in alive[:2])  # ... and, offloaded, their gradients
     cache.backward(scale=torch.tensor(0.5))
     for got, want in zip(_params_grads([img, txt]), ref_grads):
         torch.testing.assert_close(got, 0.5 * want, rtol=1e-5, atol=1e-6)

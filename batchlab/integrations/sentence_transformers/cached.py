@@ -8,10 +8,15 @@ or Triton), where sentence-transformers loops over ``mini_batch_size`` rows of t
 score matrix with a backward per chunk. As in sentence-transformers, ``forward`` returns
 the (detached) loss with a hook: the trainer's ``loss.backward()`` runs the re-encode
 phase, scaled by the gradient it receives (gradient accumulation, fp16 loss scaling).
+Between the two, only the embeddings' gradients are kept, and on CUDA (``offload_gradients=None``;
+True / False force it) they wait in pinned host memory, coming back one mini-batch at a time:
+the re-encode, where the step peaks, then holds one mini-batch's gradient on the GPU where
+sentence-transformers holds the whole batch's (asynchronous copies, no host synchronisation).
 
 Constructor arguments and defaults are sentence-transformers 6.2's (plus keyword-only
-``impl`` / ``distributed`` / ``loss_dtype`` / ``row_blocks``). ``mini_batch_num_tokens`` (token-budget
-mini-batches) is not supported: ``EmbeddingCache`` cuts fixed-size chunks.
+``impl`` / ``distributed`` / ``loss_dtype`` / ``row_blocks`` / ``offload_gradients``).
+``mini_batch_num_tokens`` (token-budget mini-batches) is not supported: ``EmbeddingCache``
+cuts fixed-size chunks.
 
 ``CachedMultipleNegativesRankingLoss`` with its default ``directions=("query_to_doc",)``
 (any number of hard-negative columns, one process or ``gather_across_devices=False``)
@@ -145,7 +150,9 @@ def gradient_cached(loss_module, sentence_features: Iterable[dict[str, Tensor]],
     if unused:
         raise BatchlabInputError(f"the loss did not use input column(s) {', '.join(unused)}; remove them from the dataset")
     replay.remaining = sum(-(-e.shape[0] // loss_module.mini_batch_size) for e in embeddings)
-    cache.keep_gradients()  # the embeddings die with this frame: the re-encode holds their gradients only
+    # the embeddings die with this frame: the re-encode holds their gradients only (on the host: one chunk at a time)
+    offload = loss_module.offload_gradients
+    cache.keep_gradients(offload=embeddings[0].is_cuda if offload is None else offload)
     loss = loss.detach().requires_grad_()
     loss.register_hook(partial(_replay, cache=cache))
     return loss
@@ -166,6 +173,11 @@ def joined(parts: list[Tensor]) -> Tensor:
 CACHED_IMPLS = (*IMPLS, "rows")
 #: ``loss_dtype`` values: None (the embeddings' own, fp32 for an fp32 model) or a dtype to cast unit embeddings to.
 LOSS_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
+
+
+def check_offload(offload_gradients: bool | None) -> None:
+    if offload_gradients not in (None, True, False):
+        raise BatchlabInputError(f"offload_gradients must be None (on CUDA), True or False, got {offload_gradients!r}")
 
 
 def check_no_token_budget(mini_batch_num_tokens: int | None) -> None:
@@ -199,8 +211,10 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
         distributed: str = "auto",
         loss_dtype: torch.dtype | None = None,
         row_blocks: RowBlocks | None = None,
+        offload_gradients: bool | None = None,
     ) -> None:
         check_choice("impl", impl, CACHED_IMPLS)
+        check_offload(offload_gradients)
         if row_blocks is not None and not isinstance(row_blocks, RowBlocks):
             raise BatchlabInputError(f"row_blocks must be a RowBlocks, got {type(row_blocks).__name__}")
         check_choice("distributed", distributed, STRATEGIES)
@@ -222,6 +236,8 @@ class CachedMultipleNegativesRankingLoss(_STCachedMultipleNegativesRankingLoss):
         self.impl, self.distributed, self.loss_dtype = impl, distributed, loss_dtype
         #: How the row-block pass cuts its work (buffer, split GEMM, Triton row kernel, products): a ``RowBlocks``.
         self.row_blocks = row_blocks or RowBlocks()
+        #: Where the cached embedding gradients wait for the re-encode (None: host memory on CUDA).
+        self.offload_gradients = offload_gradients
 
     def uses_row_blocks(self, embeddings: list[Tensor]) -> bool:
         """Whether the loss phase of these embeddings takes the row-block pass (see the module docstring)."""
@@ -283,8 +299,10 @@ class CachedGISTEmbedLoss(_STCachedGISTEmbedLoss):
         gather_across_devices: bool = False,
         *,
         impl: str = "auto",
+        offload_gradients: bool | None = None,
     ) -> None:
         check_choice("impl", impl, IMPLS)
+        check_offload(offload_gradients)
         check_no_token_budget(mini_batch_num_tokens)
         try:
             super().__init__(model, guide, temperature=temperature, mini_batch_size=mini_batch_size,
@@ -294,6 +312,8 @@ class CachedGISTEmbedLoss(_STCachedGISTEmbedLoss):
         except ValueError as exc:
             raise BatchlabInputError(str(exc)) from None
         self.impl = impl
+        #: Where the cached embedding gradients wait for the re-encode (None: host memory on CUDA).
+        self.offload_gradients = offload_gradients
 
     def guide_column(self, features: dict[str, Any]) -> Tensor:
         """The guide's embeddings of one column, mini-batch by mini-batch, without a graph."""
