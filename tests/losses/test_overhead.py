@@ -80,8 +80,11 @@ def test_custom_ops_have_fake_implementations():
         dq, dk, ds = ops.clip_dense_backward(q, q, s, None, stats, counts, torch.empty(6), stats, True, 2,
                                              True, False)
         assert dq.shape == q.shape and dk.numel() == 0 and ds.shape == ()
-        assert ops.siglip_dense(q, k, s, b, None, 0).shape == ()
-        dq, dk, dsb = ops.siglip_dense_backward(q, k, s, b, None, torch.empty(()), 0, True, True)
+        assert counts.shape == (1,)  # the backward's counter only: no targets
+        assert ops.clip_dense(q, q, s, torch.empty(6, dtype=torch.long), True, 0)[2].shape == (7,)
+        loss, ctr = ops.siglip_dense(q, k, s, b, None, 0)
+        assert loss.shape == () and ctr.shape == (1,) and ctr.dtype == torch.int32
+        dq, dk, dsb = ops.siglip_dense_backward(q, k, s, b, None, ctr, torch.empty(()), 0, True, True)
         assert dq.shape == q.shape and dk.shape == k.shape and dsb.shape == (2,)
         row, col, ctl = ops.lse_forward(q, k, s, None, True, False)
         assert row.shape == (6,) and col.shape == (5,) and ctl.shape == (2,)

@@ -92,6 +92,22 @@ def test_eager_function_matches_custom_op(use, reduction, monkeypatch, gen, clip
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("family", ["info_nce", "siglip"])
+def test_totals_added_in_kernel_survive_repeated_backward(family, gen, clip_forward):
+    """The gradient kernels add up the scale (and bias) gradients themselves on a counter the forward
+    set to zero; the last program sets it back, so a second backward (retain_graph) gives the same."""
+    q = unit(37, 16, gen, torch.float32).requires_grad_()
+    k = unit(37, 16, gen, torch.float32).requires_grad_()
+    s, b = torch.tensor(11.0, requires_grad=True), torch.tensor(-4.0, requires_grad=True)
+    leaves = [q, k, s] + ([b] if family == "siglip" else [])
+    loss = info_nce(q, k, s, impl="triton") if family == "info_nce" else siglip(q, k, s, b, impl="triton")
+    first = torch.autograd.grad(loss, leaves, retain_graph=True)
+    second = torch.autograd.grad(loss, leaves)
+    assert all(float(g.abs().sum()) > 0 for g in first[2:])  # the totals were written
+    for a, c in zip(first, second):
+        torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
 class _FakeCompiled:
     def __init__(self, calls):
         self.calls, self.function, self.packed_metadata = calls, "fn", "meta"
@@ -145,6 +161,54 @@ def test_direct_launch_reuses_the_compiled_kernel_per_specialisation(monkeypatch
     monkeypatch.setattr(_dense, "DIRECT_LAUNCH", False)
     kernel((3,), (x, 10, 0.5), consts)
     assert fake.calls[-1][0] == "jit"
+
+
+class _FakeLauncher:
+    """Triton 3.6's CudaLauncher as far as the raw launch reads it: scratch sizes and the C launch function."""
+
+    global_scratch_size = profile_scratch_size = 0
+    launch_cooperative_grid, launch_pdl = False, True
+
+    def __init__(self, calls):
+        self.calls = calls
+
+    def launch(self, *args):
+        self.calls.append(("raw", args))
+
+    def __call__(self, *args):
+        self.calls.append(("direct", args))
+
+
+def test_raw_launch_passes_what_the_launcher_would(monkeypatch):
+    """Without scratch memory the C launch function is called with the arguments ``CudaLauncher``
+    would give it (grid, stream, function, cooperative, pdl, no scratch, metadata, hooks, args)."""
+    monkeypatch.setattr(_dense, "_INTERPRET", False)
+    monkeypatch.setattr(_dense, "_current_stream", lambda: 99)
+    monkeypatch.setattr(_dense, "DIRECT_LAUNCH", True)
+    fake = _FakeJit()
+    compiled = _FakeCompiled(fake.calls)
+    compiled.run = _FakeLauncher(fake.calls)
+    kernel = _dense._Kernel(fake)
+    monkeypatch.setattr(_FakeJit, "__getitem__", lambda self, grid: lambda *a, **kw: compiled)
+    x = torch.zeros(8)
+    consts = dict(BLOCK=16)
+    kernel((3,), (x, 10, 0.5), consts)  # compiles (Triton's launch: nothing recorded by the fake)
+    kernel((4, 2), (x, 10, 0.5), consts)
+    kind, args = fake.calls[-1]
+    assert kind == "raw"
+    assert args[:9] == (4, 2, 1, 99, "fn", False, True, None, None)
+    assert args[9] == "meta" and args[-5:] == (x, 10, 0.5, 16, 7)
+    compiled.run.global_scratch_size = 128  # needs scratch: the launcher's own call allocates it
+    kernel.compiled.clear()
+    kernel((3,), (x, 10, 0.5), consts)
+    kernel((3,), (x, 10, 0.5), consts)
+    assert fake.calls[-1][0] == "direct"
+    monkeypatch.setattr(_dense, "RAW_LAUNCH", False)
+    kernel.compiled.clear()
+    compiled.run.global_scratch_size = 0
+    kernel((3,), (x, 10, 0.5), consts)
+    kernel((3,), (x, 10, 0.5), consts)
+    assert fake.calls[-1][0] == "direct"
 
 
 def test_backward_config_is_cached_until_the_sweep_replaces_it(monkeypatch):

@@ -11,17 +11,19 @@ captured in CUDA graphs.
 ==========  ==================================================================  ========
 loss        forward + backward                                                  launches
 ==========  ==================================================================  ========
-CLIP        ``S = q @ k.T`` (cuBLAS, fp32) ; ``clip_lse_kernel`` (from             7
-            ``TILED_STATS_MIN_LOGITS``: ``clip_tile_stats_kernel`` ;
-            ``clip_combine_kernel``) ; sum of the per-program partials ||
-            ``clip_grad_kernel`` (recomputes the tiles) ; sum ; ``G @ k`` ; ``G.T @ q``
-SigLIP      ``siglip_loss_kernel`` ; sum || ``siglip_grad_kernel`` ; sum ;         6
-            ``G @ k`` ; ``G.T @ q``
+CLIP        ``S = q @ k.T`` (cuBLAS, fp32) ; ``clip_lse_kernel`` ; sum of the          6
+            per-program partials || ``clip_grad_kernel`` (recomputes the tiles,
+            adds up the scale gradient itself) ; ``G @ k`` ; ``G.T @ q``
+CLIP from   ``S = q @ k.T`` ; ``clip_tile_stats_kernel`` ;                         6
+``TILED_*`` ``clip_combine_kernel`` (adds up the loss itself) || as above
+SigLIP      ``siglip_loss_kernel`` ; sum || ``siglip_grad_kernel`` (adds up the        5
+            scale and bias gradients itself) ; ``G @ k`` ; ``G.T @ q``
 ==========  ==================================================================  ========
 
 (plus the upstream gradient autograd creates, and whatever extra kernels cuBLAS picks for a
-shape: the H200 run counted 8-10 for CLIP and 7-9 for SigLIP per call up to N = 16,384, 12 for
-CLIP at N = 16,384 and d = 768). Measured on an H200 (benchmarks/results/losses-h200-small/):
+shape: before the in-kernel totals the H200 run counted 8-10 for CLIP and 7-9 for SigLIP per
+call up to N = 16,384, 12 for CLIP at N = 16,384 and d = 768; each total added up in a kernel
+is one launch and one summing op less). Measured on an H200 (benchmarks/results/losses-h200-small/):
 0.43-0.81x open_clip's time at N = 256 ... 8,192 (host-bound: ~1 ms per call on that machine's
 CPU), 0.50-0.65x at 16,384.
 
@@ -131,6 +133,24 @@ def _current_stream() -> int:
     return torch._C._cuda_getCurrentRawStream(torch.cuda.current_device())
 
 
+#: Call the compiled kernel's C launch function itself when the kernel needs no scratch memory
+#: (skipping the Python wrapper of Triton 3.6's ``CudaLauncher.__call__``, which only allocates
+#: scratch space): ``BATCHLAB_TRITON_RAW_LAUNCH=0`` turns it off.
+RAW_LAUNCH = os.environ.get("BATCHLAB_TRITON_RAW_LAUNCH", "1") != "0"
+
+
+def _raw_launch(kernel):
+    """``(launch, cooperative, pdl)`` of a compiled kernel's launcher when it allocates no scratch
+    memory (what ``CudaLauncher.__call__`` passes to it then), else None (call ``kernel.run``)."""
+    run = kernel.run
+    try:
+        if run.global_scratch_size or run.profile_scratch_size:
+            return None
+        return run.launch, run.launch_cooperative_grid, run.launch_pdl
+    except AttributeError:  # another launcher (or Triton release): go through kernel.run
+        return None
+
+
 class _Kernel:
     """A ``@triton.jit`` kernel launched through its compiled launcher.
 
@@ -138,8 +158,9 @@ class _Kernel:
     builds launch metadata on every call (tens of microseconds of host time). Here the first
     launch of each specialisation goes through it and returns the compiled kernel; later
     launches with the same key (what Triton specialises on: tensor dtypes and alignment,
-    integer values, constexprs) call that kernel's launcher directly. Launch hooks (profilers
-    that register with ``triton.knobs.runtime``) are honoured.
+    integer values, constexprs) call that kernel's launcher directly (its C launch function
+    when no scratch memory is needed: :data:`RAW_LAUNCH`). Launch hooks (profilers that
+    register with ``triton.knobs.runtime``) are honoured.
     """
 
     def __init__(self, fn):
@@ -149,10 +170,13 @@ class _Kernel:
 
     def __call__(self, grid, args: tuple, consts: dict):
         """Launch on ``grid`` with the runtime ``args`` (signature order) and the constexpr/launch options ``consts``."""
-        if not DIRECT_LAUNCH or _interpreting():
+        if not DIRECT_LAUNCH or _INTERPRET:
             self.fn[grid](*args, **consts)
             return
-        key = (tuple(consts.items()), tuple(map(_arg_key, args)))
+        # _arg_key, inlined (one Python call less per argument)
+        key = (tuple(consts.items()), tuple([
+            (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (a if a.__class__ is int else a.__class__)
+            for a in args]))
         entry = self.compiled.get(key)
         if entry is None:
             kernel = self.fn[grid](*args, **consts)
@@ -160,9 +184,9 @@ class _Kernel:
                 names = self.fn.arg_names[len(args):]
                 params = self.fn.params[len(args):]
                 tail = tuple(consts[name] if name in consts else p.default for name, p in zip(names, params))
-                self.compiled[key] = (kernel, tail)
+                self.compiled[key] = (kernel, tail, _raw_launch(kernel) if RAW_LAUNCH else None)
             return
-        kernel, tail = entry
+        kernel, tail, raw = entry
         stream = _current_stream()
         runtime = triton.knobs.runtime
         enter, leave = runtime.launch_enter_hook, runtime.launch_exit_hook
@@ -170,8 +194,14 @@ class _Kernel:
             meta = enter = leave = None
         else:
             meta = kernel.launch_metadata(grid, stream, *args, *tail)
-        kernel.run(grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1, stream,
-                   kernel.function, kernel.packed_metadata, meta, enter, leave, *args, *tail)
+        n = len(grid)
+        gx, gy, gz = grid[0], grid[1] if n > 1 else 1, grid[2] if n > 2 else 1
+        if raw is not None:
+            launch, cooperative, pdl = raw
+            launch(gx, gy, gz, stream, kernel.function, cooperative, pdl, None, None, kernel.packed_metadata, meta,
+                   enter, leave, *args, *tail)
+        else:
+            kernel.run(gx, gy, gz, stream, kernel.function, kernel.packed_metadata, meta, enter, leave, *args, *tail)
 
 
 _clip_lse = _Kernel(kd.clip_lse_kernel)
@@ -182,6 +212,16 @@ _siglip_fwd = _Kernel(kd.siglip_loss_kernel)
 _siglip_grad = _Kernel(kd.siglip_grad_kernel)
 
 _FLAGS: dict = {}
+
+
+def _cdiv(a: int, b: int) -> int:
+    """``triton.cdiv`` without its host cost (a ``constexpr_function`` in Triton 3.6: microseconds a call)."""
+    return -(-a // b)
+
+
+def _total_block() -> int:
+    """Partials added per step by the program that finishes a total (``_finish_total``'s RB)."""
+    return 4 if _INTERPRET else 1024
 
 
 def _grad_flags_cached(q: torch.Tensor) -> dict:
@@ -217,89 +257,90 @@ _MM_OUT_DTYPE = True
 
 
 def _clip_forward(q, k, scale, targets, symmetric: bool, reduction: int):
-    """``(loss, stats, counts)`` of the CLIP loss (see :func:`clip_dense`); ``counts`` is None without targets."""
+    """``(loss, stats, ws)`` of the CLIP loss (see :func:`clip_dense`)."""
     n, m = q.shape[0], k.shape[0]
     s = _product_f32(q, k)
     none = reduction == 2
-    f32 = dict(device=q.device, dtype=torch.float32)
-    stats = torch.empty(n + (m if symmetric else 0), **f32)
-    counts = None
-    if targets is not None and symmetric:
-        counts = torch.empty(m, device=q.device, dtype=torch.int32)
+    dev, f32 = q.device, torch.float32
+    stats = torch.empty(n + (m if symmetric else 0), device=dev, dtype=f32)
+    counted = targets is not None and symmetric
+    # ws: the backward's counter (set to zero by the forward kernel), then the positives per column
+    ws = torch.empty(1 + m if counted else 1, device=dev, dtype=torch.int32)
     cr, cc = _coefficients(n, m, symmetric, reduction)
     tgt = targets if targets is not None else stats  # a placeholder pointer without targets
-    cnt = counts if counts is not None else stats
     flags = dict(SYM=symmetric, HAS_TGT=targets is not None)
     if n * m >= TILED_STATS_MIN_LOGITS:
-        # large N: every tile of S read once by a 2-D grid, then the partials merged
-        br, bc, block, tb = _TILED_BLOCKS_INTERPRET if _interpreting() else _TILED_BLOCKS
-        tc, tr = triton.cdiv(m, bc), triton.cdiv(n, br)
+        # large N: every tile of S read once by a 2-D grid, then the partials merged (and added up)
+        br, bc, block, tb = _TILED_BLOCKS_INTERPRET if _INTERPRET else _TILED_BLOCKS
+        tc, tr = _cdiv(m, bc), _cdiv(n, br)
         sym_m = m if symmetric else 1
-        buf = torch.empty(3 * tc * n + 3 * tr * sym_m, **f32)
+        buf = torch.empty(3 * tc * n + 3 * tr * sym_m, device=dev, dtype=f32)
         rm, rl, rp = buf[: tc * n], buf[tc * n: 2 * tc * n], buf[2 * tc * n: 3 * tc * n]
         base = 3 * tc * n
         cm, cl, cp = (buf[base: base + tr * sym_m], buf[base + tr * sym_m: base + 2 * tr * sym_m],
                       buf[base + 2 * tr * sym_m:])
-        cpos = torch.empty(tr * m, device=q.device, dtype=torch.int32) if counts is not None else cm
-        _clip_tiles((tr, tc), (s, scale, tgt, rm, rl, rp, cm, cl, cp, cpos, n, m, s.stride(0)),
+        cpos = torch.empty(tr * m, device=dev, dtype=torch.int32) if counted else cm
+        _clip_tiles((tr, tc), (s, scale, tgt, rm, rl, rp, cm, cl, cp, cpos, ws, n, m, s.stride(0)),
                     dict(BR=br, BC=bc, num_warps=_TILED_WARPS, **flags))
-        programs = triton.cdiv(n, block) + (triton.cdiv(m, block) if symmetric else 0)
-        parts, rows, cols = _loss_buffers(programs, n, m, symmetric, none, f32)
-        _clip_combine((programs,), (rm, rl, rp, cm, cl, cp, cpos, stats, rows, cols, cnt, parts, n, m, tc, tr,
-                                    cr, cc), dict(BLOCK=block, TB=tb, STORE_LOSSES=none, **flags))
+        programs = _cdiv(n, block) + (_cdiv(m, block) if symmetric else 0)
+        parts, rows, cols = _loss_buffers(programs, n, m, symmetric, none, dev)
+        loss = parts if none else torch.empty((), device=dev, dtype=f32)
+        _clip_combine((programs,), (rm, rl, rp, cm, cl, cp, cpos, stats, rows, cols, ws, parts, loss, n, m, tc, tr,
+                                    cr, cc), dict(BLOCK=block, TB=tb, STORE_LOSSES=none, RB=_total_block(), **flags))
     else:
         block, chunk = _lse_blocks()
-        programs = triton.cdiv(n, block) + (triton.cdiv(m, block) if symmetric else 0)
-        parts, rows, cols = _loss_buffers(programs, n, m, symmetric, none, f32)
-        _clip_lse((programs,), (s, scale, tgt, stats, rows, cols, cnt, parts, n, m, s.stride(0), cr, cc),
+        programs = _cdiv(n, block) + (_cdiv(m, block) if symmetric else 0)
+        parts, rows, cols = _loss_buffers(programs, n, m, symmetric, none, dev)
+        _clip_lse((programs,), (s, scale, tgt, stats, rows, cols, ws, parts, n, m, s.stride(0), cr, cc),
                   dict(BLOCK=block, CHUNK=chunk, STORE_LOSSES=none, **flags))
-    if not none:
-        loss = parts.sum()
-    else:
+        loss = None if none else parts.sum()
+    if none:
         loss = (rows + cols) * 0.5 if symmetric else rows
-    return loss, stats, counts
+    return loss, stats, ws
 
 
-def _loss_buffers(programs, n, m, symmetric, none, f32):
+def _loss_buffers(programs, n, m, symmetric, none, dev):
     """``(parts, rows, cols)``: one partial loss sum per program; the per-row and per-column losses
     for ``reduction="none"`` only (else placeholders)."""
-    parts = torch.empty(programs, **f32)
+    parts = torch.empty(programs, device=dev, dtype=torch.float32)
     if not none:
         return parts, parts, parts
-    return parts, torch.empty(n, **f32), torch.empty(m if symmetric else 1, **f32)
+    return (parts, torch.empty(n, device=dev, dtype=torch.float32),
+            torch.empty(m if symmetric else 1, device=dev, dtype=torch.float32))
 
 
-def _clip_backward_impl(q, k, scale, targets, stats, counts, g, g_stats, symmetric: bool, reduction: int,
+def _clip_backward_impl(q, k, scale, targets, stats, ws, g, g_stats, symmetric: bool, reduction: int,
                         need_q: bool, need_k: bool):
-    """``(dq, dk, dscale)`` of ``g * loss + g_stats . stats`` (``g_stats`` None: zero; dq/dk None when not needed)."""
+    """``(dq, dk, dscale)`` of ``g * loss + g_stats . stats`` (``g_stats`` None: zero; dq/dk None when not
+    needed); ``ws`` is the forward's (counter, positives per column)."""
     n, d = q.shape
     m = k.shape[0]
     flags = _grad_flags_cached(q)
     grad = torch.empty(n, m, device=q.device, dtype=q.dtype)
-    grid = (triton.cdiv(n, flags["BM"]), triton.cdiv(m, flags["BN"]))
-    parts = torch.empty(grid[0] * grid[1], device=q.device, dtype=torch.float32)
+    grid = (_cdiv(n, flags["BM"]), _cdiv(m, flags["BN"]))
+    programs = grid[0] * grid[1]
+    parts = torch.empty(programs + 1, device=q.device, dtype=torch.float32)  # partials, then their sum
     cr, cc = _coefficients(n, m, symmetric, reduction)
     has_tgt = targets is not None
     _clip_grad(grid, (q, k, scale, targets if has_tgt else parts, stats,
-                      g_stats if g_stats is not None else parts, counts if counts is not None else parts, g, grad,
+                      g_stats if g_stats is not None else parts, ws, g, grad,
                       parts, n, m, d, q.stride(0), k.stride(0), grad.stride(0), cr, cc),
-               dict(SYM=symmetric, HAS_TGT=has_tgt, G_VEC=g.dim() > 0, HAS_GSTATS=g_stats is not None, **flags))
+               dict(SYM=symmetric, HAS_TGT=has_tgt, G_VEC=g.dim() > 0, HAS_GSTATS=g_stats is not None,
+                    RB=_total_block(), **flags))
     dq = torch.mm(grad, k) if need_q else None
     dk = torch.mm(grad.t(), q) if need_k else None
-    ds = parts.sum()
+    ds = parts[programs]
     return dq, dk, (ds if ds.dtype == scale.dtype else ds.to(scale.dtype))
 
 
 @torch.library.custom_op("batchlab::clip_dense", mutates_args=())
 def clip_dense(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, targets: Optional[torch.Tensor],
                symmetric: bool, reduction: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(loss, stats, counts)``: the loss (0-d, or (N,) for "none"), the row then column
-    log-sum-exps (N + M,) fp32, and positives per column (M,) int32 (symmetric with targets;
-    else a placeholder). The op that ``torch.compile`` traces; eager calls take :class:`_ClipDense`."""
-    loss, stats, counts = _clip_forward(q, k, scale, targets, symmetric, reduction)
-    if counts is None:
-        counts = torch.empty(k.shape[0] if symmetric else 1, device=q.device, dtype=torch.int32)
-    return loss, stats, counts
+    """``(loss, stats, ws)``: the loss (0-d, or (N,) for "none"), the row then column
+    log-sum-exps (N + M,) fp32, and an int32 workspace for the backward: a counter (zero),
+    then the positives per column (M,) when symmetric with targets. The op that
+    ``torch.compile`` traces; eager calls take :class:`_ClipDense`."""
+    return _clip_forward(q, k, scale, targets, symmetric, reduction)
 
 
 @clip_dense.register_fake
@@ -307,38 +348,39 @@ def _(q, k, scale, targets, symmetric, reduction):
     n, m = q.shape[0], k.shape[0]
     loss_shape = (n,) if _REDUCTIONS[reduction] == "none" else ()
     return (q.new_empty(loss_shape, dtype=torch.float32), q.new_empty(n + (m if symmetric else 0), dtype=torch.float32),
-            q.new_empty(m if symmetric else 1, dtype=torch.int32))
+            q.new_empty(1 + m if targets is not None and symmetric else 1, dtype=torch.int32))
 
 
 @torch.library.custom_op("batchlab::clip_dense_backward", mutates_args=())
 def clip_dense_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, targets: Optional[torch.Tensor],
-                        stats: torch.Tensor, counts: torch.Tensor, g: torch.Tensor, g_stats: torch.Tensor,
+                        stats: torch.Tensor, ws: torch.Tensor, g: torch.Tensor, g_stats: torch.Tensor,
                         symmetric: bool, reduction: int, need_q: bool, need_k: bool
                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, dscale)`` of ``g * loss + g_stats . stats`` (dq/dk empty when not needed)."""
-    dq, dk, ds = _clip_backward_impl(q, k, scale, targets, stats, counts, g, g_stats, symmetric, reduction,
+    """``(dq, dk, dscale)`` of ``g * loss + g_stats . stats`` (dq/dk empty when not needed). ``ws``'s
+    counter is used and left at zero again (not a mutation a caller can see)."""
+    dq, dk, ds = _clip_backward_impl(q, k, scale, targets, stats, ws, g, g_stats, symmetric, reduction,
                                      need_q, need_k)
     return (dq if need_q else q.new_empty(0)), (dk if need_k else k.new_empty(0)), ds
 
 
 @clip_dense_backward.register_fake
-def _(q, k, scale, targets, stats, counts, g, g_stats, symmetric, reduction, need_q, need_k):
+def _(q, k, scale, targets, stats, ws, g, g_stats, symmetric, reduction, need_q, need_k):
     return (q.new_empty(q.shape if need_q else (0,)), k.new_empty(k.shape if need_k else (0,)),
             scale.new_empty(()))
 
 
 def _clip_setup(ctx, inputs, output):
     q, k, scale, targets, symmetric, reduction = inputs
-    _, stats, counts = output
-    ctx.save_for_backward(q, k, scale, targets, stats, counts)
+    _, stats, ws = output
+    ctx.save_for_backward(q, k, scale, targets, stats, ws)
     ctx.symmetric, ctx.reduction = symmetric, reduction
 
 
-def _clip_backward(ctx, g, g_stats, _g_counts):
-    q, k, scale, targets, stats, counts = ctx.saved_tensors
+def _clip_backward(ctx, g, g_stats, _g_ws):
+    q, k, scale, targets, stats, ws = ctx.saved_tensors
     need_q, need_k, need_s = ctx.needs_input_grad[:3]
     # an upstream gradient may be an expanded view (stride 0): the kernel reads it by index
-    dq, dk, ds = clip_dense_backward(q, k, scale, targets, stats, counts, g.contiguous(), g_stats.contiguous(),
+    dq, dk, ds = clip_dense_backward(q, k, scale, targets, stats, ws, g.contiguous(), g_stats.contiguous(),
                                      ctx.symmetric,
                                      ctx.reduction, need_q, need_k)
     return (dq if need_q else None), (dk if need_k else None), (ds if need_s else None), None, None, None
@@ -357,21 +399,21 @@ class _ClipDense(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, scale, targets, symmetric, reduction):
-        loss, stats, counts = _clip_forward(q, k, scale, targets, symmetric, reduction)
-        ctx.save_for_backward(q, k, scale, targets, stats, counts)
+        loss, stats, ws = _clip_forward(q, k, scale, targets, symmetric, reduction)
+        ctx.save_for_backward(q, k, scale, targets, stats, ws)
         ctx.symmetric, ctx.reduction = symmetric, reduction
         ctx.set_materialize_grads(False)
         return loss, stats
 
     @staticmethod
     def backward(ctx, g, g_stats):
-        q, k, scale, targets, stats, counts = ctx.saved_tensors
+        q, k, scale, targets, stats, ws = ctx.saved_tensors
         need_q, need_k, need_s = ctx.needs_input_grad[:3]
         if g is None and g_stats is None:
             return None, None, None, None, None, None
         if g is None:
             g = torch.zeros((q.shape[0],) if ctx.reduction == 2 else (), device=q.device, dtype=torch.float32)
-        dq, dk, ds = _clip_backward_impl(q, k, scale, targets, stats, counts, g.contiguous(),
+        dq, dk, ds = _clip_backward_impl(q, k, scale, targets, stats, ws, g.contiguous(),
                                          None if g_stats is None else g_stats.contiguous(), ctx.symmetric,
                                          ctx.reduction, need_q, need_k)
         return dq, dk, (ds if need_s else None), None, None, None
@@ -393,71 +435,76 @@ def clip_loss(q, k, scale, targets, *, symmetric: bool, reduction: str):
 
 
 def _siglip_forward(q, k, scale, bias, targets, reduction: int):
+    """``(loss, ctr)``: the loss (0-d fp32) and the backward's counter (int32 (1,), set to zero in-kernel)."""
     n, d = q.shape
     m = k.shape[0]
     flags = _grad_flags_cached(q)
-    grid = (triton.cdiv(n, flags["BM"]), triton.cdiv(m, flags["BN"]))
+    grid = (_cdiv(n, flags["BM"]), _cdiv(m, flags["BN"]))
     parts = torch.empty(grid[0] * grid[1], device=q.device, dtype=torch.float32)
+    ctr = torch.empty(1, device=q.device, dtype=torch.int32)
     coef = 1.0 / n if reduction == 0 else 1.0
-    _siglip_fwd(grid, (q, k, scale, bias, targets if targets is not None else parts, parts, n, m, d, q.stride(0),
-                       k.stride(0), coef), dict(HAS_TGT=targets is not None, **flags))
-    return parts.sum()
+    _siglip_fwd(grid, (q, k, scale, bias, targets if targets is not None else parts, parts, ctr, n, m, d,
+                       q.stride(0), k.stride(0), coef), dict(HAS_TGT=targets is not None, **flags))
+    return parts.sum(), ctr
 
 
-def _siglip_backward_impl(q, k, scale, bias, targets, g, reduction: int, need_q: bool, need_k: bool):
-    """``(dq, dk, ds_db (2,) fp32)``; dq/dk None when not needed."""
+def _siglip_backward_impl(q, k, scale, bias, targets, ctr, g, reduction: int, need_q: bool, need_k: bool):
+    """``(dq, dk, ds_db (2,) fp32)``; dq/dk None when not needed; ``ctr``: the forward's counter."""
     n, d = q.shape
     m = k.shape[0]
     flags = _grad_flags_cached(q)
-    grid = (triton.cdiv(n, flags["BM"]), triton.cdiv(m, flags["BN"]))
+    grid = (_cdiv(n, flags["BM"]), _cdiv(m, flags["BN"]))
+    programs = grid[0] * grid[1]
     grad = torch.empty(n, m, device=q.device, dtype=q.dtype)
-    parts = torch.empty(grid[0] * grid[1], 2, device=q.device, dtype=torch.float32)
+    parts = torch.empty(programs + 1, 2, device=q.device, dtype=torch.float32)  # partials, then their sums
     coef = 1.0 / n if reduction == 0 else 1.0
-    _siglip_grad(grid, (q, k, scale, bias, targets if targets is not None else parts, g, grad, parts,
+    _siglip_grad(grid, (q, k, scale, bias, targets if targets is not None else parts, g, grad, parts, ctr,
                         n, m, d, q.stride(0), k.stride(0), grad.stride(0), coef),
-                 dict(HAS_TGT=targets is not None, **flags))
+                 dict(HAS_TGT=targets is not None, RB=_total_block(), **flags))
     dq = torch.mm(grad, k) if need_q else None
     dk = torch.mm(grad.t(), q) if need_k else None
-    return dq, dk, parts.sum(0)
+    return dq, dk, parts[programs]
 
 
 @torch.library.custom_op("batchlab::siglip_dense", mutates_args=())
 def siglip_dense(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                 targets: Optional[torch.Tensor], reduction: int) -> torch.Tensor:
-    """The summed (``reduction`` 1) or mean-per-query (0) SigLIP loss, 0-d fp32 (traced by torch.compile)."""
+                 targets: Optional[torch.Tensor], reduction: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, ctr)``: the summed (``reduction`` 1) or mean-per-query (0) SigLIP loss, 0-d fp32, and the
+    backward's counter (int32 (1,)) (traced by torch.compile)."""
     return _siglip_forward(q, k, scale, bias, targets, reduction)
 
 
 @siglip_dense.register_fake
 def _(q, k, scale, bias, targets, reduction):
-    return q.new_empty((), dtype=torch.float32)
+    return q.new_empty((), dtype=torch.float32), q.new_empty(1, dtype=torch.int32)
 
 
 @torch.library.custom_op("batchlab::siglip_dense_backward", mutates_args=())
 def siglip_dense_backward(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor,
-                          targets: Optional[torch.Tensor], g: torch.Tensor, reduction: int, need_q: bool,
-                          need_k: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, [dscale, dbias])`` of ``g * loss`` (fp32 (2,); dq/dk empty when not needed)."""
-    dq, dk, dsb = _siglip_backward_impl(q, k, scale, bias, targets, g, reduction, need_q, need_k)
+                          targets: Optional[torch.Tensor], ctr: torch.Tensor, g: torch.Tensor, reduction: int,
+                          need_q: bool, need_k: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, [dscale, dbias])`` of ``g * loss`` (fp32 (2,); dq/dk empty when not needed). ``ctr`` is
+    used and left at zero again (not a mutation a caller can see)."""
+    dq, dk, dsb = _siglip_backward_impl(q, k, scale, bias, targets, ctr, g, reduction, need_q, need_k)
     return (dq if need_q else q.new_empty(0)), (dk if need_k else k.new_empty(0)), dsb
 
 
 @siglip_dense_backward.register_fake
-def _(q, k, scale, bias, targets, g, reduction, need_q, need_k):
+def _(q, k, scale, bias, targets, ctr, g, reduction, need_q, need_k):
     return (q.new_empty(q.shape if need_q else (0,)), k.new_empty(k.shape if need_k else (0,)),
             q.new_empty(2, dtype=torch.float32))
 
 
 def _siglip_setup(ctx, inputs, output):
     q, k, scale, bias, targets, reduction = inputs
-    ctx.save_for_backward(q, k, scale, bias, targets)
+    ctx.save_for_backward(q, k, scale, bias, targets, output[1])
     ctx.reduction = reduction
 
 
-def _siglip_backward(ctx, g):
-    q, k, scale, bias, targets = ctx.saved_tensors
+def _siglip_backward(ctx, g, _g_ctr):
+    q, k, scale, bias, targets, ctr = ctx.saved_tensors
     need = ctx.needs_input_grad
-    dq, dk, dsb = siglip_dense_backward(q, k, scale, bias, targets, g, ctx.reduction, need[0], need[1])
+    dq, dk, dsb = siglip_dense_backward(q, k, scale, bias, targets, ctr, g, ctx.reduction, need[0], need[1])
     ds, db = dsb.to(scale.dtype).unbind()
     return (dq if need[0] else None), (dk if need[1] else None), (ds if need[2] else None), \
         (db if need[3] else None), None, None
@@ -471,15 +518,16 @@ class _SiglipDense(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, scale, bias, targets, reduction):
-        ctx.save_for_backward(q, k, scale, bias, targets)
+        loss, ctr = _siglip_forward(q, k, scale, bias, targets, reduction)
+        ctx.save_for_backward(q, k, scale, bias, targets, ctr)
         ctx.reduction = reduction
-        return _siglip_forward(q, k, scale, bias, targets, reduction)
+        return loss
 
     @staticmethod
     def backward(ctx, g):
-        q, k, scale, bias, targets = ctx.saved_tensors
+        q, k, scale, bias, targets, ctr = ctx.saved_tensors
         need = ctx.needs_input_grad
-        dq, dk, dsb = _siglip_backward_impl(q, k, scale, bias, targets, g.contiguous(), ctx.reduction, need[0],
+        dq, dk, dsb = _siglip_backward_impl(q, k, scale, bias, targets, ctr, g.contiguous(), ctx.reduction, need[0],
                                             need[1])
         ds = db = None
         if need[2] or need[3]:
@@ -491,6 +539,6 @@ def siglip_loss(q, k, scale, bias, targets, *, reduction: str):
     """SigLIP's summed or mean loss (0-d) on the small-batch path (``reduction`` "mean" or "sum")."""
     red = _REDUCTIONS.index(reduction)
     if not EAGER_FUNCTION or torch.compiler.is_compiling():
-        return siglip_dense(q.contiguous(), k.contiguous(), scale.reshape(()), bias.reshape(()), targets, red)
+        return siglip_dense(q.contiguous(), k.contiguous(), scale.reshape(()), bias.reshape(()), targets, red)[0]
     return _SiglipDense.apply(q.contiguous(), k.contiguous(), scale.reshape(()) if scale.dim() else scale,
                               bias.reshape(()) if bias.dim() else bias, targets, red)

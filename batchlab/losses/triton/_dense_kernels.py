@@ -13,6 +13,14 @@
 
 The upstream gradient and the loss normalisation enter the kernels as a coefficient
 (``cr``, ``cc``) times ``g`` (a scalar, or one value per row when ``G_VEC``).
+
+Totals without a summing launch (:func:`_finish_total`): the tiled forward's merge and the two
+gradient kernels add their programs' partial sums up themselves. Every program stores its
+partial, then counts itself on an int32 counter; the last to arrive sums all partials in a
+fixed order (deterministic) and resets the counter. The counter is set to zero by the call's
+forward kernel (``clip_lse_kernel``, ``clip_tile_stats_kernel``, ``siglip_loss_kernel``): one
+int32 per call, saved for the backward, so repeated backward passes (``retain_graph``) find
+it at zero again.
 """
 
 from __future__ import annotations
@@ -27,6 +35,25 @@ LN2 = 0.6931471805599453
 
 
 @triton.jit
+def _finish_total(part_ptr, out_ptr, ctr_ptr, programs, WIDTH: tl.constexpr, RB: tl.constexpr):
+    """Called by every program after storing its ``WIDTH`` partial sums at ``part_ptr[pid * WIDTH + w]``:
+    the last of the ``programs`` programs to arrive adds all of them up (fixed order, blocks of ``RB``),
+    stores the ``WIDTH`` totals at ``out_ptr[w]`` and sets the int32 counter at ``ctr_ptr`` (zero
+    before the launch) back to zero."""
+    tl.debug_barrier()  # this program's partials are stored before it counts itself
+    done = tl.atomic_add(ctr_ptr, 1, sem="acq_rel", scope="gpu")
+    if done == programs - 1:
+        acc = tl.zeros((RB,), dtype=tl.float32)
+        for i0 in range(0, programs * WIDTH, RB):  # RB is a multiple of WIDTH: lane i holds total i % WIDTH
+            i = i0 + tl.arange(0, RB)
+            acc += tl.load(part_ptr + i, mask=i < programs * WIDTH, other=0.0, cache_modifier=".cg")
+        lane = tl.arange(0, RB) % WIDTH
+        for w in tl.static_range(WIDTH):
+            tl.store(out_ptr + w, tl.sum(tl.where(lane == w, acc, 0.0), 0))
+        tl.store(ctr_ptr, 0)
+
+
+@triton.jit
 def _store_lse_losses(stats_ptr, out_ptr, part_ptr, pid, idx, imask, lse, loss, coef, STORE_LOSSES: tl.constexpr):
     """Epilogue of a block of rows or columns: its log-sum-exps, losses (``STORE_LOSSES``) and
     the block's partial loss sum times ``coef`` (``stats_ptr`` already offset for the columns)."""
@@ -37,17 +64,20 @@ def _store_lse_losses(stats_ptr, out_ptr, part_ptr, pid, idx, imask, lse, loss, 
 
 
 @triton.jit
-def clip_lse_kernel(s_ptr, scale_ptr, tgt_ptr, stats_ptr, rows_out_ptr, cols_out_ptr, cnt_ptr, part_ptr,
+def clip_lse_kernel(s_ptr, scale_ptr, tgt_ptr, stats_ptr, rows_out_ptr, cols_out_ptr, ws_ptr, part_ptr,
                     N, M, stride_s, coef_row, coef_col,
                     BLOCK: tl.constexpr, CHUNK: tl.constexpr, SYM: tl.constexpr, HAS_TGT: tl.constexpr,
                     STORE_LOSSES: tl.constexpr = True):
     """Row (and column) log-sum-exp, losses and partial loss sums of ``s * S`` (see module doc).
 
-    ``stats`` (N + M,): row then column log-sum-exp (natural log); ``cnt`` (M,): positives per column
-    (written with ``HAS_TGT`` only: the diagonal has one per column). ``STORE_LOSSES``: write the
-    per-row (``rows_out``) and per-column (``cols_out``) losses (only ``reduction="none"`` reads them).
+    ``stats`` (N + M,): row then column log-sum-exp (natural log); ``ws`` (int32): the backward's
+    counter (set to zero here), then (from ``ws[1]``) the positives per column (written with
+    ``HAS_TGT`` only: the diagonal has one per column). ``STORE_LOSSES``: write the per-row
+    (``rows_out``) and per-column (``cols_out``) losses (only ``reduction="none"`` reads them).
     """
     pid = tl.program_id(0)
+    if pid == 0:
+        tl.store(ws_ptr, 0)
     row_blocks = tl.cdiv(N, BLOCK)
     s2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
     if pid < row_blocks:
@@ -95,7 +125,7 @@ def clip_lse_kernel(s_ptr, scale_ptr, tgt_ptr, stats_ptr, rows_out_ptr, cols_out
         lse = (m_j + tl.log2(l_j)) * 0.6931471805599453
         loss = lse - pos * 0.6931471805599453 / tl.maximum(cnt, 1).to(tl.float32)
         if HAS_TGT:
-            tl.store(cnt_ptr + cols, cnt, mask=cmask)
+            tl.store(ws_ptr + 1 + cols, cnt, mask=cmask)
         _store_lse_losses(stats_ptr + N, cols_out_ptr, part_ptr, pid, cols, cmask, lse, loss, coef_col,
                           STORE_LOSSES)
 
@@ -109,13 +139,17 @@ def _coefficient(g_ptr, idx, mask, c, G_VEC: tl.constexpr):
 
 
 @triton.jit
-def clip_grad_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, stats_ptr, gstats_ptr, cnt_ptr, g_ptr, out_ptr, part_ptr,
+def clip_grad_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, stats_ptr, gstats_ptr, ws_ptr, g_ptr, out_ptr, part_ptr,
                      N, M, D, stride_q, stride_k, stride_out, cr, cc,
                      BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                      SYM: tl.constexpr, HAS_TGT: tl.constexpr, G_VEC: tl.constexpr,
                      EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                     HAS_GSTATS: tl.constexpr = True):
-    """``out = s * dLoss/dL`` on one tile, and ``part[pid] = sum dLoss/dL * (q . k)``.
+                     HAS_GSTATS: tl.constexpr = True, RB: tl.constexpr = 1024):
+    """``out = s * dLoss/dL`` on one tile, ``part[pid] = sum dLoss/dL * (q . k)``, and the last
+    program to finish writes the sum over programs (the scale gradient) after them, to ``part[programs]``.
+
+    ``ws`` (int32) is the forward's: the counter of :func:`_finish_total` (zero), then the
+    positives per column from ``ws[1]`` (read with ``SYM`` and ``HAS_TGT``).
 
     Row loss ``lse_i - L_{i,t_i}`` weighs ``a_i = cr g``; column loss ``lse_j - mean_{i: t_i = j} L_ij``
     weighs ``b_j = cc g``; ``gstats`` adds the gradients of the returned log-sum-exps (read only with
@@ -148,7 +182,7 @@ def clip_grad_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, stats_ptr, gstats_ptr, cn
         else:
             b_lse = b
         if HAS_TGT:
-            b_pos = b / tl.maximum(tl.load(cnt_ptr + cols, mask=cmask, other=1), 1).to(tl.float32)
+            b_pos = b / tl.maximum(tl.load(ws_ptr + 1 + cols, mask=cmask, other=1), 1).to(tl.float32)
         else:
             b_pos = b
         grad += b_lse[None, :] * tl.exp2(l2 - lse_c[None, :]) - tl.where(pos, b_pos[None, :], 0.0)
@@ -158,6 +192,8 @@ def clip_grad_kernel(q_ptr, k_ptr, scale_ptr, tgt_ptr, stats_ptr, gstats_ptr, cn
     tl.store(out, (grad * s).to(out_ptr.dtype.element_ty), mask=mask)
     pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     tl.store(part_ptr + pid, tl.sum(tl.sum(grad * acc, 1), 0))
+    programs = tl.num_programs(0) * tl.num_programs(1)
+    _finish_total(part_ptr, part_ptr + programs, ws_ptr, programs, 1, RB)
 
 
 @triton.jit
@@ -182,10 +218,13 @@ def _siglip_terms(q_ptr, k_ptr, scale_ptr, bias_ptr, tgt_ptr, N, M, D, stride_q,
 
 
 @triton.jit
-def siglip_loss_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, tgt_ptr, part_ptr, N, M, D, stride_q, stride_k, coef,
-                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, HAS_TGT: tl.constexpr,
+def siglip_loss_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, tgt_ptr, part_ptr, ctr_ptr, N, M, D, stride_q, stride_k,
+                       coef, BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, HAS_TGT: tl.constexpr,
                        EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """``part[pid] = coef * sum softplus(-y z)`` over this program's tile."""
+    """``part[pid] = coef * sum softplus(-y z)`` over this program's tile; the backward's counter
+    (int32 at ``ctr``) set to zero."""
+    if (tl.program_id(0) == 0) & (tl.program_id(1) == 0):
+        tl.store(ctr_ptr, 0)
     rows, mask, acc, pos, x, e = _siglip_terms(q_ptr, k_ptr, scale_ptr, bias_ptr, tgt_ptr, N, M, D, stride_q,
                                                stride_k, BM, BN, BD, HAS_TGT, EVEN_D, UPCAST, PREC)
     sp = tl.maximum(x, 0.0) + tl.log2(1.0 + e) * 0.6931471805599453
@@ -194,11 +233,13 @@ def siglip_loss_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, tgt_ptr, part_ptr, N, 
 
 
 @triton.jit
-def siglip_grad_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, tgt_ptr, g_ptr, out_ptr, part_ptr,
+def siglip_grad_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, tgt_ptr, g_ptr, out_ptr, part_ptr, ctr_ptr,
                        N, M, D, stride_q, stride_k, stride_out, coef,
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, HAS_TGT: tl.constexpr,
-                       EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr):
-    """``out = s * dLoss/dz`` on one tile; ``part[pid] = (sum dLoss/dz * (q . k), sum dLoss/dz)``."""
+                       EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, RB: tl.constexpr = 1024):
+    """``out = s * dLoss/dz`` on one tile; ``part[pid] = (sum dLoss/dz * (q . k), sum dLoss/dz)``; the last
+    program to finish writes the two sums over programs (scale and bias gradients) to ``part[programs]``
+    (``ctr``: the forward's counter)."""
     rows, mask, acc, pos, x, e = _siglip_terms(q_ptr, k_ptr, scale_ptr, bias_ptr, tgt_ptr, N, M, D, stride_q,
                                                stride_k, BM, BN, BD, HAS_TGT, EVEN_D, UPCAST, PREC)
     r = 1.0 / (1.0 + e)
@@ -212,11 +253,13 @@ def siglip_grad_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, tgt_ptr, g_ptr, out_pt
     pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
     tl.store(part_ptr + 2 * pid, tl.sum(tl.sum(grad * acc, 1), 0))
     tl.store(part_ptr + 2 * pid + 1, tl.sum(tl.sum(grad, 1), 0))
+    programs = tl.num_programs(0) * tl.num_programs(1)
+    _finish_total(part_ptr, part_ptr + 2 * programs, ctr_ptr, programs, 2, RB)
 
 
 @triton.jit
 def clip_tile_stats_kernel(s_ptr, scale_ptr, tgt_ptr, rm_ptr, rl_ptr, rp_ptr, cm_ptr, cl_ptr, cp_ptr, cc_ptr,
-                           N, M, stride_s,
+                           ws_ptr, N, M, stride_s,
                            BR: tl.constexpr, BC: tl.constexpr, SYM: tl.constexpr, HAS_TGT: tl.constexpr):
     """Per-tile partial statistics of ``s * S`` (base 2), every tile read once (the large-N forward).
 
@@ -224,10 +267,12 @@ def clip_tile_stats_kernel(s_ptr, scale_ptr, tgt_ptr, rm_ptr, rl_ptr, rp_ptr, cm
     rows, the tile's row maximum, sum of ``2^(x - max)`` and sum of positive logits at ``[j, row]``
     of ``rm``/``rl``/``rp`` ((col tiles, N) each); with ``SYM`` the same per column at ``[i, col]``
     of ``cm``/``cl``/``cp`` ((row tiles, M)) and, with ``HAS_TGT``, the positives per column in ``cc``.
-    ``clip_combine_kernel`` merges them.
+    ``clip_combine_kernel`` merges them. Program (0, 0) sets the counter ``ws[0]`` to zero.
     """
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
+    if (pid_r == 0) & (pid_c == 0):
+        tl.store(ws_ptr, 0)
     rows = pid_r * BR + tl.arange(0, BR)
     cols = pid_c * BC + tl.arange(0, BC)
     rmask = rows < N
@@ -287,13 +332,14 @@ def _merge_partials(m_ptr, l_ptr, p_ptr, c_ptr, idx, imask, size, tiles,
 
 @triton.jit
 def clip_combine_kernel(rm_ptr, rl_ptr, rp_ptr, cm_ptr, cl_ptr, cp_ptr, cc_ptr, stats_ptr, rows_out_ptr,
-                        cols_out_ptr, cnt_ptr, part_ptr, N, M, TC, TR, coef_row, coef_col,
+                        cols_out_ptr, ws_ptr, part_ptr, loss_ptr, N, M, TC, TR, coef_row, coef_col,
                         BLOCK: tl.constexpr, TB: tl.constexpr, SYM: tl.constexpr, HAS_TGT: tl.constexpr,
-                        STORE_LOSSES: tl.constexpr):
+                        STORE_LOSSES: tl.constexpr, RB: tl.constexpr = 1024):
     """Merge ``clip_tile_stats_kernel``'s partials into the outputs of ``clip_lse_kernel`` (same layout).
 
     Programs ``[0, cdiv(N, BLOCK))`` merge the ``TC`` column-tile partials of a block of rows; the
-    others (``SYM``) the ``TR`` row-tile partials of a block of columns.
+    others (``SYM``) the ``TR`` row-tile partials of a block of columns. Without ``STORE_LOSSES``
+    the last program to finish writes the loss (the sum of the partials) to ``loss``.
     """
     pid = tl.program_id(0)
     row_blocks = tl.cdiv(N, BLOCK)
@@ -309,8 +355,10 @@ def clip_combine_kernel(rm_ptr, rl_ptr, rp_ptr, cm_ptr, cl_ptr, cp_ptr, cc_ptr, 
         lse, pos, cnt = _merge_partials(cm_ptr, cl_ptr, cp_ptr, cc_ptr, idx, imask, M, TR, BLOCK, TB, HAS_TGT)
         if HAS_TGT:
             loss = lse - pos * 0.6931471805599453 / tl.maximum(cnt, 1).to(tl.float32)
-            tl.store(cnt_ptr + idx, cnt, mask=imask)
+            tl.store(ws_ptr + 1 + idx, cnt, mask=imask)
         else:
             loss = lse - pos * 0.6931471805599453
         _store_lse_losses(stats_ptr + N, cols_out_ptr, part_ptr, pid, idx, imask, lse, loss, coef_col,
                           STORE_LOSSES)
+    if not STORE_LOSSES:
+        _finish_total(part_ptr, loss_ptr, ws_ptr, tl.num_programs(0), 1, RB)
