@@ -65,18 +65,18 @@ def estimate(payload: dict, files: list[dict]) -> str:
         per.setdefault((r["dataset"], r["arm"]), []).append(r["seconds"]["wall"] + r["seconds"].get("eval", 0.0))
     timed = sum(5 * statistics.fmean(v) for v in per.values())
     overheads, lines = [], []
-    for f in files:
+    for name, f in files:
         own = sum(r["seconds"]["wall"] + r["seconds"].get("eval", 0.0) for r in f["runs"])
         rest = f["study_seconds"] - f.get("warmup_seconds", 0.0) - own
         overheads.append(rest / len(f["runs"]))
-        lines.append(f"{len(f['runs'])} runs, study {f['study_seconds']:.0f} s = warm-up {f.get('warmup_seconds', 0):.0f} + "
+        lines.append(f"{name}: {len(f['runs'])} runs, study {f['study_seconds']:.0f} s = warm-up {f.get('warmup_seconds', 0):.0f} + "
                      f"runs {own:.0f} + rest {rest:.0f} ({rest / len(f['runs']):.2f} s per run)")
     n_runs = 5 * len(per)
     rest = max(overheads) * n_runs
-    warm = max(f.get("warmup_seconds", 0.0) for f in files)
+    warm = max(f.get("warmup_seconds", 0.0) for _, f in files)
     total = timed + rest + warm
     arms = sorted({a for _, a in per})
-    return ("\n".join(f"  call {i + 1}: {line}" for i, line in enumerate(lines)) +
+    return ("\n".join(f"  {line}" for line in lines) +
             f"\n  {len(arms)} arms x {len({d for d, _ in per})} datasets x 5 seeds = {n_runs} runs: timed (wall + eval) "
             f"{timed:.0f} s + rest {rest:.0f} s (largest per-run rest {max(overheads):.2f} s) + warm-up {warm:.0f} s "
             f"= {total:.0f} s = {total / 60:.1f} min")
@@ -99,7 +99,7 @@ def main() -> None:
                 + f"; wall {max(abs(x['wall_seconds_difference']) for x in xs):.2f} s")
         print("repeats, all:", ", ".join(f"{m} {v:.4f}" for m, v in rep["max_abs_difference"].items()))
     folder = path.parent
-    files = [json.loads(p.read_text()) for p in sorted(folder.glob("call*/quality.json"))]
+    files = [(p.parent.name, json.loads(p.read_text())) for p in sorted(folder.glob("call*/quality.json"))]
     if files:
         print("\nwhole study as one command:\n" + estimate(payload, files))
 
