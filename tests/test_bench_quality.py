@@ -175,11 +175,17 @@ def test_merge_keeps_the_first_files_repeated_runs_and_reports_the_differences(t
     assert merged["summary"]["toy"]["colm-8"]["seeds"] == 2 and "colm-8" in merged["arm_settings"]
     out = capsys.readouterr().out
     assert "repeated runs: 2 (random-8 x2; the first file's run kept)" in out and "ndcg@10 0.0300" in out
-    # a repeat whose arm settings differ, a run twice in one file, or a study setting that differs: refused
+    # an arm whose settings differ (repeated or not), a run twice in one file, or a study setting that differs: refused
     b["arm_settings"]["random-8"] = {**a["arm_settings"]["random-8"], "steps": 3}
     (tmp_path / "c.json").write_text(json.dumps(b))
     assert main(["bench", "quality", "--merge", files[0], str(tmp_path / "c.json"), "--out", str(tmp_path / "x")]) == 2
-    assert "other settings of arm random-8" in capsys.readouterr().err
+    assert "arm random-8 has other settings" in capsys.readouterr().err
+    b["arm_settings"]["random-8"] = a["arm_settings"]["random-8"]
+    b["arm_settings"]["gist-8"] = {**a["arm_settings"]["gist-8"], "guide": "model"}  # an arm without repeated runs
+    (tmp_path / "c.json").write_text(json.dumps(b))
+    assert main(["bench", "quality", "--merge", files[0], str(tmp_path / "c.json"), "--out", str(tmp_path / "x")]) == 2
+    assert "arm gist-8 has other settings" in capsys.readouterr().err
+    del b["arm_settings"]["gist-8"]
     twice = json.loads(json.dumps(a))
     twice["runs"].append(twice["runs"][0])
     (tmp_path / "d.json").write_text(json.dumps(twice))

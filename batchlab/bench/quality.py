@@ -416,8 +416,8 @@ _SAME_STUDY = ("steps", "lr", "max_seq_length", "precision", "baseline", "order_
 def merge(paths: list[str | os.PathLike], args) -> dict[str, Any]:
     """One study from several ``quality.json`` files: their runs, with the summary, claims and plots
     recomputed into ``args.out``. The files must share the study's settings (:data:`_SAME_STUDY`) and
-    datasets. A (dataset, arm, seed) run present in several files (every call runs the baseline) must have
-    the same arm settings in each; the first file's run is kept, and the others measure reproducibility:
+    datasets, and an arm the same settings in every file. A (dataset, arm, seed) run present in several
+    files (every call runs the baseline) is kept from the first file, and the others measure reproducibility:
     ``payload["repeats"]`` lists each repeat's metric differences from the kept run (repeat minus kept)
     and their largest absolute values (:func:`repeats_line`)."""
     from batchlab.errors import BatchlabInputError
@@ -433,6 +433,11 @@ def merge(paths: list[str | os.PathLike], args) -> dict[str, Any]:
         changed = [k for k in _SAME_STUDY if part["settings"].get(k) != first["settings"].get(k)]
         if changed or part["datasets"] != first["datasets"]:
             raise BatchlabInputError(f"{path} is another study than {paths[0]}: {', '.join(changed) or 'datasets'} differ")
+    arm_settings: dict[str, Any] = {}  # an arm must mean the same settings in every file
+    for path, part in zip(paths, parts):
+        for arm, kw in part["arm_settings"].items():
+            if arm_settings.setdefault(arm, kw) != kw:
+                raise BatchlabInputError(f"{path}: arm {arm} has other settings than in an earlier file")
     runs, kept, repeats = [], {}, []
     for index, (path, part) in enumerate(zip(paths, parts)):
         for r in part["runs"]:
@@ -444,17 +449,11 @@ def merge(paths: list[str | os.PathLike], args) -> dict[str, Any]:
             was = kept[key]
             if was == index:
                 raise BatchlabInputError(f"{path}: run {key} is in the file twice")
-            if part["arm_settings"].get(r["arm"]) != parts[was]["arm_settings"].get(r["arm"]):
-                raise BatchlabInputError(f"{path}: run {key} is also in {paths[was]} with other settings of arm {r['arm']}")
             old = next(o for o in parts[was]["runs"] if (o["dataset"], o["arm"], o["seed"]) == key)
             repeats.append({"dataset": key[0], "arm": key[1], "seed": key[2], "kept_from": str(paths[was]),
                             "repeat_from": str(path),
                             "difference": {m: r["metrics"][m] - old["metrics"][m] for m in METRICS},
                             "wall_seconds_difference": r["seconds"].get("wall", 0.0) - old["seconds"].get("wall", 0.0)})
-    arm_settings: dict[str, Any] = {}
-    for part in parts:
-        for arm, kw in part["arm_settings"].items():
-            arm_settings.setdefault(arm, kw)
     payload = {**first, "runs": runs, "arm_settings": arm_settings, "summary": {}, "claims": {},
                "merged_from": [str(p) for p in paths],
                "seeds_done": len({r["seed"] for r in runs}), "commands": [p["command"] for p in parts],
