@@ -20,6 +20,10 @@ SogCLR/iSogCLR within 1.2x of InfoNCE's time at N = 4,096 and 65,536 on one H200
 ``--check`` first compares the fast paths (tiled, and Triton where it runs) with the float64
 reference on the device: every mode, fp32 and bf16, per-example temperatures and the extreme
 temperatures 0.005 and 1.0, at a ragged N (1,500; one_way with 200 extra keys).
+
+``--aot`` (no GPU needed) compiles every Triton kernel variant of the SogCLR path for sm_90 as the
+JIT would specialise it (launches captured from calls on CPU tensors, nothing runs) and reports
+registers, spill instructions, shared memory and CTAs per SM (``bench.losses_triton._aot_compile``).
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reference-max-n", type=positive_int, default=32768,
                         help="largest N for the reference, which materialises the logits (default 32768)")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed calls per row, median (default 5)")
+    parser.add_argument("--aot", action="store_true",
+                        help="compile the Triton kernels for sm_90 on this machine and report registers and spills "
+                             "(no GPU; --dtype picks the inputs' dtype)")
     parser.add_argument("--check", action="store_true",
                         help="first check the tiled and Triton paths against the float64 reference on this device "
                              "(every mode, fp32 and bf16, extreme temperatures)")
@@ -135,8 +142,77 @@ def check(device: torch.device, n: int = 1500, dim: int = 128, impls=None) -> li
     return results
 
 
+#: ``--aot``'s variants: (name, forward config key, call) with the call's temperatures and state.
+AOT_VARIANTS = [
+    ("per-row temperatures (iSogCLR, sogclr(tau=tensor))", "fwd", dict(one=False, step=False)),
+    ("one temperature (sogclr(tau=float), temperature gradient)", "fwd_one", dict(one=True, step=False)),
+    ("SogCLRLoss step (one temperature, no temperature gradient)", "fwd_one", dict(one=True, step=True)),
+    ("ISogCLRLoss step (tables read and written in the kernels)", "fwd", dict(one=False, step=True)),
+]
+
+
+def run_aot(dtype: torch.dtype, n: int = 1024, dim: int = 512, warps=(4, 8)) -> list[dict]:
+    """Every kernel of each :data:`AOT_VARIANTS` entry compiled for sm_90 at each forward warp count."""
+    import math
+
+    from triton.runtime.jit import JITFunction
+
+    from batchlab.bench.losses_triton import _aot_compile
+    from batchlab.losses.triton import _sogclr
+
+    captured: list = []
+    original = JITFunction.run
+    JITFunction.run = lambda self, *a, grid, warmup, **kw: captured.append((self, a, kw))
+    saved = {key: dict(val) for key, val in _sogclr.CONFIGS.items()}
+    rows = []
+    try:
+        gen = torch.Generator().manual_seed(0)
+        q, k = (torch.randn(n, dim, generator=gen).to(dtype) for _ in range(2))
+        ids = torch.arange(n)
+        for name, key, var in AOT_VARIANTS:
+            for w in warps:
+                _sogclr.CONFIGS[key]["num_warps"] = w
+                captured.clear()
+                tau = None if var["one"] else torch.full((2, n), 0.05)
+                table = torch.zeros(2, n)
+                log_u = table if var["step"] else torch.zeros(2, n)
+                _, stats, _ = _sogclr._forward(
+                    q, k, k, tau, 0.05, log_u, [0], [n], [0], True, math.log(n - 1), 0.9, 0.0, 1.0,
+                    ids=ids if var["step"] else None, mom=table if var["step"] and not var["one"] else None,
+                    update=var["step"], isog=var["step"] and not var["one"], wsum=not (var["step"] and var["one"]),
+                    tau_out=var["step"] and not var["one"])
+                _sogclr._backward(q, k, tau, 0.05, stats, torch.ones(()), [0], [n], [0], True, 1.0, True, True)
+                seen = set()
+                for jit, a, kw in captured:
+                    fn_name = jit.fn.__name__
+                    if fn_name in seen or (fn_name != "sog_fwd_kernel" and w != warps[0]):
+                        continue
+                    seen.add(fn_name)
+                    try:
+                        row = _aot_compile(jit, a, kw)
+                    except Exception as exc:  # noqa: BLE001 - a variant that does not compile is a result
+                        row = {"kernel_fn": fn_name, "status": f"{type(exc).__name__}: {str(exc)[-80:]}"}
+                    cfg = {k2: kw.get(k2) for k2 in ("BM", "BN", "num_warps", "num_stages", "TMA")}
+                    rows.append({"variant": name, **cfg, **row})
+                _sogclr.CONFIGS[key] = dict(saved[key])
+    finally:
+        JITFunction.run = original
+        _sogclr.CONFIGS.update(saved)
+    print(format_table(rows, ["variant", "kernel_fn", "BM", "BN", "num_warps", "regs", "spill_ops", "stack_bytes",
+                              "shared_kib", "ctas_per_sm", "status"]))
+    return rows
+
+
 def run(args) -> int:
     device = torch.device(args.device)
+    if args.aot:
+        import triton
+
+        dtype = getattr(torch, args.dtype or "bfloat16")
+        rows = run_aot(dtype)
+        write_results(args.out, f"sogclr-aot-sm90-triton{triton.__version__}-{args.dtype or 'bfloat16'}",
+                      {"triton": triton.__version__, "target": "cuda:90", "dtype": str(dtype), "rows": rows})
+        return 0
     checks = check(device) if args.check else None
     cuda = device.type == "cuda"
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([4096, 65536] if cuda else [1024, 4096])

@@ -252,7 +252,7 @@ def _check_state(name: str, value, shape: tuple[int, int], like: torch.Tensor, *
 def _check_hyper(gamma, rho) -> tuple[float, float]:
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma <= 1:
         raise BatchlabInputError(f"gamma (the weight of the new batch in u's moving average) must be in (0, 1], got {gamma!r}")
-    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not math.isfinite(rho):
+    if isinstance(rho, bool) or not isinstance(rho, (int, float)) or not -math.inf < rho < math.inf:
         raise BatchlabInputError(f"rho must be a finite number, got {rho!r}")
     return float(gamma), float(rho)
 
@@ -299,6 +299,26 @@ def _backend(impl: str, n: int, k: int, q: torch.Tensor, dirs: Sequence[Directio
     if impl == "auto":
         impl = "tiled" if n * k > _dispatch.AUTO_TILED_MIN_LOGITS else "reference"
     return impl
+
+
+def _validate(q, k, *, mode, reduction, impl, distributed, gamma, rho, normalize, check_inputs, impl_options):
+    """:func:`sogclr`'s checks of everything but the state rows: ``(q, k, gamma, rho, check)``."""
+    check_choice("mode", mode, MODES)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("impl", impl, _IMPLS)
+    check_choice("distributed", distributed, _DISTRIBUTED)
+    unknown = sorted(set(impl_options) - set(_BACKEND_OPTIONS))
+    if unknown:
+        raise BatchlabInputError(f"sogclr got unknown keyword(s) {unknown}; backend options: {list(_BACKEND_OPTIONS)}")
+    gamma, rho = _check_hyper(gamma, rho)
+    check = checks_for(q, check_inputs)
+    q, k = prepare_pair(q, k, normalize=normalize, check=check)
+    n, m = q.shape[0], k.shape[0]
+    if mode != "one_way" and n != m:
+        raise BatchlabInputError(f"mode={mode!r} needs as many keys as queries, got {n} and {m}; use mode='one_way'")
+    if m < n:
+        raise BatchlabInputError(f"query i's positive is key i, so keys ({m}) must be at least as many as queries ({n})")
+    return q, k, gamma, rho, check
 
 
 def sogclr(
@@ -364,23 +384,14 @@ def sogclr(
     -------
     SogCLRResult(loss, log_u, tau_grad)
     """
-    check_choice("mode", mode, MODES)
-    check_choice("reduction", reduction, REDUCTIONS)
-    check_choice("impl", impl, _IMPLS)
-    check_choice("distributed", distributed, _DISTRIBUTED)
-    unknown = sorted(set(impl_options) - set(_BACKEND_OPTIONS))
-    if unknown:
-        raise BatchlabInputError(f"sogclr got unknown keyword(s) {unknown}; backend options: {list(_BACKEND_OPTIONS)}")
-    gamma, rho = _check_hyper(gamma, rho)
-    check = checks_for(q, check_inputs)
-    q, k = prepare_pair(q, k, normalize=normalize, check=check)
+    q, k, gamma, rho, check = _validate(q, k, mode=mode, reduction=reduction, impl=impl, distributed=distributed,
+                                        gamma=gamma, rho=rho, normalize=normalize, check_inputs=check_inputs,
+                                        impl_options=impl_options)
     n, m = q.shape[0], k.shape[0]
-    if mode != "one_way" and n != m:
-        raise BatchlabInputError(f"mode={mode!r} needs as many keys as queries, got {n} and {m}; use mode='one_way'")
-    if m < n:
-        raise BatchlabInputError(f"query i's positive is key i, so keys ({m}) must be at least as many as queries ({n})")
     n_dir = 1 if mode == "one_way" else 2
     log_u = _check_state("log_u", log_u, (n_dir, n), q, positive=False, check=check)
+    # a float temperature reaches the Triton kernels as one number (one exponential per logit)
+    tau_value = float(tau) if isinstance(tau, (int, float)) and not isinstance(tau, bool) else None
     tau = _check_state("tau", tau, (n_dir, n), q, positive=True, check=check)
 
     world, q_all, k_all, offsets = 1, None, None, (0, 0)
@@ -413,7 +424,8 @@ def sogclr(
         # one tile pass for both directions; the kernels also sum the loss (no (2, n) values to reduce)
         fn = _dispatch.resolve("sogclr_symmetric", "triton", n, m, q.device)
         _dispatch.accepted_options(fn, impl_options, impl)
-        loss, new_log_u, tau_grads = fn(q, k, tau, log_u, gamma=gamma, rho=rho, reduction=reduction)
+        loss, new_log_u, tau_grads = fn(q, k, tau if tau_value is None else tau_value, log_u, gamma=gamma, rho=rho,
+                                        reduction=reduction)
         return SogCLRResult(loss, new_log_u.detach(), tau_grads.detach())
     if chosen == "tiled" and mode == "symmetric" and world == 1:
         # one product per tile serves both directions (the per-direction path would compute it twice)
@@ -423,8 +435,9 @@ def sogclr(
     else:
         fn = _dispatch.resolve("sogclr", chosen, n, m, q.device)
         options = _dispatch.accepted_options(fn, impl_options, impl)
+        one = tau_value is not None and chosen == "triton"
         values, new_log_u, tau_grads = (torch.stack(x) for x in zip(*(
-            fn(d, tau[i], log_u[i], gamma=gamma, rho=rho, **options) for i, d in enumerate(dirs))))
+            fn(d, tau_value if one else tau[i], log_u[i], gamma=gamma, rho=rho, **options) for i, d in enumerate(dirs))))
     per_row = values.mean(0)
     if reduction == "none":
         loss = per_row
@@ -562,14 +575,43 @@ class SogCLRLoss(nn.Module):
         if not isinstance(image_features, torch.Tensor):
             raise BatchlabInputError("image_features must be a tensor (N, d)")
         ids = self._check_ids(ids, image_features.shape[0])
-        opts = dict(self.call_options)
-        tau = self._rows(self.tau, ids, image_features) if self.isogclr else self.tau_init
-        out = sogclr(
-            image_features, text_features, log_u=self._rows(self.log_u, ids, image_features), tau=tau,
-            gamma=self.gamma, rho=self.rho, mode=self.mode, neg_mask=neg_mask, **opts,
-        )
-        self._update(ids, out)
-        return {"contrastive_loss": out.loss} if output_dict else out.loss
+        loss = self._fused_step(image_features, text_features, ids) if neg_mask is None else None
+        if loss is None:
+            opts = dict(self.call_options)
+            tau = self._rows(self.tau, ids, image_features) if self.isogclr else self.tau_init
+            out = sogclr(
+                image_features, text_features, log_u=self._rows(self.log_u, ids, image_features), tau=tau,
+                gamma=self.gamma, rho=self.rho, mode=self.mode, neg_mask=neg_mask, **opts,
+            )
+            self._update(ids, out)
+            loss = out.loss
+        return {"contrastive_loss": loss} if output_dict else loss
+
+    def _fused_step(self, q, k, ids: torch.Tensor):
+        """The batch's loss from the Triton kernels with the state read and written in place (one
+        autograd function, no gather, no separate update: the fixed cost that bounds small batches),
+        or None where :func:`sogclr` and :meth:`_update` must run: two views, distributed, value
+        checks on, ``torch.compile`` (which traces the custom ops of that path), or anything the
+        kernels do not take. Validates the inputs as :func:`sogclr` does."""
+        opts = self.call_options
+        if self.mode == "two_view" or opts.get("tile_size") is not None or torch.compiler.is_compiling():
+            return None
+        impl = opts.get("impl", "auto")
+        q, k, gamma, rho, check = _validate(
+            q, k, mode=self.mode, reduction=opts.get("reduction", "mean"), impl=impl,
+            distributed=opts.get("distributed", "none"), gamma=self.gamma, rho=self.rho,
+            normalize=opts.get("normalize", False), check_inputs=opts.get("check_inputs"), impl_options={})
+        n, m = q.shape[0], k.shape[0]
+        if check or m < 2 or impl not in ("auto", "triton") or use_distributed(opts.get("distributed", "none"),
+                                                                                   opts.get("group")):
+            return None
+        module = _triton_module() if (impl == "triton" or q.is_cuda) else None
+        if module is None or not module.step_ok(q, k, self._tables()) or _backend(impl, n, m, q, ()) != "triton":
+            return None
+        return module.sogclr_step(
+            q, k, ids, self.log_u, self.tau if self.isogclr else None, self.tau_momentum if self.isogclr else None,
+            tau_value=self.tau_init, mode=self.mode, gamma=gamma, rho=rho, beta=self.beta, eta=self.eta,
+            tau_min=self.tau_min, tau_max=self.tau_max, reduction=opts.get("reduction", "mean"))
 
     @torch.no_grad()
     def _update(self, ids: torch.Tensor, out: SogCLRResult) -> None:

@@ -167,11 +167,11 @@ def test_fake_implementations_give_shapes():
     with FakeTensorMode():
         q, k, tau, log_u = torch.empty(6, 4), torch.empty(6, 4), torch.empty(2, 6), torch.empty(2, 6)
         ops = torch.ops.batchlab
-        loss, stats = ops.sogclr_forward(q, k, k, tau, log_u, [0], [6], [0], True, 1.0, 0.9, 0.0, 0.1, True)
+        loss, stats = ops.sogclr_forward(q, k, k, tau, 0.0, log_u, [0], [6], [0], True, 1.0, 0.9, 0.0, 0.1, True)
         assert loss.shape == () and stats.shape == (4, 2, 6)
-        values, _ = ops.sogclr_forward(q, k, k, tau, log_u, [0], [6], [0], True, 1.0, 0.9, 0.0, 0.1, False)
+        values, _ = ops.sogclr_forward(q, k, k, None, 0.1, log_u, [0], [6], [0], True, 1.0, 0.9, 0.0, 0.1, False)
         assert values.shape == (2, 6)
-        dq, dk = ops.sogclr_backward(q, k, tau, stats, loss, [0], [6], [0], True, 0.1, True, False)
+        dq, dk = ops.sogclr_backward(q, k, tau, 0.0, stats, loss, [0], [6], [0], True, 0.1, True, False)
         assert dq.shape == q.shape and dk.shape == (0,)
 
 
@@ -229,3 +229,149 @@ def test_two_ranks_equal_one_process():
         for _, state in per_rank:
             for name, buf in want_state.items():
                 torch.testing.assert_close(state[name], buf, rtol=1e-5, atol=1e-6, msg=name)
+
+
+# ----------------------------------------------------------------------------- one temperature (ONE_TAU)
+
+
+def _floats(mode, n, d, dtype, seed, extra=5):
+    q, k, log_u, _ = _inputs(mode, n, d, dtype, seed, extra=extra)
+    return q, k, log_u
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode,n", [("symmetric", 37), ("one_way", 21), ("two_view", 19)])
+def test_one_temperature_matches_float64_reference(mode, n, dtype):
+    """A float tau: one exponential per logit at each tile's maximum (the kernels' ONE_TAU path)."""
+    q, k, log_u = _floats(mode, n, 20, dtype, seed=n + 1)
+    kw = dict(mode=mode, gamma=0.8, rho=0.3)
+    _compare(_run_float(q, k, log_u, 0.07, "triton", **kw), _run_float(q, k, log_u, 0.07, "reference", **kw), dtype)
+
+
+def _run_float(q, k, log_u, tau, impl, **kw):
+    """(loss, log u, tau_grad, dq, dk) of one call with a float temperature."""
+    dt = torch.float64 if impl == "reference" else torch.float32
+    q, k = (x.detach().to(torch.float64 if impl == "reference" else x.dtype).requires_grad_(True) for x in (q, k))
+    out = sogclr(q, k, log_u=log_u.to(dt), tau=tau, impl=impl, check_inputs=False, **kw)
+    return [out.loss.detach(), out.log_u, out.tau_grad, *torch.autograd.grad(out.loss.sum(), [q, k])]
+
+
+@pytest.mark.parametrize("risk", ["never", "always"])
+@pytest.mark.parametrize("tau", [0.005, 1.0])
+def test_one_temperature_both_loops(tau, risk, monkeypatch):
+    """The one-exponential loop alone (no redo) and the per-row/per-column loop alone (redo always)
+    each match the reference at moderate spreads; at tau = 0.005 the default bound decides per program."""
+    import triton.language as tl
+
+    from batchlab.losses.triton import _sogclr_kernels as ks
+
+    q, k, log_u = _floats("symmetric", 40, 16, torch.float32, seed=12)
+    if tau == 1.0:
+        monkeypatch.setattr(ks, "RISK", tl.constexpr(-1.0 if risk == "never" else 1e30))
+    kw = dict(mode="symmetric", gamma=0.9, rho=1.0)
+    _compare(_run_float(q, k, log_u, tau, "triton", **kw), _run_float(q, k, log_u, tau, "reference", **kw),
+             torch.float32, scale=max(1.0, 0.05 / tau))
+
+
+def test_one_temperature_redoes_a_program_whose_rows_underflow(monkeypatch):
+    """Rows whose every logit lies ~576 (base 2) below the tile's best (cos -1 against cos 1 at tau =
+    0.005): their sums at the tile's maximum underflow to 0, and the program redoes its tiles with
+    per-row shifts. Without the redo (bound forced off) those rows come out wrong: the test can fail."""
+    import triton.language as tl
+
+    from batchlab.losses.triton import _sogclr_kernels as ks
+
+    gen = torch.Generator().manual_seed(13)
+    e1 = torch.zeros(6, 4)
+    e1[:, 0] = 1.0
+    sign = torch.tensor([1.0, 1.0, -1.0, -1.0, -1.0, -1.0])[:, None]
+    q = F.normalize(sign * e1 + 0.01 * torch.randn(6, 4, generator=gen), dim=1)
+    k = F.normalize(e1 + 0.01 * torch.randn(6, 4, generator=gen), dim=1)
+    log_u = torch.zeros(2, 6)
+    want = sogclr(q.double(), k.double(), log_u=log_u.double(), tau=0.005, impl="reference", check_inputs=False)
+    got = sogclr(q, k, log_u=log_u, tau=0.005, impl="triton", check_inputs=False)
+    assert _err(got.log_u, want.log_u) <= 1e-5
+    monkeypatch.setattr(ks, "RISK", tl.constexpr(-1.0))
+    broken = sogclr(q, k, log_u=log_u, tau=0.005, impl="triton", check_inputs=False)
+    assert float((broken.log_u[0, 2:].double() - want.log_u[0, 2:]).abs().min()) > 1.0  # images 2-5 lost
+
+
+# ----------------------------------------------------------------------------- the modules' fused step
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("mode", ["symmetric", "one_way", "two_view"])
+@pytest.mark.parametrize("isogclr", [False, True])
+def test_fused_module_step_matches_reference_module(isogclr, mode, reduction, monkeypatch):
+    """Two steps of the module: sogclr_step (tables read and written by the kernels; two views: the
+    unfused path) against the float64 reference module: loss, gradients and the whole state."""
+    calls = []
+    real_step = _sogclr.sogclr_step
+    monkeypatch.setattr(_sogclr, "sogclr_step", lambda *a, **kw: calls.append(1) or real_step(*a, **kw))
+    cls = ISogCLRLoss if isogclr else SogCLRLoss
+    opts = dict(mode=mode, reduction=reduction, check_inputs=False)
+    fused, ref = cls(30, impl="triton", **opts), cls(30, impl="reference", **opts).double()
+    gen = torch.Generator().manual_seed(14)
+    for _ in range(2):
+        ids = torch.randperm(30, generator=gen)[:11]
+        q = F.normalize(torch.randn(11, 16, generator=gen, dtype=torch.float64), dim=1)
+        k = F.normalize(torch.randn(11 + (4 if mode == "one_way" else 0), 16, generator=gen, dtype=torch.float64),
+                        dim=1)
+        got, want = [], []
+        for fn, out, dt in ((fused, got, torch.float32), (ref, want, torch.float64)):
+            qq, kk = q.to(dt).requires_grad_(True), k.to(dt).requires_grad_(True)
+            loss = fn(qq, kk, ids)
+            out += [loss.detach(), *torch.autograd.grad(loss.sum(), [qq, kk])]
+        for name, a, b in zip(["loss", "dq", "dk"], got, want):
+            assert _err(a, b) <= 1e-5, name
+    assert len(calls) == (0 if mode == "two_view" else 2)
+    # symmetric iSogCLR: temperatures down to tau_min = 0.005, where the temperature step carries
+    # fp32's similarity error times 1 / tau (the 0.05 / tau scaling of test_extreme_temperatures)
+    scale = 0.05 / fused.tau_min if isogclr else 1.0
+    for name, buf in ref.state_dict().items():
+        a, b = fused.state_dict()[name].double(), buf
+        assert torch.equal(torch.isfinite(a), torch.isfinite(b)), name
+        assert _err(a, b) <= 1e-5 * max(1.0, scale), name
+
+
+def test_fused_module_step_bf16():
+    """bf16 embeddings take the fused step too (statistics exact, gradients through a bf16 dLoss/dS)."""
+    gen = torch.Generator().manual_seed(15)
+    q, k = (F.normalize(torch.randn(9, 8, generator=gen), dim=1).bfloat16() for _ in range(2))
+    ids = torch.tensor([4, 0, 8, 2, 6, 1, 3, 7, 5])
+    fused = ISogCLRLoss(9, impl="triton", check_inputs=False, tau=0.05, tau_min=0.01, tau_max=0.1)
+    ref = ISogCLRLoss(9, impl="reference", check_inputs=False, tau=0.05, tau_min=0.01, tau_max=0.1).double()
+    results = []
+    for fn, dt in ((fused, torch.bfloat16), (ref, torch.float64)):
+        qq, kk = q.to(dt).requires_grad_(True), k.to(dt).requires_grad_(True)
+        loss = fn(qq, kk, ids)
+        results.append([loss.detach(), *torch.autograd.grad(loss, [qq, kk])])
+    (loss, dq, dk), (want_loss, want_dq, want_dk) = results
+    assert _err(loss, want_loss) <= 1e-5
+    assert _err(dq, want_dq) <= 2e-2 and _err(dk, want_dk) <= 2e-2
+    for name, buf in ref.state_dict().items():
+        assert _err(fused.state_dict()[name], buf) <= 1e-5, name
+
+
+@pytest.mark.parametrize("isogclr", [False, True])
+def test_compiled_module_steps_match_eager_fused_steps(isogclr):
+    """Under torch.compile(fullgraph=True) the module takes the custom ops (gather, forward, update);
+    eagerly it takes the fused step: same losses, gradients and state over two steps."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(12, 8)
+    x, y, ids = torch.randn(16, 12), torch.randn(16, 12), torch.randperm(20)[:16]
+    results = []
+    for compiled in (False, True):
+        loss_fn = (ISogCLRLoss if isogclr else SogCLRLoss)(20, impl="triton", check_inputs=False)
+
+        def step(x, y, ids):
+            return loss_fn(F.normalize(lin(x), dim=-1), F.normalize(lin(y), dim=-1), ids)
+
+        fn = torch.compile(step, fullgraph=True, backend="aot_eager") if compiled else step
+        out = []
+        for _ in range(2):
+            loss = fn(x, y, ids)
+            out += [loss.detach(), *torch.autograd.grad(loss, [lin.weight])]
+        results.append(out + [buf.clone() for buf in loss_fn.buffers()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

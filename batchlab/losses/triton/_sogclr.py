@@ -7,7 +7,8 @@ the one similarity tile ``S = a @ c.T``, so the kernels have InfoNCE's shape
 * forward: ONE pass over the tiles gives every anchor's statistics of both directions (the
   symmetric loss: images' over the rows, texts' over the columns of the same tile), then a
   finish kernel applies the update rules (moving average of ``u``, value, temperature
-  gradient) and sums the loss; 2 launches (+1 sum) and no host synchronisation;
+  gradient) and sums the loss per program; 2 launches (+1 sum) and no host synchronisation.
+  One temperature for all (SogCLR, or a float ``tau``) takes one exponential per logit;
 * backward: one kernel recomputes the tiles and writes ``dLoss/dS`` (the positive's term
   folded into the excluded entry) in the inputs' dtype; two cuBLAS products give the
   gradients of both inputs (row panels of ``panel_rows`` above 8,192 rows, as the InfoNCE
@@ -17,12 +18,19 @@ Column statistics are exact at any temperature: each tile's column maxima are it
 the per-(row block, column) partials (8 bytes each; at most ``CHUNK_BYTES`` at a time) are
 combined in a fixed order (deterministic, no atomics).
 
+Host cost per call (what bounds small batches): eager calls go through one
+``torch.autograd.Function`` (:class:`_SogFunction`) and launch the compiled kernels directly
+(``_dense._Kernel``); under ``torch.compile`` the same code runs as ``torch.library`` custom ops
+with fake implementations and autograd formulas, so that ``fullgraph=True`` traces them.
+:func:`sogclr_step` is the stateful modules' step in one autograd function: the kernels read
+``log u`` and the temperatures from the module's tables at the batch's ids and the finish
+kernel writes the step back there (no gather, no separate update launch, no host sync).
+
 Coverage: bf16 and fp32 inputs (fp32 products follow torch's TF32 switch, as the InfoNCE
 kernels); the symmetric loss in one process in one kernel pair; one_way, two_view and the
 distributed shards per direction (one pass per candidate block). Everything else (fp16,
 float64, ``neg_mask``) runs on the tiled engine with identical results
-(:func:`batchlab.losses.sogclr` decides). The kernels run inside ``torch.library`` custom ops
-with fake implementations and autograd formulas, so ``torch.compile`` traces them.
+(:func:`batchlab.losses.sogclr` decides).
 """
 
 from __future__ import annotations
@@ -36,17 +44,22 @@ import triton
 from batchlab.losses import _dispatch
 from batchlab.losses.sogclr import Direction
 from batchlab.losses.triton import _sogclr_kernels as ks
-from batchlab.losses.triton._launch import (FP32_BD, addmm_f32_, interpreting, kernel_flags, operands, panel_rows,
-                                            tile_shares)
+from batchlab.losses.triton._dense import EAGER_FUNCTION, _Kernel
+from batchlab.losses.triton._launch import (FP32_BD, addmm_f32_, interpreting, kernel_flags, num_sms, operands,
+                                            panel_rows)
 
-#: Tile shapes of the forward (two softmaxes per tile) and backward kernels on the GPU; FLAT as
-#: in ``_launch.KERNEL_OPTIONS``. fp32 inputs halve the d chunk (``BD``). Chosen by the sweep of
-#: ``tests/losses/gpu_check_sogclr.py`` on one H200 (N = 65,536, d = 512, bf16; forward alone
-#: 19.2 ms at 128 x 64 / 4 warps against 24.5 ms at 128 x 128 / 4 warps and 28.0 ms at 128 x 128 /
-#: 8 warps; forward + backward 42.3 ms with the backward at 4 warps against 46.6 ms at 8):
-#: ``benchmarks/results/sogclr-h200-triton/sweep.json``.
+#: Tile shapes on the GPU: "fwd" for per-row/per-column temperatures (iSogCLR), "fwd_one" for one
+#: temperature (SogCLR: one exponential per logit), "bwd" for the backward; FLAT as in
+#: ``_launch.KERNEL_OPTIONS``. fp32 inputs halve the d chunk (``BD``). The sweep of
+#: ``tests/losses/gpu_check_sogclr.py`` on one H200 (N = 65,536, d = 512, bf16) picks them:
+#: ``benchmarks/results/sogclr-h200-triton/sweep.json`` (before the one-exponential kernel:
+#: forward 19.2 ms at 128 x 64 / 4 warps against 24.5 ms at 128 x 128 / 4 warps; backward at
+#: 128 x 128 / 4 warps 4.3 ms faster than at 8 warps). Registers for sm_90 (Triton 3.8, bf16,
+#: ``python -m batchlab.bench.sogclr --aot``): forward 193 (per-row temperatures) and 255 with 2
+#: spill ops (one temperature) at 128 x 64 / 4 warps, 213 without spills at 8 warps.
 CONFIGS: dict[str, dict[str, int]] = {
     "fwd": dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0),
+    "fwd_one": dict(BM=128, BN=64, BD=64, num_warps=8, num_stages=3, TMA=1, FLAT=0),
     "bwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1),
 }
 _INTERPRET = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, TMA=0)
@@ -56,96 +69,162 @@ CHUNK_BYTES = 3 << 29
 #: Dtypes the kernels take (fp16 could underflow in the stored logit gradient; float64: no tensor cores).
 DTYPES = (torch.bfloat16, torch.float32)
 _FINISH_BLOCK = 128
+_LOG2E = 1.4426950408889634
+
+#: Whether the kernels run in Triton's interpreter (read once: ``triton.jit`` decided it at import).
+_INTERPRETING = interpreting()
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)  # triton.cdiv is a constexpr function: microseconds per host call
 
 
 def _config(kernel: str, dtype: torch.dtype) -> dict:
-    cfg = dict(_INTERPRET) if interpreting() else dict(CONFIGS[kernel])
-    if dtype == torch.float32 and not interpreting():
+    cfg = dict(_INTERPRET) if _INTERPRETING else dict(CONFIGS[kernel])
+    if dtype == torch.float32 and not _INTERPRETING:
         cfg["BD"] = min(cfg["BD"], FP32_BD)
     cfg.setdefault("TMA", 0)
     return cfg
 
 
-def _launch_opts(cfg: dict) -> dict:
-    return {key: cfg[key] for key in ("BM", "BN", "BD", "num_warps", "num_stages", "TMA", "FLAT") if key in cfg}
+def _launch_opts(cfg: dict, *, flat: bool = True) -> dict:
+    keys = ("BM", "BN", "BD", "num_warps", "num_stages", "TMA") + (("FLAT",) if flat else ())
+    return {key: cfg[key] for key in keys if key in cfg}
+
+
+#: One direct launcher per (kernel, input dtype): ``_Kernel`` keys a tensor descriptor by its
+#: class only, so the dtype a descriptor carries is told apart here (its block shape is in the
+#: launch constants).
+_LAUNCHERS: dict = {}
+
+
+def _launch(fn, dtype: torch.dtype, grid: tuple, args: tuple, consts: dict) -> None:
+    launcher = _LAUNCHERS.get((fn, dtype))
+    if launcher is None:
+        launcher = _LAUNCHERS[(fn, dtype)] = _Kernel(fn)
+    launcher(grid, args, consts)
+
+
+def _shares(n_tiles: int, programs: int, device: torch.device) -> tuple[int, int]:
+    """``(groups, tiles per group)``: ``_launch.tile_shares`` (4 programs per SM)."""
+    groups = max(1, min(n_tiles, math.ceil(4 * num_sms(device) / max(1, programs))))
+    per = _cdiv(n_tiles, groups)
+    return _cdiv(n_tiles, per), per
+
+
+#: Launch plans per problem shape (configs, flags, grids: the host work that does not depend on the
+#: tensors' values or addresses); keyed by everything they depend on, CONFIGS' values included.
+_PLANS: dict = {}
+
+
+def _plan(kind: str, a: torch.Tensor, build, *key):
+    tf32 = a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    full = (kind, a.shape, a.dtype, a.device, tf32, tuple(CONFIGS[kind].items()), *key)
+    plan = _PLANS.get(full)
+    if plan is None:
+        if len(_PLANS) > 256:
+            _PLANS.clear()
+        plan = _PLANS[full] = build()
+    return plan
 
 
 # ----------------------------------------------------------------------------- forward
 
 
-def _forward(a, c, p, tau, log_u, starts, sizes, offsets, cols: bool, log_n: float, gamma: float, rho: float,
-             coef: float):
-    """``(values (D, n), stats (4, D, n), parts)``: see ``sog_finish_kernel``."""
+def _forward_plan(a, sizes, cols: bool, one: bool, wsum: bool, gather: bool, gamma: float) -> dict:
     n, d = a.shape
-    n_dirs = tau.shape[0]
-    f32 = dict(device=a.device, dtype=torch.float32)
-    cfg = _config("fwd", a.dtype)
-    bm, bn = cfg["BM"], cfg["BN"]
-    row_blocks = triton.cdiv(n, bm)
-    flags = kernel_flags(a, cfg["BD"])
-    # one launch shape per candidate block: (groups of column tiles, row blocks per chunk)
-    plans = []
+    cfg = _config("fwd_one" if one else "fwd", a.dtype)
+    row_blocks = _cdiv(n, cfg["BM"])
+    blocks = []  # per candidate block: (groups of column tiles, tiles per group, row blocks per chunk)
     for size in sizes:
-        n_tiles = max(1, triton.cdiv(size, bn))
-        chunk = row_blocks
-        if cols:
-            chunk = max(1, min(row_blocks, CHUNK_BYTES // max(1, 8 * size)))
-        groups, per_group = tile_shares(n_tiles, chunk, a.device, 4)
-        plans.append((groups, per_group, chunk))
-    p_rows = sum(g for g, _, _ in plans)
-    chunked = cols and plans[0][2] < row_blocks
-    p_cols = (1 + plans[0][2] if chunked else row_blocks) if cols else 0
-    length = n
-    lse = torch.empty((p_rows + p_cols) * length, **f32)
-    wm = torch.empty_like(lse)
-    col_lse, col_wm = lse[p_rows * length:], wm[p_rows * length:]
-    if chunked:
-        col_lse[:length].fill_(float("-inf"))
-        col_wm[:length].zero_()
-    row0 = 0
-    for (start, size, off), (groups, per_group, chunk) in zip(zip(starts, sizes, offsets), plans):
-        block = c.narrow(0, start, size)
-        a_arg, c_arg, cfg_b = operands(a, block, cfg)
-        for rb0 in range(0, row_blocks, chunk):
-            rbs = min(chunk, row_blocks - rb0)
-            ks.sog_fwd_kernel[(rbs, groups)](
-                a_arg, c_arg, tau[0], tau[n_dirs - 1], lse, wm, col_lse, col_wm,
-                n, size, d, a.stride(0), block.stride(0), off, per_group, rb0, row0, 1 if chunked else rb0,
-                COLS=cols, **flags, **_launch_opts(cfg_b),
-            )
-            if chunked:
-                ks.sog_combine_kernel[(triton.cdiv(length, 256),)](col_lse, col_wm, length, 1 + rbs, BLOCK=256)
-        row0 += groups
-    if chunked:
-        p_cols = 1
-    values = torch.empty(n_dirs, n, **f32)
-    stats = torch.empty(4, n_dirs, n, **f32)
-    programs = triton.cdiv(n, _FINISH_BLOCK)
-    parts = torch.empty(n_dirs * programs, **f32)
+        chunk = max(1, min(row_blocks, CHUNK_BYTES // max(1, 8 * size))) if cols else row_blocks
+        blocks.append((*_shares(max(1, _cdiv(size, cfg["BN"])), chunk, a.device), chunk))
+    p_rows = sum(b[0] for b in blocks)
+    chunked = cols and blocks[0][2] < row_blocks
     memory = gamma < 1.0
     bd = 64 if d >= 64 else triton.next_power_of_2(d)
-    ks.sog_finish_kernel[(programs, n_dirs)](
-        lse, wm, a, p, tau, log_u, values, stats, parts,
-        n, d, a.stride(0), p.stride(0), p_rows, p_cols, log_n,
-        math.log1p(-gamma) if memory else 0.0, math.log(gamma), rho, coef,
-        BLOCK=_FINISH_BLOCK, BD=bd, MEMORY=memory, EVEN_D=d % bd == 0,
+    return dict(
+        cfg=cfg, row_blocks=row_blocks, blocks=blocks, p_rows=p_rows, chunked=chunked,
+        p_cols=(1 + blocks[0][2] if chunked else row_blocks) if cols else 0,
+        consts=dict(COLS=cols, ONE_TAU=one, GATHER=gather, WSUM=wsum, **kernel_flags(a, cfg["BD"])),
+        programs=_cdiv(n, _FINISH_BLOCK), memory=memory,
+        finish=dict(BLOCK=_FINISH_BLOCK, BD=bd, MEMORY=memory, ONE_TAU=one, WSUM=wsum, GATHER=gather),
     )
-    return values, stats, parts
+
+
+def _forward(a, c, p, tau, tau_value: float, log_u, starts, sizes, offsets, cols: bool, log_n: float, gamma: float,
+             rho: float, coef: float, *, ids=None, mom=None, update: bool = False, isog: bool = False,
+             wsum: bool = True, tau_out: bool = False, total: bool = True, hyper=(0.0, 0.0, 0.0, 0.0, 0.0)):
+    """``(values (D, n), stats (4 or 5, D, n), loss)``: see ``sog_finish_kernel``; ``loss`` (0-d) is
+    ``coef`` times the values' sum, added up in the finish kernel (``total``; else None).
+
+    ``tau`` (D, n) per anchor, or None: ``tau_value`` for all (one exponential per logit).
+    With ``ids`` (the modules' step), ``tau``, ``log_u`` and ``mom`` are the (D, examples) tables
+    read at ``ids``; ``update`` writes the step back (``hyper``: keep, beta, eta, tau_min, tau_max).
+    """
+    n, d = a.shape
+    n_dirs = log_u.shape[0]
+    one, gather = tau is None, ids is not None
+    plan = _plan("fwd_one" if one else "fwd", a, lambda: _forward_plan(a, sizes, cols, one, wsum, gather, gamma),
+                 tuple(sizes), cols, one, wsum, gather, gamma < 1.0)
+    f32 = dict(device=a.device, dtype=torch.float32)
+    p_rows, row_blocks, chunked = plan["p_rows"], plan["row_blocks"], plan["chunked"]
+    lse = torch.empty((p_rows + plan["p_cols"]) * n, **f32)
+    wm = torch.empty_like(lse) if wsum else lse
+    col_lse, col_wm = lse[p_rows * n:], wm[p_rows * n:]
+    if chunked:
+        col_lse[:n].fill_(float("-inf"))
+        col_wm[:n].zero_()
+    ids_arg = ids if gather else lse
+    tau_arg = lse if one else tau
+    tau_c = tau_arg[n_dirs - 1] if not one and n_dirs > 1 else tau_arg
+    scale = _LOG2E / tau_value if one else 1.0
+    ctr = torch.empty(1, device=a.device, dtype=torch.int32) if total else lse
+    row0 = 0
+    for start, size, off, (groups, per_group, chunk) in zip(starts, sizes, offsets, plan["blocks"]):
+        block = c if size == c.shape[0] else c.narrow(0, start, size)
+        a_arg, c_arg, cfg_b = operands(a, block, plan["cfg"]) if plan["cfg"]["TMA"] else (a, block, plan["cfg"])
+        opts = {**plan["consts"], "TOTAL": total, **_launch_opts(cfg_b)}
+        for rb0 in range(0, row_blocks, chunk):
+            rbs = min(chunk, row_blocks - rb0)
+            _launch(ks.sog_fwd_kernel, a.dtype, (rbs, groups), (
+                a_arg, c_arg, ids_arg, tau_arg, tau_c, scale, lse, wm, col_lse, col_wm, ctr,
+                n, size, d, a.stride(0), block.stride(0), off, per_group, rb0, row0, 1 if chunked else rb0), opts)
+            if chunked:
+                _launch(ks.sog_combine_kernel, a.dtype, (_cdiv(n, 256),), (col_lse, col_wm, n, 1 + rbs),
+                        dict(BLOCK=256, WSUM=wsum))
+        row0 += groups
+    values = torch.empty(n_dirs, n, **f32)
+    stats = torch.empty(5 if tau_out else 4, n_dirs, n, **f32)
+    programs = plan["programs"]
+    parts = torch.empty(n_dirs * programs, **f32)
+    loss = torch.empty((), **f32) if total else None
+    memory = plan["memory"]
+    _launch(ks.sog_finish_kernel, a.dtype, (programs, n_dirs), (
+        lse, wm, a, p, ids_arg, tau_arg, log_u, mom if mom is not None else lse, values, stats, parts, ctr,
+        parts if loss is None else loss, n, d, a.stride(0), p.stride(0), log_u.stride(0), p_rows,
+        1 if chunked else plan["p_cols"], log_n,
+        math.log1p(-gamma) if memory else 0.0, math.log(gamma), rho, coef, float(tau_value), *hyper),
+        {**plan["finish"], "UPDATE": update, "ISOG": isog, "TAU_OUT": tau_out, "TOTAL": total})
+    return values, stats, loss
 
 
 @torch.library.custom_op("batchlab::sogclr_forward", mutates_args=())
-def sogclr_forward(a: torch.Tensor, c: torch.Tensor, p: torch.Tensor, tau: torch.Tensor, log_u: torch.Tensor,
-                   starts: List[int], sizes: List[int], offsets: List[int], cols: bool, log_n: float, gamma: float,
-                   rho: float, coef: float, reduce: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def sogclr_forward(a: torch.Tensor, c: torch.Tensor, p: torch.Tensor, tau: Optional[torch.Tensor], tau_value: float,
+                   log_u: torch.Tensor, starts: List[int], sizes: List[int], offsets: List[int], cols: bool,
+                   log_n: float, gamma: float, rho: float, coef: float, reduce: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, stats)``: ``coef * sum`` of the values (0-d) when ``reduce``, else the values (D, n);
-    ``stats`` (4, D, n) fp32: new ``log u``, ``d loss / d tau``, and the backward's bias and ``s``."""
-    values, stats, parts = _forward(a, c, p, tau, log_u, starts, sizes, offsets, cols, log_n, gamma, rho, coef)
-    return (parts.sum() if reduce else values), stats
+    ``stats`` (4, D, n) fp32: new ``log u``, ``d loss / d tau``, and the backward's bias and ``s``.
+    ``tau`` None: ``tau_value`` for every anchor. The op that ``torch.compile`` traces."""
+    values, stats, loss = _forward(a, c, p, tau, tau_value, log_u, starts, sizes, offsets, cols, log_n, gamma, rho,
+                                   coef, total=reduce)
+    return (loss if reduce else values), stats
 
 
 @sogclr_forward.register_fake
-def _(a, c, p, tau, log_u, starts, sizes, offsets, cols, log_n, gamma, rho, coef, reduce):
-    n_dirs, n = tau.shape
+def _(a, c, p, tau, tau_value, log_u, starts, sizes, offsets, cols, log_n, gamma, rho, coef, reduce):
+    n_dirs, n = log_u.shape
     loss = a.new_empty(() if reduce else (n_dirs, n), dtype=torch.float32)
     return loss, a.new_empty((4, n_dirs, n), dtype=torch.float32)
 
@@ -153,34 +232,44 @@ def _(a, c, p, tau, log_u, starts, sizes, offsets, cols, log_n, gamma, rho, coef
 # ----------------------------------------------------------------------------- backward
 
 
-def _backward(a, c, tau, stats, g, starts, sizes, offsets, cols: bool, coef: float, need_a: bool, need_c: bool):
-    """``(da, dc)`` from ``dLoss/dS``, block by block and panel by panel."""
-    n, d = a.shape
-    n_dirs = tau.shape[0]
+def _backward_plan(a, sizes, cols: bool, one: bool) -> dict:
+    n = a.shape[0]
     cfg = _config("bwd", a.dtype)
-    flags = kernel_flags(a, cfg["BD"])
-    g = g.float()
-    if g.dim() == 0:
-        sgd = sgi = 0
-    else:
-        sgd, sgi = g.stride(0), g.stride(1)
+    blocks = []  # per candidate block: (rows per panel, panels, grid columns)
+    for size in sizes:
+        rows = panel_rows(n, size, a.element_size(), cfg["BM"], None)
+        blocks.append((rows, [(r0, min(n, r0 + rows)) for r0 in range(0, n, rows)], _cdiv(size, cfg["BN"])))
+    return dict(cfg=cfg, blocks=blocks, consts=dict(COLS=cols, ONE_TAU=one, **kernel_flags(a, cfg["BD"])))
+
+
+def _backward(a, c, tau, tau_value: float, stats, g, starts, sizes, offsets, cols: bool, coef: float, need_a: bool,
+              need_c: bool):
+    """``(da, dc)`` from ``dLoss/dS``, block by block and panel by panel (``tau`` None: ``tau_value``)."""
+    n, d = a.shape
+    n_dirs = stats.shape[1]
+    one = tau is None
+    plan = _plan("bwd", a, lambda: _backward_plan(a, sizes, cols, one), tuple(sizes), cols, one)
+    cfg = plan["cfg"]
+    if g.dtype != torch.float32:
+        g = g.float()
+    sgd, sgi = (0, 0) if g.dim() == 0 else (g.stride(0), g.stride(1))
+    tau_arg = stats if one else tau
+    scale = _LOG2E / tau_value if one else 1.0
     single = len(sizes) == 1
     da = da32 = None
     dc = torch.empty_like(c) if need_c and not single else None
-    for b, (start, size, off) in enumerate(zip(starts, sizes, offsets)):
-        block = c.narrow(0, start, size)
-        rows_per_panel = panel_rows(n, size, a.element_size(), cfg["BM"], None)
-        panels = [(r0, min(n, r0 + rows_per_panel)) for r0 in range(0, n, rows_per_panel)]
+    for b, (start, size, off, (rows_per_panel, panels, grid_n)) in enumerate(zip(starts, sizes, offsets,
+                                                                                  plan["blocks"])):
+        block = c if size == c.shape[0] else c.narrow(0, start, size)
         buf = torch.empty(min(rows_per_panel, n), size, device=a.device, dtype=a.dtype)
-        a_arg, c_arg, cfg_b = operands(a, block, cfg)
+        a_arg, c_arg, cfg_b = operands(a, block, cfg) if cfg["TMA"] else (a, block, cfg)
+        opts = {**plan["consts"], "POS": b == 0, **_launch_opts(cfg_b, flat=False)}
         dc32 = None
         for r0, r1 in panels:
-            ks.sog_bwd_kernel[(triton.cdiv(r1 - r0, cfg["BM"]), triton.cdiv(size, cfg["BN"]))](
-                a_arg, c_arg, tau, stats, g, buf, r0, r1, size, d, a.stride(0), block.stride(0), buf.stride(0),
-                off, n, n_dirs, 0, n_dirs - 1, sgd, sgi, coef,
-                COLS=cols, POS=b == 0, **flags, **{k: v for k, v in _launch_opts(cfg_b).items() if k != "FLAT"},
-            )
-            grad = buf[: r1 - r0]
+            _launch(ks.sog_bwd_kernel, a.dtype, (_cdiv(r1 - r0, cfg["BM"]), grid_n), (
+                a_arg, c_arg, tau_arg, stats, g, buf, r0, r1, size, d, a.stride(0), block.stride(0), buf.stride(0),
+                off, n, n_dirs, 0, n_dirs - 1, sgd, sgi, coef, scale), opts)
+            grad = buf if r1 - r0 == buf.shape[0] else buf[: r1 - r0]
             if need_a:
                 if single and len(panels) == 1:
                     da = torch.mm(grad, block)
@@ -211,38 +300,134 @@ def _backward(a, c, tau, stats, g, starts, sizes, offsets, cols: bool, coef: flo
 
 
 @torch.library.custom_op("batchlab::sogclr_backward", mutates_args=())
-def sogclr_backward(a: torch.Tensor, c: torch.Tensor, tau: torch.Tensor, stats: torch.Tensor, g: torch.Tensor,
-                    starts: List[int], sizes: List[int], offsets: List[int], cols: bool, coef: float, need_a: bool,
-                    need_c: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def sogclr_backward(a: torch.Tensor, c: torch.Tensor, tau: Optional[torch.Tensor], tau_value: float,
+                    stats: torch.Tensor, g: torch.Tensor, starts: List[int], sizes: List[int], offsets: List[int],
+                    cols: bool, coef: float, need_a: bool, need_c: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """``(da, dc)`` of the loss given its upstream gradient ``g`` (0-d, or (D, n)); empty when not needed."""
-    da, dc = _backward(a, c, tau, stats, g, starts, sizes, offsets, cols, coef, need_a, need_c)
+    da, dc = _backward(a, c, tau, tau_value, stats, g, starts, sizes, offsets, cols, coef, need_a, need_c)
     return (da if need_a else a.new_empty(0)), (dc if need_c else c.new_empty(0))
 
 
 @sogclr_backward.register_fake
-def _(a, c, tau, stats, g, starts, sizes, offsets, cols, coef, need_a, need_c):
+def _(a, c, tau, tau_value, stats, g, starts, sizes, offsets, cols, coef, need_a, need_c):
     return a.new_empty(a.shape if need_a else (0,)), c.new_empty(c.shape if need_c else (0,))
 
 
-def _setup(ctx, inputs, output):
-    a, c, p, tau, log_u, starts, sizes, offsets, cols, log_n, gamma, rho, coef, reduce = inputs
-    ctx.save_for_backward(a, c, tau, output[1])
-    ctx.blocks, ctx.cols, ctx.coef, ctx.reduce = (starts, sizes, offsets), cols, coef, reduce
-
-
-def _autograd_backward(ctx, g, _g_stats):
+def _input_grads(ctx, g, backward):
+    """``(da, dc, d_tau)`` of the forward op for the upstream gradient ``g`` of its loss; ``backward``:
+    the custom op (what torch.compile traces) or the plain function (eager)."""
     a, c, tau, stats = ctx.saved_tensors
     need_a, need_c, _, need_tau = ctx.needs_input_grad[:4]
     coef = ctx.coef if ctx.reduce else 1.0
     da = dc = d_tau = None
     if need_a or need_c:
-        da, dc = sogclr_backward(a, c, tau, stats, g, *ctx.blocks, ctx.cols, coef, need_a, need_c)
+        da, dc = backward(a, c, tau, ctx.tau_value, stats, g, *ctx.blocks, ctx.cols, coef, need_a, need_c)
     if need_tau:  # d value_i / d tau_i is the DRO temperature gradient (see batchlab.losses.sogclr)
         d_tau = (g * coef * stats[1]).to(tau.dtype)
-    return ((da if need_a else None), (dc if need_c else None), None, d_tau) + (None,) * 10
+    return (da if need_a else None), (dc if need_c else None), d_tau
+
+
+def _setup(ctx, inputs, output):
+    a, c, p, tau, tau_value, log_u, starts, sizes, offsets, cols, log_n, gamma, rho, coef, reduce = inputs
+    ctx.save_for_backward(a, c, tau, output[1])
+    ctx.blocks, ctx.cols, ctx.coef, ctx.reduce, ctx.tau_value = (starts, sizes, offsets), cols, coef, reduce, tau_value
+
+
+def _autograd_backward(ctx, g, _g_stats):
+    da, dc, d_tau = _input_grads(ctx, g, sogclr_backward)
+    return (da, dc, None, d_tau) + (None,) * 11
 
 
 sogclr_forward.register_autograd(_autograd_backward, setup_context=_setup)
+
+
+class _SogFunction(torch.autograd.Function):
+    """The eager twin of :func:`sogclr_forward` (same kernels, no custom-op dispatch: a fraction of
+    its host time per call, as ``_dense._ClipDense``)."""
+
+    @staticmethod
+    def forward(ctx, a, c, p, tau, tau_value, log_u, blocks, cols, log_n, gamma, rho, coef, reduce):
+        values, stats, loss = _forward(a, c, p, tau, tau_value, log_u, *blocks, cols, log_n, gamma, rho, coef,
+                                       total=reduce)
+        ctx.save_for_backward(a, c, tau, stats)
+        ctx.blocks, ctx.cols, ctx.coef, ctx.reduce, ctx.tau_value = blocks, cols, coef, reduce, tau_value
+        ctx.mark_non_differentiable(stats)
+        ctx.set_materialize_grads(False)
+        return (loss if reduce else values), stats
+
+    @staticmethod
+    def backward(ctx, g, _g_stats):
+        if g is None:
+            return (None,) * 13
+        da, dc, d_tau = _input_grads(ctx, g, _backward)
+        return da, dc, None, d_tau, *(None,) * 9
+
+
+def _sog(a, c, p, tau, tau_value, log_u, blocks, cols, log_n, gamma, rho, coef, reduce):
+    """The forward op: the autograd function in eager mode, the custom op under ``torch.compile``."""
+    if EAGER_FUNCTION and not torch.compiler.is_compiling():
+        return _SogFunction.apply(a, c, p, tau, tau_value, log_u, blocks, cols, log_n, gamma, rho, coef, reduce)
+    return sogclr_forward(a, c, p, tau, tau_value, log_u, *blocks, cols, log_n, gamma, rho, coef, reduce)
+
+
+# ----------------------------------------------------------------------------- the modules' step
+
+
+class _SogStep(torch.autograd.Function):
+    """:func:`sogclr_step`'s forward (tables read and written by the kernels) and backward."""
+
+    @staticmethod
+    def forward(ctx, a, c, ids, log_u_table, tau_table, mom_table, tau_value, cols, log_n, gamma, rho, coef, reduce,
+                hyper):
+        n = a.shape[0]
+        isog = tau_table is not None
+        values, stats, loss = _forward(a, c, c if c.shape[0] == n else c[:n], tau_table, tau_value, log_u_table,
+                                       [0], [c.shape[0]], [0], cols, log_n, gamma, rho, coef, ids=ids, mom=mom_table,
+                                       update=True, isog=isog, wsum=isog, tau_out=isog, total=reduce, hyper=hyper)
+        ctx.save_for_backward(a, c, stats)
+        ctx.cols, ctx.coef, ctx.reduce, ctx.tau_value, ctx.isog = cols, coef, reduce, tau_value, isog
+        ctx.set_materialize_grads(False)
+        return loss if reduce else values.mean(0)
+
+    @staticmethod
+    def backward(ctx, g):
+        a, c, stats = ctx.saved_tensors
+        need_a, need_c = ctx.needs_input_grad[:2]
+        if g is None or not (need_a or need_c):
+            return (None,) * 14
+        coef = ctx.coef
+        if not ctx.reduce:  # loss = values.mean(0): each direction's row i gets g_i / D
+            coef = 1.0 / stats.shape[1]
+            g = g[None].expand(stats.shape[1], -1)
+        da, dc = _backward(a, c, stats[4] if ctx.isog else None, ctx.tau_value, stats, g, [0], [c.shape[0]], [0],
+                           ctx.cols, coef, need_a, need_c)
+        return da, dc, *(None,) * 12
+
+
+def step_ok(q: torch.Tensor, k: torch.Tensor, tables) -> bool:
+    """Whether :func:`sogclr_step` can run this batch (else the module takes :func:`batchlab.losses.sogclr`)."""
+    device = q.device
+    return (q.dtype in DTYPES and (device.type == "cuda" or _INTERPRETING) and k.device == device
+            and k.dtype == q.dtype and all(update_ok(t) and t.device == device for t in tables))
+
+
+def sogclr_step(q, k, ids, log_u_table, tau_table, mom_table, *, tau_value: float, mode: str, gamma: float,
+                rho: float, beta: float, eta: float, tau_min: float, tau_max: float, reduction: str):
+    """One step of :class:`~batchlab.losses.SogCLRLoss` (symmetric or one_way, one process), eager only.
+
+    The loss of the batch (reduced as :func:`batchlab.losses.sogclr` reduces it); as a side effect
+    the finish kernel writes the batch's new ``log u`` (and, with ``tau_table``, iSogCLR's momentum
+    and temperature) into the tables at ``ids``. ``tau_table`` None: ``tau_value`` for all.
+    Gradients flow to ``q`` and ``k``.
+    """
+    n, m = q.shape[0], k.shape[0]
+    cols = mode == "symmetric"
+    n_dirs = 2 if cols else 1
+    reduce = reduction != "none"
+    coef = (1.0 / (n_dirs * n) if reduction == "mean" else 1.0 / n_dirs) if reduce else 1.0
+    hyper = (1.0 - beta, beta, eta, tau_min, tau_max)
+    return _SogStep.apply(q.contiguous(), k.contiguous(), ids.contiguous(), log_u_table, tau_table, mom_table,
+                          float(tau_value), cols, math.log(m - 1), gamma, rho, coef, reduce, hyper)
 
 
 # ----------------------------------------------------------------------------- state update
@@ -271,7 +456,7 @@ def _(ids, new_log_u, tau_grad, log_u_table, tau_table, momentum, two_view, beta
 
 def update_ok(table: torch.Tensor) -> bool:
     """Whether :func:`sogclr_update` can step a module's state held in ``table``."""
-    return table.dtype == torch.float32 and table.is_contiguous() and (table.is_cuda or interpreting())
+    return table.dtype == torch.float32 and table.is_contiguous() and (table.is_cuda or _INTERPRETING)
 
 
 # ----------------------------------------------------------------------------- the implementations
@@ -287,18 +472,27 @@ def _count(n: int, sizes, offsets) -> float:
     return math.log(sum(sizes) - len(sizes))
 
 
+def _temperature(tau):
+    """``(tensor or None, value)``: a float temperature goes to the kernels as one number."""
+    if isinstance(tau, torch.Tensor):
+        return tau.contiguous(), 0.0
+    return None, float(tau)
+
+
 @_dispatch.register("sogclr_symmetric", "triton")
 def sogclr_symmetric_triton(q, k, tau, log_u, *, gamma: float, rho: float, reduction: str = "mean"):
     """Both directions of the symmetric loss from one tile pass: ``(loss, new log u (2, n), tau_grad (2, n))``.
 
-    ``loss`` is already reduced as :func:`batchlab.losses.sogclr` does in one process (mean or sum
-    over rows of the mean over the two directions; ``"none"``: (n,))."""
+    ``tau``: (2, n), or a float for every anchor (one exponential per logit). ``loss`` is already
+    reduced as :func:`batchlab.losses.sogclr` does in one process (mean or sum over rows of the
+    mean over the two directions; ``"none"``: (n,))."""
     n = q.shape[0]
     q, k = q.contiguous(), k.contiguous()
     reduce = reduction != "none"
     coef = (0.5 / n if reduction == "mean" else 0.5) if reduce else 1.0
-    loss, stats = sogclr_forward(q, k, k, tau.contiguous(), log_u.contiguous(), [0], [n], [0], True,
-                                 _count(n, [n], [0]), gamma, rho, coef, reduce)
+    tau_t, tau_value = _temperature(tau)
+    loss, stats = _sog(q, k, k, tau_t, tau_value, log_u.contiguous(), ([0], [n], [0]), True,
+                       _count(n, [n], [0]), gamma, rho, coef, reduce)
     if not reduce:
         loss = loss.mean(0)
     return loss, stats[0], stats[1]
@@ -306,12 +500,15 @@ def sogclr_symmetric_triton(q, k, tau, log_u, *, gamma: float, rho: float, reduc
 
 @_dispatch.register("sogclr", "triton")
 def sogclr_direction_triton(direction: Direction, tau, log_u, *, gamma: float, rho: float):
-    """One direction (any mode, local rows against gathered candidates): ``(value, new log u, tau_grad)``."""
+    """One direction (any mode, local rows against gathered candidates): ``(value, new log u, tau_grad)``.
+
+    ``tau``: (n,), or a float for every anchor."""
     a, c = direction.anchors.contiguous(), direction.cands.contiguous()
     p = direction.positives.contiguous()
-    loss, stats = sogclr_forward(a, c, p, tau[None].contiguous(), log_u[None].contiguous(), list(direction.starts),
-                                 list(direction.sizes), list(direction.offsets), False,
-                                 _count(a.shape[0], direction.sizes, direction.offsets), gamma, rho, 1.0, False)
+    tau_t, tau_value = _temperature(tau)
+    loss, stats = _sog(a, c, p, None if tau_t is None else tau_t[None], tau_value, log_u[None].contiguous(),
+                       (list(direction.starts), list(direction.sizes), list(direction.offsets)), False,
+                       _count(a.shape[0], direction.sizes, direction.offsets), gamma, rho, 1.0, False)
     return loss[0], stats[0, 0], stats[1, 0]
 
 

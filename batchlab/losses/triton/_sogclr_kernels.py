@@ -10,20 +10,38 @@ positive, or itself for two views) is no negative.
 * ``sog_fwd_kernel``: one pass over (rows x column tiles). A program owns BM rows and a
   group of column tiles; per row it keeps the online (max, sum of ``2^y``, sum of ``2^y y``)
   and writes them as a partial ``(lse, softmax-weighted mean of y)`` per group. With
-  ``COLS`` every tile also yields its columns' exact partial statistics over its BM rows
-  (the tile's own column maximum: no global shift, so any temperature works), written per
-  (row block, column). No atomics: the partials are combined in a fixed order.
+  ``COLS`` every tile also yields its columns' partial statistics over its BM rows, written
+  per (row block, column). No atomics: the partials are combined in a fixed order.
+
+  Two ways to take a tile's exponentials, both exact (fp32 sums):
+
+  - per-row and per-column temperatures: every row and every column gets its own shift (the
+    tile's row maximum and column maximum of ``a . c``, scaled by its temperature), so any
+    temperature works; two exponentials per logit (``ar_i (s - max_i)``, ``ac_j (s - max_j)``);
+  - ``ONE_TAU`` (one temperature for every row and column: SogCLR): ONE exponential per logit,
+    ``2^(a (s_ij - T))`` with ``T`` the tile's maximum, serves the row and the column sums.
+    That is exact while every row's and column's sum over the tile stays above ``2^-90``
+    (then what fp32 flushes to zero, under ``2^-126`` per term, is below ``2^-29`` of the sum):
+    a row or column whose best logit in the tile lies more than ~90 (base 2) below the tile's
+    best. When a tile of a program breaks that, the program redoes its tiles with the
+    per-row/per-column shifts (a second loop, no branch inside a loop: Triton pipelines loops
+    without branches). With unit embeddings that needs cosines ~0.6 apart at tau = 0.01.
+
+  ``WSUM=False`` skips the softmax-weighted sums (only the temperature gradient needs them).
 * ``sog_finish_kernel``: combines the partials of each anchor, computes the positive's
   logit and applies the update rules (moving average of ``u``, value, temperature
   gradient, and the bias that turns ``y`` into ``log2 P`` for the backward), plus one
-  partial sum of the loss per program.
+  partial sum of the loss per program. ``GATHER``: ``log u`` and ``tau`` are read from the
+  module's (rows, examples) tables at the batch's ids, and with ``UPDATE`` the step of the
+  module (new ``log u``; iSogCLR's momentum and clipped temperature) is written back there.
 * ``sog_combine_kernel``: folds rows of partials into the first (large N, in chunks).
 * ``sog_bwd_kernel``: recomputes a panel of rows' tiles and writes
   ``dLoss/dS_ij = G_i P_ij + G'_j P'_ij`` in the inputs' dtype, with ``-(G_i s_i + G'_i s'_i)``
   on the positive's entry (the ``- a_i . p_i`` term of ``h``), so that two matrix products
   (cuBLAS) give every embedding gradient.
 * ``sog_update_kernel``: the stateful module's step (``u`` rows, iSogCLR's momentum and
-  clipped temperature) scattered into the tables by dataset id.
+  clipped temperature) scattered into the tables by dataset id, for the paths that do not
+  fuse it into the finish (two views, ``torch.compile``).
 """
 
 from __future__ import annotations
@@ -31,67 +49,159 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from batchlab.losses.triton._kernels import _tile_dot, online_lse
+from batchlab.losses.triton._dense_kernels import _finish_total
+from batchlab.losses.triton._kernels import _tile_dot
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+#: ``ONE_TAU``'s exactness bound on a row's or column's sum over a tile (see the module docstring).
+RISK: tl.constexpr = tl.constexpr(8.077935669463161e-28)  # 2**-90
+#: What an excluded or out-of-range entry of a tile holds instead of ``a . c``: finite, so that a
+#: weight of 0 times it is 0 (one tile in registers instead of two), and far below any logit.
+NEG: tl.constexpr = tl.constexpr(-1.0e30)
 
 
 @triton.jit
-def sog_fwd_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, rlse_ptr, rwm_ptr, clse_ptr, cwm_ptr,
-                   N, M, D, stride_a, stride_c, OFF, tiles_per_group, rb0, rpart0, cpart0,
+def _add2(a0, a1, b0, b1):
+    return a0 + b0, a1 + b1
+
+
+@triton.jit
+def _sums(p, s, axis: tl.constexpr, WSUM: tl.constexpr):
+    """``(sum p, sum p s)`` along ``axis`` in one reduction (``WSUM=False``: the first twice)."""
+    if WSUM:
+        return tl.reduce((p, p * s), axis, _add2)
+    total = tl.sum(p, axis)
+    return total, total
+
+
+@triton.jit
+def _temps(tau_ptr, ids_ptr, idx, mask, GATHER: tl.constexpr):
+    """``log2(e) / tau`` of the anchors ``idx`` (their ids' entries of a table with ``GATHER``)."""
+    if GATHER:
+        idx = tl.load(ids_ptr + idx, mask=mask, other=0).to(tl.int64)
+    return 1.4426950408889634 / tl.load(tau_ptr + idx, mask=mask, other=1.0)
+
+
+@triton.jit
+def _fold_rows(m_i, l_i, w_i, shift, rl, rw, WSUM: tl.constexpr):
+    """Fold a tile's row sums ``rl`` (and weighted ``rw``) taken at base-2 ``shift`` into the online rows."""
+    has = rl > 0  # rows without a negative in the tile keep their max (their sum is 0)
+    m_new = tl.where(has, tl.maximum(m_i, shift), m_i)  # m_i >= -1e30: finite
+    alpha = tl.exp2(m_i - m_new)
+    beta = tl.where(has, tl.exp2(shift - m_new), 0.0)
+    l_i = l_i * alpha + rl * beta
+    if WSUM:
+        w_i = w_i * alpha + rw * beta
+    return m_new, l_i, w_i
+
+
+@triton.jit
+def _store_cols(clse_ptr, cwm_ptr, out, cmask, shift, cl, cw, ac, WSUM: tl.constexpr):
+    ok = cl > 0
+    cl1 = tl.where(ok, cl, 1.0)
+    tl.store(clse_ptr + out, tl.where(ok, shift + tl.log2(cl1), float("-inf")), mask=cmask)
+    if WSUM:
+        tl.store(cwm_ptr + out, tl.where(ok, ac * (cw / cl1), 0.0), mask=cmask)
+
+
+@triton.jit
+def sog_fwd_kernel(a_ptr, c_ptr, ids_ptr, tau_r_ptr, tau_c_ptr, tau_scale, rlse_ptr, rwm_ptr, clse_ptr, cwm_ptr,
+                   ctr_ptr, N, M, D, stride_a, stride_c, OFF, tiles_per_group, rb0, rpart0, cpart0,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, COLS: tl.constexpr,
+                   ONE_TAU: tl.constexpr, GATHER: tl.constexpr, WSUM: tl.constexpr, TOTAL: tl.constexpr,
                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
                    FLAT: tl.constexpr = False):
     """Partial row statistics over a group of column tiles; with ``COLS`` each tile's column partials.
 
     Row partials go to ``r*_ptr[(rpart0 + group) * N + row]``; column partials of row block
     ``rb0 + pid_m`` to ``c*_ptr[(cpart0 + pid_m) * M + col]``: ``lse`` of ``y`` (base 2; -inf
-    when empty) and the softmax-weighted mean of ``y`` (0 when empty).
+    when empty) and the softmax-weighted mean of ``y`` (0 when empty; only with ``WSUM``).
+    Temperatures: ``ONE_TAU``: ``tau_scale = log2(e) / tau`` for all; else ``tau_r[i]`` (rows)
+    and ``tau_c[j]`` (columns), at ``ids[i]`` / ``ids[j]`` with ``GATHER``. ``TOTAL``: program (0, 0)
+    zeroes the int32 counter ``ctr`` with which the finish kernel adds up the loss.
     """
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
-    rows = (rb0 + pid_m) * BM + tl.arange(0, BM)
+    if TOTAL:
+        if (pid_m == 0) & (pid_g == 0):
+            tl.store(ctr_ptr, 0)
+    row0 = (rb0 + pid_m) * BM
+    rows = row0 + tl.arange(0, BM)
     rmask = rows < N
-    ar = 1.4426950408889634 / tl.load(tau_r_ptr + rows, mask=rmask, other=1.0)
+    if ONE_TAU:
+        ar = tl.zeros((BM,), dtype=tl.float32) + tau_scale
+    else:
+        ar = _temps(tau_r_ptr, ids_ptr, rows, rmask, GATHER)
     excl = rows + OFF
     m_i = tl.full((BM,), -1.0e30, dtype=tl.float32)
     l_i = tl.zeros((BM,), dtype=tl.float32)
     w_i = tl.zeros((BM,), dtype=tl.float32)
     t_start = pid_g * tiles_per_group
     t_end = tl.minimum(t_start + tiles_per_group, tl.cdiv(M, BN))
-    for t in tl.range(t_start, t_end, flatten=FLAT):
+    part_c = (cpart0 + pid_m).to(tl.int64) * M
+    if ONE_TAU:
+        # one exponential per logit at the tile's maximum; `risk` marks a row or column whose
+        # sum fell under RISK (the flushed terms could matter): then the loop below redoes all
+        n_rows = tl.minimum(N - row0, BM)
+        risk = tl.zeros((BM,), dtype=tl.int32)
+        for t in tl.range(t_start, t_end, flatten=FLAT):
+            cols = t * BN + tl.arange(0, BN)
+            cmask = cols < M
+            acc = _tile_dot(a_ptr, c_ptr, rows, cols, N, M, D, stride_a, stride_c, BM, BN, BD, EVEN_D, UPCAST, PREC,
+                            TMA)
+            s = tl.where(rmask[:, None] & cmask[None, :] & (cols[None, :] != excl[:, None]), acc, NEG)
+            top = tl.max(tl.max(s, 1), 0)
+            top = tl.where(top == NEG, 0.0, top)  # no negative in the tile: every weight 2^(NEG a) = 0
+            e = tl.exp2((s - top) * tau_scale)
+            shift = top * tau_scale
+            rl, rw = _sums(e, s, 1, WSUM)
+            m_i, l_i, w_i = _fold_rows(m_i, l_i, w_i, shift, rl, rw, WSUM)
+            # a row has a negative in the tile unless the tile's one column is its excluded entry
+            n_cols = tl.minimum(M - t * BN, BN)
+            risk |= (rmask & (rl < RISK) & ((n_cols > 1) | (excl != t * BN))).to(tl.int32)
+            if COLS:
+                cl, cw = _sums(e, s, 0, WSUM)
+                _store_cols(clse_ptr, cwm_ptr, part_c + cols, cmask, shift, cl, cw, tau_scale, WSUM)
+                col_risk = tl.max((cmask & (cl < RISK) & ((n_rows > 1) | (cols != row0 + OFF))).to(tl.int32), 0)
+                risk |= col_risk
+        redo = tl.max(risk, 0) > 0
+        t_stop = tl.where(redo, t_end, t_start)
+        m_i = tl.where(redo, -1.0e30, m_i)
+        l_i = tl.where(redo, 0.0, l_i)
+        w_i = tl.where(redo, 0.0, w_i)
+    else:
+        t_stop = t_end
+    # exact for any temperatures: per-row and per-column shifts, two exponentials per logit
+    for t in tl.range(t_start, t_stop, flatten=FLAT):
         cols = t * BN + tl.arange(0, BN)
         cmask = cols < M
         acc = _tile_dot(a_ptr, c_ptr, rows, cols, N, M, D, stride_a, stride_c, BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
-        valid = rmask[:, None] & cmask[None, :] & (cols[None, :] != excl[:, None])
-        # excluded entries are -inf (2^-inf = 0); the weighted sums take the finite y, times 0 there
-        y = acc * ar[:, None]
-        m_new, l_i, p = online_lse(m_i, l_i, tl.where(valid, y, float("-inf")))  # m_i >= -1e30: finite
-        w_i = w_i * tl.exp2(m_i - m_new) + tl.sum(p * y, 1)
-        m_i = m_new
+        s = tl.where(rmask[:, None] & cmask[None, :] & (cols[None, :] != excl[:, None]), acc, NEG)
+        rmax = tl.max(s, 1)
+        rmax = tl.where(rmax == NEG, 0.0, rmax)
         if COLS:
-            ac = 1.4426950408889634 / tl.load(tau_c_ptr + cols, mask=cmask, other=1.0)
-            yc = acc * ac[None, :]
-            ycm = tl.where(valid, yc, float("-inf"))
-            cm = tl.maximum(tl.max(ycm, 0), -1.0e30)
-            pc = tl.exp2(ycm - cm[None, :])
-            cl = tl.sum(pc, 0)
-            cw = tl.sum(pc * yc, 0)
-            ok = cl > 0
-            cl1 = tl.where(ok, cl, 1.0)
-            out = (cpart0 + pid_m).to(tl.int64) * M + cols
-            tl.store(clse_ptr + out, tl.where(ok, cm + tl.log2(cl1), float("-inf")), mask=cmask)
-            tl.store(cwm_ptr + out, tl.where(ok, cw / cl1, 0.0), mask=cmask)
+            cmax = tl.max(s, 0)
+            cmax = tl.where(cmax == NEG, 0.0, cmax)
+        rl, rw = _sums(tl.exp2((s - rmax[:, None]) * ar[:, None]), s, 1, WSUM)
+        m_i, l_i, w_i = _fold_rows(m_i, l_i, w_i, rmax * ar, rl, rw, WSUM)
+        if COLS:
+            if ONE_TAU:
+                ac = tl.zeros((BN,), dtype=tl.float32) + tau_scale
+            else:
+                ac = _temps(tau_c_ptr, ids_ptr, cols, cmask, GATHER)
+            cl, cw = _sums(tl.exp2((s - cmax[None, :]) * ac[None, :]), s, 0, WSUM)
+            _store_cols(clse_ptr, cwm_ptr, part_c + cols, cmask, cmax * ac, cl, cw, ac, WSUM)
     ok = l_i > 0
     l1 = tl.where(ok, l_i, 1.0)
     out = (rpart0 + pid_g).to(tl.int64) * N + rows
     tl.store(rlse_ptr + out, tl.where(ok, m_i + tl.log2(l1), float("-inf")), mask=rmask)
-    tl.store(rwm_ptr + out, tl.where(ok, w_i / l1, 0.0), mask=rmask)
+    if WSUM:
+        tl.store(rwm_ptr + out, tl.where(ok, ar * (w_i / l1), 0.0), mask=rmask)
 
 
 @triton.jit
-def _combine(lse_ptr, wm_ptr, base, L, P, idx, mask, BLOCK: tl.constexpr):
+def _combine(lse_ptr, wm_ptr, base, L, P, idx, mask, BLOCK: tl.constexpr, WSUM: tl.constexpr):
     """Fold ``P`` partials ``(lse, mean)`` at ``base + p * L + idx`` into ``(max, sum, weighted sum)``."""
     mx = tl.full((BLOCK,), -1.0e30, dtype=tl.float32)
     s = tl.zeros((BLOCK,), dtype=tl.float32)
@@ -99,38 +209,49 @@ def _combine(lse_ptr, wm_ptr, base, L, P, idx, mask, BLOCK: tl.constexpr):
     for p in range(0, P):
         off = base + p * L + idx
         lp = tl.load(lse_ptr + off, mask=mask, other=float("-inf"))
-        wp = tl.load(wm_ptr + off, mask=mask, other=0.0)
         m_new = tl.maximum(mx, lp)
         alpha = tl.exp2(mx - m_new)
         e = tl.exp2(lp - m_new)
         s = s * alpha + e
-        w = w * alpha + e * wp
+        if WSUM:
+            w = w * alpha + e * tl.load(wm_ptr + off, mask=mask, other=0.0)
         mx = m_new
     return mx, s, w
 
 
 @triton.jit
-def sog_combine_kernel(lse_ptr, wm_ptr, L, P, BLOCK: tl.constexpr):
+def sog_combine_kernel(lse_ptr, wm_ptr, L, P, BLOCK: tl.constexpr, WSUM: tl.constexpr):
     """Rows ``[0, P)`` of the (P, L) partials folded into row 0 (each program owns its columns)."""
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < L
-    mx, s, w = _combine(lse_ptr, wm_ptr, 0, L, P, idx, mask, BLOCK)
+    mx, s, w = _combine(lse_ptr, wm_ptr, 0, L, P, idx, mask, BLOCK, WSUM)
     ok = s > 0
     s1 = tl.where(ok, s, 1.0)
     tl.store(lse_ptr + idx, tl.where(ok, mx + tl.log2(s1), float("-inf")), mask=mask)
-    tl.store(wm_ptr + idx, tl.where(ok, w / s1, 0.0), mask=mask)
+    if WSUM:
+        tl.store(wm_ptr + idx, tl.where(ok, w / s1, 0.0), mask=mask)
 
 
 @triton.jit
-def sog_finish_kernel(lse_ptr, wm_ptr, x_ptr, p_ptr, tau_ptr, logu_ptr, val_ptr, stats_ptr, part_ptr,
-                      L, D, stride_x, stride_p, P0, P1, log_n, log_keep, log_gamma, rho, coef,
-                      BLOCK: tl.constexpr, BD: tl.constexpr, MEMORY: tl.constexpr, EVEN_D: tl.constexpr):
+def sog_finish_kernel(lse_ptr, wm_ptr, x_ptr, p_ptr, ids_ptr, tau_ptr, logu_ptr, mom_ptr, val_ptr, stats_ptr, part_ptr,
+                      ctr_ptr, loss_ptr, L, D, stride_x, stride_p, stride_tab, P0, P1, log_n, log_keep, log_gamma,
+                      rho, coef, tau_value, keep, beta, eta, tau_min, tau_max,
+                      BLOCK: tl.constexpr, BD: tl.constexpr, MEMORY: tl.constexpr, ONE_TAU: tl.constexpr,
+                      WSUM: tl.constexpr, GATHER: tl.constexpr, UPDATE: tl.constexpr, ISOG: tl.constexpr,
+                      TAU_OUT: tl.constexpr, TOTAL: tl.constexpr):
     """The update rules for anchors ``idx`` of direction ``program_id(1)`` (see :mod:`batchlab.losses.sogclr`).
 
     Direction 0's partials are ``P0`` rows of (lse, mean) from offset 0, direction 1's ``P1`` rows
     from ``P0 * L``. ``x``/``p``: anchors and positives (the positive's logit ``x_i . p_i``).
-    ``stats`` (4, D_dirs, L): new ``log u``, ``d loss / d tau``, the backward's base-2 bias
-    ``-(x_i . p_i / tau_i + log u_i + log n) log2(e)`` and ``s_i = sum_j P_ij``.
+    ``tau`` and ``log u`` of anchor i of direction d: entry ``d * stride_tab + i`` (with ``GATHER``:
+    ``+ ids[i]``, the module's tables); ``ONE_TAU``: ``tau_value`` for all. ``UPDATE`` writes the
+    new ``log u`` (and, ``ISOG``, the momentum ``keep m + beta dtau`` and the clipped temperature
+    ``tau - eta m``) back at the same entries. ``stats`` (4 or, with ``TAU_OUT``, 5 planes of
+    (D_dirs, L)): new ``log u``, ``d loss / d tau``, the backward's base-2 bias
+    ``-(x_i . p_i / tau_i + log u_i + log n) log2(e)``, ``s_i = sum_j P_ij`` (and the temperature used).
+    Without ``WSUM`` the temperature gradient is not computed (NaN). Each program stores ``coef``
+    times its values' sum at ``part[d * programs + pid]``; with ``TOTAL`` the last program to finish
+    adds them up in a fixed order into ``loss`` (``ctr``: zeroed by the forward kernel).
     """
     pid = tl.program_id(0)
     d = tl.program_id(1)
@@ -139,7 +260,7 @@ def sog_finish_kernel(lse_ptr, wm_ptr, x_ptr, p_ptr, tau_ptr, logu_ptr, val_ptr,
     mask = idx < L
     P = tl.where(d == 0, P0, P1)
     base = (d * P0).to(tl.int64) * L
-    mx, s, w = _combine(lse_ptr, wm_ptr, base, L, P, idx, mask, BLOCK)
+    mx, s, w = _combine(lse_ptr, wm_ptr, base, L, P, idx, mask, BLOCK, WSUM)
     pos = tl.zeros((BLOCK,), dtype=tl.float32)
     for d0 in range(0, D, BD):
         dd = d0 + tl.arange(0, BD)
@@ -148,12 +269,18 @@ def sog_finish_kernel(lse_ptr, wm_ptr, x_ptr, p_ptr, tau_ptr, logu_ptr, val_ptr,
         pa = tl.load(p_ptr + idx[:, None].to(tl.int64) * stride_p + dd[None, :], mask=m2, other=0.0)
         pos += tl.sum(xa.to(tl.float32) * pa.to(tl.float32), 1)
     row = d * L + idx
-    tau = tl.load(tau_ptr + row, mask=mask, other=1.0)
-    log_u = tl.load(logu_ptr + row, mask=mask, other=0.0)
+    if GATHER:
+        tab = d * stride_tab + tl.load(ids_ptr + idx, mask=mask, other=0).to(tl.int64)
+    else:
+        tab = d * stride_tab + idx
+    if ONE_TAU:
+        tau = tl.zeros((BLOCK,), dtype=tl.float32) + tau_value
+    else:
+        tau = tl.load(tau_ptr + tab, mask=mask, other=1.0)
+    log_u = tl.load(logu_ptr + tab, mask=mask, other=0.0)
     s1 = tl.where(s > 0, s, 1.0)
     px = pos / tau
     lse = (mx + tl.log2(s1)) * 0.6931471805599453 - px  # log sum_j exp(h_ij / tau_i)
-    mean_x = (w / s1) * 0.6931471805599453 - px  # softmax-weighted mean of h_ij / tau_i
     log_g = lse - log_n
     if MEMORY:  # log((1 - gamma) u + gamma g); u = g on a first visit (log u = -inf)
         u1 = log_u + log_keep
@@ -166,7 +293,11 @@ def sog_finish_kernel(lse_ptr, wm_ptr, x_ptr, p_ptr, tau_ptr, logu_ptr, val_ptr,
         new_u = log_g
     shift = new_u + log_n
     s_i = tl.exp(log_g - new_u)
-    tau_grad = new_u + rho - s_i * mean_x
+    if WSUM:
+        mean_x = (w / s1) * 0.6931471805599453 - px  # softmax-weighted mean of h_ij / tau_i
+        tau_grad = new_u + rho - s_i * mean_x
+    else:
+        tau_grad = tl.full((BLOCK,), float("nan"), dtype=tl.float32)
     value = tau * (new_u + rho)
     tl.store(val_ptr + row, value, mask=mask)
     plane = n_dirs * L
@@ -174,19 +305,31 @@ def sog_finish_kernel(lse_ptr, wm_ptr, x_ptr, p_ptr, tau_ptr, logu_ptr, val_ptr,
     tl.store(stats_ptr + plane + row, tau_grad, mask=mask)
     tl.store(stats_ptr + 2 * plane + row, -(px + shift) * 1.4426950408889634, mask=mask)
     tl.store(stats_ptr + 3 * plane + row, s_i, mask=mask)
+    if TAU_OUT:
+        tl.store(stats_ptr + 4 * plane + row, tau, mask=mask)
+    if UPDATE:
+        tl.store(logu_ptr + tab, new_u, mask=mask)
+        if ISOG:
+            mom = keep * tl.load(mom_ptr + tab, mask=mask, other=0.0) + beta * tau_grad
+            tl.store(mom_ptr + tab, mom, mask=mask)
+            tl.store(tau_ptr + tab, tl.minimum(tl.maximum(tau - eta * mom, tau_min), tau_max), mask=mask)
     tl.store(part_ptr + d * tl.num_programs(0) + pid, tl.sum(tl.where(mask, value, 0.0), 0) * coef)
+    if TOTAL:
+        _finish_total(part_ptr, loss_ptr, ctr_ptr, tl.num_programs(0) * n_dirs, 1, 128)
 
 
 @triton.jit
 def sog_bwd_kernel(a_ptr, c_ptr, tau_ptr, stats_ptr, g_ptr, out_ptr,
-                   r0, r1, M, D, stride_a, stride_c, stride_out, OFF, L, n_dirs, DR, DC, sgd, sgi, coef,
+                   r0, r1, M, D, stride_a, stride_c, stride_out, OFF, L, n_dirs, DR, DC, sgd, sgi, coef, tau_scale,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, COLS: tl.constexpr, POS: tl.constexpr,
-                   EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
+                   ONE_TAU: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
+                   TMA: tl.constexpr):
     """``dLoss/dS`` on one tile of the row panel [r0, r1), written at panel-relative rows.
 
     Row anchors use direction ``DR``'s temperatures and statistics, columns (``COLS``) direction
     ``DC``'s; the upstream gradient of anchor i of direction d is ``g[d * sgd + i * sgi] * coef``.
     ``POS``: the excluded entry is the positive, whose logit enters ``h`` with weight ``-G s``.
+    Temperatures: ``tau[d * L + i]``, or ``ONE_TAU``: ``tau_scale = log2(e) / tau`` for all.
     """
     rows = r0 + tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -195,7 +338,10 @@ def sog_bwd_kernel(a_ptr, c_ptr, tau_ptr, stats_ptr, g_ptr, out_ptr,
     acc = _tile_dot(a_ptr, c_ptr, rows, cols, r1, M, D, stride_a, stride_c, BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
     plane = n_dirs * L
     r_idx = DR * L + rows
-    ar = 1.4426950408889634 / tl.load(tau_ptr + r_idx, mask=rmask, other=1.0)
+    if ONE_TAU:
+        ar = tl.zeros((BM,), dtype=tl.float32) + tau_scale
+    else:
+        ar = 1.4426950408889634 / tl.load(tau_ptr + r_idx, mask=rmask, other=1.0)
     br = tl.load(stats_ptr + 2 * plane + r_idx, mask=rmask, other=0.0)
     gr = tl.load(g_ptr + DR * sgd + rows * sgi, mask=rmask, other=0.0) * coef
     grad = gr[:, None] * tl.exp2(acc * ar[:, None] + br[:, None])
@@ -203,7 +349,10 @@ def sog_bwd_kernel(a_ptr, c_ptr, tau_ptr, stats_ptr, g_ptr, out_ptr,
         on_pos = -(gr * tl.load(stats_ptr + 3 * plane + r_idx, mask=rmask, other=0.0))[:, None]
     if COLS:
         c_idx = DC * L + cols
-        ac = 1.4426950408889634 / tl.load(tau_ptr + c_idx, mask=cmask, other=1.0)
+        if ONE_TAU:
+            ac = tl.zeros((BN,), dtype=tl.float32) + tau_scale
+        else:
+            ac = 1.4426950408889634 / tl.load(tau_ptr + c_idx, mask=cmask, other=1.0)
         bc = tl.load(stats_ptr + 2 * plane + c_idx, mask=cmask, other=0.0)
         gc = tl.load(g_ptr + DC * sgd + cols * sgi, mask=cmask, other=0.0) * coef
         grad += gc[None, :] * tl.exp2(acc * ac[None, :] + bc[None, :])
