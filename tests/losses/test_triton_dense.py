@@ -25,10 +25,12 @@ def gen():
     return torch.Generator().manual_seed(0)
 
 
-@pytest.fixture(params=["one-kernel", "tiled"])
+@pytest.fixture(params=["one-kernel", "tiled", "tiled-dot"])
 def clip_forward(request, monkeypatch):
-    """Both CLIP forwards: one kernel sweeping rows and columns, and per-tile partials + merge."""
-    monkeypatch.setattr(_dense, "TILED_STATS_MIN_LOGITS", 0 if request.param == "tiled" else 2**62)
+    """The CLIP forwards: one kernel sweeping rows and columns, and per-tile partials + merge (the
+    tiles read from the fp32 product, or computed by the tile kernel itself: ``DOT``)."""
+    monkeypatch.setattr(_dense, "TILED_STATS_MIN_LOGITS", 2**62 if request.param == "one-kernel" else 0)
+    monkeypatch.setattr(_dense, "TILE_DOT", request.param == "tiled-dot")
     return request.param
 
 

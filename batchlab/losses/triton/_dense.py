@@ -72,6 +72,14 @@ TILED_STATS_MIN_LOGITS = int(os.environ.get("BATCHLAB_DENSE_TILED_MIN_LOGITS", 1
 #: (64 x 256, 8 warps) and 3.33 ms (128 x 128, 8 warps).
 _TILED_BLOCKS = (64, 128, 128, 32)
 _TILED_WARPS = 4
+#: The tiled forward's tile kernel computes ``q . k`` itself (``clip_tile_stats_kernel``'s ``DOT``)
+#: instead of cuBLAS writing the fp32 product first: one launch and the (N, M) fp32 buffer less.
+#: Off until timed on a GPU (``BATCHLAB_DENSE_TILE_DOT=1``: on). Its tile (rows, columns, d chunk),
+#: warps and pipeline stages (``BATCHLAB_DENSE_TILE_DOT_CONFIG="128,128,64,4,3"``): compiled for sm_90
+#: (Triton 3.6, d=768 bf16) 128 x 128 with 4 warps takes 244 registers, no spills, 2 CTAs per SM;
+#: 64 x 128 / 4 warps 164 (3 per SM); 128 x 128 / 8 warps 173 (1 per SM); 128 x 256 spills.
+TILE_DOT = os.environ.get("BATCHLAB_DENSE_TILE_DOT", "0") == "1"
+_TILE_DOT_CONFIG = tuple(int(x) for x in os.environ.get("BATCHLAB_DENSE_TILE_DOT_CONFIG", "128,128,64,4,3").split(","))
 _TILED_BLOCKS_INTERPRET = (16, 16, 16, 4)
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -258,8 +266,10 @@ _MM_OUT_DTYPE = True
 
 def _clip_forward(q, k, scale, targets, symmetric: bool, reduction: int):
     """``(loss, stats, ws)`` of the CLIP loss (see :func:`clip_dense`)."""
-    n, m = q.shape[0], k.shape[0]
-    s = _product_f32(q, k)
+    n, m, d = q.shape[0], k.shape[0], q.shape[1]
+    tiled = n * m >= TILED_STATS_MIN_LOGITS
+    dot = tiled and TILE_DOT
+    s = q if dot else _product_f32(q, k)  # (with DOT: a placeholder pointer, never read)
     none = reduction == 2
     dev, f32 = q.device, torch.float32
     stats = torch.empty(n + (m if symmetric else 0), device=dev, dtype=f32)
@@ -269,9 +279,13 @@ def _clip_forward(q, k, scale, targets, symmetric: bool, reduction: int):
     cr, cc = _coefficients(n, m, symmetric, reduction)
     tgt = targets if targets is not None else stats  # a placeholder pointer without targets
     flags = dict(SYM=symmetric, HAS_TGT=targets is not None)
-    if n * m >= TILED_STATS_MIN_LOGITS:
-        # large N: every tile of S read once by a 2-D grid, then the partials merged (and added up)
+    if tiled:
+        # large N: every tile of S read (or computed) once by a 2-D grid, then the partials merged (and added up)
         br, bc, block, tb = _TILED_BLOCKS_INTERPRET if _INTERPRET else _TILED_BLOCKS
+        tile_opts = dict(num_warps=_TILED_WARPS)
+        if dot:
+            tile_opts = _tile_dot_options(q)
+            br, bc = tile_opts.pop("BR"), tile_opts.pop("BC")
         tc, tr = _cdiv(m, bc), _cdiv(n, br)
         sym_m = m if symmetric else 1
         buf = torch.empty(3 * tc * n + 3 * tr * sym_m, device=dev, dtype=f32)
@@ -280,8 +294,8 @@ def _clip_forward(q, k, scale, targets, symmetric: bool, reduction: int):
         cm, cl, cp = (buf[base: base + tr * sym_m], buf[base + tr * sym_m: base + 2 * tr * sym_m],
                       buf[base + 2 * tr * sym_m:])
         cpos = torch.empty(tr * m, device=dev, dtype=torch.int32) if counted else cm
-        _clip_tiles((tr, tc), (s, scale, tgt, rm, rl, rp, cm, cl, cp, cpos, ws, n, m, s.stride(0)),
-                    dict(BR=br, BC=bc, num_warps=_TILED_WARPS, **flags))
+        _clip_tiles((tr, tc), (s, q, k, scale, tgt, rm, rl, rp, cm, cl, cp, cpos, ws, n, m, d, 0 if dot else s.stride(0),
+                               q.stride(0), k.stride(0)), dict(BR=br, BC=bc, **tile_opts, **flags))
         programs = _cdiv(n, block) + (_cdiv(m, block) if symmetric else 0)
         parts, rows, cols = _loss_buffers(programs, n, m, symmetric, none, dev)
         loss = parts if none else torch.empty((), device=dev, dtype=f32)
@@ -297,6 +311,16 @@ def _clip_forward(q, k, scale, targets, symmetric: bool, reduction: int):
     if none:
         loss = (rows + cols) * 0.5 if symmetric else rows
     return loss, stats, ws
+
+
+def _tile_dot_options(q) -> dict:
+    """Launch options of ``clip_tile_stats_kernel`` with ``DOT`` (tile, d chunk, warps, stages, flags)."""
+    br, bc, bd, warps, stages = _TILE_DOT_CONFIG
+    if _INTERPRET:
+        br, bc, bd, warps, stages = 16, 16, 16, 4, 1
+    elif q.dtype == torch.float32:
+        bd = min(bd, _launch.FP32_BD)
+    return dict(BR=br, BC=bc, BD=bd, DOT=True, num_warps=warps, num_stages=stages, **kernel_flags(q, bd))
 
 
 def _loss_buffers(programs, n, m, symmetric, none, dev):

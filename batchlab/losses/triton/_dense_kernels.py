@@ -258,9 +258,11 @@ def siglip_grad_kernel(q_ptr, k_ptr, scale_ptr, bias_ptr, tgt_ptr, g_ptr, out_pt
 
 
 @triton.jit
-def clip_tile_stats_kernel(s_ptr, scale_ptr, tgt_ptr, rm_ptr, rl_ptr, rp_ptr, cm_ptr, cl_ptr, cp_ptr, cc_ptr,
-                           ws_ptr, N, M, stride_s,
-                           BR: tl.constexpr, BC: tl.constexpr, SYM: tl.constexpr, HAS_TGT: tl.constexpr):
+def clip_tile_stats_kernel(s_ptr, q_ptr, k_ptr, scale_ptr, tgt_ptr, rm_ptr, rl_ptr, rp_ptr, cm_ptr, cl_ptr, cp_ptr,
+                           cc_ptr, ws_ptr, N, M, D, stride_s, stride_q, stride_k,
+                           BR: tl.constexpr, BC: tl.constexpr, SYM: tl.constexpr, HAS_TGT: tl.constexpr,
+                           DOT: tl.constexpr = False, BD: tl.constexpr = 64, EVEN_D: tl.constexpr = True,
+                           UPCAST: tl.constexpr = False, PREC: tl.constexpr = "tf32"):
     """Per-tile partial statistics of ``s * S`` (base 2), every tile read once (the large-N forward).
 
     Program (i, j) owns rows ``[i BR, (i+1) BR)`` and columns ``[j BC, (j+1) BC)`` and writes, for its
@@ -268,6 +270,8 @@ def clip_tile_stats_kernel(s_ptr, scale_ptr, tgt_ptr, rm_ptr, rl_ptr, rp_ptr, cm
     of ``rm``/``rl``/``rp`` ((col tiles, N) each); with ``SYM`` the same per column at ``[i, col]``
     of ``cm``/``cl``/``cp`` ((row tiles, M)) and, with ``HAS_TGT``, the positives per column in ``cc``.
     ``clip_combine_kernel`` merges them. Program (0, 0) sets the counter ``ws[0]`` to zero.
+    ``DOT``: the tile is ``q . k`` computed here (matrix units, d in chunks of ``BD``) instead of
+    read from the fp32 product ``S`` (``s_ptr`` unused): no product buffer, one launch less.
     """
     pid_r = tl.program_id(0)
     pid_c = tl.program_id(1)
@@ -279,7 +283,11 @@ def clip_tile_stats_kernel(s_ptr, scale_ptr, tgt_ptr, rm_ptr, rl_ptr, rp_ptr, cm
     cmask = cols < M
     mask = rmask[:, None] & cmask[None, :]
     s2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
-    x = tl.load(s_ptr + rows[:, None].to(tl.int64) * stride_s + cols[None, :], mask=mask, other=0.0) * s2
+    if DOT:
+        x = _tile_dot(q_ptr, k_ptr, rows, cols, N, M, D, stride_q, stride_k, BR, BC, BD, EVEN_D, UPCAST, PREC,
+                      False) * s2
+    else:
+        x = tl.load(s_ptr + rows[:, None].to(tl.int64) * stride_s + cols[None, :], mask=mask, other=0.0) * s2
     if HAS_TGT:
         t = tl.load(tgt_ptr + rows, mask=rmask, other=-1)
     else:

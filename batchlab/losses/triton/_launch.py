@@ -23,10 +23,13 @@ def interpreting() -> bool:
 #: the copy engine), and the loop options of KERNEL_OPTIONS. Chosen by the sweeps on one
 #: H100 (d=512, bf16, N=32,768): ``benchmarks/results/losses-triton-sweep-h100-80gb-hbm3-v3.json``
 #: (forward, siglip) and ``-v6.json`` (backward: 128x128 tiles and 4 warps won in v4, v5 and
-#: v6; TPP and FLAT measured within noise of it, so they stay off). Edit at run time to
+#: v6; TPP and FLAT measured within noise of it, so they stay off). The forward since the H200
+#: grid at N=65,536 (d=512, bf16; benchmarks/results/losses-h200-s6/): the one-tile kernel
+#: (``TILE``, fixed-shift sums, no running max) with 2 stages, 7.79 ms against 9.03 ms for the
+#: looped kernel (backward and SigLIP: no variant beat the defaults). Edit at run time to
 #: try others (the sweep does this; ``python -m batchlab.bench.losses_triton --sweep``).
 CONFIGS: dict[str, dict[str, int]] = {
-    "fwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1),
+    "fwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=2, TMA=1, TILE=1),
     "bwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1, TMA_OUT=0),
     "siglip": dict(BM=64, BN=128, BD=64, num_warps=4, num_stages=4, TMA=1, TMA_OUT=0),
 }

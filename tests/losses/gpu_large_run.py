@@ -1,0 +1,276 @@
+"""Issue 21, session 6 (run on a CUDA machine; not collected by pytest): checks of the dense path's
+in-kernel totals, the tiled forward computing its own tiles (``DOT``) against reading the fp32
+product, and the kernels each call launches.
+
+    OUT=dir python tests/losses/gpu_large_run.py all       # check, ab, kernels (~70 s)
+
+``check`` (exits 1 on a failure): InfoNCE and SigLIP (bf16) against the fp32 reference (values
+and gradients, tolerances of ``gpu_check_overhead``) under ``set_sync_debug_mode("error")`` at the
+``GPU_LARGE_CASES`` (default N x d = 1 x 512, 255 x 512 (ragged), 1,000 x 768, 8,192 x 512,
+16,384 x 512 and x 768 (the tiled CLIP forward, whose loss is added up in ``clip_combine_kernel``),
+20,000 x 512 (the streaming kernels, one-tile forward)); a second backward through the same graph
+(``retain_graph``) gives the same gradients (the counter of the in-kernel totals is set back to
+zero); the same with the C-launcher call off (``_dense.RAW_LAUNCH``: Triton's launcher wrapper)
+gives the same results; then ``torch.compile(fullgraph=True)`` and CUDA-graph replay at N = 1,024
+(the custom ops' signatures changed). Cases left when ``GPU_LARGE_CHECK_S`` seconds have passed
+are skipped (and say so). ``ab``: see :func:`part_ab`. ``kernels``: the CUDA kernels (and
+memsets) of one forward + backward of the default path, by name, at N = 16,384, d = 512 and 768.
+Each part writes ``$OUT/large-<part>.json``. Dry run on the CPU: ``TRITON_INTERPRET=1
+GPU_LARGE_DEVICE=cpu GPU_LARGE_CASES=1x24,37x24 python tests/losses/gpu_large_run.py check``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from batchlab.losses import info_nce, siglip  # noqa: E402
+from batchlab.losses.triton import _dense  # noqa: E402
+from tests.losses.gpu_check_overhead import GRAD_TOL, VALUE_TOL, compile_and_graph_check, rel  # noqa: E402
+
+OUT = Path(os.environ.get("OUT", "/tmp/gpu_large"))
+#: ``GPU_LARGE_DEVICE=cpu`` (with ``TRITON_INTERPRET=1`` and tiny ``GPU_LARGE_SIZES``/``GPU_LARGE_DIMS``):
+#: a dry run of the check on the CPU through the interpreter.
+DEVICE = os.environ.get("GPU_LARGE_DEVICE", "cuda")
+#: (N, d) of the check: the dense path (ragged, N=1, the tiled forward at 16,384) and one streaming size.
+CASES = [tuple(int(x) for x in case.split("x")) for case in os.environ.get(
+    "GPU_LARGE_CASES", "1x512,255x512,1000x768,8192x512,16384x512,16384x768,20000x512").split(",")]
+#: Seconds the check may take before the remaining cases are skipped (the run has a fixed budget).
+CHECK_BUDGET_S = float(os.environ.get("GPU_LARGE_CHECK_S", "50"))
+T0 = time.time()
+
+
+def say(*args):
+    print(f"[{time.time() - T0:6.1f}s]", *args, flush=True)
+
+
+def dump(part, payload):
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"large-{part}.json").write_text(json.dumps(payload, indent=1, default=str))
+
+
+def loss_of(family, q, k, s, b, impl="auto"):
+    return info_nce(q, k, s, impl=impl) if family == "info_nce" else siglip(q, k, s, b, impl=impl)
+
+
+def leaves(n, d, seed=0):
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    q = F.normalize(torch.randn(n, d, device=DEVICE, generator=g), dim=1).bfloat16().requires_grad_()
+    k = F.normalize(torch.randn(n, d, device=DEVICE, generator=g), dim=1).bfloat16().requires_grad_()
+    s = torch.tensor(1 / 0.07, device=DEVICE, requires_grad=True)
+    b = torch.tensor(-10.0, device=DEVICE, requires_grad=True)
+    return q, k, s, b
+
+
+_KERNELS = (_dense._clip_lse, _dense._clip_tiles, _dense._clip_combine, _dense._clip_grad, _dense._siglip_fwd,
+            _dense._siglip_grad)
+
+
+def _raw_launch(on: bool) -> None:
+    """Switch the C-launcher call on or off (compiled entries forgotten: they remember the choice)."""
+    _dense.RAW_LAUNCH = on
+    for kernel in _KERNELS:
+        kernel.compiled.clear()
+
+
+def _sync_debug(mode) -> None:
+    if DEVICE == "cuda":
+        torch.cuda.set_sync_debug_mode(mode)
+
+
+def check_one(family, n, d):
+    q, k, s, b = leaves(n, d, seed=n + d)
+    inputs = [q, k, s] + ([b] if family == "siglip" else [])
+    impl = "auto" if DEVICE == "cuda" else "triton"
+    loss_of(family, q, k, s, b, impl)  # compile first
+    _sync_debug("error")
+    try:
+        loss = loss_of(family, q, k, s, b, impl)
+        first = torch.autograd.grad(loss, inputs, retain_graph=True)
+        second = torch.autograd.grad(loss, inputs)
+    finally:
+        _sync_debug(0)
+    _raw_launch(False)
+    try:
+        for _ in range(2):  # the first call goes through Triton's launch, the second through kernel.run
+            loss_w = loss_of(family, q, k, s, b, impl)
+            wrapper = torch.autograd.grad(loss_w, inputs)
+    finally:
+        _raw_launch(True)
+    ref_in = [x.detach().float().requires_grad_() for x in inputs]
+    ref = loss_of(family, ref_in[0], ref_in[1], ref_in[2], ref_in[3] if family == "siglip" else b, "reference")
+    ref_g = torch.autograd.grad(ref, ref_in)
+    row = {"family": family, "N": n, "d": d, "loss": float(loss.detach()), "loss_err": rel(loss, ref),
+           "grad_err": max(rel(g, r) for g, r in zip(first, ref_g)),
+           "scale_grad": float(first[2]), "scale_grad_err": rel(first[2], ref_g[2]),
+           # same inputs, same kernels: equal up to cuBLAS's own run-to-run behaviour
+           "second_backward_err": max(rel(a, c) for a, c in zip(second, first)),
+           "raw_vs_wrapper_err": max(rel(a, c) for a, c in zip([loss_w, *wrapper], [loss, *first]))}
+    row["ok"] = (row["loss_err"] < VALUE_TOL and row["grad_err"] < GRAD_TOL and row["second_backward_err"] < 1e-6
+                 and row["raw_vs_wrapper_err"] < 1e-6)
+    return row
+
+
+#: ``all`` runs the compile and CUDA-graph checks last (after the A/B and the kernel names).
+GRAPH_LAST = False
+
+
+def part_check(rows=None) -> int:
+    rows = [] if rows is None else rows
+    for n, d in CASES:
+        for family in ("info_nce", "siglip"):
+            if time.time() - T0 > CHECK_BUDGET_S:
+                rows.append({"family": family, "N": n, "d": d, "ok": True, "skipped": "time budget"})
+                continue
+            try:
+                rows.append(check_one(family, n, d))
+            except Exception as exc:  # noqa: BLE001 - a failing case is a result
+                rows.append({"family": family, "N": n, "d": d, "ok": False, "error": repr(exc)[:600]})
+            say(json.dumps(rows[-1]))
+            dump("check", rows)
+    if not GRAPH_LAST:
+        part_graph(rows)
+    return _verdict(rows)
+
+
+def _verdict(rows) -> int:
+    failed = [r for r in rows if not r["ok"]]
+    say(f"{len(rows) - len(failed)}/{len(rows)} checks passed"
+        f" ({sum('skipped' in r for r in rows)} skipped for time)")
+    return 1 if failed else 0
+
+
+def part_graph(rows) -> None:
+    """torch.compile(fullgraph=True) and CUDA-graph replay of a training step, N = 1,024 (appended to ``rows``)."""
+    for family in ("info_nce", "siglip") if DEVICE == "cuda" else ():
+        results: list = []
+        try:
+            compile_and_graph_check(family, 1024, 64, 512, results)
+        except Exception as exc:  # noqa: BLE001
+            results.append({"check": "compile/graph setup", "family": family, "ok": False, "error": repr(exc)[:600]})
+        for r in results:
+            say(json.dumps(r))
+        rows += results
+        dump("check", rows)
+
+
+def _timed_ms(call, reps=20) -> float:
+    call()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        call()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+def part_ab() -> int:
+    """The tiled CLIP forward reading the fp32 product (default) vs computing its tiles (``DOT``),
+    InfoNCE forward + backward at N = 16,384, d = 512 and 768 (checked against the fp32 reference
+    once per variant). Writes ``large-ab.env``: ``BATCHLAB_DENSE_TILE_DOT[_CONFIG]`` when a DOT
+    variant is at least 3% faster at both widths (the settings the bench then runs with)."""
+    variants = {"product": None, "dot 128x128 w4": (128, 128, 64, 4, 3), "dot 64x128 w4": (64, 128, 64, 4, 3),
+                "dot 128x128 w8": (128, 128, 64, 8, 3)}
+    rows = []
+    for d in (512, 768):
+        q, k, s, b = leaves(16384, d, seed=d)
+        ref_in = [x.detach().float().requires_grad_() for x in (q, k, s)]
+        ref = info_nce(*ref_in, impl="reference")
+        ref_g = torch.autograd.grad(ref, ref_in)
+        for name, cfg in variants.items():
+            _dense.TILE_DOT = cfg is not None
+            if cfg is not None:
+                _dense._TILE_DOT_CONFIG = cfg
+            try:
+                loss = info_nce(q, k, s)
+                grads = torch.autograd.grad(loss, [q, k, s])
+                err = max([rel(loss, ref)] + [rel(g, r) for g, r in zip(grads, ref_g)])
+                ms = _timed_ms(lambda: torch.autograd.grad(info_nce(q, k, s), [q, k, s]))
+                rows.append({"variant": name, "d": d, "ms": ms, "max_err": err, "ok": err < GRAD_TOL,
+                             "launches": len(kernels_of(lambda: torch.autograd.grad(info_nce(q, k, s), [q, k, s])))})
+            except Exception as exc:  # noqa: BLE001
+                rows.append({"variant": name, "d": d, "ok": False, "error": repr(exc)[:300]})
+            say(json.dumps(rows[-1]))
+    _dense.TILE_DOT, _dense._TILE_DOT_CONFIG = False, variants["dot 128x128 w4"]
+    best = {}
+    for d in (512, 768):
+        timed = {r["variant"]: r["ms"] for r in rows if r["d"] == d and r.get("ok")}
+        best[d] = timed
+    choice = None
+    if all("product" in t for t in best.values()):
+        wins = [name for name in variants if name != "product" and all(
+            name in t and t[name] <= 0.97 * t["product"] for t in best.values())]
+        if wins:
+            choice = min(wins, key=lambda name: sum(t[name] for t in best.values()))
+    env = ""
+    if choice:
+        env = ("export BATCHLAB_DENSE_TILE_DOT=1 BATCHLAB_DENSE_TILE_DOT_CONFIG="
+               + ",".join(map(str, variants[choice])) + "\n")
+    (OUT / "large-ab.env").write_text(env)
+    say(f"choice: {choice or 'product (default)'}")
+    dump("ab", {"rows": rows, "choice": choice})
+    return 0
+
+
+def kernels_of(call, calls=2) -> list[str]:
+    from torch.profiler import ProfilerActivity, profile
+
+    call()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            call()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+             and "memcpy" not in e.name.lower()]
+    return names[: len(names) // calls]
+
+
+def part_kernels() -> int:
+    """Kernel names of one forward + backward of the default path at N = 16,384 (d = 512, 768)."""
+    rows = []
+    for d in (512, 768):
+        for family in ("info_nce", "siglip"):
+            q, k, s, b = leaves(16384, d)
+            inputs = [q, k, s] + ([b] if family == "siglip" else [])
+            try:
+                names = kernels_of(lambda: torch.autograd.grad(loss_of(family, q, k, s, b), inputs))
+                rows.append({"family": family, "N": 16384, "d": d, "launches": len(names),
+                             "kernels": [name[:100] for name in names]})
+            except Exception as exc:  # noqa: BLE001
+                rows.append({"family": family, "N": 16384, "d": d, "error": repr(exc)[:300]})
+            say(family, d, rows[-1].get("launches"), rows[-1].get("kernels"))
+    dump("kernels", rows)
+    return 0
+
+
+def part_all() -> int:
+    """check's cases, then ab and kernels, then the compile and CUDA-graph checks (slowest, least likely to change)."""
+    global GRAPH_LAST
+    GRAPH_LAST = True
+    rows: list = []
+    part_check(rows)
+    for part in (part_ab, part_kernels):
+        try:
+            part()
+        except Exception as exc:  # noqa: BLE001 - the next part still runs
+            say(f"{part.__name__} failed: {exc!r}")
+    part_graph(rows)
+    return _verdict(rows)
+
+
+if __name__ == "__main__":
+    part = sys.argv[1] if len(sys.argv) > 1 else "check"
+    sys.exit({"check": part_check, "ab": part_ab, "kernels": part_kernels, "all": part_all}[part]())
