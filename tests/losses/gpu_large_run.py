@@ -162,25 +162,13 @@ def part_graph(rows) -> None:
         dump("check", rows)
 
 
-def _timed_ms(call, reps=20) -> float:
-    call()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
-
-
 def part_ab() -> int:
     """The tiled CLIP forward reading the fp32 product (default) vs computing its tiles (``DOT``),
     InfoNCE forward + backward at N = 16,384, d = 512 and 768 (checked against the fp32 reference
     once per variant). Writes ``large-ab.env``: ``BATCHLAB_DENSE_TILE_DOT[_CONFIG]`` when a DOT
     variant is at least 3% faster at both widths (the settings the bench then runs with)."""
+    from tests.losses.gpu_small_run import timed  # noqa: E402  (CUDA at import)
+
     variants = {"product": None, "dot 128x128 w4": (128, 128, 64, 4, 3), "dot 64x128 w4": (64, 128, 64, 4, 3),
                 "dot 128x128 w8": (128, 128, 64, 8, 3)}
     rows = []
@@ -197,7 +185,7 @@ def part_ab() -> int:
                 loss = info_nce(q, k, s)
                 grads = torch.autograd.grad(loss, [q, k, s])
                 err = max([rel(loss, ref)] + [rel(g, r) for g, r in zip(grads, ref_g)])
-                ms = _timed_ms(lambda: torch.autograd.grad(info_nce(q, k, s), [q, k, s]))
+                ms, _ = timed(lambda: torch.autograd.grad(info_nce(q, k, s), [q, k, s]), reps=20)
                 rows.append({"variant": name, "d": d, "ms": ms, "max_err": err, "ok": err < GRAD_TOL,
                              "launches": len(kernels_of(lambda: torch.autograd.grad(info_nce(q, k, s), [q, k, s])))})
             except Exception as exc:  # noqa: BLE001
