@@ -194,8 +194,8 @@ def part_ab() -> int:
     _dense.TILE_DOT, _dense._TILE_DOT_CONFIG = False, variants["dot 128x128 w4"]
     best = {}
     for d in (512, 768):
-        timed = {r["variant"]: r["ms"] for r in rows if r["d"] == d and r.get("ok")}
-        best[d] = timed
+        by_variant = {r["variant"]: r["ms"] for r in rows if r["d"] == d and r.get("ok")}
+        best[d] = by_variant
     choice = None
     if all("product" in t for t in best.values()):
         wins = [name for name in variants if name != "product" and all(
