@@ -2,7 +2,7 @@
 in-kernel totals, the tiled forward computing its own tiles (``DOT``) against reading the fp32
 product, and the kernels each call launches.
 
-    OUT=dir python tests/losses/gpu_large_run.py all       # check, ab, kernels (~70 s)
+    OUT=dir python tests/losses/gpu_large_run.py all       # check, ab, kernels, ds, compile/graph (~85 s)
 
 ``check`` (exits 1 on a failure): InfoNCE and SigLIP (bf16) against the fp32 reference (values
 and gradients, tolerances of ``gpu_check_overhead``) under ``set_sync_debug_mode("error")`` at the
@@ -15,7 +15,7 @@ gives the same results; then ``torch.compile(fullgraph=True)`` and CUDA-graph re
 (the custom ops' signatures changed). Cases left when ``GPU_LARGE_CHECK_S`` seconds have passed
 are skipped (and say so). ``ab``: see :func:`part_ab`. ``kernels``: the CUDA kernels (and
 memsets) of one forward + backward of the default path, by name, at N = 16,384, d = 512 and 768.
-Each part writes ``$OUT/large-<part>.json``. Dry run on the CPU: ``TRITON_INTERPRET=1
+``ds``: see :func:`part_ds`. Each part writes ``$OUT/large-<part>.json``. Dry run on the CPU: ``TRITON_INTERPRET=1
 GPU_LARGE_DEVICE=cpu GPU_LARGE_CASES=1x24,37x24 python tests/losses/gpu_large_run.py check``.
 """
 
@@ -244,13 +244,54 @@ def part_kernels() -> int:
     return 0
 
 
+def part_ds() -> int:
+    """The streaming backward summing the scale gradient in fp32 in-kernel (``_lse.DS_SUM``) against the
+    default (from the bf16 logit gradient's product): InfoNCE at N = 4,096 (streaming forced), s = 0.01
+    and 14.3, scale-gradient error against the fp32 reference (the lead's call-1 FAIL); time at
+    N = 65,536, d = 512 (median of 10) for the default, DS on the looped kernel, and DS on the one-tile
+    TWO_EXP kernel (sm_90: 131, 759 and 108 spill instructions)."""
+    from batchlab.losses.triton import _launch, _lse
+    from tests.losses.gpu_small_run import timed  # noqa: E402  (CUDA at import)
+
+    base = dict(_launch.CONFIGS["bwd"])
+    variants = {"default": (False, {}), "DS loop": (True, {}), "DS tile two-exp": (True, dict(TILE=1, TWO_EXP=1))}
+    rows = []
+    limit = _dense.DENSE_MAX_LOGITS
+    try:
+        for name, (ds, extra) in variants.items():
+            _lse.DS_SUM = ds
+            _launch.CONFIGS["bwd"] = dict(base, **extra)
+            _dense.DENSE_MAX_LOGITS = 0
+            for scale in (0.01, 14.3):
+                q, k, _, _ = leaves(4096, 512, seed=7)
+                s = torch.tensor(scale, device=DEVICE, requires_grad=True)
+                g = torch.autograd.grad(info_nce(q, k, s), [s])[0]
+                s_ref = torch.tensor(scale, device=DEVICE, requires_grad=True)
+                g_ref = torch.autograd.grad(info_nce(q.detach().float(), k.detach().float(), s_ref,
+                                                     impl="reference"), [s_ref])[0]
+                rows.append({"variant": name, "N": 4096, "scale": scale, "scale_grad": float(g_ref),
+                             "scale_grad_err": float((g.double() - g_ref.double()).abs() / g_ref.double().abs())})
+                say(json.dumps(rows[-1]))
+            _dense.DENSE_MAX_LOGITS = limit
+            q, k, s, _ = leaves(65536, 512)
+            ms, _ = timed(lambda: torch.autograd.grad(info_nce(q, k, s), [q, k, s]), reps=10)
+            rows.append({"variant": name, "N": 65536, "d": 512, "ms": ms})
+            say(json.dumps(rows[-1]))
+            dump("ds", rows)
+    finally:
+        _lse.DS_SUM = False
+        _launch.CONFIGS["bwd"] = base
+        _dense.DENSE_MAX_LOGITS = limit
+    return 0
+
+
 def part_all() -> int:
-    """check's cases, then ab and kernels, then the compile and CUDA-graph checks (slowest, least likely to change)."""
+    """check's cases, then ab, kernels and ds, then the compile and CUDA-graph checks (slowest)."""
     global GRAPH_LAST
     GRAPH_LAST = True
     rows: list = []
     part_check(rows)
-    for part in (part_ab, part_kernels):
+    for part in (part_ab, part_kernels, part_ds):
         try:
             part()
         except Exception as exc:  # noqa: BLE001 - the next part still runs
@@ -261,4 +302,5 @@ def part_all() -> int:
 
 if __name__ == "__main__":
     part = sys.argv[1] if len(sys.argv) > 1 else "check"
-    sys.exit({"check": part_check, "ab": part_ab, "kernels": part_kernels, "all": part_all}[part]())
+    sys.exit({"check": part_check, "ab": part_ab, "kernels": part_kernels, "ds": part_ds,
+              "all": part_all}[part]())

@@ -208,18 +208,21 @@ def lse_fwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ctl_ptr,
 
 @triton.jit
 def lse_bwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ginv_ptr, ctl_ptr,
-                   row_lse2_ptr, col_lse2_ptr, g_row_ptr, g_col_ptr, out_ptr,
+                   row_lse2_ptr, col_lse2_ptr, g_row_ptr, g_col_ptr, out_ptr, ds_ptr,
                    r0, r1, M, D, stride_q, stride_k, stride_out,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                    COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr,
                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-                   TMA_OUT: tl.constexpr = False, TPP: tl.constexpr = 1, FLAT: tl.constexpr = False):
+                   TMA_OUT: tl.constexpr = False, TPP: tl.constexpr = 1, FLAT: tl.constexpr = False,
+                   DS: tl.constexpr = False):
     """Logit gradient of ``sum_i g_i row_lse_i + sum_j h_j col_lse_j`` for rows [r0, r1).
 
     A program owns BM rows and ``TPP`` consecutive column tiles (its row statistics are
     loaded once); ``FLAT`` flattens the tile and d loops as in ``lse_fwd_kernel``.
-    The scale gradient is not summed here: ``sum G * (q . k) = sum_i q_i . (G @ k)_i``
-    comes out of the gradient product for free (fewer live tiles in this kernel).
+    Without ``DS`` the scale gradient is not summed here: ``sum G * (q . k) = sum_i q_i . (G @ k)_i``
+    comes out of the gradient product for free (fewer live tiles in this kernel), but from the
+    bf16/fp16 ``G``, which loses the few significant bits left when the logits are nearly uniform
+    (small scales). ``DS``: this program's fp32 ``sum G * (q . k)`` goes to ``ds[pid]``.
     """
     rows = r0 + tl.program_id(0) * BM + tl.arange(0, BM)
     rmask = rows < r1
@@ -231,16 +234,19 @@ def lse_bwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ginv_ptr, ctl_ptr,
     a = tl.exp2(lse_r)  # used by the single-exponential epilogue only
     t0 = tl.program_id(1) * TPP
     t1 = tl.minimum(t0 + TPP, tl.cdiv(M, BN))
+    ds = tl.sum(tl.zeros((BM,), dtype=tl.float32), 0)
     if one_exp:  # one loop per epilogue: no branch inside the pipelined loop
         for t in tl.range(t0, t1, flatten=FLAT):
-            _bwd_tile(q_ptr, k_ptr, tgt_ptr, col_lse2_ptr, g_col_ptr, out_ptr, rows, rmask, t, r0, r1, M, D,
-                      stride_q, stride_k, stride_out, s2, lse_r, g_r, a, ginv,
-                      BM, BN, BD, COLS, EXCLUDE, HAS_TGT, True, EVEN_D, UPCAST, PREC, TMA, TMA_OUT)
+            ds += _bwd_tile(q_ptr, k_ptr, tgt_ptr, col_lse2_ptr, g_col_ptr, out_ptr, rows, rmask, t, r0, r1, M, D,
+                            stride_q, stride_k, stride_out, s2, lse_r, g_r, a, ginv,
+                            BM, BN, BD, COLS, EXCLUDE, HAS_TGT, True, EVEN_D, UPCAST, PREC, TMA, TMA_OUT, DS)
     else:
         for t in tl.range(t0, t1, flatten=FLAT):
-            _bwd_tile(q_ptr, k_ptr, tgt_ptr, col_lse2_ptr, g_col_ptr, out_ptr, rows, rmask, t, r0, r1, M, D,
-                      stride_q, stride_k, stride_out, s2, lse_r, g_r, a, ginv,
-                      BM, BN, BD, COLS, EXCLUDE, HAS_TGT, False, EVEN_D, UPCAST, PREC, TMA, TMA_OUT)
+            ds += _bwd_tile(q_ptr, k_ptr, tgt_ptr, col_lse2_ptr, g_col_ptr, out_ptr, rows, rmask, t, r0, r1, M, D,
+                            stride_q, stride_k, stride_out, s2, lse_r, g_r, a, ginv,
+                            BM, BN, BD, COLS, EXCLUDE, HAS_TGT, False, EVEN_D, UPCAST, PREC, TMA, TMA_OUT, DS)
+    if DS:
+        tl.store(ds_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), ds)
 
 
 @triton.jit
@@ -248,8 +254,9 @@ def _bwd_tile(q_ptr, k_ptr, tgt_ptr, col_lse2_ptr, g_col_ptr, out_ptr, rows, rma
               stride_q, stride_k, stride_out, s2, lse_r, g_r, a, ginv,
               BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, COLS: tl.constexpr, EXCLUDE: tl.constexpr,
               HAS_TGT: tl.constexpr, ONE_EXP: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
-              PREC: tl.constexpr, TMA: tl.constexpr, TMA_OUT: tl.constexpr):
-    """One column tile of ``lse_bwd_kernel``: recompute, form the logit gradient, store it."""
+              PREC: tl.constexpr, TMA: tl.constexpr, TMA_OUT: tl.constexpr, DS: tl.constexpr = False):
+    """One column tile of ``lse_bwd_kernel``: recompute, form the logit gradient, store it; returns
+    the tile's fp32 ``sum G * (q . k)`` with ``DS`` (else 0)."""
     cols = t * BN + tl.arange(0, BN)
     cmask = cols < M
     acc = _tile_dot(q_ptr, k_ptr, rows, cols, r1, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
@@ -267,7 +274,12 @@ def _bwd_tile(q_ptr, k_ptr, tgt_ptr, col_lse2_ptr, g_col_ptr, out_ptr, rows, rma
         g = g_r[:, None] * p_r
     if EXCLUDE:  # out-of-range entries are never stored; excluded positives must be zero
         g = tl.where(_valid(rows, cols, r1, M, tgt_ptr, EXCLUDE, HAS_TGT, False), g, 0.0)
-    _store_logit_grad(out_ptr, g, ginv, rows, cols, r0, stride_out, rmask[:, None] & cmask[None, :], TMA_OUT)
+    mask = rmask[:, None] & cmask[None, :]
+    _store_logit_grad(out_ptr, g, ginv, rows, cols, r0, stride_out, mask, TMA_OUT)
+    part = 0.0
+    if DS:
+        part = tl.sum(tl.sum(tl.where(mask, g * acc, 0.0), 1), 0)
+    return part
 
 
 @triton.jit
@@ -394,12 +406,12 @@ def lse_fwd_tile_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ctl_ptr, row_sum_ptr, 
 
 @triton.jit
 def lse_bwd_tile_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ginv_ptr, ctl_ptr,
-                        row_lse2_ptr, col_lse2_ptr, g_row_ptr, g_col_ptr, out_ptr,
+                        row_lse2_ptr, col_lse2_ptr, g_row_ptr, g_col_ptr, out_ptr, ds_ptr,
                         r0, r1, M, D, stride_q, stride_k, stride_out,
                         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                         COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr,
                         EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-                        WS: tl.constexpr = False, TWO_EXP: tl.constexpr = False):
+                        WS: tl.constexpr = False, TWO_EXP: tl.constexpr = False, DS: tl.constexpr = False):
     """``lse_bwd_kernel`` with one tile per program (same arguments and output, plus ``WS``).
 
     ``TWO_EXP``: always two exp2 per logit (row and column terms), so the epilogue has no
@@ -426,7 +438,11 @@ def lse_bwd_tile_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ginv_ptr, ctl_ptr,
         g = g_r[:, None] * p_r
     if EXCLUDE:
         g = tl.where(_valid(rows, cols, r1, M, tgt_ptr, EXCLUDE, HAS_TGT, False), g, 0.0)
-    _store_logit_grad(out_ptr, g, tl.load(ginv_ptr), rows, cols, r0, stride_out, rmask[:, None] & cmask[None, :], False)
+    mask = rmask[:, None] & cmask[None, :]
+    _store_logit_grad(out_ptr, g, tl.load(ginv_ptr), rows, cols, r0, stride_out, mask, False)
+    if DS:
+        tl.store(ds_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
+                 tl.sum(tl.sum(tl.where(mask, g * acc, 0.0), 1), 0))
 
 
 @triton.jit

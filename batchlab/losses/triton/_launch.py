@@ -192,13 +192,15 @@ def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     acc += mm_f32(a, b)
 
 
-def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bool, need_k: bool):
+def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bool, need_k: bool,
+                          dot: bool = True):
     """``dq = factor * G @ k``, ``dk = factor * G.T @ q`` and ``sum_i q_i . (G @ k)_i``, panel by panel.
 
     ``fill(p, r0, r1, buf)`` writes rows [r0, r1) of ``G / factor`` into ``buf[: r1 - r0]``
     (a (rows_per_panel, M) buffer in the inputs' dtype). The products accumulate in fp32;
     ``dk`` sums over panels in an fp32 buffer when there is more than one. The last value
-    (fp32 scalar, without ``factor``) is ``sum_ij G_ij (q_i . k_j) / factor``: the scale gradient.
+    (fp32 scalar, without ``factor``) is ``sum_ij G_ij (q_i . k_j) / factor``: the scale gradient
+    (None with ``dot=False``: the caller sums it otherwise).
     """
     n, d = q.shape
     m = k.shape[0]
@@ -209,7 +211,7 @@ def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bo
     dq = torch.empty_like(q) if need_q else None
     dk32 = torch.zeros(m, d, device=q.device, dtype=torch.float32) if need_k and several else None
     dk = None
-    dot = torch.zeros((), device=q.device, dtype=torch.float32)
+    want_dot, dot = dot, (torch.zeros((), device=q.device, dtype=torch.float32) if dot else None)
     if double:
         main, side = torch.cuda.current_stream(q.device), torch.cuda.Stream(q.device)
         side.wait_stream(main)  # inputs and statistics are ready
@@ -236,7 +238,8 @@ def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bo
             fill(p, r0, r1, buf)
         g = buf[: r1 - r0]
         gk = mm_f32(g, k)
-        dot += (gk * q[r0:r1]).sum()
+        if want_dot:
+            dot += (gk * q[r0:r1]).sum()
         if need_q:
             dq[r0:r1] = (gk * factor).to(q.dtype)
         if need_k:

@@ -23,6 +23,7 @@ underflowed columns is decided per program on the GPU (``lse_fwd_kernel``'s ``FI
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -61,6 +62,13 @@ def logit_bound(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> torch.
 _ONE_EXP_RANGE2 = 100.0
 #: Set to False to force two exponentials per logit (for timing and tests).
 ONE_EXP = True
+#: The backward kernel sums the scale gradient ``sum G * (q . k)`` in fp32 per program (``DS``)
+#: instead of taking it from the product of the bf16/fp16 logit gradient, which loses it when
+#: the logits are nearly uniform: relative error up to 3.5e-2 at s = 0.01, ~3e-3 at s = 14.3
+#: (interpreter, N = 256, bf16; benchmarks/results/losses-h200-s6/scale_grad_precision.json),
+#: against ~1e-7 summed in fp32. Off until its cost is timed on a GPU
+#: (``BATCHLAB_TRITON_DS_SUM=1``: on).
+DS_SUM = os.environ.get("BATCHLAB_TRITON_DS_SUM", "0") == "1"
 
 
 def control(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -197,29 +205,37 @@ def lse_backward(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, excl
     tile_cfg = {key: v for key, v in cfg.items() if key not in ("TILE", "TPP", "FLAT", "TMA_OUT")}
     if not cols_on:
         tile_cfg.pop("TWO_EXP", None)
+    tiled = bool(cfg.get("TILE"))
+    # DS_SUM: one fp32 partial of the scale gradient per program of every panel (zeros where a
+    # shorter last panel has fewer programs)
+    programs = triton.cdiv(rows_per_panel, bm) * (triton.cdiv(m, bn) if tiled else col_groups)
+    ds_parts = torch.zeros(triton.cdiv(n, rows_per_panel), programs, device=q.device,
+                           dtype=torch.float32) if DS_SUM else None
 
     def fill_tiles(p, r0, r1, buf):
         _kernels.lse_bwd_tile_kernel[(triton.cdiv(r1 - r0, bm), triton.cdiv(m, bn))](
             q_arg, k_arg, targets if targets is not None else dummy, scale32, ginv, ctl,
             row_lse2, col_lse2 if cols_on else dummy, g_row, g_col if cols_on else dummy, buf,
-            r0, r1, m, d, q.stride(0), k.stride(0), buf.stride(0),
-            COLS=cols_on, EXCLUDE=exclude, HAS_TGT=targets is not None, **tile_cfg, **kernel_flags(q, cfg["BD"]),
+            ds_parts[p] if DS_SUM else dummy, r0, r1, m, d, q.stride(0), k.stride(0), buf.stride(0),
+            COLS=cols_on, EXCLUDE=exclude, HAS_TGT=targets is not None, DS=DS_SUM, **tile_cfg,
+            **kernel_flags(q, cfg["BD"]),
         )
 
     def fill(p, r0, r1, buf):
-        if cfg.get("TILE"):
+        if tiled:
             return fill_tiles(p, r0, r1, buf)
         out, tma_out = panel_output(buf, r1 - r0, cfg)
         _kernels.lse_bwd_kernel[(triton.cdiv(r1 - r0, bm), col_groups)](
             q_arg, k_arg, targets if targets is not None else dummy, scale32, ginv, ctl,
             row_lse2, col_lse2 if cols_on else dummy, g_row, g_col if cols_on else dummy, out,
-            r0, r1, m, d, q.stride(0), k.stride(0), buf.stride(0),
-            COLS=cols_on, EXCLUDE=exclude, HAS_TGT=targets is not None,
+            ds_parts[p] if DS_SUM else dummy, r0, r1, m, d, q.stride(0), k.stride(0), buf.stride(0),
+            COLS=cols_on, EXCLUDE=exclude, HAS_TGT=targets is not None, DS=DS_SUM,
             **{**cfg, "TMA_OUT": tma_out}, **kernel_flags(q, cfg["BD"]),
         )
 
-    dq, dk, dot = gradients_from_panels(q, k, rows_per_panel, fill, factor, need_q=need_q, need_k=need_k)
-    return dq, dk, dot * gscale
+    dq, dk, dot = gradients_from_panels(q, k, rows_per_panel, fill, factor, need_q=need_q, need_k=need_k,
+                                        dot=not DS_SUM)
+    return dq, dk, (ds_parts.sum() if DS_SUM else dot * gscale)
 
 
 @torch.library.custom_op("batchlab::lse_forward", mutates_args=())
