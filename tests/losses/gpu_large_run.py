@@ -45,6 +45,23 @@ CASES = [tuple(int(x) for x in case.split("x")) for case in os.environ.get(
     "GPU_LARGE_CASES", "1x512,255x512,1000x768,8192x512,16384x512,16384x768,20000x512").split(",")]
 #: Seconds the check may take before the remaining cases are skipped (the run has a fixed budget).
 CHECK_BUDGET_S = float(os.environ.get("GPU_LARGE_CHECK_S", "50"))
+#: N of the A/B (16,384: the tiled forward) and of part ds (precision, time); smaller for a CPU dry run.
+AB_N = int(os.environ.get("GPU_LARGE_AB_N", "16384"))
+DS_N = tuple(int(x) for x in os.environ.get("GPU_LARGE_DS_N", "4096,65536").split(","))
+
+
+def _median_ms(call, reps):
+    """Median ms of one call (CUDA events: ``gpu_small_run.timed``; the host clock on the CPU dry run)."""
+    if DEVICE == "cuda":
+        from tests.losses.gpu_small_run import timed  # noqa: E402  (CUDA at import)
+
+        return timed(call, reps=reps)[0]
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        call()
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
 T0 = time.time()
 
 
@@ -55,6 +72,10 @@ def say(*args):
 def dump(part, payload):
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"large-{part}.json").write_text(json.dumps(payload, indent=1, default=str))
+
+
+#: The implementation the parts call (``triton`` on the CPU dry run: ``auto`` never picks the interpreter).
+IMPL = "auto" if DEVICE == "cuda" else "triton"
 
 
 def loss_of(family, q, k, s, b, impl="auto"):
@@ -89,7 +110,7 @@ def _sync_debug(mode) -> None:
 def check_one(family, n, d):
     q, k, s, b = leaves(n, d, seed=n + d)
     inputs = [q, k, s] + ([b] if family == "siglip" else [])
-    impl = "auto" if DEVICE == "cuda" else "triton"
+    impl = IMPL
     loss_of(family, q, k, s, b, impl)  # compile first
     _sync_debug("error")
     try:
@@ -167,13 +188,11 @@ def part_ab() -> int:
     InfoNCE forward + backward at N = 16,384, d = 512 and 768 (checked against the fp32 reference
     once per variant). Writes ``large-ab.env``: ``BATCHLAB_DENSE_TILE_DOT[_CONFIG]`` when a DOT
     variant is at least 3% faster at both widths (the settings the bench then runs with)."""
-    from tests.losses.gpu_small_run import timed  # noqa: E402  (CUDA at import)
-
     variants = {"product": None, "dot 128x128 w4": (128, 128, 64, 4, 3), "dot 64x128 w4": (64, 128, 64, 4, 3),
                 "dot 128x128 w8": (128, 128, 64, 8, 3)}
     rows = []
     for d in (512, 768):
-        q, k, s, b = leaves(16384, d, seed=d)
+        q, k, s, b = leaves(AB_N, d, seed=d)
         ref_in = [x.detach().float().requires_grad_() for x in (q, k, s)]
         ref = info_nce(*ref_in, impl="reference")
         ref_g = torch.autograd.grad(ref, ref_in)
@@ -182,12 +201,13 @@ def part_ab() -> int:
             if cfg is not None:
                 _dense._TILE_DOT_CONFIG = cfg
             try:
-                loss = info_nce(q, k, s)
+                loss = info_nce(q, k, s, impl=IMPL)
                 grads = torch.autograd.grad(loss, [q, k, s])
                 err = max([rel(loss, ref)] + [rel(g, r) for g, r in zip(grads, ref_g)])
-                ms, _ = timed(lambda: torch.autograd.grad(info_nce(q, k, s), [q, k, s]), reps=20)
+                ms = _median_ms(lambda: torch.autograd.grad(info_nce(q, k, s, impl=IMPL), [q, k, s]), 20)
                 rows.append({"variant": name, "d": d, "ms": ms, "max_err": err, "ok": err < GRAD_TOL,
-                             "launches": len(kernels_of(lambda: torch.autograd.grad(info_nce(q, k, s), [q, k, s])))})
+                             "launches": len(kernels_of(lambda: torch.autograd.grad(info_nce(q, k, s, impl=IMPL),
+                                                                                     [q, k, s])))})
             except Exception as exc:  # noqa: BLE001
                 rows.append({"variant": name, "d": d, "ok": False, "error": repr(exc)[:300]})
             say(json.dumps(rows[-1]))
@@ -213,9 +233,12 @@ def part_ab() -> int:
 
 
 def kernels_of(call, calls=2) -> list[str]:
+    """Names of the CUDA kernels and memsets one ``call()`` launches (none on the CPU dry run)."""
     from torch.profiler import ProfilerActivity, profile
 
     call()
+    if DEVICE != "cuda":
+        return []
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
@@ -231,10 +254,10 @@ def part_kernels() -> int:
     rows = []
     for d in (512, 768):
         for family in ("info_nce", "siglip"):
-            q, k, s, b = leaves(16384, d)
+            q, k, s, b = leaves(AB_N, d)
             inputs = [q, k, s] + ([b] if family == "siglip" else [])
             try:
-                names = kernels_of(lambda: torch.autograd.grad(loss_of(family, q, k, s, b), inputs))
+                names = kernels_of(lambda: torch.autograd.grad(loss_of(family, q, k, s, b, IMPL), inputs))
                 rows.append({"family": family, "N": 16384, "d": d, "launches": len(names),
                              "kernels": [name[:100] for name in names]})
             except Exception as exc:  # noqa: BLE001
@@ -251,7 +274,6 @@ def part_ds() -> int:
     N = 65,536, d = 512 (median of 10) for the default, DS on the looped kernel, and DS on the one-tile
     TWO_EXP kernel (sm_90: 131, 759 and 108 spill instructions)."""
     from batchlab.losses.triton import _launch, _lse
-    from tests.losses.gpu_small_run import timed  # noqa: E402  (CUDA at import)
 
     base = dict(_launch.CONFIGS["bwd"])
     variants = {"default": (False, {}), "DS loop": (True, {}), "DS tile two-exp": (True, dict(TILE=1, TWO_EXP=1))}
@@ -263,19 +285,19 @@ def part_ds() -> int:
             _launch.CONFIGS["bwd"] = dict(base, **extra)
             _dense.DENSE_MAX_LOGITS = 0
             for scale in (0.01, 14.3):
-                q, k, _, _ = leaves(4096, 512, seed=7)
+                q, k, _, _ = leaves(DS_N[0], 512 if DEVICE == "cuda" else 24, seed=7)
                 s = torch.tensor(scale, device=DEVICE, requires_grad=True)
-                g = torch.autograd.grad(info_nce(q, k, s), [s])[0]
+                g = torch.autograd.grad(info_nce(q, k, s, impl=IMPL), [s])[0]
                 s_ref = torch.tensor(scale, device=DEVICE, requires_grad=True)
                 g_ref = torch.autograd.grad(info_nce(q.detach().float(), k.detach().float(), s_ref,
                                                      impl="reference"), [s_ref])[0]
-                rows.append({"variant": name, "N": 4096, "scale": scale, "scale_grad": float(g_ref),
+                rows.append({"variant": name, "N": DS_N[0], "scale": scale, "scale_grad": float(g_ref),
                              "scale_grad_err": float((g.double() - g_ref.double()).abs() / g_ref.double().abs())})
                 say(json.dumps(rows[-1]))
             _dense.DENSE_MAX_LOGITS = limit
-            q, k, s, _ = leaves(65536, 512)
-            ms, _ = timed(lambda: torch.autograd.grad(info_nce(q, k, s), [q, k, s]), reps=10)
-            rows.append({"variant": name, "N": 65536, "d": 512, "ms": ms})
+            q, k, s, _ = leaves(DS_N[1], 512 if DEVICE == "cuda" else 24)
+            ms = _median_ms(lambda: torch.autograd.grad(info_nce(q, k, s, impl=IMPL), [q, k, s]), 10)
+            rows.append({"variant": name, "N": DS_N[1], "ms": ms})
             say(json.dumps(rows[-1]))
             dump("ds", rows)
     finally:
