@@ -94,14 +94,15 @@ def _check_inputs(mode: str, n: int, dim: int, tau_kind: str, gen: torch.Generat
     if tau_kind == "per-example":
         tau = 0.02 + 0.05 * torch.rand(rows, n, generator=gen, dtype=torch.float64)
     else:
-        tau = torch.full((rows, n), float(tau_kind), dtype=torch.float64)
+        tau = torch.full((rows, n), float(tau_kind.split()[-1]), dtype=torch.float64)
     return q64, k64, log_u, tau
 
 
 def check(device: torch.device, n: int = 1500, dim: int = 128, impls=None) -> list[dict]:
     """The fast paths against the float64 reference on ``device``, normwise (max abs error / max abs
     value; :data:`CHECK_TOL`): every mode, fp32 and bf16, per-example temperatures and tau = 0.005 and
-    1.0; values, new ``log u``, temperature gradients and the gradients of both inputs."""
+    1.0 (tensors), and tau = 0.01 and 0.005 as floats (the kernels' one-temperature path); values, new
+    ``log u``, temperature gradients and the gradients of both inputs."""
     from batchlab.losses import sogclr
     from batchlab.losses.sogclr import MODES
 
@@ -111,7 +112,7 @@ def check(device: torch.device, n: int = 1500, dim: int = 128, impls=None) -> li
     results = []
     for mode in MODES:
         for dtype in (torch.float32, torch.bfloat16):
-            for tau_kind in ("per-example", "0.005", "1.0"):
+            for tau_kind in ("per-example", "0.005", "1.0", "float 0.01", "float 0.005"):
                 q64, k64, log_u, tau64 = _check_inputs(mode, n, dim, tau_kind, gen)
                 q, k = (x.to(device, dtype).requires_grad_(True) for x in (q64, k64))
                 # the reference sees the same rounded inputs, in float64 on the CPU
@@ -122,12 +123,14 @@ def check(device: torch.device, n: int = 1500, dim: int = 128, impls=None) -> li
                 name = str(dtype).replace("torch.", "")
                 value_tol, grad_tol = CHECK_TOL[name]
                 scale = max(1.0, 0.05 / float(tau64.min())) if dtype == torch.float32 else 1.0
+                one = tau_kind.startswith("float")  # a float tau: the kernels' one-temperature path
+                names = ["loss", "log_u", "tau_grad", "dq", "dk"] + ([] if one else ["dtau"])
                 for impl in impls:
-                    tau = tau64.float().to(device).requires_grad_(True)
+                    tau = float(tau_kind.split()[-1]) if one else tau64.float().to(device).requires_grad_(True)
                     out = sogclr(q, k, log_u=log_u.float().to(device), tau=tau, rho=1.0, mode=mode, impl=impl)
-                    got = [out.loss.detach(), out.log_u, out.tau_grad] + list(torch.autograd.grad(out.loss, [q, k, tau]))
+                    got = [out.loss.detach(), out.log_u, out.tau_grad] + list(
+                        torch.autograd.grad(out.loss, [q, k] + ([] if one else [tau])))
                     row = {"impl": impl, "mode": mode, "dtype": name, "tau": tau_kind, "n": n}
-                    names = ["loss", "log_u", "tau_grad", "dq", "dk", "dtau"]
                     tols = [value_tol, value_tol, value_tol, grad_tol, grad_tol, value_tol]
                     for what, a, b, tol in zip(names, got, want, tols):
                         a = a.double().cpu()

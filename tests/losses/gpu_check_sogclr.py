@@ -2,13 +2,19 @@
 
     PYTHONUNBUFFERED=1 PYTHONPATH=. python3 tests/losses/gpu_check_sogclr.py --out DIR
 
-1. a short sweep of the forward and backward tile shapes at N = 65,536 (bf16, d = 512), whose
-   best shapes the rest of the run uses (written to DIR/sweep.json);
-2. ``batchlab bench sogclr --device cuda --check`` in this process: the float64-reference check of
-   every mode, dtype and extreme temperature (tiled and Triton), then SogCLR / iSogCLR Triton
-   against InfoNCE (auto) at N = 4,096 and 65,536 (median of 20);
+1. a short sweep of the forward and backward tile shapes at N = 65,536 (bf16, d = 512) through the
+   modules' steps (SogCLRLoss: the one-temperature forward "fwd_one"; ISogCLRLoss: per-row
+   temperatures "fwd"; the backward "bwd"), whose best shapes the rest of the run uses (written to
+   DIR/sweep.json);
+2. ``batchlab bench sogclr --device cuda`` in this process: SogCLR / iSogCLR Triton against InfoNCE
+   (auto) at N = 4,096 and 65,536 (median of 20), then its ``--check``: the float64-reference check of
+   every mode, dtype and temperature kind (tiled and Triton; DIR/checks.json);
 3. extra checks: Triton against tiled at N = 16,384 (several backward panels), the chunked column
-   partials against one chunk, and one module step under ``set_sync_debug_mode("error")``.
+   partials against one chunk, one SogCLR and one iSogCLR module step under
+   ``set_sync_debug_mode("error")`` and the fused state update against the tiled module's, CUDA
+   kernel launches per step at N = 4,096 (torch.profiler), and SogCLRLoss at N = 65,536 on clustered
+   embeddings (tiles mixing cos ~0.9 pairs with rows whose best is ~0.1 at tau = 0.01: the forward's
+   one-exponential loop hands programs to the per-row loop) against random ones.
 
 Exit status 1 if a check fails. ``--dry-run``: tiny sizes on the CPU in Triton's interpreter.
 """
@@ -28,9 +34,10 @@ if "--dry-run" in sys.argv:
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-FWD = [dict(BM=128, BN=128, BD=64, num_warps=8, num_stages=3), dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3),
-       dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3)]
-BWD = [dict(BM=128, BN=128, BD=64, num_warps=8, num_stages=3), dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3)]
+FWD_ONE = [dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3), dict(BM=128, BN=64, BD=64, num_warps=8, num_stages=3),
+           dict(BM=128, BN=128, BD=64, num_warps=8, num_stages=3)]
+FWD = [dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3), dict(BM=128, BN=64, BD=64, num_warps=8, num_stages=3)]
+BWD = [dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3), dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3)]
 
 
 def _ms(fn, device, repeats=5):
@@ -50,21 +57,23 @@ def _ms(fn, device, repeats=5):
 
 
 def sweep(device, n, dim, out):
-    from batchlab.losses import sogclr
+    from batchlab.losses import ISogCLRLoss, SogCLRLoss
     from batchlab.losses.triton import _sogclr
 
     gen = torch.Generator().manual_seed(0)
     q, k = (F.normalize(torch.randn(n, dim, generator=gen), dim=1).to(device, torch.bfloat16).requires_grad_(True)
             for _ in range(2))
-    tau = (0.01 + 0.04 * torch.rand(2, n, generator=gen)).to(device)
-    log_u = torch.zeros(2, n, device=device)
+    ids = torch.arange(n, device=device)
+    sog, isog = SogCLRLoss(n).to(device), ISogCLRLoss(n).to(device)
 
-    def fwd():
-        with torch.no_grad():
-            sogclr(q, k, log_u=log_u, tau=tau, impl="triton")
+    def fwd(loss_fn):
+        def run():
+            with torch.no_grad():
+                loss_fn(q, k, ids)
+        return run
 
     def step():
-        torch.autograd.grad(sogclr(q, k, log_u=log_u, tau=tau, impl="triton").loss, [q, k])
+        torch.autograd.grad(sog(q, k, ids), [q, k])
 
     rows = []
 
@@ -84,8 +93,9 @@ def sweep(device, n, dim, out):
                 best, best_t = cfg, t
         _sogclr.CONFIGS[kernel].update(best)
 
-    pick("fwd", FWD, fwd, "forward")
-    pick("bwd", BWD, step, "forward+backward")
+    pick("fwd_one", FWD_ONE, fwd(sog), "SogCLRLoss forward")
+    pick("fwd", FWD, fwd(isog), "ISogCLRLoss forward")
+    pick("bwd", BWD, step, "SogCLRLoss forward+backward")
     result = {"n": n, "dim": dim, "rows": rows, "chosen": _sogclr.CONFIGS}
     with open(os.path.join(out, "sweep.json"), "w") as fh:
         json.dump(result, fh, indent=1)
@@ -97,8 +107,60 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
+def dry_run() -> bool:
+    return "--dry-run" in sys.argv
+
+
+def launch_counts(device, n, dim):
+    """CUDA kernels per training step (forward + backward, one step after a warm-up), torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from batchlab.bench.sogclr import _step
+
+    gen = torch.Generator().manual_seed(2)
+    q, k = (F.normalize(torch.randn(n, dim, generator=gen), dim=1).to(device, torch.bfloat16).requires_grad_(True)
+            for _ in range(2))
+    counts = {}
+    for method in ("info_nce auto", "sogclr triton", "isogclr triton"):
+        step = _step(method, n, q, k)
+        step()
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        kernels = [e.name for e in prof.events() if e.device_type.name == "CUDA"]
+        counts[method] = {"kernels": len(kernels), "names": sorted(set(kernels))[:20]}
+        print(f"launches per step at N={n}: {method}: {len(kernels)}", flush=True)
+    return {"check": f"CUDA kernels per step at N={n} (informational)", "counts": counts, "pass": True}
+
+
+def clustered_cost(device, n, dim, clusters=64):
+    """SogCLRLoss (tau = 0.01) at N on clustered embeddings against random ones, forward + backward (median of 5)."""
+    from batchlab.losses import SogCLRLoss
+
+    gen = torch.Generator().manual_seed(3)
+    centers = F.normalize(torch.randn(clusters, dim, generator=gen), dim=1)
+    label = torch.randint(0, clusters, (n,), generator=gen)
+    data = {
+        "random": [F.normalize(torch.randn(n, dim, generator=gen), dim=1) for _ in range(2)],
+        "clustered": [F.normalize(centers[label] + 0.35 * torch.randn(n, dim, generator=gen) / dim ** 0.5, dim=1)
+                      for _ in range(2)],
+    }
+    row = {"check": f"SogCLRLoss at N={n}: clustered vs random embeddings (informational)", "pass": True}
+    for name, (q, k) in data.items():
+        q, k = (x.to(device, torch.bfloat16).requires_grad_(True) for x in (q, k))
+        loss_fn = SogCLRLoss(n).to(device)
+        ids = torch.arange(n, device=device)
+        row[f"{name}_ms"] = _ms(lambda: torch.autograd.grad(loss_fn(q, k, ids), [q, k]), device)
+        sims = (q[:256].float() @ k[:4096].float().T)
+        row[f"{name}_cos_p1_p99"] = [float(sims.quantile(0.01)), float(sims.quantile(0.99))]
+        print(f"SogCLRLoss N={n} {name}: {row[name + '_ms']:.2f} ms (cos 1%-99%: {row[name + '_cos_p1_p99']})",
+              flush=True)
+    return row
+
+
 def extra_checks(device, big, dim):
-    from batchlab.losses import ISogCLRLoss, sogclr
+    from batchlab.losses import ISogCLRLoss, SogCLRLoss, sogclr
     from batchlab.losses.triton import _sogclr
 
     results = []
@@ -127,23 +189,25 @@ def extra_checks(device, big, dim):
         _sogclr.CHUNK_BYTES = saved
     errs = [_rel(a, b) for a, b in zip(chunked, one)]
     results.append({"check": f"chunked column partials N={n}", "errors": errs, "pass": all(e <= 1e-5 for e in errs)})
-    # 3. one module step (iSogCLR, state update) without a host sync
-    loss_fn = ISogCLRLoss(2 * n, tau=0.02, tau_min=0.005, tau_max=0.05, rho=1.0).to(device)
-    ids = torch.randperm(2 * n, device=device)[:n]
-    qq, kk = q[:n].detach().requires_grad_(True), k[:n].detach().requires_grad_(True)
-    torch.autograd.grad(loss_fn(qq, kk, ids), [qq, kk])  # warm-up (first-use probes may sync)
+    # 3. one module step of each loss (fused step: state read and written in the kernels) without a host sync
     ok = True
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            torch.autograd.grad(loss_fn(qq, kk, ids), [qq, kk])
-        except RuntimeError as exc:
-            ok = False
-            print("sync:", exc)
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
-    # the fused state update equals the PyTorch one
+    for cls in (SogCLRLoss, ISogCLRLoss):
+        opts = dict(tau=0.02, tau_min=0.005, tau_max=0.05, rho=1.0) if cls is ISogCLRLoss else dict(tau=0.02)
+        loss_fn = cls(2 * n, **opts).to(device)
+        ids = torch.randperm(2 * n, device=device)[:n]
+        qq, kk = q[:n].detach().requires_grad_(True), k[:n].detach().requires_grad_(True)
+        torch.autograd.grad(loss_fn(qq, kk, ids), [qq, kk])  # warm-up (first-use probes may sync)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                torch.autograd.grad(loss_fn(qq, kk, ids), [qq, kk])
+            except RuntimeError as exc:
+                ok = False
+                print("sync:", cls.__name__, exc)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    # the fused state update equals the tiled module's (PyTorch update)
     ref_fn = ISogCLRLoss(2 * n, tau=0.02, tau_min=0.005, tau_max=0.05, rho=1.0, impl="tiled").to(device)
     ref_fn.load_state_dict(loss_fn.state_dict())
     fused_fn = ISogCLRLoss(2 * n, tau=0.02, tau_min=0.005, tau_max=0.05, rho=1.0).to(device)
@@ -155,8 +219,11 @@ def extra_checks(device, big, dim):
     state_err = max(float((fused_fn.state_dict()[name] - buf).nan_to_num(0.0).abs().max()
                           / buf.nan_to_num(0.0, neginf=0.0).abs().max().clamp_min(1e-30))
                     for name, buf in ref_fn.state_dict().items())
-    results.append({"check": "module step: no host sync; fused update vs tiled", "sync_free": ok,
+    results.append({"check": "module steps (SogCLR, iSogCLR): no host sync; fused update vs tiled", "sync_free": ok,
                     "state_max_rel_diff": state_err, "pass": ok and state_err < 1e-4})
+    if device.type == "cuda" and not dry_run():
+        results.append(launch_counts(device, 4096, dim))
+        results.append(clustered_cost(device, 65536, dim))
     for r in results:
         print(("PASS " if r["pass"] else "FAIL ") + json.dumps(r), flush=True)
     return results
@@ -185,14 +252,23 @@ def main() -> int:
     methods = ["info_nce auto", "sogclr triton", "isogclr triton"]
     argv = ["--device", str(device), "--sizes", "64,256" if dry else "4096,65536", "--dim", "32" if dry else "512",
             "--dtype", "bfloat16", "--repeats", "3" if dry else "20", "--out", args.out, "--methods", *methods]
-    if not dry:
-        argv.insert(0, "--check")
-    try:
+    try:  # the timings first (what the run is for), then the correctness check
         status |= bench.main(argv)
     except Exception:
         traceback.print_exc()
         status = 1
     print(f"[{time.time() - t0:.0f} s] bench done", flush=True)
+    try:
+        checks = bench.check(device, n=64 if dry else 1500, dim=128,
+                             impls=["triton"] if dry else None)
+        status |= 0 if all(c["pass"] for c in checks) else 1
+        with open(os.path.join(args.out, "checks.json"), "w") as fh:
+            json.dump(checks, fh, indent=1)
+        print(f"checks: {sum(c['pass'] for c in checks)} of {len(checks)} passed", flush=True)
+    except Exception:
+        traceback.print_exc()
+        status = 1
+    print(f"[{time.time() - t0:.0f} s] check done", flush=True)
     try:
         extra = extra_checks(device, 300 if dry else 16384, 32 if dry else 512)
         status |= 0 if all(r["pass"] for r in extra) else 1
