@@ -107,6 +107,30 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
 
 
+def first_step(device) -> int:
+    """One SogCLRLoss and one ISogCLRLoss step at N = 4,096 with the kernels launched directly; if that
+    raises, the rest of the run launches through Triton (``_dense.DIRECT_LAUNCH = False``) and says so."""
+    from batchlab.losses import ISogCLRLoss, SogCLRLoss
+    from batchlab.losses.triton import _dense
+
+    q, k = (F.normalize(torch.randn(4096, 512, device=device), dim=1).bfloat16().requires_grad_(True)
+            for _ in range(2))
+    ids = torch.arange(4096, device=device)
+    try:
+        for cls in (SogCLRLoss, ISogCLRLoss):
+            loss_fn = cls(4096).to(device)
+            for _ in range(2):  # the second call takes the direct launch
+                torch.autograd.grad(loss_fn(q, k, ids), [q, k])
+        torch.cuda.synchronize()
+        print(f"first steps: direct launch {'on' if _dense.DIRECT_LAUNCH else 'off'}, ok", flush=True)
+        return 0
+    except Exception:
+        traceback.print_exc()
+        _dense.DIRECT_LAUNCH = False
+        print("first steps FAILED with the direct launch: the run continues with DIRECT_LAUNCH = False", flush=True)
+        return 1
+
+
 def dry_run() -> bool:
     return "--dry-run" in sys.argv
 
@@ -240,6 +264,8 @@ def main() -> int:
     device = torch.device("cpu" if dry else "cuda")
     t0 = time.time()
     status = 0
+    if not dry:
+        status |= first_step(device)
     if not args.no_sweep:
         try:
             sweep(device, 256 if dry else 65536, 32 if dry else 512, args.out)
