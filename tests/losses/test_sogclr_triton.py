@@ -375,3 +375,22 @@ def test_compiled_module_steps_match_eager_fused_steps(isogclr):
         results.append(out + [buf.clone() for buf in loss_fn.buffers()])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_module_step_one_query_with_extra_keys():
+    """N = 1 (one_way, two extra keys) through the fused step: loss, gradients and state."""
+    gen = torch.Generator().manual_seed(16)
+    q = F.normalize(torch.randn(1, 8, generator=gen, dtype=torch.float64), dim=1)
+    k = F.normalize(torch.randn(3, 8, generator=gen, dtype=torch.float64), dim=1)
+    ids = torch.tensor([3])
+    fused = ISogCLRLoss(5, mode="one_way", impl="triton", check_inputs=False)
+    ref = ISogCLRLoss(5, mode="one_way", impl="reference", check_inputs=False).double()
+    results = []
+    for fn, dt in ((fused, torch.float32), (ref, torch.float64)):
+        qq, kk = q.to(dt).requires_grad_(True), k.to(dt).requires_grad_(True)
+        loss = fn(qq, kk, ids)
+        results.append([loss.detach(), *torch.autograd.grad(loss, [qq, kk])])
+    for a, b in zip(*results):
+        assert _err(a, b) <= 1e-5
+    for name, buf in ref.state_dict().items():
+        assert _err(fused.state_dict()[name], buf) <= 1e-5, name
