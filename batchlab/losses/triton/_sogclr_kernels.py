@@ -17,7 +17,8 @@ positive, or itself for two views) is no negative.
 
   - per-row and per-column temperatures: every row and every column gets its own shift (the
     tile's row maximum and column maximum of ``a . c``, scaled by its temperature), so any
-    temperature works; two exponentials per logit (``ar_i (s - max_i)``, ``ac_j (s - max_j)``);
+    temperature works; two exponentials per logit, each of one FMA (``s ar_i - shift_i``: the
+    shift stored is the rounded one used, so the log-sum-exp does not depend on its rounding);
   - ``ONE_TAU`` (one temperature for every row and column: SogCLR): ONE exponential per logit,
     ``2^(a (s_ij - T))`` with ``T`` the tile's maximum, serves the row and the column sums.
     That is exact while every row's and column's sum over the tile stays above ``2^-90``
@@ -153,7 +154,7 @@ def sog_fwd_kernel(a_ptr, c_ptr, ids_ptr, tau_r_ptr, tau_c_ptr, tau_scale, rlse_
             s = tl.where(rmask[:, None] & cmask[None, :] & (cols[None, :] != excl[:, None]), acc, NEG)
             top = tl.max(tl.max(s, 1), 0)
             top = tl.where(top == NEG, 0.0, top)  # no negative in the tile: every weight 2^(NEG a) = 0
-            e = tl.exp2((s - top) * tau_scale)
+            e = tl.exp2((s - top) * tau_scale)  # (fewer registers than the FMA form here: 203 vs 239)
             shift = top * tau_scale
             rl, rw = _sums(e, s, 1, WSUM)
             m_i, l_i, w_i = _fold_rows(m_i, l_i, w_i, shift, rl, rw, WSUM)
@@ -183,15 +184,17 @@ def sog_fwd_kernel(a_ptr, c_ptr, ids_ptr, tau_r_ptr, tau_c_ptr, tau_scale, rlse_
         if COLS:
             cmax = tl.max(s, 0)
             cmax = tl.where(cmax == NEG, 0.0, cmax)
-        rl, rw = _sums(tl.exp2((s - rmax[:, None]) * ar[:, None]), s, 1, WSUM)
-        m_i, l_i, w_i = _fold_rows(m_i, l_i, w_i, rmax * ar, rl, rw, WSUM)
+        shift_r = rmax * ar
+        rl, rw = _sums(tl.exp2(s * ar[:, None] - shift_r[:, None]), s, 1, WSUM)
+        m_i, l_i, w_i = _fold_rows(m_i, l_i, w_i, shift_r, rl, rw, WSUM)
         if COLS:
             if ONE_TAU:
                 ac = tl.zeros((BN,), dtype=tl.float32) + tau_scale
             else:
                 ac = _temps(tau_c_ptr, ids_ptr, cols, cmask, GATHER)
-            cl, cw = _sums(tl.exp2((s - cmax[None, :]) * ac[None, :]), s, 0, WSUM)
-            _store_cols(clse_ptr, cwm_ptr, part_c + cols, cmask, cmax * ac, cl, cw, ac, WSUM)
+            shift_c = cmax * ac
+            cl, cw = _sums(tl.exp2(s * ac[None, :] - shift_c[None, :]), s, 0, WSUM)
+            _store_cols(clse_ptr, cwm_ptr, part_c + cols, cmask, shift_c, cl, cw, ac, WSUM)
     ok = l_i > 0
     l1 = tl.where(ok, l_i, 1.0)
     out = (rpart0 + pid_g).to(tl.int64) * N + rows
