@@ -15,7 +15,8 @@ gives the same results; then ``torch.compile(fullgraph=True)`` and CUDA-graph re
 (the custom ops' signatures changed). Cases left when ``GPU_LARGE_CHECK_S`` seconds have passed
 are skipped (and say so). ``ab``: see :func:`part_ab`. ``kernels``: the CUDA kernels (and
 memsets) of one forward + backward of the default path, by name, at N = 16,384, d = 512 and 768.
-``ds``: see :func:`part_ds`. Each part writes ``$OUT/large-<part>.json``. Dry run on the CPU: ``TRITON_INTERPRET=1
+``ds``, ``verify`` (the second call): see :func:`part_ds`, :func:`part_verify`. Each part writes
+``$OUT/large-<part>.json``. Dry run on the CPU: ``TRITON_INTERPRET=1
 GPU_LARGE_DEVICE=cpu GPU_LARGE_CASES=1x24,37x24 python tests/losses/gpu_large_run.py check``.
 """
 
@@ -48,6 +49,9 @@ CHECK_BUDGET_S = float(os.environ.get("GPU_LARGE_CHECK_S", "50"))
 #: N of the A/B (16,384: the tiled forward) and of part ds (precision, time); smaller for a CPU dry run.
 AB_N = int(os.environ.get("GPU_LARGE_AB_N", "16384"))
 DS_N = tuple(int(x) for x in os.environ.get("GPU_LARGE_DS_N", "4096,65536").split(","))
+#: part verify: every size divided by this (a CPU dry run), and its widths.
+VERIFY_DIV = int(os.environ.get("GPU_LARGE_VERIFY_DIV", "1"))
+VERIFY_D = tuple(int(x) for x in os.environ.get("GPU_LARGE_VERIFY_D", "512,768").split(","))
 
 
 def _median_ms(call, reps):
@@ -307,6 +311,128 @@ def part_ds() -> int:
     return 0
 
 
+def _once_ms(call) -> float:
+    """ms of one ``call()`` between CUDA events (no warm-up: for calls of seconds, already compiled)."""
+    if DEVICE != "cuda":
+        return _median_ms(call, 1)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    call()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end)
+
+
+def _peak_mib(call) -> tuple[float, float]:
+    """(peak MiB above what was allocated before, MiB still allocated after) of one ``call()``."""
+    if DEVICE != "cuda":
+        call()
+        return 0.0, 0.0
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    call()
+    torch.cuda.synchronize()
+    return ((torch.cuda.max_memory_allocated() - before) / 2**20, (torch.cuda.memory_allocated() - before) / 2**20)
+
+
+def part_verify() -> int:
+    """Second device call (after call 3): (1) syncs and peak memory at N = 256 ... 8,192 in a fresh
+    process, first call and later calls apart, syncs counted as ``batchlab bench losses`` now counts
+    them and under ``set_sync_debug_mode("error")``; (2) N = 20,000 (streaming): two identical calls
+    differ by the forward's atomic sums (no raw launch there); (3) N = 65,536: InfoNCE and SigLIP time
+    and memory beyond inputs and gradients at d = 512 and 768 (panel workspace freed before dk's last
+    step, no fp32 temporaries); (4) forward only, one-tile vs looped, at N = 262,144 and 1,048,576, and
+    InfoNCE forward + backward at 1,048,576 with the default (looped forward above 256 MiB of keys)."""
+    import warnings
+
+    from batchlab.bench.losses import count_syncs
+    from batchlab.losses.triton import _lse
+
+    out: dict = {"sync_peak": [], "repeat_20000": [], "n65536": [], "fwd_ab": [], "n1m": []}
+
+    def size(n):  # GPU_LARGE_VERIFY_DIV shrinks every size for a CPU dry run
+        return max(2, n // VERIFY_DIV)
+
+    for n in map(size, (256, 1024, 4096, 8192)):
+        for family in ("info_nce", "siglip"):
+            q, k, s, b = leaves(n, VERIFY_D[0], seed=n)
+            inputs = [q, k, s] + ([b] if family == "siglip" else [])
+
+            def call():
+                return torch.autograd.grad(loss_of(family, q, k, s, b, IMPL), inputs)
+
+            first = _peak_mib(call)
+            second = _peak_mib(call)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                _sync_debug("warn")
+                try:
+                    call()
+                    call()
+                finally:
+                    _sync_debug(0)
+            _sync_debug("error")
+            try:
+                call()
+                error_mode = "no sync"
+            except Exception as exc:  # noqa: BLE001
+                error_mode = repr(exc)[:200]
+            finally:
+                _sync_debug(0)
+            out["sync_peak"].append({"family": family, "N": n, "first_peak_mib": first[0], "first_kept_mib": first[1],
+                                     "peak_mib": second[0], "syncs_per_call": count_syncs(str(w.message) for w in caught) / 2,
+                                     "warnings": sorted({str(w.message)[:80] for w in caught}), "error_mode": error_mode})
+            say(json.dumps(out["sync_peak"][-1]))
+            dump("verify", out)
+    q, k, s, b = leaves(size(20000), VERIFY_D[0], seed=3)
+    for family in ("info_nce", "siglip"):
+        inputs = [q, k, s] + ([b] if family == "siglip" else [])
+        runs = []
+        for _ in range(2):
+            loss = loss_of(family, q, k, s, b, IMPL)
+            runs.append([loss.detach(), *torch.autograd.grad(loss, inputs)])
+        out["repeat_20000"].append({"family": family, "max_rel_diff": max(rel(a, c) for a, c in zip(*runs))})
+        say(json.dumps(out["repeat_20000"][-1]))
+    dump("verify", out)
+    for d in VERIFY_D:
+        for family in ("info_nce", "siglip"):
+            q, k, s, b = leaves(size(65536), d)
+            inputs = [q, k, s] + ([b] if family == "siglip" else [])
+
+            def call():
+                return torch.autograd.grad(loss_of(family, q, k, s, b, IMPL), inputs)
+
+            peak, _ = _peak_mib(call)
+            grads = 2 * size(65536) * d * 2 / 2**20
+            ms = _median_ms(call, 5)
+            out["n65536"].append({"family": family, "d": d, "ms": ms, "peak_mib": peak, "beyond_grads_mib": peak - grads})
+            say(json.dumps(out["n65536"][-1]))
+            dump("verify", out)
+    del q, k
+    for n in (262144, 1048576):
+        q, k, s, _ = leaves(size(n), VERIFY_D[0])
+        for name, limit in (("one-tile", 2**62), ("looped", 0)):
+            _lse.TILE_FWD_MAX_KEY_BYTES = limit
+            try:
+                fwd = lambda: _lse.lse_forward(q.detach(), k.detach(), s.detach(), None, cols=True, exclude=False)  # noqa: E731
+                # both kernels are compiled at 262,144 (one warm-up call there); at 1M one timed call each
+                ms = _median_ms(fwd, 3) if n < 10**6 else _once_ms(fwd)  # n: the size before the dry run's division
+            finally:
+                _lse.TILE_FWD_MAX_KEY_BYTES = 256 * 2**20
+            out["fwd_ab"].append({"N": n, "forward": name, "ms": ms})
+            say(json.dumps(out["fwd_ab"][-1]))
+            dump("verify", out)
+    start = time.perf_counter()
+    torch.autograd.grad(info_nce(q, k, s, impl=IMPL), [q, k, s])
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    out["n1m"].append({"family": "info_nce", "N": size(1048576), "d": VERIFY_D[0], "s": time.perf_counter() - start})
+    say(json.dumps(out["n1m"][-1]))
+    dump("verify", out)
+    return 0
+
+
 def part_all() -> int:
     """check's cases, then ab, kernels and ds, then the compile and CUDA-graph checks (slowest)."""
     global GRAPH_LAST
@@ -325,4 +451,4 @@ def part_all() -> int:
 if __name__ == "__main__":
     part = sys.argv[1] if len(sys.argv) > 1 else "check"
     sys.exit({"check": part_check, "ab": part_ab, "kernels": part_kernels, "ds": part_ds,
-              "all": part_all}[part]())
+              "all": part_all, "verify": part_verify}[part]())

@@ -111,3 +111,15 @@ def test_compiled_step_without_graph_breaks_matches_eager():
         results.append([loss.detach(), *torch.autograd.grad(loss, [lin.weight, scale])])
     for a, b in zip(*results):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_sync_count_ignores_the_debug_mode_notice():
+    """The benchmark's sync count: torch's per-sync warning counts, the one-time notice of the first
+    ``set_sync_debug_mode`` call does not (it made the first row of each run show 0.5 syncs)."""
+    from batchlab.bench.losses import count_syncs
+
+    notice = ("Synchronization debug mode is a prototype feature and does not yet detect all synchronizing "
+              "operations (Triggered internally at /pytorch/torch/csrc/cuda/Module.cpp:1003.)")
+    sync = "called a synchronizing CUDA operation (Triggered internally at c10/cuda/CUDAFunctions.cpp:118.)"
+    assert count_syncs([notice]) == 0
+    assert count_syncs([notice, sync, sync, "some other warning"]) == 2

@@ -386,3 +386,18 @@ def test_scale_gradient_summed_in_fp32_in_the_backward_kernel(options, gen, monk
             g_fast = torch.autograd.grad(fn("triton", q, k, s_fast), s_fast)[0]
             g_ref = torch.autograd.grad(fn("reference", q.double(), k.double(), s_ref), s_ref)[0]
             assert rel_err(g_fast, g_ref) < 1e-5, (name, scale, rel_err(g_fast, g_ref))
+
+
+def test_one_tile_forward_config_falls_back_to_the_looped_forward_for_large_keys(gen, monkeypatch):
+    """With ``TILE`` in the forward config but more key bytes than ``TILE_FWD_MAX_KEY_BYTES`` the looped
+    forward runs (its config without ``TILE``, its own stages): same results as the reference."""
+    monkeypatch.setitem(_launch.INTERPRET_CONFIG, "TILE", 1)
+    monkeypatch.setattr(_lse, "TILE_FWD_MAX_KEY_BYTES", 0)
+    calls = []
+    monkeypatch.setattr(_lse, "_lse_forward_tiles", lambda *a, **kw: calls.append(1))
+    q, k = unit(37, 24, gen, torch.bfloat16), unit(37, 24, gen, torch.bfloat16)
+    perm = torch.randperm(37, generator=gen)
+    compare(lambda impl, q, k, s: info_nce(q, k, s, targets=perm, impl=impl), [q, k, torch.tensor(14.3)],
+            torch.bfloat16, gen)
+    compare(lambda impl, q, k, s: dcl(q, k, s, impl=impl), [q, k, torch.tensor(100.0)], torch.bfloat16, gen)
+    assert not calls  # the one-tile forward was never asked

@@ -74,11 +74,14 @@ _TILED_BLOCKS = (64, 128, 128, 32)
 _TILED_WARPS = 4
 #: The tiled forward's tile kernel computes ``q . k`` itself (``clip_tile_stats_kernel``'s ``DOT``)
 #: instead of cuBLAS writing the fp32 product first: one launch and the (N, M) fp32 buffer less.
-#: Off until timed on a GPU (``BATCHLAB_DENSE_TILE_DOT=1``: on). Its tile (rows, columns, d chunk),
+#: H200, InfoNCE forward + backward at N = 16,384 (benchmarks/results/losses-h200-s6/): d = 512
+#: 2.42 ms against 2.79 ms reading the product, d = 768 3.38 against 3.64 ms; 6 and 8 launches
+#: per call against 8 and 10 (``BATCHLAB_DENSE_TILE_DOT=0``: read the product). Its tile (rows,
+#: columns, d chunk),
 #: warps and pipeline stages (``BATCHLAB_DENSE_TILE_DOT_CONFIG="128,128,64,4,3"``): compiled for sm_90
 #: (Triton 3.6, d=768 bf16) 128 x 128 with 4 warps takes 244 registers, no spills, 2 CTAs per SM;
 #: 64 x 128 / 4 warps 164 (3 per SM); 128 x 128 / 8 warps 173 (1 per SM); 128 x 256 spills.
-TILE_DOT = os.environ.get("BATCHLAB_DENSE_TILE_DOT", "0") == "1"
+TILE_DOT = os.environ.get("BATCHLAB_DENSE_TILE_DOT", "1") == "1"
 _TILE_DOT_CONFIG = tuple(int(x) for x in os.environ.get("BATCHLAB_DENSE_TILE_DOT_CONFIG", "128,128,64,4,3").split(","))
 _TILED_BLOCKS_INTERPRET = (16, 16, 16, 4)
 _REDUCTIONS = ("mean", "sum", "none")

@@ -241,17 +241,18 @@ def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bo
         if want_dot:
             dot += (gk * q[r0:r1]).sum()
         if need_q:
-            dq[r0:r1] = (gk * factor).to(q.dtype)
+            torch.mul(gk, factor, out=dq[r0:r1])  # scaled and rounded in one op, no fp32 temporary
         if need_k:
             if several:
                 addmm_f32_(dk32, g.t(), q[r0:r1])
             else:
-                dk = (mm_f32(g.t(), q[r0:r1]) * factor).to(k.dtype)
+                dk = torch.mul(mm_f32(g.t(), q[r0:r1]), factor, out=torch.empty_like(k))
         if double:
             freed[p % 2] = torch.cuda.Event()
             freed[p % 2].record(main)
     if double:
         main.wait_stream(side)
+    bufs.clear()  # the panel workspace is free before dk's last step (it set the peak at 65,536)
     if dk32 is not None:
-        dk = (dk32 * factor).to(k.dtype)
+        dk = torch.mul(dk32, factor, out=torch.empty_like(k))
     return dq, dk, dot

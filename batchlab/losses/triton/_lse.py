@@ -92,7 +92,9 @@ def lse_forward(q, k, scale, targets, *, cols: bool, exclude: bool, ctl: torch.T
     m = k.shape[0]
     cfg = config("fwd", q.dtype)
     if cfg.get("TILE"):
-        return _lse_forward_tiles(q, k, scale, targets, cols=cols, exclude=exclude, ctl=ctl, cfg=cfg)
+        if m * d * k.element_size() <= TILE_FWD_MAX_KEY_BYTES:
+            return _lse_forward_tiles(q, k, scale, targets, cols=cols, exclude=exclude, ctl=ctl, cfg=cfg)
+        cfg = _looped(cfg)
     bm, bn = cfg["BM"], cfg["BN"]
     row_blocks = triton.cdiv(n, bm)
     n_tiles = triton.cdiv(m, bn)
@@ -122,7 +124,7 @@ def lse_forward(q, k, scale, targets, *, cols: bool, exclude: bool, ctl: torch.T
         return row_lse2, None
     # The columns' finish: keys as rows, queries as columns, one group. A program walks the
     # queries (exact online max) only if one of its keys' shifted sums underflowed.
-    k_arg, q_arg, cfg2 = operands(k, q, config("fwd", q.dtype))
+    k_arg, q_arg, cfg2 = operands(k, q, _looped(config("fwd", q.dtype)))
     cfg2.pop("FLAT", None)
     col_lse2 = _finish(k_arg, q_arg, tgt, scale32, ctl, col_sum, torch.empty(m, **f32), m, n, d, k.stride(0),
                        q.stride(0), cfg2, flags, swapped=True)
@@ -132,6 +134,21 @@ def lse_forward(q, k, scale, targets, *, cols: bool, exclude: bool, ctl: torch.T
 #: Rows per launch of the one-tile forward: its programs run row block fastest, so a launch
 #: keeps this many query rows in L2 while the keys stream past once.
 _TILE_PANEL_ROWS = 8192
+#: The one-tile forward (``TILE`` in the forward config) streams the keys once per panel of
+#: ``_TILE_PANEL_ROWS`` queries: faster while the keys stay in L2 (H200, N = 65,536, d = 512:
+#: 64 MiB of keys, 7.79 vs 9.03 ms), slower when they do not (N = 1,048,576: 9.01 s end to end
+#: against 8.28 s with the looped forward, whose concurrent programs share the key tiles). Above
+#: this many bytes of keys the looped forward runs (``BATCHLAB_TRITON_TILE_FWD_MAX_KEY_BYTES``).
+TILE_FWD_MAX_KEY_BYTES = int(os.environ.get("BATCHLAB_TRITON_TILE_FWD_MAX_KEY_BYTES", 256 * 2**20))
+#: Pipeline stages of the looped forward when the config is the one-tile forward's (which uses 2).
+_LOOPED_STAGES = 3
+
+
+def _looped(cfg: dict) -> dict:
+    """The forward config for ``lse_fwd_kernel`` (the looped kernel): without ``TILE``, whose stages it replaces."""
+    if not cfg.get("TILE"):
+        return {key: v for key, v in cfg.items() if key != "TILE"}
+    return {**{key: v for key, v in cfg.items() if key != "TILE"}, "num_stages": _LOOPED_STAGES}
 
 
 def _finish(q_arg, k_arg, tgt, scale32, ctl, shifted, out, n, m, d, stride_q, stride_k, cfg, flags, *, swapped):
