@@ -139,8 +139,11 @@ def check_one(family, n, d):
            # same inputs, same kernels: equal up to cuBLAS's own run-to-run behaviour
            "second_backward_err": max(rel(a, c) for a, c in zip(second, first)),
            "raw_vs_wrapper_err": max(rel(a, c) for a, c in zip([loss_w, *wrapper], [loss, *first]))}
-    row["ok"] = (row["loss_err"] < VALUE_TOL and row["grad_err"] < GRAD_TOL and row["second_backward_err"] < 1e-6
-                 and row["raw_vs_wrapper_err"] < 1e-6)
+    # the streaming forward adds its row and column sums with atomics (their order, hence the last
+    # bits, change from call to call): two of its calls agree to ~1e-5, the dense path's bit for bit
+    same = 1e-6 if n * n <= _dense.DENSE_MAX_LOGITS else 1e-4
+    row["ok"] = (row["loss_err"] < VALUE_TOL and row["grad_err"] < GRAD_TOL and row["second_backward_err"] < same
+                 and row["raw_vs_wrapper_err"] < same)
     return row
 
 
