@@ -14,22 +14,23 @@ loss        forward + backward                                                  
 CLIP        ``S = q @ k.T`` (cuBLAS, fp32) ; ``clip_lse_kernel`` ; sum of the          6
             per-program partials || ``clip_grad_kernel`` (recomputes the tiles,
             adds up the scale gradient itself) ; ``G @ k`` ; ``G.T @ q``
-CLIP from   ``S = q @ k.T`` ; ``clip_tile_stats_kernel`` ;                         6
-``TILED_*`` ``clip_combine_kernel`` (adds up the loss itself) || as above
+CLIP from   ``clip_tile_stats_kernel`` (computes its tile of ``q @ k.T``:            5
+``TILED_*`` ``TILE_DOT``) ; ``clip_combine_kernel`` (adds up the loss itself) ||
+            as above
 SigLIP      ``siglip_loss_kernel`` ; sum || ``siglip_grad_kernel`` (adds up the        5
             scale and bias gradients itself) ; ``G @ k`` ; ``G.T @ q``
 ==========  ==================================================================  ========
 
-(plus the upstream gradient autograd creates, and whatever extra kernels cuBLAS picks for a
-shape: before the in-kernel totals the H200 run counted 8-10 for CLIP and 7-9 for SigLIP per
-call up to N = 16,384, 12 for CLIP at N = 16,384 and d = 768; each total added up in a kernel
-is one launch and one summing op less). Measured on an H200 (benchmarks/results/losses-h200-small/):
-0.43-0.81x open_clip's time at N = 256 ... 8,192 (host-bound: ~1 ms per call on that machine's
-CPU), 0.50-0.65x at 16,384.
+(plus the upstream gradient autograd creates, and the memsets cuBLAS adds for some shapes: the
+H200 counted 7-8 for CLIP and 6 for SigLIP per call up to N = 8,192, 6 and 8 at 16,384 for
+d = 512 and 768; before the in-kernel totals and ``TILE_DOT`` 8-10 and 7-9, and 12 for CLIP at
+16,384 and d = 768). Measured on an H200 (benchmarks/results/losses-h200-s6/, call 3):
+0.42-0.74x open_clip's time at N = 256 ... 8,192 (host-bound: ~1 ms per call on that machine's
+CPU), 0.51-0.61x at 16,384.
 
-Memory: the fp32 (N, M) product of the CLIP forward (freed before the backward) and the
-(N, M) logit gradient in the inputs' dtype: at N = 16,384 1 GiB and 0.5 GiB (bf16), half of
-what open_clip's own loss holds at that size.
+Memory: below ``TILED_STATS_MIN_LOGITS`` the fp32 (N, M) product of the CLIP forward (freed
+before the backward), and the (N, M) logit gradient in the inputs' dtype: at N = 16,384 0.5 GiB
+(bf16) beyond inputs and gradients, a quarter of what open_clip's own loss holds at that size.
 
 Covered: bf16/fp32 inputs, the diagonal or ``targets``, symmetric or one-way, every
 reduction, ``return_lse`` (with gradients through it). Anything else (pos_mask,
