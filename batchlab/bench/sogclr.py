@@ -98,7 +98,9 @@ def _check_inputs(mode: str, n: int, dim: int, tau_kind: str, gen: torch.Generat
     return q64, k64, log_u, tau
 
 
-def check(device: torch.device, n: int = 1500, dim: int = 128, impls=None) -> list[dict]:
+def check(device: torch.device, n: int = 1500, dim: int = 128, impls=None,
+          dtypes=(torch.float32, torch.bfloat16),
+          tau_kinds=("per-example", "0.005", "1.0", "float 0.01", "float 0.005")) -> list[dict]:
     """The fast paths against the float64 reference on ``device``, normwise (max abs error / max abs
     value; :data:`CHECK_TOL`): every mode, fp32 and bf16, per-example temperatures and tau = 0.005 and
     1.0 (tensors), and tau = 0.01 and 0.005 as floats (the kernels' one-temperature path); values, new
@@ -111,8 +113,8 @@ def check(device: torch.device, n: int = 1500, dim: int = 128, impls=None) -> li
     gen = torch.Generator().manual_seed(0)
     results = []
     for mode in MODES:
-        for dtype in (torch.float32, torch.bfloat16):
-            for tau_kind in ("per-example", "0.005", "1.0", "float 0.01", "float 0.005"):
+        for dtype in dtypes:
+            for tau_kind in tau_kinds:
                 q64, k64, log_u, tau64 = _check_inputs(mode, n, dim, tau_kind, gen)
                 q, k = (x.to(device, dtype).requires_grad_(True) for x in (q64, k64))
                 # the reference sees the same rounded inputs, in float64 on the CPU
@@ -147,10 +149,12 @@ def check(device: torch.device, n: int = 1500, dim: int = 128, impls=None) -> li
 
 #: ``--aot``'s variants: (name, forward config key, call) with the call's temperatures and state.
 AOT_VARIANTS = [
-    ("per-row temperatures (iSogCLR, sogclr(tau=tensor))", "fwd", dict(one=False, step=False)),
-    ("one temperature (sogclr(tau=float), temperature gradient)", "fwd_one", dict(one=True, step=False)),
-    ("SogCLRLoss step (one temperature, no temperature gradient)", "fwd_one", dict(one=True, step=True)),
-    ("ISogCLRLoss step (tables read and written in the kernels)", "fwd", dict(one=False, step=True)),
+    ("per-row temperatures (iSogCLR, sogclr(tau=tensor))", "fwd", dict(one=False, step=False), {}),
+    ("per-row temperatures, weighted sums in their own reductions", "fwd", dict(one=False, step=False), {"PAIR": 0}),
+    ("one temperature (sogclr(tau=float), temperature gradient)", "fwd_one", dict(one=True, step=False), {}),
+    ("SogCLRLoss step (one temperature, no temperature gradient)", "fwd_one", dict(one=True, step=True), {}),
+    ("SogCLRLoss step, per-row/per-column loop only", "fwd_one", dict(one=True, step=True), {"FAST": 0}),
+    ("ISogCLRLoss step (state read and written by the finish)", "fwd", dict(one=False, step=True), {}),
 ]
 
 
@@ -172,18 +176,18 @@ def run_aot(dtype: torch.dtype, n: int = 1024, dim: int = 512, warps=(4, 8)) -> 
         gen = torch.Generator().manual_seed(0)
         q, k = (torch.randn(n, dim, generator=gen).to(dtype) for _ in range(2))
         ids = torch.arange(n)
-        for name, key, var in AOT_VARIANTS:
+        for name, key, var, options in AOT_VARIANTS:
             for w in warps:
-                _sogclr.CONFIGS[key]["num_warps"] = w
+                _sogclr.CONFIGS[key].update(options, num_warps=w)
                 captured.clear()
                 tau = None if var["one"] else torch.full((2, n), 0.05)
                 table = torch.zeros(2, n)
                 log_u = table if var["step"] else torch.zeros(2, n)
+                isog = var["step"] and not var["one"]
                 _, stats, _ = _sogclr._forward(
                     q, k, k, tau, 0.05, log_u, [0], [n], [0], True, math.log(n - 1), 0.9, 0.0, 1.0,
-                    ids=ids if var["step"] else None, mom=table if var["step"] and not var["one"] else None,
-                    update=var["step"], isog=var["step"] and not var["one"], wsum=not (var["step"] and var["one"]),
-                    tau_out=var["step"] and not var["one"])
+                    ids=ids if var["step"] else None, tau_table=table if isog else None, mom=table if isog else None,
+                    update=var["step"], isog=isog, wsum=not (var["step"] and var["one"]))
                 _sogclr._backward(q, k, tau, 0.05, stats, torch.ones(()), [0], [n], [0], True, 1.0, True, True)
                 seen = set()
                 for jit, a, kw in captured:

@@ -17,6 +17,9 @@
    one-exponential loop hands programs to the per-row loop) against random ones.
 
 Exit status 1 if a check fails. ``--dry-run``: tiny sizes on the CPU in Triton's interpreter.
+``--quick`` (the second run, at most ~75 s): the forward's two options (one-temperature loop on/off on
+random and clustered embeddings; paired or separate weighted-sum reductions), the benchmark (median
+of 10), SogCLR / iSogCLR / InfoNCE on clustered embeddings at 65,536, and a bf16 float64 check.
 """
 
 from __future__ import annotations
@@ -129,6 +132,83 @@ def first_step(device) -> int:
         _dense.DIRECT_LAUNCH = False
         print("first steps FAILED with the direct launch: the run continues with DIRECT_LAUNCH = False", flush=True)
         return 1
+
+
+def _embeddings(n, dim, gen, clustered: bool, device, clusters=64):
+    """Two (n, dim) bf16 unit batches: random, or around ``clusters`` centres (same-centre cos ~0.89)."""
+    if not clustered:
+        return [F.normalize(torch.randn(n, dim, generator=gen), dim=1).to(device, torch.bfloat16).requires_grad_(True)
+                for _ in range(2)]
+    centers = F.normalize(torch.randn(clusters, dim, generator=gen), dim=1)
+    label = torch.randint(0, clusters, (n,), generator=gen)
+    return [F.normalize(centers[label] + 0.35 * torch.randn(n, dim, generator=gen) / dim ** 0.5, dim=1)
+            .to(device, torch.bfloat16).requires_grad_(True) for _ in range(2)]
+
+
+def quick(device, out, n=65536, dim=512) -> int:
+    """The second GPU run: pick the forward options, time the steps, check correctness (see the docstring)."""
+    from batchlab.bench import sogclr as bench
+    from batchlab.losses import ISogCLRLoss, SogCLRLoss, info_nce
+    from batchlab.losses.triton import _sogclr
+
+    t0 = time.time()
+    gen = torch.Generator().manual_seed(0)
+    data = {"random": _embeddings(n, dim, gen, False, device), "clustered": _embeddings(n, dim, gen, True, device)}
+    ids = torch.arange(n, device=device)
+    rows = []
+
+    def fwd(loss_fn, q, k):
+        def run():
+            with torch.no_grad():
+                loss_fn(q, k, ids)
+        return run
+
+    # 1. forward options at N = 65,536 (SogCLR: random + clustered; iSogCLR: random)
+    best = {}
+    for kernel, option, cls, kinds in (("fwd_one", "FAST", SogCLRLoss, ("random", "clustered")),
+                                       ("fwd", "PAIR", ISogCLRLoss, ("random",))):
+        times = {}
+        for value in (1, 0):
+            _sogclr.CONFIGS[kernel][option] = value
+            loss_fn = cls(n).to(device)
+            times[value] = 0.0
+            for kind in kinds:
+                t = _ms(fwd(loss_fn, *data[kind]), device)
+                times[value] += t
+                rows.append({"kernel": kernel, option: value, "data": kind, "forward_ms": t})
+                print(f"sweep {kernel} {option}={value} {kind}: forward {t:.3f} ms", flush=True)
+        best[kernel] = min(times, key=times.get)
+        _sogclr.CONFIGS[kernel][option] = best[kernel]
+    print(f"chosen configs: {_sogclr.CONFIGS} [{time.time() - t0:.0f} s]", flush=True)
+    with open(os.path.join(out, "sweep.json"), "w") as fh:
+        json.dump({"n": n, "dim": dim, "rows": rows, "chosen": _sogclr.CONFIGS}, fh, indent=1)
+    # 2. the benchmark (what the issue's target is about)
+    small = 64 if dry_run() else 4096
+    status = bench.main(["--device", str(device), "--sizes", f"{small},{n}", "--dim", str(dim), "--dtype", "bfloat16",
+                         "--repeats", "10", "--out", out, "--methods", "info_nce auto", "sogclr triton",
+                         "isogclr triton"])
+    print(f"[{time.time() - t0:.0f} s] bench done", flush=True)
+    # 3. forward + backward on clustered embeddings (data-dependent cost of the one-temperature loop)
+    q, k = data["clustered"]
+    scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
+    cost = {"info_nce auto": _ms(lambda: torch.autograd.grad(info_nce(q, k, scale), [q, k, scale]), device)}
+    for name, cls in (("sogclr triton", SogCLRLoss), ("isogclr triton", ISogCLRLoss)):
+        loss_fn = cls(n).to(device)
+        cost[name] = _ms(lambda: torch.autograd.grad(loss_fn(q, k, ids), [q, k]), device)
+    clustered = {m: {"ms": t, "x_info_nce": t / max(cost["info_nce auto"], 1e-9)} for m, t in cost.items()}
+    print(f"clustered N={n}: " + ", ".join(f"{m} {v['ms']:.2f} ms ({v['x_info_nce']:.3f}x)"
+                                            for m, v in clustered.items()), flush=True)
+    del data, q, k
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    # 4. correctness: bf16, every mode, per-example and float temperatures, against the float64 reference
+    checks = bench.check(device, n=64 if dry_run() else 1500, dim=128, impls=["triton"], dtypes=(torch.bfloat16,),
+                         tau_kinds=("per-example", "float 0.005"))
+    passed = sum(c["pass"] for c in checks)
+    print(f"checks: {passed} of {len(checks)} passed [{time.time() - t0:.0f} s]", flush=True)
+    with open(os.path.join(out, "quick.json"), "w") as fh:
+        json.dump({"clustered": clustered, "checks": checks, "sweep": rows}, fh, indent=1)
+    return status | (0 if passed == len(checks) else 1)
 
 
 def dry_run() -> bool:
@@ -258,10 +338,20 @@ def main() -> int:
     parser.add_argument("--out", default="results/gpu-check-sogclr")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--quick", action="store_true")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     dry = args.dry_run
     device = torch.device("cpu" if dry else "cuda")
+    if args.quick:
+        status = 0 if dry else first_step(device)
+        try:
+            status |= quick(device, args.out, n=128 if dry else 65536, dim=32 if dry else 512)
+        except Exception:
+            traceback.print_exc()
+            status = 1
+        print(f"done, status {status}", flush=True)
+        return status
     t0 = time.time()
     status = 0
     if not dry:

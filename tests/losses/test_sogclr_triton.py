@@ -394,3 +394,15 @@ def test_fused_module_step_one_query_with_extra_keys():
         assert _err(a, b) <= 1e-5
     for name, buf in ref.state_dict().items():
         assert _err(fused.state_dict()[name], buf) <= 1e-5, name
+
+
+@pytest.mark.parametrize("option", [{"FAST": 0}, {"PAIR": 0}])
+def test_kernel_options_match_float64_reference(option, monkeypatch):
+    """The sweep's forward options: the one-temperature kernel without its one-exponential loop
+    (FAST=0), and the weighted sums in reductions of their own (PAIR=0)."""
+    monkeypatch.setattr(_sogclr, "_INTERPRET", {**_sogclr._INTERPRET, **option})
+    q, k, log_u, tau = _inputs("symmetric", 37, 20, torch.float32, seed=17)
+    kw = dict(mode="symmetric", gamma=0.8, rho=0.3)
+    _compare(_run(q, k, log_u, tau, "triton", **kw), _run(q, k, log_u, tau, "reference", **kw), torch.float32)
+    _compare(_run_float(q, k, log_u, 0.02, "triton", **kw), _run_float(q, k, log_u, 0.02, "reference", **kw),
+             torch.float32, scale=2.5)

@@ -58,8 +58,8 @@ from batchlab.losses.triton._launch import (FP32_BD, addmm_f32_, interpreting, k
 #: ``python -m batchlab.bench.sogclr --aot``): forward 193 (per-row temperatures) and 255 with 2
 #: spill ops (one temperature) at 128 x 64 / 4 warps, 213 without spills at 8 warps.
 CONFIGS: dict[str, dict[str, int]] = {
-    "fwd": dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0),
-    "fwd_one": dict(BM=128, BN=64, BD=64, num_warps=8, num_stages=3, TMA=1, FLAT=0),
+    "fwd": dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0, PAIR=1),
+    "fwd_one": dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0, FAST=1),
     "bwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1),
 }
 _INTERPRET = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, TMA=0)
@@ -88,7 +88,7 @@ def _config(kernel: str, dtype: torch.dtype) -> dict:
 
 
 def _launch_opts(cfg: dict, *, flat: bool = True) -> dict:
-    keys = ("BM", "BN", "BD", "num_warps", "num_stages", "TMA") + (("FLAT",) if flat else ())
+    keys = ("BM", "BN", "BD", "num_warps", "num_stages", "TMA") + (("FLAT", "FAST", "PAIR") if flat else ())
     return {key: cfg[key] for key in keys if key in cfg}
 
 
@@ -119,7 +119,7 @@ _PLANS: dict = {}
 
 def _plan(kind: str, a: torch.Tensor, build, *key):
     tf32 = a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    full = (kind, a.shape, a.dtype, a.device, tf32, tuple(CONFIGS[kind].items()), *key)
+    full = (kind, a.shape, a.dtype, a.device, tf32, tuple(_config(kind, a.dtype).items()), *key)
     plan = _PLANS.get(full)
     if plan is None:
         if len(_PLANS) > 256:
@@ -146,21 +146,22 @@ def _forward_plan(a, sizes, cols: bool, one: bool, wsum: bool, gather: bool, gam
     return dict(
         cfg=cfg, row_blocks=row_blocks, blocks=blocks, p_rows=p_rows, chunked=chunked,
         p_cols=(1 + blocks[0][2] if chunked else row_blocks) if cols else 0,
-        consts=dict(COLS=cols, ONE_TAU=one, GATHER=gather, WSUM=wsum, **kernel_flags(a, cfg["BD"])),
+        consts=dict(COLS=cols, ONE_TAU=one, WSUM=wsum, **kernel_flags(a, cfg["BD"])),
         programs=_cdiv(n, _FINISH_BLOCK), memory=memory,
         finish=dict(BLOCK=_FINISH_BLOCK, BD=bd, MEMORY=memory, ONE_TAU=one, WSUM=wsum, GATHER=gather),
     )
 
 
 def _forward(a, c, p, tau, tau_value: float, log_u, starts, sizes, offsets, cols: bool, log_n: float, gamma: float,
-             rho: float, coef: float, *, ids=None, mom=None, update: bool = False, isog: bool = False,
-             wsum: bool = True, tau_out: bool = False, total: bool = True, hyper=(0.0, 0.0, 0.0, 0.0, 0.0)):
-    """``(values (D, n), stats (4 or 5, D, n), loss)``: see ``sog_finish_kernel``; ``loss`` (0-d) is
+             rho: float, coef: float, *, ids=None, tau_table=None, mom=None, update: bool = False, isog: bool = False,
+             wsum: bool = True, total: bool = True, hyper=(0.0, 0.0, 0.0, 0.0, 0.0)):
+    """``(values (D, n), stats (4, D, n), loss)``: see ``sog_finish_kernel``; ``loss`` (0-d) is
     ``coef`` times the values' sum, added up in the finish kernel (``total``; else None).
 
-    ``tau`` (D, n) per anchor, or None: ``tau_value`` for all (one exponential per logit).
-    With ``ids`` (the modules' step), ``tau``, ``log_u`` and ``mom`` are the (D, examples) tables
-    read at ``ids``; ``update`` writes the step back (``hyper``: keep, beta, eta, tau_min, tau_max).
+    ``tau`` (D, n) per anchor, or None: ``tau_value`` for all (one exponential per logit). With
+    ``ids`` (the modules' step) ``log_u``, ``tau_table`` and ``mom`` are the (D, examples) tables
+    the finish reads at ``ids``; ``update`` writes the step back there (``hyper``: keep, beta, eta,
+    tau_min, tau_max).
     """
     n, d = a.shape
     n_dirs = log_u.shape[0]
@@ -175,7 +176,6 @@ def _forward(a, c, p, tau, tau_value: float, log_u, starts, sizes, offsets, cols
     if chunked:
         col_lse[:n].fill_(float("-inf"))
         col_wm[:n].zero_()
-    ids_arg = ids if gather else lse
     tau_arg = lse if one else tau
     tau_c = tau_arg[n_dirs - 1] if not one and n_dirs > 1 else tau_arg
     scale = _LOG2E / tau_value if one else 1.0
@@ -188,24 +188,25 @@ def _forward(a, c, p, tau, tau_value: float, log_u, starts, sizes, offsets, cols
         for rb0 in range(0, row_blocks, chunk):
             rbs = min(chunk, row_blocks - rb0)
             _launch(ks.sog_fwd_kernel, a.dtype, (rbs, groups), (
-                a_arg, c_arg, ids_arg, tau_arg, tau_c, scale, lse, wm, col_lse, col_wm, ctr,
+                a_arg, c_arg, tau_arg, tau_c, scale, lse, wm, col_lse, col_wm, ctr,
                 n, size, d, a.stride(0), block.stride(0), off, per_group, rb0, row0, 1 if chunked else rb0), opts)
             if chunked:
                 _launch(ks.sog_combine_kernel, a.dtype, (_cdiv(n, 256),), (col_lse, col_wm, n, 1 + rbs),
                         dict(BLOCK=256, WSUM=wsum))
         row0 += groups
     values = torch.empty(n_dirs, n, **f32)
-    stats = torch.empty(5 if tau_out else 4, n_dirs, n, **f32)
+    stats = torch.empty(4, n_dirs, n, **f32)
     programs = plan["programs"]
     parts = torch.empty(n_dirs * programs, **f32)
     loss = torch.empty((), **f32) if total else None
     memory = plan["memory"]
     _launch(ks.sog_finish_kernel, a.dtype, (programs, n_dirs), (
-        lse, wm, a, p, ids_arg, tau_arg, log_u, mom if mom is not None else lse, values, stats, parts, ctr,
+        lse, wm, a, p, ids if gather else lse, tau_table if gather and not one else tau_arg, log_u,
+        mom if mom is not None else lse, values, stats, parts, ctr,
         parts if loss is None else loss, n, d, a.stride(0), p.stride(0), log_u.stride(0), p_rows,
         1 if chunked else plan["p_cols"], log_n,
         math.log1p(-gamma) if memory else 0.0, math.log(gamma), rho, coef, float(tau_value), *hyper),
-        {**plan["finish"], "UPDATE": update, "ISOG": isog, "TAU_OUT": tau_out, "TOTAL": total})
+        {**plan["finish"], "UPDATE": update, "ISOG": isog, "TOTAL": total})
     return values, stats, loss
 
 
@@ -381,17 +382,20 @@ class _SogStep(torch.autograd.Function):
                 hyper):
         n = a.shape[0]
         isog = tau_table is not None
-        values, stats, loss = _forward(a, c, c if c.shape[0] == n else c[:n], tau_table, tau_value, log_u_table,
-                                       [0], [c.shape[0]], [0], cols, log_n, gamma, rho, coef, ids=ids, mom=mom_table,
-                                       update=True, isog=isog, wsum=isog, tau_out=isog, total=reduce, hyper=hyper)
-        ctx.save_for_backward(a, c, stats)
-        ctx.cols, ctx.coef, ctx.reduce, ctx.tau_value, ctx.isog = cols, coef, reduce, tau_value, isog
+        # iSogCLR: the batch's temperatures gathered once (contiguous rows and columns for the tile loop)
+        tau = tau_table.index_select(1, ids) if isog else None
+        values, stats, loss = _forward(a, c, c if c.shape[0] == n else c[:n], tau, tau_value, log_u_table,
+                                       [0], [c.shape[0]], [0], cols, log_n, gamma, rho, coef, ids=ids,
+                                       tau_table=tau_table, mom=mom_table, update=True, isog=isog, wsum=isog,
+                                       total=reduce, hyper=hyper)
+        ctx.save_for_backward(a, c, tau, stats)
+        ctx.cols, ctx.coef, ctx.reduce, ctx.tau_value = cols, coef, reduce, tau_value
         ctx.set_materialize_grads(False)
         return loss if reduce else values.mean(0)
 
     @staticmethod
     def backward(ctx, g):
-        a, c, stats = ctx.saved_tensors
+        a, c, tau, stats = ctx.saved_tensors
         need_a, need_c = ctx.needs_input_grad[:2]
         if g is None or not (need_a or need_c):
             return (None,) * 14
@@ -399,8 +403,8 @@ class _SogStep(torch.autograd.Function):
         if not ctx.reduce:  # loss = values.mean(0): each direction's row i gets g_i / D
             coef = 1.0 / stats.shape[1]
             g = g[None].expand(stats.shape[1], -1)
-        da, dc = _backward(a, c, stats[4] if ctx.isog else None, ctx.tau_value, stats, g, [0], [c.shape[0]], [0],
-                           ctx.cols, coef, need_a, need_c)
+        da, dc = _backward(a, c, tau, ctx.tau_value, stats, g, [0], [c.shape[0]], [0], ctx.cols, coef, need_a,
+                           need_c)
         return da, dc, *(None,) * 12
 
 

@@ -68,19 +68,19 @@ def _add2(a0, a1, b0, b1):
 
 
 @triton.jit
-def _sums(p, s, axis: tl.constexpr, WSUM: tl.constexpr):
-    """``(sum p, sum p s)`` along ``axis`` in one reduction (``WSUM=False``: the first twice)."""
+def _sums(p, s, axis: tl.constexpr, WSUM: tl.constexpr, PAIR: tl.constexpr):
+    """``(sum p, sum p s)`` along ``axis`` (``WSUM=False``: the first twice); ``PAIR``: in one reduction."""
     if WSUM:
-        return tl.reduce((p, p * s), axis, _add2)
+        if PAIR:
+            return tl.reduce((p, p * s), axis, _add2)
+        return tl.sum(p, axis), tl.sum(p * s, axis)
     total = tl.sum(p, axis)
     return total, total
 
 
 @triton.jit
-def _temps(tau_ptr, ids_ptr, idx, mask, GATHER: tl.constexpr):
-    """``log2(e) / tau`` of the anchors ``idx`` (their ids' entries of a table with ``GATHER``)."""
-    if GATHER:
-        idx = tl.load(ids_ptr + idx, mask=mask, other=0).to(tl.int64)
+def _temps(tau_ptr, idx, mask):
+    """``log2(e) / tau`` of the anchors ``idx``."""
     return 1.4426950408889634 / tl.load(tau_ptr + idx, mask=mask, other=1.0)
 
 
@@ -107,20 +107,21 @@ def _store_cols(clse_ptr, cwm_ptr, out, cmask, shift, cl, cw, ac, WSUM: tl.const
 
 
 @triton.jit
-def sog_fwd_kernel(a_ptr, c_ptr, ids_ptr, tau_r_ptr, tau_c_ptr, tau_scale, rlse_ptr, rwm_ptr, clse_ptr, cwm_ptr,
+def sog_fwd_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, tau_scale, rlse_ptr, rwm_ptr, clse_ptr, cwm_ptr,
                    ctr_ptr, N, M, D, stride_a, stride_c, OFF, tiles_per_group, rb0, rpart0, cpart0,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, COLS: tl.constexpr,
-                   ONE_TAU: tl.constexpr, GATHER: tl.constexpr, WSUM: tl.constexpr, TOTAL: tl.constexpr,
+                   ONE_TAU: tl.constexpr, WSUM: tl.constexpr, TOTAL: tl.constexpr,
                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-                   FLAT: tl.constexpr = False):
+                   FLAT: tl.constexpr = False, FAST: tl.constexpr = True, PAIR: tl.constexpr = True):
     """Partial row statistics over a group of column tiles; with ``COLS`` each tile's column partials.
 
     Row partials go to ``r*_ptr[(rpart0 + group) * N + row]``; column partials of row block
     ``rb0 + pid_m`` to ``c*_ptr[(cpart0 + pid_m) * M + col]``: ``lse`` of ``y`` (base 2; -inf
     when empty) and the softmax-weighted mean of ``y`` (0 when empty; only with ``WSUM``).
-    Temperatures: ``ONE_TAU``: ``tau_scale = log2(e) / tau`` for all; else ``tau_r[i]`` (rows)
-    and ``tau_c[j]`` (columns), at ``ids[i]`` / ``ids[j]`` with ``GATHER``. ``TOTAL``: program (0, 0)
-    zeroes the int32 counter ``ctr`` with which the finish kernel adds up the loss.
+    Temperatures: ``ONE_TAU``: ``tau_scale = log2(e) / tau`` for all (``FAST``: the one-exponential
+    loop, else the per-row/per-column one); else ``tau_r[i]`` (rows) and ``tau_c[j]`` (columns).
+    ``PAIR``: each weighted sum shares one reduction with its sum. ``TOTAL``: program (0, 0) zeroes
+    the int32 counter ``ctr`` with which the finish kernel adds up the loss.
     """
     pid_m = tl.program_id(0)
     pid_g = tl.program_id(1)
@@ -133,7 +134,7 @@ def sog_fwd_kernel(a_ptr, c_ptr, ids_ptr, tau_r_ptr, tau_c_ptr, tau_scale, rlse_
     if ONE_TAU:
         ar = tl.zeros((BM,), dtype=tl.float32) + tau_scale
     else:
-        ar = _temps(tau_r_ptr, ids_ptr, rows, rmask, GATHER)
+        ar = _temps(tau_r_ptr, rows, rmask)
     excl = rows + OFF
     m_i = tl.full((BM,), -1.0e30, dtype=tl.float32)
     l_i = tl.zeros((BM,), dtype=tl.float32)
@@ -141,11 +142,12 @@ def sog_fwd_kernel(a_ptr, c_ptr, ids_ptr, tau_r_ptr, tau_c_ptr, tau_scale, rlse_
     t_start = pid_g * tiles_per_group
     t_end = tl.minimum(t_start + tiles_per_group, tl.cdiv(M, BN))
     part_c = (cpart0 + pid_m).to(tl.int64) * M
-    if ONE_TAU:
+    if ONE_TAU and FAST:
         # one exponential per logit at the tile's maximum; `risk` marks a row or column whose
         # sum fell under RISK (the flushed terms could matter): then the loop below redoes all
         n_rows = tl.minimum(N - row0, BM)
         risk = tl.zeros((BM,), dtype=tl.int32)
+        risk_c = tl.zeros((BN,), dtype=tl.int32)  # folded over tiles, reduced once after the loop
         for t in tl.range(t_start, t_end, flatten=FLAT):
             cols = t * BN + tl.arange(0, BN)
             cmask = cols < M
@@ -156,27 +158,33 @@ def sog_fwd_kernel(a_ptr, c_ptr, ids_ptr, tau_r_ptr, tau_c_ptr, tau_scale, rlse_
             top = tl.where(top == NEG, 0.0, top)  # no negative in the tile: every weight 2^(NEG a) = 0
             e = tl.exp2((s - top) * tau_scale)  # (fewer registers than the FMA form here: 203 vs 239)
             shift = top * tau_scale
-            rl, rw = _sums(e, s, 1, WSUM)
+            rl, rw = _sums(e, s, 1, WSUM, PAIR)
             m_i, l_i, w_i = _fold_rows(m_i, l_i, w_i, shift, rl, rw, WSUM)
             # a row has a negative in the tile unless the tile's one column is its excluded entry
             n_cols = tl.minimum(M - t * BN, BN)
             risk |= (rmask & (rl < RISK) & ((n_cols > 1) | (excl != t * BN))).to(tl.int32)
             if COLS:
-                cl, cw = _sums(e, s, 0, WSUM)
+                cl, cw = _sums(e, s, 0, WSUM, PAIR)
                 _store_cols(clse_ptr, cwm_ptr, part_c + cols, cmask, shift, cl, cw, tau_scale, WSUM)
-                col_risk = tl.max((cmask & (cl < RISK) & ((n_rows > 1) | (cols != row0 + OFF))).to(tl.int32), 0)
-                risk |= col_risk
-        redo = tl.max(risk, 0) > 0
+                risk_c |= (cmask & (cl < RISK) & ((n_rows > 1) | (cols != row0 + OFF))).to(tl.int32)
+        redo = (tl.max(risk, 0) > 0) | (tl.max(risk_c, 0) > 0)
         t_stop = tl.where(redo, t_end, t_start)
         m_i = tl.where(redo, -1.0e30, m_i)
         l_i = tl.where(redo, 0.0, l_i)
         w_i = tl.where(redo, 0.0, w_i)
     else:
         t_stop = t_end
+    if COLS and not ONE_TAU:  # the columns' temperatures, one tile ahead (loaded before the tile's product)
+        nxt = t_start * BN + tl.arange(0, BN)
+        tau_next = tl.load(tau_c_ptr + nxt, mask=nxt < M, other=1.0)
     # exact for any temperatures: per-row and per-column shifts, two exponentials per logit
     for t in tl.range(t_start, t_stop, flatten=FLAT):
         cols = t * BN + tl.arange(0, BN)
         cmask = cols < M
+        if COLS and not ONE_TAU:
+            ac = 1.4426950408889634 / tau_next
+            nxt = cols + BN
+            tau_next = tl.load(tau_c_ptr + nxt, mask=nxt < M, other=1.0)
         acc = _tile_dot(a_ptr, c_ptr, rows, cols, N, M, D, stride_a, stride_c, BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
         s = tl.where(rmask[:, None] & cmask[None, :] & (cols[None, :] != excl[:, None]), acc, NEG)
         rmax = tl.max(s, 1)
@@ -185,15 +193,13 @@ def sog_fwd_kernel(a_ptr, c_ptr, ids_ptr, tau_r_ptr, tau_c_ptr, tau_scale, rlse_
             cmax = tl.max(s, 0)
             cmax = tl.where(cmax == NEG, 0.0, cmax)
         shift_r = rmax * ar
-        rl, rw = _sums(tl.exp2(s * ar[:, None] - shift_r[:, None]), s, 1, WSUM)
+        rl, rw = _sums(tl.exp2(s * ar[:, None] - shift_r[:, None]), s, 1, WSUM, PAIR)
         m_i, l_i, w_i = _fold_rows(m_i, l_i, w_i, shift_r, rl, rw, WSUM)
         if COLS:
             if ONE_TAU:
                 ac = tl.zeros((BN,), dtype=tl.float32) + tau_scale
-            else:
-                ac = _temps(tau_c_ptr, ids_ptr, cols, cmask, GATHER)
             shift_c = cmax * ac
-            cl, cw = _sums(tl.exp2(s * ac[None, :] - shift_c[None, :]), s, 0, WSUM)
+            cl, cw = _sums(tl.exp2(s * ac[None, :] - shift_c[None, :]), s, 0, WSUM, PAIR)
             _store_cols(clse_ptr, cwm_ptr, part_c + cols, cmask, shift_c, cl, cw, ac, WSUM)
     ok = l_i > 0
     l1 = tl.where(ok, l_i, 1.0)
@@ -241,7 +247,7 @@ def sog_finish_kernel(lse_ptr, wm_ptr, x_ptr, p_ptr, ids_ptr, tau_ptr, logu_ptr,
                       rho, coef, tau_value, keep, beta, eta, tau_min, tau_max,
                       BLOCK: tl.constexpr, BD: tl.constexpr, MEMORY: tl.constexpr, ONE_TAU: tl.constexpr,
                       WSUM: tl.constexpr, GATHER: tl.constexpr, UPDATE: tl.constexpr, ISOG: tl.constexpr,
-                      TAU_OUT: tl.constexpr, TOTAL: tl.constexpr):
+                      TOTAL: tl.constexpr):
     """The update rules for anchors ``idx`` of direction ``program_id(1)`` (see :mod:`batchlab.losses.sogclr`).
 
     Direction 0's partials are ``P0`` rows of (lse, mean) from offset 0, direction 1's ``P1`` rows
@@ -249,9 +255,9 @@ def sog_finish_kernel(lse_ptr, wm_ptr, x_ptr, p_ptr, ids_ptr, tau_ptr, logu_ptr,
     ``tau`` and ``log u`` of anchor i of direction d: entry ``d * stride_tab + i`` (with ``GATHER``:
     ``+ ids[i]``, the module's tables); ``ONE_TAU``: ``tau_value`` for all. ``UPDATE`` writes the
     new ``log u`` (and, ``ISOG``, the momentum ``keep m + beta dtau`` and the clipped temperature
-    ``tau - eta m``) back at the same entries. ``stats`` (4 or, with ``TAU_OUT``, 5 planes of
-    (D_dirs, L)): new ``log u``, ``d loss / d tau``, the backward's base-2 bias
-    ``-(x_i . p_i / tau_i + log u_i + log n) log2(e)``, ``s_i = sum_j P_ij`` (and the temperature used).
+    ``tau - eta m``) back at the same entries. ``stats`` (4 planes of (D_dirs, L)): new ``log u``,
+    ``d loss / d tau``, the backward's base-2 bias ``-(x_i . p_i / tau_i + log u_i + log n) log2(e)``
+    and ``s_i = sum_j P_ij``.
     Without ``WSUM`` the temperature gradient is not computed (NaN). Each program stores ``coef``
     times its values' sum at ``part[d * programs + pid]``; with ``TOTAL`` the last program to finish
     adds them up in a fixed order into ``loss`` (``ctr``: zeroed by the forward kernel).
@@ -308,8 +314,6 @@ def sog_finish_kernel(lse_ptr, wm_ptr, x_ptr, p_ptr, ids_ptr, tau_ptr, logu_ptr,
     tl.store(stats_ptr + plane + row, tau_grad, mask=mask)
     tl.store(stats_ptr + 2 * plane + row, -(px + shift) * 1.4426950408889634, mask=mask)
     tl.store(stats_ptr + 3 * plane + row, s_i, mask=mask)
-    if TAU_OUT:
-        tl.store(stats_ptr + 4 * plane + row, tau, mask=mask)
     if UPDATE:
         tl.store(logu_ptr + tab, new_u, mask=mask)
         if ISOG:
