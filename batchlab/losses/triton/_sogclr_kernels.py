@@ -210,20 +210,23 @@ def sog_fwd_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, tau_scale, rlse_ptr, rwm_
 
 
 @triton.jit
-def _combine(lse_ptr, wm_ptr, base, L, P, idx, mask, BLOCK: tl.constexpr, WSUM: tl.constexpr):
-    """Fold ``P`` partials ``(lse, mean)`` at ``base + p * L + idx`` into ``(max, sum, weighted sum)``."""
+def _combine(lse_ptr, wm_ptr, base, L, P, idx, mask, BLOCK: tl.constexpr, WSUM: tl.constexpr, PB: tl.constexpr = 8):
+    """Fold ``P`` partials ``(lse, mean)`` at ``base + p * L + idx`` into ``(max, sum, weighted sum)``,
+    ``PB`` partials per step (their loads in flight together; a fixed order: deterministic)."""
     mx = tl.full((BLOCK,), -1.0e30, dtype=tl.float32)
     s = tl.zeros((BLOCK,), dtype=tl.float32)
     w = tl.zeros((BLOCK,), dtype=tl.float32)
-    for p in range(0, P):
-        off = base + p * L + idx
-        lp = tl.load(lse_ptr + off, mask=mask, other=float("-inf"))
-        m_new = tl.maximum(mx, lp)
+    for p0 in range(0, P, PB):
+        pp = p0 + tl.arange(0, PB)
+        off = base + pp[:, None].to(tl.int64) * L + idx[None, :]
+        m2 = (pp[:, None] < P) & mask[None, :]
+        lp = tl.load(lse_ptr + off, mask=m2, other=float("-inf"))
+        m_new = tl.maximum(mx, tl.max(lp, 0))  # >= -1e30: finite
         alpha = tl.exp2(mx - m_new)
-        e = tl.exp2(lp - m_new)
-        s = s * alpha + e
+        e = tl.exp2(lp - m_new[None, :])
+        s = s * alpha + tl.sum(e, 0)
         if WSUM:
-            w = w * alpha + e * tl.load(wm_ptr + off, mask=mask, other=0.0)
+            w = w * alpha + tl.sum(e * tl.load(wm_ptr + off, mask=m2, other=0.0), 0)
         mx = m_new
     return mx, s, w
 
