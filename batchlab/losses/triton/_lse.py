@@ -134,12 +134,13 @@ def lse_forward(q, k, scale, targets, *, cols: bool, exclude: bool, ctl: torch.T
 #: Rows per launch of the one-tile forward: its programs run row block fastest, so a launch
 #: keeps this many query rows in L2 while the keys stream past once.
 _TILE_PANEL_ROWS = 8192
-#: The one-tile forward (``TILE`` in the forward config) streams the keys once per panel of
-#: ``_TILE_PANEL_ROWS`` queries: faster while the keys stay in L2 (H200, N = 65,536, d = 512:
-#: 64 MiB of keys, 7.79 vs 9.03 ms), slower when they do not (N = 1,048,576: 9.01 s end to end
-#: against 8.28 s with the looped forward, whose concurrent programs share the key tiles). Above
-#: this many bytes of keys the looped forward runs (``BATCHLAB_TRITON_TILE_FWD_MAX_KEY_BYTES``).
-TILE_FWD_MAX_KEY_BYTES = int(os.environ.get("BATCHLAB_TRITON_TILE_FWD_MAX_KEY_BYTES", 256 * 2**20))
+#: Above this many bytes of keys the looped forward runs instead of the one-tile forward
+#: (``BATCHLAB_TRITON_TILE_FWD_MAX_KEY_BYTES``; default: no limit). H200, d = 512, forward only
+#: (benchmarks/results/losses-h200-s6/, call 4): the one-tile forward took 130.5 against 142.9 ms
+#: at N = 262,144 and 2.04 against 2.35 s at 1,048,576 (and 7.79 against 9.03 ms at 65,536, call 1).
+#: (A limit of 256 MiB was set after call 3 measured InfoNCE at 1M in 9.01 s; that was the first
+#: call of a fresh process, and the forward A/B above showed the one-tile kernel faster there too.)
+TILE_FWD_MAX_KEY_BYTES = int(os.environ.get("BATCHLAB_TRITON_TILE_FWD_MAX_KEY_BYTES", 2**62))
 #: Pipeline stages of the looped forward when the config is the one-tile forward's (which uses 2).
 _LOOPED_STAGES = 3
 
