@@ -2,7 +2,9 @@
 
 Functional API: :func:`info_nce`, :func:`siglip`, :func:`dcl`, :func:`nt_xent`.
 Modules with open_clip's call: :class:`InfoNCELoss`, :class:`SigLIPLoss`,
-:class:`DCLLoss`, :class:`NTXentLoss`. Every function takes ``impl=`` ("auto",
+:class:`DCLLoss`, :class:`NTXentLoss`; global objectives with per-example state: :func:`sogclr`,
+:class:`SogCLRLoss`, :class:`ISogCLRLoss`; the one-way, diagonal-target InfoNCE of gradient caching
+in blocks of full rows: :func:`row_block_info_nce` (:class:`RowBlocks`). Every function takes ``impl=`` ("auto",
 "reference", "tiled", "triton") and ``distributed=`` ("none", "allgather", "ring", "auto").
 """
 
