@@ -241,8 +241,9 @@ def _floats(mode, n, d, dtype, seed, extra=5):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("mode,n", [("symmetric", 37), ("one_way", 21), ("two_view", 19)])
-def test_one_temperature_matches_float64_reference(mode, n, dtype):
-    """A float tau: one exponential per logit at each tile's maximum (the kernels' ONE_TAU path)."""
+def test_one_temperature_matches_float64_reference(mode, n, dtype, monkeypatch):
+    """A float tau: one exponential per logit at each tile's maximum (the kernels' ONE_TAU + FAST path)."""
+    monkeypatch.setattr(_sogclr, "_INTERPRET", {**_sogclr._INTERPRET, "FAST": 1})
     q, k, log_u = _floats(mode, n, 20, dtype, seed=n + 1)
     kw = dict(mode=mode, gamma=0.8, rho=0.3)
     _compare(_run_float(q, k, log_u, 0.07, "triton", **kw), _run_float(q, k, log_u, 0.07, "reference", **kw), dtype)
@@ -265,6 +266,7 @@ def test_one_temperature_both_loops(tau, risk, monkeypatch):
 
     from batchlab.losses.triton import _sogclr_kernels as ks
 
+    monkeypatch.setattr(_sogclr, "_INTERPRET", {**_sogclr._INTERPRET, "FAST": 1})
     q, k, log_u = _floats("symmetric", 40, 16, torch.float32, seed=12)
     if tau == 1.0:
         monkeypatch.setattr(ks, "RISK", tl.constexpr(-1.0 if risk == "never" else 1e30))
@@ -281,6 +283,7 @@ def test_one_temperature_redoes_a_program_whose_rows_underflow(monkeypatch):
 
     from batchlab.losses.triton import _sogclr_kernels as ks
 
+    monkeypatch.setattr(_sogclr, "_INTERPRET", {**_sogclr._INTERPRET, "FAST": 1})
     gen = torch.Generator().manual_seed(13)
     e1 = torch.zeros(6, 4)
     e1[:, 0] = 1.0
@@ -396,10 +399,11 @@ def test_fused_module_step_one_query_with_extra_keys():
         assert _err(fused.state_dict()[name], buf) <= 1e-5, name
 
 
-@pytest.mark.parametrize("option", [{"FAST": 0}, {"PAIR": 0}])
+@pytest.mark.parametrize("option", [{}, {"PAIR": 1}])
 def test_kernel_options_match_float64_reference(option, monkeypatch):
-    """The sweep's forward options: the one-temperature kernel without its one-exponential loop
-    (FAST=0), and the weighted sums in reductions of their own (PAIR=0)."""
+    """The sweep's forward options: the defaults (FAST=0: the one-temperature kernel's per-row and
+    per-column loop; PAIR=0: weighted sums in reductions of their own) and PAIR=1 (one reduction
+    for each sum and its weighted sum); FAST=1 has the one_temperature tests above."""
     monkeypatch.setattr(_sogclr, "_INTERPRET", {**_sogclr._INTERPRET, **option})
     q, k, log_u, tau = _inputs("symmetric", 37, 20, torch.float32, seed=17)
     kw = dict(mode="symmetric", gamma=0.8, rho=0.3)

@@ -8,7 +8,8 @@ the one similarity tile ``S = a @ c.T``, so the kernels have InfoNCE's shape
   symmetric loss: images' over the rows, texts' over the columns of the same tile), then a
   finish kernel applies the update rules (moving average of ``u``, value, temperature
   gradient) and sums the loss per program; 2 launches (+1 sum) and no host synchronisation.
-  One temperature for all (SogCLR, or a float ``tau``) takes one exponential per logit;
+  One temperature for all (SogCLR, or a float ``tau``) can take one exponential per logit
+  (``FAST``; off by default: measured slower on clustered embeddings, see ``CONFIGS``);
 * backward: one kernel recomputes the tiles and writes ``dLoss/dS`` (the positive's term
   folded into the excluded entry) in the inputs' dtype; two cuBLAS products give the
   gradients of both inputs (row panels of ``panel_rows`` above 8,192 rows, as the InfoNCE
@@ -49,20 +50,22 @@ from batchlab.losses.triton._launch import (FP32_BD, addmm_f32_, interpreting, k
                                             panel_rows)
 
 #: Tile shapes on the GPU: "fwd" for per-row/per-column temperatures (iSogCLR), "fwd_one" for one
-#: temperature (SogCLR: one exponential per logit), "bwd" for the backward; FLAT as in
-#: ``_launch.KERNEL_OPTIONS``. fp32 inputs halve the d chunk (``BD``). The sweep of
-#: ``tests/losses/gpu_check_sogclr.py`` on one H200 (N = 65,536, d = 512, bf16) picks them:
-#: ``benchmarks/results/sogclr-h200-triton/sweep.json`` (before the one-exponential kernel:
-#: forward 19.2 ms at 128 x 64 / 4 warps against 24.5 ms at 128 x 128 / 4 warps; backward at
-#: 128 x 128 / 4 warps 4.3 ms faster than at 8 warps). Registers for sm_90 (Triton 3.8, bf16,
-#: ``python -m batchlab.bench.sogclr --aot``): forward 193 (per-row temperatures) and 255 with 2
-#: spill ops (one temperature) at 128 x 64 / 4 warps, 213 without spills at 8 warps.
+#: temperature (SogCLR), "bwd" for the backward; FLAT as in ``_launch.KERNEL_OPTIONS``; FAST
+#: ("fwd_one"): the one-exponential loop (with its per-program redo) instead of the per-row /
+#: per-column one; PAIR ("fwd"): each weighted sum shares one reduction with its sum. fp32 inputs
+#: halve the d chunk (``BD``). Chosen by two H200 sweeps at N = 65,536, d = 512, bf16
+#: (``tests/losses/gpu_check_sogclr.py``, ``benchmarks/results/sogclr-h200-v2/``): SogCLRLoss forward
+#: 13.9 ms with FAST=1 and 15.2 ms with FAST=0 on random embeddings, but 28.8 against 15.2 ms on
+#: clustered ones (the redo), so FAST=0; ISogCLRLoss forward 17.8 ms with PAIR=0, 18.5 with PAIR=1;
+#: 4 warps at 128 x 64 (8 warps: 15.5 and 44.5 ms); backward 128 x 128 / 4 warps (128 x 64: +3.5 ms).
+#: Registers for sm_90 (Triton 3.8, bf16, ``python -m batchlab.bench.sogclr --aot``): forward
+#: 188-194 without spills (per-row temperatures), 167 (one temperature, FAST=0), 229 (FAST=1).
 CONFIGS: dict[str, dict[str, int]] = {
-    "fwd": dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0, PAIR=1),
-    "fwd_one": dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0, FAST=1),
+    "fwd": dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0, PAIR=0),
+    "fwd_one": dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0, FAST=0),
     "bwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1),
 }
-_INTERPRET = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, TMA=0)
+_INTERPRET = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, TMA=0, FAST=0, PAIR=0)
 #: Bytes of column partials held at once (row blocks x columns x 8 B); above it the row blocks
 #: run in chunks whose partials are folded as they come (N > ~180,000 at BM = 128).
 CHUNK_BYTES = 3 << 29
