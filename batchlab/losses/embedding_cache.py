@@ -235,7 +235,23 @@ class EmbeddingCache:
         back just before its push, so phase 3 holds one chunk's gradient on the device instead
         of all of them (N x d x towers: 192 MiB at 65,536 pairs x 384 x 2 columns in fp32), for
         one device-to-host copy of the gradients and one host-to-device copy per chunk.
+
+        Example
+        -------
+        >>> import torch
+        >>> from torch import nn
+        >>> towers = [nn.Linear(5, 4), nn.Linear(3, 4)]
+        >>> cache = EmbeddingCache(towers, chunk_size=4)
+        >>> a, b = cache.encode(torch.randn(8, 5), torch.randn(8, 3))
+        >>> (a * b).sum().backward()
+        >>> cache.keep_gradients(offload=True)  # host memory (pinned for CUDA tensors)
+        >>> del a, b  # nothing holds the embeddings now
+        >>> cache.backward(scale=0.5)  # the re-encode, pushing half the cached gradients
+        >>> towers[0].weight.grad.shape
+        torch.Size([4, 5])
         """
+        if offload not in (True, False):
+            raise BatchlabInputError(f"keep_gradients(offload=) takes True or False, got {offload!r}")
         if self._pending is None or self._embeddings is None:
             raise BatchlabInputError("keep_gradients() comes after encode() and the loss's backward")
         grads = [e.grad for e in self._embeddings]

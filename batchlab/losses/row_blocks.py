@@ -36,6 +36,7 @@ grad mode only the loss is computed (one GEMM per block).
 
 from __future__ import annotations
 
+import math
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -72,10 +73,11 @@ class RowBlocks:
 
     def __post_init__(self) -> None:
         check_choice("products", self.products, PRODUCTS)
-        if not (isinstance(self.block_bytes, int) and self.block_bytes > 0 and isinstance(self.split, int)
-                and self.split > 0):
-            raise BatchlabInputError(f"RowBlocks needs a positive int block_bytes and split, got {self.block_bytes!r}, "
-                                     f"{self.split!r}")
+        for name, value in (("block_bytes", self.block_bytes), ("split", self.split)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise BatchlabInputError(f"RowBlocks needs a positive int {name}, got {value!r}")
+        if self.fused not in (None, True, False):
+            raise BatchlabInputError(f"RowBlocks' fused must be None (automatic), True or False, got {self.fused!r}")
 
     def rows(self, n: int, m: int, itemsize: int) -> int:
         return max(1, min(n, self.block_bytes // max(1, m * itemsize)))
@@ -272,13 +274,19 @@ def row_block_info_nce(q: Tensor, keys: Tensor, scale: float, *, config: RowBloc
     >>> loss.backward(); q.grad.shape
     torch.Size([6, 4])
     """
-    if q.dim() != 2 or keys.dim() != 2 or q.shape[1] != keys.shape[1] or keys.shape[0] < q.shape[0]:
-        raise BatchlabInputError(f"row_block_info_nce needs q (N, d) and keys (M >= N, d), got {tuple(q.shape)} "
+    if (q.dim() != 2 or keys.dim() != 2 or q.shape[1] != keys.shape[1] or keys.shape[0] < q.shape[0]
+            or q.shape[0] == 0):
+        raise BatchlabInputError(f"row_block_info_nce needs q (N >= 1, d) and keys (M >= N, d), got {tuple(q.shape)} "
                                  f"and {tuple(keys.shape)}")
     if q.dtype != keys.dtype or q.dtype not in (torch.float32, torch.float64):
         raise BatchlabInputError(f"row_block_info_nce takes fp32 or fp64 q and keys of one dtype, got {q.dtype} and "
                                  f"{keys.dtype}; cast them (the products follow torch's fp32 matmul precision)")
+    if isinstance(scale, Tensor) and scale.requires_grad:
+        raise BatchlabInputError("row_block_info_nce takes a fixed scale (no gradient flows to it); pass a float, "
+                                 "or use info_nce for a learnt scale")
     scale = float(scale)
+    if not math.isfinite(scale):
+        raise BatchlabInputError(f"row_block_info_nce needs a finite scale, got {scale}")
     if torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad):
         return _RowBlockLoss.apply(q, keys, scale, config)
     return _pass(q.detach(), keys.detach(), scale, config, grads=False)[0]

@@ -109,8 +109,18 @@ def test_refused():
         row_block_info_nce(k.bfloat16(), k.bfloat16(), 20.0)
     with pytest.raises(BatchlabInputError, match="products"):
         RowBlocks(products="fp16")
-    with pytest.raises(BatchlabInputError, match="positive"):
+    with pytest.raises(BatchlabInputError, match="positive int block_bytes"):
         RowBlocks(block_bytes=0)
+    with pytest.raises(BatchlabInputError, match="positive int split"):
+        RowBlocks(split=True)
+    with pytest.raises(BatchlabInputError, match="fused must be"):
+        RowBlocks(fused="yes")
+    with pytest.raises(BatchlabInputError, match="N >= 1"):
+        row_block_info_nce(k[:0], k, 20.0)
+    with pytest.raises(BatchlabInputError, match="finite scale"):
+        row_block_info_nce(k[:2], k, float("nan"))
+    with pytest.raises(BatchlabInputError, match="fixed scale"):
+        row_block_info_nce(k[:2], k, torch.tensor(20.0, requires_grad=True))
     q, k = problem(3, 5)
     loss = row_block_info_nce(q, k, 20.0)
     loss.backward(retain_graph=True)
