@@ -45,9 +45,9 @@ import triton
 from batchlab.losses import _dispatch
 from batchlab.losses.sogclr import Direction
 from batchlab.losses.triton import _sogclr_kernels as ks
-from batchlab.losses.triton._dense import EAGER_FUNCTION, _Kernel
-from batchlab.losses.triton._launch import (FP32_BD, addmm_f32_, interpreting, kernel_flags, num_sms, operands,
-                                            panel_rows)
+from batchlab.losses.triton._dense import _INTERPRET as _INTERPRETING
+from batchlab.losses.triton._dense import EAGER_FUNCTION, _cdiv, _Kernel
+from batchlab.losses.triton._launch import FP32_BD, LOG2E, addmm_f32_, kernel_flags, operands, panel_rows, tile_shares
 
 #: Tile shapes on the GPU: "fwd" for per-row/per-column temperatures (iSogCLR), "fwd_one" for one
 #: temperature (SogCLR), "bwd" for the backward; FLAT as in ``_launch.KERNEL_OPTIONS``; FAST
@@ -72,14 +72,6 @@ CHUNK_BYTES = 3 << 29
 #: Dtypes the kernels take (fp16 could underflow in the stored logit gradient; float64: no tensor cores).
 DTYPES = (torch.bfloat16, torch.float32)
 _FINISH_BLOCK = 128
-_LOG2E = 1.4426950408889634
-
-#: Whether the kernels run in Triton's interpreter (read once: ``triton.jit`` decided it at import).
-_INTERPRETING = interpreting()
-
-
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)  # triton.cdiv is a constexpr function: microseconds per host call
 
 
 def _config(kernel: str, dtype: torch.dtype) -> dict:
@@ -108,13 +100,6 @@ def _launch(fn, dtype: torch.dtype, grid: tuple, args: tuple, consts: dict) -> N
     launcher(grid, args, consts)
 
 
-def _shares(n_tiles: int, programs: int, device: torch.device) -> tuple[int, int]:
-    """``(groups, tiles per group)``: ``_launch.tile_shares`` (4 programs per SM)."""
-    groups = max(1, min(n_tiles, math.ceil(4 * num_sms(device) / max(1, programs))))
-    per = _cdiv(n_tiles, groups)
-    return _cdiv(n_tiles, per), per
-
-
 #: Launch plans per problem shape (configs, flags, grids: the host work that does not depend on the
 #: tensors' values or addresses); keyed by everything they depend on, CONFIGS' values included.
 _PLANS: dict = {}
@@ -141,7 +126,7 @@ def _forward_plan(a, sizes, cols: bool, one: bool, wsum: bool, gather: bool, gam
     blocks = []  # per candidate block: (groups of column tiles, tiles per group, row blocks per chunk)
     for size in sizes:
         chunk = max(1, min(row_blocks, CHUNK_BYTES // max(1, 8 * size))) if cols else row_blocks
-        blocks.append((*_shares(max(1, _cdiv(size, cfg["BN"])), chunk, a.device), chunk))
+        blocks.append((*tile_shares(max(1, _cdiv(size, cfg["BN"])), chunk, a.device, 4), chunk))
     p_rows = sum(b[0] for b in blocks)
     chunked = cols and blocks[0][2] < row_blocks
     memory = gamma < 1.0
@@ -181,7 +166,7 @@ def _forward(a, c, p, tau, tau_value: float, log_u, starts, sizes, offsets, cols
         col_wm[:n].zero_()
     tau_arg = lse if one else tau
     tau_c = tau_arg[n_dirs - 1] if not one and n_dirs > 1 else tau_arg
-    scale = _LOG2E / tau_value if one else 1.0
+    scale = LOG2E / tau_value if one else 1.0
     ctr = torch.empty(1, device=a.device, dtype=torch.int32) if total else lse
     row0 = 0
     for start, size, off, (groups, per_group, chunk) in zip(starts, sizes, offsets, plan["blocks"]):
@@ -258,7 +243,7 @@ def _backward(a, c, tau, tau_value: float, stats, g, starts, sizes, offsets, col
         g = g.float()
     sgd, sgi = (0, 0) if g.dim() == 0 else (g.stride(0), g.stride(1))
     tau_arg = stats if one else tau
-    scale = _LOG2E / tau_value if one else 1.0
+    scale = LOG2E / tau_value if one else 1.0
     single = len(sizes) == 1
     da = da32 = None
     dc = torch.empty_like(c) if need_c and not single else None
