@@ -19,6 +19,7 @@ GEMMs in the backward).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import os
@@ -539,44 +540,70 @@ def _aot_compile(fn, args, kwargs):
             "warp_specialised": ws}
 
 
-def run_aot(args) -> list[dict]:
-    """--aot: every grid variant's kernels compiled for sm_90 from launches captured on the CPU (none run)."""
+@contextlib.contextmanager
+def capture_launches(configs: dict):
+    """Triton launches recorded instead of run; ``configs`` (a kernel-config table) restored on exit.
+
+    Inside the block every ``JITFunction.run`` appends ``(jit, args, kwargs)`` to the yielded list
+    and launches nothing, so that :func:`_aot_compile` can compile the kernels for sm_90 on a
+    machine without a GPU. The table may be changed freely inside; each key gets a copy of its
+    entry back on exit::
+
+        with capture_launches(_launch.CONFIGS) as captured:
+            _launch.CONFIGS["fwd"] = {...}
+            loss_call()
+        rows = [_aot_compile(jit, a, kw) for jit, a, kw in captured]
+    """
     from triton.runtime.jit import JITFunction
 
+    captured: list = []
+    saved = {key: dict(val) for key, val in configs.items()}
+    original = JITFunction.run
+    JITFunction.run = lambda self, *a, grid, warmup, **kw: captured.append((self, a, kw))
+    try:
+        yield captured
+    finally:
+        JITFunction.run = original
+        configs.update({key: dict(val) for key, val in saved.items()})
+
+
+def _aot_rows(captured, keep=lambda name: True) -> list[tuple[dict, dict]]:
+    """(launch keywords, :func:`_aot_compile` row) for the first launch of each kernel of ``captured``
+    whose name passes ``keep``; a kernel that does not compile gets a row with its ``status``."""
+    rows, seen = [], set()
+    for jit, a, kw in captured:
+        name = jit.fn.__name__
+        if name in seen or not keep(name):
+            continue
+        seen.add(name)
+        try:
+            row = _aot_compile(jit, a, kw)
+        except Exception as exc:  # noqa: BLE001 - a variant that does not compile is a result
+            row = {"kernel_fn": name, "status": f"{type(exc).__name__}: {str(exc)[-80:]}"}
+        rows.append((kw, row))
+    return rows
+
+
+def run_aot(args) -> list[dict]:
+    """--aot: every grid variant's kernels compiled for sm_90 from launches captured on the CPU (none run)."""
     from batchlab.losses.triton import _launch
 
     dtype = getattr(torch, args.dtype)
     variants = {key: list(val) + (WS_VARIANTS.get(key, []) if args.aot_ws else []) for key, val in GRID_VARIANTS.items()}
-    captured: list = []
-    original = JITFunction.run
-    JITFunction.run = lambda self, *a, grid, warmup, **kw: captured.append((self, a, kw))
-    saved = {key: dict(val) for key, val in _launch.CONFIGS.items()}
     rows = []
     try:
         for kernel, cfgs in variants.items():
             for cfg in cfgs:
-                _launch.CONFIGS[kernel] = dict(cfg, **({"WS": 1} if cfg.get("WS") else {}))
-                os.environ["BATCHLAB_TRITON_WS"] = "1" if cfg.get("WS") else "0"
-                q, k, scale, bias = _grid_inputs(1024, args.dim, dtype, "cpu")
-                fn = _grid_fn(kernel, q, k, scale, bias)
-                captured.clear()
-                fn()
-                seen = set()
-                for jit, a, kw in captured:
-                    if jit.fn.__name__ in seen:
-                        continue
-                    seen.add(jit.fn.__name__)
-                    try:
-                        row = _aot_compile(jit, a, kw)
-                    except Exception as exc:  # noqa: BLE001 - a variant that does not compile is a result
-                        row = {"kernel_fn": jit.fn.__name__, "status": f"{type(exc).__name__}: {str(exc)[-80:]}"}
+                with capture_launches(_launch.CONFIGS) as captured:
+                    _launch.CONFIGS[kernel] = dict(cfg, **({"WS": 1} if cfg.get("WS") else {}))
+                    os.environ["BATCHLAB_TRITON_WS"] = "1" if cfg.get("WS") else "0"
+                    q, k, scale, bias = _grid_inputs(1024, args.dim, dtype, "cpu")
+                    _grid_fn(kernel, q, k, scale, bias)()
+                for _, row in _aot_rows(captured):
                     rows.append({"kernel": kernel, **cfg, **row})
                     print(format_table([rows[-1]]), flush=True)
-                _launch.CONFIGS[kernel] = dict(saved[kernel])
     finally:
-        JITFunction.run = original
         os.environ.pop("BATCHLAB_TRITON_WS", None)
-        _launch.CONFIGS.update(saved)
     return rows
 
 

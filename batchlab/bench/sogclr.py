@@ -162,24 +162,17 @@ def run_aot(dtype: torch.dtype, n: int = 1024, dim: int = 512, warps=(4, 8)) -> 
     """Every kernel of each :data:`AOT_VARIANTS` entry compiled for sm_90 at each forward warp count."""
     import math
 
-    from triton.runtime.jit import JITFunction
-
-    from batchlab.bench.losses_triton import _aot_compile
+    from batchlab.bench.losses_triton import _aot_rows, capture_launches
     from batchlab.losses.triton import _sogclr
 
-    captured: list = []
-    original = JITFunction.run
-    JITFunction.run = lambda self, *a, grid, warmup, **kw: captured.append((self, a, kw))
-    saved = {key: dict(val) for key, val in _sogclr.CONFIGS.items()}
     rows = []
-    try:
-        gen = torch.Generator().manual_seed(0)
-        q, k = (torch.randn(n, dim, generator=gen).to(dtype) for _ in range(2))
-        ids = torch.arange(n)
-        for name, key, var, options in AOT_VARIANTS:
-            for w in warps:
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(n, dim, generator=gen).to(dtype) for _ in range(2))
+    ids = torch.arange(n)
+    for name, key, var, options in AOT_VARIANTS:
+        for w in warps:
+            with capture_launches(_sogclr.CONFIGS) as captured:
                 _sogclr.CONFIGS[key].update(options, num_warps=w)
-                captured.clear()
                 tau = None if var["one"] else torch.full((2, n), 0.05)
                 table = torch.zeros(2, n)
                 log_u = table if var["step"] else torch.zeros(2, n)
@@ -189,22 +182,10 @@ def run_aot(dtype: torch.dtype, n: int = 1024, dim: int = 512, warps=(4, 8)) -> 
                     ids=ids if var["step"] else None, tau_table=table if isog else None, mom=table if isog else None,
                     update=var["step"], isog=isog, wsum=not (var["step"] and var["one"]))
                 _sogclr._backward(q, k, tau, 0.05, stats, torch.ones(()), [0], [n], [0], True, 1.0, True, True)
-                seen = set()
-                for jit, a, kw in captured:
-                    fn_name = jit.fn.__name__
-                    if fn_name in seen or (fn_name != "sog_fwd_kernel" and w != warps[0]):
-                        continue
-                    seen.add(fn_name)
-                    try:
-                        row = _aot_compile(jit, a, kw)
-                    except Exception as exc:  # noqa: BLE001 - a variant that does not compile is a result
-                        row = {"kernel_fn": fn_name, "status": f"{type(exc).__name__}: {str(exc)[-80:]}"}
-                    cfg = {k2: kw.get(k2) for k2 in ("BM", "BN", "num_warps", "num_stages", "TMA")}
-                    rows.append({"variant": name, **cfg, **row})
-                _sogclr.CONFIGS[key] = dict(saved[key])
-    finally:
-        JITFunction.run = original
-        _sogclr.CONFIGS.update(saved)
+            # the other kernels do not depend on the forward's warp count: compiled once
+            for kw, row in _aot_rows(captured, keep=lambda fn: fn == "sog_fwd_kernel" or w == warps[0]):
+                cfg = {k2: kw.get(k2) for k2 in ("BM", "BN", "num_warps", "num_stages", "TMA")}
+                rows.append({"variant": name, **cfg, **row})
     print(format_table(rows, ["variant", "kernel_fn", "BM", "BN", "num_warps", "regs", "spill_ops", "stack_bytes",
                               "shared_kib", "ctas_per_sm", "status"]))
     return rows

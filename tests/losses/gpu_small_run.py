@@ -94,24 +94,14 @@ def open_clip_step(family, q, k, s, b):
 
 
 def timed(call, reps=30):
-    """(median ms of one call between events, host ms per call with ``reps`` calls queued)."""
+    """(median ms of one call between events, host ms per call with ``reps`` calls queued):
+    ``batchlab bench losses``'s measures, after one warm-up call."""
+    from batchlab.bench.losses import _host_ms, _timed
+
     call()
     torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        call()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        call()
-    host = (time.perf_counter() - t) / reps * 1e3
-    torch.cuda.synchronize()
-    return statistics.median(times), host
+    ms = statistics.median(_timed(call, "cuda") for _ in range(reps)) * 1e3
+    return ms, _host_ms(call, "cuda", calls=reps)
 
 
 def rel(a, b):
