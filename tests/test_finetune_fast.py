@@ -190,6 +190,11 @@ def test_colm_and_jest_are_exclusive_and_global_losses_take_neither(tiny_path):
         finetune(tiny_path, TRAIN, None, batch_size=4, steps=1, mochi={"hardest": 2})
     with pytest.raises(BatchlabInputError, match="synthesises no negative"):
         finetune(tiny_path, TRAIN, None, batch_size=4, steps=1, mochi={"num_synthetic": 0, "mix_query": 0})
+    for bad, message in (({"num_hardest": 0}, "num_hardest must be an integer >= 1, got 0"),
+                         ({"mix_query": 1.5}, "mix_query must be an integer >= 0, got 1.5"),
+                         ({"query_weight_max": float("nan")}, r"query_weight_max must be a number in \[0, 1\], got nan")):
+        with pytest.raises(BatchlabInputError, match=message):  # before the model loads
+            finetune(tiny_path / "missing", TRAIN, None, batch_size=4, steps=1, mochi=bad)
 
 
 # -- iSogCLR ------------------------------------------------------------------------------------

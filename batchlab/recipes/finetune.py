@@ -34,6 +34,10 @@ Example
 >>> result = finetune("minilm", load_codesearch("train"), load_codesearch("test"),
 ...                   sampler="community", batch_size=64, steps=300, out="runs/minilm")  # doctest: +SKIP
 >>> result.before["ndcg@10"], result.after["ndcg@10"]  # doctest: +SKIP
+>>> train, test = load_codesearch("train"), load_codesearch("test")  # doctest: +SKIP
+>>> finetune("minilm", train, test, mochi={"num_hardest": 8}, steps=300)  # MoCHi negatives  # doctest: +SKIP
+>>> finetune("minilm", train, test, coreset=0.75, time_budget=120.0)  # CoLM, 120 s of wall time  # doctest: +SKIP
+>>> finetune("minilm", train, test, loss="isogclr", loss_options={"gamma": 0.8})  # doctest: +SKIP
 """
 
 from __future__ import annotations
