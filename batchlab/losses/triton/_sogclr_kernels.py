@@ -331,6 +331,21 @@ def sog_finish_kernel(lse_ptr, wm_ptr, x_ptr, p_ptr, ids_ptr, tau_ptr, logu_ptr,
 
 
 @triton.jit
+def _bwd_anchor_terms(tau_ptr, stats_ptr, g_ptr, idx, mask, d, L, plane, sgd, sgi, coef, tau_scale,
+                      SIZE: tl.constexpr, ONE_TAU: tl.constexpr):
+    """``(table index, log2(e) / tau, bias, coef * upstream gradient)`` of ``sog_bwd_kernel``'s anchors
+    ``idx`` of direction ``d`` (its rows or its columns): their logit gradient is ``g * exp2(S * a + b)``."""
+    t_idx = d * L + idx
+    if ONE_TAU:
+        a = tl.zeros((SIZE,), dtype=tl.float32) + tau_scale
+    else:
+        a = 1.4426950408889634 / tl.load(tau_ptr + t_idx, mask=mask, other=1.0)
+    b = tl.load(stats_ptr + 2 * plane + t_idx, mask=mask, other=0.0)
+    g = tl.load(g_ptr + d * sgd + idx * sgi, mask=mask, other=0.0) * coef
+    return t_idx, a, b, g
+
+
+@triton.jit
 def sog_bwd_kernel(a_ptr, c_ptr, tau_ptr, stats_ptr, g_ptr, out_ptr,
                    r0, r1, M, D, stride_a, stride_c, stride_out, OFF, L, n_dirs, DR, DC, sgd, sgi, coef, tau_scale,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, COLS: tl.constexpr, POS: tl.constexpr,
@@ -349,24 +364,14 @@ def sog_bwd_kernel(a_ptr, c_ptr, tau_ptr, stats_ptr, g_ptr, out_ptr,
     cmask = cols < M
     acc = _tile_dot(a_ptr, c_ptr, rows, cols, r1, M, D, stride_a, stride_c, BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
     plane = n_dirs * L
-    r_idx = DR * L + rows
-    if ONE_TAU:
-        ar = tl.zeros((BM,), dtype=tl.float32) + tau_scale
-    else:
-        ar = 1.4426950408889634 / tl.load(tau_ptr + r_idx, mask=rmask, other=1.0)
-    br = tl.load(stats_ptr + 2 * plane + r_idx, mask=rmask, other=0.0)
-    gr = tl.load(g_ptr + DR * sgd + rows * sgi, mask=rmask, other=0.0) * coef
+    r_idx, ar, br, gr = _bwd_anchor_terms(tau_ptr, stats_ptr, g_ptr, rows, rmask, DR, L, plane, sgd, sgi, coef,
+                                          tau_scale, BM, ONE_TAU)
     grad = gr[:, None] * tl.exp2(acc * ar[:, None] + br[:, None])
     if POS:
         on_pos = -(gr * tl.load(stats_ptr + 3 * plane + r_idx, mask=rmask, other=0.0))[:, None]
     if COLS:
-        c_idx = DC * L + cols
-        if ONE_TAU:
-            ac = tl.zeros((BN,), dtype=tl.float32) + tau_scale
-        else:
-            ac = 1.4426950408889634 / tl.load(tau_ptr + c_idx, mask=cmask, other=1.0)
-        bc = tl.load(stats_ptr + 2 * plane + c_idx, mask=cmask, other=0.0)
-        gc = tl.load(g_ptr + DC * sgd + cols * sgi, mask=cmask, other=0.0) * coef
+        c_idx, ac, bc, gc = _bwd_anchor_terms(tau_ptr, stats_ptr, g_ptr, cols, cmask, DC, L, plane, sgd, sgi, coef,
+                                              tau_scale, BN, ONE_TAU)
         grad += gc[None, :] * tl.exp2(acc * ac[None, :] + bc[None, :])
         if POS:
             on_pos = on_pos - (gc * tl.load(stats_ptr + 3 * plane + c_idx, mask=cmask, other=0.0))[None, :]
