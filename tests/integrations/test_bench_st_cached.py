@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from batchlab.cli import main
 
 
@@ -38,6 +40,20 @@ def test_st_cached_bench_time_limit(tmp_path):
     out = json.loads((tmp_path / "st-cached-cpu.json").read_text())
     assert out["stages_skipped"] == ["warm-up highest", "loss parts highest", "steps highest"]
     assert out["loss_parts"] == [] and out["steps"] == []
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["--variants", "rows/256/8"], "rows/MiB/split/fused[/products], got 'rows/256/8'"),
+    (["--variants", "rows/1/1/2"], "rows/MiB/split/fused[/products], got 'rows/1/1/2'"),
+    (["--variants", "rows/1/1/1/x"], "products must be one of"),
+    (["--variants", "tiled", "nope"], "impl must be one of"),
+    (["--batch-size", "0"], "--batch-size: expected an integer >= 1"),
+])
+def test_st_cached_bench_bad_arguments_exit_2(tmp_path, capsys, bad, message):
+    """A malformed --variants form or size stops the command line (exit 2) before the model loads."""
+    assert main(["bench", "st-cached", "--tiny", "--device", "cpu", *bad, "--out", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
 
 
 def test_step_phases_name_where_the_peak_is():
