@@ -129,10 +129,6 @@ DIRECT_LAUNCH = os.environ.get(
 _INTERPRET = interpreting()
 
 
-def _interpreting() -> bool:
-    return _INTERPRET
-
-
 def _arg_key(a):
     """What Triton specialises an argument on: a tensor's dtype and 16-byte alignment, an int's value."""
     if isinstance(a, torch.Tensor):
@@ -238,7 +234,7 @@ def _total_block() -> int:
 
 def _grad_flags_cached(q: torch.Tensor) -> dict:
     """:func:`_grad_flags` of the backward config, computed once per (dtype, d, TF32 switch, config)."""
-    cfg_obj = None if _interpreting() else _launch.CONFIGS["bwd"]
+    cfg_obj = None if _INTERPRET else _launch.CONFIGS["bwd"]
     key = (q.dtype, q.shape[1], q.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32)
     entry = _FLAGS.get(key)
     if entry is None or entry[0] is not cfg_obj:  # the sweep replaces CONFIGS["bwd"]: recompute
@@ -248,7 +244,7 @@ def _grad_flags_cached(q: torch.Tensor) -> dict:
 
 
 def _lse_blocks() -> tuple[int, int]:
-    return _INTERPRET_LSE_BLOCKS if _interpreting() else _LSE_BLOCKS
+    return _INTERPRET_LSE_BLOCKS if _INTERPRET else _LSE_BLOCKS
 
 
 # ----------------------------------------------------------------------------- CLIP / InfoNCE

@@ -147,9 +147,10 @@ _LOOPED_STAGES = 3
 
 def _looped(cfg: dict) -> dict:
     """The forward config for ``lse_fwd_kernel`` (the looped kernel): without ``TILE``, whose stages it replaces."""
-    if not cfg.get("TILE"):
-        return {key: v for key, v in cfg.items() if key != "TILE"}
-    return {**{key: v for key, v in cfg.items() if key != "TILE"}, "num_stages": _LOOPED_STAGES}
+    looped = {key: v for key, v in cfg.items() if key != "TILE"}
+    if cfg.get("TILE"):
+        looped["num_stages"] = _LOOPED_STAGES
+    return looped
 
 
 def _finish(q_arg, k_arg, tgt, scale32, ctl, shifted, out, n, m, d, stride_q, stride_k, cfg, flags, *, swapped):
