@@ -594,19 +594,22 @@ class SogCLRLoss(nn.Module):
         checks on, ``torch.compile`` (which traces the custom ops of that path), or anything the
         kernels do not take. Validates the inputs as :func:`sogclr` does."""
         opts = self.call_options
-        if self.mode == "two_view" or opts.get("tile_size") is not None or torch.compiler.is_compiling():
-            return None
         impl = opts.get("impl", "auto")
-        q, k, gamma, rho, check = _validate(
+        # metadata first: where the kernels cannot run, sogclr() validates (and value-checks) the inputs once
+        if (self.mode == "two_view" or opts.get("tile_size") is not None or torch.compiler.is_compiling()
+                or impl not in ("auto", "triton") or not (impl == "triton" or q.is_cuda)
+                or checks_for(q, opts.get("check_inputs"))):
+            return None
+        module = _triton_module()
+        if module is None:
+            return None
+        q, k, gamma, rho, _ = _validate(
             q, k, mode=self.mode, reduction=opts.get("reduction", "mean"), impl=impl,
             distributed=opts.get("distributed", "none"), gamma=self.gamma, rho=self.rho,
             normalize=opts.get("normalize", False), check_inputs=opts.get("check_inputs"), impl_options={})
         n, m = q.shape[0], k.shape[0]
-        if check or m < 2 or impl not in ("auto", "triton") or use_distributed(opts.get("distributed", "none"),
-                                                                                   opts.get("group")):
-            return None
-        module = _triton_module() if (impl == "triton" or q.is_cuda) else None
-        if module is None or not module.step_ok(q, k, self._tables()) or _backend(impl, n, m, q, ()) != "triton":
+        if (m < 2 or use_distributed(opts.get("distributed", "none"), opts.get("group"))
+                or not module.step_ok(q, k, self._tables()) or _backend(impl, n, m, q, ()) != "triton"):
             return None
         return module.sogclr_step(
             q, k, ids, self.log_u, self.tau if self.isogclr else None, self.tau_momentum if self.isogclr else None,

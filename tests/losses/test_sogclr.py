@@ -339,3 +339,20 @@ def test_auto_never_picks_the_interpreter_and_triton_needs_cuda(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(BatchlabInputError, match="CUDA"):
         sogclr(q, k, log_u=log_u, tau=0.1, impl="triton")
+
+
+@pytest.mark.parametrize("check_inputs", [None, True, False])
+def test_module_validates_its_inputs_once_where_no_kernel_runs(check_inputs, monkeypatch):
+    """On the CPU (no fused step): one validation per call, the value checks included, not one in the
+    fused step's probe and another in sogclr()."""
+    import importlib
+
+    module = importlib.import_module("batchlab.losses.sogclr")  # (batchlab.losses.sogclr is also the function)
+
+    calls = []
+    real = module._validate
+    monkeypatch.setattr(module, "_validate", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    loss = SogCLRLoss(8, check_inputs=check_inputs)
+    q, k = F.normalize(torch.randn(4, 6), dim=1), F.normalize(torch.randn(4, 6), dim=1)
+    loss(q, k, torch.arange(4))
+    assert len(calls) == 1
