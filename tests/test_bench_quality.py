@@ -135,6 +135,26 @@ def test_merge_combines_seeds_run_in_separate_calls(tmp_path, capsys):
     assert "another study" in capsys.readouterr().err
 
 
+def test_merge_refuses_unreadable_files_with_exit_2(tmp_path, capsys):
+    """A missing file, a file that is not JSON, or JSON that is not a quality.json: exit 2 naming the file."""
+    from batchlab.cli import main
+
+    (tmp_path / "garbage.json").write_text("{not json")
+    (tmp_path / "other.json").write_text(json.dumps({"runs": []}))
+    for name, message in (("missing.json", "cannot read it as a quality.json (FileNotFoundError"),
+                          ("garbage.json", "cannot read it as a quality.json (JSONDecodeError"),
+                          ("other.json", "is not a quality.json of this benchmark (no settings, datasets, arm_settings, "
+                                         "command)")):
+        path = str(tmp_path / name)
+        assert main(["bench", "quality", "--merge", path, "--out", str(tmp_path / "m")]) == 2
+        err = capsys.readouterr().err
+        assert f"{path}: " in err or f"{path} is" in err
+        assert message in err
+    assert not (tmp_path / "m").exists()
+    assert main(["bench", "quality", "--cache-chunk", "0", "--out", str(tmp_path / "m")]) == 2
+    assert "--cache-chunk: expected an integer >= 1" in capsys.readouterr().err
+
+
 def test_merge_keeps_the_first_files_repeated_runs_and_reports_the_differences(tmp_path, capsys):
     """Every call runs the baseline: a (dataset, arm, seed) run in two files keeps the first file's, and the
     differences of each metric between the files are reported; a repeat with other arm settings is refused."""

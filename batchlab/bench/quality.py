@@ -123,6 +123,8 @@ def arm_settings(name: str, *, steps: int, base_batch: int) -> dict[str, Any] | 
 
 
 def add_arguments(parser) -> None:
+    from batchlab._argtypes import positive_int
+
     parser.add_argument("--model", default="minilm",
                         help="'minilm' (offline all-MiniLM-L6-v2), a sentence-transformers folder, or 'tiny' (a one-layer "
                              "BERT built locally, initialised per seed: CI) (default: minilm)")
@@ -144,7 +146,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--scratch-lr", type=float, default=1e-3, help="learning rate of the scratch learners (default 1e-3)")
     parser.add_argument("--max-seq-length", type=int, default=128, help="token limit (default 128)")
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast on CUDA (default fp32)")
-    parser.add_argument("--cache-chunk", type=int, default=CACHE_CHUNK,
+    parser.add_argument("--cache-chunk", type=positive_int, default=CACHE_CHUNK,
                         help=f"texts per GradCache chunk of the -cached arms (default {CACHE_CHUNK})")
     parser.add_argument("--wall-reference", default=None,
                         help="the arm whose wall time the -same-wall arms get, per dataset and seed "
@@ -413,6 +415,24 @@ def _format(summary: dict[str, Any], baseline: str) -> str:
 _SAME_STUDY = ("steps", "lr", "max_seq_length", "precision", "baseline", "order_seed_offset", "cache_chunk", "model", "scratch_lr")
 
 
+#: Keys of a ``quality.json`` that :func:`merge` reads.
+_STUDY_KEYS = ("settings", "datasets", "arm_settings", "runs", "command")
+
+
+def _read_study(path: str | os.PathLike) -> dict[str, Any]:
+    """A ``quality.json`` written by this benchmark, or a BatchlabInputError naming the file and what is wrong."""
+    from batchlab.errors import BatchlabInputError
+
+    try:
+        part = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as error:  # missing, unreadable, not UTF-8, not JSON
+        raise BatchlabInputError(f"{path}: cannot read it as a quality.json ({type(error).__name__}: {error})") from None
+    missing = [k for k in _STUDY_KEYS if k not in part] if isinstance(part, dict) else list(_STUDY_KEYS)
+    if missing:
+        raise BatchlabInputError(f"{path} is not a quality.json of this benchmark (no {', '.join(missing)})")
+    return part
+
+
 def merge(paths: list[str | os.PathLike], args) -> dict[str, Any]:
     """One study from several ``quality.json`` files: their runs, with the summary, claims and plots
     recomputed into ``args.out``. The files must share the study's settings (:data:`_SAME_STUDY`) and
@@ -427,7 +447,7 @@ def merge(paths: list[str | os.PathLike], args) -> dict[str, Any]:
     if len(set(resolved)) < len(resolved):
         raise BatchlabInputError("a file is given twice: " + ", ".join(
             str(p) for p, r in zip(paths, resolved) if resolved.count(r) > 1))
-    parts = [json.loads(Path(p).read_text()) for p in paths]
+    parts = [_read_study(p) for p in paths]
     first = parts[0]
     for path, part in zip(paths[1:], parts[1:]):
         changed = [k for k in _SAME_STUDY if part["settings"].get(k) != first["settings"].get(k)]
