@@ -17,7 +17,7 @@ import argparse
 import math
 import sys
 
-from batchlab._argtypes import positive_float
+from batchlab._argtypes import non_negative_int, positive_float, positive_int
 from batchlab.commands._common import EXIT_BAD_INPUT
 #: batchlab.datasets.text_pairs.TEXT_PAIR_DATASETS, written out because importing batchlab.datasets
 #: loads torch and --help must not (tests/test_finetune.py checks that the two agree)
@@ -82,8 +82,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                             "all-MiniLM-L6-v2) instead of training a tiny model from scratch; datasets: codesearch, "
                             "wordnet; losses: info_nce (MultipleNegativesRankingLoss), dcl (one-way), sogclr, isogclr; --coreset "
                             "weights each kept query by its medoid's cluster size")
-    group.add_argument("--steps", type=int, default=None, help="--model: optimizer steps (default: --epochs passes)")
-    group.add_argument("--mined-negatives", type=int, default=0,
+    group.add_argument("--steps", type=positive_int, default=None, help="--model: optimizer steps (default: --epochs passes)")
+    group.add_argument("--mined-negatives", type=non_negative_int, default=0,
                        help="--model: hard negatives per pair mined with the pretrained model (sentence-transformers' "
                             "recipe: ranks 10-50, relative margin 0.05, max score 0.8; default 0)")
     group.add_argument("--guide", default=None, choices=["pretrained", "model"],
@@ -95,9 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--time-budget", type=positive_float, default=None, metavar="SECONDS",
                        help="--model: wall seconds for teacher, mining, batches and steps (not evaluation); the "
                             "learning rate follows the share spent, --steps only caps the count; not resumable")
-    group.add_argument("--cache-chunk", type=int, default=None,
+    group.add_argument("--cache-chunk", type=positive_int, default=None,
                        help="--model: encode batches in chunks of this many texts with cached gradients (large batches)")
-    group.add_argument("--max-seq-length", type=int, default=None, help="--model: token limit (default: the model's)")
+    group.add_argument("--max-seq-length", type=positive_int, default=None, help="--model: token limit (default: the model's)")
     group.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="--model: bf16 autocast on CUDA")
     group.add_argument("--packages", nargs="*", default=(), help="--model with codesearch: also harvest these packages")
     # --resume is defined once in train.py (both branches read args.resume)
