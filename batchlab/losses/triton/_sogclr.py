@@ -459,7 +459,7 @@ def supported(q: torch.Tensor) -> bool:
     return q.dtype in DTYPES
 
 
-def _count(n: int, sizes, offsets) -> float:
+def _count(sizes) -> float:
     """log of each anchor's number of negatives: the candidates less one excluded entry per block."""
     return math.log(sum(sizes) - len(sizes))
 
@@ -484,7 +484,7 @@ def sogclr_symmetric_triton(q, k, tau, log_u, *, gamma: float, rho: float, reduc
     coef = (0.5 / n if reduction == "mean" else 0.5) if reduce else 1.0
     tau_t, tau_value = _temperature(tau)
     loss, stats = _sog(q, k, k, tau_t, tau_value, log_u.contiguous(), ([0], [n], [0]), True,
-                       _count(n, [n], [0]), gamma, rho, coef, reduce)
+                       _count([n]), gamma, rho, coef, reduce)
     if not reduce:
         loss = loss.mean(0)
     return loss, stats[0], stats[1]
@@ -500,7 +500,7 @@ def sogclr_direction_triton(direction: Direction, tau, log_u, *, gamma: float, r
     tau_t, tau_value = _temperature(tau)
     loss, stats = _sog(a, c, p, None if tau_t is None else tau_t[None], tau_value, log_u[None].contiguous(),
                        (list(direction.starts), list(direction.sizes), list(direction.offsets)), False,
-                       _count(a.shape[0], direction.sizes, direction.offsets), gamma, rho, 1.0, False)
+                       _count(direction.sizes), gamma, rho, 1.0, False)
     return loss[0], stats[0, 0], stats[1, 0]
 
 
