@@ -102,6 +102,33 @@ def test_bench_quality_cpu(tmp_path, capsys):
                  "--arms", "random-8", "bogus-8", "--out", str(tmp_path / "bad")]) == 2
 
 
+def test_same_wall_arm_without_its_reference_run_is_an_error_not_a_crash(tmp_path, capsys, monkeypatch):
+    """A failed --wall-reference run leaves its same-wall arms without a budget: each is recorded as failed
+    (seed by seed) and the study goes on."""
+    import batchlab.recipes.finetune as recipe
+    from batchlab.cli import main
+
+    real = recipe.finetune
+
+    def finetune(model, *args, **kw):
+        if kw.get("mined_negatives"):
+            raise RuntimeError("broken reference")
+        return real(model, *args, **kw)
+
+    monkeypatch.setattr(recipe, "finetune", finetune)
+    pairs = make_pairs(40, seed=6)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "toy.json").write_text(json.dumps({"train": pairs[:24], "test": pairs[24:], "source": {}}))
+    assert main(["bench", "quality", "--model", "tiny", "--data", str(tmp_path / "data"), "--datasets", "toy",
+                 "--arms", "random-8", "st-mined-8", "random-16-same-wall", "--baseline", "random-8", "--seeds", "1",
+                 "--steps", "2", "--lr", "1e-3", "--no-progress", "--out", str(tmp_path / "out")]) == 0
+    result = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert [r["arm"] for r in result["runs"]] == ["random-8"]
+    assert [(e["arm"], e["error"]) for e in result["errors"]] == [
+        ("st-mined-8", "RuntimeError: broken reference"),
+        ("random-16-same-wall", "RuntimeError: --wall-reference st-mined-8 has no run on toy, seed 0")]
+
+
 def test_merge_combines_seeds_run_in_separate_calls(tmp_path, capsys):
     """Seeds 0-1 with one extra arm, then seeds 2-3 without it: one study, each claim paired on the common seeds."""
     from batchlab.cli import main

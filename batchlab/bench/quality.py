@@ -618,11 +618,14 @@ def run(args) -> int:
                     record = {"metrics": retrieval_metrics_from_tables(model, *tables),
                               "steps": 0, "examples": 0, "seconds": {"wall": 0.0}}
                 else:
-                    if kw.get("time_budget") == "same-wall":  # the reference's wall time, this dataset and seed
-                        ref = next(r for r in payload["runs"] if r["dataset"] == name and r["seed"] == seed
-                                   and r["arm"] == args.wall_reference)
-                        kw = {**kw, "time_budget": ref["seconds"]["wall"]}
                     try:
+                        if kw.get("time_budget") == "same-wall":  # the reference's wall time, this dataset and seed
+                            ref = next((r for r in payload["runs"] if r["dataset"] == name and r["seed"] == seed
+                                        and r["arm"] == args.wall_reference), None)
+                            if ref is None:  # its run failed (recorded in "errors"): no wall time to match
+                                raise RuntimeError(f"--wall-reference {args.wall_reference} has no run on {name}, "
+                                                   f"seed {seed}")
+                            kw = {**kw, "time_budget": ref["seconds"]["wall"]}
                         result = finetune(model, d["train"], d["test"], **kw, **extra, seed=seed,
                                           order_seed=seed + args.order_seed_offset, precision=args.precision,
                                           device=args.device, evaluate_before=False, progress=args.progress)
