@@ -22,3 +22,13 @@ def test_sizes_and_widths_in_one_run_with_ratios_and_replot(tmp_path):
     assert bench.main(["--replot", str(tmp_path / "losses-cpu-t.json")]) == 0
     assert sorted(p.name for p in tmp_path.glob("*-time.png")) == ["losses-cpu-t-d12-time.png",
                                                                    "losses-cpu-t-d8-time.png"]
+
+
+def test_replot_of_a_missing_or_foreign_file_exits_2(tmp_path, capsys):
+    assert bench.main(["--replot", str(tmp_path / "missing.json")]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot read {tmp_path / 'missing.json'} (FileNotFoundError" in err
+    (tmp_path / "other.json").write_text(json.dumps({"runs": []}))
+    assert bench.main(["--replot", str(tmp_path / "other.json")]) == 2
+    assert "is not a results file of this benchmark (no rows)" in capsys.readouterr().err
+    assert not list(tmp_path.glob("*.png"))

@@ -393,8 +393,18 @@ def replot(path: str | Path) -> int:
     """Redraw the plots of a results file (``--replot``), next to it."""
     import json
 
+    import sys
+
     path = Path(path)
-    payload = json.loads(path.read_text())
+    try:
+        payload = json.loads(path.read_text())
+    except (OSError, ValueError) as error:  # missing, unreadable, not JSON
+        print(f"batchlab bench losses --replot: cannot read {path} ({type(error).__name__}: {error})", file=sys.stderr)
+        return 2
+    if not isinstance(payload, dict) or not isinstance(payload.get("rows"), list):
+        print(f"batchlab bench losses --replot: {path} is not a results file of this benchmark (no rows)",
+              file=sys.stderr)
+        return 2
     args = payload.get("args", {})
     for plot in plot_results(payload["rows"], path.parent, path.stem, args.get("dtype", ""), payload.get("device", "")):
         print(f"wrote {plot}")
