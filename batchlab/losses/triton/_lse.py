@@ -184,13 +184,13 @@ def _lse_forward_tiles(q, k, scale, targets, *, cols: bool, exclude: bool, ctl, 
             q_arg, k_arg, tgt, scale32, ctl, row_sum, col_sum, r0, r1, m, d, q.stride(0), k.stride(0),
             COLS=cols, **tile_cfg, **flags,
         )
-    fix_cfg = {key: v for key, v in config("fwd", q.dtype).items() if key not in ("TILE", "FLAT")}
-    q_f, k_f, fix_cfg = operands(q, k, fix_cfg)
-    row_lse2 = _finish(q_f, k_f, tgt, scale32, ctl, row_sum, torch.empty(n, **f32), n, m, d, q.stride(0),
-                       k.stride(0), fix_cfg, flags, swapped=False)
+    # the finishes take the tile kernel's shape (the forward config less its loop options): the row
+    # finish reuses its operands, the column finish swaps their roles
+    row_lse2 = _finish(q_arg, k_arg, tgt, scale32, ctl, row_sum, torch.empty(n, **f32), n, m, d, q.stride(0),
+                       k.stride(0), tile_cfg, flags, swapped=False)
     if not cols:
         return row_lse2, None
-    k_f, q_f, fix_cfg = operands(k, q, fix_cfg)
+    k_f, q_f, fix_cfg = operands(k, q, tile_cfg)
     col_lse2 = _finish(k_f, q_f, tgt, scale32, ctl, col_sum, torch.empty(m, **f32), m, n, d, k.stride(0),
                        q.stride(0), fix_cfg, flags, swapped=True)
     return row_lse2, col_lse2
