@@ -243,3 +243,18 @@ def test_merge_keeps_the_first_files_repeated_runs_and_reports_the_differences(t
     (tmp_path / "e.json").write_text(json.dumps(b))
     assert main(["bench", "quality", "--merge", files[0], str(tmp_path / "e.json"), "--out", str(tmp_path / "z")]) == 2
     assert "max_seq_length differ" in capsys.readouterr().err
+
+
+def test_default_arms_are_the_committed_study():
+    """``bench quality`` without ``--arms`` reruns the 25 arms of the committed 5-seed study, in its order."""
+    import json
+    from pathlib import Path
+
+    from batchlab.bench.quality import DEFAULT_ARMS, arm_settings
+
+    study = Path(__file__).resolve().parents[1] / "benchmarks/results/quality-h200-5seeds/quality.json"
+    summary = json.loads(study.read_text())["summary"]
+    for dataset in ("codesearch", "wordnet"):
+        assert list(summary[dataset]) == list(DEFAULT_ARMS)
+    for arm in DEFAULT_ARMS:
+        arm_settings(arm, steps=8, base_batch=64)  # every default arm is a valid name

@@ -64,10 +64,13 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_ARMS = ("zero-shot", "random-64", "random-256", "random-256-same-examples", "random-1024-cached", "st-mined-64",
-                "community-64", "community-64-self", "hard-negative-64", "hard-negative-64-self", "cluster-64-self",
-                "tas-64", "gist-64", "gist-64-self", "mochi-64", "sogclr-64", "isogclr-64", "colm-64",
-                "random-1024-cached-same-wall", "community-1024-cached-same-wall", "hard-negative-1024-cached-same-wall")
+#: The study of ``benchmarks/results/quality-h200-5seeds`` (its 25 arms, in its order), so that the one command
+#: ``batchlab bench quality --model minilm --datasets codesearch wordnet --seeds 5 ...`` reruns all of it.
+DEFAULT_ARMS = ("zero-shot", "random-64", "random-256", "random-256-same-examples", "st-mined-64",
+                "community-64", "community-64-self", "hard-negative-64", "hard-negative-64-self", "mochi-64",
+                "sogclr-64", "isogclr-64", "colm-64", "scratch-64", "jest-scratch-64",
+                "random-1024-cached-same-wall", "community-1024-cached-same-wall", "hard-negative-1024-cached-same-wall",
+                "cluster-64", "cluster-64-self", "tas-64", "tas-64-self", "gist-64", "gist-64-self", "mochi-noquery-64")
 KINDS = {"random": {}, "st-mined": {"mined_negatives": 1}, "community": {"sampler": "community"},
          "community-mined": {"sampler": "community", "mined_negatives": 1}, "hard-negative": {"sampler": "hard_negative"},
          "cluster": {"sampler": "cluster"}, "tas": {"sampler": "tas"}, "gist": {"guide": "pretrained"},
