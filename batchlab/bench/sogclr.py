@@ -9,10 +9,16 @@ run. Methods are ``<loss> <impl>``: ``info_nce auto`` (Triton on CUDA), ``info_n
 (the same tiled engine family), ``sogclr reference|tiled|triton``, ``isogclr
 reference|tiled|triton`` (``triton``: the fused kernels with per-row temperatures).
 The reference materialises (N, N) logits per direction and is skipped above
-``--reference-max-n``. Each row reports the median of ``--repeats`` timed calls after one
-warm-up (which also fills the state, so every timed call updates seen examples), the peak
-memory above the inputs (CUDA), and the ratio to ``info_nce auto``. The issue's target:
-SogCLR/iSogCLR within 1.2x of InfoNCE's time at N = 4,096 and 65,536 on one H200.
+``--reference-max-n``. Timing is interleaved: after two warm-up calls of every method (which
+also fill the state, so every timed call updates seen examples), each of ``--repeats`` rounds
+times every method once (wall clock, device synchronised, the order rotated per round), so
+that drift of the machine between calls (one H200 run measured InfoNCE at 1.07 ms, another
+at 0.66 ms) hits all methods alike. Each row reports the median and quartiles of its calls,
+the peak memory above the inputs (CUDA), and the ratio to ``info_nce auto``: the median over
+rounds of the per-round ratio (``x_info_nce_auto``) and the ratio of the medians.
+``--data clustered`` times embeddings around 64 centres (same-centre cosine ~0.89) besides
+random ones. The issue's target: SogCLR/iSogCLR within 1.2x of InfoNCE's time at N = 4,096
+and 65,536 on one H200.
 
     python -m batchlab.bench.sogclr                          # CPU, N = 1,024 and 4,096, d = 256
     python -m batchlab.bench.sogclr --device cuda --out DIR  # GPU, N = 4,096 and 65,536, d = 512, bf16
@@ -30,13 +36,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from batchlab._argtypes import add_common_arguments, positive_int
-from batchlab.bench._common import device_name, format_table, peak_memory_call, plot_series, time_call, write_results
+from batchlab.bench._common import device_name, format_table, peak_memory_call, plot_series, synchronize, write_results
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +60,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS, help="what to time (default: all)")
     parser.add_argument("--reference-max-n", type=positive_int, default=32768,
                         help="largest N for the reference, which materialises the logits (default 32768)")
-    parser.add_argument("--repeats", type=positive_int, default=5, help="timed calls per row, median (default 5)")
+    parser.add_argument("--repeats", type=positive_int, default=None,
+                        help="timed rounds (every method once per round), median (default 20 CUDA, 5 CPU)")
+    parser.add_argument("--data", default="random", help="comma-separated embedding kinds: random, clustered")
     parser.add_argument("--aot", action="store_true",
                         help="compile the Triton kernels for sm_90 on this machine and report registers and spills "
                              "(no GPU; --dtype picks the inputs' dtype)")
@@ -100,11 +110,11 @@ def _check_inputs(mode: str, n: int, dim: int, tau_kind: str, gen: torch.Generat
 
 def check(device: torch.device, n: int = 1500, dim: int = 128, impls=None,
           dtypes=(torch.float32, torch.bfloat16),
-          tau_kinds=("per-example", "0.005", "1.0", "float 0.01", "float 0.005")) -> list[dict]:
+          tau_kinds=("per-example", "0.005", "1.0", "float 0.01", "float 0.005"), modes=None) -> list[dict]:
     """The fast paths against the float64 reference on ``device``, normwise (max abs error / max abs
     value; :data:`CHECK_TOL`): every mode, fp32 and bf16, per-example temperatures and tau = 0.005 and
     1.0 (tensors), and tau = 0.01 and 0.005 as floats (the kernels' one-temperature path); values, new
-    ``log u``, temperature gradients and the gradients of both inputs."""
+    ``log u``, temperature gradients and the gradients of both inputs. ``modes``: a subset of MODES."""
     from batchlab.losses import sogclr
     from batchlab.losses.sogclr import MODES
 
@@ -112,7 +122,7 @@ def check(device: torch.device, n: int = 1500, dim: int = 128, impls=None,
         impls = ["tiled"] + (["triton"] if device.type == "cuda" else [])
     gen = torch.Generator().manual_seed(0)
     results = []
-    for mode in MODES:
+    for mode in modes or MODES:
         for dtype in dtypes:
             for tau_kind in tau_kinds:
                 q64, k64, log_u, tau64 = _check_inputs(mode, n, dim, tau_kind, gen)
@@ -155,6 +165,10 @@ AOT_VARIANTS = [
     ("SogCLRLoss step (one temperature, no temperature gradient)", "fwd_one", dict(one=True, step=True), {}),
     ("SogCLRLoss step, per-row/per-column loop only", "fwd_one", dict(one=True, step=True), {"FAST": 0}),
     ("ISogCLRLoss step (state read and written by the finish)", "fwd", dict(one=False, step=True), {}),
+    ("ISogCLRLoss step, SPLIT (two row-only passes)", "fwd", dict(one=False, step=True), {"SPLIT": 1}),
+    ("ISogCLRLoss step, SPLIT, 128 x 128 tiles", "fwd", dict(one=False, step=True), {"SPLIT": 1, "BN": 128}),
+    ("SogCLRLoss step, SPLIT (two row-only passes)", "fwd_one", dict(one=True, step=True), {"SPLIT": 1}),
+    ("SogCLRLoss step, SPLIT, 128 x 128 tiles", "fwd_one", dict(one=True, step=True), {"SPLIT": 1, "BN": 128}),
 ]
 
 
@@ -191,6 +205,68 @@ def run_aot(dtype: torch.dtype, n: int = 1024, dim: int = 512, warps=(4, 8)) -> 
     return rows
 
 
+def embeddings(n: int, dim: int, gen: torch.Generator, *, clustered: bool = False, centres: int = 64):
+    """Two (n, dim) fp32 unit batches on the CPU: random (cosines within ~+-0.15 at d = 512), or
+    around ``centres`` shared centres (same-centre cosine ~0.89: what trained embeddings look like)."""
+    if not clustered:
+        return [F.normalize(torch.randn(n, dim, generator=gen), dim=1) for _ in range(2)]
+    c = F.normalize(torch.randn(centres, dim, generator=gen), dim=1)
+    label = torch.randint(0, centres, (n,), generator=gen)
+    return [F.normalize(c[label] + 0.35 * torch.randn(n, dim, generator=gen) / dim ** 0.5, dim=1) for _ in range(2)]
+
+
+def interleaved(steps: dict, device, repeats: int, warmup: int = 2) -> dict:
+    """Seconds of each of ``repeats`` calls per step: every round times every step once (wall clock,
+    device synchronised), in an order rotated per round; ``warmup`` untimed calls of each first."""
+    for fn in steps.values():
+        for _ in range(warmup):
+            fn()
+    synchronize(device)
+    names = list(steps)
+    times: dict = {name: [] for name in names}
+    for r in range(repeats):
+        shift = r % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            steps[name]()
+            synchronize(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def _quartiles(xs):
+    xs = sorted(xs)
+    return xs[len(xs) // 4], statistics.median(xs), xs[(3 * len(xs)) // 4]
+
+
+def _time_methods(methods, n, q, k, device, repeats: int, reference_max_n: int, base: dict) -> list[dict]:
+    """One row per method: interleaved timing (:func:`interleaved`), peak memory, ratios to ``info_nce auto``."""
+    rows, steps = [], {}
+    for method in methods:
+        row = {**base, "method": method}
+        if method.endswith("reference") and n > reference_max_n:
+            rows.append({**row, "ms": None, "note": f"skipped above --reference-max-n {reference_max_n}"})
+            continue
+        steps[method] = _step(method, n, q, k)
+        peak = peak_memory_call(steps[method], device)
+        rows.append({**row, "peak_extra_MiB": None if peak is None else peak / 2**20})
+    times = interleaved(steps, device, repeats)
+    anchor = times.get("info_nce auto")
+    for row in rows:
+        ts = times.get(row["method"])
+        if ts is None:
+            continue
+        p25, med, p75 = _quartiles(ts)
+        row.update(ms=med * 1e3, ms_p25=p25 * 1e3, ms_p75=p75 * 1e3, x_info_nce_auto=None, x_medians=None)
+        if anchor is not None:
+            row["x_info_nce_auto"] = statistics.median(t / a for t, a in zip(ts, anchor))
+            row["x_medians"] = med / statistics.median(anchor)
+            row["x_p25"], _, row["x_p75"] = _quartiles([t / a for t, a in zip(ts, anchor)])
+        log.info("%s", row)
+    steps.clear()
+    return rows
+
+
 def run(args) -> int:
     device = torch.device(args.device)
     if args.aot:
@@ -206,30 +282,24 @@ def run(args) -> int:
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([4096, 65536] if cuda else [1024, 4096])
     dim = args.dim or (512 if cuda else 256)
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
+    repeats = args.repeats or (20 if cuda else 5)
+    kinds = [x.strip() for x in args.data.split(",") if x.strip()]
+    bad = sorted(set(kinds) - {"random", "clustered"})
+    if bad or not kinds:
+        raise SystemExit(f"--data takes random and/or clustered, got {args.data!r}")
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     rows = []
     for n in sizes:
-        q = F.normalize(torch.randn(n, dim, generator=gen), dim=1).to(device, dtype).requires_grad_(True)
-        k = F.normalize(torch.randn(n, dim, generator=gen), dim=1).to(device, dtype).requires_grad_(True)
-        anchor = None
-        for method in args.methods:
-            row = {"N": n, "d": dim, "dtype": str(dtype).replace("torch.", ""), "method": method}
-            if method.endswith("reference") and n > args.reference_max_n:
-                rows.append({**row, "ms": None, "note": f"skipped above --reference-max-n {args.reference_max_n}"})
-                continue
-            step = _step(method, n, q, k)
-            peak = peak_memory_call(step, device)  # also the warm-up (fills the SogCLR state)
-            seconds = time_call(step, device=device, warmup=0, repeats=args.repeats)
-            row.update(ms=seconds * 1e3, peak_extra_MiB=None if peak is None else peak / 2**20)
-            if method == "info_nce auto":
-                anchor = seconds
-            row["x_info_nce_auto"] = None if anchor is None else seconds / anchor
-            rows.append(row)
-            log.info("%s", row)
-            del step
+        for kind in kinds:
+            q, k = embeddings(n, dim, gen, clustered=kind == "clustered")
+            q, k = (x.to(device, dtype).requires_grad_(True) for x in (q, k))
+            rows += _time_methods(args.methods, n, q, k, device, repeats, args.reference_max_n,
+                                  {"N": n, "d": dim, "dtype": str(dtype).replace("torch.", ""), "data": kind})
+            del q, k
             if cuda:
                 torch.cuda.empty_cache()
-    table = format_table(rows, ["N", "method", "ms", "x_info_nce_auto", "peak_extra_MiB", "note"])
+    table = format_table(rows, ["N", "data", "method", "ms", "ms_p25", "ms_p75", "x_info_nce_auto", "x_medians",
+                                "peak_extra_MiB", "note"])
     print(f"SogCLR / iSogCLR vs InfoNCE, forward + backward, {device_name(device)}, d={dim}, {dtype}")
     print(table)
     tag = "cpu" if not cuda else torch.cuda.get_device_name(device).lower().replace(" ", "-")
@@ -239,12 +309,13 @@ def run(args) -> int:
 
         configs = _sogclr.CONFIGS
     payload = {"benchmark": "sogclr", "device": device_name(device), "dim": dim, "dtype": str(dtype),
-               "repeats": args.repeats, "rows": rows, "checks": checks, "triton_configs": configs,
+               "repeats": repeats, "timing": "interleaved rounds, wall clock, device synchronised", "rows": rows, "checks": checks, "triton_configs": configs,
                "target": "SogCLR/iSogCLR within 1.2x of info_nce auto at N = 4,096 and 65,536 on one H200"}
     path = write_results(args.out, f"sogclr-{tag}", payload)
     series = {}
     for method in args.methods:
-        pts = [(r["N"], r["ms"]) for r in rows if r["method"] == method and r.get("ms") is not None]
+        pts = [(r["N"], r["ms"]) for r in rows
+               if r["method"] == method and r.get("ms") is not None and r["data"] == kinds[0]]
         if pts:
             series[method] = ([p[0] for p in pts], [p[1] for p in pts])
     if series:

@@ -105,6 +105,14 @@ def sweep(device, n, dim, out):
     print("chosen configs:", _sogclr.CONFIGS, flush=True)
 
 
+def _no_grad_call(loss_fn, q, k, ids):
+    """A closure calling ``loss_fn(q, k, ids)`` without autograd (forward-only timings)."""
+    def run():
+        with torch.no_grad():
+            loss_fn(q, k, ids)
+    return run
+
+
 def _rel(a, b):
     a, b = a.double(), b.double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-30))
@@ -134,15 +142,11 @@ def first_step(device) -> int:
         return 1
 
 
-def _embeddings(n, dim, gen, clustered: bool, device, clusters=64):
-    """Two (n, dim) bf16 unit batches: random, or around ``clusters`` centres (same-centre cos ~0.89)."""
-    if not clustered:
-        return [F.normalize(torch.randn(n, dim, generator=gen), dim=1).to(device, torch.bfloat16).requires_grad_(True)
-                for _ in range(2)]
-    centers = F.normalize(torch.randn(clusters, dim, generator=gen), dim=1)
-    label = torch.randint(0, clusters, (n,), generator=gen)
-    return [F.normalize(centers[label] + 0.35 * torch.randn(n, dim, generator=gen) / dim ** 0.5, dim=1)
-            .to(device, torch.bfloat16).requires_grad_(True) for _ in range(2)]
+def _embeddings(n, dim, gen, clustered: bool, device):
+    """Two (n, dim) bf16 unit batches that require grad (``batchlab.bench.sogclr.embeddings``)."""
+    from batchlab.bench.sogclr import embeddings
+
+    return [x.to(device, torch.bfloat16).requires_grad_(True) for x in embeddings(n, dim, gen, clustered=clustered)]
 
 
 def quick(device, out, n=65536, dim=512) -> int:
@@ -158,10 +162,7 @@ def quick(device, out, n=65536, dim=512) -> int:
     rows = []
 
     def fwd(loss_fn, q, k):
-        def run():
-            with torch.no_grad():
-                loss_fn(q, k, ids)
-        return run
+        return _no_grad_call(loss_fn, q, k, ids)
 
     # 1. forward options at N = 65,536 (SogCLR: random + clustered; iSogCLR: random)
     best = {}
@@ -242,14 +243,11 @@ def clustered_cost(device, n, dim, clusters=64):
     """SogCLRLoss (tau = 0.01) at N on clustered embeddings against random ones, forward + backward (median of 5)."""
     from batchlab.losses import SogCLRLoss
 
+    from batchlab.bench.sogclr import embeddings
+
     gen = torch.Generator().manual_seed(3)
-    centers = F.normalize(torch.randn(clusters, dim, generator=gen), dim=1)
-    label = torch.randint(0, clusters, (n,), generator=gen)
-    data = {
-        "random": [F.normalize(torch.randn(n, dim, generator=gen), dim=1) for _ in range(2)],
-        "clustered": [F.normalize(centers[label] + 0.35 * torch.randn(n, dim, generator=gen) / dim ** 0.5, dim=1)
-                      for _ in range(2)],
-    }
+    data = {kind: embeddings(n, dim, gen, clustered=kind == "clustered", centres=clusters)
+            for kind in ("random", "clustered")}
     row = {"check": f"SogCLRLoss at N={n}: clustered vs random embeddings (informational)", "pass": True}
     for name, (q, k) in data.items():
         q, k = (x.to(device, torch.bfloat16).requires_grad_(True) for x in (q, k))
@@ -263,8 +261,48 @@ def clustered_cost(device, n, dim, clusters=64):
     return row
 
 
+def sync_and_state(device, q, k) -> dict:
+    """One SogCLR and one iSogCLR module step (fused: state read and written by the kernels) under
+    ``set_sync_debug_mode("error")``, and the fused state update against the tiled module's."""
+    from batchlab.losses import ISogCLRLoss, SogCLRLoss
+
+    n = q.shape[0]
+    # one module step of each loss (fused step: state read and written in the kernels) without a host sync
+    ok = True
+    for cls in (SogCLRLoss, ISogCLRLoss):
+        opts = dict(tau=0.02, tau_min=0.005, tau_max=0.05, rho=1.0) if cls is ISogCLRLoss else dict(tau=0.02)
+        loss_fn = cls(2 * n, **opts).to(device)
+        ids = torch.randperm(2 * n, device=device)[:n]
+        qq, kk = q.detach().requires_grad_(True), k.detach().requires_grad_(True)
+        torch.autograd.grad(loss_fn(qq, kk, ids), [qq, kk])  # warm-up (first-use probes may sync)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                torch.autograd.grad(loss_fn(qq, kk, ids), [qq, kk])
+            except RuntimeError as exc:
+                ok = False
+                print("sync:", cls.__name__, exc)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    # the fused state update equals the tiled module's (PyTorch update)
+    ref_fn = ISogCLRLoss(2 * n, tau=0.02, tau_min=0.005, tau_max=0.05, rho=1.0, impl="tiled").to(device)
+    ref_fn.load_state_dict(loss_fn.state_dict())
+    fused_fn = ISogCLRLoss(2 * n, tau=0.02, tau_min=0.005, tau_max=0.05, rho=1.0).to(device)
+    fused_fn.load_state_dict(loss_fn.state_dict())
+    ids2 = torch.randperm(2 * n, device=device)[:n]
+    ref_fn(qq.detach(), kk.detach(), ids2)
+    fused_fn(qq.detach(), kk.detach(), ids2)
+    # relative to each buffer's largest entry; (-inf) - (-inf) (never seen, in both) is NaN: counted as equal
+    state_err = max(float((fused_fn.state_dict()[name] - buf).nan_to_num(0.0).abs().max()
+                          / buf.nan_to_num(0.0, neginf=0.0).abs().max().clamp_min(1e-30))
+                    for name, buf in ref_fn.state_dict().items())
+    return {"check": "module steps (SogCLR, iSogCLR): no host sync; fused update vs tiled", "sync_free": ok,
+            "state_max_rel_diff": state_err, "pass": ok and state_err < 1e-4}
+
+
 def extra_checks(device, big, dim):
-    from batchlab.losses import ISogCLRLoss, SogCLRLoss, sogclr
+    from batchlab.losses import sogclr
     from batchlab.losses.triton import _sogclr
 
     results = []
@@ -294,37 +332,7 @@ def extra_checks(device, big, dim):
     errs = [_rel(a, b) for a, b in zip(chunked, one)]
     results.append({"check": f"chunked column partials N={n}", "errors": errs, "pass": all(e <= 1e-5 for e in errs)})
     # 3. one module step of each loss (fused step: state read and written in the kernels) without a host sync
-    ok = True
-    for cls in (SogCLRLoss, ISogCLRLoss):
-        opts = dict(tau=0.02, tau_min=0.005, tau_max=0.05, rho=1.0) if cls is ISogCLRLoss else dict(tau=0.02)
-        loss_fn = cls(2 * n, **opts).to(device)
-        ids = torch.randperm(2 * n, device=device)[:n]
-        qq, kk = q[:n].detach().requires_grad_(True), k[:n].detach().requires_grad_(True)
-        torch.autograd.grad(loss_fn(qq, kk, ids), [qq, kk])  # warm-up (first-use probes may sync)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.set_sync_debug_mode("error")
-            try:
-                torch.autograd.grad(loss_fn(qq, kk, ids), [qq, kk])
-            except RuntimeError as exc:
-                ok = False
-                print("sync:", cls.__name__, exc)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
-    # the fused state update equals the tiled module's (PyTorch update)
-    ref_fn = ISogCLRLoss(2 * n, tau=0.02, tau_min=0.005, tau_max=0.05, rho=1.0, impl="tiled").to(device)
-    ref_fn.load_state_dict(loss_fn.state_dict())
-    fused_fn = ISogCLRLoss(2 * n, tau=0.02, tau_min=0.005, tau_max=0.05, rho=1.0).to(device)
-    fused_fn.load_state_dict(loss_fn.state_dict())
-    ids2 = torch.randperm(2 * n, device=device)[:n]
-    ref_fn(qq.detach(), kk.detach(), ids2)
-    fused_fn(qq.detach(), kk.detach(), ids2)
-    # relative to each buffer's largest entry; (-inf) - (-inf) (never seen, in both) is NaN: counted as equal
-    state_err = max(float((fused_fn.state_dict()[name] - buf).nan_to_num(0.0).abs().max()
-                          / buf.nan_to_num(0.0, neginf=0.0).abs().max().clamp_min(1e-30))
-                    for name, buf in ref_fn.state_dict().items())
-    results.append({"check": "module steps (SogCLR, iSogCLR): no host sync; fused update vs tiled", "sync_free": ok,
-                    "state_max_rel_diff": state_err, "pass": ok and state_err < 1e-4})
+    results.append(sync_and_state(device, q[:n], k[:n]))
     if device.type == "cuda" and not dry_run():
         results.append(launch_counts(device, 4096, dim))
         results.append(clustered_cost(device, 65536, dim))
@@ -333,16 +341,192 @@ def extra_checks(device, big, dim):
     return results
 
 
+#: Session 7's forward variants at N = 65,536 (forward only, CUDA events): the one-pass kernel with
+#: column partials (SPLIT=0, the session-6 default) against two row-only passes (SPLIT=1) per tile shape.
+S7_FWD = [dict(SPLIT=0, BM=128, BN=64, num_warps=4), dict(SPLIT=1, BM=128, BN=64, num_warps=4),
+          dict(SPLIT=1, BM=128, BN=64, num_warps=8), dict(SPLIT=1, BM=128, BN=128, num_warps=8),
+          dict(SPLIT=1, BM=128, BN=128, num_warps=4)]
+S7_FWD_ONE = [dict(SPLIT=0, BM=128, BN=64, num_warps=4), dict(SPLIT=1, BM=128, BN=64, num_warps=4),
+              dict(SPLIT=1, BM=128, BN=128, num_warps=8), dict(SPLIT=1, BM=128, BN=128, num_warps=4)]
+
+
+def s7_sweep(device, n, dim, out) -> dict:
+    """Forward-only times of each S7 variant (random embeddings; the winner also on clustered ones);
+    the fastest per kernel stays in CONFIGS. Also forward + backward at N = 4,096 per SPLIT."""
+    from batchlab.bench.sogclr import embeddings
+    from batchlab.losses import ISogCLRLoss, SogCLRLoss
+    from batchlab.losses.triton import _sogclr
+
+    gen = torch.Generator().manual_seed(0)
+    data = {kind: _embeddings(n, dim, gen, kind == "clustered", device) for kind in ("random", "clustered")}
+    ids = torch.arange(n, device=device)
+    rows = []
+
+    def fwd(loss_fn, q, k):
+        return _no_grad_call(loss_fn, q, k, ids)
+
+    for kernel, variants, cls in (("fwd", S7_FWD, ISogCLRLoss), ("fwd_one", S7_FWD_ONE, SogCLRLoss)):
+        best, best_t = None, float("inf")
+        for cfg in variants:
+            _sogclr.CONFIGS[kernel].update(cfg)
+            try:
+                t = _ms(fwd(cls(n).to(device), *data["random"]), device)
+            except Exception as exc:  # a shape that does not compile or fit is skipped
+                rows.append({"kernel": kernel, **cfg, "error": repr(exc)[:300]})
+                print(f"s7 sweep {kernel} {cfg}: FAILED {exc!r}"[:400], flush=True)
+                continue
+            rows.append({"kernel": kernel, **cfg, "data": "random", "forward_ms": t})
+            print(f"s7 sweep {kernel} {cfg}: forward {t:.3f} ms", flush=True)
+            if t < best_t:
+                best, best_t = cfg, t
+        if best is not None:
+            _sogclr.CONFIGS[kernel].update(best)
+            t = _ms(fwd(cls(n).to(device), *data["clustered"]), device)
+            rows.append({"kernel": kernel, **best, "data": "clustered", "forward_ms": t})
+            print(f"s7 sweep {kernel} chosen {best}: forward {best_t:.3f} ms random, {t:.3f} ms clustered", flush=True)
+    del data
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    # forward + backward at N = 4,096 with each SPLIT (the chosen shapes otherwise)
+    small = 64 if dry_run() else 4096
+    q, k = (x.to(device, torch.bfloat16).requires_grad_(True) for x in embeddings(small, dim, gen))
+    ids = torch.arange(small, device=device)
+    chosen = {key: dict(val) for key, val in _sogclr.CONFIGS.items()}
+    for split in (0, 1):
+        for kernel in ("fwd", "fwd_one"):
+            _sogclr.CONFIGS[kernel]["SPLIT"] = split
+        for name, cls in (("sogclr", SogCLRLoss), ("isogclr", ISogCLRLoss)):
+            loss_fn = cls(small).to(device)
+            t = _ms(lambda: torch.autograd.grad(loss_fn(q, k, ids), [q, k]), device, repeats=11)
+            rows.append({"N": small, "SPLIT": split, "method": name, "step_ms_events": t})
+            print(f"s7 N={small} SPLIT={split} {name}: forward+backward {t:.3f} ms (CUDA events)", flush=True)
+    _sogclr.CONFIGS.update(chosen)
+    result = {"n": n, "dim": dim, "rows": rows, "chosen": _sogclr.CONFIGS}
+    with open(os.path.join(out, "sweep.json"), "w") as fh:
+        json.dump(result, fh, indent=1)
+    print("chosen configs:", _sogclr.CONFIGS, flush=True)
+    return result
+
+
+def step_profile(device, n, dim) -> dict:
+    """Per step at N (after warm-ups): host time (the call returning, no sync, queue drained before),
+    wall time (synchronised), and the CUDA kernels with their device times (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from batchlab.bench.sogclr import _step, embeddings
+
+    gen = torch.Generator().manual_seed(2)
+    q, k = (x.to(device, torch.bfloat16).requires_grad_(True) for x in embeddings(n, dim, gen))
+    out = {}
+    for method in ("info_nce auto", "sogclr triton", "isogclr triton"):
+        step = _step(method, n, q, k)
+        for _ in range(3):
+            step()
+        host, wall = [], []
+        for _ in range(21):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            step()
+            t1 = time.perf_counter()
+            torch.cuda.synchronize()
+            host.append(t1 - t0)
+            wall.append(time.perf_counter() - t0)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            step()
+            torch.cuda.synchronize()
+        kernels = [(e.name, e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
+                   for e in prof.events() if e.device_type.name == "CUDA"]
+        med = lambda xs: sorted(xs)[len(xs) // 2] * 1e3  # noqa: E731
+        out[method] = {"host_ms": med(host), "wall_ms": med(wall), "kernels": len(kernels),
+                       "kernel_us_sum": sum(t for _, t in kernels), "by_kernel_us": [(name[:60], t) for name, t in kernels]}
+        print(f"profile N={n} {method}: host {out[method]['host_ms']:.3f} ms, wall {out[method]['wall_ms']:.3f} ms, "
+              f"{len(kernels)} kernels, device {out[method]['kernel_us_sum']:.0f} us: "
+              + ", ".join(f"{name[:28]} {t:.0f}" for name, t in kernels), flush=True)
+    return {"check": f"per-step profile at N={n} (informational)", "profile": out, "pass": True}
+
+
+def s7(device, out) -> int:
+    """Session 7's run: the SPLIT sweep, the interleaved cost bench (random and clustered, N = 4,096 and
+    65,536), the per-step profile at 4,096, the float64-reference checks (both SPLIT values), no-sync."""
+    from batchlab.bench import sogclr as bench
+    from batchlab.bench.sogclr import embeddings
+    from batchlab.losses.triton import _sogclr
+
+    dry = dry_run()
+    t0 = time.time()
+    status = 0 if dry else first_step(device)
+    n, small, dim = (128, 64, 32) if dry else (65536, 4096, 512)
+    try:
+        s7_sweep(device, n, dim, out)
+    except Exception:
+        traceback.print_exc()
+        status = 1
+    print(f"[{time.time() - t0:.0f} s] sweep done", flush=True)
+    argv = ["--device", str(device), "--sizes", f"{small},{n}", "--dim", str(dim), "--dtype", "bfloat16",
+            "--repeats", "4" if dry else "20", "--data", "random,clustered", "--out", out,
+            "--methods", "info_nce auto", "sogclr triton", "isogclr triton"]
+    try:
+        status |= bench.main(argv)
+    except Exception:
+        traceback.print_exc()
+        status = 1
+    print(f"[{time.time() - t0:.0f} s] bench done", flush=True)
+    extra = []
+    if device.type == "cuda":
+        try:
+            extra.append(step_profile(device, small, dim))
+        except Exception:
+            traceback.print_exc()
+    try:
+        gen = torch.Generator().manual_seed(5)
+        q, k = (x.to(device, torch.bfloat16) for x in embeddings(small, dim, gen))
+        extra.append(sync_and_state(device, q, k))
+        status |= 0 if extra[-1]["pass"] else 1
+        print(("PASS " if extra[-1]["pass"] else "FAIL ") + json.dumps(extra[-1]), flush=True)
+    except Exception:
+        traceback.print_exc()
+        status = 1
+    with open(os.path.join(out, "extra_checks.json"), "w") as fh:
+        json.dump(extra, fh, indent=1)
+    print(f"[{time.time() - t0:.0f} s] profile and no-sync check done", flush=True)
+    checks = []
+    chosen = {key: dict(val) for key, val in _sogclr.CONFIGS.items()}
+    try:
+        # every mode with the chosen configs; the other SPLIT value (it changes the symmetric forward only)
+        for split in (chosen["fwd"].get("SPLIT", 0), 1 - chosen["fwd"].get("SPLIT", 0)):
+            for kernel in ("fwd", "fwd_one"):
+                _sogclr.CONFIGS[kernel]["SPLIT"] = split
+            modes = None if not checks else ("symmetric",)
+            for row in bench.check(device, n=64 if dry else 1500, dim=128, impls=["triton"],
+                                   tau_kinds=("per-example", "0.005", "float 0.005"), modes=modes):
+                checks.append({**row, "SPLIT": split})
+    except Exception:
+        traceback.print_exc()
+        status = 1
+    finally:
+        _sogclr.CONFIGS.update(chosen)
+    passed = sum(c["pass"] for c in checks)
+    status |= 0 if checks and passed == len(checks) else 1
+    with open(os.path.join(out, "checks.json"), "w") as fh:
+        json.dump(checks, fh, indent=1)
+    print(f"checks: {passed} of {len(checks)} passed [{time.time() - t0:.0f} s]", flush=True)
+    return status
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", default="results/gpu-check-sogclr")
     parser.add_argument("--dry-run", action="store_true")
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--s7", action="store_true", help="session 7's run (see s7())")
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     dry = args.dry_run
     device = torch.device("cpu" if dry else "cuda")
+    if args.s7:
+        status = s7(device, args.out)
+        print(f"done, status {status}", flush=True)
+        return status
     if args.quick:
         status = 0 if dry else first_step(device)
         try:

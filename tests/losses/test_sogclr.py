@@ -356,3 +356,27 @@ def test_module_validates_its_inputs_once_where_no_kernel_runs(check_inputs, mon
     q, k = F.normalize(torch.randn(4, 6), dim=1), F.normalize(torch.randn(4, 6), dim=1)
     loss(q, k, torch.arange(4))
     assert len(calls) == 1
+
+
+def test_bench_interleaves_methods_and_reports_paired_ratios(tmp_path):
+    """``batchlab bench sogclr`` on the CPU at a tiny size: every method timed once per round, rows per
+    data kind with quartiles, the per-round ratio to info_nce auto (1 for the anchor itself)."""
+    import json
+
+    from batchlab.bench import sogclr as bench
+
+    calls = []
+    steps = {"a": lambda: calls.append("a"), "b": lambda: calls.append("b"), "c": lambda: calls.append("c")}
+    times = bench.interleaved(steps, "cpu", repeats=3, warmup=1)
+    assert calls == ["a", "b", "c", "a", "b", "c", "b", "c", "a", "c", "a", "b"]
+    assert all(len(v) == 3 for v in times.values())
+    status = bench.main(["--sizes", "12", "--dim", "8", "--repeats", "3", "--data", "random,clustered",
+                         "--methods", "info_nce auto", "sogclr tiled", "--out", str(tmp_path)])
+    assert status == 0
+    rows = json.loads((tmp_path / "sogclr-cpu.json").read_text())["rows"]
+    assert [(r["data"], r["method"]) for r in rows] == [("random", "info_nce auto"), ("random", "sogclr tiled"),
+                                                        ("clustered", "info_nce auto"), ("clustered", "sogclr tiled")]
+    for r in rows:
+        assert r["ms_p25"] <= r["ms"] <= r["ms_p75"]
+        assert r["x_info_nce_auto"] > 0
+    assert rows[0]["x_info_nce_auto"] == 1.0

@@ -399,14 +399,39 @@ def test_fused_module_step_one_query_with_extra_keys():
         assert _err(fused.state_dict()[name], buf) <= 1e-5, name
 
 
-@pytest.mark.parametrize("option", [{}, {"PAIR": 1}])
+@pytest.mark.parametrize("option", [{}, {"PAIR": 1}, {"SPLIT": 1}, {"SPLIT": 1, "FAST": 1}])
 def test_kernel_options_match_float64_reference(option, monkeypatch):
     """The sweep's forward options: the defaults (FAST=0: the one-temperature kernel's per-row and
-    per-column loop; PAIR=0: weighted sums in reductions of their own) and PAIR=1 (one reduction
-    for each sum and its weighted sum); FAST=1 has the one_temperature tests above."""
+    per-column loop; PAIR=0: weighted sums in reductions of their own), PAIR=1 (one reduction
+    for each sum and its weighted sum) and SPLIT=1 (the symmetric loss as two row-only passes, FAST
+    ignored); FAST=1 alone has the one_temperature tests above."""
     monkeypatch.setattr(_sogclr, "_INTERPRET", {**_sogclr._INTERPRET, **option})
     q, k, log_u, tau = _inputs("symmetric", 37, 20, torch.float32, seed=17)
     kw = dict(mode="symmetric", gamma=0.8, rho=0.3)
     _compare(_run(q, k, log_u, tau, "triton", **kw), _run(q, k, log_u, tau, "reference", **kw), torch.float32)
     _compare(_run_float(q, k, log_u, 0.02, "triton", **kw), _run_float(q, k, log_u, 0.02, "reference", **kw),
              torch.float32, scale=2.5)
+
+
+@pytest.mark.parametrize("isogclr", [False, True])
+def test_split_module_step_matches_reference_module(isogclr, monkeypatch):
+    """SPLIT=1 (the symmetric forward as two row-only passes) through the modules' fused step: two
+    steps against the float64 reference module (loss, gradients, the whole state)."""
+    monkeypatch.setattr(_sogclr, "_INTERPRET", {**_sogclr._INTERPRET, "SPLIT": 1})
+    cls = ISogCLRLoss if isogclr else SogCLRLoss
+    fused = cls(40, impl="triton", check_inputs=False)
+    ref = cls(40, impl="reference", check_inputs=False).double()
+    gen = torch.Generator().manual_seed(18)
+    for _ in range(2):
+        ids = torch.randperm(40, generator=gen)[:35]
+        q, k = (F.normalize(torch.randn(35, 16, generator=gen, dtype=torch.float64), dim=1) for _ in range(2))
+        got, want = [], []
+        for fn, out, dt in ((fused, got, torch.float32), (ref, want, torch.float64)):
+            qq, kk = q.to(dt).requires_grad_(True), k.to(dt).requires_grad_(True)
+            loss = fn(qq, kk, ids)
+            out += [loss.detach(), *torch.autograd.grad(loss, [qq, kk])]
+        for name, a, b in zip(["loss", "dq", "dk"], got, want):
+            assert _err(a, b) <= 1e-5, name
+    scale = 0.05 / fused.tau_min if isogclr else 1.0
+    for name, buf in ref.state_dict().items():
+        assert _err(fused.state_dict()[name].double(), buf) <= 1e-5 * max(1.0, scale), name

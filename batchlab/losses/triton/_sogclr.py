@@ -52,7 +52,11 @@ from batchlab.losses.triton._launch import FP32_BD, LOG2E, addmm_f32_, kernel_fl
 #: Tile shapes on the GPU: "fwd" for per-row/per-column temperatures (iSogCLR), "fwd_one" for one
 #: temperature (SogCLR), "bwd" for the backward; FLAT as in ``_launch.KERNEL_OPTIONS``; FAST
 #: ("fwd_one"): the one-exponential loop (with its per-program redo) instead of the per-row /
-#: per-column one; PAIR ("fwd"): each weighted sum shares one reduction with its sum. fp32 inputs
+#: per-column one; PAIR ("fwd"): each weighted sum shares one reduction with its sum; SPLIT: the
+#: symmetric loss as two row-only passes of the forward kernel (rows of ``a`` against ``c``, then
+#: rows of ``c`` against ``a``: twice the products, but no column maxima or sums across the warps
+#: of a tile, one exponential per logit, and one partial per (row, column group) for the finish;
+#: sm_90 AOT, bf16, 128 x 64 / 4 warps: 128 registers, 3 CTAs per SM, against 191 and 2). fp32 inputs
 #: halve the d chunk (``BD``). Chosen by two H200 sweeps at N = 65,536, d = 512, bf16
 #: (``tests/losses/gpu_check_sogclr.py``, ``benchmarks/results/sogclr-h200-v2/``): SogCLRLoss forward
 #: 13.9 ms with FAST=1 and 15.2 ms with FAST=0 on random embeddings, but 28.8 against 15.2 ms on
@@ -61,11 +65,11 @@ from batchlab.losses.triton._launch import FP32_BD, LOG2E, addmm_f32_, kernel_fl
 #: Registers for sm_90 (Triton 3.8, bf16, ``python -m batchlab.bench.sogclr --aot``): forward
 #: 188-194 without spills (per-row temperatures), 167 (one temperature, FAST=0), 229 (FAST=1).
 CONFIGS: dict[str, dict[str, int]] = {
-    "fwd": dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0, PAIR=0),
-    "fwd_one": dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0, FAST=0),
+    "fwd": dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0, PAIR=0, SPLIT=0),
+    "fwd_one": dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0, FAST=0, SPLIT=0),
     "bwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1),
 }
-_INTERPRET = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, TMA=0, FAST=0, PAIR=0)
+_INTERPRET = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, TMA=0, FAST=0, PAIR=0, SPLIT=0)
 #: Bytes of column partials held at once (row blocks x columns x 8 B); above it the row blocks
 #: run in chunks whose partials are folded as they come (N > ~180,000 at BM = 128).
 CHUNK_BYTES = 3 << 29
@@ -122,19 +126,23 @@ def _plan(kind: str, a: torch.Tensor, build, *key):
 def _forward_plan(a, sizes, cols: bool, one: bool, wsum: bool, gather: bool, gamma: float) -> dict:
     n, d = a.shape
     cfg = _config("fwd_one" if one else "fwd", a.dtype)
+    # SPLIT: the symmetric loss as two row-only passes (rows of a against c, then rows of c against a)
+    split = cols and bool(cfg.get("SPLIT"))
+    if split:
+        cfg["FAST"] = 0  # row-only: the per-row loop already takes one exponential per logit
     row_blocks = _cdiv(n, cfg["BM"])
     blocks = []  # per candidate block: (groups of column tiles, tiles per group, row blocks per chunk)
     for size in sizes:
-        chunk = max(1, min(row_blocks, CHUNK_BYTES // max(1, 8 * size))) if cols else row_blocks
+        chunk = max(1, min(row_blocks, CHUNK_BYTES // max(1, 8 * size))) if cols and not split else row_blocks
         blocks.append((*tile_shares(max(1, _cdiv(size, cfg["BN"])), chunk, a.device, 4), chunk))
     p_rows = sum(b[0] for b in blocks)
-    chunked = cols and blocks[0][2] < row_blocks
+    chunked = cols and not split and blocks[0][2] < row_blocks
     memory = gamma < 1.0
     bd = 64 if d >= 64 else triton.next_power_of_2(d)
     return dict(
-        cfg=cfg, row_blocks=row_blocks, blocks=blocks, p_rows=p_rows, chunked=chunked,
-        p_cols=(1 + blocks[0][2] if chunked else row_blocks) if cols else 0,
-        consts=dict(COLS=cols, ONE_TAU=one, WSUM=wsum, **kernel_flags(a, cfg["BD"])),
+        cfg=cfg, row_blocks=row_blocks, blocks=blocks, p_rows=p_rows, chunked=chunked, split=split,
+        p_cols=(p_rows if split else 1 + blocks[0][2] if chunked else row_blocks) if cols else 0,
+        consts=dict(COLS=cols and not split, ONE_TAU=one, WSUM=wsum, **kernel_flags(a, cfg["BD"])),
         programs=_cdiv(n, _FINISH_BLOCK), memory=memory,
         finish=dict(BLOCK=_FINISH_BLOCK, BD=bd, MEMORY=memory, ONE_TAU=one, WSUM=wsum, GATHER=gather),
     )
@@ -181,6 +189,11 @@ def _forward(a, c, p, tau, tau_value: float, log_u, starts, sizes, offsets, cols
             if chunked:
                 _launch(ks.sog_combine_kernel, a.dtype, (_cdiv(n, 256),), (col_lse, col_wm, n, 1 + rbs),
                         dict(BLOCK=256, WSUM=wsum))
+        if plan["split"]:  # the columns' direction: rows of c (temperatures tau_c) against a, partials after a's
+            c_arg, a_arg, cfg_b = operands(c, a, plan["cfg"]) if plan["cfg"]["TMA"] else (c, a, plan["cfg"])
+            _launch(ks.sog_fwd_kernel, a.dtype, (row_blocks, groups), (
+                c_arg, a_arg, tau_c, tau_c, scale, lse, wm, lse, wm, ctr,
+                n, n, d, c.stride(0), a.stride(0), 0, per_group, 0, p_rows, 0), {**opts, **_launch_opts(cfg_b)})
         row0 += groups
     values = torch.empty(n_dirs, n, **f32)
     stats = torch.empty(4, n_dirs, n, **f32)
