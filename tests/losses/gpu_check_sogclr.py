@@ -391,15 +391,18 @@ def s7_sweep(device, n, dim, out) -> dict:
     q, k = (x.to(device, torch.bfloat16).requires_grad_(True) for x in embeddings(small, dim, gen))
     ids = torch.arange(small, device=device)
     chosen = {key: dict(val) for key, val in _sogclr.CONFIGS.items()}
-    for split in (0, 1):
-        for kernel in ("fwd", "fwd_one"):
-            _sogclr.CONFIGS[kernel]["SPLIT"] = split
+    # (SPLIT, TMA of every kernel): TMA=0 saves the host's tensor descriptors (4 per step)
+    for split, tma in ((0, 1), (1, 1), (chosen["fwd"].get("SPLIT", 0), 0)):
+        for kernel in ("fwd", "fwd_one", "bwd"):
+            _sogclr.CONFIGS[kernel].update({"SPLIT": split, "TMA": tma} if kernel != "bwd" else {"TMA": tma})
         for name, cls in (("sogclr", SogCLRLoss), ("isogclr", ISogCLRLoss)):
             loss_fn = cls(small).to(device)
             t = _ms(lambda: torch.autograd.grad(loss_fn(q, k, ids), [q, k]), device, repeats=11)
-            rows.append({"N": small, "SPLIT": split, "method": name, "step_ms_events": t})
-            print(f"s7 N={small} SPLIT={split} {name}: forward+backward {t:.3f} ms (CUDA events)", flush=True)
-    _sogclr.CONFIGS.update(chosen)
+            rows.append({"N": small, "SPLIT": split, "TMA": tma, "method": name, "step_ms_events": t})
+            print(f"s7 N={small} SPLIT={split} TMA={tma} {name}: forward+backward {t:.3f} ms (CUDA events)",
+                  flush=True)
+    for key, val in chosen.items():
+        _sogclr.CONFIGS[key] = val
     result = {"n": n, "dim": dim, "rows": rows, "chosen": _sogclr.CONFIGS}
     with open(os.path.join(out, "sweep.json"), "w") as fh:
         json.dump(result, fh, indent=1)
