@@ -54,17 +54,26 @@ def time_call(fn: Callable[[], Any], *, device: str | torch.device = "cpu", warm
     return statistics.median(times)
 
 
+def peak_and_time(fn: Callable[[], Any], device: str | torch.device) -> tuple[float, int | None, Any]:
+    """(seconds, peak bytes allocated above what was allocated before, the result) of one ``fn()``.
+
+    The device is synchronised before and after; the peak is CUDA's allocator peak (None on the CPU).
+    """
+    cuda = torch.device(device).type == "cuda"
+    synchronize(device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+    start = time.perf_counter()
+    out = fn()
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    return seconds, (torch.cuda.max_memory_allocated(device) - before) if cuda else None, out
+
+
 def peak_memory_call(fn: Callable[[], Any], device: str | torch.device) -> int | None:
     """Peak bytes allocated by ``fn()`` above what was allocated before it (CUDA only; None on CPU)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    fn()
-    synchronize(device)
-    return torch.cuda.max_memory_allocated(device) - before
+    return peak_and_time(fn, device)[1]
 
 
 def write_results(out_dir: str | Path, name: str, payload: dict[str, Any]) -> Path:

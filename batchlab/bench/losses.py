@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from batchlab._argtypes import device as device_arg
 from batchlab._argtypes import positive_int
-from batchlab.bench._common import device_name, format_table, plot_series, synchronize, write_results
+from batchlab.bench._common import device_name, format_table, peak_and_time, plot_series, synchronize, write_results
 
 log = logging.getLogger(__name__)
 
@@ -137,16 +137,6 @@ def _cpu_peak_call(fn) -> tuple[float, int | None]:
     if before is None:
         return seconds, None
     return seconds, (_status_kib("VmHWM") - before) * 1024
-
-
-def _cuda_peak_call(fn, device) -> tuple[float, int]:
-    synchronize(device)
-    torch.cuda.reset_peak_memory_stats(device)
-    before = torch.cuda.memory_allocated(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start, torch.cuda.max_memory_allocated(device) - before
 
 
 def _timed(fn, device) -> float:
@@ -295,7 +285,7 @@ def _measure(family, label, step, n, args, gen, dim=None) -> dict:
     call = lambda: step(q, k, scale, bias)  # noqa: E731
     try:
         if device.type == "cuda":
-            first, peak = _cuda_peak_call(call, device)
+            first, peak, _ = peak_and_time(call, device)
         else:
             first, peak = _cpu_peak_call(call)
         times = [first]

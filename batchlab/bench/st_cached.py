@@ -64,7 +64,7 @@ from pathlib import Path
 import torch
 
 from batchlab._argtypes import non_negative_int, positive_int
-from batchlab.bench._common import DEFAULT_OUT, device_name, format_table, synchronize, write_results
+from batchlab.bench._common import DEFAULT_OUT, device_name, format_table, peak_and_time, write_results
 
 SIDES = ("sentence-transformers", "batchlab")
 TARGETS = {"loss_part_speedup_min": 3.0, "step_ratio_max": 1.0, "peak_ratio_max": 1.0}
@@ -209,20 +209,6 @@ def batchlab_loss(model, args, variant: str | None = None, **options):
 
     options.update(variant_options(variant or args.impl, args.impl))
     return CachedMultipleNegativesRankingLoss(model, mini_batch_size=args.mini_batch_size, **options)
-
-
-def peak_and_time(fn, device) -> tuple[float, int | None, object]:
-    """(seconds, peak bytes above the memory allocated before, the result) of one call of ``fn``."""
-    cuda = torch.device(device).type == "cuda"
-    synchronize(device)
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-    start = time.perf_counter()
-    out = fn()
-    synchronize(device)
-    seconds = time.perf_counter() - start
-    return seconds, (torch.cuda.max_memory_allocated(device) - before) if cuda else None, out
 
 
 class StepPhases:
