@@ -15,7 +15,8 @@ gives the same results; then ``torch.compile(fullgraph=True)`` and CUDA-graph re
 (the custom ops' signatures changed). Cases left when ``GPU_LARGE_CHECK_S`` seconds have passed
 are skipped (and say so). ``ab``: see :func:`part_ab`. ``kernels``: the CUDA kernels (and
 memsets) of one forward + backward of the default path, by name, at N = 16,384, d = 512 and 768.
-``ds``, ``verify`` (the second call): see :func:`part_ds`, :func:`part_verify`. Each part writes
+``ds``, ``verify`` (the second call), ``s7`` (session 7: the streaming path's new defaults): see
+:func:`part_ds`, :func:`part_verify`, :func:`part_s7`. Each part writes
 ``$OUT/large-<part>.json``. Dry run on the CPU: ``TRITON_INTERPRET=1
 GPU_LARGE_DEVICE=cpu GPU_LARGE_CASES=1x24,37x24 python tests/losses/gpu_large_run.py check``.
 """
@@ -426,14 +427,144 @@ def part_verify() -> int:
             out["fwd_ab"].append({"N": n, "forward": name, "ms": ms})
             say(json.dumps(out["fwd_ab"][-1]))
             dump("verify", out)
+    _time_info_nce(q, k, s, out["n1m"])
+    dump("verify", out)
+    return 0
+
+
+def _time_info_nce(q, k, s, rows) -> None:
+    """Seconds of one InfoNCE forward + backward (host clock, synchronised), appended to ``rows``."""
     start = time.perf_counter()
     torch.autograd.grad(info_nce(q, k, s, impl=IMPL), [q, k, s])
     if DEVICE == "cuda":
         torch.cuda.synchronize()
-    out["n1m"].append({"family": "info_nce", "N": size(1048576), "d": VERIFY_D[0], "s": time.perf_counter() - start})
-    say(json.dumps(out["n1m"][-1]))
-    dump("verify", out)
-    return 0
+    rows.append({"family": "info_nce", "N": q.shape[0], "d": q.shape[1], "s": time.perf_counter() - start})
+    say(json.dumps(rows[-1]))
+
+
+#: part s7: sizes of the reference checks and of the timing (divided by VERIFY_DIV on a CPU dry run).
+S7_CHECK_N = tuple(int(x) for x in os.environ.get("GPU_LARGE_S7_CHECK_N", "20000,65536").split(","))
+
+
+def _scale_grad_condition(q, k, s) -> float:
+    """``sum |G_ij S_ij| / |sum G_ij S_ij|`` of symmetric InfoNCE (``S = q . k``, ``G`` its logit gradient), fp32."""
+    qf, kf = q.detach().float(), k.detach().float()
+    logits = (s.detach().float() * (qf @ kf.T)).requires_grad_()
+    labels = torch.arange(q.shape[0], device=q.device)
+    loss = (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+    g = torch.autograd.grad(loss, logits)[0]
+    terms = g * (qf @ kf.T)
+    return float(terms.abs().sum() / terms.sum().abs())
+
+
+def part_s7() -> int:
+    """Session 7 (issue 21): the streaming path's new defaults on the GPU.
+
+    (1) InfoNCE, DCL and SigLIP (bf16, streaming: N = 20,000 and 65,536) against the fp32 reference
+    at s = 0.01 and 14.3: loss, gradients, and the scale gradient alone (fp32 in-kernel sum,
+    ``_lse.DS_SUM``), also with ``DS_SUM`` off (the product's value, the old default) and, at
+    20,000, the sum's condition ``sum |G S| / |sum G S|``; (2) launches (kernels + memsets) and
+    syncs per call at 65,536; (3) time at 65,536 (median of 10), d = 512 and 768: the default
+    (one-tile TWO_EXP backward, DS), the looped backward with DS, and DS off, InfoNCE and SigLIP,
+    with the peak memory beyond inputs and gradients; (4) InfoNCE at 1,048,576 twice."""
+    import warnings
+
+    from batchlab.bench.losses import count_syncs
+    from batchlab.losses import dcl
+    from batchlab.losses.triton import _launch, _lse
+
+    out: dict = {"check": [], "launches": [], "time": [], "n1m": []}
+    base = dict(_launch.CONFIGS["bwd"])
+    looped = {key: v for key, v in base.items() if key not in ("TILE", "TWO_EXP")}
+
+    def size(n):
+        return max(2, n // VERIFY_DIV)
+
+    fns = {"info_nce": lambda q, k, s, b, impl: info_nce(q, k, s, impl=impl),
+           "dcl": lambda q, k, s, b, impl: dcl(q, k, s, impl=impl),
+           "siglip": lambda q, k, s, b, impl: siglip(q, k, s, b, impl=impl)}
+    bad = 0
+    for n in map(size, S7_CHECK_N):
+        q, k, _, b = leaves(n, VERIFY_D[0], seed=n)
+        for family, fn in fns.items():
+            for scale in (0.01, 14.3):
+                s = torch.tensor(scale, device=DEVICE, requires_grad=True)
+                inputs = [q, k, s] + ([b] if family == "siglip" else [])
+                ref_in = [x.detach().float().requires_grad_() for x in inputs]
+                ref = fn(*ref_in[:3], ref_in[3] if family == "siglip" else b, "reference")
+                ref_g = torch.autograd.grad(ref, ref_in)
+                ref = ref.detach()
+                row = {"family": family, "N": n, "scale": scale, "ref_scale_grad": float(ref_g[2])}
+                for ds in (True, False):
+                    _lse.DS_SUM = ds
+                    try:
+                        loss = fn(q, k, s, b, IMPL)
+                        grads = torch.autograd.grad(loss, inputs)
+                    finally:
+                        _lse.DS_SUM = True
+                    tag = "" if ds else "_ds_off"
+                    row["loss_err" + tag] = rel(loss, ref)
+                    row["grad_err" + tag] = max(rel(g, r) for g, r in zip(grads, ref_g))
+                    row["scale_grad_err" + tag] = rel(grads[2], ref_g[2])
+                if family == "info_nce" and n <= size(20000):
+                    row["condition"] = _scale_grad_condition(q, k, s)
+                row["ok"] = row["loss_err"] < VALUE_TOL and row["grad_err"] < GRAD_TOL and row["scale_grad_err"] < 1e-4
+                bad += not row["ok"]
+                out["check"].append(row)
+                say(json.dumps(out["check"][-1]))
+                dump("s7", out)
+        del q, k
+    n = size(65536)
+    for family in ("info_nce", "siglip"):
+        q, k, s, b = leaves(n, VERIFY_D[0])
+        inputs = [q, k, s] + ([b] if family == "siglip" else [])
+
+        def call():
+            return torch.autograd.grad(loss_of(family, q, k, s, b, IMPL), inputs)
+
+        names = kernels_of(call)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _sync_debug("warn")
+            try:
+                call()
+            finally:
+                _sync_debug(0)
+        out["launches"].append({"family": family, "N": n, "launches": len(names),
+                                "syncs": count_syncs(str(w.message) for w in caught),
+                                "kernels": sorted({name[:60] for name in names}),
+                                "by_kernel": {name[:60]: names.count(name) for name in set(names)}})
+        say(json.dumps({key: v for key, v in out["launches"][-1].items() if key != "by_kernel"}))
+        dump("s7", out)
+    variants = {"default": (True, base), "looped bwd + DS": (True, looped), "DS off": (False, base)}
+    for d in VERIFY_D:
+        for family in ("info_nce", "siglip"):
+            q, k, s, b = leaves(n, d)
+            inputs = [q, k, s] + ([b] if family == "siglip" else [])
+
+            def call():
+                return torch.autograd.grad(loss_of(family, q, k, s, b, IMPL), inputs)
+
+            for name, (ds, cfg) in variants.items():
+                if family == "siglip" and name == "looped bwd + DS":
+                    continue
+                _lse.DS_SUM, _launch.CONFIGS["bwd"] = ds, dict(cfg)
+                try:
+                    peak, _ = _peak_mib(call)
+                    ms = _median_ms(call, 10)
+                finally:
+                    _lse.DS_SUM, _launch.CONFIGS["bwd"] = True, dict(base)
+                out["time"].append({"family": family, "N": n, "d": d, "variant": name, "ms": ms,
+                                    "beyond_grads_mib": peak - 2 * n * d * 2 / 2**20})
+                say(json.dumps(out["time"][-1]))
+                dump("s7", out)
+            del q, k
+    q, k, s, _ = leaves(size(1048576), VERIFY_D[0])
+    for _ in range(2):
+        _time_info_nce(q, k, s, out["n1m"])
+        dump("s7", out)
+    say(f"s7: {len(out['check']) - bad}/{len(out['check'])} checks passed")
+    return 1 if bad else 0
 
 
 def part_all() -> int:
@@ -454,4 +585,4 @@ def part_all() -> int:
 if __name__ == "__main__":
     part = sys.argv[1] if len(sys.argv) > 1 else "check"
     sys.exit({"check": part_check, "ab": part_ab, "kernels": part_kernels, "ds": part_ds,
-              "all": part_all, "verify": part_verify}[part]())
+              "all": part_all, "verify": part_verify, "s7": part_s7}[part]())

@@ -119,6 +119,12 @@ def _store_logit_grad(out_ptr, g, ginv, rows, cols, r0, stride_out, mask, TMA_OU
 
 
 @triton.jit
+def _masked_total(x, rmask, cmask):
+    """fp32 total of the in-range entries of a (BM, BN) tile: rows' sums first, then their total."""
+    return tl.sum(tl.where(rmask, tl.sum(tl.where(cmask[None, :], x, 0.0), 1), 0.0), 0)
+
+
+@triton.jit
 def online_lse(m_i, l_i, x):
     """Fold a (rows, cols) tile of base-2 exponents ``x`` into each row's running max and
     sum of ``2^x``; returns ``(m_new, l_new, 2^(x - m_new))``. Rows start at
@@ -275,10 +281,10 @@ def _bwd_tile(q_ptr, k_ptr, tgt_ptr, col_lse2_ptr, g_col_ptr, out_ptr, rows, rma
     if EXCLUDE:  # out-of-range entries are never stored; excluded positives must be zero
         g = tl.where(_valid(rows, cols, r1, M, tgt_ptr, EXCLUDE, HAS_TGT, False), g, 0.0)
     mask = rmask[:, None] & cmask[None, :]
-    _store_logit_grad(out_ptr, g, ginv, rows, cols, r0, stride_out, mask, TMA_OUT)
     part = 0.0
     if DS:
-        part = tl.sum(tl.sum(tl.where(mask, g * acc, 0.0), 1), 0)
+        part = _masked_total(g * acc, rmask, cmask)
+    _store_logit_grad(out_ptr, g, ginv, rows, cols, r0, stride_out, mask, TMA_OUT)
     return part
 
 
@@ -299,34 +305,41 @@ def _siglip_terms(acc, scale_ptr, bias_ptr, tgt_ptr, rows, cols, rmask, HAS_TGT:
 
 @triton.jit
 def siglip_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, bias_ptr, ginv_ptr, g_row_ptr,
-                  row_loss_ptr, out_ptr, db_ptr,
+                  row_loss_ptr, out_ptr, db_ptr, ds_ptr,
                   r0, r1, M, D, stride_q, stride_k, stride_out,
                   BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                   LOSS: tl.constexpr, GRAD: tl.constexpr, HAS_TGT: tl.constexpr,
                   EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-                  TMA_OUT: tl.constexpr = False):
+                  TMA_OUT: tl.constexpr = False, DS: tl.constexpr = False):
     """SigLIP over rows [r0, r1): per-row sums of softplus(-y z) and/or the logit gradient.
 
     ``z = s q_i . k_j + b``, ``y = +1`` on (i, target_i) else -1. The gradient written is
     ``g_i * d softplus(-y z) / dz = -y g_i sigmoid(-y z)``, times ``ginv``; per-program sums
-    of it go to ``db_ptr`` (the bias gradient); the scale gradient comes from the product.
+    of it go to ``db_ptr[pid]`` (the bias gradient) and, with ``DS``, the fp32 sums of
+    ``g * (q . k)`` (the scale gradient) to ``ds_ptr[pid]``; without ``DS`` the caller takes the
+    scale gradient from the product of the stored (bf16/fp16) gradient, which loses it when the
+    logits are nearly uniform (small scales).
     """
     rows, cols, rmask, cmask, acc = _panel_tile(q_ptr, k_ptr, r0, r1, M, D, stride_q, stride_k,
                                                 BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
     pos, x, e = _siglip_terms(acc, scale_ptr, bias_ptr, tgt_ptr, rows, cols, rmask, HAS_TGT)
+    if GRAD:  # before the loss terms (sm_90: no spills, with or without DS; 38 and 176 spill instructions after them)
+        r = tl.fdiv(1.0, 1.0 + e)  # fast reciprocal: 1 / (1 + e) in [1/2, 1]
+        sig = tl.where(x >= 0, r, e * r)  # sigmoid(x) without cancellation
+        g_r = tl.load(g_row_ptr + rows, mask=rmask, other=0.0)  # 0 on rows past the panel
+        g = tl.where(pos, -sig, sig) * g_r[:, None]  # d softplus(x)/dz = sigmoid(x) * dx/dz
+        pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        if DS:
+            tl.store(ds_ptr + pid, _masked_total(g * acc, rmask, cmask))
+        g = tl.where(cmask[None, :], g, 0.0)
+        tl.store(db_ptr + pid, tl.sum(tl.sum(g, 1), 0))
     if LOSS:
         sp = tl.maximum(x, 0.0) + tl.log2(1.0 + e) * 0.6931471805599453
         sp = tl.where(cmask[None, :], sp, 0.0)
         tl.atomic_add(row_loss_ptr + rows, tl.sum(sp, 1), mask=rmask, sem="relaxed")
     if GRAD:
-        r = tl.fdiv(1.0, 1.0 + e)  # fast reciprocal: 1 / (1 + e) in [1/2, 1]
-        sig = tl.where(x >= 0, r, e * r)  # sigmoid(x) without cancellation
-        g_r = tl.load(g_row_ptr + rows, mask=rmask, other=0.0)  # 0 on rows past the panel
-        g = tl.where(pos, -sig, sig) * g_r[:, None]  # d softplus(x)/dz = sigmoid(x) * dx/dz
-        g = tl.where(cmask[None, :], g, 0.0)
-        tl.store(db_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), tl.sum(tl.sum(g, 1), 0))
         _store_logit_grad(out_ptr, g, tl.load(ginv_ptr), rows, cols, r0, stride_out, rmask[:, None] & cmask[None, :],
-                      TMA_OUT)
+                          TMA_OUT)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,21 +396,39 @@ def _panel_tile_ws(q_ptr, k_ptr, r0, r1, M, D, stride_q, stride_k,
 
 @triton.jit
 def lse_fwd_tile_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ctl_ptr, row_sum_ptr, col_sum_ptr,
-                        r0, r1, M, D, stride_q, stride_k,
+                        N, M, D, stride_q, stride_k, panel_blocks,
                         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                         COLS: tl.constexpr, EXCLUDE: tl.constexpr, HAS_TGT: tl.constexpr,
                         EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr):
-    """One tile of rows [r0, r1): its shifted sums ``sum 2^(L2 - ref2)`` added to its rows' and
+    """One tile of the (N, M) logits: its shifted sums ``sum 2^(L2 - ref2)`` added to its rows' and
     (``COLS``) its columns' totals (relaxed atomics, one per row and column per tile).
 
     Both directions use the column pass's fixed shift (``ctl[0]``): one exp2 per logit and no
     running max. Rows or columns whose total underflowed are recomputed exactly by
     ``lse_fwd_kernel``'s ``FIX`` pass, as the columns always were.
+
+    One launch, 1-D grid (``cdiv(N, BM) * cdiv(M, BN)`` programs) in panels of ``panel_blocks``
+    row blocks: panel by panel, column tile by column tile, row block fastest, so that the
+    programs in flight share a panel's query rows in L2 while the keys stream past once per
+    panel (the order that one launch per panel had).
     """
-    rows, cols, rmask, cmask, acc = _panel_tile_ws(q_ptr, k_ptr, r0, r1, M, D, stride_q, stride_k,
-                                                   BM, BN, BD, EVEN_D, UPCAST, PREC, TMA, False)
+    pid = tl.program_id(0)
+    col_tiles = tl.cdiv(M, BN)
+    per_panel = panel_blocks * col_tiles
+    panel = pid // per_panel
+    rem = pid - panel * per_panel
+    blocks_here = tl.minimum(panel_blocks, tl.cdiv(N, BM) - panel * panel_blocks)  # the last panel: fewer
+    col_tile = rem // blocks_here
+    row0 = (panel * panel_blocks + rem - col_tile * blocks_here) * BM
+    col0 = col_tile * BN
+    acc = _tile_dot_ws(q_ptr, k_ptr, row0, col0, N, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC,
+                       TMA, False)
+    rows = row0 + tl.arange(0, BM)
+    cols = col0 + tl.arange(0, BN)
+    rmask = rows < N
+    cmask = cols < M
     s2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
-    valid = _valid(rows, cols, r1, M, tgt_ptr, EXCLUDE, HAS_TGT, False)
+    valid = _valid(rows, cols, N, M, tgt_ptr, EXCLUDE, HAS_TGT, False)
     p = tl.where(valid, tl.exp2(acc * s2 - tl.load(ctl_ptr)), 0.0)
     tl.atomic_add(row_sum_ptr + rows, tl.sum(p, 1), mask=rmask, sem="relaxed")
     if COLS:
@@ -439,10 +470,9 @@ def lse_bwd_tile_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ginv_ptr, ctl_ptr,
     if EXCLUDE:
         g = tl.where(_valid(rows, cols, r1, M, tgt_ptr, EXCLUDE, HAS_TGT, False), g, 0.0)
     mask = rmask[:, None] & cmask[None, :]
+    if DS:  # before the store, rows then columns: no spills on sm_90 (106 spill instructions summed after it)
+        tl.store(ds_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1), _masked_total(g * acc, rmask, cmask))
     _store_logit_grad(out_ptr, g, tl.load(ginv_ptr), rows, cols, r0, stride_out, mask, False)
-    if DS:
-        tl.store(ds_ptr + tl.program_id(0) * tl.num_programs(1) + tl.program_id(1),
-                 tl.sum(tl.sum(tl.where(mask, g * acc, 0.0), 1), 0))
 
 
 @triton.jit
@@ -452,13 +482,14 @@ def siglip_tile_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, bias_ptr, ginv_ptr, g_r
                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                        LOSS: tl.constexpr, GRAD: tl.constexpr, HAS_TGT: tl.constexpr,
                        EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-                       WS: tl.constexpr = False):
+                       WS: tl.constexpr = False, DS: tl.constexpr = False):
     """``siglip_kernel`` with one tile per program; row partials instead of atomics.
 
     Program (i, j) stores its rows' sums over its BN columns at ``[j, rows - r0]`` of the
     (column tiles, panel rows) buffers: ``loss_part`` (softplus terms, ``LOSS``) and ``g_part``
-    (gradient terms before ``ginv``, ``GRAD``: their total is the bias gradient). The caller sums
-    the buffers over the column tiles.
+    (gradient terms before ``ginv``, ``GRAD``: their total is the bias gradient; with ``DS`` a third
+    buffer of the same shape follows ``g_part``: the rows' fp32 sums of ``g * (q . k)``, the scale
+    gradient's). The caller sums the buffers over the column tiles.
     """
     rows, cols, rmask, cmask, acc = _panel_tile_ws(q_ptr, k_ptr, r0, r1, M, D, stride_q, stride_k,
                                                    BM, BN, BD, EVEN_D, UPCAST, PREC, TMA, WS)
@@ -475,5 +506,7 @@ def siglip_tile_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, bias_ptr, ginv_ptr, g_r
         g = tl.where(pos, -sig, sig) * g_r[:, None]
         g = tl.where(cmask[None, :], g, 0.0)
         tl.store(g_part_ptr + part, tl.sum(g, 1), mask=rmask)
+        if DS:
+            tl.store(g_part_ptr + tl.num_programs(1).to(tl.int64) * stride_part + part, tl.sum(g * acc, 1), mask=rmask)
         _store_logit_grad(out_ptr, g, tl.load(ginv_ptr), rows, cols, r0, stride_out, rmask[:, None] & cmask[None, :],
                           False)

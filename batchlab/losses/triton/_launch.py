@@ -30,7 +30,7 @@ def interpreting() -> bool:
 #: try others (the sweep does this; ``python -m batchlab.bench.losses_triton --sweep``).
 CONFIGS: dict[str, dict[str, int]] = {
     "fwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=2, TMA=1, TILE=1),
-    "bwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1, TMA_OUT=0),
+    "bwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1, TMA_OUT=0, TILE=1, TWO_EXP=1),
     "siglip": dict(BM=64, BN=128, BD=64, num_warps=4, num_stages=4, TMA=1, TMA_OUT=0),
 }
 #: fp32 inputs double the bytes per chunk: halve the d chunk.
@@ -192,15 +192,39 @@ def addmm_f32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
     acc += mm_f32(a, b)
 
 
+def logit_grad_factor(q: torch.Tensor, scale32: torch.Tensor, g: list, *, fold: bool):
+    """``(ginv, factor, gscale)`` for a gradient-panel kernel that stores ``G * ginv`` (``G``: the logit
+    gradient of the loss, ``g``: the upstream gradients it is linear in).
+
+    ``fold`` with bf16/fp32 inputs: ``ginv = s``, so the buffer holds ``s G``, the products give
+    ``dq`` and ``dk`` without a multiply (``factor`` None, ``gscale`` None; bf16 has fp32's exponent
+    range). Otherwise (fp16, whose range ``s G`` could leave; or a scale gradient taken from the
+    product, which needs ``G`` without ``s``): ``gscale = sum of max |g|``, so that ``G / gscale`` lies
+    in [-1, 1], ``ginv = 1 / gscale`` and ``factor = s gscale``.
+    """
+    if fold and q.dtype != torch.float16:
+        return scale32, None, None
+    gscale = g[0].abs().max()
+    for other in g[1:]:
+        gscale = gscale + other.abs().max()
+    gscale = gscale.clamp_min(1e-30)
+    return (1.0 / gscale).reshape(1), scale32 * gscale, gscale
+
+
 def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bool, need_k: bool,
                           dot: bool = True):
     """``dq = factor * G @ k``, ``dk = factor * G.T @ q`` and ``sum_i q_i . (G @ k)_i``, panel by panel.
 
     ``fill(p, r0, r1, buf)`` writes rows [r0, r1) of ``G / factor`` into ``buf[: r1 - r0]``
-    (a (rows_per_panel, M) buffer in the inputs' dtype). The products accumulate in fp32;
-    ``dk`` sums over panels in an fp32 buffer when there is more than one. The last value
-    (fp32 scalar, without ``factor``) is ``sum_ij G_ij (q_i . k_j) / factor``: the scale gradient
-    (None with ``dot=False``: the caller sums it otherwise).
+    (a (rows_per_panel, M) buffer in the inputs' dtype). ``factor``: an fp32 device scalar, or
+    None when the buffer already holds the gradient's logit factor (``G`` itself: no multiply,
+    ``dq`` written by the product). The products accumulate in fp32; ``dk`` sums over panels in
+    an fp32 buffer when there is more than one. The last value (fp32 scalar, without ``factor``)
+    is ``sum_ij G_ij (q_i . k_j) / factor``: the scale gradient (None with ``dot=False``: the
+    caller sums it otherwise, and no fp32 product of ``G @ k`` is made).
+
+    Launches per panel: ``fill``, ``G @ k`` (into ``dq``'s rows, or fp32 then scaled with
+    ``factor``: one more), ``G.T @ q`` (into the fp32 accumulator); with ``dot`` two more.
     """
     n, d = q.shape
     m = k.shape[0]
@@ -237,14 +261,22 @@ def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bo
         else:
             fill(p, r0, r1, buf)
         g = buf[: r1 - r0]
-        gk = mm_f32(g, k)
-        if want_dot:
-            dot += (gk * q[r0:r1]).sum()
-        if need_q:
-            torch.mul(gk, factor, out=dq[r0:r1])  # scaled and rounded in one op, no fp32 temporary
+        if want_dot or (need_q and factor is not None):
+            gk = mm_f32(g, k)
+            if want_dot:
+                dot += (gk * q[r0:r1]).sum()
+            if need_q:
+                if factor is None:
+                    dq[r0:r1].copy_(gk)
+                else:
+                    torch.mul(gk, factor, out=dq[r0:r1])  # scaled and rounded in one op, no fp32 temporary
+        elif need_q:
+            torch.mm(g, k, out=dq[r0:r1])  # fp32 accumulation, rounded once into dq
         if need_k:
             if several:
                 addmm_f32_(dk32, g.t(), q[r0:r1])
+            elif factor is None:
+                dk = torch.mm(g.t(), q[r0:r1])
             else:
                 dk = torch.mul(mm_f32(g.t(), q[r0:r1]), factor, out=torch.empty_like(k))
         if double:
@@ -254,5 +286,5 @@ def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bo
         main.wait_stream(side)
     bufs.clear()  # the panel workspace is free before dk's last step (it set the peak at 65,536)
     if dk32 is not None:
-        dk = torch.mul(dk32, factor, out=torch.empty_like(k))
+        dk = dk32.to(k.dtype) if factor is None else torch.mul(dk32, factor, out=torch.empty_like(k))
     return dq, dk, dot

@@ -36,6 +36,7 @@ from batchlab.losses.triton._launch import (
     config,
     gradients_from_panels,
     kernel_flags,
+    logit_grad_factor,
     operands,
     panel_output,
     panel_rows,
@@ -62,13 +63,15 @@ def logit_bound(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> torch.
 _ONE_EXP_RANGE2 = 100.0
 #: Set to False to force two exponentials per logit (for timing and tests).
 ONE_EXP = True
-#: The backward kernel sums the scale gradient ``sum G * (q . k)`` in fp32 per program (``DS``)
-#: instead of taking it from the product of the bf16/fp16 logit gradient, which loses it when
-#: the logits are nearly uniform: relative error up to 3.5e-2 at s = 0.01, ~3e-3 at s = 14.3
-#: (interpreter, N = 256, bf16; benchmarks/results/losses-h200-s6/scale_grad_precision.json),
-#: against ~1e-7 summed in fp32. Off until its cost is timed on a GPU
-#: (``BATCHLAB_TRITON_DS_SUM=1``: on).
-DS_SUM = os.environ.get("BATCHLAB_TRITON_DS_SUM", "0") == "1"
+#: The backward kernels (InfoNCE/DCL here, SigLIP's in ``_siglip``) sum the scale gradient
+#: ``sum G * (q . k)`` in fp32 per program (``DS``) instead of taking it from the product of the
+#: stored bf16/fp16 logit gradient, which loses it when the logits are nearly uniform: relative
+#: error up to 3.5e-2 at s = 0.01 and ~3e-3 at s = 14.3 for InfoNCE (interpreter, N = 256, bf16;
+#: benchmarks/results/losses-h200-s6/scale_grad_precision.json; H200 4.2e-2 at s = 0.01, N = 4,096),
+#: 0.25-0.44 for SigLIP at s = 0.01, b = 0 (interpreter, N = 256), against ~1e-7 summed in fp32.
+#: On by default since session 7; skipped when the scale needs no gradient. ``BATCHLAB_TRITON_DS_SUM=0``:
+#: off (the product's value, and one fp32 product, multiply and sum more per panel).
+DS_SUM = os.environ.get("BATCHLAB_TRITON_DS_SUM", "1") != "0"
 
 
 def control(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -131,8 +134,9 @@ def lse_forward(q, k, scale, targets, *, cols: bool, exclude: bool, ctl: torch.T
     return row_lse2, col_lse2
 
 
-#: Rows per launch of the one-tile forward: its programs run row block fastest, so a launch
-#: keeps this many query rows in L2 while the keys stream past once.
+#: Rows per panel of the one-tile forward (one launch; it walks the panels in turn, row block
+#: fastest within each), so that the programs in flight keep this many query rows in L2 while
+#: the keys stream past once per panel (one launch per panel until session 7: the same order).
 _TILE_PANEL_ROWS = 8192
 #: Above this many bytes of keys the looped forward runs instead of the one-tile forward
 #: (``BATCHLAB_TRITON_TILE_FWD_MAX_KEY_BYTES``; default: no limit). H200, d = 512, forward only
@@ -177,13 +181,11 @@ def _lse_forward_tiles(q, k, scale, targets, *, cols: bool, exclude: bool, ctl, 
     flags = dict(EXCLUDE=exclude, HAS_TGT=targets is not None, **kernel_flags(q, cfg["BD"]))
     tile_cfg = {key: v for key, v in cfg.items() if key not in ("TILE", "FLAT")}
     q_arg, k_arg, tile_cfg = operands(q, k, tile_cfg)
-    step = max(tile_cfg["BM"], (_TILE_PANEL_ROWS // tile_cfg["BM"]) * tile_cfg["BM"])
-    for r0 in range(0, n, step):
-        r1 = min(n, r0 + step)
-        _kernels.lse_fwd_tile_kernel[(triton.cdiv(r1 - r0, tile_cfg["BM"]), triton.cdiv(m, tile_cfg["BN"]))](
-            q_arg, k_arg, tgt, scale32, ctl, row_sum, col_sum, r0, r1, m, d, q.stride(0), k.stride(0),
-            COLS=cols, **tile_cfg, **flags,
-        )
+    bm, bn = tile_cfg["BM"], tile_cfg["BN"]
+    _kernels.lse_fwd_tile_kernel[(triton.cdiv(n, bm) * triton.cdiv(m, bn),)](
+        q_arg, k_arg, tgt, scale32, ctl, row_sum, col_sum, n, m, d, q.stride(0), k.stride(0),
+        max(1, _TILE_PANEL_ROWS // bm), COLS=cols, **tile_cfg, **flags,
+    )
     # the finishes take the tile kernel's shape (the forward config less its loop options): the row
     # finish reuses its operands, the column finish swaps their roles
     row_lse2 = _finish(q_arg, k_arg, tgt, scale32, ctl, row_sum, torch.empty(n, **f32), n, m, d, q.stride(0),
@@ -198,63 +200,69 @@ def _lse_forward_tiles(q, k, scale, targets, *, cols: bool, exclude: bool, ctl, 
 
 def lse_backward(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, exclude: bool,
                  workspace_bytes: int | None = None, need_q: bool = True, need_k: bool = True,
-                 ctl: torch.Tensor | None = None):
-    """Gradients (dq, dk, ds) of ``sum_i g_row_i row_lse_i + sum_j g_col_j col_lse_j`` (``g_row`` required)."""
+                 need_s: bool = True, ctl: torch.Tensor | None = None):
+    """Gradients (dq, dk, ds) of ``sum_i g_row_i row_lse_i + sum_j g_col_j col_lse_j`` (``g_row`` required).
+
+    ``ds`` is summed in fp32 by the backward kernel (:data:`DS_SUM`); ``need_s=False`` skips it
+    (``ds`` is then an unset scalar).
+    """
     n, d = q.shape
     m = k.shape[0]
     cfg = config("bwd", q.dtype)
     bm, bn = cfg["BM"], cfg["BN"]
     cols_on = g_col is not None and col_lse2 is not None
-    # G / gscale lies in [-1, 1], so it keeps its precision in bf16/fp16 at any batch size.
     g_row = g_row.float().contiguous()
-    gscale = g_row.abs().max()
     if cols_on:
         g_col = g_col.float().contiguous()
-        gscale = gscale + g_col.abs().max()
-    gscale = gscale.clamp_min(1e-30)
-    ginv = (1.0 / gscale).reshape(1)
     scale32 = scale.detach().float().reshape(1).contiguous()
-    factor = scale32 * gscale  # dq = s * gscale * (G/gscale) @ k
+    ds_in_kernel = need_s and DS_SUM
+    # the kernel stores G * ginv: s G (no multiply after the products), or G / gscale (fp16, or
+    # the scale gradient from the product, which needs G without s)
+    ginv, factor, gscale = logit_grad_factor(q, scale32, [g_row, g_col] if cols_on else [g_row],
+                                             fold=ds_in_kernel or not need_s)
     if ctl is None or not cols_on:
         ctl = control(q, k, scale) if cols_on else torch.zeros(2, device=q.device, dtype=torch.float32)
     rows_per_panel = panel_rows(n, m, q.element_size(), bm, workspace_bytes)
     col_groups = triton.cdiv(triton.cdiv(m, bn), cfg.get("TPP", 1))
-    dummy = ginv
+    dummy = scale32
     q_arg, k_arg, cfg = operands(q, k, cfg)
     tile_cfg = {key: v for key, v in cfg.items() if key not in ("TILE", "TPP", "FLAT", "TMA_OUT")}
     if not cols_on:
         tile_cfg.pop("TWO_EXP", None)
     tiled = bool(cfg.get("TILE"))
-    # DS_SUM: one fp32 partial of the scale gradient per program of every panel (zeros where a
-    # shorter last panel has fewer programs)
-    programs = triton.cdiv(rows_per_panel, bm) * (triton.cdiv(m, bn) if tiled else col_groups)
-    ds_parts = torch.zeros(triton.cdiv(n, rows_per_panel), programs, device=q.device,
-                           dtype=torch.float32) if DS_SUM else None
-
-    def fill_tiles(p, r0, r1, buf):
-        _kernels.lse_bwd_tile_kernel[(triton.cdiv(r1 - r0, bm), triton.cdiv(m, bn))](
-            q_arg, k_arg, targets if targets is not None else dummy, scale32, ginv, ctl,
-            row_lse2, col_lse2 if cols_on else dummy, g_row, g_col if cols_on else dummy, buf,
-            ds_parts[p] if DS_SUM else dummy, r0, r1, m, d, q.stride(0), k.stride(0), buf.stride(0),
-            COLS=cols_on, EXCLUDE=exclude, HAS_TGT=targets is not None, DS=DS_SUM, **tile_cfg,
-            **kernel_flags(q, cfg["BD"]),
-        )
+    # DS: one fp32 partial of the scale gradient per program of every panel, panel p's at ds_at[p]
+    per_block = triton.cdiv(m, bn) if tiled else col_groups
+    ds_at = [triton.cdiv(r0, bm) * per_block for r0 in range(0, n + rows_per_panel, rows_per_panel)]
+    ds_parts = torch.empty(triton.cdiv(n, bm) * per_block, device=q.device,
+                           dtype=torch.float32) if ds_in_kernel else None
 
     def fill(p, r0, r1, buf):
+        ds_arg = ds_parts[ds_at[p]:] if ds_in_kernel else dummy
+        common = (targets if targets is not None else dummy, scale32, ginv, ctl,
+                  row_lse2, col_lse2 if cols_on else dummy, g_row, g_col if cols_on else dummy)
+        flags = dict(COLS=cols_on, EXCLUDE=exclude, HAS_TGT=targets is not None, DS=ds_in_kernel,
+                     **kernel_flags(q, cfg["BD"]))
         if tiled:
-            return fill_tiles(p, r0, r1, buf)
+            _kernels.lse_bwd_tile_kernel[(triton.cdiv(r1 - r0, bm), triton.cdiv(m, bn))](
+                q_arg, k_arg, *common, buf, ds_arg, r0, r1, m, d, q.stride(0), k.stride(0), buf.stride(0),
+                **tile_cfg, **flags,
+            )
+            return
         out, tma_out = panel_output(buf, r1 - r0, cfg)
         _kernels.lse_bwd_kernel[(triton.cdiv(r1 - r0, bm), col_groups)](
-            q_arg, k_arg, targets if targets is not None else dummy, scale32, ginv, ctl,
-            row_lse2, col_lse2 if cols_on else dummy, g_row, g_col if cols_on else dummy, out,
-            ds_parts[p] if DS_SUM else dummy, r0, r1, m, d, q.stride(0), k.stride(0), buf.stride(0),
-            COLS=cols_on, EXCLUDE=exclude, HAS_TGT=targets is not None, DS=DS_SUM,
-            **{**cfg, "TMA_OUT": tma_out}, **kernel_flags(q, cfg["BD"]),
+            q_arg, k_arg, *common, out, ds_arg, r0, r1, m, d, q.stride(0), k.stride(0), buf.stride(0),
+            **{**cfg, "TMA_OUT": tma_out}, **flags,
         )
 
     dq, dk, dot = gradients_from_panels(q, k, rows_per_panel, fill, factor, need_q=need_q, need_k=need_k,
-                                        dot=not DS_SUM)
-    return dq, dk, (ds_parts.sum() if DS_SUM else dot * gscale)
+                                        dot=need_s and not ds_in_kernel)
+    if ds_in_kernel:
+        ds = ds_parts.sum()
+    elif need_s:
+        ds = dot * gscale
+    else:
+        ds = scale32.new_empty(())
+    return dq, dk, ds
 
 
 @torch.library.custom_op("batchlab::lse_forward", mutates_args=())
@@ -276,16 +284,16 @@ def _(q, k, scale, targets, cols, exclude):
 def lse_backward_op(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, targets: Optional[torch.Tensor],
                     row2: torch.Tensor, col2: torch.Tensor, ctl: torch.Tensor, g_row: torch.Tensor,
                     g_col: Optional[torch.Tensor], exclude: bool, workspace_bytes: Optional[int], need_q: bool,
-                    need_k: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(dq, dk, ds)`` of :func:`lse_backward` (dq/dk empty when not needed), as an opaque op."""
+                    need_k: bool, need_s: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, ds)`` of :func:`lse_backward` (dq/dk empty when not needed, ds unset), as an opaque op."""
     dq, dk, ds = lse_backward(q, k, scale, targets, row2, col2 if g_col is not None else None, g_row, g_col,
                               exclude=exclude, workspace_bytes=workspace_bytes, need_q=need_q, need_k=need_k,
-                              ctl=ctl)
+                              need_s=need_s, ctl=ctl)
     return (dq if need_q else q.new_empty(0)), (dk if need_k else k.new_empty(0)), ds.reshape(()).float()
 
 
 @lse_backward_op.register_fake
-def _(q, k, scale, targets, row2, col2, ctl, g_row, g_col, exclude, workspace_bytes, need_q, need_k):
+def _(q, k, scale, targets, row2, col2, ctl, g_row, g_col, exclude, workspace_bytes, need_q, need_k, need_s=True):
     return (q.new_empty(q.shape if need_q else (0,)), k.new_empty(k.shape if need_k else (0,)),
             q.new_empty((), dtype=torch.float32))
 
@@ -310,7 +318,7 @@ class PairLSE(torch.autograd.Function):
         need_q, need_k, need_s = ctx.needs_input_grad[:3]
         dq, dk, ds = lse_backward_op(
             q, k, scale, targets, row2, col2, ctl, g_row.contiguous(),
-            g_col.contiguous() if ctx.cols else None, ctx.exclude, ctx.workspace_bytes, need_q, need_k,
+            g_col.contiguous() if ctx.cols else None, ctx.exclude, ctx.workspace_bytes, need_q, need_k, need_s,
         )
         return ((dq if need_q else None), (dk if need_k else None), (ds.to(scale.dtype) if need_s else None),
                 None, None, None, None)
