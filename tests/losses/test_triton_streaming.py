@@ -191,3 +191,19 @@ def test_launches_per_panel(family, gen, monkeypatch):
     assert sum(grown.values()) <= 2 * 3 + 2, grown
     if family == "info_nce":
         assert k1.count("lse_fwd_tile_kernel") == 1 and k4.count("lse_fwd_tile_kernel") == 1
+
+
+@pytest.mark.parametrize("n,m,d", [(1, 1, 8), (37, 70, 24), (70, 33, 200)])
+def test_control_kernels_match_the_torch_bound(n, m, d, gen):
+    """``control`` (two kernels) against the bound written with torch ops: the column shift and the
+    one-exponential flag, on either side of the flag's threshold, unnormalised rows, fp32 and bf16."""
+    for dtype in (torch.float32, torch.bfloat16):
+        q = (torch.randn(n, d, generator=gen) * 3).to(dtype)
+        k = (torch.randn(m, d, generator=gen) * 0.5).to(dtype)
+        for scale in (0.01, 1.0, 14.3, -100.0):
+            s = torch.tensor(scale)
+            bound2 = _lse.logit_bound(q, k, s) * _lse.LOG2E
+            limit = _lse._ONE_EXP_RANGE2 - torch.log2(torch.tensor(float(max(n, m, 2))))
+            ctl = _lse.control(q, k, s)
+            torch.testing.assert_close(ctl[0], bound2 - _lse._HEADROOM2, rtol=1e-6, atol=1e-4)
+            assert float(ctl[1]) == float(2 * bound2 <= limit)

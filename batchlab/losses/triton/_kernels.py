@@ -213,6 +213,53 @@ def lse_fwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ctl_ptr,
 
 
 @triton.jit
+def _row_norm2_max(x_ptr, row0, N, D, stride, BR: tl.constexpr, BD: tl.constexpr):
+    """Largest squared norm (fp32) of rows [row0, row0 + BR) of a (N, D) operand."""
+    rows = row0 + tl.arange(0, BR)
+    acc = tl.zeros((BR,), dtype=tl.float32)
+    for d0 in range(0, D, BD):
+        dd = d0 + tl.arange(0, BD)
+        ptrs = x_ptr + rows[:, None].to(tl.int64) * stride + dd[None, :]
+        x = tl.load(ptrs, mask=(rows[:, None] < N) & (dd[None, :] < D), other=0.0).to(tl.float32)
+        acc += tl.sum(x * x, 1)
+    return tl.max(acc, 0)
+
+
+@triton.jit
+def norm_max_kernel(q_ptr, k_ptr, part_ptr, N, M, D, stride_q, stride_k, q_blocks,
+                    BR: tl.constexpr, BD: tl.constexpr):
+    """``part[pid]``: the largest squared row norm of a block of BR rows: of ``q`` for the first
+    ``q_blocks`` programs, of ``k`` for the rest (``control_kernel`` takes the maxima)."""
+    pid = tl.program_id(0)
+    if pid < q_blocks:
+        top = _row_norm2_max(q_ptr, pid * BR, N, D, stride_q, BR, BD)
+    else:
+        top = _row_norm2_max(k_ptr, (pid - q_blocks) * BR, M, D, stride_k, BR, BD)
+    tl.store(part_ptr + pid, top)
+
+
+@triton.jit
+def control_kernel(part_ptr, scale_ptr, ctl_ptr, q_blocks, blocks, limit2, margin, headroom2,
+                   BLOCK: tl.constexpr):
+    """One program: ``ctl = [ref2, one_exp]`` from ``norm_max_kernel``'s partial maxima.
+
+    ``bound2 = |s| max|q_i| max|k_j| * margin * log2(e)`` bounds every base-2 logit; ``ref2 = bound2 -
+    headroom2`` is the column shift and ``one_exp = 2 bound2 <= limit2`` (as 1.0 / 0.0) the
+    single-exponential flag (see ``_lse.control``)."""
+    qmax = 0.0
+    kmax = 0.0
+    for i0 in range(0, blocks, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        x = tl.load(part_ptr + i, mask=i < blocks, other=0.0)
+        qmax = tl.maximum(qmax, tl.max(tl.where(i < q_blocks, x, 0.0), 0))
+        kmax = tl.maximum(kmax, tl.max(tl.where(i >= q_blocks, x, 0.0), 0))
+    scale = tl.abs(tl.load(scale_ptr).to(tl.float32))
+    bound2 = scale * tl.sqrt(qmax) * tl.sqrt(kmax) * margin * 1.4426950408889634
+    tl.store(ctl_ptr, bound2 - headroom2)
+    tl.store(ctl_ptr + 1, tl.where(2 * bound2 <= limit2, 1.0, 0.0))
+
+
+@triton.jit
 def lse_bwd_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ginv_ptr, ctl_ptr,
                    row_lse2_ptr, col_lse2_ptr, g_row_ptr, g_col_ptr, out_ptr, ds_ptr,
                    r0, r1, M, D, stride_q, stride_k, stride_out,

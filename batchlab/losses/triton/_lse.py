@@ -52,10 +52,15 @@ _HEADROOM2 = 92.0
 
 
 def logit_bound(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``B = |s| max|q_i| max|k_j| >= |L_ij|`` as a 0-d fp32 device tensor, with a margin for rounding."""
+    """``B = |s| max|q_i| max|k_j| >= |L_ij|`` as a 0-d fp32 device tensor, with a margin for rounding
+    (torch's ops; :func:`control` computes the same bound in two kernels)."""
     qn = torch.linalg.vector_norm(q, dim=1, dtype=torch.float32).max()
     kn = torch.linalg.vector_norm(k, dim=1, dtype=torch.float32).max()
-    return scale.detach().abs().float() * qn * kn * 1.001
+    return scale.detach().abs().float() * qn * kn * _BOUND_MARGIN
+
+
+#: The logits' bound is taken this much above ``|s| max|q| max|k|`` (rounding of the norms).
+_BOUND_MARGIN = 1.001
 
 
 #: The single-exponential epilogues (column terms derived from the row terms) are exact
@@ -74,16 +79,31 @@ ONE_EXP = True
 DS_SUM = os.environ.get("BATCHLAB_TRITON_DS_SUM", "1") != "0"
 
 
+#: Rows and d chunk per program of ``norm_max_kernel`` (the logits' bound in :func:`control`).
+_NORM_BLOCK = (32, 128)
+
+
 def control(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``ctl`` (2,) fp32 on the device: the column shift ``ref2`` and the one-exponential flag.
 
     ``ref2 = B log2(e) - 92`` (B: :func:`logit_bound`); the flag is 1 when
     ``2 B log2(e) + log2(max(N, M)) <= 100`` (|s| < ~30 at N = 1M), so one exp2 per logit
-    is exact. Computed on the GPU: no host sync.
+    is exact. Computed on the GPU by two launches (``norm_max_kernel``: each block of rows'
+    largest squared norm; ``control_kernel``: the rest; torch's ops took 14): no host sync.
     """
-    bound2 = logit_bound(q, k, scale) * LOG2E
-    limit = _ONE_EXP_RANGE2 - math.log2(max(q.shape[0], k.shape[0], 2)) if ONE_EXP else -1.0
-    return torch.stack([bound2 - _HEADROOM2, (2 * bound2 <= limit).float()])
+    n, d = q.shape
+    m = k.shape[0]
+    rows, chunk = _NORM_BLOCK
+    q_blocks = triton.cdiv(n, rows)
+    blocks = q_blocks + triton.cdiv(m, rows)
+    f32 = dict(device=q.device, dtype=torch.float32)
+    parts = torch.empty(blocks, **f32)
+    ctl = torch.empty(2, **f32)
+    limit = _ONE_EXP_RANGE2 - math.log2(max(n, m, 2)) if ONE_EXP else -1.0
+    _kernels.norm_max_kernel[(blocks,)](q, k, parts, n, m, d, q.stride(0), k.stride(0), q_blocks, BR=rows, BD=chunk)
+    _kernels.control_kernel[(1,)](parts, scale.detach(), ctl, q_blocks, blocks, limit, _BOUND_MARGIN, _HEADROOM2,
+                                  BLOCK=1024)
+    return ctl
 
 
 def lse_forward(q, k, scale, targets, *, cols: bool, exclude: bool, ctl: torch.Tensor | None = None):
