@@ -165,10 +165,10 @@ AOT_VARIANTS = [
     ("SogCLRLoss step (one temperature, no temperature gradient)", "fwd_one", dict(one=True, step=True), {}),
     ("SogCLRLoss step, per-row/per-column loop only", "fwd_one", dict(one=True, step=True), {"FAST": 0}),
     ("ISogCLRLoss step (state read and written by the finish)", "fwd", dict(one=False, step=True), {}),
-    ("ISogCLRLoss step, SPLIT (two row-only passes)", "fwd", dict(one=False, step=True), {"SPLIT": 1}),
-    ("ISogCLRLoss step, SPLIT, 128 x 128 tiles", "fwd", dict(one=False, step=True), {"SPLIT": 1, "BN": 128}),
-    ("SogCLRLoss step, SPLIT (two row-only passes)", "fwd_one", dict(one=True, step=True), {"SPLIT": 1}),
-    ("SogCLRLoss step, SPLIT, 128 x 128 tiles", "fwd_one", dict(one=True, step=True), {"SPLIT": 1, "BN": 128}),
+    ("ISogCLRLoss step, SPLIT (two row-only passes, 128 x 64)", "split", dict(one=False, step=True),
+     {"SPLIT": 1, "BN": 64}),
+    ("ISogCLRLoss step, SPLIT (two row-only passes, 128 x 128)", "split", dict(one=False, step=True), {"SPLIT": 1}),
+    ("SogCLRLoss step, SPLIT (two row-only passes, 128 x 128)", "split", dict(one=True, step=True), {"SPLIT": 1}),
 ]
 
 
@@ -186,7 +186,10 @@ def run_aot(dtype: torch.dtype, n: int = 1024, dim: int = 512, warps=(4, 8)) -> 
     for name, key, var, options in AOT_VARIANTS:
         for w in warps:
             with capture_launches(_sogclr.CONFIGS) as captured:
-                _sogclr.CONFIGS[key].update(options, num_warps=w)
+                shape = {k2: v for k2, v in options.items() if k2 != "SPLIT"}
+                if "SPLIT" in options:  # the forward's threshold; the variant's shape goes to "split"
+                    _sogclr.CONFIGS["fwd"]["SPLIT"] = _sogclr.CONFIGS["fwd_one"]["SPLIT"] = options["SPLIT"]
+                _sogclr.CONFIGS[key].update(shape, num_warps=w)
                 tau = None if var["one"] else torch.full((2, n), 0.05)
                 table = torch.zeros(2, n)
                 log_u = table if var["step"] else torch.zeros(2, n)

@@ -342,122 +342,184 @@ def extra_checks(device, big, dim):
 
 
 #: Session 7's forward variants at N = 65,536 (forward only, CUDA events): the one-pass kernel with
-#: column partials (SPLIT=0, the session-6 default) against two row-only passes (SPLIT=1) per tile shape.
-S7_FWD = [dict(SPLIT=0, BM=128, BN=64, num_warps=4), dict(SPLIT=1, BM=128, BN=64, num_warps=4),
-          dict(SPLIT=1, BM=128, BN=64, num_warps=8), dict(SPLIT=1, BM=128, BN=128, num_warps=8),
-          dict(SPLIT=1, BM=128, BN=128, num_warps=4)]
-S7_FWD_ONE = [dict(SPLIT=0, BM=128, BN=64, num_warps=4), dict(SPLIT=1, BM=128, BN=64, num_warps=4),
-              dict(SPLIT=1, BM=128, BN=128, num_warps=8), dict(SPLIT=1, BM=128, BN=128, num_warps=4)]
+#: column partials (SPLIT=0) against two row-only passes (SPLIT=1) per "split" tile shape. Call 2
+#: (2026-12-03): one pass 17.75 ms; two passes 30.7 (128 x 64 / 4 warps), 23.3 (8 warps), 24.1
+#: (128 x 128 / 8 warps), 16.5 ms (128 x 128 / 4 warps); SogCLRLoss one pass 15.2, two passes 15.8.
+S7_SPLIT = [dict(BM=128, BN=128, num_warps=4), dict(BM=256, BN=128, num_warps=8), dict(BM=128, BN=256, num_warps=8),
+            dict(BM=64, BN=256, num_warps=4)]
+
+
+def _set_split(threshold: int) -> None:
+    from batchlab.losses.triton import _sogclr
+
+    _sogclr.CONFIGS["fwd"]["SPLIT"] = _sogclr.CONFIGS["fwd_one"]["SPLIT"] = threshold
 
 
 def s7_sweep(device, n, dim, out) -> dict:
-    """Forward-only times of each S7 variant (random embeddings; the winner also on clustered ones);
-    the fastest per kernel stays in CONFIGS. Also forward + backward at N = 4,096 per SPLIT."""
-    from batchlab.bench.sogclr import embeddings
+    """Forward-only times at N of the one-pass forward and the two-pass one per S7_SPLIT shape (random
+    embeddings; the chosen ones also on clustered); the fastest shape stays in CONFIGS["split"], and
+    SPLIT stays on (from 8,192^2 logits) for a kernel whose two passes won."""
     from batchlab.losses import ISogCLRLoss, SogCLRLoss
     from batchlab.losses.triton import _sogclr
 
     gen = torch.Generator().manual_seed(0)
     data = {kind: _embeddings(n, dim, gen, kind == "clustered", device) for kind in ("random", "clustered")}
     ids = torch.arange(n, device=device)
-    rows = []
+    rows, chosen = [], {key: dict(val) for key, val in _sogclr.CONFIGS.items()}
 
-    def fwd(loss_fn, q, k):
-        return _no_grad_call(loss_fn, q, k, ids)
+    def timed(kernel, label, cls, kind="random"):
+        try:
+            t = _ms(_no_grad_call(cls(n).to(device), *data[kind], ids), device)
+        except Exception as exc:  # a shape that does not compile or fit is skipped
+            rows.append({"kernel": kernel, "variant": label, "error": repr(exc)[:300]})
+            print(f"s7 sweep {kernel} {label}: FAILED {exc!r}"[:400], flush=True)
+            return float("inf")
+        rows.append({"kernel": kernel, "variant": label, "data": kind, "forward_ms": t})
+        print(f"s7 sweep {kernel} {label} {kind}: forward {t:.3f} ms", flush=True)
+        return t
 
-    for kernel, variants, cls in (("fwd", S7_FWD, ISogCLRLoss), ("fwd_one", S7_FWD_ONE, SogCLRLoss)):
-        best, best_t = None, float("inf")
-        for cfg in variants:
-            _sogclr.CONFIGS[kernel].update(cfg)
-            try:
-                t = _ms(fwd(cls(n).to(device), *data["random"]), device)
-            except Exception as exc:  # a shape that does not compile or fit is skipped
-                rows.append({"kernel": kernel, **cfg, "error": repr(exc)[:300]})
-                print(f"s7 sweep {kernel} {cfg}: FAILED {exc!r}"[:400], flush=True)
-                continue
-            rows.append({"kernel": kernel, **cfg, "data": "random", "forward_ms": t})
-            print(f"s7 sweep {kernel} {cfg}: forward {t:.3f} ms", flush=True)
-            if t < best_t:
-                best, best_t = cfg, t
-        if best is not None:
-            _sogclr.CONFIGS[kernel].update(best)
-            t = _ms(fwd(cls(n).to(device), *data["clustered"]), device)
-            rows.append({"kernel": kernel, **best, "data": "clustered", "forward_ms": t})
-            print(f"s7 sweep {kernel} chosen {best}: forward {best_t:.3f} ms random, {t:.3f} ms clustered", flush=True)
+    _set_split(0)
+    one = {"fwd": timed("fwd", "one pass", ISogCLRLoss)}
+    _set_split(1)
+    best, best_t = None, float("inf")
+    for shape in S7_SPLIT:
+        _sogclr.CONFIGS["split"].update(shape)
+        t = timed("fwd", f"two passes {shape}", ISogCLRLoss)
+        if t < best_t:
+            best, best_t = shape, t
+    if best is not None:
+        _sogclr.CONFIGS["split"].update(best)
+        timed("fwd", f"two passes {best}", ISogCLRLoss, "clustered")
+    two_one = timed("fwd_one", f"two passes {best}", SogCLRLoss)
+    _set_split(0)
+    one["fwd_one"] = timed("fwd_one", "one pass", SogCLRLoss)
+    for kernel, two in (("fwd", best_t), ("fwd_one", two_one)):
+        _sogclr.CONFIGS[kernel]["SPLIT"] = chosen[kernel]["SPLIT"] or 8192 * 8192 if two < one[kernel] else 0
     del data
-    torch.cuda.empty_cache() if device.type == "cuda" else None
-    # forward + backward at N = 4,096 with each SPLIT (the chosen shapes otherwise)
-    small = 64 if dry_run() else 4096
-    q, k = (x.to(device, torch.bfloat16).requires_grad_(True) for x in embeddings(small, dim, gen))
-    ids = torch.arange(small, device=device)
-    chosen = {key: dict(val) for key, val in _sogclr.CONFIGS.items()}
-    # (SPLIT, TMA of every kernel): TMA=0 saves the host's tensor descriptors (4 per step)
-    for split, tma in ((0, 1), (1, 1), (chosen["fwd"].get("SPLIT", 0), 0)):
-        for kernel in ("fwd", "fwd_one", "bwd"):
-            _sogclr.CONFIGS[kernel].update({"SPLIT": split, "TMA": tma} if kernel != "bwd" else {"TMA": tma})
-        for name, cls in (("sogclr", SogCLRLoss), ("isogclr", ISogCLRLoss)):
-            loss_fn = cls(small).to(device)
-            t = _ms(lambda: torch.autograd.grad(loss_fn(q, k, ids), [q, k]), device, repeats=11)
-            rows.append({"N": small, "SPLIT": split, "TMA": tma, "method": name, "step_ms_events": t})
-            print(f"s7 N={small} SPLIT={split} TMA={tma} {name}: forward+backward {t:.3f} ms (CUDA events)",
-                  flush=True)
-    for key, val in chosen.items():
-        _sogclr.CONFIGS[key] = val
-    result = {"n": n, "dim": dim, "rows": rows, "chosen": _sogclr.CONFIGS}
+    result = {"n": n, "dim": dim, "rows": rows, "chosen": {k: dict(v) for k, v in _sogclr.CONFIGS.items()}}
     with open(os.path.join(out, "sweep.json"), "w") as fh:
         json.dump(result, fh, indent=1)
     print("chosen configs:", _sogclr.CONFIGS, flush=True)
     return result
 
 
-def step_profile(device, n, dim) -> dict:
-    """Per step at N (after warm-ups): host time (the call returning, no sync, queue drained before),
-    wall time (synchronised), and the CUDA kernels with their device times (torch.profiler)."""
+def _with_configs(step, changes: dict):
+    """``step`` run with CONFIGS entries changed (``{kernel: {key: value}}``) and restored after."""
+    from batchlab.losses.triton import _sogclr
+
+    def run():
+        saved = {kernel: dict(_sogclr.CONFIGS[kernel]) for kernel in changes}
+        for kernel, values in changes.items():
+            _sogclr.CONFIGS[kernel].update(values)
+        try:
+            step()
+        finally:
+            for kernel, values in saved.items():
+                _sogclr.CONFIGS[kernel].update(values)
+    return run
+
+
+def step_profile(device, n, dim, repeats=20) -> dict:
+    """At N: the steps' host time (the call returning, queue drained before: what bounds small N),
+    wall time (synchronised; interleaved rounds), and the CUDA kernels with their device times
+    (torch.profiler), for InfoNCE and the modules' steps with the defaults, with TMA off on every
+    SogCLR kernel (no tensor descriptors on the host), and iSogCLR with two forward passes."""
     from torch.profiler import ProfilerActivity, profile
 
-    from batchlab.bench.sogclr import _step, embeddings
+    from batchlab.bench.sogclr import _step, embeddings, interleaved
 
     gen = torch.Generator().manual_seed(2)
     q, k = (x.to(device, torch.bfloat16).requires_grad_(True) for x in embeddings(n, dim, gen))
+    no_tma = {kernel: {"TMA": 0} for kernel in ("fwd", "fwd_one", "split", "bwd")}
+    steps = {
+        "info_nce auto": _step("info_nce auto", n, q, k),
+        "sogclr triton": _step("sogclr triton", n, q, k),
+        "isogclr triton": _step("isogclr triton", n, q, k),
+        "sogclr triton TMA=0": _with_configs(_step("sogclr triton", n, q, k), no_tma),
+        "isogclr triton TMA=0": _with_configs(_step("isogclr triton", n, q, k), no_tma),
+        "isogclr triton SPLIT=1": _with_configs(_step("isogclr triton", n, q, k), {"fwd": {"SPLIT": 1}}),
+    }
+    wall = interleaved(steps, device, repeats, warmup=3)
+    med = lambda xs: sorted(xs)[len(xs) // 2] * 1e3  # noqa: E731
     out = {}
-    for method in ("info_nce auto", "sogclr triton", "isogclr triton"):
-        step = _step(method, n, q, k)
-        for _ in range(3):
-            step()
-        host, wall = [], []
-        for _ in range(21):
+    for method, step in steps.items():
+        host = []
+        for _ in range(repeats):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             step()
-            t1 = time.perf_counter()
-            torch.cuda.synchronize()
-            host.append(t1 - t0)
-            wall.append(time.perf_counter() - t0)
+            host.append(time.perf_counter() - t0)
+        torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             step()
             torch.cuda.synchronize()
         kernels = [(e.name, e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
                    for e in prof.events() if e.device_type.name == "CUDA"]
-        med = lambda xs: sorted(xs)[len(xs) // 2] * 1e3  # noqa: E731
-        out[method] = {"host_ms": med(host), "wall_ms": med(wall), "kernels": len(kernels),
-                       "kernel_us_sum": sum(t for _, t in kernels), "by_kernel_us": [(name[:60], t) for name, t in kernels]}
-        print(f"profile N={n} {method}: host {out[method]['host_ms']:.3f} ms, wall {out[method]['wall_ms']:.3f} ms, "
-              f"{len(kernels)} kernels, device {out[method]['kernel_us_sum']:.0f} us: "
-              + ", ".join(f"{name[:28]} {t:.0f}" for name, t in kernels), flush=True)
-    return {"check": f"per-step profile at N={n} (informational)", "profile": out, "pass": True}
+        out[method] = {"host_ms": med(host), "wall_ms": med(wall[method]),
+                       "x_info_nce_wall": med([t / a for t, a in zip(wall[method], wall["info_nce auto"])]) / 1e3,
+                       "kernels": len(kernels), "kernel_us_sum": sum(t for _, t in kernels),
+                       "by_kernel_us": [(name[:60], t) for name, t in kernels]}
+        print(f"profile N={n} {method}: host {out[method]['host_ms']:.3f} ms, wall {out[method]['wall_ms']:.3f} ms "
+              f"({out[method]['x_info_nce_wall']:.3f}x), {len(kernels)} kernels, device "
+              f"{out[method]['kernel_us_sum']:.0f} us: " + ", ".join(f"{name[:24]} {t:.0f}" for name, t in kernels),
+              flush=True)
+    return {"check": f"per-step host/wall/device at N={n} (informational)", "profile": out, "pass": True}
+
+
+def s7_checks(device, out, budget_s: float) -> tuple[int, list]:
+    """The float64-reference checks (Triton), most important first, none started after ``budget_s``:
+    symmetric fp32/bf16 x (per-example, float 0.005) with one and two forward passes, then one_way and
+    two_view bf16 per-example (defaults)."""
+    from batchlab.bench import sogclr as bench
+    from batchlab.losses.triton import _sogclr
+
+    t0 = time.time()
+    n = 64 if dry_run() else 1500
+    saved = {kernel: dict(_sogclr.CONFIGS[kernel]) for kernel in ("fwd", "fwd_one")}
+    plan = [(split, ("symmetric",), dtype, tau) for split in (1, 0) for dtype in (torch.bfloat16, torch.float32)
+            for tau in ("per-example", "float 0.005")]
+    plan += [(None, (mode,), torch.bfloat16, "per-example") for mode in ("one_way", "two_view")]
+    checks, skipped = [], 0
+    try:
+        for split, modes, dtype, tau in plan:
+            if time.time() - t0 > budget_s:
+                skipped += 1
+                continue
+            for kernel in ("fwd", "fwd_one"):
+                _sogclr.CONFIGS[kernel].update(saved[kernel])
+                if split is not None:
+                    _sogclr.CONFIGS[kernel]["SPLIT"] = split
+            for row in bench.check(device, n=n, dim=128, impls=["triton"], dtypes=(dtype,), tau_kinds=(tau,),
+                                   modes=modes):
+                checks.append({**row, "SPLIT": split if split is not None else "default"})
+    finally:
+        for kernel, values in saved.items():
+            _sogclr.CONFIGS[kernel].update(values)
+    passed = sum(c["pass"] for c in checks)
+    with open(os.path.join(out, "checks.json"), "w") as fh:
+        json.dump({"checks": checks, "skipped_for_time": skipped}, fh, indent=1)
+    print(f"checks: {passed} of {len(checks)} passed, {skipped} skipped for time [{time.time() - t0:.0f} s]",
+          flush=True)
+    return (0 if checks and passed == len(checks) else 1), checks
 
 
 def s7(device, out) -> int:
-    """Session 7's run: the SPLIT sweep, the interleaved cost bench (random and clustered, N = 4,096 and
-    65,536), the per-step profile at 4,096, the float64-reference checks (both SPLIT values), no-sync."""
+    """Session 7's run (<= ~130 s): the float64-reference checks (first, budgeted), the forward sweep at
+    65,536, the interleaved cost bench (random and clustered, 4,096 and 65,536), the host/device
+    profile at 4,096, the no-sync check."""
     from batchlab.bench import sogclr as bench
     from batchlab.bench.sogclr import embeddings
-    from batchlab.losses.triton import _sogclr
 
     dry = dry_run()
     t0 = time.time()
     status = 0 if dry else first_step(device)
     n, small, dim = (128, 64, 32) if dry else (65536, 4096, 512)
+    try:
+        status |= s7_checks(device, out, budget_s=35.0)[0]
+    except Exception:
+        traceback.print_exc()
+        status = 1
+    print(f"[{time.time() - t0:.0f} s] checks done", flush=True)
     try:
         s7_sweep(device, n, dim, out)
     except Exception:
@@ -474,11 +536,6 @@ def s7(device, out) -> int:
         status = 1
     print(f"[{time.time() - t0:.0f} s] bench done", flush=True)
     extra = []
-    if device.type == "cuda":
-        try:
-            extra.append(step_profile(device, small, dim))
-        except Exception:
-            traceback.print_exc()
     try:
         gen = torch.Generator().manual_seed(5)
         q, k = (x.to(device, torch.bfloat16) for x in embeddings(small, dim, gen))
@@ -488,30 +545,14 @@ def s7(device, out) -> int:
     except Exception:
         traceback.print_exc()
         status = 1
+    if device.type == "cuda":
+        try:
+            extra.append(step_profile(device, small, dim))
+        except Exception:
+            traceback.print_exc()
     with open(os.path.join(out, "extra_checks.json"), "w") as fh:
         json.dump(extra, fh, indent=1)
-    print(f"[{time.time() - t0:.0f} s] profile and no-sync check done", flush=True)
-    checks = []
-    chosen = {key: dict(val) for key, val in _sogclr.CONFIGS.items()}
-    try:
-        # every mode with the chosen configs; the other SPLIT value (it changes the symmetric forward only)
-        for split in (chosen["fwd"].get("SPLIT", 0), 1 - chosen["fwd"].get("SPLIT", 0)):
-            for kernel in ("fwd", "fwd_one"):
-                _sogclr.CONFIGS[kernel]["SPLIT"] = split
-            modes = None if not checks else ("symmetric",)
-            for row in bench.check(device, n=64 if dry else 1500, dim=128, impls=["triton"],
-                                   tau_kinds=("per-example", "0.005", "float 0.005"), modes=modes):
-                checks.append({**row, "SPLIT": split})
-    except Exception:
-        traceback.print_exc()
-        status = 1
-    finally:
-        _sogclr.CONFIGS.update(chosen)
-    passed = sum(c["pass"] for c in checks)
-    status |= 0 if checks and passed == len(checks) else 1
-    with open(os.path.join(out, "checks.json"), "w") as fh:
-        json.dump(checks, fh, indent=1)
-    print(f"checks: {passed} of {len(checks)} passed [{time.time() - t0:.0f} s]", flush=True)
+    print(f"[{time.time() - t0:.0f} s] no-sync check and profile done", flush=True)
     return status
 
 

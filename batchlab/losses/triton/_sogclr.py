@@ -50,23 +50,28 @@ from batchlab.losses.triton._dense import EAGER_FUNCTION, _cdiv, _Kernel
 from batchlab.losses.triton._launch import FP32_BD, LOG2E, addmm_f32_, kernel_flags, operands, panel_rows, tile_shares
 
 #: Tile shapes on the GPU: "fwd" for per-row/per-column temperatures (iSogCLR), "fwd_one" for one
-#: temperature (SogCLR), "bwd" for the backward; FLAT as in ``_launch.KERNEL_OPTIONS``; FAST
-#: ("fwd_one"): the one-exponential loop (with its per-program redo) instead of the per-row /
-#: per-column one; PAIR ("fwd"): each weighted sum shares one reduction with its sum; SPLIT: the
-#: symmetric loss as two row-only passes of the forward kernel (rows of ``a`` against ``c``, then
-#: rows of ``c`` against ``a``: twice the products, but no column maxima or sums across the warps
-#: of a tile, one exponential per logit, and one partial per (row, column group) for the finish;
-#: sm_90 AOT, bf16, 128 x 64 / 4 warps: 128 registers, 3 CTAs per SM, against 191 and 2). fp32 inputs
-#: halve the d chunk (``BD``). Chosen by two H200 sweeps at N = 65,536, d = 512, bf16
-#: (``tests/losses/gpu_check_sogclr.py``, ``benchmarks/results/sogclr-h200-v2/``): SogCLRLoss forward
-#: 13.9 ms with FAST=1 and 15.2 ms with FAST=0 on random embeddings, but 28.8 against 15.2 ms on
-#: clustered ones (the redo), so FAST=0; ISogCLRLoss forward 17.8 ms with PAIR=0, 18.5 with PAIR=1;
-#: 4 warps at 128 x 64 (8 warps: 15.5 and 44.5 ms); backward 128 x 128 / 4 warps (128 x 64: +3.5 ms).
-#: Registers for sm_90 (Triton 3.8, bf16, ``python -m batchlab.bench.sogclr --aot``): forward
-#: 188-194 without spills (per-row temperatures), 167 (one temperature, FAST=0), 229 (FAST=1).
+#: temperature (SogCLR), "split" for the two-pass forward (below), "bwd" for the backward; FLAT as in
+#: ``_launch.KERNEL_OPTIONS``; FAST ("fwd_one"): the one-exponential loop (with its per-program redo)
+#: instead of the per-row / per-column one; PAIR ("fwd"): each weighted sum shares one reduction with
+#: its sum; SPLIT: from this many logits (N x N) on, the symmetric loss takes two row-only passes of
+#: the forward kernel with the "split" tiles (rows of ``a`` against ``c``, then rows of ``c``
+#: against ``a``: twice the products, but no column maxima or sums across the warps of a tile, one
+#: exponential per logit, one partial per (row, column group) for the finish; 0: never, 1: always).
+#: fp32 inputs halve the d chunk (``BD``). Chosen by H200 sweeps at N = 65,536, d = 512, bf16
+#: (``tests/losses/gpu_check_sogclr.py``; ``benchmarks/results/sogclr-h200-v2/`` and ``-s7/``):
+#: SogCLRLoss forward 13.9 ms with FAST=1 and 15.2 ms with FAST=0 on random embeddings, but 28.8
+#: against 15.2 ms on clustered ones (the redo), so FAST=0; two passes 15.8 ms (128 x 128 / 4 warps),
+#: so no SPLIT. ISogCLRLoss forward 17.8 ms in one pass (PAIR=0; 18.5 with PAIR=1), 16.5 ms in two
+#: passes of 128 x 128 / 4 warps (30.7 ms at 128 x 64: the forward streams its row block's d = 512
+#: from L2 for every column tile, so wide tiles pay; 8 warps: 23-24 ms). At N = 4,096 (host-bound)
+#: the one pass launches less. 4 warps at 128 x 64 for one pass (8 warps: 15.5 and 44.5 ms); backward
+#: 128 x 128 / 4 warps (128 x 64: +3.5 ms). Registers for sm_90 (Triton 3.8, bf16, ``python -m
+#: batchlab.bench.sogclr --aot``): one-pass forward 191 without spills (per-row temperatures), 167 (one
+#: temperature, FAST=0), 229 (FAST=1); two-pass forward 255 at 128 x 128 / 4 warps, 128 at 128 x 64.
 CONFIGS: dict[str, dict[str, int]] = {
-    "fwd": dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0, PAIR=0, SPLIT=0),
+    "fwd": dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0, PAIR=0, SPLIT=8192 * 8192),
     "fwd_one": dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0, FAST=0, SPLIT=0),
+    "split": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0),
     "bwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1),
 }
 _INTERPRET = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, TMA=0, FAST=0, PAIR=0, SPLIT=0)
@@ -127,8 +132,9 @@ def _forward_plan(a, sizes, cols: bool, one: bool, wsum: bool, gather: bool, gam
     n, d = a.shape
     cfg = _config("fwd_one" if one else "fwd", a.dtype)
     # SPLIT: the symmetric loss as two row-only passes (rows of a against c, then rows of c against a)
-    split = cols and bool(cfg.get("SPLIT"))
+    split = cols and 0 < cfg.get("SPLIT", 0) <= n * sizes[0]
     if split:
+        cfg = _config("split", a.dtype)
         cfg["FAST"] = 0  # row-only: the per-row loop already takes one exponential per logit
     row_blocks = _cdiv(n, cfg["BM"])
     blocks = []  # per candidate block: (groups of column tiles, tiles per group, row blocks per chunk)
@@ -163,7 +169,7 @@ def _forward(a, c, p, tau, tau_value: float, log_u, starts, sizes, offsets, cols
     n_dirs = log_u.shape[0]
     one, gather = tau is None, ids is not None
     plan = _plan("fwd_one" if one else "fwd", a, lambda: _forward_plan(a, sizes, cols, one, wsum, gather, gamma),
-                 tuple(sizes), cols, one, wsum, gather, gamma < 1.0)
+                 tuple(sizes), cols, one, wsum, gather, gamma < 1.0, tuple(CONFIGS["split"].items()))
     f32 = dict(device=a.device, dtype=torch.float32)
     p_rows, row_blocks, chunked = plan["p_rows"], plan["row_blocks"], plan["chunked"]
     lse = torch.empty((p_rows + plan["p_cols"]) * n, **f32)
