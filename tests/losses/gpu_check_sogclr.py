@@ -455,7 +455,23 @@ def step_profile(device, n, dim, repeats=20) -> dict:
             torch.cuda.synchronize()
         kernels = [(e.name, e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total)
                    for e in prof.events() if e.device_type.name == "CUDA"]
-        out[method] = {"host_ms": med(host), "wall_ms": med(wall[method]),
+        stats = ""
+        if method in ("info_nce auto", "sogclr triton", "isogclr triton"):  # where the host time goes
+            import cProfile
+            import io
+            import pstats
+
+            prof_py = cProfile.Profile()
+            prof_py.enable()
+            for _ in range(20):
+                step()
+            prof_py.disable()
+            torch.cuda.synchronize()
+            buf = io.StringIO()
+            pstats.Stats(prof_py, stream=buf).sort_stats("tottime").print_stats(18)
+            stats = buf.getvalue()[-6000:]
+            print(f"cProfile N={n} {method} (20 steps):\n{stats}", flush=True)
+        out[method] = {"host_ms": med(host), "wall_ms": med(wall[method]), "cprofile_20_steps": stats,
                        "x_info_nce_wall": med([t / a for t, a in zip(wall[method], wall["info_nce auto"])]) / 1e3,
                        "kernels": len(kernels), "kernel_us_sum": sum(t for _, t in kernels),
                        "by_kernel_us": [(name[:60], t) for name, t in kernels]}
@@ -468,20 +484,23 @@ def step_profile(device, n, dim, repeats=20) -> dict:
 
 def s7_checks(device, out, budget_s: float) -> tuple[int, list]:
     """The float64-reference checks (Triton), most important first, none started after ``budget_s``:
-    symmetric fp32/bf16 x (per-example, float 0.005) with one and two forward passes, then one_way and
-    two_view bf16 per-example (defaults)."""
+    symmetric fp32/bf16 x (per-example, float 0.005) with one and two forward passes, bf16 with pointer
+    loads (no TMA), then one_way and two_view bf16 per-example (defaults)."""
     from batchlab.bench import sogclr as bench
     from batchlab.losses.triton import _sogclr
 
     t0 = time.time()
     n = 64 if dry_run() else 1500
     saved = {kernel: dict(_sogclr.CONFIGS[kernel]) for kernel in ("fwd", "fwd_one")}
-    plan = [(split, ("symmetric",), dtype, tau) for split in (1, 0) for dtype in (torch.bfloat16, torch.float32)
+    saved_tma = _sogclr.TMA_MIN_LOGITS
+    # (SPLIT: 1 always, 0 never, None the default; TMA loads; modes; dtype; temperatures)
+    plan = [(split, True, ("symmetric",), dtype, tau) for split in (1, 0) for dtype in (torch.bfloat16, torch.float32)
             for tau in ("per-example", "float 0.005")]
-    plan += [(None, (mode,), torch.bfloat16, "per-example") for mode in ("one_way", "two_view")]
+    plan += [(None, False, ("symmetric",), torch.bfloat16, tau) for tau in ("per-example", "float 0.005")]
+    plan += [(None, True, (mode,), torch.bfloat16, "per-example") for mode in ("one_way", "two_view")]
     checks, skipped = [], 0
     try:
-        for split, modes, dtype, tau in plan:
+        for split, tma, modes, dtype, tau in plan:
             if time.time() - t0 > budget_s:
                 skipped += 1
                 continue
@@ -489,12 +508,14 @@ def s7_checks(device, out, budget_s: float) -> tuple[int, list]:
                 _sogclr.CONFIGS[kernel].update(saved[kernel])
                 if split is not None:
                     _sogclr.CONFIGS[kernel]["SPLIT"] = split
+            _sogclr.TMA_MIN_LOGITS = saved_tma if tma else 1 << 62
             for row in bench.check(device, n=n, dim=128, impls=["triton"], dtypes=(dtype,), tau_kinds=(tau,),
                                    modes=modes):
-                checks.append({**row, "SPLIT": split if split is not None else "default"})
+                checks.append({**row, "SPLIT": split if split is not None else "default", "TMA": tma})
     finally:
         for kernel, values in saved.items():
             _sogclr.CONFIGS[kernel].update(values)
+        _sogclr.TMA_MIN_LOGITS = saved_tma
     passed = sum(c["pass"] for c in checks)
     with open(os.path.join(out, "checks.json"), "w") as fh:
         json.dump({"checks": checks, "skipped_for_time": skipped}, fh, indent=1)
@@ -505,17 +526,18 @@ def s7_checks(device, out, budget_s: float) -> tuple[int, list]:
 
 def s7(device, out) -> int:
     """Session 7's run (<= ~130 s): the float64-reference checks (first, budgeted), the forward sweep at
-    65,536, the interleaved cost bench (random and clustered, 4,096 and 65,536), the host/device
-    profile at 4,096, the no-sync check."""
+    65,536, the host/device profile at 4,096 (which picks TMA_MIN_LOGITS), the interleaved cost bench
+    (random and clustered, 4,096 and 65,536) with those choices, the no-sync check."""
     from batchlab.bench import sogclr as bench
     from batchlab.bench.sogclr import embeddings
+    from batchlab.losses.triton import _sogclr
 
     dry = dry_run()
     t0 = time.time()
     status = 0 if dry else first_step(device)
     n, small, dim = (128, 64, 32) if dry else (65536, 4096, 512)
     try:
-        status |= s7_checks(device, out, budget_s=35.0)[0]
+        status |= s7_checks(device, out, budget_s=30.0)[0]
     except Exception:
         traceback.print_exc()
         status = 1
@@ -526,6 +548,22 @@ def s7(device, out) -> int:
         traceback.print_exc()
         status = 1
     print(f"[{time.time() - t0:.0f} s] sweep done", flush=True)
+    extra = []
+    if device.type == "cuda":
+        try:  # the small batch's host cost, TMA on and off: the bench then runs with the faster
+            extra.append(step_profile(device, small, dim))
+            wall = {m: v["wall_ms"] for m, v in extra[-1]["profile"].items()}
+            off = wall["sogclr triton TMA=0"] + wall["isogclr triton TMA=0"]
+            on = wall["sogclr triton"] + wall["isogclr triton"]
+            _sogclr.TMA_MIN_LOGITS = 8192 * 8192 if off < on else 0
+            extra[-1]["chosen_TMA_MIN_LOGITS"] = _sogclr.TMA_MIN_LOGITS
+            print(f"TMA at N={small}: wall {on:.3f} ms (on) vs {off:.3f} ms (off): TMA_MIN_LOGITS = "
+                  f"{_sogclr.TMA_MIN_LOGITS}", flush=True)
+        except Exception:
+            traceback.print_exc()
+        with open(os.path.join(out, "extra_checks.json"), "w") as fh:
+            json.dump(extra, fh, indent=1)
+    print(f"[{time.time() - t0:.0f} s] profile done", flush=True)
     argv = ["--device", str(device), "--sizes", f"{small},{n}", "--dim", str(dim), "--dtype", "bfloat16",
             "--repeats", "4" if dry else "20", "--data", "random,clustered", "--out", out,
             "--methods", "info_nce auto", "sogclr triton", "isogclr triton"]
@@ -535,7 +573,6 @@ def s7(device, out) -> int:
         traceback.print_exc()
         status = 1
     print(f"[{time.time() - t0:.0f} s] bench done", flush=True)
-    extra = []
     try:
         gen = torch.Generator().manual_seed(5)
         q, k = (x.to(device, torch.bfloat16) for x in embeddings(small, dim, gen))
@@ -545,14 +582,10 @@ def s7(device, out) -> int:
     except Exception:
         traceback.print_exc()
         status = 1
-    if device.type == "cuda":
-        try:
-            extra.append(step_profile(device, small, dim))
-        except Exception:
-            traceback.print_exc()
     with open(os.path.join(out, "extra_checks.json"), "w") as fh:
         json.dump(extra, fh, indent=1)
-    print(f"[{time.time() - t0:.0f} s] no-sync check and profile done", flush=True)
+    print(f"[{time.time() - t0:.0f} s] no-sync check done; configs {_sogclr.CONFIGS}, TMA_MIN_LOGITS "
+          f"{_sogclr.TMA_MIN_LOGITS}", flush=True)
     return status
 
 

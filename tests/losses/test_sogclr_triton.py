@@ -435,3 +435,17 @@ def test_split_module_step_matches_reference_module(isogclr, monkeypatch):
     scale = 0.05 / fused.tau_min if isogclr else 1.0
     for name, buf in ref.state_dict().items():
         assert _err(fused.state_dict()[name].double(), buf) <= 1e-5 * max(1.0, scale), name
+
+
+def test_tma_threshold_turns_descriptors_off_below_it(monkeypatch):
+    """TMA_MIN_LOGITS: below it every kernel's config loads through pointers (no host descriptors);
+    the launch plans are keyed by it (a changed threshold never reuses a stale plan)."""
+    monkeypatch.setattr(_sogclr, "_INTERPRETING", False)
+    monkeypatch.setattr(_sogclr, "TMA_MIN_LOGITS", 100)
+    for kernel in ("fwd", "fwd_one", "split", "bwd"):
+        assert _sogclr._config(kernel, torch.bfloat16, 99)["TMA"] == 0
+        assert _sogclr._config(kernel, torch.bfloat16, 100)["TMA"] == _sogclr.CONFIGS[kernel]["TMA"]
+    a = torch.zeros(4, 8)
+    first = _sogclr._plan("bwd", a, lambda: {"built": 1})
+    monkeypatch.setattr(_sogclr, "TMA_MIN_LOGITS", 0)
+    assert _sogclr._plan("bwd", a, lambda: {"built": 2}) is not first

@@ -75,6 +75,10 @@ CONFIGS: dict[str, dict[str, int]] = {
     "bwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1),
 }
 _INTERPRET = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, TMA=0, FAST=0, PAIR=0, SPLIT=0)
+#: Tensor-descriptor loads (TMA) only from this many logits (N x M) on: below it the kernels load
+#: through pointers, and the host builds no descriptors (four per step, each encoded by Triton's
+#: launcher on every launch: host time, which bounds small batches). 0: TMA wherever a config asks.
+TMA_MIN_LOGITS = 0
 #: Bytes of column partials held at once (row blocks x columns x 8 B); above it the row blocks
 #: run in chunks whose partials are folded as they come (N > ~180,000 at BM = 128).
 CHUNK_BYTES = 3 << 29
@@ -83,11 +87,15 @@ DTYPES = (torch.bfloat16, torch.float32)
 _FINISH_BLOCK = 128
 
 
-def _config(kernel: str, dtype: torch.dtype) -> dict:
+def _config(kernel: str, dtype: torch.dtype, logits: int | None = None) -> dict:
+    """The launch config of ``kernel`` for inputs of ``dtype`` (``logits``: the problem's N x M, for
+    :data:`TMA_MIN_LOGITS`)."""
     cfg = dict(_INTERPRET) if _INTERPRETING else dict(CONFIGS[kernel])
     if dtype == torch.float32 and not _INTERPRETING:
         cfg["BD"] = min(cfg["BD"], FP32_BD)
     cfg.setdefault("TMA", 0)
+    if logits is not None and logits < TMA_MIN_LOGITS:
+        cfg["TMA"] = 0
     return cfg
 
 
@@ -116,7 +124,7 @@ _PLANS: dict = {}
 
 def _plan(kind: str, a: torch.Tensor, build, *key):
     tf32 = a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
-    full = (kind, a.shape, a.dtype, a.device, tf32, tuple(_config(kind, a.dtype).items()), *key)
+    full = (kind, a.shape, a.dtype, a.device, tf32, tuple(_config(kind, a.dtype).items()), TMA_MIN_LOGITS, *key)
     plan = _PLANS.get(full)
     if plan is None:
         if len(_PLANS) > 256:
@@ -130,11 +138,12 @@ def _plan(kind: str, a: torch.Tensor, build, *key):
 
 def _forward_plan(a, sizes, cols: bool, one: bool, wsum: bool, gather: bool, gamma: float) -> dict:
     n, d = a.shape
-    cfg = _config("fwd_one" if one else "fwd", a.dtype)
+    logits = n * sum(sizes)
+    cfg = _config("fwd_one" if one else "fwd", a.dtype, logits)
     # SPLIT: the symmetric loss as two row-only passes (rows of a against c, then rows of c against a)
-    split = cols and 0 < cfg.get("SPLIT", 0) <= n * sizes[0]
+    split = cols and 0 < cfg.get("SPLIT", 0) <= logits
     if split:
-        cfg = _config("split", a.dtype)
+        cfg = _config("split", a.dtype, logits)
         cfg["FAST"] = 0  # row-only: the per-row loop already takes one exponential per logit
     row_blocks = _cdiv(n, cfg["BM"])
     blocks = []  # per candidate block: (groups of column tiles, tiles per group, row blocks per chunk)
@@ -242,7 +251,7 @@ def _(a, c, p, tau, tau_value, log_u, starts, sizes, offsets, cols, log_n, gamma
 
 def _backward_plan(a, sizes, cols: bool, one: bool) -> dict:
     n = a.shape[0]
-    cfg = _config("bwd", a.dtype)
+    cfg = _config("bwd", a.dtype, n * sum(sizes))
     blocks = []  # per candidate block: (rows per panel, panels, grid columns)
     for size in sizes:
         rows = panel_rows(n, size, a.element_size(), cfg["BM"], None)
