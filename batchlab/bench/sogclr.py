@@ -165,6 +165,7 @@ AOT_VARIANTS = [
     ("SogCLRLoss step (one temperature, no temperature gradient)", "fwd_one", dict(one=True, step=True), {}),
     ("SogCLRLoss step, per-row/per-column loop only", "fwd_one", dict(one=True, step=True), {"FAST": 0}),
     ("ISogCLRLoss step (state read and written by the finish)", "fwd", dict(one=False, step=True), {}),
+    ("ISogCLRLoss step, temperatures read at the ids in-kernel", "fwd", dict(one=False, step=True, gather=True), {}),
     ("ISogCLRLoss step, SPLIT (two row-only passes, 128 x 64)", "split", dict(one=False, step=True),
      {"SPLIT": 1, "BN": 64}),
     ("ISogCLRLoss step, SPLIT (two row-only passes, 128 x 128)", "split", dict(one=False, step=True), {"SPLIT": 1}),
@@ -197,7 +198,8 @@ def run_aot(dtype: torch.dtype, n: int = 1024, dim: int = 512, warps=(4, 8)) -> 
                 _, stats, _ = _sogclr._forward(
                     q, k, k, tau, 0.05, log_u, [0], [n], [0], True, math.log(n - 1), 0.9, 0.0, 1.0,
                     ids=ids if var["step"] else None, tau_table=table if isog else None, mom=table if isog else None,
-                    update=var["step"], isog=isog, wsum=not (var["step"] and var["one"]))
+                    update=var["step"], isog=isog, wsum=not (var["step"] and var["one"]),
+                    gather_tau=var.get("gather", False))
                 _sogclr._backward(q, k, tau, 0.05, stats, torch.ones(()), [0], [n], [0], True, 1.0, True, True)
             # the other kernels do not depend on the forward's warp count: compiled once
             for kw, row in _aot_rows(captured, keep=lambda fn: fn == "sog_fwd_kernel" or w == warps[0]):

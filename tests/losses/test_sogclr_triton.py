@@ -449,3 +449,14 @@ def test_tma_threshold_turns_descriptors_off_below_it(monkeypatch):
     first = _sogclr._plan("bwd", a, lambda: {"built": 1})
     monkeypatch.setattr(_sogclr, "TMA_MIN_LOGITS", 0)
     assert _sogclr._plan("bwd", a, lambda: {"built": 2}) is not first
+
+
+def test_fused_module_step_gathering_temperatures_first(monkeypatch):
+    """Above GATHER_TAU_MAX_LOGITS (and without two passes) iSogCLR's step gathers the batch's
+    temperatures before the kernels (index_select) instead of reading them at the ids in-kernel."""
+    monkeypatch.setattr(_sogclr, "GATHER_TAU_MAX_LOGITS", 0)
+    calls = []
+    real = _sogclr._forward
+    monkeypatch.setattr(_sogclr, "_forward", lambda *a, **kw: calls.append(kw.get("gather_tau")) or real(*a, **kw))
+    test_fused_module_step_matches_reference_module(True, "symmetric", "mean", monkeypatch)
+    assert calls and not any(calls)

@@ -81,9 +81,17 @@ def _sums(p, s, axis: tl.constexpr, WSUM: tl.constexpr, PAIR: tl.constexpr):
 
 
 @triton.jit
-def _temps(tau_ptr, idx, mask):
-    """``log2(e) / tau`` of the anchors ``idx``."""
-    return 1.4426950408889634 / tl.load(tau_ptr + idx, mask=mask, other=1.0)
+def _tau_at(tau_ptr, ids_ptr, idx, mask, GATHER: tl.constexpr):
+    """The temperatures of anchors ``idx``: ``tau[idx]``, or with ``GATHER`` the table's ``tau[ids[idx]]``."""
+    if GATHER:
+        idx = tl.load(ids_ptr + idx, mask=mask, other=0).to(tl.int64)
+    return tl.load(tau_ptr + idx, mask=mask, other=1.0)
+
+
+@triton.jit
+def _temps(tau_ptr, ids_ptr, idx, mask, GATHER: tl.constexpr = False):
+    """``log2(e) / tau`` of the anchors ``idx`` (see :func:`_tau_at`)."""
+    return 1.4426950408889634 / _tau_at(tau_ptr, ids_ptr, idx, mask, GATHER)
 
 
 @triton.jit
@@ -109,19 +117,21 @@ def _store_cols(clse_ptr, cwm_ptr, out, cmask, shift, cl, cw, ac, WSUM: tl.const
 
 
 @triton.jit
-def sog_fwd_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, tau_scale, rlse_ptr, rwm_ptr, clse_ptr, cwm_ptr,
+def sog_fwd_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, ids_ptr, tau_scale, rlse_ptr, rwm_ptr, clse_ptr, cwm_ptr,
                    ctr_ptr, N, M, D, stride_a, stride_c, OFF, tiles_per_group, rb0, rpart0, cpart0,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, COLS: tl.constexpr,
                    ONE_TAU: tl.constexpr, WSUM: tl.constexpr, TOTAL: tl.constexpr,
                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-                   FLAT: tl.constexpr = False, FAST: tl.constexpr = False, PAIR: tl.constexpr = False):
+                   FLAT: tl.constexpr = False, FAST: tl.constexpr = False, PAIR: tl.constexpr = False,
+                   GATHER_TAU: tl.constexpr = False):
     """Partial row statistics over a group of column tiles; with ``COLS`` each tile's column partials.
 
     Row partials go to ``r*_ptr[(rpart0 + group) * N + row]``; column partials of row block
     ``rb0 + pid_m`` to ``c*_ptr[(cpart0 + pid_m) * M + col]``: ``lse`` of ``y`` (base 2; -inf
     when empty) and the softmax-weighted mean of ``y`` (0 when empty; only with ``WSUM``).
     Temperatures: ``ONE_TAU``: ``tau_scale = log2(e) / tau`` for all (``FAST``: the one-exponential
-    loop, else the per-row/per-column one); else ``tau_r[i]`` (rows) and ``tau_c[j]`` (columns).
+    loop, else the per-row/per-column one); else ``tau_r[i]`` (rows) and ``tau_c[j]`` (columns), or
+    with ``GATHER_TAU`` the module's table rows at the batch's ids: ``tau_r[ids[i]]``, ``tau_c[ids[j]]``.
     ``PAIR``: each weighted sum shares one reduction with its sum. ``TOTAL``: program (0, 0) zeroes
     the int32 counter ``ctr`` with which the finish kernel adds up the loss.
     """
@@ -136,7 +146,7 @@ def sog_fwd_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, tau_scale, rlse_ptr, rwm_
     if ONE_TAU:
         ar = tl.zeros((BM,), dtype=tl.float32) + tau_scale
     else:
-        ar = _temps(tau_r_ptr, rows, rmask)
+        ar = _temps(tau_r_ptr, ids_ptr, rows, rmask, GATHER_TAU)
     excl = rows + OFF
     m_i = tl.full((BM,), -1.0e30, dtype=tl.float32)
     l_i = tl.zeros((BM,), dtype=tl.float32)
@@ -178,7 +188,7 @@ def sog_fwd_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, tau_scale, rlse_ptr, rwm_
         t_stop = t_end
     if COLS and not ONE_TAU:  # the columns' temperatures, one tile ahead (loaded before the tile's product)
         nxt = t_start * BN + tl.arange(0, BN)
-        tau_next = tl.load(tau_c_ptr + nxt, mask=nxt < M, other=1.0)
+        tau_next = _tau_at(tau_c_ptr, ids_ptr, nxt, nxt < M, GATHER_TAU)
     # exact for any temperatures: per-row and per-column shifts, two exponentials per logit
     for t in tl.range(t_start, t_stop, flatten=FLAT):
         cols = t * BN + tl.arange(0, BN)
@@ -186,7 +196,7 @@ def sog_fwd_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, tau_scale, rlse_ptr, rwm_
         if COLS and not ONE_TAU:
             ac = 1.4426950408889634 / tau_next
             nxt = cols + BN
-            tau_next = tl.load(tau_c_ptr + nxt, mask=nxt < M, other=1.0)
+            tau_next = _tau_at(tau_c_ptr, ids_ptr, nxt, nxt < M, GATHER_TAU)
         acc = _tile_dot(a_ptr, c_ptr, rows, cols, N, M, D, stride_a, stride_c, BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
         s = tl.where(rmask[:, None] & cmask[None, :] & (cols[None, :] != excl[:, None]), acc, NEG)
         rmax = tl.max(s, 1)
@@ -252,7 +262,7 @@ def sog_finish_kernel(lse_ptr, wm_ptr, x_ptr, p_ptr, ids_ptr, tau_ptr, logu_ptr,
                       rho, coef, tau_value, keep, beta, eta, tau_min, tau_max,
                       BLOCK: tl.constexpr, BD: tl.constexpr, MEMORY: tl.constexpr, ONE_TAU: tl.constexpr,
                       WSUM: tl.constexpr, GATHER: tl.constexpr, UPDATE: tl.constexpr, ISOG: tl.constexpr,
-                      TOTAL: tl.constexpr):
+                      TOTAL: tl.constexpr, SNAP: tl.constexpr = False):
     """The update rules for anchors ``idx`` of direction ``program_id(1)`` (see :mod:`batchlab.losses.sogclr`).
 
     Direction 0's partials are ``P0`` rows of (lse, mean) from offset 0, direction 1's ``P1`` rows
@@ -262,8 +272,8 @@ def sog_finish_kernel(lse_ptr, wm_ptr, x_ptr, p_ptr, ids_ptr, tau_ptr, logu_ptr,
     new ``log u`` (and, ``ISOG``, the momentum ``keep m + beta dtau`` and the clipped temperature
     ``tau - eta m``) back at the same entries. ``stats`` (4 planes of (D_dirs, L)): new ``log u``,
     ``d loss / d tau``, the backward's base-2 bias ``-(x_i . p_i / tau_i + log u_i + log n) log2(e)``
-    and ``s_i = sum_j P_ij``.
-    Without ``WSUM`` the temperature gradient is not computed (NaN). Each program stores ``coef``
+    and ``s_i = sum_j P_ij``; ``SNAP``: a fifth plane, the temperatures read (before the update: what
+    the backward uses). Without ``WSUM`` the temperature gradient is not computed (NaN). Each program stores ``coef``
     times its values' sum at ``part[d * programs + pid]``; with ``TOTAL`` the last program to finish
     adds them up in a fixed order into ``loss`` (``ctr``: zeroed by the forward kernel).
     """
@@ -319,6 +329,8 @@ def sog_finish_kernel(lse_ptr, wm_ptr, x_ptr, p_ptr, ids_ptr, tau_ptr, logu_ptr,
     tl.store(stats_ptr + plane + row, tau_grad, mask=mask)
     tl.store(stats_ptr + 2 * plane + row, -(px + shift) * 1.4426950408889634, mask=mask)
     tl.store(stats_ptr + 3 * plane + row, s_i, mask=mask)
+    if SNAP:
+        tl.store(stats_ptr + 4 * plane + row, tau, mask=mask)
     if UPDATE:
         tl.store(logu_ptr + tab, new_u, mask=mask)
         if ISOG:
