@@ -23,7 +23,12 @@ Three kernels:
   ``G * (q_i . k_j)`` for the scale gradient. The caller turns ``G`` into ``dq`` and
   ``dk`` with two matrix products (cuBLAS).
 * ``siglip_kernel``: one pass that writes per-row loss sums and, when asked, the
-  logit gradient of the sigmoid loss the same way (no normaliser, so no statistics).
+  logit gradient of the sigmoid loss the same way (no normaliser, so no statistics),
+  with per-program fp32 sums for the bias and (``DS``) scale gradients.
+* ``norm_max_kernel`` and ``control_kernel``: the logits' bound and ``ctl`` (``_lse.control``).
+
+The scale-gradient sums (``DS``) are taken before the logit gradient's store: after it, the
+fp32 ``q . k`` tile and the gradient tile are live together and the sm_90 build spills.
 
 The d dimension is looped over in chunks of BD with a mask, so any d works.
 """

@@ -7,15 +7,17 @@ col_lse (M,) or None)`` in fp32 without ever holding the (N, M) logits:
   and the columns' sums against a fixed shift; columns whose sum underflowed (only
   possible when ``|s| > ~55``) are recomputed exactly by a second pass on swapped
   inputs, so the result is exact at any scale.
-* backward: for each panel of rows, ``lse_bwd_kernel`` recomputes the tiles once
-  and writes the logit gradient ``G`` (bf16/fp16/fp32, like the inputs); two
-  matrix products turn it into ``dq = s G k`` and ``dk = s G^T q`` (fp32
-  accumulation across panels), and ``ds = sum G * (q . k) = sum_i q_i . (G k)_i``
-  comes from the first product. FLOPs: 1 GEMM forward + 3 backward = ``8 N M d``.
+* backward: for each panel of rows, ``lse_bwd_tile_kernel`` (default; ``lse_bwd_kernel``
+  without ``TILE``) recomputes the tiles once and writes ``s G`` (``G``: the logit gradient;
+  bf16/fp32 like the inputs; fp16 holds ``G / gscale``); two matrix products turn it into
+  ``dq = s G k`` and ``dk = s G^T q`` (fp32 accumulation across panels), and the kernel sums
+  ``ds = sum G * (q . k)`` in fp32 per program (:data:`DS_SUM`). FLOPs: 1 GEMM forward +
+  3 backward = ``8 N M d``. Launches per panel: the kernel and the two products.
 
 Host syncs: none. The logits' bound, the column shift and the choice of epilogue live
-in a small device tensor (``ctl``) that the kernels read; the exact recomputation of
-underflowed columns is decided per program on the GPU (``lse_fwd_kernel``'s ``FIX``).
+in a small device tensor (``ctl``, two small kernels: :func:`control`) that the kernels read;
+the exact recomputation of underflowed columns is decided per program on the GPU
+(``lse_fwd_kernel``'s ``FIX``).
 
 ``exclude=True`` leaves each query's target out of both sums (DCL's denominator).
 """
@@ -164,6 +166,8 @@ _TILE_PANEL_ROWS = 8192
 #: at N = 262,144 and 2.04 against 2.35 s at 1,048,576 (and 7.79 against 9.03 ms at 65,536, call 1).
 #: (A limit of 256 MiB was set after call 3 measured InfoNCE at 1M in 9.01 s; that was the first
 #: call of a fresh process, and the forward A/B above showed the one-tile kernel faster there too.)
+#: End to end (InfoNCE forward + backward, d = 512, session 7's call 1, benchmarks/results/losses-h200-s7/):
+#: 7.89 / 7.91 / 7.91 s with the one-tile forward against 8.23 / 8.24 s looped at 1,048,576.
 TILE_FWD_MAX_KEY_BYTES = int(os.environ.get("BATCHLAB_TRITON_TILE_FWD_MAX_KEY_BYTES", 2**62))
 #: Pipeline stages of the looped forward when the config is the one-tile forward's (which uses 2).
 _LOOPED_STAGES = 3
