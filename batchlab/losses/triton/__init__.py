@@ -17,8 +17,8 @@ the panel buffer (``workspace_bytes``: by default 8,192 rows of the (N, M) logit
 1 GiB of bf16 at M = 65,536, at most 16 GiB), an fp32 ``dk`` accumulator and O(N) statistics.
 The scale gradient is summed in fp32 inside the backward kernels (exact at any temperature).
 Measured on one H200 (d=512, bf16, forward + backward of the symmetric loss,
-``benchmarks/results/losses-h200-s7/``): 31.6 ms at N = 65,536 (open_clip ``ClipLoss`` 73 ms in
-session 6's run), 1.25 GiB beyond inputs and gradients, 84 launches, and 7.94 s at
+``benchmarks/results/losses-h200-s7/``): 31.6-32.3 ms at N = 65,536 (open_clip ``ClipLoss`` 71.8 ms
+in the same sweep), 1.25 GiB beyond inputs and gradients, 84 launches, and 7.94 s at
 N = 1,048,576; the H100 history is in ``benchmarks/losses-triton-notes.md``.
 """
 
