@@ -46,6 +46,7 @@ import argparse
 import ctypes
 import logging
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -382,8 +383,6 @@ def plot_results(rows: list[dict], out: str | Path, name: str, dtype: str, gpu: 
 def replot(path: str | Path) -> int:
     """Redraw the plots of a results file (``--replot``), next to it."""
     import json
-
-    import sys
 
     path = Path(path)
     try:

@@ -62,6 +62,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from batchlab._argtypes import positive_int
+
 logger = logging.getLogger(__name__)
 
 #: The study of ``benchmarks/results/quality-h200-5seeds`` (its 25 arms, in its order), so that the one command
@@ -126,8 +128,6 @@ def arm_settings(name: str, *, steps: int, base_batch: int) -> dict[str, Any] | 
 
 
 def add_arguments(parser) -> None:
-    from batchlab._argtypes import positive_int
-
     parser.add_argument("--model", default="minilm",
                         help="'minilm' (offline all-MiniLM-L6-v2), a sentence-transformers folder, or 'tiny' (a one-layer "
                              "BERT built locally, initialised per seed: CI) (default: minilm)")
