@@ -248,13 +248,11 @@ class StepPhases:
         if "re-encode" not in names:
             return {"marks": len(names)}
         first = names.index("re-encode")
-        phase_of = {"encode": "encode", "re-encode": "re-encode", "optimizer": "optimizer"}
         peak_phase, running = "start", self.marks[0][2]
         for i in range(1, len(self.marks)):  # the interval (mark i-1, mark i] belongs to mark i-1's phase
             if self.marks[i][2] > running:
                 running = self.marks[i][2]
-                before = names[i - 1]
-                peak_phase = "loss" if i == first else phase_of.get(before, before)
+                peak_phase = "loss" if i == first else names[i - 1]
         return {"held_at_reencode_bytes": self.marks[first][1], "peak_before_reencode_bytes": self.marks[first][2],
                 "peak_bytes": self.marks[-1][2], "peak_phase": peak_phase,
                 "forwards": names.count("encode") + names.count("re-encode")}
