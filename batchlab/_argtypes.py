@@ -20,7 +20,8 @@ import math
 import re
 from pathlib import Path
 
-__all__ = ["add_common_arguments", "device", "non_negative_int", "out_dir", "positive_float", "positive_int"]
+__all__ = ["add_common_arguments", "device", "non_negative_int", "out_dir", "positive_float", "positive_int",
+           "positive_int_list"]
 
 
 def _int(text: str) -> int:
@@ -36,6 +37,11 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {value}")
     return value
+
+
+def positive_int_list(text: str) -> list[int]:
+    """Comma-separated integers >= 1: ``"256,1024"`` -> [256, 1024] (an argparse error names a bad entry)."""
+    return [positive_int(part) for part in text.split(",") if part.strip()] or [positive_int(text)]
 
 
 def non_negative_int(text: str) -> int:

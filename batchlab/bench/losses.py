@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 
 from batchlab._argtypes import device as device_arg
-from batchlab._argtypes import positive_int
+from batchlab._argtypes import positive_int, positive_int_list
 from batchlab.bench._common import device_name, format_table, peak_and_time, plot_series, synchronize, write_results
 
 log = logging.getLogger(__name__)
@@ -68,7 +68,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", type=device_arg, default="cpu", help="cpu or cuda (default cpu)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="results/bench", help="results directory")
-    parser.add_argument("--sizes", type=_size_list, nargs="+", default=None,
+    parser.add_argument("--sizes", type=positive_int_list, nargs="+", default=None,
                         help=f"batch sizes N (= M), space- or comma-separated (--sizes 256,1024,4096); "
                              f"default {CPU_SIZES} on cpu, {CUDA_SIZES} on cuda")
     parser.add_argument("--dim", type=positive_int, nargs="+", default=None,
@@ -98,11 +98,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--count-max-n", type=positive_int, default=65536,
                         help="largest N at which kernel launches and host syncs per call are counted "
                              "(two extra profiled calls each)")
-
-
-def _size_list(text: str) -> list[int]:
-    """``"256,1024"`` -> [256, 1024]; every entry a positive integer (argparse error otherwise)."""
-    return [positive_int(part) for part in text.split(",") if part.strip()] or [positive_int(text)]
 
 
 # ----------------------------------------------------------------------------- memory
