@@ -557,11 +557,21 @@ def s7_last_checks(device, out, budget_s: float = 75.0) -> int:
     return 0 if checks and passed == len(checks) and not skipped else 1
 
 
+def _bench_main(argv: list[str]) -> int:
+    """``batchlab.bench.sogclr.main(argv)``'s exit status; 1 (traceback printed) where it raises."""
+    from batchlab.bench import sogclr as bench
+
+    try:
+        return bench.main(argv)
+    except Exception:
+        traceback.print_exc()
+        return 1
+
+
 def s7(device, out) -> int:
     """Session 7's run (<= ~130 s): the float64-reference checks (first, budgeted), the forward sweep at
     65,536, the host/device profile at 4,096 (which picks TMA_MIN_LOGITS), the interleaved cost bench
     (random and clustered, 4,096 and 65,536) with those choices, the no-sync check."""
-    from batchlab.bench import sogclr as bench
     from batchlab.bench.sogclr import embeddings
     from batchlab.losses.triton import _sogclr
 
@@ -600,11 +610,7 @@ def s7(device, out) -> int:
     argv = ["--device", str(device), "--sizes", f"{small},{n}", "--dim", str(dim), "--dtype", "bfloat16",
             "--repeats", "4" if dry else "20", "--data", "random,clustered", "--out", out,
             "--methods", "info_nce auto", "sogclr triton", "isogclr triton"]
-    try:
-        status |= bench.main(argv)
-    except Exception:
-        traceback.print_exc()
-        status = 1
+    status |= _bench_main(argv)
     print(f"[{time.time() - t0:.0f} s] bench done", flush=True)
     try:
         gen = torch.Generator().manual_seed(5)
@@ -667,11 +673,7 @@ def main() -> int:
     methods = ["info_nce auto", "sogclr triton", "isogclr triton"]
     argv = ["--device", str(device), "--sizes", "64,256" if dry else "4096,65536", "--dim", "32" if dry else "512",
             "--dtype", "bfloat16", "--repeats", "3" if dry else "20", "--out", args.out, "--methods", *methods]
-    try:  # the timings first (what the run is for), then the correctness check
-        status |= bench.main(argv)
-    except Exception:
-        traceback.print_exc()
-        status = 1
+    status |= _bench_main(argv)  # the timings first (what the run is for), then the correctness check
     print(f"[{time.time() - t0:.0f} s] bench done", flush=True)
     try:
         checks = bench.check(device, n=64 if dry else 1500, dim=128,
