@@ -27,6 +27,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -110,6 +111,20 @@ def _raw_launch(on: bool) -> None:
 def _sync_debug(mode) -> None:
     if DEVICE == "cuda":
         torch.cuda.set_sync_debug_mode(mode)
+
+
+def _sync_warnings(call, reps: int = 1) -> list[str]:
+    """Messages of the warnings ``reps`` calls of ``call`` raise under ``set_sync_debug_mode("warn")``
+    (count them with ``batchlab.bench.losses.count_syncs``; none on the CPU dry run)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _sync_debug("warn")
+        try:
+            for _ in range(reps):
+                call()
+        finally:
+            _sync_debug(0)
+    return [str(w.message) for w in caught]
 
 
 def check_one(family, n, d):
@@ -348,17 +363,12 @@ def part_verify() -> int:
     and memory beyond inputs and gradients at d = 512 and 768 (panel workspace freed before dk's last
     step, no fp32 temporaries); (4) forward only, one-tile vs looped, at N = 262,144 and 1,048,576, and
     InfoNCE forward + backward at 1,048,576 with the default (looped forward above 256 MiB of keys)."""
-    import warnings
-
     from batchlab.bench.losses import count_syncs
     from batchlab.losses.triton import _lse
 
     out: dict = {"sync_peak": [], "repeat_20000": [], "n65536": [], "fwd_ab": [], "n1m": []}
 
-    def size(n):  # GPU_LARGE_VERIFY_DIV shrinks every size for a CPU dry run
-        return max(2, n // VERIFY_DIV)
-
-    for n in map(size, (256, 1024, 4096, 8192)):
+    for n in map(_size, (256, 1024, 4096, 8192)):
         for family in ("info_nce", "siglip"):
             q, k, s, b = leaves(n, VERIFY_D[0], seed=n)
             inputs = [q, k, s] + ([b] if family == "siglip" else [])
@@ -368,14 +378,7 @@ def part_verify() -> int:
 
             first = _peak_mib(call)
             second = _peak_mib(call)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                _sync_debug("warn")
-                try:
-                    call()
-                    call()
-                finally:
-                    _sync_debug(0)
+            caught = _sync_warnings(call, reps=2)
             _sync_debug("error")
             try:
                 call()
@@ -385,11 +388,11 @@ def part_verify() -> int:
             finally:
                 _sync_debug(0)
             out["sync_peak"].append({"family": family, "N": n, "first_peak_mib": first[0], "first_kept_mib": first[1],
-                                     "peak_mib": second[0], "syncs_per_call": count_syncs(str(w.message) for w in caught) / 2,
-                                     "warnings": sorted({str(w.message)[:80] for w in caught}), "error_mode": error_mode})
+                                     "peak_mib": second[0], "syncs_per_call": count_syncs(caught) / 2,
+                                     "warnings": sorted({m[:80] for m in caught}), "error_mode": error_mode})
             say(json.dumps(out["sync_peak"][-1]))
             dump("verify", out)
-    q, k, s, b = leaves(size(20000), VERIFY_D[0], seed=3)
+    q, k, s, b = leaves(_size(20000), VERIFY_D[0], seed=3)
     for family in ("info_nce", "siglip"):
         inputs = [q, k, s] + ([b] if family == "siglip" else [])
         runs = []
@@ -401,21 +404,21 @@ def part_verify() -> int:
     dump("verify", out)
     for d in VERIFY_D:
         for family in ("info_nce", "siglip"):
-            q, k, s, b = leaves(size(65536), d)
+            q, k, s, b = leaves(_size(65536), d)
             inputs = [q, k, s] + ([b] if family == "siglip" else [])
 
             def call():
                 return torch.autograd.grad(loss_of(family, q, k, s, b, IMPL), inputs)
 
             peak, _ = _peak_mib(call)
-            grads = 2 * size(65536) * d * 2 / 2**20
+            grads = 2 * _size(65536) * d * 2 / 2**20
             ms = _median_ms(call, 5)
             out["n65536"].append({"family": family, "d": d, "ms": ms, "peak_mib": peak, "beyond_grads_mib": peak - grads})
             say(json.dumps(out["n65536"][-1]))
             dump("verify", out)
     del q, k
     for n in (262144, 1048576):
-        q, k, s, _ = leaves(size(n), VERIFY_D[0])
+        q, k, s, _ = leaves(_size(n), VERIFY_D[0])
         for name, limit in (("one-tile", 2**62), ("looped", 0)):
             _lse.TILE_FWD_MAX_KEY_BYTES = limit
             try:
@@ -526,8 +529,6 @@ def _s7_check(out) -> int:
 
 
 def _s7_launches(out) -> None:
-    import warnings
-
     from batchlab.bench.losses import count_syncs
 
     n = _size(65536)
@@ -539,15 +540,9 @@ def _s7_launches(out) -> None:
             return torch.autograd.grad(loss_of(family, q, k, s, b, IMPL), inputs)
 
         names = kernels_of(call)
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            _sync_debug("warn")
-            try:
-                call()
-            finally:
-                _sync_debug(0)
+        caught = _sync_warnings(call)
         out["launches"].append({"family": family, "N": n, "launches": len(names),
-                                "syncs": count_syncs(str(w.message) for w in caught),
+                                "syncs": count_syncs(caught),
                                 "by_kernel": {name[:60]: names.count(name) for name in set(names)}})
         say(json.dumps(out["launches"][-1]))
         dump("s7", out)
