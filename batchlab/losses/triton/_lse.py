@@ -53,16 +53,16 @@ _UNDERFLOW = 2.0**-66
 _HEADROOM2 = 92.0
 
 
+#: The logits' bound is taken this much above ``|s| max|q| max|k|`` (rounding of the norms).
+_BOUND_MARGIN = 1.001
+
+
 def logit_bound(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """``B = |s| max|q_i| max|k_j| >= |L_ij|`` as a 0-d fp32 device tensor, with a margin for rounding
     (torch's ops; :func:`control` computes the same bound in two kernels)."""
     qn = torch.linalg.vector_norm(q, dim=1, dtype=torch.float32).max()
     kn = torch.linalg.vector_norm(k, dim=1, dtype=torch.float32).max()
     return scale.detach().abs().float() * qn * kn * _BOUND_MARGIN
-
-
-#: The logits' bound is taken this much above ``|s| max|q| max|k|`` (rounding of the norms).
-_BOUND_MARGIN = 1.001
 
 
 #: The single-exponential epilogues (column terms derived from the row terms) are exact
@@ -254,18 +254,20 @@ def lse_backward(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, excl
     if not cols_on:
         tile_cfg.pop("TWO_EXP", None)
     tiled = bool(cfg.get("TILE"))
-    # DS: one fp32 partial of the scale gradient per program of every panel, panel p's at ds_at[p]
+    # DS: one fp32 partial of the scale gradient per program of every panel, the panel from row r0's
+    # at cdiv(r0, BM) * per_block
     per_block = triton.cdiv(m, bn) if tiled else col_groups
-    ds_at = [triton.cdiv(r0, bm) * per_block for r0 in range(0, n + rows_per_panel, rows_per_panel)]
     ds_parts = torch.empty(triton.cdiv(n, bm) * per_block, device=q.device,
                            dtype=torch.float32) if ds_in_kernel else None
 
+    # the same for every panel
+    common = (targets if targets is not None else dummy, scale32, ginv, ctl,
+              row_lse2, col_lse2 if cols_on else dummy, g_row, g_col if cols_on else dummy)
+    flags = dict(COLS=cols_on, EXCLUDE=exclude, HAS_TGT=targets is not None, DS=ds_in_kernel,
+                 **kernel_flags(q, cfg["BD"]))
+
     def fill(p, r0, r1, buf):
-        ds_arg = ds_parts[ds_at[p]:] if ds_in_kernel else dummy
-        common = (targets if targets is not None else dummy, scale32, ginv, ctl,
-                  row_lse2, col_lse2 if cols_on else dummy, g_row, g_col if cols_on else dummy)
-        flags = dict(COLS=cols_on, EXCLUDE=exclude, HAS_TGT=targets is not None, DS=ds_in_kernel,
-                     **kernel_flags(q, cfg["BD"]))
+        ds_arg = ds_parts[triton.cdiv(r0, bm) * per_block:] if ds_in_kernel else dummy
         if tiled:
             _kernels.lse_bwd_tile_kernel[(triton.cdiv(r1 - r0, bm), triton.cdiv(m, bn))](
                 q_arg, k_arg, *common, buf, ds_arg, r0, r1, m, d, q.stride(0), k.stride(0), buf.stride(0),
