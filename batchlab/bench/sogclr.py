@@ -282,16 +282,17 @@ def run(args) -> int:
         write_results(args.out, f"sogclr-aot-sm90-triton{triton.__version__}-{args.dtype or 'bfloat16'}",
                       {"triton": triton.__version__, "target": "cuda:90", "dtype": str(dtype), "rows": rows})
         return 0
+    # --data first, so that a bad value is refused before the (long) --check
+    kinds = [x.strip() for x in args.data.split(",") if x.strip()]
+    bad = sorted(set(kinds) - {"random", "clustered"})
+    if bad or not kinds:
+        raise SystemExit(f"--data takes random and/or clustered, got {args.data!r}")
     checks = check(device) if args.check else None
     cuda = device.type == "cuda"
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([4096, 65536] if cuda else [1024, 4096])
     dim = args.dim or (512 if cuda else 256)
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     repeats = args.repeats or (20 if cuda else 5)
-    kinds = [x.strip() for x in args.data.split(",") if x.strip()]
-    bad = sorted(set(kinds) - {"random", "clustered"})
-    if bad or not kinds:
-        raise SystemExit(f"--data takes random and/or clustered, got {args.data!r}")
     gen = torch.Generator(device="cpu").manual_seed(args.seed)
     rows = []
     for n in sizes:
@@ -314,7 +315,8 @@ def run(args) -> int:
 
         configs = _sogclr.CONFIGS
     payload = {"benchmark": "sogclr", "device": device_name(device), "dim": dim, "dtype": str(dtype),
-               "repeats": repeats, "timing": "interleaved rounds, wall clock, device synchronised", "rows": rows, "checks": checks, "triton_configs": configs,
+               "repeats": repeats, "timing": "interleaved rounds, wall clock, device synchronised", "rows": rows,
+               "checks": checks, "triton_configs": configs,
                "target": "SogCLR/iSogCLR within 1.2x of info_nce auto at N = 4,096 and 65,536 on one H200"}
     path = write_results(args.out, f"sogclr-{tag}", payload)
     series = {}
