@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from batchlab.losses import info_nce, siglip  # noqa: E402
+from batchlab.losses import dcl, info_nce, siglip  # noqa: E402
 from batchlab.losses.triton import _dense  # noqa: E402
 from tests.losses.gpu_check_overhead import GRAD_TOL, VALUE_TOL, compile_and_graph_check, rel  # noqa: E402
 
@@ -362,7 +362,8 @@ def part_verify() -> int:
     differ by the forward's atomic sums (no raw launch there); (3) N = 65,536: InfoNCE and SigLIP time
     and memory beyond inputs and gradients at d = 512 and 768 (panel workspace freed before dk's last
     step, no fp32 temporaries); (4) forward only, one-tile vs looped, at N = 262,144 and 1,048,576, and
-    InfoNCE forward + backward at 1,048,576 with the default (looped forward above 256 MiB of keys)."""
+    InfoNCE forward + backward at 1,048,576 with the default forward (then: looped above 256 MiB
+    of keys; no limit since: ``_lse.TILE_FWD_MAX_KEY_BYTES``)."""
     from batchlab.bench.losses import count_syncs
     from batchlab.losses.triton import _lse
 
@@ -471,14 +472,8 @@ def _size(n: int) -> int:
 
 
 _S7_FNS = {"info_nce": lambda q, k, s, b, impl: info_nce(q, k, s, impl=impl),
-           "dcl": lambda q, k, s, b, impl: _dcl(q, k, s, impl=impl),
+           "dcl": lambda q, k, s, b, impl: dcl(q, k, s, impl=impl),
            "siglip": lambda q, k, s, b, impl: siglip(q, k, s, b, impl=impl)}
-
-
-def _dcl(*args, **kwargs):
-    from batchlab.losses import dcl
-
-    return dcl(*args, **kwargs)
 
 
 def _s7_case(out, q, k, b, family, scale) -> bool:
