@@ -22,8 +22,8 @@ from typing import Any
 
 import torch
 
-from batchlab._checks import check_positive_int
 from batchlab.errors import BatchlabInputError
+from batchlab.samplers.mixing import check_mix_options
 
 LOSSES = ("mnrl", "mnsrl", "dcl", "sogclr", "isogclr")
 #: ``loss_options`` of the global losses: ``gamma`` (weight of the new batch in u's moving average; 1: none)
@@ -46,12 +46,9 @@ def _mochi_options(mochi) -> dict[str, Any] | None:
     if unknown:
         raise BatchlabInputError(f"mochi got unknown option(s) {unknown}; it takes {sorted(MOCHI_DEFAULTS)}")
     options = {**MOCHI_DEFAULTS, **mochi}
-    # the ranges of mix_hard_negatives, checked here so that a bad value is refused before any model loads
-    for key, minimum in (("num_hardest", 1), ("num_synthetic", 0), ("mix_query", 0)):
-        check_positive_int(f"mochi's {key}", options[key], minimum=minimum)
-    weight = options["query_weight_max"]
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
-        raise BatchlabInputError(f"mochi's query_weight_max must be a number in [0, 1], got {weight!r}")
+    # mix_hard_negatives' ranges, checked here so that a bad value is refused before any model loads
+    check_mix_options(options["num_hardest"], options["num_synthetic"], options["mix_query"],
+                      options["query_weight_max"], owner="mochi's ")
     if options["num_synthetic"] == 0 and options["mix_query"] == 0:
         raise BatchlabInputError("mochi with num_synthetic=0 and mix_query=0 synthesises no negative; leave one above 0")
     return options

@@ -23,6 +23,8 @@ torch.Size([8, 8, 16])
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from batchlab._checks import check_embeddings, check_positive_int
@@ -40,6 +42,26 @@ def _hardest_from_bank(q: torch.Tensor, bank: torch.Tensor, num_hardest: int, ta
         idx = torch.topk(s, num_hardest, dim=1).indices
         out.append(bank[idx])
     return torch.cat(out)
+
+
+def check_mix_options(num_hardest, num_synthetic, mix_query, query_weight_max, *, owner: str = "") -> None:
+    """The ranges of :func:`mix_hard_negatives`' options, or a BatchlabInputError naming the option.
+
+    ``owner`` prefixes the option names in the messages (the fine-tuning recipe passes ``"mochi's "``,
+    so that a bad value is refused, by name, before any model loads).
+
+    >>> check_mix_options(16, 16, 8, 0.5)
+    >>> check_mix_options(16, 16, 8, 1.5, owner="mochi's ")
+    Traceback (most recent call last):
+    ...
+    batchlab.errors.BatchlabInputError: mochi's query_weight_max must be a number in [0, 1], got 1.5
+    """
+    check_positive_int(f"{owner}num_hardest", num_hardest)
+    check_positive_int(f"{owner}num_synthetic", num_synthetic, minimum=0)
+    check_positive_int(f"{owner}mix_query", mix_query, minimum=0)
+    weight = query_weight_max
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0.0 <= weight <= 1.0:
+        raise BatchlabInputError(f"{owner}query_weight_max must be a number in [0, 1], got {query_weight_max!r}")
 
 
 def mix_hard_negatives(
@@ -79,12 +101,8 @@ def mix_hard_negatives(
     Tensor (N, num_synthetic + mix_query, d): unit-norm, detached, ``q``'s dtype and device.
     """
     check_embeddings("q", q)
-    check_positive_int("num_hardest", num_hardest)
-    check_positive_int("num_synthetic", num_synthetic, minimum=0)
-    check_positive_int("mix_query", mix_query, minimum=0)
+    check_mix_options(num_hardest, num_synthetic, mix_query, query_weight_max)
     check_positive_int("block_size", block_size)
-    if not 0.0 <= float(query_weight_max) <= 1.0:
-        raise BatchlabInputError(f"query_weight_max must be in [0, 1], got {query_weight_max}")
     n, d = q.shape
     if not isinstance(negatives, torch.Tensor) or negatives.dim() not in (2, 3):
         raise BatchlabInputError("negatives must be a (K, d) bank or (N, m, d) per-query negatives tensor")

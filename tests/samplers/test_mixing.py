@@ -96,8 +96,9 @@ def test_bad_input():
         mix_hard_negatives(q, bank[None].repeat(3, 1, 1), num_hardest=2, num_synthetic=2)
     with pytest.raises(BatchlabInputError, match="targets"):
         mix_hard_negatives(q, bank, num_hardest=2, num_synthetic=2, targets=torch.tensor([0, 1]))
-    with pytest.raises(BatchlabInputError, match="query_weight_max"):
-        mix_hard_negatives(q, bank, num_hardest=2, num_synthetic=2, query_weight_max=2.0)
+    for weight in (2.0, True, "0.5", float("nan")):  # one range check with the recipe's (check_mix_options)
+        with pytest.raises(BatchlabInputError, match=r"query_weight_max must be a number in \[0, 1\]"):
+            mix_hard_negatives(q, bank, num_hardest=2, num_synthetic=2, query_weight_max=weight)
     nan = bank.clone()
     nan[2, 2] = float("nan")
     with pytest.raises(BatchlabInputError, match="non-finite"):
