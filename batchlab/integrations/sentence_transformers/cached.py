@@ -41,6 +41,11 @@ Example
 >>> texts = ["a list", "read a file", "sort the keys"], ["the list", "open the file", "sort keys"]
 >>> value = loss([model.preprocess(t) for t in texts], labels=None)
 >>> value.backward()   # re-encodes the 2 + 1 mini-batches of each column
+>>> on_device = CachedMultipleNegativesRankingLoss(model, mini_batch_size=2, offload_gradients=False)
+>>> CachedMultipleNegativesRankingLoss(model, offload_gradients="host")
+Traceback (most recent call last):
+    ...
+batchlab.errors.BatchlabInputError: offload_gradients must be None (on CUDA), True or False, got 'host'
 """
 
 from __future__ import annotations
@@ -178,6 +183,7 @@ LOSS_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 
 
 def check_offload(offload_gradients: bool | None) -> None:
+    """``offload_gradients`` of the cached losses: None (host memory for CUDA embeddings), True or False."""
     if offload_gradients not in (None, True, False):
         raise BatchlabInputError(f"offload_gradients must be None (on CUDA), True or False, got {offload_gradients!r}")
 
