@@ -43,7 +43,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from batchlab._argtypes import add_common_arguments, positive_int
+from batchlab._argtypes import add_common_arguments, positive_int, positive_int_list
 from batchlab.bench._common import device_name, format_table, peak_memory_call, plot_series, synchronize, write_results
 
 log = logging.getLogger(__name__)
@@ -52,8 +52,21 @@ METHODS = ["info_nce auto", "info_nce tiled", "sogclr reference", "sogclr tiled"
            "isogclr tiled", "isogclr triton"]
 
 
+#: Embedding kinds of ``--data`` (see :func:`embeddings`).
+DATA_KINDS = ("random", "clustered")
+
+
+def _data_kinds(text: str) -> list[str]:
+    """argparse type of ``--data``: comma-separated :data:`DATA_KINDS` (exit 2 before any work otherwise)."""
+    kinds = [x.strip() for x in text.split(",") if x.strip()]
+    if not kinds or set(kinds) - set(DATA_KINDS):
+        raise argparse.ArgumentTypeError(f"takes random and/or clustered, got {text!r}")
+    return kinds
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sizes", default=None, help="comma-separated N (default: 1024,4096 CPU; 4096,65536 CUDA)")
+    parser.add_argument("--sizes", type=positive_int_list, default=None,
+                        help="comma-separated N (default: 1024,4096 CPU; 4096,65536 CUDA)")
     parser.add_argument("--dim", type=positive_int, default=None, help="embedding width (default 256 CPU, 512 CUDA)")
     parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
                         help="embedding dtype (default float32 CPU, bfloat16 CUDA)")
@@ -62,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="largest N for the reference, which materialises the logits (default 32768)")
     parser.add_argument("--repeats", type=positive_int, default=None,
                         help="timed rounds (every method once per round), median (default 20 CUDA, 5 CPU)")
-    parser.add_argument("--data", default="random", help="comma-separated embedding kinds: random, clustered")
+    parser.add_argument("--data", type=_data_kinds, default=["random"],
+                        help="comma-separated embedding kinds: random, clustered (default random)")
     parser.add_argument("--aot", action="store_true",
                         help="compile the Triton kernels for sm_90 on this machine and report registers and spills "
                              "(no GPU; --dtype picks the inputs' dtype)")
@@ -282,14 +296,10 @@ def run(args) -> int:
         write_results(args.out, f"sogclr-aot-sm90-triton{triton.__version__}-{args.dtype or 'bfloat16'}",
                       {"triton": triton.__version__, "target": "cuda:90", "dtype": str(dtype), "rows": rows})
         return 0
-    # --data first, so that a bad value is refused before the (long) --check
-    kinds = [x.strip() for x in args.data.split(",") if x.strip()]
-    bad = sorted(set(kinds) - {"random", "clustered"})
-    if bad or not kinds:
-        raise SystemExit(f"--data takes random and/or clustered, got {args.data!r}")
+    kinds = args.data  # parsed (and refused with exit 2) by argparse, before the (long) --check
     checks = check(device) if args.check else None
     cuda = device.type == "cuda"
-    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else ([4096, 65536] if cuda else [1024, 4096])
+    sizes = args.sizes if args.sizes else ([4096, 65536] if cuda else [1024, 4096])
     dim = args.dim or (512 if cuda else 256)
     dtype = getattr(torch, args.dtype or ("bfloat16" if cuda else "float32"))
     repeats = args.repeats or (20 if cuda else 5)

@@ -382,10 +382,13 @@ def test_bench_interleaves_methods_and_reports_paired_ratios(tmp_path):
     assert rows[0]["x_info_nce_auto"] == 1.0
 
 
-def test_bench_refuses_bad_data_before_check(monkeypatch, tmp_path):
-    """A bad ``--data`` is refused with its value named, before ``--check`` spends any time."""
+def test_bench_refuses_bad_data_before_check(monkeypatch, tmp_path, capsys):
+    """A bad ``--data`` or ``--sizes`` is refused (exit 2, the value named) before ``--check`` spends any time."""
     from batchlab.bench import sogclr as bench
 
     monkeypatch.setattr(bench, "check", lambda *a, **kw: pytest.fail("--check ran before --data was validated"))
-    with pytest.raises(SystemExit, match="random and/or clustered, got 'random,nope'"):
-        bench.main(["--sizes", "12", "--dim", "8", "--data", "random,nope", "--check", "--out", str(tmp_path)])
+    for bad in (["--data", "random,nope"], ["--sizes", "12,x"]):
+        with pytest.raises(SystemExit) as stop:
+            bench.main(["--sizes", "12", "--dim", "8", *bad, "--check", "--out", str(tmp_path)])
+        assert stop.value.code == 2  # the CLI's bad-input exit
+    assert "random and/or clustered, got 'random,nope'" in capsys.readouterr().err
