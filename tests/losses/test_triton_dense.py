@@ -224,3 +224,36 @@ def test_backward_config_is_cached_until_the_sweep_replaces_it(monkeypatch):
     assert _dense._grad_flags_cached(q) is first  # no recomputation per call
     monkeypatch.setitem(_launch.CONFIGS, "bwd", dict(_launch.CONFIGS["bwd"], BM=64))  # what the sweep does
     assert _dense._grad_flags_cached(q)["BM"] == 64
+
+
+def test_direct_launch_keys_tensor_descriptors_by_dtype_and_block(monkeypatch):
+    """The direct launcher compiles again for a tensor descriptor of another dtype or block shape (Triton
+    specialises on both); keyed by the descriptor's class alone, a bf16 kernel would run on fp16 data."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    from batchlab.losses.triton import _dense
+
+    monkeypatch.setattr(_dense, "DIRECT_LAUNCH", True)
+    monkeypatch.setattr(_dense, "_INTERPRET", False)
+    monkeypatch.setattr(_dense, "RAW_LAUNCH", False)
+
+    class Compiled:  # what fn[grid](...) returns on a GPU: cached, then launched directly
+        packed_metadata = None
+
+    class FakeJit:
+        arg_names, params = ["desc", "n"], []
+        compiles: list = []
+
+        def __getitem__(self, grid):
+            return lambda *args, **consts: self.compiles.append(args[0].base.dtype) or Compiled()
+
+    kernel = _dense._Kernel(FakeJit())
+
+    def desc(dtype, block=(16, 16)):
+        return TensorDescriptor.from_tensor(torch.zeros(32, 32, dtype=dtype), list(block))
+
+    kernel((1,), (desc(torch.bfloat16), 4), {"BM": 16})
+    kernel((1,), (desc(torch.float16), 4), {"BM": 16})  # another dtype: compiled, not the bf16 kernel
+    kernel((1,), (desc(torch.float16, (32, 16)), 4), {"BM": 16})  # another block shape: compiled
+    assert FakeJit.compiles == [torch.bfloat16, torch.float16, torch.float16]
+    assert _dense._arg_key(desc(torch.bfloat16)) != _dense._arg_key(desc(torch.float16))

@@ -129,10 +129,27 @@ DIRECT_LAUNCH = os.environ.get(
 _INTERPRET = interpreting()
 
 
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor as _Descriptor
+except ImportError:  # a Triton without host tensor descriptors: no argument is one
+    _Descriptor = None
+
+
+def _descriptor_key(a) -> tuple:
+    """What Triton specialises a host tensor descriptor on: its element type, block shape and options
+    (two descriptors of one class but other dtypes must not share a compiled kernel)."""
+    dtype = getattr(getattr(a, "base", None), "dtype", None) or getattr(a, "dtype", None)  # Tritons differ here
+    return (a.__class__, dtype, tuple(a.block_shape), getattr(a, "padding", None),  # options: newer Tritons only
+            getattr(a, "round_f32_to_tf32", None))
+
+
 def _arg_key(a):
-    """What Triton specialises an argument on: a tensor's dtype and 16-byte alignment, an int's value."""
+    """What Triton specialises an argument on: a tensor's dtype and 16-byte alignment, an int's value,
+    a tensor descriptor's dtype and block shape (:func:`_descriptor_key`)."""
     if isinstance(a, torch.Tensor):
         return a.dtype, a.data_ptr() % 16 == 0
+    if a.__class__ is _Descriptor:
+        return _descriptor_key(a)
     return a if a.__class__ is int else a.__class__
 
 
@@ -183,7 +200,8 @@ class _Kernel:
             return
         # _arg_key, inlined (one Python call less per argument)
         key = (tuple(consts.items()), tuple([
-            (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else (a if a.__class__ is int else a.__class__)
+            (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else
+            a if a.__class__ is int else _descriptor_key(a) if a.__class__ is _Descriptor else a.__class__
             for a in args]))
         entry = self.compiled.get(key)
         if entry is None:

@@ -107,16 +107,16 @@ def _launch_opts(cfg: dict, *, flat: bool = True) -> dict:
     return {key: cfg[key] for key in keys if key in cfg}
 
 
-#: One direct launcher per (kernel, input dtype): ``_Kernel`` keys a tensor descriptor by its
-#: class only, so the dtype a descriptor carries is told apart here (its block shape is in the
-#: launch constants).
+#: One direct launcher per kernel (``_Kernel`` tells its specialisations apart, tensor descriptors'
+#: dtypes and block shapes included).
 _LAUNCHERS: dict = {}
 
 
-def _launch(fn, dtype: torch.dtype, grid: tuple, args: tuple, consts: dict) -> None:
-    launcher = _LAUNCHERS.get((fn, dtype))
+def _launch(fn, grid: tuple, args: tuple, consts: dict) -> None:
+    """Launch ``fn`` on ``grid`` through its direct launcher."""
+    launcher = _LAUNCHERS.get(fn)
     if launcher is None:
-        launcher = _LAUNCHERS[(fn, dtype)] = _Kernel(fn)
+        launcher = _LAUNCHERS[fn] = _Kernel(fn)
     launcher(grid, args, consts)
 
 
@@ -207,15 +207,15 @@ def _forward(a, c, p, tau, tau_value: float, log_u, starts, sizes, offsets, cols
         opts = {**plan["consts"], "TOTAL": total, **_launch_opts(cfg_b)}
         for rb0 in range(0, row_blocks, chunk):
             rbs = min(chunk, row_blocks - rb0)
-            _launch(ks.sog_fwd_kernel, a.dtype, (rbs, groups), (
+            _launch(ks.sog_fwd_kernel, (rbs, groups), (
                 a_arg, c_arg, tau_arg, tau_c, ids if gather_tau else lse, scale, lse, wm, col_lse, col_wm, ctr,
                 n, size, d, a.stride(0), block.stride(0), off, per_group, rb0, row0, 1 if chunked else rb0), opts)
             if chunked:
-                _launch(ks.sog_combine_kernel, a.dtype, (_cdiv(n, 256),), (col_lse, col_wm, n, 1 + rbs),
+                _launch(ks.sog_combine_kernel, (_cdiv(n, 256),), (col_lse, col_wm, n, 1 + rbs),
                         dict(BLOCK=256, WSUM=wsum))
         if plan["split"]:  # the columns' direction: rows of c (temperatures tau_c) against a, partials after a's
             c_arg, a_arg, cfg_b = operands(c, a, plan["cfg"]) if plan["cfg"]["TMA"] else (c, a, plan["cfg"])
-            _launch(ks.sog_fwd_kernel, a.dtype, (row_blocks, groups), (
+            _launch(ks.sog_fwd_kernel, (row_blocks, groups), (
                 c_arg, a_arg, tau_c, tau_c, ids if gather_tau else lse, scale, lse, wm, lse, wm, ctr,
                 n, n, d, c.stride(0), a.stride(0), 0, per_group, 0, p_rows, 0), {**opts, **_launch_opts(cfg_b)})
         row0 += groups
@@ -225,7 +225,7 @@ def _forward(a, c, p, tau, tau_value: float, log_u, starts, sizes, offsets, cols
     parts = torch.empty(n_dirs * programs, **f32)
     loss = torch.empty((), **f32) if total else None
     memory = plan["memory"]
-    _launch(ks.sog_finish_kernel, a.dtype, (programs, n_dirs), (
+    _launch(ks.sog_finish_kernel, (programs, n_dirs), (
         lse, wm, a, p, ids if gather else lse, tau_table if gather and not one else tau_arg, log_u,
         mom if mom is not None else lse, values, stats, parts, ctr,
         parts if loss is None else loss, n, d, a.stride(0), p.stride(0), log_u.stride(0), p_rows,
@@ -292,7 +292,7 @@ def _backward(a, c, tau, tau_value: float, stats, g, starts, sizes, offsets, col
         opts = {**plan["consts"], "POS": b == 0, **_launch_opts(cfg_b, flat=False)}
         dc32 = None
         for r0, r1 in panels:
-            _launch(ks.sog_bwd_kernel, a.dtype, (_cdiv(r1 - r0, cfg["BM"]), grid_n), (
+            _launch(ks.sog_bwd_kernel, (_cdiv(r1 - r0, cfg["BM"]), grid_n), (
                 a_arg, c_arg, tau_arg, stats, g, buf, r0, r1, size, d, a.stride(0), block.stride(0), buf.stride(0),
                 off, n, n_dirs, 0, n_dirs - 1, sgd, sgi, coef, scale), opts)
             grad = buf if r1 - r0 == buf.shape[0] else buf[: r1 - r0]
