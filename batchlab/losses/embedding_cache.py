@@ -250,7 +250,7 @@ class EmbeddingCache:
         >>> towers[0].weight.grad.shape
         torch.Size([4, 5])
         """
-        if offload not in (True, False):
+        if not isinstance(offload, bool):  # not `in (True, False)`: 1 == True would pass
             raise BatchlabInputError(f"keep_gradients(offload=) takes True or False, got {offload!r}")
         if self._pending is None or self._embeddings is None:
             raise BatchlabInputError("keep_gradients() comes after encode() and the loss's backward")

@@ -197,5 +197,6 @@ def test_refused(model):
         CachedMultipleNegativesRankingLoss(model, row_blocks={"split": 2})
     with pytest.raises(BatchlabInputError, match="impl"):
         CachedMultipleNegativesRankingLoss(model, impl="rowz")
-    with pytest.raises(BatchlabInputError, match="offload_gradients"):
-        CachedMultipleNegativesRankingLoss(model, offload_gradients="cpu")
+    for bad in ("cpu", 1, 0):  # 1 == True: an int is refused too
+        with pytest.raises(BatchlabInputError, match="offload_gradients"):
+            CachedMultipleNegativesRankingLoss(model, offload_gradients=bad)

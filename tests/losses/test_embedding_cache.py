@@ -183,8 +183,9 @@ def test_keep_gradients_frees_the_embeddings_and_scale(gen, offload):
     embeddings = cache.encode(x_img, x_txt)
     loss_fn(*embeddings).backward()
     grads = [e.grad for e in embeddings]
-    with pytest.raises(BatchlabInputError, match="True or False"):
-        cache.keep_gradients(offload="host")
+    for bad in ("host", 1):  # 1 == True: an int is refused too
+        with pytest.raises(BatchlabInputError, match="True or False"):
+            cache.keep_gradients(offload=bad)
     cache.keep_gradients(offload=offload)
     alive = [weakref.ref(g) for g in grads] + [weakref.ref(e) for e in embeddings]
     del embeddings, grads

@@ -184,7 +184,7 @@ LOSS_DTYPES = (None, torch.float32, torch.bfloat16, torch.float16)
 
 def check_offload(offload_gradients: bool | None) -> None:
     """``offload_gradients`` of the cached losses: None (host memory for CUDA embeddings), True or False."""
-    if offload_gradients not in (None, True, False):
+    if offload_gradients is not None and not isinstance(offload_gradients, bool):  # 1 == True: refused too
         raise BatchlabInputError(f"offload_gradients must be None (on CUDA), True or False, got {offload_gradients!r}")
 
 
