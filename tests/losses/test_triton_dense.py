@@ -257,3 +257,13 @@ def test_direct_launch_keys_tensor_descriptors_by_dtype_and_block(monkeypatch):
     kernel((1,), (desc(torch.float16, (32, 16)), 4), {"BM": 16})  # another block shape: compiled
     assert FakeJit.compiles == [torch.bfloat16, torch.float16, torch.float16]
     assert _dense._arg_key(desc(torch.bfloat16)) != _dense._arg_key(desc(torch.float16))
+
+
+@pytest.mark.parametrize("text", ["128,128,64,4", "128,128,x,4,3", "128,128,64,0,3"])
+def test_tile_dot_config_switch_names_a_bad_value(text):
+    """A malformed ``BATCHLAB_DENSE_TILE_DOT_CONFIG`` is refused with what it takes (not a bare int() error)."""
+    from batchlab.losses.triton import _dense
+
+    assert _dense._tile_dot_config("128,128,64,4,3") == (128, 128, 64, 4, 3)
+    with pytest.raises(ValueError, match="five positive integers"):
+        _dense._tile_dot_config(text)

@@ -83,7 +83,21 @@ _TILED_WARPS = 4
 #: (Triton 3.6, d=768 bf16) 128 x 128 with 4 warps takes 244 registers, no spills, 2 CTAs per SM;
 #: 64 x 128 / 4 warps 164 (3 per SM); 128 x 128 / 8 warps 173 (1 per SM); 128 x 256 spills.
 TILE_DOT = os.environ.get("BATCHLAB_DENSE_TILE_DOT", "1") == "1"
-_TILE_DOT_CONFIG = tuple(int(x) for x in os.environ.get("BATCHLAB_DENSE_TILE_DOT_CONFIG", "128,128,64,4,3").split(","))
+
+
+def _tile_dot_config(text: str) -> tuple[int, ...]:
+    """``BATCHLAB_DENSE_TILE_DOT_CONFIG``: five positive integers BM,BN,BD,num_warps,num_stages."""
+    try:
+        values = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 5 or min(values) < 1:
+        raise ValueError(f"BATCHLAB_DENSE_TILE_DOT_CONFIG takes five positive integers BM,BN,BD,num_warps,num_stages "
+                         f"(e.g. 128,128,64,4,3), got {text!r}")
+    return values
+
+
+_TILE_DOT_CONFIG = _tile_dot_config(os.environ.get("BATCHLAB_DENSE_TILE_DOT_CONFIG", "128,128,64,4,3"))
 _TILED_BLOCKS_INTERPRET = (16, 16, 16, 4)
 _REDUCTIONS = ("mean", "sum", "none")
 
