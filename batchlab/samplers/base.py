@@ -16,7 +16,9 @@ batches as lists of dataset indices; this base class supplies the rest:
   or skipped. The state records the epoch and the batches done; ``state_dict(consumed=k)``
   counts the ``k`` batches the training loop *received*, not the ones a ``DataLoader``'s
   workers prefetched. ``load_state_dict`` refuses a state whose settings or data hashes
-  (``RESUME_SETTINGS``, ``RESUME_DATA``) differ;
+  (``RESUME_SETTINGS``, ``RESUME_DATA``) differ, and, as a backstop for what a sampler
+  does not record (a dataset size left out of ``RESUME_SETTINGS``), one whose epoch plan
+  hashes differently (``plan`` in the state);
 * ``num_replicas`` / ``rank``: rank ``r`` gets the ``r``-th contiguous slice of each
   global batch, so the global batch the loss gathers is the one the sampler built.
   Every rank gets an equal, non-empty share of every batch; sizes for which that is
@@ -38,11 +40,14 @@ Example
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import logging
 import operator
 import warnings
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import BatchSampler, Sampler
 
@@ -174,6 +179,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self._resume_pending = False  # True between load_state_dict and the next __iter__
         self._pass: object | None = None  # token of the live pass; an abandoned pass stops counting
         self._plan_cache: tuple[int, list[list[int]]] | None = None
+        self._plan_hash: tuple[list[list[int]], str] | None = None  # (the plan object it hashes, hash)
 
     # -- what subclasses write -------------------------------------------------
     def plan_epoch(self, generator: torch.Generator) -> list[list[int]]:
@@ -232,6 +238,29 @@ class GlobalBatchSampler(Sampler[list[int]]):
         if self._plan_cache is None or self._plan_cache[0] != self.epoch:
             self._plan_cache = (self.epoch, self._checked_plan(self.epoch))
         return self._plan_cache[1]
+
+    def _plan_for(self, epoch: int) -> list[list[int]]:
+        """:meth:`global_batches` of ``epoch`` (``plan_epoch`` reads ``self.epoch``), leaving the epoch as it was."""
+        current = self.epoch
+        self.epoch = epoch
+        try:
+            return self.global_batches()
+        finally:
+            self.epoch = current
+
+    def plan_fingerprint(self, epoch: int | None = None) -> str:
+        """A short content hash of ``epoch``'s global batches (default: the current epoch), cached per plan.
+
+        :meth:`state_dict` records it and :meth:`load_state_dict` refuses a state whose epoch
+        plan hashes differently, even when every recorded setting matches.
+        """
+        plan = self._plan_for(self.epoch if epoch is None else epoch)
+        if self._plan_hash is None or self._plan_hash[0] is not plan:
+            sizes = np.fromiter((len(b) for b in plan), dtype=np.int64, count=len(plan))
+            flat = np.fromiter(itertools.chain.from_iterable(plan), dtype=np.int64, count=int(sizes.sum()))
+            digest = hashlib.sha1(sizes.tobytes() + flat.tobytes()).hexdigest()[:16]
+            self._plan_hash = (plan, digest)
+        return self._plan_hash[1]
 
     def _checked_plan(self, epoch: int) -> list[list[int]]:
         """``plan_epoch`` for ``epoch`` (== ``self.epoch``), after drop_last, checked for the rank split."""
@@ -321,8 +350,9 @@ class GlobalBatchSampler(Sampler[list[int]]):
         Returns
         -------
         dict
-            ``epoch``, ``batches_yielded`` (the position: batches of the epoch done) and
-            :meth:`resume_settings`; plain Python values (JSON- and ``torch.save``-able).
+            ``epoch``, ``batches_yielded`` (the position: batches of the epoch done),
+            :meth:`resume_settings` and ``plan`` (:meth:`plan_fingerprint` of the epoch);
+            plain Python values (JSON- and ``torch.save``-able).
         """
         position = self._position
         if consumed is not None:
@@ -335,7 +365,12 @@ class GlobalBatchSampler(Sampler[list[int]]):
                     "received since the last iter(loader) (or set_epoch)"
                 )
             position = self._pass_start + consumed
-        return {"epoch": self.epoch, "batches_yielded": position, **self.resume_settings(self.epoch)}
+        return {
+            "epoch": self.epoch,
+            "batches_yielded": position,
+            **self.resume_settings(self.epoch),
+            "plan": self.plan_fingerprint(self.epoch),
+        }
 
     def check_resume(self, state: dict[str, Any]) -> None:
         """Raise when ``state`` was saved with settings or data that give another plan."""
@@ -343,6 +378,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
             raise BatchlabInputError(f"a sampler state must be the dict from state_dict(), got {type(state).__name__}")
         epoch = _check_index("the state's epoch", state.get("epoch"), maximum=_SEED_LIMIT)
         settings, data, missing = self._mismatches(state, epoch, "")
+        if "plan" not in state:
+            missing.append("plan")
         if missing:
             warnings.warn(
                 f"the saved sampler state has no {', '.join(missing)} (a state from an older batchlab?); "
@@ -355,6 +392,16 @@ class GlobalBatchSampler(Sampler[list[int]]):
                 "cannot resume: the saved state gives another plan than this sampler: "
                 + "; ".join(settings + data)
                 + ". Build the sampler with the settings, and from the data, it had when the state was saved"
+            )
+        if "plan" in state and state["plan"] != self.plan_fingerprint(epoch):
+            # every recorded setting matches, yet the batches differ: something the sampler does not
+            # record (e.g. a subclass that leaves its dataset size out of RESUME_SETTINGS) or its code
+            raise BatchlabInputError(
+                f"cannot resume: epoch {epoch} of the saved state had another plan (hash {state['plan']!r}) than "
+                f"this {type(self).__name__} builds ({len(self._plan_for(epoch))} batches, hash "
+                f"{self.plan_fingerprint(epoch)!r}), although the settings the state records match: a setting "
+                "it does not record differs (e.g. the dataset size), or the sampler's code or torch's random "
+                "generator changed. Build the sampler as it was when the state was saved"
             )
 
     def _mismatches(self, state: dict[str, Any], epoch: int, prefix: str) -> tuple[list[str], list[str], list[str]]:
@@ -385,7 +432,9 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
         Refuses (:class:`~batchlab.errors.BatchlabInputError`, or
         :class:`~batchlab.errors.StaleArtifactError` for other data) a state whose
-        settings or data hashes differ from this sampler's. A state saved at the end of
+        settings or data hashes differ from this sampler's, or whose epoch plan does
+        (:meth:`plan_fingerprint`: the backstop for what the settings do not record, such
+        as a dataset size a subclass leaves out). A state saved at the end of
         its epoch, loaded into a sampler already set to a later epoch (torchdata's
         ``StatefulDataLoader`` restores the sampler after your ``set_epoch``), leaves that
         later epoch in place: nothing of the saved epoch is left to resume.
@@ -394,11 +443,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         epoch = int(state["epoch"])
         position = _check_index("the state's batches_yielded", state.get("batches_yielded"))
         current = self.epoch
-        self.epoch = epoch  # plan_epoch reads self.epoch
-        try:
-            total = len(self.global_batches())
-        finally:
-            self.epoch = current
+        total = len(self._plan_for(epoch))
         if position > total:
             raise BatchlabInputError(
                 f"cannot resume: the state says {position} batches of epoch {epoch} were done but that epoch has "
