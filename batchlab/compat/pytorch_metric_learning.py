@@ -19,6 +19,13 @@ views: an anchor's V - 1 positives share one term (their logits are averaged, an
 the other positives stay in the denominator: poly-view "L_out"). For two views the
 two are the same loss.
 
+Also reproduced, as PML computes them: a pair's loss is ``-log(softmax + tiny)`` in the
+similarity matrix's dtype (it saturates at 87.3 nats in fp32/bf16, 9.7 in fp16); no
+loss at all when every index tensor has at most one entry (a single triplet); the pairs
+(i, i) are left out of the positives only when ``ref_labels`` is ``labels`` (the same
+object, or ``ref_labels=None``, which pairs ``ref_emb``'s first rows by ``labels``); the
+loss is in the autocast dtype under autocast.
+
 Reproduced: PML's defaults (``CosineSimilarity``, ``MeanReducer``, no embedding
 regularizer). Another ``distance``, ``reducer`` or ``embedding_regularizer`` raises a
 :class:`~batchlab.errors.BatchlabInputError` (use PML itself for those).
@@ -26,10 +33,11 @@ regularizer). Another ``distance``, ``reducer`` or ``embedding_regularizer`` rai
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from batchlab.compat._features import peer_result_dtype
 from batchlab.errors import BatchlabInputError
 from batchlab.losses import info_nce
 
@@ -76,17 +84,28 @@ class NTXentLoss(nn.Module):
         self.embedding_reg_weight = kwargs.get("embedding_reg_weight", 1)
 
     @staticmethod
-    def _pairs(labels, ref_labels, same_set: bool, indices_tuple, n: int, m: int, device):
-        """Positive pairs (a1, p) and the (n, m) bool matrix of negative pairs."""
+    def _pairs(labels, ref_labels, indices_tuple, n: int, m: int, device):
+        """Positive pairs (a1, p), the (n, m) bool matrix of negative pairs, and PML's pair counts."""
         if indices_tuple is None:
             if labels is None:
                 raise BatchlabInputError("pass labels or indices_tuple (PML needs one of them)")
-            matches = labels[:, None] == ref_labels[None, :]
+            # PML's get_matches_and_diffs: ref_labels=None means labels, and an anchor is its own
+            # positive only when ref_labels IS labels (ref_emb=None, or the same tensor object passed)
+            same_labels = ref_labels is None or ref_labels is labels
+            ref = labels if ref_labels is None else ref_labels
+            matches = labels[:, None] == ref[None, :]
+            if matches.shape[1] > m:
+                raise BatchlabInputError(
+                    f"ref_emb has {m} rows but ref_labels (labels when ref_labels is None) has "
+                    f"{matches.shape[1]}; pass ref_labels with one label per ref_emb row")
             negatives = ~matches
-            if same_set:
+            if same_labels:
                 matches.fill_diagonal_(False)
+            if matches.shape[1] < m:  # PML pairs ref_emb's first rows only (labels stand in for ref_labels)
+                pad = torch.zeros(n, m - matches.shape[1], dtype=torch.bool, device=device)
+                matches, negatives = torch.cat([matches, pad], 1), torch.cat([negatives, pad], 1)
             a1, p = torch.where(matches)
-            return a1, p, negatives
+            return a1, p, negatives, (a1.numel(), p.numel(), int(negatives.sum()), int(negatives.sum()))
         if len(indices_tuple) == 4:
             a1, p, a2, neg = indices_tuple
         elif len(indices_tuple) == 3:
@@ -102,13 +121,13 @@ class NTXentLoss(nn.Module):
         negatives[a2, neg] = True
         if a1.numel() and bool(negatives[a1, p].any()):
             raise BatchlabInputError("indices_tuple makes a pair both positive and negative")
-        return a1, p, negatives
+        return a1, p, negatives, (a1.numel(), p.numel(), a2.numel(), neg.numel())
 
     def forward(self, embeddings, labels=None, indices_tuple=None, ref_emb=None, ref_labels=None):
         if embeddings.dim() != 2:
             raise BatchlabInputError(f"embeddings must have shape (batch_size, dim), got {tuple(embeddings.shape)}")
         if labels is not None:
-            labels = torch.as_tensor(labels, device=embeddings.device)
+            labels = torch.as_tensor(labels, device=embeddings.device)  # the same object when already there
             if labels.shape[0] != embeddings.shape[0]:
                 raise BatchlabInputError(f"Number of embeddings ({embeddings.shape[0]}) must equal number of "
                                          f"labels ({labels.shape[0]})")
@@ -117,11 +136,15 @@ class NTXentLoss(nn.Module):
             ref_emb, ref_labels = embeddings, labels
         elif ref_labels is not None:
             ref_labels = torch.as_tensor(ref_labels, device=embeddings.device)
+            if ref_labels.shape[0] != ref_emb.shape[0]:
+                raise BatchlabInputError(f"Number of ref_emb rows ({ref_emb.shape[0]}) must equal number of "
+                                         f"ref_labels ({ref_labels.shape[0]})")
         q_all = nn.functional.normalize(embeddings, p=2, dim=1)
         keys = q_all if same_set else nn.functional.normalize(ref_emb, p=2, dim=1)
-        a1, p, negatives = self._pairs(labels, ref_labels, same_set, indices_tuple, q_all.shape[0], keys.shape[0],
-                                       q_all.device)
-        if a1.numel() == 0 or not bool(negatives.any()):
+        a1, p, negatives, counts = self._pairs(labels, ref_labels, indices_tuple, q_all.shape[0], keys.shape[0],
+                                               q_all.device)
+        # PML: no loss when every index tensor has at most one entry (one triplet, one pair of each kind)
+        if max(counts) <= 1 or a1.numel() == 0 or not bool(negatives.any()):
             return (embeddings * 0).sum()  # PML's zero loss (keeps the graph)
 
         def not_a_negative(rows, cols):  # leave only the pair's positive and its anchor's negatives
@@ -129,4 +152,10 @@ class NTXentLoss(nn.Module):
 
         per_pair = info_nce(q_all[a1], keys, 1.0 / self.temperature, symmetric=False, targets=p,
                             neg_mask=not_a_negative, reduction="none")
-        return per_pair.mean().to(peer_result_dtype(embeddings))
+        # PML takes -log(softmax + tiny) in the similarity matrix's dtype: a pair's loss saturates
+        # at -log(tiny) (87.3 in fp32 and bf16, 9.7 in fp16) and its gradient fades with it
+        dtype = torch.get_autocast_dtype(q_all.device.type) if torch.is_autocast_enabled(q_all.device.type) \
+            else embeddings.dtype
+        floor = torch.tensor(math.log(torch.finfo(dtype).tiny), dtype=per_pair.dtype, device=per_pair.device)
+        per_pair = -torch.logaddexp(-per_pair, floor)
+        return per_pair.mean().to(dtype)
