@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from batchlab._checks import check_positive_int
 from batchlab.errors import BatchlabInputError
 from batchlab.samplers.ot.couple import METHODS, couple
 
@@ -97,12 +98,29 @@ class OTPlanSampler:
         return self._couple(x0, x1, return_plan=True).detach().cpu().numpy()
 
     def sample_map(self, pi, batch_size: int, replace: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """Draw ``batch_size`` (i, j) index pairs from the plan ``pi`` (n, m)."""
-        p = torch.as_tensor(pi, dtype=torch.float64).reshape(-1)
-        if not bool(torch.isfinite(p).all()) or float(p.sum()) <= 0:
-            raise BatchlabInputError("the plan has no positive finite mass to sample from")
+        """Draw ``batch_size`` (i, j) index pairs from the plan ``pi`` (n, m).
+
+        Only pairs the plan gives mass to are drawn; ``replace=False`` draws distinct pairs,
+        so it needs at least ``batch_size`` of them (as numpy's ``choice``, which torchcfm uses).
+        """
+        plan = torch.as_tensor(pi, dtype=torch.float64)
+        if plan.dim() != 2:
+            raise BatchlabInputError(f"pi must be a transport plan of shape (n, m), got shape {tuple(plan.shape)}")
+        batch_size = check_positive_int("batch_size", batch_size)
+        p = plan.reshape(-1)
+        if not bool(torch.isfinite(p).all()) or bool((p < 0).any()) or float(p.sum()) <= 0:
+            raise BatchlabInputError(
+                "the plan must hold finite, non-negative masses with a positive total to sample from"
+            )
+        support = int((p > 0).sum())
+        if not replace and batch_size > support:
+            # torch.multinomial would go on to draw pairs of zero mass
+            raise BatchlabInputError(
+                f"replace=False draws {batch_size} distinct pairs but the plan gives mass to only {support}; "
+                f"use batch_size <= {support} or replace=True"
+            )
         idx = torch.multinomial(p / p.sum(), batch_size, replacement=replace, generator=self.generator)
-        m = torch.as_tensor(pi).shape[1]
+        m = plan.shape[1]
         return (idx // m).numpy(), (idx % m).numpy()
 
     def _pairs(self, x0, x1, replace: bool, condition=None):

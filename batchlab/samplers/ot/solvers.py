@@ -434,14 +434,18 @@ def sparse_assignment(
     # optimum is the same, and LAPJV starts far closer to it (reduced costs near 0).
     W = score if use_score else C
     Cf = W.float() if W.dtype != torch.float64 else W
-    base = float(Cf.min())
+    # scipy treats explicit zeros as missing edges: the weights are shifted to [spread, 2 spread]
+    # (every perfect matching uses n edges, so a constant shift keeps the argmin). A shift of the
+    # costs' own size, not a fixed 1.0, which in float64 rounded away costs far below 1 (data
+    # at scale 1e-8: sub-optimal; at 1e-4: never certified)
+    lo, hi = torch.aminmax(Cf)
+    base, top = (float(t) for t in torch.stack([lo, hi]).tolist())
+    shift = top - base if top > base else 1.0
     info = {"edges": 0, "rounds": 0, "certified": False, "violations": 0}
     clock.lap("candidates")
     perm = None
     for rnd in range(1, max_rounds + 1):
-        # scipy treats explicit zeros as missing edges: shift the weights to >= 1
-        # (every perfect matching uses n edges, so a constant shift keeps the argmin).
-        w = W[rows.to(C.device), cols.to(C.device)].to("cpu", torch.float64) - base + 1.0
+        w = W[rows.to(C.device), cols.to(C.device)].to("cpu", torch.float64) - base + shift
         mat = csr_matrix((w.numpy(), (rows.numpy(), cols.numpy())), shape=(n, n))
         _, col_ind = min_weight_full_bipartite_matching(mat)
         perm = torch.from_numpy(np.asarray(col_ind)).long()
@@ -458,8 +462,8 @@ def sparse_assignment(
         else:
             u, v = _residual_duals(n, rows.to(dev), cols.to(dev), w.to(dev), perm.to(dev))
         clock.lap("duals")
-        # Dense check in C's precision: reduced cost R = (W - base + 1) - u - v.
-        u_d = (u + base - 1.0).to(Cf.dtype)
+        # Dense check in C's precision: reduced cost R = (W - base + shift) - u - v.
+        u_d = (u + base - shift).to(Cf.dtype)
         v_d = v.to(Cf.dtype)
         R = (Cf - u_d[:, None]).sub_(v_d[None, :])  # one n x n temporary, not two
         mag = max(float(Cf.abs().max()), float(u_d.abs().max()) + float(v_d.abs().max()), 1e-30)
