@@ -39,16 +39,26 @@ def autocast_pair(a: torch.Tensor, b: torch.Tensor, names: tuple[str, str]) -> t
     return a, b
 
 
+def norm_dtype(x: torch.Tensor) -> torch.dtype:
+    """Where the row norms are computed: fp32, or fp64 for fp64 features (the peers take those too)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def row_norms(x: torch.Tensor) -> torch.Tensor:
+    """The L2 norm of every row of ``x`` in :func:`norm_dtype` (no gradient)."""
+    return torch.linalg.vector_norm(x.detach().to(norm_dtype(x)), dim=-1)
+
+
 def max_row_norm(x: torch.Tensor) -> torch.Tensor:
-    """The largest L2 row norm of ``x`` (fp32, no gradient)."""
-    return torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float32).max()
+    """The largest L2 row norm of ``x`` (no gradient): a norm bound for :func:`lift_to_unit`,
+    1 when every row is zero (any bound lifts zero rows; a zero one would divide by it)."""
+    bound = row_norms(x).max()
+    return torch.where(bound > 0, bound, torch.ones_like(bound))
 
 
 def needs_lift(*xs: torch.Tensor) -> torch.Tensor:
-    """A 0-d float tensor: the largest distance of any row norm from 1 (fp32)."""
-    return torch.stack([
-        (torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float32) - 1).abs().max() for x in xs
-    ]).max()
+    """A 0-d fp32 tensor: the largest distance of any row norm from 1."""
+    return torch.stack([(row_norms(x) - 1).abs().max().float() for x in xs]).max()
 
 
 def lift_to_unit(q: torch.Tensor, k: torch.Tensor, rq: torch.Tensor, rk: torch.Tensor):
@@ -61,7 +71,7 @@ def lift_to_unit(q: torch.Tensor, k: torch.Tensor, rq: torch.Tensor, rk: torch.T
     logit scale by ``rq * rk``.
     """
     def pad(x, r, first):
-        sq = x.detach().to(torch.float32).pow(2).sum(-1) / r.pow(2)
+        sq = x.detach().to(norm_dtype(x)).pow(2).sum(-1) / r.to(norm_dtype(x)).pow(2)
         fill = (1 - sq).clamp_min(0).sqrt().to(x.dtype)[:, None]
         zero = torch.zeros_like(fill)
         return torch.cat([x / r.to(x.dtype), fill, zero] if first else [x / r.to(x.dtype), zero, fill], dim=1)

@@ -68,7 +68,7 @@ def _scaled_pair(q: torch.Tensor, k: torch.Tensor, scale, lift: bool):
     """``(q', k', scale')`` with unit rows and the same logits ``scale' * q' @ k'.T``."""
     if not lift:
         return q, k, scale
-    rq, rk = max_row_norm(q).clamp_min(1e-30), max_row_norm(k).clamp_min(1e-30)
+    rq, rk = max_row_norm(q), max_row_norm(k)
     u, v = lift_to_unit(q, k, rq, rk)
     return u, v, scale * (rq * rk)
 
@@ -106,8 +106,9 @@ class ClipLoss(nn.Module):
 
     Call: ``image_features`` (n, d), ``text_features`` (n, d) of any norm (under
     autocast they may differ in dtype), ``logit_scale`` the multiplier
-    (``model.logit_scale.exp()``), ``logit_bias`` optional (added to every logit: no
-    effect on the value). Returns the loss, or ``{"contrastive_loss": loss}``.
+    (``model.logit_scale.exp()``), ``logit_bias`` optional, one element (added to every
+    logit: no effect on the value; a per-logit bias is refused). Returns the loss, or
+    ``{"contrastive_loss": loss}``. Features may be fp64, as in open_clip.
 
     batchlab's own :class:`~batchlab.losses.InfoNCELoss` differs: keyword options,
     unit-norm features, and ``distributed=`` with exact (W x) gradients on every rank
@@ -161,6 +162,12 @@ class ClipLoss(nn.Module):
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
         img, txt = autocast_pair(image_features, text_features, ("image_features", "text_features"))
+        if isinstance(logit_bias, torch.Tensor) and logit_bias.numel() != 1:
+            # a bias that varies over the logits changes the cross-entropy: no InfoNCE form
+            raise BatchlabInputError(
+                f"ClipLoss takes a scalar logit_bias (one element, as open_clip's models return), got shape "
+                f"{tuple(logit_bias.shape)}; use open_clip's ClipLoss for a per-logit bias"
+            )
         if self.world_size > 1:
             sizes = _check_world("ClipLoss", self.rank, self.world_size, img)
             all_img, all_txt = self._gather(img, sizes), self._gather(txt, sizes)
@@ -231,11 +238,10 @@ class SigLipLoss(nn.Module):
             _check_world("SigLipLoss", self.rank, self.world_size, img)
             distributed = "ring" if self.dist_impl in ("bidir", "shift") else "allgather"
             # every rank must lift (or not) alike, with the same norm bounds
-            stats = torch.stack([deviation, rq, rk])
+            stats = torch.stack([deviation.to(rq.dtype), rq, rk.to(rq.dtype)])
             torch.distributed.all_reduce(stats, op=torch.distributed.ReduceOp.MAX)
             deviation, rq, rk = stats
         if bool(deviation > UNIT_TOL):
-            rq, rk = rq.clamp_min(1e-30), rk.clamp_min(1e-30)
             img, txt = lift_to_unit(img, txt, rq, rk)
             logit_scale = logit_scale * (rq * rk)
         loss = siglip(img, txt, logit_scale, logit_bias, distributed=distributed).to(peer_result_dtype(img))
