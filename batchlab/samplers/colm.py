@@ -52,6 +52,7 @@ import torch
 
 from batchlab._checks import check_choice, check_embeddings, check_positive_int
 from batchlab.errors import BatchlabInputError
+from batchlab.samplers.base import _check_index, _check_real
 from batchlab.samplers.jest import JointExampleSelector, _all_gather_rows
 
 __all__ = ["CoLMSelector", "CoLMSelection", "last_layer_gradients"]
@@ -132,18 +133,17 @@ class CoLMSelector:
         if isinstance(small_sources, str):
             check_choice("small_sources", small_sources, ("auto",))
         elif small_sources is not None:
-            small_sources = [int(s) for s in small_sources]
+            # source ids as sources= gives them (integers); 1.7 is not truncated to source 1
+            small_sources = [_check_index("each of small_sources", s) for s in small_sources]
         self.small_sources = small_sources
-        if not 0 <= small_fraction <= 1:
+        if not 0 <= _check_real("small_fraction", small_fraction) <= 1:
             raise BatchlabInputError(f"small_fraction must be in [0, 1], got {small_fraction!r}")
         self.small_fraction = float(small_fraction)
         self.dims = None if dims is None else check_positive_int("dims", dims)
-        if not (eps > 0 and 0 < beta2 < 1):
+        if not (_check_real("eps", eps) > 0 and 0 < _check_real("beta2", beta2) < 1):
             raise BatchlabInputError(f"eps must be > 0 and beta2 in (0, 1), got eps={eps!r}, beta2={beta2!r}")
         self.eps, self.beta2 = float(eps), float(beta2)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise BatchlabInputError(f"seed must be a non-negative integer, got {seed!r}")
-        self.seed = seed
+        self.seed = _check_index("seed", seed)
         self.step = 0
 
     # ------------------------------------------------------------------ public API

@@ -174,7 +174,9 @@ class CommunityBatchSampler(GlobalBatchSampler):
                 f"{groups.shape} and dtype {groups.dtype}"
             )
         if self.group_size > groups.size:
-            raise BatchlabInputError(f"group_size={self.group_size} is larger than N={groups.size}")
+            raise BatchlabInputError(
+                f"group_size={self.group_size} is larger than N={groups.size}; use group_size <= {groups.size}"
+            )
         if int(groups.max()) >= groups.size:  # sparse labels (e.g. 1e12): renumber 0..G-1, never bincount them
             groups = np.unique(groups, return_inverse=True)[1].reshape(-1)
         return groups.astype(np.int64)
@@ -215,7 +217,9 @@ class CommunityBatchSampler(GlobalBatchSampler):
         scores, ids = neighbours
         n = ids.shape[0]
         if self.group_size > n:
-            raise BatchlabInputError(f"group_size={self.group_size} is larger than the number of examples N={n}")
+            raise BatchlabInputError(
+                f"group_size={self.group_size} is larger than the number of examples N={n}; use group_size <= N"
+            )
         self.graph = rank_window_graph(ids, scores, window=self.rank_window, weights=weights, num_nodes=n)
         if scores is not None:
             s = scores.float() if isinstance(scores, torch.Tensor) else torch.as_tensor(np.asarray(scores))

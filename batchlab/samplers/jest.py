@@ -102,6 +102,7 @@ from batchlab._checks import (
     check_same_device_dtype,
 )
 from batchlab.errors import BatchlabInputError
+from batchlab.samplers.base import _check_index
 
 logger = logging.getLogger(__name__)
 
@@ -203,9 +204,7 @@ class JointExampleSelector:
         self.score = check_choice("score", score, SCORES)
         self.loss = check_choice("loss", loss, LOSSES)
         self.first_chunk = check_choice("first_chunk", first_chunk, FIRST_CHUNK)
-        if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-            raise BatchlabInputError(f"seed must be a non-negative integer, got {seed!r}")
-        self.seed = seed
+        self.seed = _check_index("seed", seed)  # numpy ints welcome, as load_state_dict takes them
         self.symmetric = bool(symmetric)
         self.block_size = None if block_size is None else check_positive_int("block_size", block_size)
         self.precision = check_choice("precision", precision, ("tf32", "float32", "bf16"))

@@ -1,0 +1,58 @@
+"""Audit of the samplers' and selectors' input checks: a wrong type is refused by name, not coerced.
+
+``float("0.5")`` made a string a valid neighbourhood cap or random share, ``float(None)``
+raised a bare TypeError, and ``int(1.7)`` silently named source 1 as a small CoLM source.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from batchlab.errors import BatchlabInputError
+from batchlab.recipes import RandomBatchSampler
+from batchlab.samplers import CoLMSelector, CommunityBatchSampler, HardNegativeBatchSampler, JointExampleSelector
+from batchlab.samplers import MixedBatchSampler
+
+PARTNERS = (torch.arange(8) ^ 1).unsqueeze(1)
+
+BUILDERS = {
+    "max_neighbourhood_fraction": lambda v: HardNegativeBatchSampler(PARTNERS, 4, max_neighbourhood_fraction=v),
+    "mix_random": lambda v: MixedBatchSampler(RandomBatchSampler(8, 2), 8, batch_size=4, mix_random=v),
+    "small_fraction": lambda v: CoLMSelector(small_fraction=v),
+    "eps": lambda v: CoLMSelector(eps=v),
+    "beta2": lambda v: CoLMSelector(beta2=v),
+    "small_sources": lambda v: CoLMSelector(small_sources=[0, v]),
+}
+
+
+@pytest.mark.parametrize(
+    "name, bad", [(name, bad) for name in BUILDERS for bad in ("0.5", None, True)] + [("small_sources", 1.7)]
+)
+def test_a_wrong_type_is_refused_by_name(name, bad):
+    with pytest.raises(BatchlabInputError, match=name):
+        BUILDERS[name](bad)
+
+
+@pytest.mark.parametrize("name, value", [("max_neighbourhood_fraction", 1.5), ("mix_random", 1.0),
+                                         ("small_fraction", -0.1), ("eps", 0.0), ("beta2", 1.0)])
+def test_an_out_of_range_number_is_refused(name, value):
+    with pytest.raises(BatchlabInputError, match=name):
+        BUILDERS[name](value)
+
+
+def test_numpy_numbers_are_numbers():
+    assert HardNegativeBatchSampler(PARTNERS, 4, max_neighbourhood_fraction=np.float32(0.5)).neighbourhood_cap == 2
+    assert MixedBatchSampler(RandomBatchSampler(8, 2), 8, batch_size=4, mix_random=np.float64(0.5)).num_random == 2
+    # seeds as numpy ints, as GlobalBatchSampler and load_state_dict take them; saved as plain ints
+    for selector in (JointExampleSelector(seed=np.int64(3)), CoLMSelector(seed=np.int64(3), small_sources=[np.int64(1)])):
+        assert selector.state_dict() == {"seed": 3, "step": 0} and type(selector.seed) is int
+    for bad in (-1, 2.0, "3"):
+        with pytest.raises(BatchlabInputError, match="seed must be a non-negative integer"):
+            JointExampleSelector(seed=bad)
+
+
+def test_community_groups_larger_than_the_dataset_say_what_fits():
+    with pytest.raises(BatchlabInputError, match=r"group_size=4 is larger than N=3; use group_size <= 3"):
+        CommunityBatchSampler(None, 4, group_size=4, groups=[0, 0, 1])
