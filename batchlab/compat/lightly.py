@@ -52,6 +52,33 @@ def _check_distributed_available(gather_distributed: bool) -> None:
         )
 
 
+def _normalise(x: Tensor, name: str) -> Tensor:
+    """lightly's ``F.normalize(x, dim=1)``; a zero row (norm under its 1e-12 eps) is refused by name.
+
+    lightly keeps such a row at zero (cosine 0 with everything, its gradient scaled by 1e12);
+    batchlab's losses take unit rows and have no zero-vector form.
+    """
+    out = nn.functional.normalize(x, dim=1)
+    zero = torch.linalg.vector_norm(out.detach(), dim=1) < 0.5
+    if bool(zero.any()):
+        raise BatchlabInputError(
+            f"{name} has {int(zero.sum())} zero row(s) (first: row {int(zero.nonzero()[0, 0])}); lightly "
+            "normalises them to zero vectors, which batchlab's losses (unit rows) cannot represent: check the "
+            "projection head's output, or use lightly's loss for this batch"
+        )
+    return out
+
+
+def _weights(w, n: int, dtype: torch.dtype) -> Tensor:
+    """``weight_fn``'s output as (n,) weights: lightly multiplies its (n,) positive term by it."""
+    w = torch.as_tensor(w)
+    if w.dim() > 1 or w.numel() not in (1, n):
+        raise BatchlabInputError(
+            f"weight_fn must return one weight per example, shape ({n},) (or a scalar), got {tuple(w.shape)}"
+        )
+    return w.to(dtype).expand(n)
+
+
 class MemoryBank(nn.Module):
     """lightly's ``MemoryBankModule`` (a FIFO queue of past ``out1`` projections).
 
@@ -144,8 +171,7 @@ class NTXentLoss(nn.Module):
         return self._loss(out0, out1).to(peer_result_dtype(out0))
 
     def _loss(self, out0: Tensor, out1: Tensor) -> Tensor:
-        out0 = nn.functional.normalize(out0, dim=1)
-        out1 = nn.functional.normalize(out1, dim=1)
+        out0, out1 = _normalise(out0, "out0"), _normalise(out1, "out1")
         scale = 1.0 / self.temperature
         if self.memory_bank.enabled:
             bank = self.memory_bank.read_and_update(out1, update=out0.requires_grad).to(out0)
@@ -202,8 +228,7 @@ class DCLLoss(nn.Module):
         return self._loss(out0, out1).to(peer_result_dtype(out0))
 
     def _loss(self, out0: Tensor, out1: Tensor) -> Tensor:
-        out0 = nn.functional.normalize(out0, dim=1)
-        out1 = nn.functional.normalize(out1, dim=1)
+        out0, out1 = _normalise(out0, "out0"), _normalise(out1, "out1")
         n = out0.shape[0]
         scale = 1.0 / self.temperature
         world, rank = _world()
@@ -225,7 +250,7 @@ class DCLLoss(nn.Module):
         if self.weight_fn is None:
             return loss
         # lightly scales the positive term by w (from this rank's batch): -w s cos = -s cos + (1 - w) s cos
-        w = torch.cat([self.weight_fn(out0, out1), self.weight_fn(out1, out0)]).to(z.dtype)
+        w = torch.cat([_weights(self.weight_fn(a, b), n, z.dtype) for a, b in ((out0, out1), (out1, out0))])
         cos = (out0 * out1).sum(-1)
         return loss + ((1 - w) * scale * torch.cat([cos, cos])).mean()
 
