@@ -17,6 +17,10 @@ of the flattened batches, divided by its maximum if ``normalize_cost``):
   copies (each x0 repeated L/n times, each x1 L/m times), whose optimum is the optimal
   transport plan (the transport polytope's vertices are integral in units of 1/L). When
   L exceeds :data:`MAX_REPLICATED` that problem is too large and POT's ``ot.emd`` solves it.
+  When a batch repeats a point, several plans are optimal and POT's ``ot.emd`` solves it
+  too, so that its tie-break (torchcfm's plan) is kept. Other exact ties (distinct points
+  with equal total costs, e.g. on an integer grid) can still give another optimal plan
+  than POT's, and so other draws.
 * ``"sinkhorn"``, ``"unbalanced"``, ``"partial"``: POT itself (``ot.sinkhorn``,
   ``ot.unbalanced.sinkhorn_knopp_unbalanced``, ``ot.partial.entropic_partial_wasserstein``),
   the calls torchcfm makes: its plans are those solvers' iterates (1000 iterations,
@@ -60,10 +64,26 @@ def _pot():
     return ot
 
 
+def has_repeated_points(C: torch.Tensor) -> bool:
+    """Whether two rows or two columns of ``C`` are equal (a point repeated in a batch).
+
+    Then several plans are optimal (the repeated points can trade partners) and which one a
+    solver returns is its own tie-break: torchcfm's is POT's network simplex.
+    """
+    return torch.unique(C, dim=0).shape[0] < C.shape[0] or torch.unique(C, dim=1).shape[1] < C.shape[1]
+
+
 def exact_plan(C: torch.Tensor) -> np.ndarray:
     """The optimal transport plan (n, m) with uniform marginals for costs ``C`` (float64)."""
     n, m = C.shape
     a = np.ones(n) / n  # POT's unif: the very values torchcfm's plans carry
+    if has_repeated_points(C):
+        try:
+            import ot
+        except ImportError:  # no torchcfm without POT: any optimal plan will do
+            pass
+        else:
+            return ot.emd(a, np.ones(m) / m, C.cpu().numpy())
     if n == m:
         perm, _ = exact_assignment(C)
         plan = np.zeros((n, m))
