@@ -146,6 +146,7 @@ class CommunityBatchSampler(GlobalBatchSampler):
         self.num_examples = int(self.groups.size)
         self.check_num_examples(self.num_examples)
         self._groups_hash: str | None = None
+        self._window_hash: str | None = None
         if self.extra_negatives and self.window_ids is None:
             raise BatchlabInputError(
                 "extra_negatives > 0 needs each example's rank-window neighbours: pass embeddings or "
@@ -348,8 +349,20 @@ class CommunityBatchSampler(GlobalBatchSampler):
             self._groups_hash = hashlib.sha1(data).hexdigest()[:16]
         return self._groups_hash
 
-    RESUME_SETTINGS = ("group_size", "num_examples", "num_groups")
-    RESUME_DATA = {"groups": ("groups_fingerprint", "groups")}
+    def window_fingerprint(self, epoch: int | None = None) -> str:
+        """A short content hash of the rank-window ids B3++ draws from ("none" without extra_negatives), computed once."""
+        if self._window_hash is None:
+            if not self.extra_negatives or self.window_ids is None:
+                self._window_hash = "none"
+            else:
+                h = hashlib.sha1(str(self.window_ids.shape).encode())
+                h.update(np.ascontiguousarray(self.window_ids, dtype=np.int64).tobytes())
+                self._window_hash = h.hexdigest()[:16]
+        return self._window_hash
+
+    # extra_negatives and the window: extra_negatives_for's draws, resumed from another state, would differ
+    RESUME_SETTINGS = ("group_size", "num_examples", "num_groups", "extra_negatives")
+    RESUME_DATA = {"groups": ("groups_fingerprint", "groups"), "window": ("window_fingerprint", "rank-window neighbours")}
 
 
 def batch_similarity_stats(

@@ -21,6 +21,7 @@ torch.Size([32])
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import numpy as np
@@ -231,6 +232,7 @@ class TASBalancedBatchSampler(_ClusteredSampler):
         elif pair_mask is not None:
             raise BatchlabInputError("pair_mask was given without teacher_margins")
         self._pairs_cache: tuple[int, torch.Tensor] | None = None
+        self._margins_hash: str | None = None
 
     def n_clusters_for_epoch(self, epoch: int) -> int:
         return self.n_clusters
@@ -302,4 +304,20 @@ class TASBalancedBatchSampler(_ClusteredSampler):
             raise BatchlabInputError(f"batch holds query ids outside [0, {self.num_examples})")
         return self._pairs_cache[1][index]
 
+    def margins_fingerprint(self, epoch: int | None = None) -> str:
+        """A short content hash of what :meth:`pairs_for` chooses from (margins, mask, ``n_bins``), computed once."""
+        if self._margins_hash is None:
+            if self.teacher_margins is None:
+                self._margins_hash = "none"
+            else:
+                margins = self.teacher_margins.detach().float().cpu().contiguous()
+                h = hashlib.sha1(f"{tuple(margins.shape)} n_bins={self.n_bins}".encode())
+                h.update(margins.numpy().tobytes())
+                if self.pair_mask is not None and not bool(self.pair_mask.all()):  # all True = no mask
+                    h.update(self.pair_mask.cpu().contiguous().numpy().tobytes())
+                self._margins_hash = h.hexdigest()[:16]
+        return self._margins_hash
+
     RESUME_SETTINGS = ("n_clusters", "clusters_per_batch")
+    # pairs_for's choice too: a state from other teacher margins would resume into other pairs
+    RESUME_DATA = {**_ClusteredSampler.RESUME_DATA, "margins": ("margins_fingerprint", "teacher margins")}

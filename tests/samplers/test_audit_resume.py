@@ -182,3 +182,37 @@ def test_stateful_dataloader_with_persistent_workers_resumes_mid_epoch():
     loader.load_state_dict(state)
     t.set_epoch(1)
     assert expected[: len(expected) // 2 + 2] + _received(loader) == expected
+
+
+def test_a_state_is_refused_when_the_negatives_or_pairs_handed_out_beside_the_batches_would_differ():
+    """TAS's pairs_for and B3++'s extra_negatives_for depend on data the plan does not: recorded too."""
+    from batchlab.errors import StaleArtifactError
+    from batchlab.samplers import CommunityBatchSampler, TASBalancedBatchSampler
+
+    g = torch.Generator().manual_seed(0)
+    x, margins = torch.randn(16, 4, generator=g), [torch.randn(16, 5, generator=g) for _ in range(2)]
+
+    def tas(m=0, **kw):
+        return TASBalancedBatchSampler(x, 4, n_clusters=2, method="balanced", teacher_margins=margins[m], **kw)
+
+    state = tas().state_dict()
+    tas().load_state_dict(state)
+    with pytest.raises(StaleArtifactError, match="other teacher margins"):
+        tas(m=1).load_state_dict(state)
+    with pytest.raises(StaleArtifactError, match="other teacher margins"):
+        tas(n_bins=3).load_state_dict(state)
+    assert not torch.equal(tas().pairs_for(range(16)), tas(m=1).pairs_for(range(16)))  # what resuming would change
+
+    groups = torch.arange(16) // 2
+    ids = [torch.randint(0, 16, (16, 4), generator=g) for _ in range(2)]
+
+    def community(window=0, h=1):
+        return CommunityBatchSampler(None, 4, group_size=2, groups=groups, neighbours=(None, ids[window]),
+                                     rank_window=(0, 4), extra_negatives=h)
+
+    state = community().state_dict()
+    community().load_state_dict(state)
+    with pytest.raises(BatchlabInputError, match="extra_negatives=1 in the state but extra_negatives=2 here"):
+        community(h=2).load_state_dict(state)
+    with pytest.raises(StaleArtifactError, match="other rank-window neighbours"):
+        community(window=1).load_state_dict(state)
