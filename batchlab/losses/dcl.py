@@ -97,24 +97,32 @@ def dcl(
             "DCL removes the positive from the denominator, so each query needs at least one negative; "
             f"got {m} key(s) and no extra_negatives"
         )
+    if symmetric and n < 2:
+        raise BatchlabInputError(
+            "the symmetric DCL's key->query direction removes each key's positive, so with 1 pair a key has no "
+            "negative (extra_negatives belong to the queries only); pass symmetric=False, or at least 2 pairs"
+        )
     options["targets"], options["pos_mask"] = prepare_positives(
         n, m, q.device, targets=targets, pos_mask=pos_mask, need_columns=symmetric, check=check
     )
     options["neg_mask"] = check_neg_mask(neg_mask, n, m, q.device, check=check)
     fn = _dispatch.resolve("dcl", impl, n, m, q.device, q.dtype)
     loss, lse = fn(q, k, scale, **options, **_dispatch.accepted_options(fn, impl_options, impl))
-    if check:  # a neg_mask or pos_mask can leave a query no negative: its loss would be -inf
+    if check:  # a neg_mask or pos_mask can leave a query (or a key) no negative: its loss would be -inf
         check_has_negatives(lse.row)
+        if lse.col is not None:
+            check_has_negatives(lse.col, "key(s)")
     return (loss, lse) if return_lse else loss
 
 
-def check_has_negatives(row_lse: torch.Tensor) -> None:
-    """A query whose negatives were all masked has an empty denominator (loss -inf)."""
-    empty = torch.isneginf(row_lse).nonzero().flatten()
+def check_has_negatives(lse: torch.Tensor, what: str = "query(ies)") -> None:
+    """A query (or, symmetric, a key) whose negatives were all masked has an empty denominator (loss -inf)."""
+    empty = torch.isneginf(lse).nonzero().flatten()
     if empty.numel():
+        fix = "" if what == "query(ies)" else " (the symmetric loss's key->query direction); pass symmetric=False"
         raise BatchlabInputError(
-            f"{empty.numel()} query(ies) have no negative left after neg_mask (first: {int(empty[0])}); "
-            "DCL needs at least one negative per query"
+            f"{empty.numel()} {what} have no negative left after neg_mask / pos_mask (first: {int(empty[0])}); "
+            f"DCL needs at least one negative per {what.split('(')[0]}{fix}"
         )
 
 

@@ -1,0 +1,53 @@
+"""Audit of the losses' bad-input handling: each case once returned a silent wrong value (-inf, a loss
+picked by a truthy string, NaN temperatures) or a bare Python/torch error; now it is a
+``BatchlabInputError`` that names the argument, what it got and what it takes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from batchlab.errors import BatchlabInputError
+from batchlab.losses import (
+    ISogCLRLoss,
+    NTXentLoss,
+    RowBlocks,
+    SogCLRLoss,
+    dcl,
+    info_nce,
+    nt_xent,
+    row_block_info_nce,
+    siglip,
+    sogclr,
+)
+
+
+def _unit(*shape):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(0)), dim=-1)
+
+
+Q, K = _unit(4, 8), _unit(4, 8)
+STATE = torch.full((2, 4), float("-inf"))
+
+
+@pytest.mark.parametrize("impl", ["reference", "tiled"])
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        # one pair, symmetric: the key->query direction has no negative (extra negatives are the query's)
+        (lambda impl: dcl(Q[:1], K[:1], 10.0, extra_negatives=_unit(1, 3, 8), impl=impl), "symmetric=False"),
+        # neg_mask leaves key 0 no negative in the key->query direction (every query keeps one)
+        (lambda impl: dcl(Q, K, 10.0, neg_mask=torch.tensor([[1, 0], [2, 0], [3, 0]]), impl=impl),
+         r"1 key\(s\) have no negative"),
+    ],
+    ids=["one-pair-extra", "neg-mask-column"],
+)
+def test_symmetric_dcl_with_a_key_without_negatives_is_refused(make, match, impl):
+    with pytest.raises(BatchlabInputError, match=match):
+        make(impl)
+
+
+def test_one_way_dcl_of_one_pair_with_extra_negatives_still_runs():
+    loss = dcl(Q[:1], K[:1], 10.0, symmetric=False, extra_negatives=_unit(1, 3, 8))
+    assert torch.isfinite(loss)
