@@ -88,6 +88,21 @@ def faiss_available() -> bool:
 
 _FAISS_OK: bool | None = None
 
+#: faiss keeps its k-means seed in a C int: larger seeds raise OverflowError inside faiss
+_FAISS_SEED_LIMIT = 2**31
+
+
+def faiss_seed(seed: int) -> int:
+    """``seed`` (any non-negative int, e.g. a sampler's ``[0, 2**32)`` seed) as faiss's k-means seed.
+
+    Unchanged below ``2**31``, so existing clusterings stay as they were; folded modulo
+    ``2**31`` above (two seeds ``2**31`` apart then share a clustering, not an error).
+
+    >>> faiss_seed(7), faiss_seed(2**31 + 7)
+    (7, 7)
+    """
+    return int(seed) % _FAISS_SEED_LIMIT
+
 
 def as_tensor(name: str, x: Any) -> torch.Tensor:
     """A numpy array or torch tensor ``(N, d)`` as a torch tensor, without copying when possible.
@@ -337,7 +352,9 @@ class EmbeddingIndex:
         self.embeddings = as_tensor("embeddings", embeddings)
         self.metric = metric
         self.progress = progress
-        self.seed = seed
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise BatchlabInputError(f"seed must be a non-negative integer, got {seed!r}")
+        self.seed = int(seed)
         self.hnsw_m = hnsw_m
         self.ef_search = ef_search
         self.auto_threshold = auto_threshold
@@ -406,7 +423,7 @@ class EmbeddingIndex:
         from batchlab import _ivfgemm  # noqa: PLC0415
 
         t0 = time.perf_counter()
-        self._centroids = _ivfgemm.train_centroids(self.embeddings, self.nlist, seed=self.seed)
+        self._centroids = _ivfgemm.train_centroids(self.embeddings, self.nlist, seed=faiss_seed(self.seed))
         self.info["train_s"] = time.perf_counter() - t0
         assign = _ivfgemm.assign_lists(self.embeddings, self._centroids, 1, normalize=self._normalize).squeeze(1)
         self._layout = _ivfgemm.ListLayout(assign, self.nlist)
@@ -437,7 +454,7 @@ class EmbeddingIndex:
             index = faiss.IndexIVFScalarQuantizer(
                 quantizer, d, self.nlist, faiss.ScalarQuantizer.QT_fp16, faiss.METRIC_INNER_PRODUCT
             )
-            index.cp.seed = self.seed
+            index.cp.seed = faiss_seed(self.seed)
             index.cp.niter = 10
             # 64 points per list is enough for good centroids; more only costs k-means time
             n_train = min(n, 64 * self.nlist)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 
 from batchlab._checks import check_choice, check_embeddings, check_positive_int
 from batchlab.errors import BatchlabInputError
+from batchlab.index import faiss_seed
 from batchlab.samplers.base import GlobalBatchSampler
 
 logger = logging.getLogger(__name__)
@@ -237,7 +238,7 @@ def kmeans(embeddings: torch.Tensor, n_clusters: int, *, iters: int = 20, seed: 
         return torch.zeros(n, dtype=torch.long)
     # min_points_per_centroid=1 silences faiss's "too few points" warning for small N;
     # max_points_per_centroid bounds the training sample (faiss's default subsampling).
-    km = faiss.Kmeans(d, k, niter=iters, seed=int(seed), spherical=True, verbose=False, min_points_per_centroid=1)
+    km = faiss.Kmeans(d, k, niter=iters, seed=faiss_seed(seed), spherical=True, verbose=False, min_points_per_centroid=1)
     km.train(x)
     _, assign = km.index.search(x, 1)
     return torch.from_numpy(assign[:, 0].astype(np.int64))
