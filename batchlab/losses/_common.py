@@ -289,10 +289,19 @@ def check_extra_negatives(extra: torch.Tensor | None, q: torch.Tensor, *, check:
     return extra
 
 
-def check_options(reduction: str, impl: str, distributed: str) -> None:
+def check_options(reduction: str, impl: str, distributed: str, **flags: bool) -> None:
+    """The string options, and the on/off ones (``symmetric=``, ``normalize=``, ...) given as ``flags``."""
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("impl", impl, IMPLS)
     check_choice("distributed", distributed, DISTRIBUTED)
+    check_flags(**flags)
+
+
+def check_flags(**flags: bool) -> None:
+    """Each on/off option is a bool (a truthy string or None would silently pick a loss)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise BatchlabInputError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
 def checks_for(x: torch.Tensor, check_inputs: bool | None) -> bool:

@@ -14,6 +14,8 @@ The symmetric loss averages the query->key and key->query directions.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from batchlab.errors import BatchlabInputError
@@ -73,9 +75,10 @@ def dcl(
     >>> dcl(q, k, 10.0, weighted=True).shape
     torch.Size([])
     """
-    check_options(reduction, impl, distributed)
-    if not (isinstance(sigma, (int, float)) and sigma > 0):
-        raise BatchlabInputError(f"sigma must be a positive number, got {sigma!r}")
+    check_options(reduction, impl, distributed, weighted=weighted, symmetric=symmetric, return_lse=return_lse,
+                  normalize=normalize)
+    if isinstance(sigma, bool) or not (isinstance(sigma, (int, float)) and 0 < sigma < math.inf):
+        raise BatchlabInputError(f"sigma (DCLW's temperature) must be a finite positive number, got {sigma!r}")
     check = checks_for(q, check_inputs)
     q, k = prepare_pair(q, k, normalize=normalize, check=check)
     scale = prepare_scalar("logit_scale", logit_scale, q, check=check)

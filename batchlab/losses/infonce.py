@@ -110,7 +110,7 @@ def info_nce(
     >>> loss.shape
     torch.Size([])
     """
-    check_options(reduction, impl, distributed)
+    check_options(reduction, impl, distributed, symmetric=symmetric, return_lse=return_lse, normalize=normalize)
     check = checks_for(q, check_inputs)
     q, k = prepare_pair(q, k, normalize=normalize, check=check)
     scale = prepare_scalar("logit_scale", logit_scale, q, check=check)

@@ -59,7 +59,7 @@ def nt_xent(
     >>> nt_xent(views, 2.0).shape
     torch.Size([])
     """
-    check_options(reduction, impl, distributed)
+    check_options(reduction, impl, distributed, return_lse=return_lse, normalize=normalize)
     check = checks_for(views, check_inputs)
     check_embeddings("views", views, ndim=3, finite=False)
     if views.shape[0] < 2:

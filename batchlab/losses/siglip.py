@@ -72,7 +72,7 @@ def siglip(
     >>> siglip(q, k, torch.tensor(10.0), torch.tensor(-10.0)).shape
     torch.Size([])
     """
-    check_options(reduction, impl, distributed)
+    check_options(reduction, impl, distributed, normalize=normalize)
     check = checks_for(q, check_inputs)
     q, k = prepare_pair(q, k, normalize=normalize, check=check)
     scale = prepare_scalar("logit_scale", logit_scale, q, check=check)

@@ -51,3 +51,30 @@ def test_symmetric_dcl_with_a_key_without_negatives_is_refused(make, match, impl
 def test_one_way_dcl_of_one_pair_with_extra_negatives_still_runs():
     loss = dcl(Q[:1], K[:1], 10.0, symmetric=False, extra_negatives=_unit(1, 3, 8))
     assert torch.isfinite(loss)
+
+
+@pytest.mark.parametrize(
+    "make,name",
+    [
+        (lambda v: info_nce(Q, K, 10.0, symmetric=v), "symmetric"),
+        (lambda v: info_nce(Q, K, 10.0, return_lse=v), "return_lse"),
+        (lambda v: info_nce(Q, K, 10.0, normalize=v), "normalize"),
+        (lambda v: siglip(Q, K, 10.0, -3.0, normalize=v), "normalize"),
+        (lambda v: dcl(Q, K, 10.0, weighted=v), "weighted"),
+        (lambda v: dcl(Q, K, 10.0, symmetric=v), "symmetric"),
+        (lambda v: nt_xent(torch.stack([Q, K]), 2.0, return_lse=v), "return_lse"),
+    ],
+    ids=["info_nce-symmetric", "info_nce-return_lse", "info_nce-normalize", "siglip-normalize", "dcl-weighted",
+         "dcl-symmetric", "nt_xent-return_lse"],
+)
+@pytest.mark.parametrize("value", ["no", None, 1])
+def test_on_off_options_take_bools_only(make, name, value):
+    # symmetric="no" (truthy) ran the symmetric loss; return_lse="no" returned a tuple
+    with pytest.raises(BatchlabInputError, match=f"{name} must be True or False, got {value!r}"):
+        make(value)
+
+
+@pytest.mark.parametrize("sigma", [float("inf"), True, "0.5", float("nan"), 0.0])
+def test_dclw_sigma_is_a_finite_positive_number(sigma):
+    with pytest.raises(BatchlabInputError, match="sigma .* must be a finite positive number"):
+        dcl(Q, K, 10.0, weighted=True, sigma=sigma)
