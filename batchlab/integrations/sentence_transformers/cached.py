@@ -340,7 +340,8 @@ class CachedGISTEmbedLoss(_STCachedGISTEmbedLoss):
 
     def calculate_loss(self, reps: list[list[Tensor]], reps_guided: list[list[Tensor]], *,
                        with_backward: bool = False) -> Tensor:
-        loss = gist_loss(self, [joined(r) for r in reps], [joined(r) for r in reps_guided], impl=self.impl)
+        loss = gist_loss(self, [joined(r) for r in reps], [joined(r) for r in reps_guided], impl=self.impl,
+                         max_columns=None)
         if with_backward:
             loss.backward()
             loss = loss.detach()

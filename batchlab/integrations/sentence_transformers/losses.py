@@ -200,44 +200,62 @@ def guide_embeddings(loss, sentence_features: list[dict[str, Tensor]]) -> list[T
         return embed_columns(loss.guide, features)
 
 
-def gist_loss(loss, embeddings: list[Tensor], guides: list[Tensor], *, impl: str) -> Tensor:
+def guide_masks(loss, guides: list[Tensor], gathered: "Gathered") -> list[Tensor]:
+    """GISTEmbed's false-negative masks (True removes a score), decided as sentence-transformers decides them.
+
+    Blocks: anchor-positive (the positive itself kept), anchor-anchor and positive-positive
+    (each row's own entry removed, as sentence-transformers does explicitly), anchor-negative
+    per negative column. A row's threshold is its positive's guide score taken from the same
+    product as the anchor blocks' scores, so a text repeated in the batch (the same guide
+    vector twice) ties with the positive and is kept, as in sentence-transformers.
+    """
+    ga, gp = cosine_rows(guides[0]), cosine_rows(guides[1])
+    n, offset = ga.shape[0], gathered.offset
+    gp_all, gnegs = gathered(gp), [gathered(cosine_rows(g)) for g in guides[2:]]
+    key_blocks = [gp_all] + ([ga] if loss.contrast_anchors else []) + gnegs
+    scores = (ga @ torch.cat(key_blocks).T).split([k.shape[0] for k in key_blocks], dim=1)
+    own = scores[0].diagonal(offset=offset).view(-1, 1)
+    threshold = own - loss.margin if loss.margin_strategy == "absolute" else own - own.abs() * loss.margin
+    rows = torch.arange(n, device=ga.device)
+    masks = [block > threshold for block in scores]
+    masks[0][rows, offset + rows] = False  # the positive itself is never suppressed
+    if loss.contrast_anchors:
+        masks[1][rows, rows] = True  # no self-negative
+    if loss.contrast_positives:
+        pp_mask = gp @ gp_all.T > threshold
+        pp_mask[rows, offset + rows] = True
+        masks.insert(2 if loss.contrast_anchors else 1, pp_mask)
+    return masks
+
+
+def gist_loss(loss, embeddings: list[Tensor], guides: list[Tensor], *, impl: str,
+              max_columns: int | None = 3) -> Tensor:
     """GISTEmbed's loss from the model's and the guide's per-column embeddings, as one ``info_nce``.
 
     Rows ``a_i`` (anchor) and ``p_i`` (positive); blocks anchor-positive (the positive's
-    column is the target), anchor-anchor, positive-positive and anchor-negative, each
-    with the guide's false-negative mask (``guide score > guide positive score - margin``,
-    or ``- |score| * margin`` for ``margin_strategy="relative"``).
+    column is the target), anchor-anchor, positive-positive and anchor-negative (one per
+    negative column), each with the guide's false-negative mask (:func:`guide_masks`).
+    ``max_columns``: sentence-transformers' ``GISTEmbedLoss`` takes 2 or 3 columns, its
+    cached loss any number (None).
     """
-    if len(embeddings) not in (2, 3):
-        raise BatchlabInputError(
-            f"{type(loss).__name__} takes (anchor, positive) or (anchor, positive, negative) columns, "
-            f"got {len(embeddings)} columns"
-        )
+    if len(embeddings) < 2 or (max_columns is not None and len(embeddings) > max_columns):
+        takes = "(anchor, positive) or (anchor, positive, negative)" if max_columns == 3 else \
+            "(anchor, positive, negative_1, ..., negative_n)"
+        raise BatchlabInputError(f"{type(loss).__name__} takes {takes} columns, got {len(embeddings)} columns")
     a, p = cosine_rows(embeddings[0]), cosine_rows(embeddings[1])
-    ga, gp = cosine_rows(guides[0]), cosine_rows(guides[1])
     n = a.shape[0]
     gathered = Gathered(n, a.device, enabled=loss.gather_across_devices)
-    p_all, gp_all = gathered(p), gathered(gp)
+    masks = iter(guide_masks(loss, guides, gathered))
     targets = torch.arange(gathered.offset, gathered.offset + n, device=a.device)
-    rows_idx = torch.arange(n, device=a.device)
-    guide_pos = (ga * gp).sum(1, keepdim=True)
-    threshold = guide_pos - loss.margin if loss.margin_strategy == "absolute" \
-        else guide_pos - guide_pos.abs() * loss.margin
-
-    def mask(guide_rows: Tensor, guide_keys: Tensor) -> Tensor:
-        return guide_rows @ guide_keys.T > threshold
-
-    ap_mask = mask(ga, gp_all)
-    ap_mask[rows_idx, targets] = False  # the positive itself is never suppressed
+    p_all = gathered(p)
     rows = JointRows(a, p if loss.contrast_positives else None)
-    rows.add("u", p_all, ap_mask)
+    rows.add("u", p_all, next(masks))
     if loss.contrast_anchors:
-        rows.add("u", a, mask(ga, ga))
+        rows.add("u", a, next(masks))
     if loss.contrast_positives:
-        rows.add("v", p_all, mask(gp, gp_all))
-    if len(embeddings) == 3:
-        neg_all, gneg_all = gathered(cosine_rows(embeddings[2])), gathered(cosine_rows(guides[2]))
-        rows.add("u", neg_all, mask(ga, gneg_all))
+        rows.add("v", p_all, next(masks))
+    for negative in embeddings[2:]:
+        rows.add("u", gathered(cosine_rows(negative)), next(masks))
     return rows.loss(1.0 / loss.temperature, targets, impl=impl)
 
 
