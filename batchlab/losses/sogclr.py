@@ -63,6 +63,7 @@ from batchlab.losses import _dispatch
 from batchlab.losses._common import (
     REDUCTIONS,
     NegMask,
+    check_flags,
     check_neg_mask,
     checks_for,
     compute_dtype,
@@ -311,6 +312,7 @@ def _validate(q, k, *, mode, reduction, impl, distributed, gamma, rho, normalize
     if unknown:
         raise BatchlabInputError(f"sogclr got unknown keyword(s) {unknown}; backend options: {list(_BACKEND_OPTIONS)}")
     gamma, rho = _check_hyper(gamma, rho)
+    check_flags(normalize=normalize)
     check = checks_for(q, check_inputs)
     q, k = prepare_pair(q, k, normalize=normalize, check=check)
     n, m = q.shape[0], k.shape[0]
@@ -527,10 +529,14 @@ class SogCLRLoss(nn.Module):
         self.gamma, rho = _check_hyper(settings.pop("gamma"), settings.pop("rho"))
         self.rho = rho if self.isogclr else 0.0
         tau = settings.pop("tau")
+        for name in ("eta", "beta", "tau_min", "tau_max"):  # a NaN here would turn every temperature NaN
+            value = settings[name]
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise BatchlabInputError(f"{name} must be a finite number, got {value!r}")
         self.eta, self.beta = float(settings.pop("eta")), float(settings.pop("beta"))
         self.tau_min, self.tau_max = float(settings.pop("tau_min")), float(settings.pop("tau_max"))
-        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or tau <= 0:
-            raise BatchlabInputError(f"tau must be a positive float, got {tau!r}")
+        if isinstance(tau, bool) or not isinstance(tau, (int, float)) or not 0 < tau < math.inf:
+            raise BatchlabInputError(f"tau must be a finite positive float, got {tau!r}")
         if self.isogclr and not 0 < self.tau_min <= tau <= self.tau_max:
             raise BatchlabInputError(
                 f"iSogCLR needs 0 < tau_min <= tau <= tau_max, got tau_min={self.tau_min}, tau={tau}, "

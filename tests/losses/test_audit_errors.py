@@ -63,9 +63,10 @@ def test_one_way_dcl_of_one_pair_with_extra_negatives_still_runs():
         (lambda v: dcl(Q, K, 10.0, weighted=v), "weighted"),
         (lambda v: dcl(Q, K, 10.0, symmetric=v), "symmetric"),
         (lambda v: nt_xent(torch.stack([Q, K]), 2.0, return_lse=v), "return_lse"),
+        (lambda v: sogclr(Q, K, log_u=STATE, tau=0.1, normalize=v), "normalize"),
     ],
     ids=["info_nce-symmetric", "info_nce-return_lse", "info_nce-normalize", "siglip-normalize", "dcl-weighted",
-         "dcl-symmetric", "nt_xent-return_lse"],
+         "dcl-symmetric", "nt_xent-return_lse", "sogclr-normalize"],
 )
 @pytest.mark.parametrize("value", ["no", None, 1])
 def test_on_off_options_take_bools_only(make, name, value):
@@ -78,3 +79,20 @@ def test_on_off_options_take_bools_only(make, name, value):
 def test_dclw_sigma_is_a_finite_positive_number(sigma):
     with pytest.raises(BatchlabInputError, match="sigma .* must be a finite positive number"):
         dcl(Q, K, 10.0, weighted=True, sigma=sigma)
+
+
+@pytest.mark.parametrize(
+    "cls,options,match",
+    [
+        (SogCLRLoss, dict(tau=float("nan")), "tau must be a finite positive float, got nan"),
+        (SogCLRLoss, dict(tau=float("inf")), "tau must be a finite positive float, got inf"),
+        (ISogCLRLoss, dict(eta=float("nan")), "eta must be a finite number, got nan"),
+        (ISogCLRLoss, dict(beta="0.9"), "beta must be a finite number, got '0.9'"),
+        (ISogCLRLoss, dict(tau_max=float("inf")), "tau_max must be a finite number, got inf"),
+        (ISogCLRLoss, dict(tau_min=True), "tau_min must be a finite number, got True"),
+    ],
+)
+def test_sogclr_module_hyperparameters_are_finite_numbers(cls, options, match):
+    # a NaN eta (or tau) was stored and turned every learnt temperature NaN at the first step
+    with pytest.raises(BatchlabInputError, match=match):
+        cls(10, **options)
