@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from batchlab._checks import check_choice
+from batchlab._checks import check_choice, check_finite, data_checks_on
 from batchlab.errors import BatchlabInputError
 
 __all__ = ["RowBlocks", "row_block_info_nce"]
@@ -274,6 +274,11 @@ def row_block_info_nce(q: Tensor, keys: Tensor, scale: float, *, config: RowBloc
     >>> loss.backward(); q.grad.shape
     torch.Size([6, 4])
     """
+    for name, x in (("q", q), ("keys", keys)):
+        if not isinstance(x, Tensor):
+            raise BatchlabInputError(f"row_block_info_nce needs torch tensors; {name} is a {type(x).__name__}")
+    if not isinstance(config, RowBlocks):
+        raise BatchlabInputError(f"config must be a RowBlocks(...), got {type(config).__name__}")
     if (q.dim() != 2 or keys.dim() != 2 or q.shape[1] != keys.shape[1] or keys.shape[0] < q.shape[0]
             or q.shape[0] == 0):
         raise BatchlabInputError(f"row_block_info_nce needs q (N >= 1, d) and keys (M >= N, d), got {tuple(q.shape)} "
@@ -284,9 +289,17 @@ def row_block_info_nce(q: Tensor, keys: Tensor, scale: float, *, config: RowBloc
     if isinstance(scale, Tensor) and scale.requires_grad:
         raise BatchlabInputError("row_block_info_nce takes a fixed scale (no gradient flows to it); pass a float, "
                                  "or use info_nce for a learnt scale")
+    if isinstance(scale, Tensor) and (scale.numel() != 1 or not scale.is_floating_point()):
+        raise BatchlabInputError(f"row_block_info_nce's scale is one number; got a {scale.dtype} tensor of shape "
+                                 f"{tuple(scale.shape)}: pass a float")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float, Tensor)):
+        raise BatchlabInputError(f"row_block_info_nce's scale must be a float, got {type(scale).__name__} {scale!r}")
     scale = float(scale)
     if not math.isfinite(scale):
         raise BatchlabInputError(f"row_block_info_nce needs a finite scale, got {scale}")
+    if data_checks_on(q.device):  # on the CPU (CUDA: BATCHLAB_CHECK_INPUTS=1); NaN would make the loss NaN
+        check_finite("q", q)
+        check_finite("keys", keys)
     if torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad):
         return _RowBlockLoss.apply(q, keys, scale, config)
     return _pass(q.detach(), keys.detach(), scale, config, grads=False)[0]

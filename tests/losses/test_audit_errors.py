@@ -96,3 +96,30 @@ def test_sogclr_module_hyperparameters_are_finite_numbers(cls, options, match):
     # a NaN eta (or tau) was stored and turned every learnt temperature NaN at the first step
     with pytest.raises(BatchlabInputError, match=match):
         cls(10, **options)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(q=Q.numpy()), "q is a ndarray"),
+        (dict(keys=[[0.0] * 8] * 4), "keys is a list"),
+        (dict(scale=torch.tensor([20.0, 10.0])), r"scale is one number; got a torch.float32 tensor of shape \(2,\)"),
+        (dict(scale=torch.tensor(20)), "torch.int64 tensor"),
+        (dict(scale="20"), "scale must be a float, got str"),
+        (dict(scale=True), "scale must be a float, got bool"),
+        (dict(config={"block_bytes": 64}), r"config must be a RowBlocks\(...\), got dict"),
+        (dict(q=Q.masked_fill(Q > 0.4, float("nan"))), "q contains .* non-finite"),
+        (dict(keys=K.masked_fill(K > 0.4, float("inf"))), "keys contains .* non-finite"),
+    ],
+    ids=["q-numpy", "keys-list", "scale-two", "scale-int-tensor", "scale-str", "scale-bool", "config-dict", "q-nan",
+         "keys-inf"],
+)
+def test_row_block_info_nce_refuses_bad_input(kwargs, match):
+    args = {"q": Q, "keys": K, "scale": 20.0, "config": RowBlocks()} | kwargs
+    with pytest.raises(BatchlabInputError, match=match):
+        row_block_info_nce(args["q"], args["keys"], args["scale"], config=args["config"])
+
+
+def test_row_block_info_nce_takes_a_one_element_scale_tensor():
+    want = row_block_info_nce(Q, K, 20.0)
+    torch.testing.assert_close(row_block_info_nce(Q, K, torch.tensor([20.0])), want)
