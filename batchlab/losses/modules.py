@@ -189,10 +189,12 @@ class NTXentLoss(_PairLoss):
         if text_features is None:
             views = image_features
         else:
-            if not isinstance(text_features, torch.Tensor) or image_features.shape != text_features.shape:
+            if (not isinstance(image_features, torch.Tensor) or not isinstance(text_features, torch.Tensor)
+                    or image_features.shape != text_features.shape):
                 raise BatchlabInputError(
-                    "NTXentLoss needs two views of the same shape (N, d); got "
-                    f"{tuple(image_features.shape)} and {tuple(getattr(text_features, 'shape', ()))}"
+                    "NTXentLoss needs two views, tensors of the same shape (N, d); got "
+                    f"{type(image_features).__name__} {tuple(getattr(image_features, 'shape', ()))} and "
+                    f"{type(text_features).__name__} {tuple(getattr(text_features, 'shape', ()))}"
                 )
             views = torch.stack([image_features, text_features])
         return nt_xent(views, logit_scale, **{**self.options, **kwargs})

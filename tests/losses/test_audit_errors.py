@@ -82,23 +82,6 @@ def test_dclw_sigma_is_a_finite_positive_number(sigma):
 
 
 @pytest.mark.parametrize(
-    "cls,options,match",
-    [
-        (SogCLRLoss, dict(tau=float("nan")), "tau must be a finite positive float, got nan"),
-        (SogCLRLoss, dict(tau=float("inf")), "tau must be a finite positive float, got inf"),
-        (ISogCLRLoss, dict(eta=float("nan")), "eta must be a finite number, got nan"),
-        (ISogCLRLoss, dict(beta="0.9"), "beta must be a finite number, got '0.9'"),
-        (ISogCLRLoss, dict(tau_max=float("inf")), "tau_max must be a finite number, got inf"),
-        (ISogCLRLoss, dict(tau_min=True), "tau_min must be a finite number, got True"),
-    ],
-)
-def test_sogclr_module_hyperparameters_are_finite_numbers(cls, options, match):
-    # a NaN eta (or tau) was stored and turned every learnt temperature NaN at the first step
-    with pytest.raises(BatchlabInputError, match=match):
-        cls(10, **options)
-
-
-@pytest.mark.parametrize(
     "kwargs,match",
     [
         (dict(q=Q.numpy()), "q is a ndarray"),
@@ -123,3 +106,28 @@ def test_row_block_info_nce_refuses_bad_input(kwargs, match):
 def test_row_block_info_nce_takes_a_one_element_scale_tensor():
     want = row_block_info_nce(Q, K, 20.0)
     torch.testing.assert_close(row_block_info_nce(Q, K, torch.tensor([20.0])), want)
+
+
+@pytest.mark.parametrize(
+    "cls,options,match",
+    [
+        (SogCLRLoss, dict(tau=float("nan")), "tau must be a finite positive float, got nan"),
+        (SogCLRLoss, dict(tau=float("inf")), "tau must be a finite positive float, got inf"),
+        (ISogCLRLoss, dict(eta=float("nan")), "eta must be a finite number, got nan"),
+        (ISogCLRLoss, dict(beta="0.9"), "beta must be a finite number, got '0.9'"),
+        (ISogCLRLoss, dict(tau_max=float("inf")), "tau_max must be a finite number, got inf"),
+        (ISogCLRLoss, dict(tau_min=True), "tau_min must be a finite number, got True"),
+    ],
+)
+def test_sogclr_module_hyperparameters_are_finite_numbers(cls, options, match):
+    # a NaN eta (or tau) was stored and turned every learnt temperature NaN at the first step
+    with pytest.raises(BatchlabInputError, match=match):
+        cls(10, **options)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_ntxent_module_refuses_a_view_that_is_not_a_tensor(which):
+    views = [Q, K]
+    views[which] = views[which].numpy()
+    with pytest.raises(BatchlabInputError, match=r"two views, tensors of the same shape .* ndarray \(4, 8\)"):
+        NTXentLoss()(*views, 2.0)
