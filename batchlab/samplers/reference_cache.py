@@ -40,6 +40,7 @@ from typing import Callable, Iterable, Mapping
 import numpy as np
 import torch
 
+from batchlab._artifacts import check_writable_directory, write_text
 from batchlab._checks import check_finite, check_positive_int
 from batchlab.errors import BatchlabInputError, StaleArtifactError
 
@@ -118,6 +119,9 @@ class ReferenceEmbeddingCache:
             raise BatchlabInputError(f"model_hash must be a non-empty string (see model_hash(model)), got {model_hash!r}")
         self.root = Path(root)
         if overwrite and self.root.exists():
+            # only a cache (or what an interrupted creation left) is ours to delete, never a directory
+            # of the user's files passed by mistake
+            check_writable_directory(self.root, kind="reference cache", owned=self._owned(fields))
             shutil.rmtree(self.root)
         if (self.root / _META).exists():
             self._open(model_hash, num_examples, fields)
@@ -140,6 +144,8 @@ class ReferenceEmbeddingCache:
             check_positive_int(f"fields[{name!r}]", dim)
         if dtype not in _DTYPES:
             raise BatchlabInputError(f"dtype must be 'float16' or 'float32', got {dtype!r}")
+        # the field files would overwrite same-named files of a directory that is not a cache
+        check_writable_directory(self.root, kind="reference cache", owned=self._owned(fields))
         self.root.mkdir(parents=True, exist_ok=True)
         info = {"model_hash": model_hash, "num_examples": int(num_examples), "fields": dict(fields),
                 "dtype": dtype, "meta": dict(meta or {})}
@@ -148,9 +154,18 @@ class ReferenceEmbeddingCache:
                                       shape=(num_examples, dim)).flush()
         np.lib.format.open_memmap(self.root / _FILLED, mode="w+", dtype=np.bool_, shape=(num_examples,)).flush()
         # meta.json last: a directory without it is not a cache yet
-        (self.root / _META).write_text(json.dumps(info, indent=2))
+        write_text(self.root / _META, json.dumps(info, indent=2))  # atomic: never a half-written meta.json
         self._load(info)
         logger.info("created reference cache at %s (%d examples, fields %s)", self.root, num_examples, dict(fields))
+
+    def _owned(self, fields: Mapping[str, int] | None) -> set[str]:
+        """The file names a cache at ``root`` may hold: ``meta.json``, ``filled.npy`` and the field arrays."""
+        names = {str(name) for name in (fields or {})}
+        try:
+            names |= {str(name) for name in json.loads((self.root / _META).read_text())["fields"]}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no (readable) meta.json: only the given fields' files
+        return {_META, _FILLED} | {f"{name}.npy" for name in names}
 
     def _open(self, model_hash, num_examples, fields) -> None:
         try:
