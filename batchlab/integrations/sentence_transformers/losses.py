@@ -14,9 +14,9 @@ Two batchlab options are added, keyword-only: ``impl`` ("auto", "reference",
 "auto", "allgather", "ring").
 
 Not computed by batchlab, refused at construction with a ``BatchlabInputError``:
-a ``similarity_fct`` other than ``cos_sim`` and ``hardness_mode`` (its penalty adds a
-stop-gradient term to the logits, which InfoNCE has no slot for); use the
-sentence-transformers class for those.
+a ``similarity_fct`` other than ``cos_sim`` and ``hardness_mode`` with a non-zero
+``hardness_strength`` (its penalty adds a stop-gradient term to the logits, which InfoNCE
+has no slot for); use the sentence-transformers class for those.
 
 Example
 -------
@@ -92,7 +92,7 @@ class MultipleNegativesRankingLoss(_STMultipleNegativesRankingLoss):
     ) -> None:
         check_batchlab_options(impl, distributed)
         check_cosine(similarity_fct, type(self).__name__)
-        if hardness_mode is not None:
+        if hardness_mode is not None and hardness_strength > 0.0:  # strength 0: no penalty, as in ST
             raise BatchlabInputError(
                 f"hardness_mode={hardness_mode!r} is not computed by batchlab (its stop-gradient penalty has no "
                 "InfoNCE form); use sentence_transformers.losses.MultipleNegativesRankingLoss for it"
