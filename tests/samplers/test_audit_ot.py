@@ -50,3 +50,14 @@ def test_sample_map_draws_only_pairs_with_mass_or_refuses():
     ):
         with pytest.raises(BatchlabInputError, match=match):
             ot.sample_map(bad, size)
+
+
+def test_wcfm_weights_without_normalising_are_the_gibbs_kernel():
+    from batchlab.samplers import wcfm_weights
+
+    x0, x1 = torch.zeros(3, 2), torch.tensor([[1.0, 0.0], [2.0, 0.0], [0.5, 0.5]])
+    cost = (x1 - x0).square().sum(1)
+    # before: exp(-(c - min c) / eps), a batch-dependent multiple of the documented kernel
+    torch.testing.assert_close(wcfm_weights(x0, x1, eps=1.5, normalize=False), torch.exp(-cost / 1.5))
+    normalised = wcfm_weights(x0, x1, eps=1.5)
+    torch.testing.assert_close(normalised, torch.exp(-cost / 1.5) / torch.exp(-cost / 1.5).mean())

@@ -65,8 +65,8 @@ def wcfm_weights(
         eps = reg * (sd if sd > 0 else 1.0)
     elif not eps > 0:
         raise BatchlabInputError(f"eps must be > 0, got {eps!r}")
+    if not normalize:
+        return torch.exp(-c / eps)  # the kernel itself, as documented
     # subtracting the minimum changes nothing after normalising and avoids underflow
     w = torch.exp(-(c - c.min()) / eps)
-    if normalize:
-        w = w / w.mean()
-    return w
+    return w / w.mean()
