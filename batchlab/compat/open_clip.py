@@ -42,20 +42,37 @@ from batchlab.losses.distributed.strategies import gather_sizes, gather_with_gra
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
 
-def _check_world(name: str, rank: int, world_size: int, x: torch.Tensor):
-    """The process group open_clip's ``rank``/``world_size`` describe; error if they disagree."""
-    dist = torch.distributed
-    if not (dist.is_available() and dist.is_initialized()):
+def _horovod():
+    """``horovod.torch`` (open_clip's ``use_horovod=True`` gathers with it)."""
+    try:
+        import horovod.torch as hvd
+    except ImportError as exc:
+        raise BatchlabInputError("use_horovod=True needs horovod: pip install horovod") from exc
+    return hvd
+
+
+def _check_world(name: str, rank: int, world_size: int, x: torch.Tensor, hvd=None):
+    """The process group (Horovod's world with ``hvd``) open_clip's ``rank``/``world_size``
+    describe; error if they disagree. Returns every rank's batch size."""
+    if hvd is not None:  # open_clip's Horovod path needs no torch.distributed group
+        actual, where = (hvd.size(), hvd.rank()), "Horovod's world"
+    else:
+        dist = torch.distributed
+        if not (dist.is_available() and dist.is_initialized()):
+            raise BatchlabInputError(
+                f"{name}(world_size={world_size}) needs an initialised torch.distributed process group "
+                "(open_clip gathers over it too); call torch.distributed.init_process_group first"
+            )
+        actual, where = (dist.get_world_size(), dist.get_rank()), "the process group"
+    if actual != (world_size, rank):
         raise BatchlabInputError(
-            f"{name}(world_size={world_size}) needs an initialised torch.distributed process group "
-            "(open_clip gathers over it too); call torch.distributed.init_process_group first"
+            f"{name} was built with rank={rank}, world_size={world_size} but {where} has "
+            f"rank {actual[1]} of {actual[0]}; pass its values"
         )
-    if dist.get_world_size() != world_size or dist.get_rank() != rank:
-        raise BatchlabInputError(
-            f"{name} was built with rank={rank}, world_size={world_size} but the process group has "
-            f"rank {dist.get_rank()} of {dist.get_world_size()}; pass the group's values"
-        )
-    sizes = gather_sizes(x.shape[0], x.device)
+    if hvd is not None:
+        sizes = [int(s) for s in hvd.allgather(torch.tensor([x.shape[0]], device=x.device)).tolist()]
+    else:
+        sizes = gather_sizes(x.shape[0], x.device)
     if len(set(sizes)) != 1:
         raise BatchlabInputError(
             f"{name} (like open_clip) needs the same batch size on every rank, got {sizes}; "
@@ -102,7 +119,8 @@ class ClipLoss(nn.Module):
         This process's rank and the world size; ``world_size > 1`` needs an initialised
         process group that agrees with them.
     use_horovod : bool
-        Gather with Horovod instead (needs ``horovod.torch``).
+        Gather with Horovod instead (needs ``horovod.torch`` and ``hvd.init()``, no
+        torch.distributed group; ``rank``/``world_size`` are checked against Horovod's).
 
     Call: ``image_features`` (n, d), ``text_features`` (n, d) of any norm (under
     autocast they may differ in dtype), ``logit_scale`` the multiplier
@@ -139,13 +157,9 @@ class ClipLoss(nn.Module):
         self.world_size = world_size
         self.use_horovod = use_horovod
 
-    def _gather(self, x: torch.Tensor, sizes: list[int]) -> torch.Tensor:
-        """open_clip's ``gather_features`` for one tensor."""
-        if self.use_horovod:
-            try:
-                import horovod.torch as hvd
-            except ImportError as exc:
-                raise BatchlabInputError("use_horovod=True needs horovod: pip install horovod") from exc
+    def _gather(self, x: torch.Tensor, sizes: list[int], hvd=None) -> torch.Tensor:
+        """open_clip's ``gather_features`` for one tensor (with Horovod's ``hvd.allgather`` if given)."""
+        if hvd is not None:
             gather = hvd.allgather
         else:
             def gather(t):
@@ -169,8 +183,9 @@ class ClipLoss(nn.Module):
                 f"{tuple(logit_bias.shape)}; use open_clip's ClipLoss for a per-logit bias"
             )
         if self.world_size > 1:
-            sizes = _check_world("ClipLoss", self.rank, self.world_size, img)
-            all_img, all_txt = self._gather(img, sizes), self._gather(txt, sizes)
+            hvd = _horovod() if self.use_horovod else None
+            sizes = _check_world("ClipLoss", self.rank, self.world_size, img, hvd)
+            all_img, all_txt = self._gather(img, sizes, hvd), self._gather(txt, sizes, hvd)
             lift = bool(needs_lift(img, txt, all_img, all_txt) > UNIT_TOL)
             if self.local_loss:
                 n = img.shape[0]
