@@ -61,3 +61,15 @@ def test_wcfm_weights_without_normalising_are_the_gibbs_kernel():
     torch.testing.assert_close(wcfm_weights(x0, x1, eps=1.5, normalize=False), torch.exp(-cost / 1.5))
     normalised = wcfm_weights(x0, x1, eps=1.5)
     torch.testing.assert_close(normalised, torch.exp(-cost / 1.5) / torch.exp(-cost / 1.5).mean())
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [({"reg": "0.1"}, "reg must be a number"), ({"reg": float("inf")}, "reg must be a finite number > 0"),
+     ({"reg_m": None}, "reg_m must be a number"), ({"mass": True}, "mass must be a number"),
+     ({"tol": -1.0}, "tol must be a finite number >= 0")],
+)
+def test_couple_refuses_options_that_are_not_usable_numbers(gen, kw, match):
+    x0, x1 = torch.randn(6, 2, generator=gen), torch.randn(6, 2, generator=gen)
+    with pytest.raises(BatchlabInputError, match=match):
+        couple(x0, x1, "sinkhorn", **kw)
