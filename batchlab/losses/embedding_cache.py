@@ -32,13 +32,15 @@ return ``scaler.scale(loss)`` from ``loss_fn``.
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
-from batchlab._checks import check_positive_int
+from batchlab._checks import check_finite, check_positive_int, data_checks_on
 from batchlab.errors import BatchlabInputError
+from batchlab.losses._common import check_flags
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,24 @@ class _RngState:
             for device, state in zip(self.cuda_devices, self.cuda):
                 torch.cuda.set_rng_state(state, device)
             yield
+
+
+def _check_scale(scale: torch.Tensor | float | None) -> torch.Tensor | float | None:
+    """:meth:`EmbeddingCache.backward`'s ``scale``: one finite number (a (d,) tensor would scale columns)."""
+    if scale is None:
+        return None
+    if isinstance(scale, torch.Tensor):
+        if scale.numel() != 1 or not scale.is_floating_point():
+            raise BatchlabInputError(
+                f"backward(scale=) multiplies every cached gradient by one number; got a {scale.dtype} tensor of "
+                f"shape {tuple(scale.shape)}: pass a float or a one-element floating tensor"
+            )
+        if data_checks_on(scale.device):
+            check_finite("backward(scale=)", scale)
+        return scale.detach().reshape(())
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise BatchlabInputError(f"backward(scale=) takes a finite float or a one-element tensor, got {scale!r}")
+    return scale
 
 
 class _HostGradient:
@@ -177,6 +197,7 @@ class EmbeddingCache:
             raise BatchlabInputError(f"got {len(sizes)} chunk sizes for {len(self.encoders)} encoders")
         for size in sizes:
             check_positive_int("chunk_size", size)
+        check_flags(restore_rng=restore_rng, progress=progress)
         self.chunk_sizes = sizes
         self.restore_rng = restore_rng
         self.progress = progress
@@ -268,6 +289,7 @@ class EmbeddingCache:
         """
         if self._pending is None or (self._embeddings is None and self._grads is None):
             raise BatchlabInputError("call encode() (and loss.backward()) before backward(), or use step()")
+        scale = _check_scale(scale)
         pending = self._pending
         grads = self._grads if self._grads is not None else [e.grad for e in self._embeddings]
         self._pending = self._embeddings = self._grads = None

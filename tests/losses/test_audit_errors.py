@@ -131,3 +131,42 @@ def test_ntxent_module_refuses_a_view_that_is_not_a_tensor(which):
     views[which] = views[which].numpy()
     with pytest.raises(BatchlabInputError, match=r"two views, tensors of the same shape .* ndarray \(4, 8\)"):
         NTXentLoss()(*views, 2.0)
+
+
+@pytest.mark.parametrize("offload", [False, True])
+@pytest.mark.parametrize(
+    "scale,match",
+    [
+        (torch.tensor([1.0, 2.0, 3.0, 4.0]), r"one number; got a torch.float32 tensor of shape \(4,\)"),
+        (torch.tensor(2), "torch.int64 tensor"),
+        ("2", "takes a finite float or a one-element tensor, got '2'"),
+        (True, "got True"),
+        (float("nan"), "got nan"),
+        (torch.tensor(float("inf")), "non-finite"),
+    ],
+    ids=["per-column", "int-tensor", "str", "bool", "nan", "inf-tensor"],
+)
+def test_embedding_cache_backward_scale_is_one_finite_number(scale, match, offload):
+    # a (d,) scale silently scaled each embedding column of the cached gradients by its own factor
+    from torch import nn
+
+    from batchlab.losses import EmbeddingCache
+
+    towers = [nn.Linear(5, 4), nn.Linear(3, 4)]
+    cache = EmbeddingCache(towers, chunk_size=3)
+    a, b = cache.encode(torch.randn(8, 5), torch.randn(8, 3))
+    (a * b).sum().backward()
+    cache.keep_gradients(offload=offload)
+    with pytest.raises(BatchlabInputError, match=match):
+        cache.backward(scale=scale)
+    cache.backward(scale=torch.tensor([[0.5]]))  # still pending after the refusal; one element in any shape
+    assert towers[0].weight.grad is not None
+
+
+def test_embedding_cache_options_are_bools():
+    from torch import nn
+
+    from batchlab.losses import EmbeddingCache
+
+    with pytest.raises(BatchlabInputError, match="restore_rng must be True or False, got 'no'"):
+        EmbeddingCache(nn.Linear(3, 2), 4, restore_rng="no")
