@@ -229,6 +229,8 @@ class CoLMSelector:
         if step is None:
             step = self.step
             self.step += 1
+        else:  # 1.5 or "3" picked another step's noise, -1 failed inside numpy
+            step = _check_index("step", step)
         gen = torch.Generator().manual_seed(int(np.random.SeedSequence([self.seed, int(step)]).generate_state(1)[0]))
         indices, weights, small = self._choose(feats, src, b, gen)
         weights = weights * (b / n)  # weights sum to N; scaled to average 1 over the coreset

@@ -296,6 +296,8 @@ class JointExampleSelector:
         if step is None:
             step = self.step
             self.step += 1
+        else:  # 1.5 or "3" picked another step's noise, -1 failed inside numpy
+            step = _check_index("step", step)
 
         sizes = [b // self.n_chunks + (1 if c < b % self.n_chunks else 0) for c in range(self.n_chunks)]
         gumbel = self._gumbel(step, n, device)

@@ -56,3 +56,19 @@ def test_numpy_numbers_are_numbers():
 def test_community_groups_larger_than_the_dataset_say_what_fits():
     with pytest.raises(BatchlabInputError, match=r"group_size=4 is larger than N=3; use group_size <= 3"):
         CommunityBatchSampler(None, 4, group_size=4, groups=[0, 0, 1])
+
+
+def test_an_explicit_selection_step_is_a_non_negative_integer():
+    import torch.nn.functional as F
+
+    g = torch.Generator().manual_seed(0)
+    q, k = (F.normalize(torch.randn(20, 4, generator=g), dim=1) for _ in range(2))
+    jest = JointExampleSelector(n_chunks=2, filter_ratio=0.5)
+    calls = {"jest": lambda step: jest.select(learner=(q, k, 5.0), reference=(k, q, 5.0), step=step),
+             "colm": lambda step: CoLMSelector(0.5).select(gradients=q, step=step)}
+    for name, call in calls.items():
+        assert torch.equal(call(np.int64(1)), call(1)), name
+        for bad in (1.5, "1", True, -1):
+            with pytest.raises(BatchlabInputError, match="step must be a non-negative integer"):
+                call(bad)
+    assert jest.step == 0  # explicit steps leave the counter alone
