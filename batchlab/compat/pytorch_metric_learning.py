@@ -33,8 +33,6 @@ regularizer). Another ``distance``, ``reducer`` or ``embedding_regularizer`` rai
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
@@ -156,6 +154,5 @@ class NTXentLoss(nn.Module):
         # at -log(tiny) (87.3 in fp32 and bf16, 9.7 in fp16) and its gradient fades with it
         dtype = torch.get_autocast_dtype(q_all.device.type) if torch.is_autocast_enabled(q_all.device.type) \
             else embeddings.dtype
-        floor = torch.tensor(math.log(torch.finfo(dtype).tiny), dtype=per_pair.dtype, device=per_pair.device)
-        per_pair = -torch.logaddexp(-per_pair, floor)
+        per_pair = -torch.log(torch.exp(-per_pair) + torch.finfo(dtype).tiny)  # PML's very arithmetic
         return per_pair.mean().to(dtype)

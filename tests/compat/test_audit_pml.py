@@ -101,3 +101,11 @@ def test_indices_tuples_batchlab_refuses(gen):
         compat.NTXentLoss()(e, indices_tuple=(a, torch.tensor([1, 2]), a, torch.tensor([2, 3])))
     with pytest.raises(BatchlabInputError, match="3 .triplets. or 4"):
         compat.NTXentLoss()(e, indices_tuple=(a, a))
+
+
+def test_pairs_without_negatives_cost_exactly_zero(gen):
+    """Anchors whose every reference shares their label: each pair's softmax is 1 and PML's
+    log(1 + tiny) rounds to 0; batchlab's loss must not come out at -1e-38."""
+    e, ref = torch.randn(3, 4, generator=gen), torch.randn(2, 4, generator=gen)
+    got, _ = _both(0.1, e, ref=ref, labels=torch.tensor([0, 0, 1]), ref_labels=torch.tensor([0, 0]))
+    assert float(got[0]) == 0.0
