@@ -24,6 +24,7 @@ from torch import nn
 
 from batchlab.errors import BatchlabInputError
 from batchlab.losses import _dispatch
+from batchlab.losses._common import check_flags
 from batchlab.losses.dcl import dcl
 from batchlab.losses.infonce import info_nce
 from batchlab.losses.nt_xent import nt_xent
@@ -108,6 +109,7 @@ class _PairLoss(nn.Module):
                 "logit_scale.exp()); a call without it, loss(z0, z1), is lightly's: use " + _LIGHTLY
             )
         self._check_options(type(self).__name__, kwargs)
+        check_flags(output_dict=output_dict)  # "no" would return the dict
         loss = self._compute(image_features, text_features, logit_scale, logit_bias, **kwargs)
         return {"contrastive_loss": loss} if output_dict else loss
 

@@ -580,6 +580,7 @@ class SogCLRLoss(nn.Module):
         ``neg_mask``: the batch's known false negatives, as :func:`sogclr` takes them."""
         if not isinstance(image_features, torch.Tensor):
             raise BatchlabInputError("image_features must be a tensor (N, d)")
+        check_flags(output_dict=output_dict)  # "no" would return the dict
         ids = self._check_ids(ids, image_features.shape[0])
         loss = self._fused_step(image_features, text_features, ids) if neg_mask is None else None
         if loss is None:

@@ -7,12 +7,16 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from batchlab.errors import BatchlabInputError
 from batchlab.losses import (
+    EmbeddingCache,
+    InfoNCELoss,
     ISogCLRLoss,
     NTXentLoss,
     RowBlocks,
+    SigLIPLoss,
     SogCLRLoss,
     dcl,
     info_nce,
@@ -148,10 +152,6 @@ def test_ntxent_module_refuses_a_view_that_is_not_a_tensor(which):
 )
 def test_embedding_cache_backward_scale_is_one_finite_number(scale, match, offload):
     # a (d,) scale silently scaled each embedding column of the cached gradients by its own factor
-    from torch import nn
-
-    from batchlab.losses import EmbeddingCache
-
     towers = [nn.Linear(5, 4), nn.Linear(3, 4)]
     cache = EmbeddingCache(towers, chunk_size=3)
     a, b = cache.encode(torch.randn(8, 5), torch.randn(8, 3))
@@ -164,9 +164,20 @@ def test_embedding_cache_backward_scale_is_one_finite_number(scale, match, offlo
 
 
 def test_embedding_cache_options_are_bools():
-    from torch import nn
-
-    from batchlab.losses import EmbeddingCache
-
     with pytest.raises(BatchlabInputError, match="restore_rng must be True or False, got 'no'"):
         EmbeddingCache(nn.Linear(3, 2), 4, restore_rng="no")
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda: InfoNCELoss()(Q, K, 10.0, output_dict="no"),
+        lambda: SigLIPLoss()(Q, K, 10.0, -3.0, output_dict=1),
+        lambda: SogCLRLoss(10)(Q, K, torch.arange(4), output_dict="no"),
+    ],
+    ids=["InfoNCELoss", "SigLIPLoss", "SogCLRLoss"],
+)
+def test_modules_output_dict_is_a_bool(call):
+    # output_dict="no" (truthy) returned {"contrastive_loss": ...} where a tensor was asked for
+    with pytest.raises(BatchlabInputError, match="output_dict must be True or False"):
+        call()
