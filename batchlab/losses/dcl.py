@@ -66,7 +66,9 @@ def dcl(
 
     Parameters are those of :func:`~batchlab.losses.info_nce`, plus ``weighted`` (DCLW)
     and ``sigma`` (its temperature, default 0.5 as in the paper). Each query needs at
-    least one negative: N=1 without ``extra_negatives`` is refused.
+    least one negative: N=1 without ``extra_negatives`` is refused, and so is the symmetric
+    loss of one pair (a key has no negative: extra negatives belong to the queries). With the
+    data checks on, so is a ``neg_mask`` / ``pos_mask`` that leaves a query or a key none.
 
     Examples
     --------
