@@ -187,7 +187,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         self._resume_pending = False  # True between load_state_dict and the next __iter__
         self._pass: object | None = None  # token of the live pass; an abandoned pass stops counting
         self._plan_cache: tuple[int, list[list[int]]] | None = None
-        self._plan_hash: tuple[list[list[int]], str] | None = None  # (the plan object it hashes, hash)
+        self._plan_hash: str | None = None  # plan_fingerprint of the cached plan; reset with the cache
 
     # -- what subclasses write -------------------------------------------------
     def plan_epoch(self, generator: torch.Generator) -> list[list[int]]:
@@ -245,6 +245,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         """The current epoch's global batches after ``drop_last`` (cached per epoch)."""
         if self._plan_cache is None or self._plan_cache[0] != self.epoch:
             self._plan_cache = (self.epoch, self._checked_plan(self.epoch))
+            self._plan_hash = None
         return self._plan_cache[1]
 
     def _plan_for(self, epoch: int) -> list[list[int]]:
@@ -263,12 +264,11 @@ class GlobalBatchSampler(Sampler[list[int]]):
         plan hashes differently, even when every recorded setting matches.
         """
         plan = self._plan_for(self.epoch if epoch is None else epoch)
-        if self._plan_hash is None or self._plan_hash[0] is not plan:
+        if self._plan_hash is None:  # the plan is the cached one: global_batches resets the hash with it
             sizes = np.fromiter((len(b) for b in plan), dtype=np.int64, count=len(plan))
             flat = np.fromiter(itertools.chain.from_iterable(plan), dtype=np.int64, count=int(sizes.sum()))
-            digest = hashlib.sha1(sizes.tobytes() + flat.tobytes()).hexdigest()[:16]
-            self._plan_hash = (plan, digest)
-        return self._plan_hash[1]
+            self._plan_hash = hashlib.sha1(sizes.tobytes() + flat.tobytes()).hexdigest()[:16]
+        return self._plan_hash
 
     def _checked_plan(self, epoch: int) -> list[list[int]]:
         """``plan_epoch`` for ``epoch`` (== ``self.epoch``), after drop_last, checked for the rank split."""
