@@ -82,3 +82,10 @@ def test_dcl_weight_functions(gen, weight_fn):
 def test_dcl_weight_of_the_wrong_shape_is_refused(gen):
     with pytest.raises(BatchlabInputError, match=r"weight_fn must return one weight per example, shape \(5,\)"):
         compat.DCLLoss(weight_fn=lambda a, b: torch.ones(3))(*_views(gen))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_gather_distributed_without_a_process_group(gen, name):
+    """gather_distributed=True in one process (no group initialised): lightly's single-process loss."""
+    peer, ours = PEERS[name], getattr(compat, name)
+    _compare(peer(gather_distributed=True), ours(gather_distributed=True), _views(gen), f"{name} gather, 1 process")
