@@ -119,6 +119,14 @@ def test_a_one_example_dataset_gives_one_batch_of_it(family):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_a_global_batch_that_does_not_split_over_the_ranks_is_refused(family):
+    # test_contract draws batch sizes that are multiples of the world size only
+    with pytest.raises(BatchlabInputError, match=r"batch_size \(6\) is the global batch and must be divisible by "
+                                                  r"num_replicas \(4\); use a multiple of 4"):
+        build(family, 24, 6, num_replicas=4, rank=3)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_a_dataset_smaller_than_a_batch(family):
     """One short batch of every example, or a refusal that says what to change; never an empty epoch."""
     _, refuses = make_factory(family, 3, 4, data_seed=2)
