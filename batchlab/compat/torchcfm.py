@@ -70,7 +70,12 @@ def has_repeated_points(C: torch.Tensor) -> bool:
     Then several plans are optimal (the repeated points can trade partners) and which one a
     solver returns is its own tie-break: torchcfm's is POT's network simplex.
     """
-    return torch.unique(C, dim=0).shape[0] < C.shape[0] or torch.unique(C, dim=1).shape[1] < C.shape[1]
+    for M in (C, C.T):
+        # equal rows give equal weighted sums: sort n sums first, whole rows only if two sums tie
+        sums = M @ torch.linspace(1.0, 2.0, M.shape[1], dtype=M.dtype, device=M.device)
+        if torch.unique(sums).numel() < M.shape[0] and torch.unique(M, dim=0).shape[0] < M.shape[0]:
+            return True
+    return False
 
 
 def exact_plan(C: torch.Tensor) -> np.ndarray:
