@@ -274,8 +274,10 @@ def neg_mask_tile(neg_mask: NegMask, rows: torch.Tensor, cols: torch.Tensor) -> 
     return tile.to(rows.device)
 
 
-def check_extra_negatives(extra: torch.Tensor | None, q: torch.Tensor, *, check: bool = True) -> torch.Tensor | None:
-    """Extra negatives per query: (N, m, d), same device/dtype as q; finite unit rows with ``check``."""
+def check_extra_negatives(extra: torch.Tensor | None, q: torch.Tensor, *, check: bool = True,
+                          normalize: bool = False) -> torch.Tensor | None:
+    """Extra negatives per query: (N, m, d), same device/dtype as q; finite unit rows with ``check``
+    (L2-normalised here with ``normalize``, as the loss's ``q`` and ``k`` are)."""
     if extra is None:
         return None
     check_embeddings("extra_negatives", extra, ndim=3, allow_empty=True, finite=False)
@@ -284,6 +286,8 @@ def check_extra_negatives(extra: torch.Tensor | None, q: torch.Tensor, *, check:
         raise BatchlabInputError(
             f"extra_negatives must have shape (N={q.shape[0]}, m, d={q.shape[1]}), got {tuple(extra.shape)}"
         )
+    if normalize:
+        return prepare_rows("extra_negatives", extra, normalize=True, check=check)
     if extra.numel() and check:
         check_normalized("extra_negatives", extra)
     return extra

@@ -84,7 +84,7 @@ def dcl(
     check = checks_for(q, check_inputs)
     q, k = prepare_pair(q, k, normalize=normalize, check=check)
     scale = prepare_scalar("logit_scale", logit_scale, q, check=check)
-    extra_negatives = check_extra_negatives(extra_negatives, q, check=check)
+    extra_negatives = check_extra_negatives(extra_negatives, q, check=check, normalize=normalize)
     options = dict(weighted=weighted, sigma=float(sigma), symmetric=symmetric, targets=targets,
                    pos_mask=pos_mask, extra_negatives=extra_negatives, neg_mask=neg_mask, reduction=reduction)
     if use_distributed(distributed, group):

@@ -84,7 +84,7 @@ def info_nce(
     return_lse : bool
         Also return :class:`~batchlab.losses.LSE` (row and column log-sum-exp).
     normalize : bool
-        L2-normalise ``q`` and ``k`` first (zero rows are refused when the data checks run);
+        L2-normalise ``q``, ``k`` and ``extra_negatives`` first (zero rows are refused when the data checks run);
         otherwise every row is checked to have unit norm when the data checks run.
     impl : "auto" | "reference" | "tiled" | "triton"
         ``auto``: Triton on CUDA when available (small batches: one cuBLAS product and fused
@@ -114,7 +114,7 @@ def info_nce(
     check = checks_for(q, check_inputs)
     q, k = prepare_pair(q, k, normalize=normalize, check=check)
     scale = prepare_scalar("logit_scale", logit_scale, q, check=check)
-    extra_negatives = check_extra_negatives(extra_negatives, q, check=check)
+    extra_negatives = check_extra_negatives(extra_negatives, q, check=check, normalize=normalize)
     if use_distributed(distributed, group):
         _dispatch.check_known_options("info_nce", impl_options)  # the strategies pass them on unread
         return run_distributed(

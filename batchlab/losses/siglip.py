@@ -77,7 +77,7 @@ def siglip(
     q, k = prepare_pair(q, k, normalize=normalize, check=check)
     scale = prepare_scalar("logit_scale", logit_scale, q, check=check)
     bias = prepare_scalar("logit_bias", logit_bias, q, check=check)
-    extra_negatives = check_extra_negatives(extra_negatives, q, check=check)
+    extra_negatives = check_extra_negatives(extra_negatives, q, check=check, normalize=normalize)
     if use_distributed(distributed, group):
         _dispatch.check_known_options("siglip", impl_options)  # the strategies pass them on unread
         return run_distributed(

@@ -181,3 +181,29 @@ def test_modules_output_dict_is_a_bool(call):
     # output_dict="no" (truthy) returned {"contrastive_loss": ...} where a tensor was asked for
     with pytest.raises(BatchlabInputError, match="output_dict must be True or False"):
         call()
+
+
+@pytest.mark.parametrize("impl", ["reference", "tiled"])
+@pytest.mark.parametrize("family", ["info_nce", "siglip", "dcl"])
+def test_normalize_also_normalises_the_extra_negatives(family, impl):
+    # normalize=True refused raw extra negatives on the CPU ("... or pass normalize=True") and used them
+    # un-normalised where the data checks are off (CUDA's default)
+    extra = 3 * _unit(4, 2, 8)
+    raw = extra.clone().requires_grad_()
+    unit = F.normalize(extra, dim=-1).requires_grad_()
+
+    def loss(e, normalize):
+        q, k = (2 * Q, 2 * K) if normalize else (Q, K)
+        if family == "siglip":
+            return siglip(q, k, 10.0, -3.0, extra_negatives=e, normalize=normalize, impl=impl)
+        fn = info_nce if family == "info_nce" else dcl
+        return fn(q, k, 10.0, extra_negatives=e, normalize=normalize, impl=impl)
+
+    got, want = loss(raw, True), loss(unit, False)
+    torch.testing.assert_close(got, want)
+    (g_raw,), (g_unit,) = torch.autograd.grad(got, [raw]), torch.autograd.grad(want, [unit])
+    # the chain rule through the normalisation: the unit-sphere tangent part, divided by the norm (3)
+    tangent = g_unit - (g_unit * unit.detach()).sum(-1, keepdim=True) * unit.detach()
+    torch.testing.assert_close(g_raw, tangent / 3)
+    with pytest.raises(BatchlabInputError, match="extra_negatives rows must be L2-normalised"):
+        loss(raw, False)  # without normalize=True they are still checked
