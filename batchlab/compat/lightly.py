@@ -31,6 +31,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
+from batchlab._checks import check_nonzero_rows
 from batchlab.compat._features import peer_result_dtype
 from batchlab.errors import BatchlabInputError
 from batchlab.losses import dcl, info_nce, nt_xent
@@ -52,21 +53,15 @@ def _check_distributed_available(gather_distributed: bool) -> None:
         )
 
 
-def _normalise(x: Tensor, name: str) -> Tensor:
-    """lightly's ``F.normalize(x, dim=1)``; a zero row (norm under its 1e-12 eps) is refused by name.
-
-    lightly keeps such a row at zero (cosine 0 with everything, its gradient scaled by 1e12);
-    batchlab's losses take unit rows and have no zero-vector form.
-    """
-    out = nn.functional.normalize(x, dim=1)
-    zero = torch.linalg.vector_norm(out.detach(), dim=1) < 0.5
-    if bool(zero.any()):
-        raise BatchlabInputError(
-            f"{name} has {int(zero.sum())} zero row(s) (first: row {int(zero.nonzero()[0, 0])}); lightly "
-            "normalises them to zero vectors, which batchlab's losses (unit rows) cannot represent: check the "
-            "projection head's output, or use lightly's loss for this batch"
-        )
-    return out
+def _peer_call(loss_fn, out0: Tensor, out1: Tensor) -> Tensor:
+    """``loss_fn(out0, out1)`` in the peer's result dtype; when batchlab refuses the normalised rows,
+    a zero row of the input (lightly keeps it at zero, batchlab's unit rows cannot) is named first."""
+    try:
+        return loss_fn(out0, out1).to(peer_result_dtype(out0))
+    except BatchlabInputError:
+        check_nonzero_rows("out0", out0)
+        check_nonzero_rows("out1", out1)
+        raise
 
 
 def _weights(w, n: int, dtype: torch.dtype) -> Tensor:
@@ -168,10 +163,11 @@ class NTXentLoss(nn.Module):
         _check_distributed_available(gather_distributed)
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
-        return self._loss(out0, out1).to(peer_result_dtype(out0))
+        return _peer_call(self._loss, out0, out1)
 
     def _loss(self, out0: Tensor, out1: Tensor) -> Tensor:
-        out0, out1 = _normalise(out0, "out0"), _normalise(out1, "out1")
+        out0 = nn.functional.normalize(out0, dim=1)
+        out1 = nn.functional.normalize(out1, dim=1)
         scale = 1.0 / self.temperature
         if self.memory_bank.enabled:
             bank = self.memory_bank.read_and_update(out1, update=out0.requires_grad).to(out0)
@@ -225,10 +221,11 @@ class DCLLoss(nn.Module):
         return None
 
     def forward(self, out0: Tensor, out1: Tensor) -> Tensor:
-        return self._loss(out0, out1).to(peer_result_dtype(out0))
+        return _peer_call(self._loss, out0, out1)
 
     def _loss(self, out0: Tensor, out1: Tensor) -> Tensor:
-        out0, out1 = _normalise(out0, "out0"), _normalise(out1, "out1")
+        out0 = nn.functional.normalize(out0, dim=1)
+        out1 = nn.functional.normalize(out1, dim=1)
         n = out0.shape[0]
         scale = 1.0 / self.temperature
         world, rank = _world()

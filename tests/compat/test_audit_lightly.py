@@ -48,7 +48,7 @@ def test_zero_projection_rows_are_refused(gen, name, which):
     reject it as 'not L2-normalised', which named neither the input nor the cause."""
     views = _views(gen)
     views[which][2] = 0
-    with pytest.raises(BatchlabInputError, match=f"out{which} has 1 zero row.*row 2"):
+    with pytest.raises(BatchlabInputError, match=f"out{which} has 1 all-zero row.*row 2"):
         getattr(compat, name)()(*views)
 
 
