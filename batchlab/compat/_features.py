@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from batchlab._checks import _row_norms
 from batchlab.errors import BatchlabInputError
 
 #: rows whose norm is within this of 1 are passed to batchlab as they are (its own check allows 2e-2)
@@ -46,7 +47,7 @@ def norm_dtype(x: torch.Tensor) -> torch.dtype:
 
 def row_norms(x: torch.Tensor) -> torch.Tensor:
     """The L2 norm of every row of ``x`` in :func:`norm_dtype` (no gradient)."""
-    return torch.linalg.vector_norm(x.detach().to(norm_dtype(x)), dim=-1)
+    return _row_norms(x.detach())
 
 
 def max_row_norm(x: torch.Tensor) -> torch.Tensor:
