@@ -12,9 +12,11 @@ the losses run the data checks: always on the CPU, on CUDA only when asked
 
 from __future__ import annotations
 
+import operator
 import os
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from batchlab.errors import BatchlabInputError
@@ -149,10 +151,14 @@ def check_nonzero_rows(name: str, x: torch.Tensor) -> None:
 
 
 def check_positive_int(name: str, value: int, *, minimum: int = 1) -> int:
-    """``value`` is an int >= ``minimum``; returns it."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    """``value`` is an integer >= ``minimum`` (a Python or numpy int, not a bool); returns it as an int."""
+    try:
+        number = None if isinstance(value, (bool, np.bool_)) else operator.index(value)
+    except TypeError:
+        number = None
+    if number is None or number < minimum:
         raise BatchlabInputError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
+    return number
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> str:

@@ -52,6 +52,8 @@ class RoundSampler(GlobalBatchSampler):
     (5, [4, 4, 4, 4, 4], True)
     """
 
+    RESUME_SETTINGS = ("n", "steps")
+
     def __init__(self, n: int, batch_size: int, steps: int, **kwargs) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
         if batch_size > n:

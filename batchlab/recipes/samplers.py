@@ -64,6 +64,8 @@ class RandomBatchSampler(GlobalBatchSampler):
     [4, 4, 2]
     """
 
+    RESUME_SETTINGS = ("num_examples",)
+
     def __init__(self, num_examples: int, batch_size: int, **kwargs: Any) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
         self.num_examples = check_positive_int("num_examples", num_examples)

@@ -72,3 +72,31 @@ def test_an_explicit_selection_step_is_a_non_negative_integer():
             with pytest.raises(BatchlabInputError, match="step must be a non-negative integer"):
                 call(bad)
     assert jest.step == 0  # explicit steps leave the counter alone
+
+
+def test_sizes_take_numpy_ints_and_refuse_bools_and_floats():
+    # sizes often come from numpy (len of an array, np.int64 from a config): taken as plain ints
+    sampler = RandomBatchSampler(np.int64(10), np.int64(4), seed=0)
+    assert [len(b) for b in sampler] == [4, 4, 2] and type(sampler.num_examples) is int
+    for bad in (True, np.bool_(True), 4.0, "4", None, np.int64(0)):
+        with pytest.raises(BatchlabInputError, match=r"batch_size must be an integer >= 1"):
+            RandomBatchSampler(10, bad)
+
+
+def test_a_state_of_another_dataset_size_names_the_size():
+    from batchlab.bench.jest_quality import RoundSampler
+    from batchlab.integrations.sentence_transformers.samplers import _RandomBatches
+
+    for build, other, setting in ((lambda: RandomBatchSampler(20, 4, seed=0), lambda: RandomBatchSampler(24, 4, seed=0),
+                                   "num_examples=20 in the state but num_examples=24"),
+                                  (lambda: _RandomBatches(20, 4, seed=0), lambda: _RandomBatches(21, 4, seed=0),
+                                   "num_examples=20 in the state but num_examples=21"),
+                                  (lambda: RoundSampler(10, 4, steps=5, seed=0), lambda: RoundSampler(10, 4, steps=6, seed=0),
+                                   "steps=5 in the state but steps=6")):
+        sampler = build()
+        batches = iter(sampler)
+        next(batches)
+        state = sampler.state_dict(consumed=1)
+        with pytest.raises(BatchlabInputError, match=setting):
+            other().load_state_dict(state)
+        build().load_state_dict(state)  # the same settings resume

@@ -72,6 +72,8 @@ _OWN = ("embeddings", "query_embeddings", "negative_ids", "batch_size", "drop_la
 class _RandomBatches(GlobalBatchSampler):
     """Uniformly shuffled batches (the trainer's default), under the same contract."""
 
+    RESUME_SETTINGS = ("num_examples",)
+
     def __init__(self, num_examples: int, batch_size: int, **kwargs: Any) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
         self.num_examples = check_positive_int("num_examples", num_examples)
