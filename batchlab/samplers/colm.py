@@ -152,7 +152,9 @@ class CoLMSelector:
     needs_reference = False
 
     # The selector bookkeeping is JEST's, so the two are interchangeable in a training loop:
-    # b = round((1 - filter_ratio) * N); state_dict() = {"seed", "step"}; load_state_dict resumes.
+    # b = round((1 - filter_ratio) * N); state_dict() = {"selector", "seed", "step", "settings"};
+    # load_state_dict resumes, and refuses a JEST state or one saved with other settings.
+    STATE_SETTINGS = ("filter_ratio", "small_sources", "small_fraction", "dims", "eps", "beta2")
     batch_size = JointExampleSelector.batch_size
     state_dict = JointExampleSelector.state_dict
     load_state_dict = JointExampleSelector.load_state_dict

@@ -217,20 +217,54 @@ class JointExampleSelector:
         """Size of the chosen batch for a super-batch of ``n``: ``round((1 - filter_ratio) * n)``."""
         return int(round((1.0 - self.filter_ratio) * n))
 
+    #: Settings that shape which examples a step selects: a state saved with other values is refused.
+    #: (block_size, precision and impl change only how the scores are computed.)
+    STATE_SETTINGS: tuple[str, ...] = ("n_chunks", "filter_ratio", "score", "loss", "first_chunk", "symmetric")
+
     def state_dict(self) -> dict:
-        """The seed and the step counter (how many selections were made)."""
-        return {"seed": self.seed, "step": self.step}
+        """The seed, the step counter (how many selections were made), the class and its selection settings.
+
+        >>> JointExampleSelector(seed=3).state_dict()["step"]
+        0
+        """
+        settings = {key: getattr(self, key) for key in self.STATE_SETTINGS}
+        return {"selector": type(self).__name__, "seed": self.seed, "step": self.step, "settings": settings}
 
     def load_state_dict(self, state: dict) -> None:
-        """Resume: the next ``select`` draws the noise it would have drawn without the break."""
-        if not isinstance(state, dict) or set(state) != {"seed", "step"}:
+        """Resume: the next ``select`` draws the noise it would have drawn without the break.
+
+        A state of another selector class or saved with other selection settings is refused (the
+        message lists every difference); a state without them (saved before they were recorded) loads
+        with a warning.
+        """
+        if not isinstance(state, dict) or not {"seed", "step"} <= set(state) <= {"seed", "step", "selector", "settings"}:
             got = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise BatchlabInputError(f"state must be the dict from state_dict() with keys 'seed' and 'step', got {got}")
+            raise BatchlabInputError(
+                f"state must be the dict from state_dict() (keys 'seed', 'step', 'selector', 'settings'), got {got}"
+            )
         for key in ("seed", "step"):
             value = state[key]
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
                 raise BatchlabInputError(
                     f"state[{key!r}] must be a non-negative integer (as state_dict() saves it), got {value!r}"
+                )
+        if "selector" not in state or "settings" not in state:
+            logger.warning("%s: the state records no selector class or settings (saved by an older batchlab); "
+                           "resuming without checking them", type(self).__name__)
+        else:
+            mine = self.state_dict()
+            differences = []
+            if state["selector"] != mine["selector"]:
+                differences.append(f"selector {state['selector']!r} in the state but {mine['selector']!r} here")
+            saved = state["settings"] if isinstance(state["settings"], dict) else {}
+            for key in sorted(set(saved) | set(mine["settings"])):
+                if saved.get(key, "<missing>") != mine["settings"].get(key, "<missing>"):
+                    differences.append(f"{key}={saved.get(key, '<missing>')!r} in the state but "
+                                       f"{mine['settings'].get(key, '<missing>')!r} here")
+            if differences:
+                raise BatchlabInputError(
+                    "cannot resume: the state was saved by another selector: " + "; ".join(differences)
+                    + ". Build the selector with the settings it had when the state was saved"
                 )
         self.seed, self.step = int(state["seed"]), int(state["step"])
 

@@ -47,7 +47,8 @@ def test_numpy_numbers_are_numbers():
     assert MixedBatchSampler(RandomBatchSampler(8, 2), 8, batch_size=4, mix_random=np.float64(0.5)).num_random == 2
     # seeds as numpy ints, as GlobalBatchSampler and load_state_dict take them; saved as plain ints
     for selector in (JointExampleSelector(seed=np.int64(3)), CoLMSelector(seed=np.int64(3), small_sources=[np.int64(1)])):
-        assert selector.state_dict() == {"seed": 3, "step": 0} and type(selector.seed) is int
+        state = selector.state_dict()
+        assert (state["seed"], state["step"]) == (3, 0) and type(state["seed"]) is int and type(selector.seed) is int
     for bad in (-1, 2.0, "3"):
         with pytest.raises(BatchlabInputError, match="seed must be a non-negative integer"):
             JointExampleSelector(seed=bad)
@@ -100,3 +101,24 @@ def test_a_state_of_another_dataset_size_names_the_size():
         with pytest.raises(BatchlabInputError, match=setting):
             other().load_state_dict(state)
         build().load_state_dict(state)  # the same settings resume
+
+
+def test_a_selector_state_of_another_class_or_settings_is_refused(caplog):
+    jest = JointExampleSelector(n_chunks=4, filter_ratio=0.5, seed=1)
+    jest.step = 7
+    state = jest.state_dict()
+    for other, difference in ((JointExampleSelector(n_chunks=8, filter_ratio=0.5), "n_chunks=4 in the state but 8 here"),
+                              (JointExampleSelector(n_chunks=4, filter_ratio=0.5, score="hard_learner"), "score=.learnability."),
+                              (CoLMSelector(0.5), "selector 'JointExampleSelector' in the state but 'CoLMSelector'")):
+        with pytest.raises(BatchlabInputError, match=difference):
+            other.load_state_dict(state)
+    again = JointExampleSelector(n_chunks=4, filter_ratio=0.5, block_size=8, seed=0)  # block_size: how, not what
+    again.load_state_dict(state)
+    assert (again.seed, again.step) == (1, 7)
+    colm = CoLMSelector(0.5, small_sources=[2], seed=2)
+    with pytest.raises(BatchlabInputError, match=r"small_sources=\[2\] in the state but 'auto' here"):
+        CoLMSelector(0.5, seed=2).load_state_dict(colm.state_dict())
+    # a state saved before the settings were recorded still loads, with a warning
+    with caplog.at_level("WARNING"):
+        CoLMSelector(0.5).load_state_dict({"seed": 4, "step": 2})
+    assert "records no selector class or settings" in caplog.text
