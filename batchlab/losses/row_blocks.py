@@ -297,6 +297,11 @@ def row_block_info_nce(q: Tensor, keys: Tensor, scale: float, *, config: RowBloc
     scale = float(scale)
     if not math.isfinite(scale):
         raise BatchlabInputError(f"row_block_info_nce needs a finite scale, got {scale}")
+    if config.fused and q.dtype == torch.float32 and not fused_available(q.device):
+        raise BatchlabInputError(
+            f"RowBlocks(fused=True) runs the Triton row kernel, which needs Triton and a CUDA device (on the CPU: "
+            f"TRITON_INTERPRET=1, set before Triton is imported); got {q.device}. Use fused=None (automatic) or False"
+        )
     if data_checks_on(q.device):  # on the CPU (CUDA: BATCHLAB_CHECK_INPUTS=1); NaN would make the loss NaN
         check_finite("q", q)
         check_finite("keys", keys)

@@ -207,3 +207,13 @@ def test_normalize_also_normalises_the_extra_negatives(family, impl):
     torch.testing.assert_close(g_raw, tangent / 3)
     with pytest.raises(BatchlabInputError, match="extra_negatives rows must be L2-normalised"):
         loss(raw, False)  # without normalize=True they are still checked
+
+
+def test_row_blocks_fused_without_a_triton_device_is_refused(monkeypatch):
+    # on a CPU without TRITON_INTERPRET=1 the kernel launch failed inside Triton ("0 active drivers")
+    from batchlab.losses import row_blocks
+
+    monkeypatch.setattr(row_blocks, "fused_available", lambda device: False)
+    with pytest.raises(BatchlabInputError, match=r"RowBlocks\(fused=True\) .* needs Triton and a CUDA device"):
+        row_block_info_nce(Q, K, 20.0, config=RowBlocks(fused=True))
+    assert torch.isfinite(row_block_info_nce(Q, K, 20.0, config=RowBlocks(fused=None)))  # automatic: PyTorch ops
