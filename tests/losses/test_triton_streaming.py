@@ -207,3 +207,13 @@ def test_control_kernels_match_the_torch_bound(n, m, d, gen):
             ctl = _lse.control(q, k, s)
             torch.testing.assert_close(ctl[0], bound2 - _lse._HEADROOM2, rtol=1e-6, atol=1e-4)
             assert float(ctl[1]) == float(2 * bound2 <= limit)
+
+
+@pytest.mark.parametrize("n,m", [(1, 5), (6, 11)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_one_way_with_more_keys_than_queries(n, m, dtype, gen):
+    # the diagonal positives of a wider key set: keys past N are negatives only. The positives' dot
+    # products (_impl._PairDot) gave the key gradient N rows for M keys (a shape error at N > 1) and,
+    # at N = 1, broadcast M rows into the query gradient (silently 150% off)
+    q, k = unit(n, 24, gen, torch.float64), unit(m, 24, gen, torch.float64)
+    compare(lambda impl, q, k, s: info_nce(q, k, s, symmetric=False, impl=impl), [q, k, torch.tensor(14.3)], dtype, gen)

@@ -51,7 +51,11 @@ def _fallback(family: str, *args, **kwargs):
 
 
 class _PairDot(torch.autograd.Function):
-    """fp32 dot products ``q[qi] . k[ki]`` (P,) without fp32 copies of q and k."""
+    """fp32 dot products ``q[qi] . k[ki]`` (P,) without fp32 copies of q and k.
+
+    ``qi`` None: all of ``q`` (P = N); ``ki`` None: the diagonal, key i for query i (``k`` may have more
+    rows than ``q``, as one-way InfoNCE with extra keys: those rows get no gradient from here).
+    """
 
     @staticmethod
     def forward(ctx, q, k, qi, ki):
@@ -70,15 +74,20 @@ class _PairDot(torch.autograd.Function):
         q, k, qi, ki = ctx.saved_tensors
         dq = dk = None
         if ctx.needs_input_grad[0]:
-            b = k if ki is None else k[ki]
+            b = k[: g.shape[0]] if ki is None else k[ki]  # the diagonal: key i pairs with query i
             contrib = g[:, None] * b.float()
             dq = contrib.to(q.dtype) if qi is None else torch.zeros(q.shape, device=q.device,
                                                                     dtype=torch.float32).index_add_(0, qi, contrib).to(q.dtype)
         if ctx.needs_input_grad[1]:
-            a = q if qi is None else q[qi]
+            a = q[: g.shape[0]] if qi is None else q[qi]
             contrib = g[:, None] * a.float()
-            dk = contrib.to(k.dtype) if ki is None else torch.zeros(k.shape, device=k.device,
-                                                                    dtype=torch.float32).index_add_(0, ki, contrib).to(k.dtype)
+            if ki is None and k.shape[0] == contrib.shape[0]:
+                dk = contrib.to(k.dtype)
+            elif ki is None:  # the diagonal of a wider key set (one-way, M > N): keys past N get no gradient here
+                dk = torch.zeros(k.shape, device=k.device, dtype=k.dtype)
+                dk[: contrib.shape[0]] = contrib
+            else:
+                dk = torch.zeros(k.shape, device=k.device, dtype=torch.float32).index_add_(0, ki, contrib).to(k.dtype)
         return dq, dk, None, None
 
 
