@@ -32,7 +32,7 @@ from batchlab.losses import dcl, info_nce, nt_xent, siglip
 VALUE_TOL = 1e-5
 GRAD_TOL = {torch.float32: 1e-4, torch.bfloat16: 1.5e-2}
 SCALES = [1e-3, 14.3, 1e3]
-TILE = (4, 8)  # divides none of the sizes below (1, 3, 6, 13, 14, 15, 21)
+TILE = (4, 8)  # divides none of the sizes below (1, 3, 6, 9, 13, 14, 15, 21)
 
 
 def _unit(shape, gen):
@@ -47,6 +47,7 @@ CASES = [
     ("targets", "info_nce", 13, 13, {"targets": "perm"}),
     ("pos-mask", "info_nce", 6, 6, {"pos_mask": "two"}),
     ("extra", "info_nce", 6, 6, {"extra": 3}),
+    ("extra-ragged", "info_nce", 6, 9, {"symmetric": False, "extra": 2}),
     ("neg-mask", "info_nce", 13, 13, {"neg_mask": True}),
     ("n1", "siglip", 1, 1, {}),
     ("ragged", "siglip", 13, 21, {}),
@@ -57,6 +58,7 @@ CASES = [
     ("weighted", "dcl", 6, 6, {"weighted": True}),
     ("n1-extra", "dcl", 1, 1, {"symmetric": False, "extra": 3}),
     ("ragged-targets", "dcl", 13, 21, {"symmetric": False, "targets": "perm", "weighted": True}),
+    ("ragged-diagonal", "dcl", 13, 21, {"symmetric": False}),
     ("extra", "dcl", 6, 6, {"extra": 2}),
     ("neg-mask", "dcl", 6, 6, {"neg_mask": True}),
     ("v2", "nt_xent", 7, 2, {}),
@@ -159,9 +161,6 @@ def interpreted_triton():
 
 
 # nt_xent has no Triton implementation; neg_mask runs on the tiled fallback (test_triton.py checks that).
-# Left out on the streaming path: one-way InfoNCE with more keys than queries and the default (diagonal)
-# targets, whose backward fails in triton/_impl.py's _PairDot (a key gradient of N rows for M keys).
-_PAIR_DOT_RAGGED = {("info_nce", "n1-oneway-ragged"), ("info_nce", "ragged-oneway")}
 # The small-batch "dense" path serves InfoNCE and SigLIP without extra negatives or several positives.
 _DENSE = {("info_nce", "n1"), ("info_nce", "n1-oneway-ragged"), ("info_nce", "ragged-oneway"),
           ("info_nce", "targets"), ("siglip", "n1"), ("siglip", "ragged")}
@@ -169,7 +168,7 @@ TRITON_CASES = [
     pytest.param(c, path, id=f"{c[1]}-{c[0]}-{path}")
     for c in CASES if c[1] != "nt_xent" and "neg_mask" not in c[4]
     for path in ("dense", "streaming")
-    if (path == "streaming" and (c[1], c[0]) not in _PAIR_DOT_RAGGED) or (path == "dense" and (c[1], c[0]) in _DENSE)
+    if path == "streaming" or (c[1], c[0]) in _DENSE
 ]
 
 
