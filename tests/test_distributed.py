@@ -286,3 +286,24 @@ def test_ring_pairs_of_the_diagonal_read_no_values(monkeypatch):
     pairs, rows, cols = strategies._ring_pairs(q, k, None, None, None, [3, 2], 1, None, True)
     assert torch.equal(pairs.targets, torch.arange(5)) and torch.equal(rows, torch.ones(3))
     assert torch.equal(cols, torch.ones(3))  # (targets are still counted and checked: the tests above)
+
+
+def _dcl_keys_without_negatives_on_rank(rank, world):
+    from batchlab.errors import BatchlabInputError
+
+    q, k, e, *_ = global_data(torch.float32)
+    messages = []
+    for strategy in ("ring", "allgather"):
+        try:  # one pair with extra negatives: the key has none (extras belong to queries)
+            value = dcl(q[:1], k[:1], 2.0, extra_negatives=e[:1], distributed=strategy)
+            messages.append(f"returned {float(value)}")
+        except BatchlabInputError as exc:
+            messages.append(str(exc))
+    torch.distributed.barrier()
+    return messages
+
+
+def test_symmetric_dcl_refuses_a_key_without_negatives_on_every_strategy():
+    # the ring checked only the queries' denominators and returned -inf for the key's loss
+    for message in run_on_ranks(_dcl_keys_without_negatives_on_rank, world=1)[0]:
+        assert "key" in message and "negative" in message, message

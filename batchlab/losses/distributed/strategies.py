@@ -424,10 +424,16 @@ class _RingContrastive(torch.autograd.Function):
         # the column statistics are home after the full circle
         if extra is not None and extra.shape[1]:
             row_lse = torch.logaddexp(row_lse, torch.logsumexp(extra_logits(q, extra, scale), 1))
-        if spec["decoupled"] and bool(torch.isneginf(row_lse).any()):
-            from batchlab.losses.dcl import check_has_negatives
+        if spec["decoupled"]:
+            # one host read for both sides: a query, or (symmetric) a key, left with no negative
+            empty = torch.isneginf(row_lse).any()
+            if spec["symmetric"]:
+                empty = empty | torch.isneginf(col_lse).any()
+            if bool(empty):
+                from batchlab.losses.dcl import check_has_negatives
 
-            check_has_negatives(row_lse)
+                check_has_negatives(row_lse)
+                check_has_negatives(col_lse, "key(s)")
         row_n, col_n = spec["row_counts"], spec["col_counts"]
         row_w = col_w = None
         if spec["weighted"]:
