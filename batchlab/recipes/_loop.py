@@ -179,6 +179,11 @@ def train_loop(
         result.metrics = {k: v for k, v in result.metrics.items() if k not in ("epoch", "step", "train_loss", "seconds")}
         train_seconds = float(resume.get("train_seconds", 0.0))
         torch.set_rng_state(resume["rng"])
+        if selector is not None:  # JEST / CoLM draw each step's noise from (seed, step): continue their count
+            if resume.get("selector") is not None:
+                selector.load_state_dict(resume["selector"])  # also refuses another selector's state
+            else:  # a checkpoint from before selector states were saved: one selection per step
+                selector.step = step
     display, report = _progress(progress, name, epochs)
     try:
         for epoch in range(first_epoch, epochs):
@@ -239,7 +244,8 @@ def train_loop(
                     Path(out) / f"{name}.pt", model, head, optimizer, sampler, epoch, result,
                     extra={"step": step, "scheduler": scheduler.state_dict(), "schedule_total": horizon["total"],
                            "warmup": warmup, "losses": result.losses, "train_seconds": train_seconds,
-                           "rng": torch.get_rng_state(), "record": record or {}})
+                           "rng": torch.get_rng_state(), "record": record or {},
+                           "selector": selector.state_dict() if hasattr(selector, "state_dict") else None})
     finally:
         if display is not None:
             display.close()
