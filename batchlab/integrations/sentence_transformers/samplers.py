@@ -44,7 +44,7 @@ import torch
 import torch.distributed as dist
 from sentence_transformers.base.sampler import DefaultBatchSampler
 
-from batchlab._checks import check_choice, check_positive_int
+from batchlab._checks import check_choice, check_embeddings, check_positive_int
 from batchlab.errors import BatchlabInputError
 from batchlab.samplers import (
     ClusterBatchSampler,
@@ -186,6 +186,7 @@ class BatchlabBatchSampler(DefaultBatchSampler):
             )
         if embeddings is not None:
             embeddings = [embeddings] if isinstance(embeddings, torch.Tensor) else list(embeddings)
+            self._check_rows(embeddings)
             embeddings = [same_on_every_rank(e) for e in embeddings]
         self.inner = self._build(embeddings)
 
@@ -207,6 +208,18 @@ class BatchlabBatchSampler(DefaultBatchSampler):
                 f"kind={self.kind!r} does not take option(s) {unknown}; it takes {sorted(allowed) or 'none'}"
             )
         return dict(options)
+
+    def _check_rows(self, embeddings: list[torch.Tensor]) -> None:
+        """One embedding row per dataset row: a plan over more rows names indices past the dataset
+        (under a ``DatasetDict``, rows of the next dataset in the trainer's concatenation)."""
+        for i, e in enumerate(embeddings):
+            check_embeddings(f"embeddings[{i}]", e, finite=False)
+            if e.shape[0] != self.num_examples:
+                raise BatchlabInputError(
+                    f"embeddings[{i}] has {e.shape[0]} rows but the dataset has {self.num_examples}: give one row "
+                    "per dataset row (with a DatasetDict the trainer builds one sampler per dataset from the same "
+                    "batch_sampler=, so pass teacher= there instead of embeddings=)"
+                )
 
     def _embeddings(self) -> list[torch.Tensor]:
         return encode_columns(self.teacher, self.dataset, self.columns, encode_batch_size=self.encode_batch_size)
