@@ -14,7 +14,9 @@ Conventions
 * ``search`` returns ``(scores, ids)``: ``float32 (Q, k)`` sorted descending and
   ``int64 (Q, k)``. Where fewer than ``k`` neighbours exist (``k > N``, or an
   approximate index finds fewer), ids are ``-1`` and scores ``-inf``.
-* Equal scores within a returned row are ordered by id (deterministic with duplicates).
+* Equal scores within a returned row are ordered by id, and the exact kinds keep the lowest
+  ids where equal scores straddle the k-th place: the same ids for every kind, chunking and
+  block size (deterministic with duplicates).
 * ``exclude_self=True`` assumes query row ``i`` *is* indexed row ``i`` (or the row
   given by ``query_ids[i]``) and removes that id, not "the top hit", so duplicate
   vectors are handled: a copy of the query is still a neighbour.
@@ -195,6 +197,30 @@ def order_ties_by_id(scores: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Ten
     return torch.gather(scores, 1, order), torch.gather(ids, 1, order)
 
 
+def _topk_lowest_ids(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(s, k, dim=1)`` where equal scores at the k-th place go to the lowest columns.
+
+    ``torch.topk`` picks among tied scores at the boundary arbitrarily (it depends on the
+    width of ``s``, hence on the chunking), so duplicate vectors made exact search return
+    other ids for another ``block_bytes`` or kind. Rows with such a tie (rare outside
+    duplicates) keep every score above the k-th plus the first tied columns. Values come
+    back unsorted within the k; callers sort with :func:`order_ties_by_id`.
+    """
+    vals, pos = torch.topk(s, k, dim=1)
+    kth = vals[:, -1:]
+    tied = (s == kth).sum(1) > (vals == kth).sum(1)
+    if bool(tied.any()):
+        r = tied.nonzero().squeeze(1)
+        sr, kr = s[r], kth[r]
+        eq = sr == kr
+        need = k - (sr > kr).sum(1, keepdim=True)
+        sel = (sr > kr) | (eq & (torch.cumsum(eq, 1, dtype=torch.int32) <= need))
+        pos_r = sel.nonzero()[:, 1].view(-1, k)  # exactly k per row, row-major
+        pos[r] = pos_r
+        vals[r] = torch.gather(sr, 1, pos_r)
+    return vals, pos
+
+
 def exact_search(
     corpus: torch.Tensor,
     queries: torch.Tensor,
@@ -259,14 +285,15 @@ def exact_search(
                     r = hit.nonzero().squeeze(1)
                     s[r, local[r]] = float("-inf")
             top = min(kk, s.shape[1])
-            cs, ci = torch.topk(s, top, dim=1)
+            cs, ci = _topk_lowest_ids(s, top)
             ci = ci + c0
             if c0 == 0 and top == kk:
                 best_s, best_i = cs, ci
             else:
-                ms, pos = torch.topk(torch.cat([best_s, cs], 1), kk, dim=1)
-                best_i = torch.gather(torch.cat([best_i, ci], 1), 1, pos)
-                best_s = ms
+                # the running top-k is small (2k columns): a full (score, id) sort keeps, among
+                # equal scores at the boundary, the smallest ids whatever the chunking
+                ms, mi = order_ties_by_id(torch.cat([best_s, cs], 1), torch.cat([best_i, ci], 1))
+                best_s, best_i = ms[:, :kk].contiguous(), mi[:, :kk].contiguous()
             del s
         best_i = torch.where(torch.isneginf(best_s), torch.full_like(best_i, -1), best_i)
         best_s, best_i = order_ties_by_id(best_s, best_i)
@@ -599,7 +626,10 @@ class EmbeddingIndex:
         index = self._faiss_index
         n = self.embeddings.shape[0]
         extra = 1 if exclude is not None else 0
-        kk = min(k + extra, n)
+        # flat: one column more shows whether equal scores straddle the k-th place (faiss picks
+        # among them arbitrarily); such rows are searched again by exact_search, which keeps the
+        # lowest ids, so flat and torch return the same ids for duplicate vectors
+        kk = min(k + extra + (1 if self.kind == "flat" else 0), n)
         if self.kind == "ivf":
             index.nprobe = min(self.nprobe, self.nlist)
         elif self.kind == "hnsw":
@@ -629,6 +659,15 @@ class EmbeddingIndex:
                 s = torch.where(own_sorted, torch.full_like(s, float("-inf")), s)
             s, i = order_ties_by_id(s, i)
             take = min(k, i.shape[1])
+            if self.kind == "flat" and take < i.shape[1]:
+                tied = (torch.isfinite(s[:, take]) & (s[:, take] == s[:, take - 1])).nonzero().squeeze(1)
+                if tied.numel():
+                    rows = q[q0 : q0 + block.shape[0]][tied]
+                    ex = None if exclude is None else exclude[q0 : q0 + block.shape[0]][tied]
+                    s_t, i_t = exact_search(self.embeddings, rows, take, exclude_ids=ex, block_bytes=self.block_bytes,
+                                            normalize=self._normalize)
+                    s, i = s.clone(), i.clone()
+                    s[tied, :take], i[tied, :take] = s_t, i_t
             out_s[q0 : q0 + block.shape[0], :take] = s[:, :take]
             out_i[q0 : q0 + block.shape[0], :take] = i[:, :take]
             bar.update(block.shape[0])
