@@ -5,7 +5,12 @@ Formats, chosen by the suffix:
 * ``.jsonl``: one JSON object per line with ``"query"`` and ``"document"`` (and optionally
   ``"label"``); ``"anchor"`` / ``"positive"`` (sentence-transformers' column names) work too.
 * ``.tsv``: ``query<TAB>document[<TAB>label]`` per line, no header.
-* ``.csv``: a header naming the columns (``query,document[,label]``), read with :mod:`csv`.
+* ``.csv``: a header naming the columns (``query,document[,label]``; other named columns are
+  ignored), read with :mod:`csv`: a cell holding a comma or a line break is quoted, and a row
+  with more or fewer cells than the header is refused (naming its line).
+
+Files are UTF-8 (a leading byte-order mark is dropped; CRLF line ends are fine). A label is
+a string or a number.
 
 Pairs with the same label are relevant to each other (several relevant documents per
 query). :func:`holdout` splits one file into training and test pairs.
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +75,7 @@ def read_pairs(path: str | Path) -> Pairs:
     if not path.is_file():
         raise BatchlabInputError(f"no file {path}; expected a .jsonl, .tsv or .csv file of (query, document[, label])")
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a byte-order mark (Excel, Notepad) is not part of the text
     except UnicodeDecodeError as error:
         raise BatchlabInputError(f"{path} is not UTF-8 text ({error})") from None
     rows: list[dict] = []
@@ -94,7 +100,18 @@ def read_pairs(path: str | Path) -> Pairs:
                                          f"column(s)")
             rows.append(dict(zip(("query", "document", "label"), cells)))
     elif path.suffix == ".csv":
-        rows = list(csv.DictReader(text.splitlines()))
+        # from the whole text, not its lines: a quoted cell may hold a line break
+        reader = csv.DictReader(io.StringIO(text))
+        for row in reader:
+            cells = len(reader.fieldnames or ())
+            if None in row:  # more cells than the header names: an unquoted comma split a cell
+                raise BatchlabInputError(f"{path} line {reader.line_num}: {cells + len(row[None])} cells but the header "
+                                         f"names {cells}; quote cells that hold a comma (\"a, b\")")
+            if any(value is None for value in row.values()):
+                missing = [k for k, v in row.items() if v is None]
+                raise BatchlabInputError(f"{path} line {reader.line_num}: {cells - len(missing)} cell(s) but the header "
+                                         f"names {cells} (no {', '.join(map(repr, missing))})")
+            rows.append(row)
     else:
         raise BatchlabInputError(f"{path.name}: unknown format; use .jsonl, .tsv or .csv")
     if not rows:
@@ -106,6 +123,10 @@ def read_pairs(path: str | Path) -> Pairs:
     if any(has_label) and not all(has_label):
         raise BatchlabInputError(f"{path}: {sum(has_label)} of {len(rows)} pairs have a label; give every pair one or none")
     labels = [r["label"] for r in rows] if all(has_label) else None
+    bad = next((i for i, label in enumerate(labels or ()) if not isinstance(label, (str, int, float))), None)
+    if bad is not None:
+        raise BatchlabInputError(f"{where(bad)}: a label must be a string or a number, got "
+                                 f"{type(labels[bad]).__name__} {labels[bad]!r}")
     return Pairs(queries, documents, labels)
 
 
