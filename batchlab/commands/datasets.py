@@ -91,9 +91,9 @@ def run(args) -> int:
         print("batchlab datasets info: name which dataset, e.g. `batchlab datasets info codesearch`", file=sys.stderr)
         return EXIT_BAD_INPUT
     summary = _summary(args.name, args)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(summary, indent=2))
+    from batchlab._artifacts import write_text
+
+    write_text(Path(args.out) / f"{args.name}.json", json.dumps(summary, indent=2))
     for key, value in summary.items():
         if key != "samples":
             print(f"{key}: {value}")

@@ -160,8 +160,9 @@ def run(args) -> int:
                "settings": {k: v for k, v in vars(args).items() if k != "func"}, "metrics": result.metrics,
                "history": result.history, "train_seconds": result.seconds, "sampler_seconds": result.sampler_seconds,
                "checkpoint": str(result.checkpoint), "plot": str(result.plot)}
-    path = out / f"{name}.json"
-    path.write_text(json.dumps(summary, indent=2, default=str))
+    from batchlab._artifacts import write_text
+
+    path = write_text(out / f"{name}.json", json.dumps(summary, indent=2, default=str))  # whole, or the old one
     print(" ".join(f"{k}={v:.4f}" for k, v in result.metrics.items()) + f"  ({result.seconds:.1f} s training)")
     print(f"wrote {path}, {result.checkpoint} and {result.plot}")
     print(f"load the model with: batchlab.recipes.load_run({str(result.checkpoint)!r})")

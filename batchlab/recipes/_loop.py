@@ -305,7 +305,11 @@ def plot_curve(path: Path, result: TrainResult, *, title: str) -> Path:
         ax2.set_ylabel("held-out recall@1", color="tab:red")
     ax.set_title(title)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    from batchlab._artifacts import atomic_file
+
+    try:
+        with atomic_file(path) as tmp:  # an interrupted save leaves the previous plot, not half a PNG
+            fig.savefig(tmp, dpi=110, format="png")
+    finally:
+        plt.close(fig)
     return path
