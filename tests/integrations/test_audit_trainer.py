@@ -52,6 +52,8 @@ def train(model_dir, out_dir, dataset, make, *, resume=None, **args):
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
     model = SentenceTransformer(str(model_dir), device="cpu")
+    if not hasattr(make, "func"):  # a function of the model being trained (teacher=model)
+        make = make(model)
     options = dict(output_dir=str(out_dir), num_train_epochs=2, per_device_train_batch_size=BATCH,
                    batch_sampler=make, report_to="none", save_strategy="no", use_cpu=True, seed=0,
                    disable_tqdm=True, learning_rate=1e-3)
@@ -95,6 +97,21 @@ def test_resume_from_a_checkpoint_continues_the_uninterrupted_batches(tiny_dir, 
         assert resumed == full[step:], step
 
 
+def test_resume_with_the_trained_model_as_teacher(tiny_dir, tmp_path):
+    """teacher=model: the resumed trainer builds its sampler after loading the checkpoint's weights, so it
+    must plan with the saved encodings (embeddings_dir), also for a refresh (every 2 epochs) it resumes past."""
+    emb = tmp_path / "a" / "teacher"
+    make = lambda model: batch_sampler("cluster", teacher=model, cluster_size=2, refresh_every=2,  # noqa: E731
+                                       embeddings_dir=emb)
+    full = train(tiny_dir, tmp_path / "a", pairs(), make, num_train_epochs=4, save_strategy="steps", save_steps=4,
+                 learning_rate=5e-2)
+    assert len(full) == 24 and len(list(emb.glob("*.npz"))) == 2  # the encodings of epochs 0 and 2
+    for step in (4, 20):  # mid epoch 0; mid epoch 3, after the refresh at epoch 2
+        resumed = train(tiny_dir, tmp_path / f"b{step}", pairs(), make, num_train_epochs=4, learning_rate=5e-2,
+                        resume=str(tmp_path / "a" / f"checkpoint-{step}"))
+        assert resumed == full[step:], step
+
+
 def test_dataset_dict_with_prompts_and_router_mapping(tiny_dir, tmp_path):
     """Two datasets (round robin), per-dataset prompts and a column router_mapping, the teacher encoding
     each dataset: each sub-sampler's batches reach the loss in round-robin order, none changed."""
@@ -123,3 +140,22 @@ def test_precomputed_embeddings_of_another_size_are_refused(tiny_dir, tmp_path):
         train(tiny_dir, tmp_path, data, factory(12), num_train_epochs=1)
     with pytest.raises(BatchlabInputError, match="22 rows but the dataset has 20"):
         trainer_call(batch_sampler("community", embeddings=teacher_embeddings(N), group_size=4), pairs(20))
+
+
+def test_saved_teacher_embeddings_are_checked(tiny_dir, tmp_path):
+    """A saved encoding is read back as written; a changed one is refused, not planned with."""
+    import numpy as np
+
+    from batchlab.errors import StaleArtifactError
+    from tests.integrations.conftest import load
+
+    make = batch_sampler("cluster", teacher=load(tiny_dir), cluster_size=2, embeddings_dir=tmp_path)
+    first = trainer_call(make, pairs(), batch_size=BATCH)
+    (path,) = tmp_path.glob("teacher-*-epoch0.npz")
+    again = trainer_call(make, pairs(), batch_size=BATCH)
+    assert again.inner.global_batches() == first.inner.global_batches()
+    saved = dict(np.load(path))
+    saved["column0"] = saved["column0"][::-1].copy()
+    np.savez(path, **saved)
+    with pytest.raises(StaleArtifactError, match="column0"):
+        trainer_call(make, pairs(), batch_size=BATCH)

@@ -36,8 +36,11 @@ global batches and accelerate cuts them.
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
+import json
 import logging
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -45,7 +48,7 @@ import torch.distributed as dist
 from sentence_transformers.base.sampler import DefaultBatchSampler
 
 from batchlab._checks import check_choice, check_embeddings, check_positive_int
-from batchlab.errors import BatchlabInputError
+from batchlab.errors import BatchlabInputError, StaleArtifactError
 from batchlab.samplers import (
     ClusterBatchSampler,
     CommunityBatchSampler,
@@ -139,6 +142,14 @@ class BatchlabBatchSampler(DefaultBatchSampler):
         Share of each batch drawn uniformly at random (:class:`~batchlab.samplers.MixedBatchSampler`).
     split_batches:
         True when accelerate runs with ``split_batches=True``.
+    embeddings_dir:
+        A folder (for instance inside ``output_dir``) where every teacher encoding is saved
+        (``teacher-<texts hash>-epoch<e>.npz``) and read back instead of re-encoding. Needed for
+        ``resume_from_checkpoint`` with ``teacher=model``: the resumed trainer builds its
+        sampler after loading the checkpoint's weights, so without the saved embeddings it
+        plans other batches than the interrupted run (examples repeated and missed in the
+        resumed epoch). Files of an earlier run on the same texts are reused: use a fresh
+        folder for a fresh run.
     **options:
         The batchlab sampler's own options (``group_size``, ``rank_window``, ``method``,
         ``cluster_size``, ``n_clusters``, ``clusters_per_batch``, ``max_neighbourhood_fraction``,
@@ -163,6 +174,7 @@ class BatchlabBatchSampler(DefaultBatchSampler):
         mix_random: float = 0.0,
         split_batches: bool = False,
         encode_batch_size: int = 256,
+        embeddings_dir: str | Path | None = None,
         **options: Any,
     ) -> None:
         super().__init__(dataset, batch_size=batch_size, drop_last=drop_last, valid_label_columns=valid_label_columns,
@@ -175,6 +187,8 @@ class BatchlabBatchSampler(DefaultBatchSampler):
             self.batch_size = self.global_batch_size
         self.dataset, self.num_examples = dataset, len(dataset)
         self.teacher, self.encode_batch_size = teacher, encode_batch_size
+        self.embeddings_dir = None if embeddings_dir is None else Path(embeddings_dir)
+        self._encoded_for = 0  # the epoch whose teacher encoding the plans use
         self.columns = list(columns) if columns is not None else self._default_columns(dataset)
         self.refresh_every = check_positive_int("refresh_every", refresh_every, minimum=0)
         self.mix_random = float(mix_random)
@@ -222,7 +236,51 @@ class BatchlabBatchSampler(DefaultBatchSampler):
                 )
 
     def _embeddings(self) -> list[torch.Tensor]:
-        return encode_columns(self.teacher, self.dataset, self.columns, encode_batch_size=self.encode_batch_size)
+        path = self._saved_path()
+        if path is not None and path.is_file():
+            logger.info("teacher embeddings for epoch %d read from %s", self._encoded_for, path)
+            return [same_on_every_rank(e) for e in self._read(path)]
+        out = encode_columns(self.teacher, self.dataset, self.columns, encode_batch_size=self.encode_batch_size)
+        if path is not None and (world_size() == 1 or dist.get_rank() == 0):
+            self._write(path, out)
+        return out
+
+    def _saved_path(self) -> Path | None:
+        if self.embeddings_dir is None:
+            return None
+        h = hashlib.blake2b(digest_size=8)
+        for column in self.columns:
+            h.update(json.dumps([column, list(self.dataset[column])], default=str).encode())
+        return self.embeddings_dir / f"teacher-{h.hexdigest()}-epoch{self._encoded_for}.npz"
+
+    def _write(self, path: Path, embeddings: list[torch.Tensor]) -> None:
+        import numpy as np
+
+        from batchlab._artifacts import array_hash, atomic_file
+
+        arrays = {f"column{i}": e.numpy() for i, e in enumerate(embeddings)}
+        meta = {"columns": self.columns, "n": self.num_examples, "arrays": {k: array_hash(a) for k, a in arrays.items()}}
+        with atomic_file(path) as tmp, open(tmp, "wb") as f:
+            np.savez(f, **arrays, meta=np.array(json.dumps(meta)))
+
+    def _read(self, path: Path) -> list[torch.Tensor]:
+        from batchlab._artifacts import array_hash, read_npz
+
+        fix = "delete it to re-encode with the teacher"
+        names = [f"column{i}" for i in range(len(self.columns))]
+        raw = read_npz(path, ["meta", *names], what="teacher-embeddings", rebuild=fix)
+        try:
+            meta = json.loads(str(raw["meta"]))
+            hashes = meta["arrays"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise StaleArtifactError(f"{path}: unreadable metadata ({exc}); {fix}") from exc
+        for name in names:
+            a = raw[name]
+            if hashes.get(name) != array_hash(a) or a.ndim != 2 or a.shape[0] != self.num_examples:
+                raise StaleArtifactError(
+                    f"{path}: {name} (shape {a.shape}) is not the {self.num_examples}-row array saved with it; {fix}"
+                )
+        return [torch.from_numpy(raw[name]) for name in names]
 
     def _build(self, embeddings: list[torch.Tensor] | None) -> GlobalBatchSampler:
         if self.kind != "random" and embeddings is None:
@@ -254,10 +312,13 @@ class BatchlabBatchSampler(DefaultBatchSampler):
     # -- the trainer's interface -------------------------------------------------
     def set_epoch(self, epoch: int) -> None:
         epoch = int(epoch)
-        if self.refresh_every and epoch > 0 and epoch % self.refresh_every == 0 and epoch != self.epoch:
+        # the last refresh at or before this epoch (a resumed run may start past it)
+        refreshed_at = epoch - epoch % self.refresh_every if self.refresh_every else 0
+        if refreshed_at != self._encoded_for:
             if self.teacher is None:
                 raise BatchlabInputError("refresh_every needs teacher= (the model whose embeddings to refresh)")
-            logger.info("re-encoding %d examples with the teacher for epoch %d", self.num_examples, epoch)
+            logger.info("teacher embeddings of %d examples for epoch %d", self.num_examples, refreshed_at)
+            self._encoded_for = refreshed_at
             self.inner = self._build(None)
         super().set_epoch(epoch)
         self.inner.set_epoch(epoch)
