@@ -13,46 +13,20 @@ import torch
 
 from batchlab.index import faiss_available
 from batchlab.samplers import mine_hard_negatives
+from tests.samplers.test_mining import brute_force_survivors
 
 EXACT = ["torch"] + (["flat"] if faiss_available() else [])
 
 
 def survivors(q, c, positives, range_min, range_max, *, absolute_margin=None, relative_margin=None, max_score=None,
               min_score=None, self_ids=None, corpus_texts=None, query_texts=None):
-    """Per query, the ids that pass exclusions, window and filters, in rank order (float64)."""
-    s = np.asarray(q, np.float64) @ np.asarray(c, np.float64).T
-    out = []
-    for r in range(len(q)):
-        pos = list(positives[r])
-        banned = {corpus_texts[p] for p in pos} if corpus_texts is not None else set()
-        if query_texts is not None:
-            banned.add(query_texts[r])
-        seen, kept = set(), []
-        for j in sorted(range(len(c)), key=lambda j: (-s[r, j], j)):
-            if j in pos or (self_ids is not None and self_ids[r] == j):
-                continue
-            if corpus_texts is not None:
-                if corpus_texts[j] in banned or corpus_texts[j] in seen:
-                    continue
-                seen.add(corpus_texts[j])
-            kept.append(j)
-        p = min(s[r, j] for j in pos) if pos else None
-        row = []
-        for rank, j in enumerate(kept):
-            v = s[r, j]
-            if not range_min <= rank < range_max:
-                continue
-            if absolute_margin is not None and not v <= p - absolute_margin:
-                continue
-            if relative_margin is not None and not v <= p - relative_margin * abs(p):
-                continue
-            if max_score is not None and not v <= max_score:
-                continue
-            if min_score is not None and not v >= min_score:
-                continue
-            row.append(j)
-        out.append(row)
-    return out
+    """Per query, the ids that pass exclusions, window and filters, in rank order (float64;
+    test_mining's reference, whose stable sort orders equal scores by id)."""
+    rows = brute_force_survivors(
+        torch.from_numpy(np.asarray(q, np.float64)), torch.from_numpy(np.asarray(c, np.float64)), positives,
+        range_min=range_min, range_max=range_max, abs_m=absolute_margin, rel_m=relative_margin, max_s=max_score,
+        min_s=min_score, self_ids=self_ids, ctexts=corpus_texts, qtexts=query_texts)
+    return [[j for j, _ in row] for row in rows]
 
 
 def random_case(rng):
