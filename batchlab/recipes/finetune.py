@@ -672,7 +672,13 @@ def _load_checkpoint(folder: Path, model, optimizer, scheduler, settings, result
     path = folder / "trainer_state.pt"
     if not path.exists():
         raise BatchlabInputError(f"{folder} is not a finetune checkpoint (no trainer_state.pt); pass <out>/checkpoints/step-<n>")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if not isinstance(state, dict) or not {"settings", "step", "epoch"} <= set(state):
+            raise ValueError("no settings / step / epoch entries")
+    except Exception as error:  # truncated, or not a torch file
+        raise BatchlabInputError(f"{path} is not a readable finetune checkpoint ({type(error).__name__}: {error}); "
+                                 "resume from an intact <out>/checkpoints/step-<n> (the previous one is kept)") from None
     changed = {k: (state["settings"].get(k), settings.get(k)) for k in RESUME_KEYS if state["settings"].get(k) != settings.get(k)}
     if changed:
         raise StaleArtifactError(
@@ -682,7 +688,11 @@ def _load_checkpoint(folder: Path, model, optimizer, scheduler, settings, result
         )
     from sentence_transformers import SentenceTransformer
 
-    saved = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+    try:
+        saved = SentenceTransformer(str(folder), device="cpu", local_files_only=True)
+    except Exception as error:  # a damaged model file beside an intact trainer_state.pt
+        raise BatchlabInputError(f"the model in {folder} is not readable ({type(error).__name__}: {error}); resume from "
+                                 "an intact <out>/checkpoints/step-<n> (the previous one is kept)") from None
     model.load_state_dict(saved.float().state_dict())
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
