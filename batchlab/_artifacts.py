@@ -343,8 +343,7 @@ class OpenArtifact:
 
     def npz(self, name: str, names: Iterable[str]) -> dict[str, np.ndarray]:
         try:
-            with np.load(self.file(name), allow_pickle=False) as f:
-                return {k: f[k] for k in names}
+            return _npz_arrays(self.file(name), names)
         except _NPZ_ERRORS as exc:
             raise StaleArtifactError(f"{self.path / name} is not a complete .npz file ({exc}); {self._rebuild}") from exc
 
@@ -484,6 +483,16 @@ def read_manifest(path: str | Path, *, kind: str, what: str | None = None, rebui
 _NPZ_ERRORS = (zipfile.BadZipFile, EOFError, KeyError, ValueError, OSError, zlib.error)
 
 
+def _npz_arrays(source: Any, names: Iterable[str]) -> dict[str, np.ndarray]:
+    """The named arrays of an ``.npz`` archive; a single ``.npy`` array (np.load returns no
+    archive then) is a ValueError, like the other ways a file can fail to be one."""
+    loaded = np.load(source, allow_pickle=False)
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise ValueError(f"it holds a single .npy array of shape {getattr(loaded, 'shape', '?')}, not an .npz archive")
+    with loaded as f:
+        return {k: f[k] for k in names}
+
+
 def read_npz(path: str | Path, names: Iterable[str], *, what: str, rebuild: str) -> dict[str, np.ndarray]:
     """The named arrays of an ``.npz`` file, loaded in full; a truncated or corrupt file is a
     :class:`StaleArtifactError`, a missing one a :class:`BatchlabInputError`."""
@@ -491,8 +500,7 @@ def read_npz(path: str | Path, names: Iterable[str], *, what: str, rebuild: str)
     if not path.is_file():
         raise BatchlabInputError(f"no {what} file at {path}; {rebuild}")
     try:
-        with np.load(path, allow_pickle=False) as f:
-            return {name: f[name] for name in names}
+        return _npz_arrays(path, names)
     except _NPZ_ERRORS as exc:
         raise StaleArtifactError(
             f"{path} is not a complete {what} file ({type(exc).__name__}: {exc}): truncated, corrupt or of "
