@@ -337,7 +337,11 @@ class OpenArtifact:
 
     def npy(self, name: str) -> np.ndarray:
         try:
-            return np.load(self.file(name), allow_pickle=False)
+            loaded = np.load(self.file(name), allow_pickle=False)
+            if not isinstance(loaded, np.ndarray):  # an .npz archive under a .npy name
+                loaded.close()
+                raise ValueError("it is an .npz archive, not a single .npy array")
+            return loaded
         except (ValueError, OSError, EOFError) as exc:
             raise StaleArtifactError(f"{self.path / name} is not a readable .npy array ({exc}); {self._rebuild}") from exc
 

@@ -41,3 +41,16 @@ def test_an_index_directory_with_a_foreign_lists_file_is_refused(tmp_path):
     with pytest.raises(StaleArtifactError, match="not a complete .npz"):
         EmbeddingIndex.load(tmp_path / "bad", x, progress=False)
     assert len(EmbeddingIndex.load(tmp_path / "good", x, progress=False)) == 200
+
+
+def test_an_index_directory_with_an_npz_as_its_embeddings_is_refused(tmp_path):
+    x = torch.randn(20, 4, generator=torch.Generator().manual_seed(1))
+    EmbeddingIndex(x, kind="torch", progress=False).save(tmp_path / "good")
+    meta = json.loads((tmp_path / "good" / "meta.json").read_text())
+    with write_directory(tmp_path / "bad", kind=ARTIFACT_KIND, n=20, d=4) as tmp:
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        with open(tmp / "embeddings.npy", "wb") as f:  # an archive under the .npy name, hashed by the manifest
+            np.savez(f, embeddings=x.numpy())
+    with pytest.raises(StaleArtifactError, match="not a readable .npy"):
+        EmbeddingIndex.load(tmp_path / "bad", progress=False)
+    assert torch.equal(EmbeddingIndex.load(tmp_path / "good", progress=False).embeddings, x)
