@@ -48,7 +48,7 @@ class Recording(MultipleNegativesRankingLoss):
         return super().forward(features, labels)
 
 
-def train(model_dir, out_dir, dataset, make, *, resume=None, **args):
+def train(model_dir, out_dir, dataset, make, *, resume=None, eval_dataset=None, **args):
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer, SentenceTransformerTrainingArguments
 
     model = SentenceTransformer(str(model_dir), device="cpu")
@@ -60,7 +60,7 @@ def train(model_dir, out_dir, dataset, make, *, resume=None, **args):
     options.update(args)
     seen = []
     trainer = SentenceTransformerTrainer(model=model, args=SentenceTransformerTrainingArguments(**options),
-                                         train_dataset=dataset, loss=Recording(model, seen))
+                                         train_dataset=dataset, eval_dataset=eval_dataset, loss=Recording(model, seen))
     trainer.train(resume_from_checkpoint=resume)
     return seen
 
@@ -138,6 +138,10 @@ def test_precomputed_embeddings_of_another_size_are_refused(tiny_dir, tmp_path):
     data = DatasetDict({"a": pairs(12, "a"), "b": pairs(8, "b")})
     with pytest.raises(BatchlabInputError, match="12 rows but the dataset has 8.*teacher="):
         train(tiny_dir, tmp_path, data, factory(12), num_train_epochs=1)
+    # the eval_dataset gets a sampler from the same batch_sampler= too
+    with pytest.raises(BatchlabInputError, match="22 rows but the dataset has 8.*eval_dataset"):
+        train(tiny_dir, tmp_path, pairs(), factory(), num_train_epochs=1, eval_dataset=pairs(8, "e"),
+              eval_strategy="steps", eval_steps=2)
     with pytest.raises(BatchlabInputError, match="22 rows but the dataset has 20"):
         trainer_call(batch_sampler("community", embeddings=teacher_embeddings(N), group_size=4), pairs(20))
 

@@ -231,8 +231,8 @@ class BatchlabBatchSampler(DefaultBatchSampler):
             if e.shape[0] != self.num_examples:
                 raise BatchlabInputError(
                     f"embeddings[{i}] has {e.shape[0]} rows but the dataset has {self.num_examples}: give one row "
-                    "per dataset row (with a DatasetDict the trainer builds one sampler per dataset from the same "
-                    "batch_sampler=, so pass teacher= there instead of embeddings=)"
+                    "per dataset row (the trainer builds a sampler from the same batch_sampler= for eval_dataset "
+                    "and for each dataset of a DatasetDict: pass teacher= there instead of embeddings=)"
                 )
 
     def _embeddings(self) -> list[torch.Tensor]:
