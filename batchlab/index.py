@@ -584,11 +584,16 @@ class EmbeddingIndex:
         search = self._ivfgemm_search if self.kind == "ivf-gemm" else self._faiss_search
         scores, ids = search(q, k, exclude, batch_size, progress)
         n = self.embeddings.shape[0]
-        full = min(k, n - (1 if exclude is not None else 0))
+        # neighbours each row can have: k, or fewer when the index is smaller (one less where an
+        # id is excluded; query_ids -1 excludes nothing)
+        full = torch.full((q.shape[0],), n, dtype=torch.int64)
+        if exclude is not None:
+            full -= (exclude.cpu() >= 0).to(torch.int64)
+        full = full.clamp(max=k).to(ids.device)
         original = self.nprobe
         try:
-            while self.nprobe < self.nlist and full > 0:
-                short = (ids[:, :full] < 0).any(dim=1).nonzero().squeeze(1)
+            while self.nprobe < self.nlist:
+                short = ((ids >= 0).sum(dim=1) < full).nonzero().squeeze(1)
                 if short.numel() == 0:
                     break
                 self.nprobe = min(self.nlist, 2 * self.nprobe)  # for these rows only

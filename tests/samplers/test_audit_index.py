@@ -130,3 +130,16 @@ def test_save_load_gives_the_same_search_results(tmp_path, kind):
         assert (back.kind, back.nlist, back.nprobe, back.content_hash) == (idx.kind, idx.nlist, idx.nprobe, idx.content_hash)
         after = back.search(x[:50], 7)
         assert torch.equal(after[1], before[1]) and torch.equal(after[0], before[0]), (kind, emb is None)
+
+
+@pytest.mark.parametrize("kind", ["ivf-gemm"] + (["ivf"] if faiss_available() else []))
+def test_ivf_fills_every_row_when_query_ids_exclude_nothing(kind):
+    # lists of 79 and 1 rows, one probe: a query outside the index (query_ids -1) must still get
+    # all 80 rows at k=80; the refill once stopped at 79 (it allowed one missing row for everyone)
+    g = torch.Generator().manual_seed(0)
+    x = torch.cat([torch.randn(79, 4, generator=g) * 0.01 + torch.tensor([1.0, 0, 0, 0]),
+                   torch.tensor([[-1.0, 0, 0, 0]])])
+    idx = EmbeddingIndex(x, kind=kind, nlist=2, nprobe=1, progress=False)
+    _, i = idx.search(x[:3], 80, exclude_self=True, query_ids=[-1, 1, -1])
+    assert (i >= 0).sum(1).tolist() == [80, 79, 80]
+    assert set(i[0].tolist()) == set(range(80)) and 1 not in i[1].tolist()
