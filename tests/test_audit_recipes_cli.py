@@ -52,3 +52,24 @@ def test_an_interrupted_overwrite_keeps_the_previous_summary_and_plot(tiny_run, 
     assert (out / f"run.{artifact}").read_bytes() == before[f"run.{artifact}"]
     assert sorted(p.name for p in out.iterdir()) == ["run.json", "run.png", "run.pt"]  # no temporary left
     json.loads((out / "run.json").read_text())
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--test-data", "t.tsv"], "--test-data is the held-out split of your --data file; add --data FILE"),
+    (["--test-data", "t.tsv", "--model", "minilm"], "--test-data is the held-out split of your --data file"),
+    (["--dataset", "fashion_mnist", "--data", "p.tsv"], "--data trains the text dual encoder on your pairs, not fashion_mnist"),
+    (["--data-path", "idx"], "--data-path is the folder of fashion_mnist's IDX files; --dataset codesearch does not"),
+    (["--data-path", "idx", "--data", "p.tsv"], "--data-path is the folder of fashion_mnist's IDX files"),
+])
+def test_a_data_flag_that_would_be_ignored_is_refused(tmp_path, capsys, flags, message):
+    """These ran to exit 0 with the flag silently unused (codesearch's own test split instead of --test-data)."""
+    from batchlab.commands._common import EXIT_BAD_INPUT
+
+    (tmp_path / "p.tsv").write_text("".join(f"{q}\t{d!r}\n" for q, d in _pairs(40)))
+    small = ["--max-train", "16", "--max-test", "8", "--epochs", "1", "--batch-size", "8", "--threads", "1"]
+    out = tmp_path / "out"
+    flags = [str(tmp_path / f) if f.endswith(".tsv") else f for f in flags]
+    assert cli.main(["train", "--out", str(out), "--no-progress", *small, *flags]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.startswith(f"batchlab train: error: {message}") and err.count("\n") == 1, err
+    assert not out.exists()

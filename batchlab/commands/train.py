@@ -94,7 +94,23 @@ def run_name(args) -> str:
     return "-".join(parts)
 
 
+def ignored_data_flags(args) -> str | None:
+    """Why a data flag would be ignored with the others given (one line), or None."""
+    if getattr(args, "test_data", None) and not getattr(args, "data", None):
+        return ("--test-data is the held-out split of your --data file; add --data FILE (the datasets bring their own "
+                "test split) or drop --test-data")
+    if getattr(args, "data", None) and args.dataset == "fashion_mnist":
+        return "--data trains the text dual encoder on your pairs, not fashion_mnist; drop --dataset fashion_mnist or --data"
+    if getattr(args, "data_path", None) and (args.dataset != "fashion_mnist" or args.model is not None):
+        return f"--data-path is the folder of fashion_mnist's IDX files; --dataset {args.dataset} does not read it, drop it"
+    return None
+
+
 def run(args) -> int:
+    reason = ignored_data_flags(args)
+    if reason:
+        print(f"batchlab train: error: {reason}", file=sys.stderr)
+        return EXIT_BAD_INPUT
     if args.model is not None or args.dataset == "wordnet":
         return run_model(args, default_name=run_name(args))
     model_only = [key for key, default in MODEL_NAMED.items() if getattr(args, key, default) not in (default, None)]
