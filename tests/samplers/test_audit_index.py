@@ -143,3 +143,20 @@ def test_ivf_fills_every_row_when_query_ids_exclude_nothing(kind):
     _, i = idx.search(x[:3], 80, exclude_self=True, query_ids=[-1, 1, -1])
     assert (i >= 0).sum(1).tolist() == [80, 79, 80]
     assert set(i[0].tolist()) == set(range(80)) and 1 not in i[1].tolist()
+
+
+@pytest.mark.parametrize("method", ["metis", "louvain"])
+def test_b3_graph_and_groups_do_not_depend_on_the_exact_kind_or_chunking_with_duplicates(method):
+    # every vector three times: rank windows cut through groups of equal scores
+    from batchlab.samplers.communities import partition_graph
+    from batchlab.samplers.graph import knn_graph
+
+    base = integer_rows(40, d=3, seed=4)
+    x = torch.from_numpy(np.concatenate([base, base, base]))
+    runs = [{"kind": "torch"}, {"kind": "torch", "block_bytes": 4 * 120 * 9}] + ([{"kind": "flat"}] * faiss_available())
+    graphs = [knn_graph(x, window=(2, 9), progress=False, **kw) for kw in runs]
+    for g in graphs[1:]:
+        assert (g != graphs[0]).nnz == 0 and np.array_equal(g.indices, graphs[0].indices)
+    groups = [partition_graph(g, 6, method=method, seed=3, exact=True) for g in graphs + graphs[:1]]
+    for gr in groups[1:]:
+        assert np.array_equal(gr, groups[0])
