@@ -80,3 +80,19 @@ def test_a_checkpoint_is_refused_by_another_selector_other_data_or_when_damaged(
         train_dual_encoder(TRAIN, TEST, jest=_selector("jest"), resume=bad, progress=False, **kw)
     with pytest.raises(BatchlabInputError, match="not a readable batchlab checkpoint"):
         load_run(bad)
+
+
+def test_a_checkpoint_is_refused_on_other_pairs_of_the_same_count(tmp_path):
+    kw = dict(sampler="random", batch_size=16, epochs=2, eval_every=0)
+    with pytest.raises(_Stop):
+        train_dual_encoder(TRAIN, TEST, out=tmp_path, name="run", progress=_stop_at_epoch(2), **kw)
+    path = tmp_path / "run.pt"
+    other = [(q, d + " ") for q, d in TRAIN]  # the same number of pairs, another document text
+    with pytest.raises(BatchlabInputError, match="data_hash"):
+        train_dual_encoder(other, TEST, resume=path, progress=False, **kw)
+    with pytest.raises(BatchlabInputError, match="data_hash"):
+        train_dual_encoder(TRAIN, TEST[::-1], resume=path, progress=False, **kw)
+    # a checkpoint written before the hash was recorded still resumes
+    state = torch.load(path, weights_only=True)
+    del state["record"]["data_hash"]
+    assert len(train_dual_encoder(TRAIN, TEST, resume=state, progress=False, **kw).losses) == 6

@@ -86,6 +86,15 @@ def split_pairs(data: Any, what: str) -> tuple[list[str], list[str], list[Any] |
     return queries, documents, labels
 
 
+def pairs_hash(*columns: Sequence[Any] | None) -> str:
+    """A short content hash of the train and test columns (texts and labels), so that a checkpoint is not
+    resumed on other pairs of the same count."""
+    digest = hashlib.blake2b(digest_size=8)
+    for column in columns:
+        digest.update(b"\1" if column is None else b"\2" + "\0".join(map(repr, column)).encode())
+    return digest.hexdigest()
+
+
 def _pairs(data: Any, what: str) -> tuple[list[str], list[str]]:
     queries, documents, _ = split_pairs(data, what)
     return queries, documents
@@ -291,6 +300,7 @@ def train_dual_encoder(
         "jest": None if jest is None else {"filter_ratio": jest.filter_ratio, "seed": getattr(jest, "seed", None)},
         "embedding_cache": embedding_cache, "config": config, "device": str(device), "seed": seed, "data_seed": data_seed,
         "eval_every": eval_every, "train_pairs": len(train_q), "test_pairs": len(test_q), "labels": train_labels is not None,
+        "data_hash": pairs_hash(train_q, train_d, train_labels, test_q, test_d, test_labels),
     }
     state = load_checkpoint(resume, record) if resume is not None else None
     tokens_q, tokens_d = tokenize(train_q, config).to(device), tokenize(train_d, config).to(device)

@@ -24,6 +24,8 @@ from batchlab.errors import BatchlabInputError
 
 # Settings that may differ between an interrupted run and its resumption: none change the result.
 _RESUMABLE = {"device"}
+# Settings recorded since a later version: compared only when the checkpoint has them.
+_ADDED_LATER = {"data_hash"}
 
 
 def read_checkpoint(path: str | os.PathLike | dict) -> dict[str, Any]:
@@ -53,7 +55,8 @@ def load_checkpoint(resume: str | os.PathLike | dict, record: dict[str, Any]) ->
     saved = state.get("record")
     if not saved or "schedule_total" not in state:
         raise BatchlabInputError("this checkpoint has no run record (written before resuming existed); start the run again")
-    differ = sorted(k for k in set(saved) | set(record) if k not in _RESUMABLE and _norm(saved.get(k)) != _norm(record.get(k)))
+    differ = sorted(k for k in set(saved) | set(record) if k not in _RESUMABLE and _norm(saved.get(k)) != _norm(record.get(k))
+                    and not (k in _ADDED_LATER and k not in saved))
     if differ:
         detail = ", ".join(f"{k}: saved {saved.get(k)!r}, now {record.get(k)!r}" for k in differ)
         raise BatchlabInputError(f"the checkpoint is from another run ({detail}); resume with the saved settings, or "
