@@ -210,14 +210,17 @@ def _topk_lowest_ids(s: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tenso
     kth = vals[:, -1:]
     tied = (s == kth).sum(1) > (vals == kth).sum(1)
     if bool(tied.any()):
-        r = tied.nonzero().squeeze(1)
-        sr, kr = s[r], kth[r]
-        eq = sr == kr
-        need = k - (sr > kr).sum(1, keepdim=True)
-        sel = (sr > kr) | (eq & (torch.cumsum(eq, 1, dtype=torch.int32) <= need))
-        pos_r = sel.nonzero()[:, 1].view(-1, k)  # exactly k per row, row-major
-        pos[r] = pos_r
-        vals[r] = torch.gather(sr, 1, pos_r)
+        tied_rows = tied.nonzero().squeeze(1)
+        step = max(1, (1 << 24) // s.shape[1])  # bounded temporaries (~64 MiB each) however many rows tie
+        for r0 in range(0, tied_rows.numel(), step):
+            r = tied_rows[r0 : r0 + step]
+            sr, kr = s[r], kth[r]
+            eq = sr == kr
+            need = k - (sr > kr).sum(1, keepdim=True)
+            sel = (sr > kr) | (eq & (torch.cumsum(eq, 1, dtype=torch.int32) <= need))
+            pos_r = sel.nonzero()[:, 1].view(-1, k)  # exactly k per row, row-major
+            pos[r] = pos_r
+            vals[r] = torch.gather(sr, 1, pos_r)
     return vals, pos
 
 
