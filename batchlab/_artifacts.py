@@ -386,8 +386,9 @@ def _open_all(path: Path) -> tuple[dict[str, Any], dict[str, BinaryIO], set[str]
         try:
             manifest = json.loads(manifest_bytes)
             listed = manifest["files"]
-            if not isinstance(listed, dict) or "kind" not in manifest:
-                raise TypeError("no 'files' mapping or no 'kind'")
+            if (not isinstance(listed, dict) or not all(isinstance(e, dict) for e in listed.values())
+                    or not {"kind", "n", "d"} <= manifest.keys()):
+                raise TypeError("no 'files' mapping of entries, or no 'kind', 'n' or 'd'")
         except (ValueError, KeyError, TypeError) as exc:
             manifest = {"_error": f"{type(exc).__name__}: {exc}"}
             return manifest, files, present, identity

@@ -54,3 +54,28 @@ def test_an_index_directory_with_an_npz_as_its_embeddings_is_refused(tmp_path):
     with pytest.raises(StaleArtifactError, match="not a readable .npy"):
         EmbeddingIndex.load(tmp_path / "bad", progress=False)
     assert torch.equal(EmbeddingIndex.load(tmp_path / "good", progress=False).embeddings, x)
+
+
+@pytest.mark.parametrize("damage", ["entries are strings", "no n", "no d"])
+def test_a_manifest_of_the_wrong_shape_is_refused(tmp_path, damage):
+    x = torch.randn(20, 4, generator=torch.Generator().manual_seed(2))
+    EmbeddingIndex(x, kind="torch", progress=False).save(tmp_path / "i")
+    path = tmp_path / "i" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    if damage == "entries are strings":
+        manifest["files"] = {name: "x" for name in manifest["files"]}
+    else:
+        del manifest[damage[-1]]
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(StaleArtifactError, match="unreadable"):
+        EmbeddingIndex.load(tmp_path / "i", progress=False)
+
+
+def test_a_build_directory_without_a_method_loads_with_the_default(tmp_path):
+    from batchlab.samplers import CommunityBatchSampler
+    from batchlab.samplers.communities import save_artifacts
+
+    meta = {"n": 4, "d": 2, "group_size": 2, "rank_window": [0, 2], "teacher_hash": "x"}  # what save_artifacts requires
+    save_artifacts(tmp_path / "b", groups=np.array([0, 0, 1, 1]), meta=meta)
+    sampler = CommunityBatchSampler.from_artifacts(tmp_path / "b", 2)
+    assert sampler.method == "metis" and sorted(sorted(b) for b in sampler) == [[0, 1], [2, 3]]

@@ -261,7 +261,8 @@ class CommunityBatchSampler(GlobalBatchSampler):
             neighbours = (None, np.concatenate([np.full((window.shape[0], p), -1, window.dtype), window], axis=1))
         kwargs.setdefault("group_size", int(meta["group_size"]))
         kwargs.setdefault("rank_window", tuple(meta["rank_window"]))
-        kwargs.setdefault("method", meta["method"])
+        if "method" in meta:  # not one of the keys save_artifacts requires: the default otherwise
+            kwargs.setdefault("method", meta["method"])
         return cls(None, batch_size, groups=groups, neighbours=neighbours, **kwargs)
 
     # -- the plan ----------------------------------------------------------------
