@@ -47,12 +47,15 @@ BASE = dict(batch_size=8, epochs=3, progress=False)
     (dict(sampler="random", loss="info_nce", selector="jest"), 3),
     (dict(sampler="random", loss="isogclr", selector="coreset"), 3),
     (dict(sampler="hard_negative", loss="dcl", teacher="tfidf"), 2),
+    # the model teacher refreshed every 2 epochs: epoch 4 reuses epoch 3's teacher (failed before it was saved)
+    (dict(sampler="community", refresh_every=2, epochs=4, eval_every=0,
+          sampler_options={"group_size": 4, "rank_window": (1, 9)}), 4),
 ], ids=lambda c: "-".join(str(v) for v in c.values()) if isinstance(c, dict) else f"stop{c}")
 def test_resume_at_each_epoch_boundary_gives_the_uninterrupted_run(tmp_path, case, stop_at):
-    whole, resumed = _interrupted_then_resumed(tmp_path, stop_at, **BASE, **case)
+    whole, resumed = _interrupted_then_resumed(tmp_path, stop_at, **{**BASE, **case})
     assert resumed.losses == whole.losses
     assert resumed.history == [{**h, "seconds": r["seconds"]} for h, r in zip(whole.history, resumed.history)]
-    assert resumed.metrics == whole.metrics
+    assert resumed.metrics == whole.metrics and resumed.losses
     a, b = torch.load(whole.checkpoint, weights_only=True), torch.load(resumed.checkpoint, weights_only=True)
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key

@@ -138,6 +138,7 @@ def train_loop(
     progress: bool | Callable[[dict], None] = True,
     record: dict[str, Any] | None = None,
     resume: dict[str, Any] | None = None,
+    checkpoint_state: Callable[[], dict[str, Any]] | None = None,
 ) -> TrainResult:
     """Train ``model`` (+ ``head``) for ``epochs``; see the recipes for the arguments' meaning.
 
@@ -156,6 +157,7 @@ def train_loop(
     (see :mod:`batchlab.recipes.progress`), False for nothing, or a callback that receives
     the progress events. ``record``: the run's settings, stored in every checkpoint.
     ``resume``: a checkpoint (as saved here) to continue from its last finished epoch.
+    ``checkpoint_state() -> dict``: the recipe's own entries for each checkpoint (read back from ``resume``).
     """
     if negative_mask is not None and cache is not None:
         raise BatchlabInputError("negative_mask does not work with the embedding cache yet; use one or the other")
@@ -245,7 +247,8 @@ def train_loop(
                     extra={"step": step, "scheduler": scheduler.state_dict(), "schedule_total": horizon["total"],
                            "warmup": warmup, "losses": result.losses, "train_seconds": train_seconds,
                            "rng": torch.get_rng_state(), "record": record or {},
-                           "selector": selector.state_dict() if hasattr(selector, "state_dict") else None})
+                           "selector": selector.state_dict() if hasattr(selector, "state_dict") else None,
+                           **(checkpoint_state() if checkpoint_state is not None else {})})
     finally:
         if display is not None:
             display.close()

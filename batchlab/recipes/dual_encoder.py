@@ -343,11 +343,26 @@ def train_dual_encoder(
     if jest is not None and views is None:
         views = tfidf_views(train_q, train_d, seed=seed, device=device)
 
+    # The weights the model teacher last embedded with (saved in every checkpoint): a run resumed at an epoch
+    # that reuses an earlier epoch's batches (refresh_every > 1) rebuilds them from these, not from the
+    # current weights.
+    teacher_weights: dict[str, Any] = {"now": None, "resume": None}
+
     def model_views() -> TeacherViews:
+        pending, current = teacher_weights["resume"], None
+        teacher_weights["resume"] = None
+        if pending is not None:
+            current = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            model.load_state_dict(pending)
         model.eval()
-        with torch.no_grad():
-            q, d = embed_all(tokens_q), embed_all(tokens_d)
-        model.train()
+        try:
+            with torch.no_grad():
+                q, d = embed_all(tokens_q), embed_all(tokens_d)
+            teacher_weights["now"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        finally:
+            if current is not None:
+                model.load_state_dict(current)
+            model.train()
         # ranked on the run's device (an O(N^2) job: seconds on a GPU, minutes on a CPU at 50k pairs)
         return TeacherViews(torch.nn.functional.normalize(q + d, dim=1).cpu(), q.cpu(), d.cpu(), device=device)
 
@@ -363,6 +378,11 @@ def train_dual_encoder(
         random_epochs=random_epochs,
         options=sampler_options,
     )
+
+    first = int(state["epoch"]) if state is not None else 0
+    if state is not None and state.get("teacher_model") is not None and first > sampler_for_epoch.random_epochs \
+            and first % sampler_for_epoch.refresh_every != 0:
+        teacher_weights["resume"] = state["teacher_model"]
 
     negative_mask = None
     if guide_margin is not None:
@@ -416,6 +436,7 @@ def train_dual_encoder(
         progress=progress,
         record=record,
         resume=state,
+        checkpoint_state=lambda: {"teacher_model": teacher_weights["now"]},
     )
     result.record = record
     return result
