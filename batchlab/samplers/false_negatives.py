@@ -13,6 +13,10 @@ positive* (minus a margin) is probably a false negative, and is removed from que
 
 ``g`` is the cosine similarity of the guide embeddings. The true positive ``t_i`` is
 never masked (the losses reject a mask that removes a positive), whatever the margin.
+A score within float32 rounding above the threshold (``16 sqrt(d) 2^-24``) counts as
+equal to it: a key that duplicates the positive scores exactly the positive's score, but a
+tile's matrix product and the positive's dot product round differently, so without this the
+duplicate was masked or not by the tile's shape; now never (at margin 0), in every tile.
 
 The result is a :class:`GuidedNegativeMask`, a callable ``fn(rows, cols) -> BoolTensor``
 over *global* batch indices, which is one of the ``neg_mask`` forms every batchlab loss
@@ -91,7 +95,9 @@ class GuidedNegativeMask:
         self.targets = targets.long()
         pos = (gq * gk[self.targets]).sum(1)
         self.positive_scores = pos
-        self.threshold = pos - self.margin if strategy == "absolute" else pos - self.margin * pos.abs()
+        threshold = pos - self.margin if strategy == "absolute" else pos - self.margin * pos.abs()
+        # float32 rounding of a d-term dot product of unit vectors (see the module doc)
+        self.threshold = threshold + 16 * math.sqrt(gq.shape[1]) * 2.0**-24
         self._tensors = {gq.device: (gq, gk, self.targets, self.threshold)}
 
     def _on(self, device: torch.device):
