@@ -99,3 +99,16 @@ def test_a_checkpoint_is_refused_on_other_pairs_of_the_same_count(tmp_path):
     state = torch.load(path, weights_only=True)
     del state["record"]["data_hash"]
     assert len(train_dual_encoder(TRAIN, TEST, resume=state, progress=False, **kw).losses) == 6
+
+
+def test_clip_resume_with_a_teacher_refreshed_every_two_epochs_gives_the_uninterrupted_run(tmp_path):
+    from batchlab.recipes import train_clip
+    from tests.test_recipes import _TinyImages
+
+    train, test = _TinyImages(32, 0), _TinyImages(8, 1)
+    kw = dict(sampler="cluster", batch_size=8, epochs=4, refresh_every=2, eval_every=0, progress=False)
+    whole = train_clip(train, test, out=tmp_path / "a", name="run", **kw)
+    with pytest.raises(_Stop):
+        train_clip(train, test, out=tmp_path / "b", name="run", **{**kw, "progress": _stop_at_epoch(4)})
+    resumed = train_clip(train, test, out=tmp_path / "b", name="run", resume=tmp_path / "b" / "run.pt", **kw)
+    assert resumed.losses == whole.losses and resumed.metrics == whole.metrics

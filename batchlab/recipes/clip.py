@@ -27,7 +27,7 @@ from batchlab.recipes.dual_encoder import teacher_name, tokenize
 from batchlab.recipes.evaluate import retrieval_metrics
 from batchlab.recipes.models import TINY_CLIP, clip_model, model_config
 from batchlab.recipes.runs import load_checkpoint
-from batchlab.recipes.samplers import SamplerSchedule, resolved_options
+from batchlab.recipes.samplers import ModelTeacher, SamplerSchedule, resolved_options
 from batchlab.recipes.teachers import TeacherViews
 
 
@@ -167,11 +167,13 @@ def train_clip(
     elif teacher is not None and not use_model:
         raise BatchlabInputError(f"teacher must be 'model', 'pixels', None, a tensor or TeacherViews, got {teacher!r}")
     sample_size = batch_size if jest is None else int(round(batch_size / (1.0 - jest.filter_ratio)))
+    model_teacher = ModelTeacher(model, model_views)  # saves / restores the weights it embedded with
     schedule = SamplerSchedule(
         sampler, views, batch_size=sample_size, num_examples=len(images), seed=data_seed,
-        model_views=model_views if use_model and (isinstance(sampler, str) or callable(sampler)) else None,
+        model_views=model_teacher if use_model and (isinstance(sampler, str) or callable(sampler)) else None,
         refresh_every=refresh_every, options=sampler_options,
     )
+    model_teacher.resume(state, schedule)
     cache = None
     if embedding_cache is not None:
         from batchlab.losses import EmbeddingCache
@@ -187,7 +189,7 @@ def train_clip(
     result = train_loop(
         model=model, head=head, encode=encode, sampler_for_epoch=schedule, evaluate=evaluate, epochs=epochs, lr=lr,
         selector=jest, reference=reference, cache=cache, eval_every=eval_every, out=Path(out) if out is not None else None,
-        name=name, progress=progress, record=record, resume=state,
+        name=name, progress=progress, record=record, resume=state, checkpoint_state=model_teacher.checkpoint_state,
     )
     result.record = record
     return result

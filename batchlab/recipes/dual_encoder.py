@@ -30,7 +30,7 @@ from batchlab.recipes.runs import load_checkpoint
 from batchlab.recipes.evaluate import retrieval_metrics
 from batchlab.recipes.global_loss import global_contrastive_head
 from batchlab.recipes.models import TINY_TEXT, init_token_embeddings_lsa, text_encoder, tokenizer
-from batchlab.recipes.samplers import SamplerSchedule, resolved_options
+from batchlab.recipes.samplers import ModelTeacher, SamplerSchedule, resolved_options
 from batchlab.recipes.teachers import TeacherViews, tfidf_views
 
 logger = logging.getLogger(__name__)
@@ -343,29 +343,15 @@ def train_dual_encoder(
     if jest is not None and views is None:
         views = tfidf_views(train_q, train_d, seed=seed, device=device)
 
-    # The weights the model teacher last embedded with (saved in every checkpoint): a run resumed at an epoch
-    # that reuses an earlier epoch's batches (refresh_every > 1) rebuilds them from these, not from the
-    # current weights.
-    teacher_weights: dict[str, Any] = {"now": None, "resume": None}
-
     def model_views() -> TeacherViews:
-        pending, current = teacher_weights["resume"], None
-        teacher_weights["resume"] = None
-        if pending is not None:
-            current = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            model.load_state_dict(pending)
         model.eval()
-        try:
-            with torch.no_grad():
-                q, d = embed_all(tokens_q), embed_all(tokens_d)
-            teacher_weights["now"] = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        finally:
-            if current is not None:
-                model.load_state_dict(current)
-            model.train()
+        with torch.no_grad():
+            q, d = embed_all(tokens_q), embed_all(tokens_d)
+        model.train()
         # ranked on the run's device (an O(N^2) job: seconds on a GPU, minutes on a CPU at 50k pairs)
         return TeacherViews(torch.nn.functional.normalize(q + d, dim=1).cpu(), q.cpu(), d.cpu(), device=device)
 
+    model_teacher = ModelTeacher(model, model_views)  # saves / restores the weights it embedded with
     sampler_for_epoch = SamplerSchedule(
         sampler,
         views,
@@ -373,16 +359,13 @@ def train_dual_encoder(
         num_examples=len(train_q),
         seed=data_seed,
         # a ready sampler instance is used as given: the model-as-teacher refresh applies to named samplers and factories
-        model_views=model_views if isinstance(teacher, str) and teacher == "model" and not ready else None,
+        model_views=model_teacher if isinstance(teacher, str) and teacher == "model" and not ready else None,
         refresh_every=refresh_every,
         random_epochs=random_epochs,
         options=sampler_options,
     )
 
-    first = int(state["epoch"]) if state is not None else 0
-    if state is not None and state.get("teacher_model") is not None and first > sampler_for_epoch.random_epochs \
-            and first % sampler_for_epoch.refresh_every != 0:
-        teacher_weights["resume"] = state["teacher_model"]
+    model_teacher.resume(state, sampler_for_epoch)
 
     negative_mask = None
     if guide_margin is not None:
@@ -436,7 +419,7 @@ def train_dual_encoder(
         progress=progress,
         record=record,
         resume=state,
-        checkpoint_state=lambda: {"teacher_model": teacher_weights["now"]},
+        checkpoint_state=model_teacher.checkpoint_state,
     )
     result.record = record
     return result

@@ -287,3 +287,41 @@ class SamplerSchedule:
         if self._built is None or not isinstance(self.sampler, str):
             self._built = self._make(epoch)
         return self._built
+
+
+class ModelTeacher:
+    """The model as teacher, exact on resume: ``teacher()`` gives ``views()`` (the model's embeddings of the
+    training set) and remembers the weights it embedded with; :meth:`checkpoint_state` puts them in every
+    checkpoint, and :meth:`resume` makes the first call after a resume embed with the saved weights when
+    the resumed epoch reuses an earlier epoch's batches (``refresh_every`` > 1), not with the current ones.
+    """
+
+    def __init__(self, model: torch.nn.Module, views: Callable[[], TeacherViews]) -> None:
+        self.model, self.views = model, views
+        self._now: dict[str, torch.Tensor] | None = None
+        self._pending: dict[str, torch.Tensor] | None = None
+
+    def __call__(self) -> TeacherViews:
+        pending, current = self._pending, None
+        self._pending = None
+        if pending is not None:
+            current = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            self.model.load_state_dict(pending)
+        try:
+            views = self.views()
+            self._now = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        finally:
+            if current is not None:
+                self.model.load_state_dict(current)
+        return views
+
+    def resume(self, state: dict[str, Any] | None, schedule: SamplerSchedule) -> None:
+        """Arm the saved teacher weights of checkpoint ``state`` if the epoch it resumes at does not refresh."""
+        epoch = int(state["epoch"]) if state is not None else 0
+        if state is not None and state.get("teacher_model") is not None and epoch > schedule.random_epochs \
+                and epoch % schedule.refresh_every != 0:
+            self._pending = state["teacher_model"]
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"teacher_model": self._now}
+
