@@ -604,10 +604,21 @@ class _MiningBlock:
 
         rank = torch.cumsum((~excl).to(torch.int64), 1) - 1
         keep = ~excl & (rank >= range_min) & (rank < range_max)
+        if abs_m is not None or rel_m is not None:
+            # a candidate that duplicates a positive scores exactly pos, but the search's product and
+            # the positive's dot product round differently: scores within float32 rounding of the
+            # bound (16 sqrt(d) 2^-24 |q| |c|) count as equal to it, so `<=` keeps them for every
+            # kind and block size
+            slack = 16 * math.sqrt(self.q.shape[1]) * 2.0**-24
+            if not self.normalize:
+                rows = self.c_emb[pos.clamp(min=0).to(self.c_emb.device)].to(device=self.device, dtype=torch.float32)
+                norms = torch.where(pos >= 0, rows.norm(dim=-1), torch.zeros((), device=self.device))
+                slack = slack * self.q.norm(dim=1) * norms.max(dim=1).values
+            bound = pos_min + slack
         if abs_m is not None:
-            keep &= scores <= (pos_min - abs_m)[:, None]
+            keep &= scores <= (bound - abs_m)[:, None]
         if rel_m is not None:
-            keep &= scores <= (pos_min - rel_m * pos_min.abs())[:, None]
+            keep &= scores <= (bound - rel_m * pos_min.abs())[:, None]
         if max_score is not None:
             keep &= scores <= max_score
         if min_score is not None:

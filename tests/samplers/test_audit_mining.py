@@ -109,3 +109,21 @@ def test_a_duplicate_group_straddling_the_window_edge_gives_the_lowest_ids(kind)
     mined = mine_hard_negatives(q, c, [[29], [28], [0]], num_negatives=3, range_min=2, index_kwargs={"kind": kind},
                                 progress=False, batch_size=2)
     assert mined.negative_ids.tolist() == [[2, 3, 4], [2, 3, 4], [3, 4, 5]]
+
+
+@pytest.mark.parametrize("metric", ["ip", "cosine"])
+def test_a_duplicate_of_the_positive_passes_a_zero_margin_for_every_kind_and_block_size(metric):
+    # corpus row n+i repeats positive i: its score equals pos, and `score <= pos - 0` keeps it; the
+    # search's product and the positive's dot product once rounded it in or out by kind and block size
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    c = torch.nn.functional.normalize(torch.randn(n, 37, generator=g), dim=1)
+    c = torch.cat([c, c]) * 3
+    q = torch.nn.functional.normalize(c[:n] + 0.3 * torch.randn(n, 37, generator=g), dim=1) * 2
+    for kind in EXACT:
+        for batch_size in (1, 7, 4096):
+            for margin in ({"absolute_margin": 0.0}, {"relative_margin": 0.0}):
+                mined = mine_hard_negatives(q, c, [[i] for i in range(n)], num_negatives=1, range_max=1,
+                                            index_kwargs={"kind": kind, "metric": metric}, progress=False,
+                                            batch_size=batch_size, **margin)
+                assert torch.equal(mined.negative_ids[:, 0], torch.arange(n) + n), (kind, batch_size, margin)
