@@ -130,15 +130,17 @@ def export(folder: str) -> int:
 def load_model(args, device: torch.device):
     from sentence_transformers import SentenceTransformer
 
+    def open_model(path):
+        model = SentenceTransformer(str(path), device=str(device), model_kwargs={"dtype": torch.float32}).float()
+        model.train()
+        return model
+
     if args.tiny:
         from batchlab.integrations.sentence_transformers.testing import save_tiny_model
 
-        path = save_tiny_model(tempfile.mkdtemp(prefix="st-cached-"), hidden_size=32, seed=args.seed)
-    else:
-        path = args.model or packaged_minilm()
-    model = SentenceTransformer(str(path), device=str(device), model_kwargs={"dtype": torch.float32}).float()
-    model.train()
-    return model
+        with tempfile.TemporaryDirectory(prefix="st-cached-") as tmp:  # loaded into memory, then removed
+            return open_model(save_tiny_model(tmp, hidden_size=32, seed=args.seed))
+    return open_model(args.model or packaged_minilm())
 
 
 def random_features(model, n: int, seq_len: int, generator: torch.Generator, device: torch.device) -> dict:

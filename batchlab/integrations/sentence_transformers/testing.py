@@ -57,5 +57,8 @@ def tiny_model(path: str | Path | None = None, **options):
     """A tiny SentenceTransformer on the CPU (saved under ``path``, or a temporary folder)."""
     from sentence_transformers import SentenceTransformer
 
-    folder = save_tiny_model(path or tempfile.mkdtemp(prefix="batchlab-tiny-st-"), **options)
-    return SentenceTransformer(str(folder), device="cpu")
+    if path is not None:
+        return SentenceTransformer(str(save_tiny_model(path, **options)), device="cpu")
+    # the loaded model keeps everything in memory: the temporary folder goes once it is loaded
+    with tempfile.TemporaryDirectory(prefix="batchlab-tiny-st-") as tmp:
+        return SentenceTransformer(str(save_tiny_model(tmp, **options)), device="cpu")
