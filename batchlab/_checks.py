@@ -12,9 +12,10 @@ the losses run the data checks: always on the CPU, on CUDA only when asked
 
 from __future__ import annotations
 
+import numbers
 import operator
 import os
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
@@ -159,6 +160,20 @@ def check_positive_int(name: str, value: int, *, minimum: int = 1) -> int:
     if number is None or number < minimum:
         raise BatchlabInputError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return number
+
+
+def check_real(name: str, value: Any) -> float:
+    """``value`` as a float (numpy numbers welcome; bools, strings and None refused, not coerced)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise BatchlabInputError(f"{name} must be a number, got {value!r}")
+    return float(value)
+
+
+def check_flags(**flags: bool) -> None:
+    """Each on/off option is a bool (a truthy string or None would silently pick another behaviour)."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise BatchlabInputError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> str:

@@ -21,6 +21,7 @@ import torch
 
 from batchlab._checks import (
     check_choice,
+    check_flags,
     check_embeddings,
     check_finite,
     check_nonzero_rows,
@@ -299,13 +300,6 @@ def check_options(reduction: str, impl: str, distributed: str, **flags: bool) ->
     check_choice("impl", impl, IMPLS)
     check_choice("distributed", distributed, DISTRIBUTED)
     check_flags(**flags)
-
-
-def check_flags(**flags: bool) -> None:
-    """Each on/off option is a bool (a truthy string or None would silently pick a loss)."""
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise BatchlabInputError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
 
 
 def checks_for(x: torch.Tensor, check_inputs: bool | None) -> bool:

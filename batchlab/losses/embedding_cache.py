@@ -40,7 +40,7 @@ import torch
 
 from batchlab._checks import check_finite, check_positive_int, data_checks_on
 from batchlab.errors import BatchlabInputError
-from batchlab.losses._common import check_flags
+from batchlab._checks import check_flags
 
 log = logging.getLogger(__name__)
 

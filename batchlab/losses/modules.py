@@ -24,7 +24,7 @@ from torch import nn
 
 from batchlab.errors import BatchlabInputError
 from batchlab.losses import _dispatch
-from batchlab.losses._common import check_flags
+from batchlab._checks import check_flags
 from batchlab.losses.dcl import dcl
 from batchlab.losses.infonce import info_nce
 from batchlab.losses.nt_xent import nt_xent

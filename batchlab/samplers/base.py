@@ -43,7 +43,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import logging
-import numbers
 import operator
 import warnings
 from typing import Any, Iterator
@@ -77,13 +76,6 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 _SEED_LIMIT = 2**32  # epoch_seed keeps 32 bits of the seed and of the epoch
-
-
-def _check_real(name: str, value: Any) -> float:
-    """``value`` as a float (numpy numbers welcome; bools, strings and None refused, not coerced)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise BatchlabInputError(f"{name} must be a number, got {value!r}")
-    return float(value)
 
 
 def _check_index(name: str, value: Any, *, maximum: int | None = None) -> int:

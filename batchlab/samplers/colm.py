@@ -50,9 +50,9 @@ from typing import NamedTuple, Sequence
 import numpy as np
 import torch
 
-from batchlab._checks import check_choice, check_embeddings, check_positive_int
+from batchlab._checks import check_choice, check_embeddings, check_positive_int, check_real
 from batchlab.errors import BatchlabInputError
-from batchlab.samplers.base import _check_index, _check_real
+from batchlab.samplers.base import _check_index
 from batchlab.samplers.jest import JointExampleSelector, _all_gather_rows
 
 __all__ = ["CoLMSelector", "CoLMSelection", "last_layer_gradients"]
@@ -136,11 +136,11 @@ class CoLMSelector:
             # source ids as sources= gives them (integers); 1.7 is not truncated to source 1
             small_sources = [_check_index("each of small_sources", s) for s in small_sources]
         self.small_sources = small_sources
-        if not 0 <= _check_real("small_fraction", small_fraction) <= 1:
+        if not 0 <= check_real("small_fraction", small_fraction) <= 1:
             raise BatchlabInputError(f"small_fraction must be in [0, 1], got {small_fraction!r}")
         self.small_fraction = float(small_fraction)
         self.dims = None if dims is None else check_positive_int("dims", dims)
-        if not (_check_real("eps", eps) > 0 and 0 < _check_real("beta2", beta2) < 1):
+        if not (check_real("eps", eps) > 0 and 0 < check_real("beta2", beta2) < 1):
             raise BatchlabInputError(f"eps must be > 0 and beta2 in (0, 1), got eps={eps!r}, beta2={beta2!r}")
         self.eps, self.beta2 = float(eps), float(beta2)
         self.seed = _check_index("seed", seed)

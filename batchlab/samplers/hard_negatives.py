@@ -25,9 +25,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from batchlab._checks import check_positive_int
+from batchlab._checks import check_positive_int, check_real
 from batchlab.errors import BatchlabInputError
-from batchlab.samplers.base import GlobalBatchSampler, _check_real
+from batchlab.samplers.base import GlobalBatchSampler
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class HardNegativeBatchSampler(GlobalBatchSampler):
                 f"use batch_size <= {self.num_examples}"
             )
         self.check_num_examples(self.num_examples)
-        frac = _check_real("max_neighbourhood_fraction", max_neighbourhood_fraction)
+        frac = check_real("max_neighbourhood_fraction", max_neighbourhood_fraction)
         if not 0.0 < frac <= 1.0:
             raise BatchlabInputError(f"max_neighbourhood_fraction must be in (0, 1], got {max_neighbourhood_fraction!r}")
         self.max_neighbourhood_fraction = frac

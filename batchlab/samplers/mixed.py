@@ -25,9 +25,9 @@ from typing import Any
 
 import torch
 
-from batchlab._checks import check_positive_int
+from batchlab._checks import check_positive_int, check_real
 from batchlab.errors import BatchlabInputError
-from batchlab.samplers.base import GlobalBatchSampler, _check_real, epoch_seed
+from batchlab.samplers.base import GlobalBatchSampler, epoch_seed
 
 
 class MixedBatchSampler(GlobalBatchSampler):
@@ -74,7 +74,7 @@ class MixedBatchSampler(GlobalBatchSampler):
                 f"describe the same dataset (num_examples={base_n})"
             )
         self.check_num_examples(self.num_examples)
-        if not 0.0 <= _check_real("mix_random", mix_random) < 1.0:
+        if not 0.0 <= check_real("mix_random", mix_random) < 1.0:
             raise BatchlabInputError(f"mix_random must be in [0, 1) (the random share of a batch), got {mix_random!r}")
         self.mix_random = float(mix_random)
         self.num_random = random_share(self.batch_size, self.mix_random)

@@ -7,9 +7,8 @@ from typing import Any, Sequence
 
 import torch
 
-from batchlab._checks import check_choice, check_finite, check_positive_int
+from batchlab._checks import check_choice, check_finite, check_positive_int, check_real
 from batchlab.errors import BatchlabInputError
-from batchlab.samplers.base import _check_real
 from batchlab.samplers.ot import costs as _costs
 from batchlab.samplers.ot import solvers as _solvers
 
@@ -193,13 +192,13 @@ def couple(
             f"got {n} and {m}; trim or resample one batch (or use method='sinkhorn' with return_plan=True)"
         )
     # numbers, not strings or bools; finite (reg=inf made Sinkhorn "diverge" and advise raising reg)
-    if not (0 < _check_real("reg", reg) < math.inf):
+    if not (0 < check_real("reg", reg) < math.inf):
         raise BatchlabInputError(f"reg must be a finite number > 0 (relative to the cost spread), got {reg!r}")
-    if not (0 < _check_real("reg_m", reg_m) < math.inf):
+    if not (0 < check_real("reg_m", reg_m) < math.inf):
         raise BatchlabInputError(f"reg_m must be a finite number > 0, got {reg_m!r}")
-    if not (0.0 <= _check_real("mass", mass) <= 1.0):
+    if not (0.0 <= check_real("mass", mass) <= 1.0):
         raise BatchlabInputError(f"mass must be in [0, 1], got {mass!r}")
-    if not (0.0 <= _check_real("tol", tol) < math.inf):
+    if not (0.0 <= check_real("tol", tol) < math.inf):
         raise BatchlabInputError(f"tol must be a finite number >= 0 (the plan's marginal L1 error), got {tol!r}")
     geometry = "high" if (not callable(cost) and a[0].numel() >= 32) else "low"
     k = _K[geometry] if k is None else check_positive_int("k", k)
