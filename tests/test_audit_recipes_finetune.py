@@ -43,3 +43,29 @@ def test_a_damaged_checkpoint_is_refused_with_the_fix(tmp_path, capsys):
         err = capsys.readouterr().err
         last = err.strip().splitlines()[-1]
         assert "Traceback" not in err and what in last and "intact <out>/checkpoints/step-<n>" in last, err
+
+
+class _RunsOnLoad:
+    """A pickle payload that would call ``record`` if the loader unpickled arbitrary objects."""
+
+    calls: list = []
+
+    def __reduce__(self):
+        return (_RunsOnLoad.calls.append, ("ran",))
+
+
+def test_a_checkpoint_is_read_without_running_pickled_code(tmp_path):
+    """trainer_state.pt is read with ``weights_only=True``: a state holding arbitrary objects (what a
+    tampered or foreign file may carry) is refused as unreadable and nothing in it runs."""
+    import torch
+
+    tiny = save_tiny_model(tmp_path / "tiny", hidden_size=16)
+    finetune(tiny, TRAIN, None, batch_size=16, steps=4, out=tmp_path / "run", progress=False)
+    good = tmp_path / "run" / "checkpoints" / "step-2"  # 2 steps an epoch
+    state = torch.load(good / "trainer_state.pt", weights_only=True)  # what finetune writes loads safely
+    state["settings"] = dict(state["settings"], extra=_RunsOnLoad())
+    torch.save(state, good / "trainer_state.pt")
+    _RunsOnLoad.calls.clear()
+    with pytest.raises(BatchlabInputError, match="not a readable finetune checkpoint"):
+        finetune(tiny, TRAIN, None, batch_size=16, steps=4, resume=good, progress=False)
+    assert _RunsOnLoad.calls == []

@@ -208,7 +208,7 @@ def test_isogclr_learns_temperatures_that_change_revisited_examples(tiny_path, t
     offset = RECIPE_ISOGCLR_OPTIONS["rho"] / 20.0  # loss_i = tau_i (log u_i + rho); first visits: every tau is 1/scale
     assert iso.losses[0] == pytest.approx(sog.losses[0] + offset, rel=1e-5)
     assert iso.losses[2] != pytest.approx(sog.losses[2] + offset, rel=1e-5)
-    state = torch.load(tmp_path / "iso" / "checkpoints" / "step-4" / "trainer_state.pt", weights_only=False)["global_loss"]
+    state = torch.load(tmp_path / "iso" / "checkpoints" / "step-4" / "trainer_state.pt", weights_only=True)["global_loss"]
     assert not torch.all(state["tau"] == 0.05) and float(state["tau"].min()) >= 0.02 and float(state["tau"].max()) <= 0.2
     resumed = finetune(tiny_path, TRAIN, None, loss="isogclr", resume=tmp_path / "iso" / "checkpoints" / "step-4", **kw)
     a, b = weights(iso.model), weights(resumed.model)

@@ -525,7 +525,7 @@ def finetune(
     batch_loss, global_loss = make_batch_loss(loss, scale=scale, num_examples=n, loss_options=loss_options,
                                               mochi=mochi_options, device=device)
     if global_loss is not None and resume is not None:
-        global_loss.load_state_dict(torch.load(Path(resume) / "trainer_state.pt", weights_only=False)["global_loss"])
+        global_loss.load_state_dict(torch.load(Path(resume) / "trainer_state.pt", map_location="cpu", weights_only=True)["global_loss"])
 
     model.train()
     out_dir = Path(out) if out is not None else None
@@ -673,7 +673,7 @@ def _load_checkpoint(folder: Path, model, optimizer, scheduler, settings, result
     if not path.exists():
         raise BatchlabInputError(f"{folder} is not a finetune checkpoint (no trainer_state.pt); pass <out>/checkpoints/step-<n>")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = torch.load(path, map_location="cpu", weights_only=True)
         if not isinstance(state, dict) or not {"settings", "step", "epoch"} <= set(state):
             raise ValueError("no settings / step / epoch entries")
     except Exception as error:  # truncated, or not a torch file
