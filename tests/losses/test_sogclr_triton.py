@@ -399,7 +399,7 @@ def test_fused_module_step_one_query_with_extra_keys():
         assert _err(fused.state_dict()[name], buf) <= 1e-5, name
 
 
-@pytest.mark.parametrize("option", [{}, {"PAIR": 1}, {"SPLIT": 1}, {"SPLIT": 1, "FAST": 1}])
+@pytest.mark.parametrize("option", [{}, {"PAIR": 1}, {"SPLIT": 1}, {"SPLIT": 1, "FAST": 1}, {"LEAN": 1}, {"G0": 1}])
 def test_kernel_options_match_float64_reference(option, monkeypatch):
     """The sweep's forward options: the defaults (FAST=0: the one-temperature kernel's per-row and
     per-column loop; PAIR=0: weighted sums in reductions of their own), PAIR=1 (one reduction
@@ -411,6 +411,16 @@ def test_kernel_options_match_float64_reference(option, monkeypatch):
     _compare(_run(q, k, log_u, tau, "triton", **kw), _run(q, k, log_u, tau, "reference", **kw), torch.float32)
     _compare(_run_float(q, k, log_u, 0.02, "triton", **kw), _run_float(q, k, log_u, 0.02, "reference", **kw),
              torch.float32, scale=2.5)
+
+
+@pytest.mark.parametrize("mode", ["symmetric", "one_way"])
+def test_lean_backward_with_per_anchor_upstream_gradients(mode, monkeypatch):
+    """LEAN=1 (the backward's positive entry from per-row values) with an upstream gradient per
+    anchor (reduction "none": no G0) against the float64 reference; the scalar one (G0) is above."""
+    monkeypatch.setattr(_sogclr, "_INTERPRET", {**_sogclr._INTERPRET, "LEAN": 1})
+    q, k, log_u, tau = _inputs(mode, 21, 16, torch.float32, seed=19)
+    kw = dict(mode=mode, gamma=0.8, rho=0.3, reduction="none")
+    _compare(_run(q, k, log_u, tau, "triton", **kw), _run(q, k, log_u, tau, "reference", **kw), torch.float32)
 
 
 @pytest.mark.parametrize("isogclr", [False, True])

@@ -57,7 +57,10 @@ from batchlab.losses.triton._launch import FP32_BD, LOG2E, addmm_f32_, kernel_fl
 #: the forward kernel with the "split" tiles (rows of ``a`` against ``c``, then rows of ``c``
 #: against ``a``: twice the products, but no column maxima or sums across the warps of a tile, one
 #: exponential per logit, one partial per (row, column group) for the finish; 0: never, 1: always).
-#: fp32 inputs halve the d chunk (``BD``). Chosen by H200 sweeps at N = 65,536, d = 512, bf16
+#: G0 and LEAN ("bwd", off by default until timed): a scalar upstream gradient (the reduced loss)
+#: applied once per entry, and (LEAN) the positive's entry from per-row values. sm_90 AOT, Triton 3.6,
+#: 128 x 128 / 4 warps, spill instructions: iSogCLR 18 (session 8's kernel) -> 2 (today's, G0=0) ->
+#: 2 (G0=1) / 6 (LEAN=1); SogCLR 2 -> 2 -> 0 / 0. fp32 inputs halve the d chunk (``BD``). Chosen by H200 sweeps at N = 65,536, d = 512, bf16
 #: (``tests/losses/gpu_check_sogclr.py``; ``benchmarks/results/sogclr-h200-v2/`` and ``-s7/``):
 #: SogCLRLoss forward 13.9 ms with FAST=1 and 15.2 ms with FAST=0 on random embeddings, but 28.8
 #: against 15.2 ms on clustered ones (the redo), so FAST=0; two passes 15.8 ms (128 x 128 / 4 warps),
@@ -290,6 +293,10 @@ def _backward(a, c, tau, tau_value: float, stats, g, starts, sizes, offsets, col
         buf = torch.empty(min(rows_per_panel, n), size, device=a.device, dtype=a.dtype)
         a_arg, c_arg, cfg_b = operands(a, block, cfg) if cfg["TMA"] else (a, block, cfg)
         opts = {**plan["consts"], "POS": b == 0, **_launch_opts(cfg_b, flat=False)}
+        if cfg.get("LEAN", 0):
+            opts.update(LEAN=True, G0=g.dim() == 0)
+        elif cfg.get("G0", 0):
+            opts["G0"] = g.dim() == 0
         dc32 = None
         for r0, r1 in panels:
             _launch(ks.sog_bwd_kernel, (_cdiv(r1 - r0, cfg["BM"]), grid_n), (

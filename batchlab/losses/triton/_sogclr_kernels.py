@@ -344,16 +344,20 @@ def sog_finish_kernel(lse_ptr, wm_ptr, x_ptr, p_ptr, ids_ptr, tau_ptr, logu_ptr,
 
 @triton.jit
 def _bwd_anchor_terms(tau_ptr, stats_ptr, g_ptr, idx, mask, d, L, plane, sgd, sgi, coef, tau_scale,
-                      SIZE: tl.constexpr, ONE_TAU: tl.constexpr):
+                      SIZE: tl.constexpr, ONE_TAU: tl.constexpr, G0: tl.constexpr = False):
     """``(table index, log2(e) / tau, bias, coef * upstream gradient)`` of ``sog_bwd_kernel``'s anchors
-    ``idx`` of direction ``d`` (its rows or its columns): their logit gradient is ``g * exp2(S * a + b)``."""
+    ``idx`` of direction ``d`` (its rows or its columns): their logit gradient is ``g * exp2(S * a + b)``.
+    ``G0``: the upstream gradient is one number (returned as a scalar)."""
     t_idx = d * L + idx
     if ONE_TAU:
         a = tl.zeros((SIZE,), dtype=tl.float32) + tau_scale
     else:
         a = 1.4426950408889634 / tl.load(tau_ptr + t_idx, mask=mask, other=1.0)
     b = tl.load(stats_ptr + 2 * plane + t_idx, mask=mask, other=0.0)
-    g = tl.load(g_ptr + d * sgd + idx * sgi, mask=mask, other=0.0) * coef
+    if G0:
+        g = tl.load(g_ptr) * coef
+    else:
+        g = tl.load(g_ptr + d * sgd + idx * sgi, mask=mask, other=0.0) * coef
     return t_idx, a, b, g
 
 
@@ -362,13 +366,17 @@ def sog_bwd_kernel(a_ptr, c_ptr, tau_ptr, stats_ptr, g_ptr, out_ptr,
                    r0, r1, M, D, stride_a, stride_c, stride_out, OFF, L, n_dirs, DR, DC, sgd, sgi, coef, tau_scale,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, COLS: tl.constexpr, POS: tl.constexpr,
                    ONE_TAU: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr,
-                   TMA: tl.constexpr):
+                   TMA: tl.constexpr, LEAN: tl.constexpr = False, G0: tl.constexpr = False):
     """``dLoss/dS`` on one tile of the row panel [r0, r1), written at panel-relative rows.
 
     Row anchors use direction ``DR``'s temperatures and statistics, columns (``COLS``) direction
     ``DC``'s; the upstream gradient of anchor i of direction d is ``g[d * sgd + i * sgi] * coef``.
     ``POS``: the excluded entry is the positive, whose logit enters ``h`` with weight ``-G s``.
     Temperatures: ``tau[d * L + i]``, or ``ONE_TAU``: ``tau_scale = log2(e) / tau`` for all.
+    ``LEAN``: the positive's entry from per-row values only (the column anchor of row i's excluded
+    entry is ``i + OFF``), so that no per-column vector beyond the exponent's scale and bias (and
+    gradient) is live: each costs BN / 4 registers a thread at 4 warps. ``G0``: the upstream
+    gradient is one number (``sgd = sgi = 0``), applied once per entry at the end.
     """
     rows = r0 + tl.program_id(0) * BM + tl.arange(0, BM)
     cols = tl.program_id(1) * BN + tl.arange(0, BN)
@@ -377,21 +385,43 @@ def sog_bwd_kernel(a_ptr, c_ptr, tau_ptr, stats_ptr, g_ptr, out_ptr,
     acc = _tile_dot(a_ptr, c_ptr, rows, cols, r1, M, D, stride_a, stride_c, BM, BN, BD, EVEN_D, UPCAST, PREC, TMA)
     plane = n_dirs * L
     r_idx, ar, br, gr = _bwd_anchor_terms(tau_ptr, stats_ptr, g_ptr, rows, rmask, DR, L, plane, sgd, sgi, coef,
-                                          tau_scale, BM, ONE_TAU)
-    grad = gr[:, None] * tl.exp2(acc * ar[:, None] + br[:, None])
-    if POS:
-        on_pos = -(gr * tl.load(stats_ptr + 3 * plane + r_idx, mask=rmask, other=0.0))[:, None]
+                                          tau_scale, BM, ONE_TAU, G0)
+    grad = tl.exp2(acc * ar[:, None] + br[:, None])
+    if POS:  # the positive's entry: -(G_i s_i + G'_j s'_j), j = i + OFF (its column)
+        pos = tl.load(stats_ptr + 3 * plane + r_idx, mask=rmask, other=0.0)
+    if not G0:
+        grad = gr[:, None] * grad
+        if POS:
+            pos = pos * gr
     if COLS:
         c_idx, ac, bc, gc = _bwd_anchor_terms(tau_ptr, stats_ptr, g_ptr, cols, cmask, DC, L, plane, sgd, sgi, coef,
-                                              tau_scale, BN, ONE_TAU)
-        grad += gc[None, :] * tl.exp2(acc * ac[None, :] + bc[None, :])
+                                              tau_scale, BN, ONE_TAU, G0)
+        if G0:
+            grad += tl.exp2(acc * ac[None, :] + bc[None, :])
+        else:
+            grad += gc[None, :] * tl.exp2(acc * ac[None, :] + bc[None, :])
         if POS:
-            on_pos = on_pos - (gc * tl.load(stats_ptr + 3 * plane + c_idx, mask=cmask, other=0.0))[None, :]
+            if LEAN:  # the column anchor of row i's positive, read at the rows
+                j = rows + OFF
+                jm = rmask & (j < M)
+                pc = tl.load(stats_ptr + 3 * plane + DC * L + j, mask=jm, other=0.0)
+                if not G0:
+                    pc = pc * tl.load(g_ptr + DC * sgd + j * sgi, mask=jm, other=0.0) * coef
+                pos = pos + pc
+            else:
+                pos_c = tl.load(stats_ptr + 3 * plane + c_idx, mask=cmask, other=0.0)
+                if not G0:
+                    pos_c = pos_c * gc
     diag = cols[None, :] == (rows + OFF)[:, None]
     if POS:
-        grad = tl.where(diag, on_pos, grad)
+        if COLS and not LEAN:
+            grad = tl.where(diag, -pos[:, None] - pos_c[None, :], grad)
+        else:
+            grad = tl.where(diag, -pos[:, None], grad)
     else:
         grad = tl.where(diag, 0.0, grad)
+    if G0:
+        grad = grad * gr
     out = out_ptr + (rows - r0)[:, None].to(tl.int64) * stride_out + cols[None, :]
     tl.store(out, grad.to(out_ptr.dtype.element_ty), mask=rmask[:, None] & cmask[None, :])
 
