@@ -47,10 +47,12 @@ def siglip_pass(q, k, scale, bias, targets, *, loss: bool, g_row=None, workspace
     col_blocks = triton.cdiv(m, bn)
     q_arg, k_arg, cfg = operands(q, k, cfg)
     every = dict(cfg, HAS_TGT=targets is not None, **kernel_flags(q, cfg["BD"]))
-    flags = {key: v for key, v in every.items() if key not in ("TILE", "WS")}  # siglip_kernel's
+    lean = cfg.get("TILE") == 2  # siglip_lean_kernel: siglip_kernel's arguments, plus WS
+    flags = {key: v for key, v in every.items() if key != "TILE" and (lean or key != "WS")}
+    main_kernel = _kernels.siglip_lean_kernel if lean else _kernels.siglip_kernel
     tgt = targets if targets is not None else row_loss
     if not grad:
-        _kernels.siglip_kernel[(triton.cdiv(n, bm), col_blocks)](
+        main_kernel[(triton.cdiv(n, bm), col_blocks)](
             q_arg, k_arg, tgt, scale32, bias32, row_loss, row_loss, row_loss, row_loss, row_loss, row_loss,
             0, n, m, d, q.stride(0), k.stride(0), 0, LOSS=True, GRAD=False, **{**flags, "TMA_OUT": False},
         )
@@ -60,7 +62,7 @@ def siglip_pass(q, k, scale, bias, targets, *, loss: bool, g_row=None, workspace
     ginv, factor, gscale = logit_grad_factor(q, scale32, [g_row], fold=ds_in_kernel or not need_s)
     rows_per_panel = panel_rows(n, m, q.element_size(), bm, workspace_bytes)
     panels = triton.cdiv(n, rows_per_panel)
-    tiled = bool(cfg.get("TILE"))
+    tiled = cfg.get("TILE") == 1
     # (panels, [ds, db], programs): each program's fp32 sums, zeros where a shorter last panel has fewer
     programs = triton.cdiv(rows_per_panel, bm) * col_blocks
     sums = torch.zeros(panels, 2, 1 if tiled else programs, **f32)
@@ -82,7 +84,7 @@ def siglip_pass(q, k, scale, bias, targets, *, loss: bool, g_row=None, workspace
                 torch.sum(parts[2, :, : r1 - r0], dim=(0, 1), out=sums[p, 0, 0])
             return
         out, tma_out = panel_output(buf, r1 - r0, cfg)
-        _kernels.siglip_kernel[(triton.cdiv(r1 - r0, bm), col_blocks)](
+        main_kernel[(triton.cdiv(r1 - r0, bm), col_blocks)](
             q_arg, k_arg, tgt, scale32, bias32, ginv, g_row, row_loss, out, sums[p, 1], sums[p, 0],
             r0, r1, m, d, q.stride(0), k.stride(0), buf.stride(0), LOSS=loss, GRAD=True, DS=ds_in_kernel,
             **{**flags, "TMA_OUT": tma_out},
