@@ -24,7 +24,8 @@ from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_mod
 pytest.importorskip("triton")
 
 from batchlab.losses import dcl, info_nce, siglip  # noqa: E402
-from batchlab.losses.triton import _dense, _kernels, _launch, _lse, _siglip  # noqa: E402
+from batchlab.losses import LSE  # noqa: E402
+from batchlab.losses.triton import _dense, _glue, _kernels, _launch, _lse, _siglip  # noqa: E402
 from tests.losses.test_triton import compare, rel_err, unit  # noqa: E402
 
 SCALE_GRAD_RTOL = 1e-5
@@ -148,8 +149,11 @@ class _Launches:
 def _count(monkeypatch, call):
     launches: list[str] = []
     for name in ("lse_fwd_kernel", "lse_fwd_tile_kernel", "lse_bwd_kernel", "lse_bwd_tile_kernel", "siglip_kernel",
-                 "siglip_tile_kernel"):
+                 "siglip_tile_kernel", "norm_max_kernel", "control_kernel"):
         monkeypatch.setattr(_kernels, name, _Launches(getattr(_kernels, name), launches))
+    for name in ("stream_prologue_kernel", "stream_loss_kernel", "stream_grad_prologue_kernel",
+                 "stream_grad_epilogue_kernel"):
+        monkeypatch.setattr(_glue, name, _Launches(getattr(_glue, name), launches))
     for module, name in ((_lse, "lse_forward_op"), (_lse, "lse_backward_op"), (_siglip, "siglip_pass_op")):
         monkeypatch.setattr(module, name, getattr(module, name)._init_fn)  # the op's body, seen op by op
     with _AtenOps() as ops:
@@ -217,3 +221,120 @@ def test_one_way_with_more_keys_than_queries(n, m, dtype, gen):
     # at N = 1, broadcast M rows into the query gradient (silently 150% off)
     q, k = unit(n, 24, gen, torch.float64), unit(m, 24, gen, torch.float64)
     compare(lambda impl, q, k, s: info_nce(q, k, s, symmetric=False, impl=impl), [q, k, torch.tensor(14.3)], dtype, gen)
+
+
+# ----------------------------------------------------------------------------- the whole loss in one node
+
+def _spy_stream(monkeypatch):
+    calls = []
+    original = _lse._stream_forward
+    monkeypatch.setattr(_lse, "_stream_forward", lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("loss,symmetric,reduction", [("info_nce", True, "mean"), ("info_nce", True, "none"),
+                                                      ("info_nce", False, "sum"), ("dcl", True, "sum"),
+                                                      ("dcl", False, "none")])
+def test_stream_loss_matches_float64(loss, symmetric, reduction, dtype, gen, monkeypatch):
+    """The diagonal positives' path (``_lse.stream_loss``: positives, loss and gradient glue in the
+    ``_glue`` kernels, 3 panels): values, q/k/scale gradients and the returned log-sum-exps against
+    float64, at s = 0.01 and 14.3."""
+    calls = _spy_stream(monkeypatch)
+    n, d = 40, 24
+    q, k = unit(n, d, gen, dtype), unit(n, d, gen, dtype)
+    fn_of = {"info_nce": info_nce, "dcl": dcl}[loss]
+
+    def fn(impl, q, k, s):
+        opts = dict(workspace_bytes=16 * n * q.element_size()) if impl == "triton" else {}
+        return fn_of(q, k, s, symmetric=symmetric, reduction=reduction, return_lse=True, impl=impl, **opts)
+
+    for scale in (0.01, 14.3):
+        (_, lse), (_, ref_lse) = compare(fn, [q, k, torch.tensor(scale)], dtype, gen, reduction=reduction)
+        assert isinstance(lse, LSE) and (lse.col is None) == (not symmetric)
+        torch.testing.assert_close(lse.row.double(), ref_lse.row, rtol=1e-5, atol=1e-5)
+        if symmetric:
+            torch.testing.assert_close(lse.col.double(), ref_lse.col, rtol=1e-5, atol=1e-5)
+        got = _scale_grad(lambda q, k, s: fn("triton", q, k, s)[0].sum(), q, k, scale, torch.float32)
+        want = _scale_grad(lambda q, k, s: fn("reference", q, k, s)[0].sum(), q.double(), k.double(), scale)
+        assert rel_err(got, want) < SCALE_GRAD_RTOL, (scale, rel_err(got, want))
+    assert len(calls) >= 2
+
+
+def test_stream_loss_gradients_through_the_log_sum_exps(gen, monkeypatch):
+    """The returned log-sum-exps stay differentiable: a loss that uses them gets their gradient too;
+    one-way with more keys than queries (keys past N: negatives only); only k and the scale need a gradient."""
+    calls = _spy_stream(monkeypatch)
+    n, m, d = 21, 35, 16
+    q, k = unit(n, d, gen, torch.float64), unit(m, d, gen, torch.float64)
+    w = torch.rand(n, generator=gen, dtype=torch.float64)
+
+    def run(impl, dtype):
+        qq, kk = q.to(dtype), k.to(dtype).requires_grad_()
+        s = torch.tensor(14.3, dtype=torch.float64 if dtype == torch.float64 else torch.float32, requires_grad=True)
+        loss, lse = info_nce(qq, kk, s, symmetric=False, return_lse=True, impl=impl,
+                             **({"workspace_bytes": 16 * m * 4} if impl == "triton" else {}))
+        total = loss + (w.to(lse.row.dtype) * lse.row).sum()
+        return [total.detach(), *torch.autograd.grad(total, [kk, s])]
+
+    got, want = run("triton", torch.float32), run("reference", torch.float64)
+    for a, b in zip(got, want):
+        assert rel_err(a, b) < 1e-4, rel_err(a, b)
+    assert calls == [1]
+
+
+def _launch_count(monkeypatch, dtype, stream: bool):
+    """Launches of one InfoNCE forward + backward (symmetric, mean, 8 panels of 16 rows; the one-tile
+    kernels): Triton launches, aten ops that launch work, and each product as one (as cuBLAS on the GPU)."""
+    n, d = 128, 16
+    gen = torch.Generator().manual_seed(0)
+    q, k = unit(n, d, gen, dtype).requires_grad_(), unit(n, d, gen, dtype).requires_grad_()
+    s = torch.tensor(14.3, requires_grad=True)
+    products: list[str] = []
+    mm_f32, addmm_f32_ = _launch.mm_f32, _launch.addmm_f32_
+
+    inside: list = []
+
+    def one(fn, name):
+        def wrapped(*args):
+            if not inside:  # (on the CPU addmm_f32_ calls mm_f32)
+                products.append(name)
+            inside.append(name)
+            try:
+                with _disable_current_modes():
+                    return fn(*args)
+            finally:
+                inside.pop()
+        return wrapped
+
+    monkeypatch.setattr(_launch, "mm_f32", one(mm_f32, "mm_f32"))
+    monkeypatch.setattr(_launch, "addmm_f32_", one(addmm_f32_, "addmm_f32_"))
+    monkeypatch.setattr(_lse, "STREAM_LOSS", stream)
+    monkeypatch.setattr(_dense, "DENSE_MAX_LOGITS", 0)
+    monkeypatch.setitem(_launch.INTERPRET_CONFIG, "TILE", 1)
+    monkeypatch.setitem(_launch.INTERPRET_CONFIG, "TWO_EXP", 1)
+
+    def call():
+        loss = info_nce(q, k, s, impl="triton", workspace_bytes=16 * n * q.element_size(), check_inputs=False)
+        torch.autograd.grad(loss, [q, k, s])
+
+    kernels, ops = _count(monkeypatch, call)
+    return kernels, ops, products
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_launches_per_forward_and_backward(dtype, monkeypatch):
+    """InfoNCE at 8 panels (as N = 65,536 on the GPU): the panels' 8 x (kernel + 2 products) and 8 more
+    launches (forward: prologue, control, one-tile pass, 2 finishes, loss; backward: gradient prologue
+    and epilogue), nothing else. Session 8's path (the log-sum-exps alone, PyTorch's ops around them,
+    ``STREAM_LOSS`` off): 76 (bf16) / 69 (fp32) by this count (84 in the H200's profile), now 33."""
+    kernels, ops, products = _launch_count(monkeypatch, dtype, stream=True)
+    assert kernels.count("lse_bwd_tile_kernel") == 8 and kernels.count("lse_fwd_tile_kernel") == 1
+    # autograd's seed (the caller's loss.backward() makes it too), then per panel G @ k added into dq's rows
+    # (which hold the positives' part)
+    assert ops == ["aten.ones_like.default"] + ["aten.addmm_.default"] * 8, ops
+    assert products == ["addmm_f32_"] * 8, products  # G.T @ q added into the fp32 key gradient
+    total = len(kernels) + len(ops) + len(products)
+    assert total - 1 - 3 * 8 == 8, (total, kernels)
+    old = _launch_count(monkeypatch, dtype, stream=False)
+    assert sum(map(len, old)) - total >= 35, (sum(map(len, old)), total)

@@ -31,7 +31,7 @@ from batchlab.losses.dcl import dclw_weights
 from batchlab.losses.infonce import reduce_loss
 from batchlab.losses.siglip import reduce_siglip
 from batchlab.losses.triton import _dense
-from batchlab.losses.triton._lse import pair_lse
+from batchlab.losses.triton._lse import pair_lse, stream_loss, stream_ok
 from batchlab.losses.triton._siglip import siglip_pass, siglip_total
 
 #: Options only the Triton implementation understands (dropped when falling back).
@@ -136,6 +136,12 @@ def _native(q: torch.Tensor, neg_mask) -> bool:
 def _contrastive(q, k, scale, *, symmetric, targets, pos_mask, extra_negatives, reduction, exclude,
                  weighted=False, sigma=0.5, workspace_bytes=None):
     """InfoNCE (``exclude=False``) or DCL/DCLW (``exclude=True``) from kernel log-sum-exps."""
+    no_extra = extra_negatives is None or not extra_negatives.shape[1]
+    if targets is None and pos_mask is None and no_extra and not weighted and stream_ok(q, k, scale):
+        # the diagonal positives: the whole loss in one autograd node, its glue in small kernels
+        loss, row_lse, col_lse = stream_loss(q, k, scale, symmetric=symmetric, exclude=exclude, reduction=reduction,
+                                             workspace_bytes=workspace_bytes)
+        return loss, LSE(row_lse, col_lse)
     row_lse, col_lse = pair_lse(q, k, scale, targets, cols=symmetric, exclude=exclude,
                                 workspace_bytes=workspace_bytes)
     if extra_negatives is not None and extra_negatives.shape[1]:

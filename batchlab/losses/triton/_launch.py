@@ -212,7 +212,7 @@ def logit_grad_factor(q: torch.Tensor, scale32: torch.Tensor, g: list, *, fold: 
 
 
 def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bool, need_k: bool,
-                          dot: bool = True):
+                          dot: bool = True, dq: torch.Tensor | None = None, dk_acc: torch.Tensor | None = None):
     """``dq = factor * G @ k``, ``dk = factor * G.T @ q`` and ``sum_i q_i . (G @ k)_i``, panel by panel.
 
     ``fill(p, r0, r1, buf)`` writes rows [r0, r1) of ``G / factor`` into ``buf[: r1 - r0]``
@@ -225,6 +225,11 @@ def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bo
 
     Launches per panel: ``fill``, ``G @ k`` (into ``dq``'s rows, or fp32 then scaled with
     ``factor``: one more), ``G.T @ q`` (into the fp32 accumulator); with ``dot`` two more.
+
+    ``dq`` (the inputs' dtype) and ``dk_acc`` (fp32 (M, d)), when given, already hold a part of the
+    gradients (the positives', ``_lse.stream_loss``): the products add into them (``G @ k`` rounded
+    once with dq's rows, ``beta = 1``), and ``dk_acc`` is returned as ``dk`` in fp32, not rounded
+    (the caller rounds it). Only with ``factor`` None.
     """
     n, d = q.shape
     m = k.shape[0]
@@ -232,8 +237,15 @@ def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bo
     several = len(panels) > 1
     double = OVERLAP and several and q.is_cuda
     bufs = [torch.empty(rows_per_panel, m, device=q.device, dtype=q.dtype) for _ in range(2 if double else 1)]
-    dq = torch.empty_like(q) if need_q else None
-    dk32 = torch.zeros(m, d, device=q.device, dtype=torch.float32) if need_k and several else None
+    add_q, add_k = dq is not None, dk_acc is not None
+    if (add_q or add_k) and factor is not None:
+        raise ValueError("gradients_from_panels adds into dq/dk_acc only without a factor")
+    if dq is None and need_q:
+        dq = torch.empty_like(q)
+    if add_k:
+        dk32 = dk_acc
+    else:
+        dk32 = torch.zeros(m, d, device=q.device, dtype=torch.float32) if need_k and several else None
     dk = None
     want_dot, dot = dot, (torch.zeros((), device=q.device, dtype=torch.float32) if dot else None)
     if double:
@@ -266,14 +278,18 @@ def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bo
             if want_dot:
                 dot += (gk * q[r0:r1]).sum()
             if need_q:
-                if factor is None:
+                if add_q:
+                    dq[r0:r1].add_(gk)
+                elif factor is None:
                     dq[r0:r1].copy_(gk)
                 else:
                     torch.mul(gk, factor, out=dq[r0:r1])  # scaled and rounded in one op, no fp32 temporary
+        elif need_q and add_q:
+            dq[r0:r1].addmm_(g, k)  # dq's rows + G @ k, accumulated in fp32, rounded once
         elif need_q:
             torch.mm(g, k, out=dq[r0:r1])  # fp32 accumulation, rounded once into dq
         if need_k:
-            if several:
+            if several or add_k:
                 addmm_f32_(dk32, g.t(), q[r0:r1])
             elif factor is None:
                 dk = torch.mm(g.t(), q[r0:r1])
@@ -285,6 +301,8 @@ def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bo
     if double:
         main.wait_stream(side)
     bufs.clear()  # the panel workspace is free before dk's last step (it set the peak at 65,536)
-    if dk32 is not None:
+    if add_k:
+        dk = dk32
+    elif dk32 is not None:
         dk = dk32.to(k.dtype) if factor is None else torch.mul(dk32, factor, out=torch.empty_like(k))
     return dq, dk, dot

@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 import triton
 
-from batchlab.losses.triton import _kernels
+from batchlab.losses.triton import _glue, _kernels
 from batchlab.losses.triton._launch import (
     LN2,
     LOG2E,
@@ -108,17 +108,20 @@ def control(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> torch.Tens
     return ctl
 
 
-def lse_forward(q, k, scale, targets, *, cols: bool, exclude: bool, ctl: torch.Tensor | None = None):
+def lse_forward(q, k, scale, targets, *, cols: bool, exclude: bool, ctl: torch.Tensor | None = None,
+                sums: torch.Tensor | None = None):
     """Base-2 row log-sum-exp (N,) and, when ``cols``, column log-sum-exp (M,) (or None).
 
-    ``ctl``: :func:`control` of the inputs (computed here when None; only used with ``cols``).
+    ``ctl``: :func:`control` of the inputs (computed here when None). ``sums``: zeroed fp32 (N + M,)
+    for the one-tile forward's sums (allocated here when None; the looped forward ignores it).
     """
     n, d = q.shape
     m = k.shape[0]
     cfg = config("fwd", q.dtype)
     if cfg.get("TILE"):
         if m * d * k.element_size() <= TILE_FWD_MAX_KEY_BYTES:
-            return _lse_forward_tiles(q, k, scale, targets, cols=cols, exclude=exclude, ctl=ctl, cfg=cfg)
+            return _lse_forward_tiles(q, k, scale, targets, cols=cols, exclude=exclude, ctl=ctl, cfg=cfg,
+                                      sums=sums)
         cfg = _looped(cfg)
     bm, bn = cfg["BM"], cfg["BN"]
     row_blocks = triton.cdiv(n, bm)
@@ -191,16 +194,22 @@ def _finish(q_arg, k_arg, tgt, scale32, ctl, shifted, out, n, m, d, stride_q, st
     return out
 
 
-def _lse_forward_tiles(q, k, scale, targets, *, cols: bool, exclude: bool, ctl, cfg):
-    """:func:`lse_forward` on ``lse_fwd_tile_kernel``: one pass of shifted sums, then the two finishes."""
+def _lse_forward_tiles(q, k, scale, targets, *, cols: bool, exclude: bool, ctl, cfg, sums=None):
+    """:func:`lse_forward` on ``lse_fwd_tile_kernel``: one pass of shifted sums, then the two finishes.
+
+    ``sums``: a zeroed fp32 buffer of N + M (the rows' then the columns' sums), else allocated here.
+    """
     n, d = q.shape
     m = k.shape[0]
     f32 = dict(device=q.device, dtype=torch.float32)
-    if ctl is None or not cols:
+    if ctl is None:
         ctl = control(q, k, scale)
     scale32 = scale.detach().float().reshape(1).contiguous()
-    row_sum = torch.zeros(n, **f32)
-    col_sum = torch.zeros(m if cols else 1, **f32)
+    if sums is not None:
+        row_sum, col_sum = sums[:n], sums[n:]
+    else:
+        row_sum = torch.zeros(n, **f32)
+        col_sum = torch.zeros(m if cols else 1, **f32)
     tgt = targets if targets is not None else row_sum
     flags = dict(EXCLUDE=exclude, HAS_TGT=targets is not None, **kernel_flags(q, cfg["BD"]))
     tile_cfg = {key: v for key, v in cfg.items() if key not in ("TILE", "FLAT")}
@@ -230,6 +239,24 @@ def lse_backward(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, excl
     ``ds`` is summed in fp32 by the backward kernel (:data:`DS_SUM`); ``need_s=False`` skips it
     (``ds`` is then an unset scalar).
     """
+    dq, dk, ds_parts, dot, gscale, scale32 = _backward_panels(
+        q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, exclude=exclude, workspace_bytes=workspace_bytes,
+        need_q=need_q, need_k=need_k, need_s=need_s, ctl=ctl, ds_in_kernel=need_s and DS_SUM)
+    if ds_parts is not None:
+        ds = ds_parts.sum()
+    elif need_s:
+        ds = dot * gscale
+    else:
+        ds = scale32.new_empty(())
+    return dq, dk, ds
+
+
+def _backward_panels(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, exclude: bool, workspace_bytes,
+                     need_q: bool, need_k: bool, need_s: bool, ctl, ds_in_kernel: bool, dq=None, dk_acc=None):
+    """:func:`lse_backward` up to the scale gradient's last sum: ``(dq, dk, ds_parts, dot, gscale, scale32)``
+    (``ds_parts``: the kernels' fp32 partials with ``ds_in_kernel``, else None and ``dot * gscale`` is
+    the scale gradient). ``dq``/``dk_acc``: see :func:`gradients_from_panels` (with ``ds_in_kernel`` or
+    ``need_s`` False and bf16/fp32 inputs only: the panels then hold ``s G``)."""
     n, d = q.shape
     m = k.shape[0]
     cfg = config("bwd", q.dtype)
@@ -239,12 +266,11 @@ def lse_backward(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, excl
     if cols_on:
         g_col = g_col.float().contiguous()
     scale32 = scale.detach().float().reshape(1).contiguous()
-    ds_in_kernel = need_s and DS_SUM
     # the kernel stores G * ginv: s G (no multiply after the products), or G / gscale (fp16, or
     # the scale gradient from the product, which needs G without s)
     ginv, factor, gscale = logit_grad_factor(q, scale32, [g_row, g_col] if cols_on else [g_row],
                                              fold=ds_in_kernel or not need_s)
-    if ctl is None or not cols_on:
+    if ctl is None:  # (the kernels read it only with COLS)
         ctl = control(q, k, scale) if cols_on else torch.zeros(2, device=q.device, dtype=torch.float32)
     rows_per_panel = panel_rows(n, m, q.element_size(), bm, workspace_bytes)
     col_groups = triton.cdiv(triton.cdiv(m, bn), cfg.get("TPP", 1))
@@ -281,14 +307,8 @@ def lse_backward(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, excl
         )
 
     dq, dk, dot = gradients_from_panels(q, k, rows_per_panel, fill, factor, need_q=need_q, need_k=need_k,
-                                        dot=need_s and not ds_in_kernel)
-    if ds_in_kernel:
-        ds = ds_parts.sum()
-    elif need_s:
-        ds = dot * gscale
-    else:
-        ds = scale32.new_empty(())
-    return dq, dk, ds
+                                        dot=need_s and not ds_in_kernel, dq=dq, dk_acc=dk_acc)
+    return dq, dk, ds_parts, dot, gscale, scale32
 
 
 @torch.library.custom_op("batchlab::lse_forward", mutates_args=())
@@ -296,7 +316,7 @@ def lse_forward_op(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, target
                    cols: bool, exclude: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(row_lse2 (N,), col_lse2 (M,) or (0,), ctl (2,))``: :func:`lse_forward` as an opaque op."""
     ctl = control(q, k, scale) if cols else torch.zeros(2, device=q.device, dtype=torch.float32)
-    row2, col2 = lse_forward(q, k, scale, targets, cols=cols, exclude=exclude, ctl=ctl)
+    row2, col2 = lse_forward(q, k, scale, targets, cols=cols, exclude=exclude, ctl=ctl if cols else None)
     return row2, (col2 if cols else row2.new_empty(0)), ctl
 
 
@@ -357,3 +377,209 @@ def pair_lse(q, k, scale, targets=None, *, cols: bool, exclude: bool = False, wo
         targets = targets.contiguous()
     row, col = PairLSE.apply(q, k, scale, targets, cols, exclude, workspace_bytes)
     return row, (col if cols else None)
+
+
+# ----------------------------------------------------------------------------- the whole loss
+
+#: InfoNCE/DCL with the diagonal positives in one autograd node (:func:`stream_loss`): the
+#: positives, the loss, the gradients' glue in the small kernels of :mod:`._glue`.
+#: ``BATCHLAB_TRITON_STREAM_LOSS=0``: the log-sum-exps alone (:func:`pair_lse`) and PyTorch's ops around them.
+STREAM_LOSS = os.environ.get("BATCHLAB_TRITON_STREAM_LOSS", "1") != "0"
+#: Use the autograd function in eager mode (the custom ops under ``torch.compile``).
+STREAM_EAGER_FUNCTION = True
+_REDUCTIONS = ("mean", "sum", "none")
+#: Rows and d chunk per program of the gradient prologue; entries per program of the epilogue's cast;
+#: entries per step of the one-program loss and scale-gradient sums.
+_GRAD_BLOCK = (32, 128)
+_CAST_BLOCK = 4096
+_SUM_BLOCK = 1024
+
+
+def stream_ok(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> bool:
+    """Whether :func:`stream_loss` covers these inputs (diagonal positives assumed by the caller): bf16/fp32,
+    at least as many keys as queries, and panels that hold ``s G`` (scale gradient summed in the kernels)."""
+    return (STREAM_LOSS and q.dtype in (torch.bfloat16, torch.float32) and k.shape[0] >= q.shape[0]
+            and (DS_SUM or not scale.requires_grad))
+
+
+def _stream_coefficients(n: int, m: int, cols: bool, reduction: int) -> tuple[float, float]:
+    half = 0.5 if cols else 1.0
+    cr, cc = (half / n, half / m) if _REDUCTIONS[reduction] == "mean" else (half, half)
+    return cr, (cc if cols else 0.0)
+
+
+def _stream_forward(q, k, scale, cols: bool, exclude: bool, reduction: int):
+    """``(loss, lse, row2, col2, ctl, pos)``: the loss (0-d, or (N,) for "none"), the natural row then column
+    log-sum-exps (N + M or N,), and for the backward the base-2 ones, ``ctl`` and the positives (N,).
+
+    Launches: the prologue (norms, positives, zeroed sums), ``control_kernel``, the forward pass and its two
+    finishes, the loss: 6 (one-tile forward).
+    """
+    n, d = q.shape
+    m = k.shape[0]
+    f32 = dict(device=q.device, dtype=torch.float32)
+    rows, chunk = _NORM_BLOCK
+    q_blocks = triton.cdiv(n, rows)
+    blocks = q_blocks + triton.cdiv(m, rows)
+    parts, ctl, pos, sums = (torch.empty(blocks, **f32), torch.empty(2, **f32), torch.empty(n, **f32),
+                             torch.empty(n + m, **f32))
+    _glue.stream_prologue_kernel[(blocks,)](q, k, parts, pos, sums, n, m, d, q.stride(0), k.stride(0), q_blocks,
+                                            BR=rows, BD=chunk)
+    limit = _ONE_EXP_RANGE2 - math.log2(max(n, m, 2)) if ONE_EXP else -1.0
+    _kernels.control_kernel[(1,)](parts, scale.detach(), ctl, q_blocks, blocks, limit, _BOUND_MARGIN, _HEADROOM2,
+                                  BLOCK=1024)
+    row2, col2 = lse_forward(q, k, scale, None, cols=cols, exclude=exclude, ctl=ctl, sums=sums)
+    cr, cc = _stream_coefficients(n, m, cols, reduction)
+    per_row = _REDUCTIONS[reduction] == "none"
+    loss = torch.empty(n if per_row else (), **f32)
+    lse = torch.empty(n + (m if cols else 0), **f32)
+    _glue.stream_loss_kernel[(1,)](row2, col2 if cols else row2, pos, scale.detach(), loss, lse, n, cr, cc,
+                                   COLS=cols, PER_ROW=per_row, BLOCK=_SUM_BLOCK)
+    return loss, lse, row2, (col2 if cols else row2.new_empty(0)), ctl, pos
+
+
+def _stream_backward(q, k, scale, row2, col2, ctl, pos, g, g_lse, cols: bool, exclude: bool, reduction: int,
+                     workspace_bytes, need_q: bool, need_k: bool, need_s: bool):
+    """``(dq, dk, ds)`` of ``g . loss + g_lse . lse`` (``g_lse`` may be None; dq/dk/ds None when not needed).
+
+    Launches: the gradient prologue (the log-sum-exps' upstream weights; the positives' gradients, into
+    dq and the fp32 key accumulator), per panel the kernel and two products adding into them, the
+    epilogue (dk rounded once, the scale gradient): 2 + 3 per panel (+ 1 when ``g_lse`` is given).
+    """
+    n, d = q.shape
+    m = k.shape[0]
+    f32 = dict(device=q.device, dtype=torch.float32)
+    cr, cc = _stream_coefficients(n, m, cols, reduction)
+    g = g.float().contiguous()
+    g_row = torch.empty(n, **f32)
+    g_col = torch.empty(m, **f32) if cols else None
+    dq = torch.empty_like(q) if need_q else None
+    dk_acc = torch.empty(m, d, **f32) if need_k else None
+    rows, chunk = _GRAD_BLOCK
+    _glue.stream_grad_prologue_kernel[(triton.cdiv(max(n, m), rows),)](
+        g, q, k, scale.detach(), g_row, g_row if g_col is None else g_col, g_row if dq is None else dq,
+        g_row if dk_acc is None else dk_acc, n, m, d, q.stride(0), k.stride(0), cr, cc,
+        BR=rows, BD=chunk, GO_VEC=g.dim() > 0, COLS=cols, NEED_Q=need_q, NEED_K=need_k)
+    if g_lse is not None:  # the returned log-sum-exps were used too (return_lse)
+        g_row += g_lse[:n]
+        if cols:
+            g_col += g_lse[n:]
+    dq, dk_acc, ds_parts, _, _, _ = _backward_panels(
+        q, k, scale, None, row2, col2 if cols else None, g_row, g_col, exclude=exclude,
+        workspace_bytes=workspace_bytes, need_q=need_q, need_k=need_k, need_s=need_s, ctl=ctl,
+        ds_in_kernel=need_s, dq=dq, dk_acc=dk_acc)
+    cast = need_k and k.dtype != torch.float32
+    dk = torch.empty_like(k) if cast else dk_acc
+    ds = torch.empty((), **f32) if need_s else None
+    programs = triton.cdiv(m * d, _CAST_BLOCK) if cast else int(need_s)
+    if programs:
+        dummy = g_row
+        _glue.stream_grad_epilogue_kernel[(programs,)](
+            dk_acc if cast else dummy, dk if cast else dummy, ds_parts if need_s else dummy,
+            ds_parts.numel() if need_s else 0, g, pos, ds if need_s else dummy, m * d, n, cr + cc,
+            BLOCK=_CAST_BLOCK, CAST=cast, DS=need_s, GO_VEC=g.dim() > 0)
+    return dq, dk, ds
+
+
+@torch.library.custom_op("batchlab::stream_loss", mutates_args=())
+def stream_loss_op(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, cols: bool, exclude: bool,
+                   reduction: int, workspace_bytes: Optional[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                                        torch.Tensor]:
+    """:func:`_stream_forward` as an opaque op (what ``torch.compile`` traces; ``workspace_bytes`` is the
+    backward's)."""
+    return _stream_forward(q, k, scale, cols, exclude, reduction)
+
+
+@stream_loss_op.register_fake
+def _(q, k, scale, cols, exclude, reduction, workspace_bytes):
+    n, m = q.shape[0], k.shape[0]
+    f32 = dict(dtype=torch.float32)
+    return (q.new_empty((n,) if _REDUCTIONS[reduction] == "none" else (), **f32),
+            q.new_empty(n + (m if cols else 0), **f32), q.new_empty(n, **f32), q.new_empty(m if cols else 0, **f32),
+            q.new_empty(2, **f32), q.new_empty(n, **f32))
+
+
+@torch.library.custom_op("batchlab::stream_loss_backward", mutates_args=())
+def stream_loss_backward_op(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor, row2: torch.Tensor,
+                            col2: torch.Tensor, ctl: torch.Tensor, pos: torch.Tensor, g: torch.Tensor,
+                            g_lse: Optional[torch.Tensor], cols: bool, exclude: bool, reduction: int,
+                            workspace_bytes: Optional[int], need_q: bool, need_k: bool, need_s: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dq, dk, ds)`` of :func:`_stream_backward` (dq/dk empty when not needed, ds unset), as an opaque op."""
+    dq, dk, ds = _stream_backward(q, k, scale, row2, col2, ctl, pos, g, g_lse, cols, exclude, reduction,
+                                  workspace_bytes, need_q, need_k, need_s)
+    return (dq if need_q else q.new_empty(0)), (dk if need_k else k.new_empty(0)), \
+        (ds if need_s else q.new_empty((), dtype=torch.float32))
+
+
+@stream_loss_backward_op.register_fake
+def _(q, k, scale, row2, col2, ctl, pos, g, g_lse, cols, exclude, reduction, workspace_bytes, need_q, need_k,
+      need_s):
+    return (q.new_empty(q.shape if need_q else (0,)), k.new_empty(k.shape if need_k else (0,)),
+            q.new_empty((), dtype=torch.float32))
+
+
+def _stream_setup(ctx, inputs, output):
+    q, k, scale, cols, exclude, reduction, workspace_bytes = inputs
+    _, _, row2, col2, ctl, pos = output
+    ctx.save_for_backward(q, k, scale, row2, col2, ctl, pos)
+    ctx.args = (cols, exclude, reduction, workspace_bytes)
+
+
+def _stream_grads(ctx, g, g_lse, n_args: int):
+    q, k, scale, row2, col2, ctl, pos = ctx.saved_tensors
+    need_q, need_k, need_s = ctx.needs_input_grad[:3]
+    cols, exclude, reduction, workspace_bytes = ctx.args
+    if g is None:
+        g = torch.zeros((q.shape[0],) if _REDUCTIONS[reduction] == "none" else (), device=q.device,
+                        dtype=torch.float32)
+    op = stream_loss_backward_op if torch.compiler.is_compiling() or not STREAM_EAGER_FUNCTION else _stream_backward
+    dq, dk, ds = op(q, k, scale, row2, col2, ctl, pos, g, g_lse, cols, exclude, reduction, workspace_bytes,
+                    need_q, need_k, need_s)
+    ds = (ds if ds.dtype == scale.dtype else ds.to(scale.dtype)) if need_s else None
+    return ((dq if need_q else None), (dk if need_k else None), ds) + (None,) * (n_args - 3)
+
+
+def _stream_op_backward(ctx, g, g_lse, *_unused):
+    return _stream_grads(ctx, g, g_lse, 7)
+
+
+stream_loss_op.register_autograd(_stream_op_backward, setup_context=_stream_setup)
+
+
+class _StreamLoss(torch.autograd.Function):
+    """The eager twin of :func:`stream_loss_op` (an autograd function costs less host time than a custom
+    op); unused gradients (the returned log-sum-exps, usually) are not materialised."""
+
+    @staticmethod
+    def forward(ctx, q, k, scale, cols, exclude, reduction, workspace_bytes):
+        loss, lse, row2, col2, ctl, pos = _stream_forward(q, k, scale, cols, exclude, reduction)
+        ctx.save_for_backward(q, k, scale, row2, col2, ctl, pos)
+        ctx.args = (cols, exclude, reduction, workspace_bytes)
+        ctx.set_materialize_grads(False)
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, g, g_lse):
+        if g is None and g_lse is None:
+            return (None,) * 7
+        return _stream_grads(ctx, g, g_lse, 7)
+
+
+def stream_loss(q, k, scale, *, symmetric: bool, exclude: bool, reduction: str, workspace_bytes=None):
+    """``(loss, row_lse (N,), col_lse (M,) or None)`` of InfoNCE (``exclude=False``) or DCL with the
+    diagonal positives (query i's is key i), from the streaming kernels: one autograd node, the positives,
+    the loss and the gradients' glue in four small kernels (:mod:`._glue`).
+
+    Launches per forward + backward: 6 + 2 + 3 per panel (the one-tile forward), against ~45 + 3 per
+    panel with the log-sum-exps alone and PyTorch's ops around them.
+    """
+    q, k = q.contiguous(), k.contiguous()
+    n = q.shape[0]
+    red = _REDUCTIONS.index(reduction)
+    scale = scale.reshape(()) if scale.dim() else scale
+    if torch.compiler.is_compiling() or not STREAM_EAGER_FUNCTION:
+        loss, lse = stream_loss_op(q, k, scale, symmetric, exclude, red, workspace_bytes)[:2]
+    else:
+        loss, lse = _StreamLoss.apply(q, k, scale, symmetric, exclude, red, workspace_bytes)
+    return loss, lse[:n], (lse[n:] if symmetric else None)

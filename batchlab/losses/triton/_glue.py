@@ -1,0 +1,148 @@
+"""Small kernels around the streaming InfoNCE/DCL kernels (``_lse.stream_loss``): the O(N d) work
+that PyTorch's ops did in ~45 launches per forward + backward, in four.
+
+* ``stream_prologue_kernel`` (forward, before ``control_kernel``): each block of rows' largest squared
+  norm (``norm_max_kernel``'s output, same layout), the positives ``q_i . k_i`` in fp32 (the diagonal),
+  and the zeroed row and column sums that ``lse_fwd_tile_kernel`` adds into.
+* ``stream_loss_kernel`` (forward, one program, after the finishes): the natural log-sum-exps and the
+  loss ``c_r sum_i (lse_i - s pos_i) + c_c sum_j (lse_j - s pos_j)`` (or per row for ``"none"``).
+* ``stream_grad_prologue_kernel`` (backward, before the panels): the upstream weights of the row
+  and column log-sum-exps (``g_row``, ``g_col``) and the positives' gradients, written where the
+  panels' products then add theirs: ``dq_i = -s w_i k_i`` (in dq's dtype) and ``dk_i = -s w_i q_i``
+  (fp32 accumulator; zero for keys past N).
+* ``stream_grad_epilogue_kernel`` (backward, after the panels): the fp32 key gradient rounded once
+  into the inputs' dtype and (program 0) the scale gradient: the panel kernels' fp32 partials minus
+  ``sum_i w_i pos_i``.
+
+``w_i = (c_r + c_c) g_i``: the weight of query i's positive in the loss (``g``: the upstream gradient,
+one value or one per row).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def stream_prologue_kernel(q_ptr, k_ptr, part_ptr, pos_ptr, sums_ptr, N, M, D, stride_q, stride_k, q_blocks,
+                           BR: tl.constexpr, BD: tl.constexpr):
+    """Programs [0, q_blocks): BR rows of ``q``: ``part[pid]`` (largest squared norm), ``pos[rows] =
+    q_i . k_i`` (fp32), ``sums[rows] = 0``. The others: BR rows of ``k``: ``part[pid]``, ``sums[N + rows] = 0``."""
+    pid = tl.program_id(0)
+    if pid < q_blocks:
+        rows = pid * BR + tl.arange(0, BR)
+        rmask = rows < N
+        norm = tl.zeros((BR,), dtype=tl.float32)
+        dot = tl.zeros((BR,), dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            dd = d0 + tl.arange(0, BD)
+            mask = rmask[:, None] & (dd[None, :] < D)
+            x = tl.load(q_ptr + rows[:, None].to(tl.int64) * stride_q + dd[None, :], mask=mask, other=0.0)
+            y = tl.load(k_ptr + rows[:, None].to(tl.int64) * stride_k + dd[None, :], mask=mask, other=0.0)
+            x = x.to(tl.float32)
+            norm += tl.sum(x * x, 1)
+            dot += tl.sum(x * y.to(tl.float32), 1)
+        tl.store(part_ptr + pid, tl.max(norm, 0))
+        tl.store(pos_ptr + rows, dot, mask=rmask)
+        tl.store(sums_ptr + rows, tl.zeros((BR,), dtype=tl.float32), mask=rmask)
+    else:
+        rows = (pid - q_blocks) * BR + tl.arange(0, BR)
+        rmask = rows < M
+        norm = tl.zeros((BR,), dtype=tl.float32)
+        for d0 in range(0, D, BD):
+            dd = d0 + tl.arange(0, BD)
+            y = tl.load(k_ptr + rows[:, None].to(tl.int64) * stride_k + dd[None, :],
+                        mask=rmask[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
+            norm += tl.sum(y * y, 1)
+        tl.store(part_ptr + pid, tl.max(norm, 0))
+        tl.store(sums_ptr + N + rows, tl.zeros((BR,), dtype=tl.float32), mask=rmask)
+
+
+@triton.jit
+def stream_loss_kernel(row2_ptr, col2_ptr, pos_ptr, scale_ptr, loss_ptr, lse_ptr, N, cr, cc,
+                       COLS: tl.constexpr, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: ``lse[:N]`` (rows) and, with ``COLS``, ``lse[N:2N]`` (columns) in natural log from the
+    base-2 ``row2``/``col2``; the loss: ``loss[i] = cr (row_i - s pos_i) + cc (col_i - s pos_i)`` per row
+    (``PER_ROW``) or their total in ``loss[0]``."""
+    s = tl.load(scale_ptr).to(tl.float32)
+    total = tl.zeros((BLOCK,), dtype=tl.float32)
+    for i0 in range(0, N, BLOCK):
+        i = i0 + tl.arange(0, BLOCK)
+        mask = i < N
+        sp = s * tl.load(pos_ptr + i, mask=mask, other=0.0)
+        r = tl.load(row2_ptr + i, mask=mask, other=0.0) * 0.6931471805599453
+        tl.store(lse_ptr + i, r, mask=mask)
+        x = cr * (r - sp)
+        if COLS:
+            c = tl.load(col2_ptr + i, mask=mask, other=0.0) * 0.6931471805599453
+            tl.store(lse_ptr + N + i, c, mask=mask)
+            x += cc * (c - sp)
+        if PER_ROW:
+            tl.store(loss_ptr + i, x, mask=mask)
+        else:
+            total += tl.where(mask, x, 0.0)
+    if not PER_ROW:
+        tl.store(loss_ptr, tl.sum(total, 0))
+
+
+@triton.jit
+def stream_grad_prologue_kernel(go_ptr, q_ptr, k_ptr, scale_ptr, g_row_ptr, g_col_ptr, dq_ptr, dk_ptr,
+                                N, M, D, stride_q, stride_k, cr, cc,
+                                BR: tl.constexpr, BD: tl.constexpr, GO_VEC: tl.constexpr, COLS: tl.constexpr,
+                                NEED_Q: tl.constexpr, NEED_K: tl.constexpr):
+    """BR rows per program over max(N, M) rows: ``g_row = cr g``, ``g_col = cc g`` (``COLS``), ``dq[rows] =
+    -s w k[rows]`` (``NEED_Q``; dq's dtype), ``dk[rows] = -s w q[rows]`` (``NEED_K``; fp32, zero past N);
+    dq and dk are contiguous (N, D) and (M, D)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    qmask = rows < N
+    if GO_VEC:
+        go = tl.load(go_ptr + rows, mask=qmask, other=0.0).to(tl.float32)
+    else:
+        go = tl.load(go_ptr).to(tl.float32) + tl.zeros((BR,), dtype=tl.float32)
+    tl.store(g_row_ptr + rows, cr * go, mask=qmask)
+    if COLS:
+        tl.store(g_col_ptr + rows, cc * go, mask=qmask)
+    w = -tl.load(scale_ptr).to(tl.float32) * (cr + cc) * go
+    kmask = rows < M
+    for d0 in range(0, D, BD):
+        dd = d0 + tl.arange(0, BD)
+        dmask = dd[None, :] < D
+        out = rows[:, None].to(tl.int64) * D + dd[None, :]
+        if NEED_Q:
+            y = tl.load(k_ptr + rows[:, None].to(tl.int64) * stride_k + dd[None, :], mask=qmask[:, None] & dmask,
+                        other=0.0).to(tl.float32)
+            tl.store(dq_ptr + out, (w[:, None] * y).to(dq_ptr.dtype.element_ty), mask=qmask[:, None] & dmask)
+        if NEED_K:
+            x = tl.load(q_ptr + rows[:, None].to(tl.int64) * stride_q + dd[None, :], mask=qmask[:, None] & dmask,
+                        other=0.0).to(tl.float32)
+            tl.store(dk_ptr + out, w[:, None] * x, mask=kmask[:, None] & dmask)
+
+
+@triton.jit
+def stream_grad_epilogue_kernel(acc_ptr, dk_ptr, parts_ptr, n_parts, go_ptr, pos_ptr, ds_ptr, total, N, cpos,
+                                BLOCK: tl.constexpr, CAST: tl.constexpr, DS: tl.constexpr, GO_VEC: tl.constexpr):
+    """``dk[i] = acc[i]`` rounded to dk's dtype for the BLOCK flat entries of each program (``CAST``);
+    program 0 also stores ``ds = sum(parts[:n_parts]) - cpos sum_i g_i pos_i`` (``DS``)."""
+    pid = tl.program_id(0)
+    if CAST:
+        i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        mask = i < total
+        tl.store(dk_ptr + i, tl.load(acc_ptr + i, mask=mask, other=0.0).to(dk_ptr.dtype.element_ty), mask=mask)
+    if DS:
+        if pid == 0:
+            acc = tl.zeros((BLOCK,), dtype=tl.float32)
+            for j0 in range(0, n_parts, BLOCK):
+                j = j0 + tl.arange(0, BLOCK)
+                acc += tl.load(parts_ptr + j, mask=j < n_parts, other=0.0)
+            pos = tl.zeros((BLOCK,), dtype=tl.float32)
+            for j0 in range(0, N, BLOCK):
+                j = j0 + tl.arange(0, BLOCK)
+                p = tl.load(pos_ptr + j, mask=j < N, other=0.0)
+                if GO_VEC:
+                    p = p * tl.load(go_ptr + j, mask=j < N, other=0.0).to(tl.float32)
+                pos += p
+            weight = cpos
+            if not GO_VEC:
+                weight = cpos * tl.load(go_ptr).to(tl.float32)
+            tl.store(ds_ptr, tl.sum(acc, 0) - weight * tl.sum(pos, 0))
