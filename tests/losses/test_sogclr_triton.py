@@ -259,14 +259,16 @@ def _run_float(q, k, log_u, tau, impl, **kw):
 
 @pytest.mark.parametrize("risk", ["never", "always"])
 @pytest.mark.parametrize("tau", [0.005, 1.0])
-def test_one_temperature_both_loops(tau, risk, monkeypatch):
+@pytest.mark.parametrize("tile", [0, 1])
+def test_one_temperature_both_loops(tau, risk, tile, monkeypatch):
     """The one-exponential loop alone (no redo) and the per-row/per-column loop alone (redo always)
-    each match the reference at moderate spreads; at tau = 0.005 the default bound decides per program."""
+    each match the reference at moderate spreads; at tau = 0.005 the default bound decides per program
+    (TILE=1: per tile)."""
     import triton.language as tl
 
     from batchlab.losses.triton import _sogclr_kernels as ks
 
-    monkeypatch.setattr(_sogclr, "_INTERPRET", {**_sogclr._INTERPRET, "FAST": 1})
+    monkeypatch.setattr(_sogclr, "_INTERPRET", {**_sogclr._INTERPRET, "FAST": 1, "TILE": tile})
     q, k, log_u = _floats("symmetric", 40, 16, torch.float32, seed=12)
     if tau == 1.0:
         monkeypatch.setattr(ks, "RISK", tl.constexpr(-1.0 if risk == "never" else 1e30))
@@ -275,15 +277,17 @@ def test_one_temperature_both_loops(tau, risk, monkeypatch):
              torch.float32, scale=max(1.0, 0.05 / tau))
 
 
-def test_one_temperature_redoes_a_program_whose_rows_underflow(monkeypatch):
+@pytest.mark.parametrize("tile", [0, 1])
+def test_one_temperature_redoes_a_program_whose_rows_underflow(tile, monkeypatch):
     """Rows whose every logit lies ~576 (base 2) below the tile's best (cos -1 against cos 1 at tau =
     0.005): their sums at the tile's maximum underflow to 0, and the program redoes its tiles with
-    per-row shifts. Without the redo (bound forced off) those rows come out wrong: the test can fail."""
+    per-row shifts. Without the redo (bound forced off) those rows come out wrong: the test can fail.
+    TILE=1: the one-tile kernel redoes its tile."""
     import triton.language as tl
 
     from batchlab.losses.triton import _sogclr_kernels as ks
 
-    monkeypatch.setattr(_sogclr, "_INTERPRET", {**_sogclr._INTERPRET, "FAST": 1})
+    monkeypatch.setattr(_sogclr, "_INTERPRET", {**_sogclr._INTERPRET, "FAST": 1, "TILE": tile})
     gen = torch.Generator().manual_seed(13)
     e1 = torch.zeros(6, 4)
     e1[:, 0] = 1.0
@@ -399,7 +403,8 @@ def test_fused_module_step_one_query_with_extra_keys():
         assert _err(fused.state_dict()[name], buf) <= 1e-5, name
 
 
-@pytest.mark.parametrize("option", [{}, {"PAIR": 1}, {"SPLIT": 1}, {"SPLIT": 1, "FAST": 1}, {"LEAN": 1}, {"G0": 1}])
+@pytest.mark.parametrize("option", [{}, {"PAIR": 1}, {"SPLIT": 1}, {"SPLIT": 1, "FAST": 1}, {"LEAN": 1}, {"G0": 1},
+                                    {"TILE": 1}, {"TILE": 1, "FAST": 1}, {"TILE": 1, "PAIR": 1}])
 def test_kernel_options_match_float64_reference(option, monkeypatch):
     """The sweep's forward options: the defaults (FAST=0: the one-temperature kernel's per-row and
     per-column loop; PAIR=0: weighted sums in reductions of their own), PAIR=1 (one reduction
@@ -423,11 +428,12 @@ def test_lean_backward_with_per_anchor_upstream_gradients(mode, monkeypatch):
     _compare(_run(q, k, log_u, tau, "triton", **kw), _run(q, k, log_u, tau, "reference", **kw), torch.float32)
 
 
+@pytest.mark.parametrize("option", ["SPLIT", "TILE"])
 @pytest.mark.parametrize("isogclr", [False, True])
-def test_split_module_step_matches_reference_module(isogclr, monkeypatch):
-    """SPLIT=1 (the symmetric forward as two row-only passes) through the modules' fused step: two
-    steps against the float64 reference module (loss, gradients, the whole state)."""
-    monkeypatch.setattr(_sogclr, "_INTERPRET", {**_sogclr._INTERPRET, "SPLIT": 1})
+def test_split_module_step_matches_reference_module(isogclr, option, monkeypatch):
+    """SPLIT=1 (the symmetric forward as two row-only passes) and TILE=1 (one tile per program) through
+    the modules' fused step: two steps against the float64 reference module (loss, gradients, state)."""
+    monkeypatch.setattr(_sogclr, "_INTERPRET", {**_sogclr._INTERPRET, option: 1})
     cls = ISogCLRLoss if isogclr else SogCLRLoss
     fused = cls(40, impl="triton", check_inputs=False)
     ref = cls(40, impl="reference", check_inputs=False).double()

@@ -76,8 +76,16 @@ CONFIGS: dict[str, dict[str, int]] = {
     "fwd_one": dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0, FAST=0, SPLIT=0),
     "split": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0),
     "bwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1),
+    "tile": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=2, TMA=1, FAST=0, PAIR=0, PANEL=8192),
 }
-_INTERPRET = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, TMA=0, FAST=0, PAIR=0, SPLIT=0)
+_INTERPRET = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, TMA=0, FAST=0, PAIR=0, SPLIT=0, TILE=0, PANEL=32)
+#: TILE ("fwd" / "fwd_one"; 0: never, the default until timed; else from this many logits on): the
+#: symmetric forward in one launch of ``sog_fwd_tile_kernel`` with the "tile" config: one tile per
+#: program (no loop-carried statistics: InfoNCE's one-tile shape, 128 x 128 at 4 warps), each storing
+#: its rows' and its columns' partials for the finish ((N / BN + N / BM) x N of them, 4 bytes each, 8
+#: with the weighted sums; above CHUNK_BYTES of them the looped kernels run). FAST ("tile", one
+#: temperature): one exponential per logit, a tile redone with two where it could lose terms; PANEL:
+#: rows per panel of the launch's tile order (``_lse._TILE_PANEL_ROWS``).
 #: Tensor-descriptor loads (TMA) only from this many logits (N x M) on: below it the kernels load
 #: through pointers, and the host builds no descriptors (four per step, each encoded by Triton's
 #: launcher on every launch: host time, which bounds small batches). 0: TMA wherever a config asks.
@@ -149,6 +157,13 @@ def _forward_plan(a, sizes, cols: bool, one: bool, wsum: bool, gather: bool, gam
     logits = n * sum(sizes)
     cfg = _config("fwd_one" if one else "fwd", a.dtype, logits)
     # SPLIT: the symmetric loss as two row-only passes (rows of a against c, then rows of c against a)
+    tile = cols and len(sizes) == 1 and 0 < cfg.get("TILE", 0) <= logits
+    if tile:
+        t_cfg = _config("tile", a.dtype, logits)
+        parts = (_cdiv(sizes[0], t_cfg["BN"]) + _cdiv(n, t_cfg["BM"])) * n * (8 if wsum else 4)
+        tile = parts <= CHUNK_BYTES
+    if tile:
+        return _tile_plan(a, sizes[0], t_cfg, one, wsum, gather, gamma, gather_tau)
     split = cols and 0 < cfg.get("SPLIT", 0) <= logits
     if split:
         cfg = _config("split", a.dtype, logits)
@@ -161,14 +176,34 @@ def _forward_plan(a, sizes, cols: bool, one: bool, wsum: bool, gather: bool, gam
     p_rows = sum(b[0] for b in blocks)
     chunked = cols and not split and blocks[0][2] < row_blocks
     memory = gamma < 1.0
-    bd = 64 if d >= 64 else triton.next_power_of_2(d)
     return dict(
-        cfg=cfg, row_blocks=row_blocks, blocks=blocks, p_rows=p_rows, chunked=chunked, split=split,
+        tile=False, cfg=cfg, row_blocks=row_blocks, blocks=blocks, p_rows=p_rows, chunked=chunked, split=split,
         p_cols=(p_rows if split else 1 + blocks[0][2] if chunked else row_blocks) if cols else 0,
         consts=dict(COLS=cols and not split, ONE_TAU=one, WSUM=wsum, GATHER_TAU=gather_tau,
                     **kernel_flags(a, cfg["BD"])),
         programs=_cdiv(n, _FINISH_BLOCK), memory=memory,
-        finish=dict(BLOCK=_FINISH_BLOCK, BD=bd, MEMORY=memory, ONE_TAU=one, WSUM=wsum, GATHER=gather, SNAP=gather_tau),
+        finish=_finish_consts(d, memory, one, wsum, gather, gather_tau),
+    )
+
+
+def _finish_consts(d: int, memory: bool, one: bool, wsum: bool, gather: bool, gather_tau: bool) -> dict:
+    bd = 64 if d >= 64 else triton.next_power_of_2(d)
+    return dict(BLOCK=_FINISH_BLOCK, BD=bd, MEMORY=memory, ONE_TAU=one, WSUM=wsum, GATHER=gather, SNAP=gather_tau)
+
+
+def _tile_plan(a, size: int, cfg: dict, one: bool, wsum: bool, gather: bool, gamma: float, gather_tau: bool) -> dict:
+    """The TILE forward's plan: one launch of ``sog_fwd_tile_kernel``, then the finish."""
+    n, d = a.shape
+    row_blocks, col_tiles = _cdiv(n, cfg["BM"]), _cdiv(size, cfg["BN"])
+    keys = ("BM", "BN", "BD", "num_warps", "num_stages", "TMA")
+    return dict(
+        tile=True, cfg={key: cfg[key] for key in keys}, grid=(row_blocks * col_tiles,),
+        panel=max(1, cfg.get("PANEL", 8192) // cfg["BM"]), p_rows=col_tiles, p_cols=row_blocks, chunked=False,
+        row_blocks=row_blocks, split=False,
+        consts=dict(ONE_TAU=one, WSUM=wsum, GATHER_TAU=gather_tau, FAST=bool(one and cfg.get("FAST", 0)),
+                    PAIR=bool(cfg.get("PAIR", 0)), **kernel_flags(a, cfg["BD"])),
+        programs=_cdiv(n, _FINISH_BLOCK), memory=gamma < 1.0,
+        finish=_finish_consts(d, gamma < 1.0, one, wsum, gather, gather_tau),
     )
 
 
@@ -190,7 +225,8 @@ def _forward(a, c, p, tau, tau_value: float, log_u, starts, sizes, offsets, cols
     one, gather = tau is None, ids is not None
     plan = _plan("fwd_one" if one else "fwd", a,
                  lambda: _forward_plan(a, sizes, cols, one, wsum, gather, gamma, gather_tau),
-                 tuple(sizes), cols, one, wsum, gather, gamma < 1.0, gather_tau, tuple(CONFIGS["split"].items()))
+                 tuple(sizes), cols, one, wsum, gather, gamma < 1.0, gather_tau, tuple(CONFIGS["split"].items()),
+                 tuple(CONFIGS["tile"].items()))
     f32 = dict(device=a.device, dtype=torch.float32)
     p_rows, row_blocks, chunked = plan["p_rows"], plan["row_blocks"], plan["chunked"]
     lse = torch.empty((p_rows + plan["p_cols"]) * n, **f32)
@@ -204,7 +240,12 @@ def _forward(a, c, p, tau, tau_value: float, log_u, starts, sizes, offsets, cols
     scale = LOG2E / tau_value if one else 1.0
     ctr = torch.empty(1, device=a.device, dtype=torch.int32) if total else lse
     row0 = 0
-    for start, size, off, (groups, per_group, chunk) in zip(starts, sizes, offsets, plan["blocks"]):
+    if plan["tile"]:
+        a_arg, c_arg, cfg_t = operands(a, c, plan["cfg"]) if plan["cfg"]["TMA"] else (a, c, plan["cfg"])
+        _launch(ks.sog_fwd_tile_kernel, plan["grid"], (
+            a_arg, c_arg, tau_arg, tau_c, ids if gather_tau else lse, scale, lse, wm, ctr, n, c.shape[0], d,
+            a.stride(0), c.stride(0), offsets[0], plan["panel"], p_rows), {**plan["consts"], "TOTAL": total, **cfg_t})
+    for start, size, off, (groups, per_group, chunk) in zip(starts, sizes, offsets, plan.get("blocks", ())):
         block = c if size == c.shape[0] else c.narrow(0, start, size)
         a_arg, c_arg, cfg_b = operands(a, block, plan["cfg"]) if plan["cfg"]["TMA"] else (a, block, plan["cfg"])
         opts = {**plan["consts"], "TOTAL": total, **_launch_opts(cfg_b)}
@@ -452,7 +493,8 @@ GATHER_TAU_MAX_LOGITS = 8192 * 8192
 
 def _gathers_tau(a: torch.Tensor, c: torch.Tensor) -> bool:
     logits = a.shape[0] * c.shape[0]
-    return logits < GATHER_TAU_MAX_LOGITS or 0 < _config("fwd", a.dtype).get("SPLIT", 0) <= logits
+    cfg = _config("fwd", a.dtype)
+    return logits < GATHER_TAU_MAX_LOGITS or any(0 < cfg.get(key, 0) <= logits for key in ("SPLIT", "TILE"))
 
 
 def step_ok(q: torch.Tensor, k: torch.Tensor, tables) -> bool:

@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from batchlab.losses.triton._dense_kernels import _finish_total
-from batchlab.losses.triton._kernels import _tile_dot
+from batchlab.losses.triton._kernels import _tile_dot, _tile_dot_ws
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -219,6 +219,88 @@ def sog_fwd_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, ids_ptr, tau_scale, rlse_
     tl.store(rlse_ptr + out, tl.where(ok, m_i + tl.log2(l1), float("-inf")), mask=rmask)
     if WSUM:
         tl.store(rwm_ptr + out, tl.where(ok, ar * (w_i / l1), 0.0), mask=rmask)
+
+
+@triton.jit
+def _tile_exact(s, ar, ac, WSUM: tl.constexpr, PAIR: tl.constexpr):
+    """A tile's row and column statistics at its own per-row and per-column maxima (two exponentials
+    per logit, exact at any temperature): ``(shift_r, rl, rw, shift_c, cl, cw)``, base 2."""
+    cmax = tl.max(s, 0)
+    cmax = tl.where(cmax == NEG, 0.0, cmax)
+    shift_c = cmax * ac
+    cl, cw = _sums(tl.exp2(s * ac[None, :] - shift_c[None, :]), s, 0, WSUM, PAIR)
+    rmax = tl.max(s, 1)
+    rmax = tl.where(rmax == NEG, 0.0, rmax)
+    shift_r = rmax * ar
+    rl, rw = _sums(tl.exp2(s * ar[:, None] - shift_r[:, None]), s, 1, WSUM, PAIR)
+    return shift_r, rl, rw, shift_c, cl, cw
+
+
+@triton.jit
+def sog_fwd_tile_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, ids_ptr, tau_scale, lse_ptr, wm_ptr, ctr_ptr,
+                        N, M, D, stride_a, stride_c, OFF, panel_blocks, cpart0,
+                        BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, ONE_TAU: tl.constexpr,
+                        WSUM: tl.constexpr, TOTAL: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
+                        PREC: tl.constexpr, TMA: tl.constexpr, FAST: tl.constexpr = False, PAIR: tl.constexpr = False,
+                        GATHER_TAU: tl.constexpr = False):
+    """``sog_fwd_kernel`` with ``COLS`` and one tile per program: the tile's row AND column partials.
+
+    Program ``pid`` (1-D grid of ``cdiv(N, BM) * cdiv(M, BN)``, walked as ``lse_fwd_tile_kernel``
+    walks it: panels of ``panel_blocks`` row blocks, column tile by column tile, row block fastest)
+    stores its rows' partial ``(lse, mean)`` over its BN columns at ``[col_tile * N + row]`` and its
+    columns' over its BM rows at ``[(cpart0 + row_tile) * M + col]`` of ``lse_ptr`` / ``wm_ptr``
+    (the finish kernel combines them; no loop-carried statistics, no atomics). Shifts per tile:
+    ``ONE_TAU`` and ``FAST``: one exponential per logit at the tile's maximum, the tile redone with
+    per-row/per-column shifts when one of its rows or columns could have lost terms (``RISK``; a
+    uniform branch: no loop here to pipeline); else per-row and per-column maxima, two exponentials.
+    """
+    pid = tl.program_id(0)
+    if TOTAL:
+        if pid == 0:
+            tl.store(ctr_ptr, 0)
+    col_tiles = tl.cdiv(M, BN)
+    per_panel = panel_blocks * col_tiles
+    panel = pid // per_panel
+    rem = pid - panel * per_panel
+    blocks_here = tl.minimum(panel_blocks, tl.cdiv(N, BM) - panel * panel_blocks)
+    col_tile = rem // blocks_here
+    row_tile = panel * panel_blocks + rem - col_tile * blocks_here
+    row0 = row_tile * BM
+    col0 = col_tile * BN
+    acc = _tile_dot_ws(a_ptr, c_ptr, row0, col0, N, M, D, stride_a, stride_c, BM, BN, BD, EVEN_D, UPCAST, PREC,
+                       TMA, False)
+    rows = row0 + tl.arange(0, BM)
+    cols = col0 + tl.arange(0, BN)
+    rmask = rows < N
+    cmask = cols < M
+    excl = rows + OFF
+    s = tl.where(rmask[:, None] & cmask[None, :] & (cols[None, :] != excl[:, None]), acc, NEG)
+    if ONE_TAU:
+        ar = tl.zeros((BM,), dtype=tl.float32) + tau_scale
+        ac = tl.zeros((BN,), dtype=tl.float32) + tau_scale
+    else:
+        ar = _temps(tau_r_ptr, ids_ptr, rows, rmask, GATHER_TAU)
+        ac = _temps(tau_c_ptr, ids_ptr, cols, cmask, GATHER_TAU)
+    if ONE_TAU and FAST:
+        top = tl.max(tl.max(s, 1), 0)
+        top = tl.where(top == NEG, 0.0, top)  # no negative in the tile: every weight 2^(NEG a) = 0
+        e = tl.exp2((s - top) * tau_scale)
+        shift = top * tau_scale
+        cl, cw = _sums(e, s, 0, WSUM, PAIR)
+        rl, rw = _sums(e, s, 1, WSUM, PAIR)
+        shift_r = tl.zeros((BM,), dtype=tl.float32) + shift
+        shift_c = tl.zeros((BN,), dtype=tl.float32) + shift
+        # a row (column) has a negative in the tile unless the tile's one column (row) is its excluded entry
+        n_cols = tl.minimum(M - col0, BN)
+        n_rows = tl.minimum(N - row0, BM)
+        risk = tl.max((rmask & (rl < RISK) & ((n_cols > 1) | (excl != col0))).to(tl.int32), 0)
+        risk_c = tl.max((cmask & (cl < RISK) & ((n_rows > 1) | (cols != row0 + OFF))).to(tl.int32), 0)
+        if (risk > 0) | (risk_c > 0):
+            shift_r, rl, rw, shift_c, cl, cw = _tile_exact(s, ar, ac, WSUM, PAIR)
+    else:
+        shift_r, rl, rw, shift_c, cl, cw = _tile_exact(s, ar, ac, WSUM, PAIR)
+    _store_cols(lse_ptr, wm_ptr, (cpart0 + row_tile).to(tl.int64) * M + cols, cmask, shift_c, cl, cw, ac, WSUM)
+    _store_cols(lse_ptr, wm_ptr, col_tile.to(tl.int64) * N + rows, rmask, shift_r, rl, rw, ar, WSUM)
 
 
 @triton.jit
