@@ -295,7 +295,10 @@ def sog_fwd_tile_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, ids_ptr, tau_scale, 
         n_rows = tl.minimum(N - row0, BM)
         risk = tl.max((rmask & (rl < RISK) & ((n_cols > 1) | (excl != col0))).to(tl.int32), 0)
         risk_c = tl.max((cmask & (cl < RISK) & ((n_rows > 1) | (cols != row0 + OFF))).to(tl.int32), 0)
-        if (risk > 0) | (risk_c > 0):
+        if (risk > 0) | (risk_c > 0):  # the product again: the tile need not stay live past the sums
+            acc = _tile_dot_ws(a_ptr, c_ptr, row0, col0, N, M, D, stride_a, stride_c, BM, BN, BD, EVEN_D, UPCAST,
+                               PREC, TMA, False)
+            s = tl.where(rmask[:, None] & cmask[None, :] & (cols[None, :] != excl[:, None]), acc, NEG)
             shift_r, rl, rw, shift_c, cl, cw = _tile_exact(s, ar, ac, WSUM, PAIR)
     else:
         shift_r, rl, rw, shift_c, cl, cw = _tile_exact(s, ar, ac, WSUM, PAIR)
