@@ -625,22 +625,23 @@ def _siglip_lean_epilogue(acc, s2, b2, gg, t, cols, cmask,
     g_rows = zero
     ds_rows = zero
     out = tl.zeros(acc.shape, dtype=OUT_DTYPE)
-    if LOSS:
-        sp = tl.maximum(w, 0.0) * 0.6931471805599453 + _log1p_unit(e)  # softplus(x)
-        if GENERAL:
-            sp = tl.where(cmask[None, :], sp, 0.0)
-        loss_rows = tl.sum(sp, 1)
     if GRAD:
         r = _rcp(1.0 + e, UPCAST)
         sig = tl.where(w >= 0, r, e * r)  # sigmoid(x) without cancellation
         if GENERAL:
             sig = tl.where(pos, -sig, sig)  # d softplus(x) / dz
-        out = (sig * gg[:, None]).to(OUT_DTYPE)
-        if GENERAL:
-            sig = tl.where(cmask[None, :], sig, 0.0)
-        g_rows = tl.sum(sig, 1)
+            sigm = tl.where(cmask[None, :], sig, 0.0)
+        else:
+            sigm = sig
         if DS:
-            ds_rows = tl.sum(sig * acc, 1)
+            ds_rows = tl.sum(sigm * acc, 1)
+        g_rows = tl.sum(sigm, 1)
+        out = (sig * gg[:, None]).to(OUT_DTYPE)
+    if LOSS:
+        sp = tl.maximum(w, 0.0) * 0.6931471805599453 + _log1p_unit(e)  # softplus(x)
+        if GENERAL:
+            sp = tl.where(cmask[None, :], sp, 0.0)
+        loss_rows = tl.sum(sp, 1)
     return loss_rows, g_rows, ds_rows, out
 
 
