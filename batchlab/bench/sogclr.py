@@ -184,6 +184,11 @@ AOT_VARIANTS = [
      {"SPLIT": 1, "BN": 64}),
     ("ISogCLRLoss step, SPLIT (two row-only passes, 128 x 128)", "split", dict(one=False, step=True), {"SPLIT": 1}),
     ("SogCLRLoss step, SPLIT (two row-only passes, 128 x 128)", "split", dict(one=True, step=True), {"SPLIT": 1}),
+    ("ISogCLRLoss step, TILE (one 128 x 128 tile per program)", "tile", dict(one=False, step=True, gather=True),
+     {"TILE": 1}),
+    ("SogCLRLoss step, TILE (one 128 x 128 tile per program)", "tile", dict(one=True, step=True), {"TILE": 1}),
+    ("SogCLRLoss step, TILE, FAST (one exponential, tiles redone)", "tile", dict(one=True, step=True),
+     {"TILE": 1, "FAST": 1}),
 ]
 
 
@@ -201,9 +206,10 @@ def run_aot(dtype: torch.dtype, n: int = 1024, dim: int = 512, warps=(4, 8)) -> 
     for name, key, var, options in AOT_VARIANTS:
         for w in warps:
             with capture_launches(_sogclr.CONFIGS) as captured:
-                shape = {k2: v for k2, v in options.items() if k2 != "SPLIT"}
-                if "SPLIT" in options:  # the forward's threshold; the variant's shape goes to "split"
-                    _sogclr.CONFIGS["fwd"]["SPLIT"] = _sogclr.CONFIGS["fwd_one"]["SPLIT"] = options["SPLIT"]
+                shape = {k2: v for k2, v in options.items() if k2 not in ("SPLIT", "TILE")}
+                for opt in ("SPLIT", "TILE"):  # the forward's thresholds; the variant's shape goes to its key
+                    if opt in options:
+                        _sogclr.CONFIGS["fwd"][opt] = _sogclr.CONFIGS["fwd_one"][opt] = options[opt]
                 _sogclr.CONFIGS[key].update(shape, num_warps=w)
                 tau = None if var["one"] else torch.full((2, n), 0.05)
                 table = torch.zeros(2, n)
@@ -216,7 +222,7 @@ def run_aot(dtype: torch.dtype, n: int = 1024, dim: int = 512, warps=(4, 8)) -> 
                     gather_tau=var.get("gather", False))
                 _sogclr._backward(q, k, tau, 0.05, stats, torch.ones(()), [0], [n], [0], True, 1.0, True, True)
             # the other kernels do not depend on the forward's warp count: compiled once
-            for kw, row in _aot_rows(captured, keep=lambda fn: fn == "sog_fwd_kernel" or w == warps[0]):
+            for kw, row in _aot_rows(captured, keep=lambda fn: fn.startswith("sog_fwd") or w == warps[0]):
                 cfg = {k2: kw.get(k2) for k2 in ("BM", "BN", "num_warps", "num_stages", "TMA")}
                 rows.append({"variant": name, **cfg, **row})
     print(format_table(rows, ["variant", "kernel_fn", "BM", "BN", "num_warps", "regs", "spill_ops", "stack_bytes",
