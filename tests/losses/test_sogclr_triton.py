@@ -418,6 +418,18 @@ def test_kernel_options_match_float64_reference(option, monkeypatch):
              torch.float32, scale=2.5)
 
 
+@pytest.mark.parametrize("fast", [0, 1])
+def test_tile_forward_skips_masks_only_where_nothing_is_masked(fast, monkeypatch):
+    """TILE=1 with MASK_ALL=0: tiles without an excluded entry or out-of-range rows and columns take
+    the product as it is (N = 80: such tiles exist at the interpreter's 16 x 32 tiles), the others mask."""
+    monkeypatch.setattr(_sogclr, "_INTERPRET", {**_sogclr._INTERPRET, "TILE": 1, "MASK_ALL": 0, "FAST": fast})
+    q, k, log_u, tau = _inputs("symmetric", 80, 16, torch.float32, seed=20)
+    kw = dict(mode="symmetric", gamma=0.8, rho=0.3)
+    _compare(_run(q, k, log_u, tau, "triton", **kw), _run(q, k, log_u, tau, "reference", **kw), torch.float32)
+    _compare(_run_float(q, k, log_u, 0.02, "triton", **kw), _run_float(q, k, log_u, 0.02, "reference", **kw),
+             torch.float32, scale=2.5)
+
+
 @pytest.mark.parametrize("mode", ["symmetric", "one_way"])
 def test_lean_backward_with_per_anchor_upstream_gradients(mode, monkeypatch):
     """LEAN=1 (the backward's positive entry from per-row values) with an upstream gradient per

@@ -76,7 +76,7 @@ CONFIGS: dict[str, dict[str, int]] = {
     "fwd_one": dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0, FAST=0, SPLIT=0),
     "split": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0),
     "bwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1),
-    "tile": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=2, TMA=1, FAST=0, PAIR=0, PANEL=8192),
+    "tile": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=2, TMA=1, FAST=0, PAIR=0, PANEL=8192, MASK_ALL=1),
 }
 _INTERPRET = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, TMA=0, FAST=0, PAIR=0, SPLIT=0, TILE=0, PANEL=32)
 #: TILE ("fwd" / "fwd_one"; 0: never, the default until timed; else from this many logits on): the
@@ -85,7 +85,10 @@ _INTERPRET = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, TMA=0, FAST=0,
 #: its rows' and its columns' partials for the finish ((N / BN + N / BM) x N of them, 4 bytes each, 8
 #: with the weighted sums; above CHUNK_BYTES of them the looped kernels run). FAST ("tile", one
 #: temperature): one exponential per logit, a tile redone with two where it could lose terms; PANEL:
-#: rows per panel of the launch's tile order (``_lse._TILE_PANEL_ROWS``).
+#: rows per panel of the launch's tile order (``_lse._TILE_PANEL_ROWS``); MASK_ALL=0: only tiles with an
+#: excluded entry or out-of-range rows or columns mask the product (a uniform branch per tile).
+#: sm_90 AOT (Triton 3.6), 128 x 128 / 4 warps, 2 or 3 stages: 255 registers, no spills, 2 CTAs/SM for
+#: per-row temperatures, one temperature and FAST (8 warps: one CTA/SM; iSogCLR spills at 256 x 128).
 #: Tensor-descriptor loads (TMA) only from this many logits (N x M) on: below it the kernels load
 #: through pointers, and the host builds no descriptors (four per step, each encoded by Triton's
 #: launcher on every launch: host time, which bounds small batches). 0: TMA wherever a config asks.
@@ -201,7 +204,7 @@ def _tile_plan(a, size: int, cfg: dict, one: bool, wsum: bool, gather: bool, gam
         panel=max(1, cfg.get("PANEL", 8192) // cfg["BM"]), p_rows=col_tiles, p_cols=row_blocks, chunked=False,
         row_blocks=row_blocks, split=False,
         consts=dict(ONE_TAU=one, WSUM=wsum, GATHER_TAU=gather_tau, FAST=bool(one and cfg.get("FAST", 0)),
-                    PAIR=bool(cfg.get("PAIR", 0)), **kernel_flags(a, cfg["BD"])),
+                    PAIR=bool(cfg.get("PAIR", 0)), MASK_ALL=bool(cfg.get("MASK_ALL", 1)), **kernel_flags(a, cfg["BD"])),
         programs=_cdiv(n, _FINISH_BLOCK), memory=gamma < 1.0,
         finish=_finish_consts(d, gamma < 1.0, one, wsum, gather, gather_tau),
     )

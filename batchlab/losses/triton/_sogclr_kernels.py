@@ -242,7 +242,7 @@ def sog_fwd_tile_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, ids_ptr, tau_scale, 
                         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, ONE_TAU: tl.constexpr,
                         WSUM: tl.constexpr, TOTAL: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
                         PREC: tl.constexpr, TMA: tl.constexpr, FAST: tl.constexpr = False, PAIR: tl.constexpr = False,
-                        GATHER_TAU: tl.constexpr = False):
+                        GATHER_TAU: tl.constexpr = False, MASK_ALL: tl.constexpr = True):
     """``sog_fwd_kernel`` with ``COLS`` and one tile per program: the tile's row AND column partials.
 
     Program ``pid`` (1-D grid of ``cdiv(N, BM) * cdiv(M, BN)``, walked as ``lse_fwd_tile_kernel``
@@ -274,7 +274,12 @@ def sog_fwd_tile_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, ids_ptr, tau_scale, 
     rmask = rows < N
     cmask = cols < M
     excl = rows + OFF
-    s = tl.where(rmask[:, None] & cmask[None, :] & (cols[None, :] != excl[:, None]), acc, NEG)
+    if MASK_ALL:
+        s = tl.where(rmask[:, None] & cmask[None, :] & (cols[None, :] != excl[:, None]), acc, NEG)
+    elif (row0 + OFF < col0 + BN) & (col0 < row0 + OFF + BM) | (row0 + BM > N) | (col0 + BN > M):
+        s = tl.where(rmask[:, None] & cmask[None, :] & (cols[None, :] != excl[:, None]), acc, NEG)
+    else:  # no excluded entry and nothing out of range in this tile
+        s = acc
     if ONE_TAU:
         ar = tl.zeros((BM,), dtype=tl.float32) + tau_scale
         ac = tl.zeros((BN,), dtype=tl.float32) + tau_scale
