@@ -89,8 +89,11 @@ def _tau_at(tau_ptr, ids_ptr, idx, mask, GATHER: tl.constexpr):
 
 
 @triton.jit
-def _temps(tau_ptr, ids_ptr, idx, mask, GATHER: tl.constexpr = False):
-    """``log2(e) / tau`` of the anchors ``idx`` (see :func:`_tau_at`)."""
+def _temps(tau_ptr, ids_ptr, idx, mask, GATHER: tl.constexpr = False, FASTDIV: tl.constexpr = False):
+    """``log2(e) / tau`` of the anchors ``idx`` (see :func:`_tau_at`); ``FASTDIV``: ``div.full`` (2 ulp)."""
+    if FASTDIV:
+        return tl.fdiv(tl.zeros_like(idx).to(tl.float32) + 1.4426950408889634,
+                       _tau_at(tau_ptr, ids_ptr, idx, mask, GATHER))
     return 1.4426950408889634 / _tau_at(tau_ptr, ids_ptr, idx, mask, GATHER)
 
 
@@ -108,12 +111,24 @@ def _fold_rows(m_i, l_i, w_i, shift, rl, rw, WSUM: tl.constexpr):
 
 
 @triton.jit
-def _store_cols(clse_ptr, cwm_ptr, out, cmask, shift, cl, cw, ac, WSUM: tl.constexpr):
+def _store_cols(clse_ptr, cwm_ptr, out, cmask, shift, cl, cw, ac, WSUM: tl.constexpr, FASTLOG: tl.constexpr = False):
+    """Partials ``(shift + log2 cl, ac cw / cl)`` (``(-inf, 0)`` where ``cl = 0``). ``FASTLOG`` (GPU only):
+    ``lg2.approx`` (one MUFU instruction; absolute error ~2^-22) and ``div.full`` (2 ulp) instead of
+    libdevice's log2f (a ~20-instruction polynomial) and an IEEE division: the reduced vectors are
+    replicated across the lanes and warps of a tile (each thread takes BN / 4 columns at 4 warps)."""
     ok = cl > 0
     cl1 = tl.where(ok, cl, 1.0)
-    tl.store(clse_ptr + out, tl.where(ok, shift + tl.log2(cl1), float("-inf")), mask=cmask)
+    if FASTLOG:
+        lg = tl.inline_asm_elementwise("lg2.approx.ftz.f32 $0, $1;", "=r,r", [cl1], dtype=tl.float32, is_pure=True,
+                                       pack=1)
+    else:
+        lg = tl.log2(cl1)
+    tl.store(clse_ptr + out, tl.where(ok, shift + lg, float("-inf")), mask=cmask)
     if WSUM:
-        tl.store(cwm_ptr + out, tl.where(ok, ac * (cw / cl1), 0.0), mask=cmask)
+        if FASTLOG:
+            tl.store(cwm_ptr + out, tl.where(ok, ac * tl.fdiv(cw, cl1), 0.0), mask=cmask)
+        else:
+            tl.store(cwm_ptr + out, tl.where(ok, ac * (cw / cl1), 0.0), mask=cmask)
 
 
 @triton.jit
@@ -123,7 +138,7 @@ def sog_fwd_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, ids_ptr, tau_scale, rlse_
                    ONE_TAU: tl.constexpr, WSUM: tl.constexpr, TOTAL: tl.constexpr,
                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
                    FLAT: tl.constexpr = False, FAST: tl.constexpr = False, PAIR: tl.constexpr = False,
-                   GATHER_TAU: tl.constexpr = False):
+                   GATHER_TAU: tl.constexpr = False, FASTLOG: tl.constexpr = False):
     """Partial row statistics over a group of column tiles; with ``COLS`` each tile's column partials.
 
     Row partials go to ``r*_ptr[(rpart0 + group) * N + row]``; column partials of row block
@@ -177,7 +192,7 @@ def sog_fwd_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, ids_ptr, tau_scale, rlse_
             risk |= (rmask & (rl < RISK) & ((n_cols > 1) | (excl != t * BN))).to(tl.int32)
             if COLS:
                 cl, cw = _sums(e, s, 0, WSUM, PAIR)
-                _store_cols(clse_ptr, cwm_ptr, part_c + cols, cmask, shift, cl, cw, tau_scale, WSUM)
+                _store_cols(clse_ptr, cwm_ptr, part_c + cols, cmask, shift, cl, cw, tau_scale, WSUM, FASTLOG)
                 risk_c |= (cmask & (cl < RISK) & ((n_rows > 1) | (cols != row0 + OFF))).to(tl.int32)
         redo = (tl.max(risk, 0) > 0) | (tl.max(risk_c, 0) > 0)
         t_stop = tl.where(redo, t_end, t_start)
@@ -212,7 +227,7 @@ def sog_fwd_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, ids_ptr, tau_scale, rlse_
                 ac = tl.zeros((BN,), dtype=tl.float32) + tau_scale
             shift_c = cmax * ac
             cl, cw = _sums(tl.exp2(s * ac[None, :] - shift_c[None, :]), s, 0, WSUM, PAIR)
-            _store_cols(clse_ptr, cwm_ptr, part_c + cols, cmask, shift_c, cl, cw, ac, WSUM)
+            _store_cols(clse_ptr, cwm_ptr, part_c + cols, cmask, shift_c, cl, cw, ac, WSUM, FASTLOG)
     ok = l_i > 0
     l1 = tl.where(ok, l_i, 1.0)
     out = (rpart0 + pid_g).to(tl.int64) * N + rows
@@ -242,7 +257,7 @@ def sog_fwd_tile_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, ids_ptr, tau_scale, 
                         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, ONE_TAU: tl.constexpr,
                         WSUM: tl.constexpr, TOTAL: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
                         PREC: tl.constexpr, TMA: tl.constexpr, FAST: tl.constexpr = False, PAIR: tl.constexpr = False,
-                        GATHER_TAU: tl.constexpr = False, MASK_ALL: tl.constexpr = True):
+                        GATHER_TAU: tl.constexpr = False, MASK_ALL: tl.constexpr = True, FASTLOG: tl.constexpr = False):
     """``sog_fwd_kernel`` with ``COLS`` and one tile per program: the tile's row AND column partials.
 
     Program ``pid`` (1-D grid of ``cdiv(N, BM) * cdiv(M, BN)``, walked as ``lse_fwd_tile_kernel``
@@ -284,8 +299,8 @@ def sog_fwd_tile_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, ids_ptr, tau_scale, 
         ar = tl.zeros((BM,), dtype=tl.float32) + tau_scale
         ac = tl.zeros((BN,), dtype=tl.float32) + tau_scale
     else:
-        ar = _temps(tau_r_ptr, ids_ptr, rows, rmask, GATHER_TAU)
-        ac = _temps(tau_c_ptr, ids_ptr, cols, cmask, GATHER_TAU)
+        ar = _temps(tau_r_ptr, ids_ptr, rows, rmask, GATHER_TAU, FASTLOG)
+        ac = _temps(tau_c_ptr, ids_ptr, cols, cmask, GATHER_TAU, FASTLOG)
     if ONE_TAU and FAST:
         top = tl.max(tl.max(s, 1), 0)
         top = tl.where(top == NEG, 0.0, top)  # no negative in the tile: every weight 2^(NEG a) = 0
@@ -307,8 +322,8 @@ def sog_fwd_tile_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, ids_ptr, tau_scale, 
             shift_r, rl, rw, shift_c, cl, cw = _tile_exact(s, ar, ac, WSUM, PAIR)
     else:
         shift_r, rl, rw, shift_c, cl, cw = _tile_exact(s, ar, ac, WSUM, PAIR)
-    _store_cols(lse_ptr, wm_ptr, (cpart0 + row_tile).to(tl.int64) * M + cols, cmask, shift_c, cl, cw, ac, WSUM)
-    _store_cols(lse_ptr, wm_ptr, col_tile.to(tl.int64) * N + rows, rmask, shift_r, rl, rw, ar, WSUM)
+    _store_cols(lse_ptr, wm_ptr, (cpart0 + row_tile).to(tl.int64) * M + cols, cmask, shift_c, cl, cw, ac, WSUM, FASTLOG)
+    _store_cols(lse_ptr, wm_ptr, col_tile.to(tl.int64) * N + rows, rmask, shift_r, rl, rw, ar, WSUM, FASTLOG)
 
 
 @triton.jit
