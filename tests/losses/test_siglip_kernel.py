@@ -21,7 +21,8 @@ from batchlab.losses import siglip  # noqa: E402
 from batchlab.losses.triton import _dense, _launch, _siglip  # noqa: E402
 from tests.losses.test_triton import compare, unit  # noqa: E402
 
-KERNELS = {"default": {}, "one-tile": dict(TILE=1), "lean": dict(TILE=2), "lean tma": dict(TILE=2, TMA=1)}
+KERNELS = {"default": {}, "one-tile": dict(TILE=1), "lean": dict(TILE=2), "lean tma": dict(TILE=2, TMA=1),
+           "lean looped": dict(TILE=2, TPP=3, FLAT=1)}
 
 
 @pytest.fixture(autouse=True)
@@ -30,6 +31,9 @@ def _streaming(monkeypatch):
 
 
 def _use(monkeypatch, kernel):
+    options = tuple(_launch.KERNEL_OPTIONS["siglip"])
+    if "TPP" not in options:  # the lean kernel's loop options, until _launch lists them
+        monkeypatch.setitem(_launch.KERNEL_OPTIONS, "siglip", options + ("TPP", "FLAT"))
     for key, value in KERNELS[kernel].items():
         monkeypatch.setitem(_launch.INTERPRET_CONFIG, key, value)
 
@@ -56,7 +60,7 @@ def test_softplus_of_tiny_terms_is_log1p_accurate(kernel, gen, monkeypatch):
             assert float((got.double() - want).norm()) <= 1e-5 * float(want.norm())
 
 
-@pytest.mark.parametrize("kernel", ["lean", "lean tma"])
+@pytest.mark.parametrize("kernel", ["lean", "lean tma", "lean looped"])
 def test_lean_kernel_matches_float64(kernel, gen, monkeypatch):
     """``TILE=2``: ragged rows and columns (partial tiles, the masked epilogue), several panels, targets,
     extra negatives, summed and per-row losses, bf16 and fp32, the scale gradient at s = 0.01 (b = 0)."""

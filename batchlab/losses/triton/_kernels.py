@@ -646,42 +646,23 @@ def _siglip_lean_epilogue(acc, s2, b2, gg, t, cols, cmask,
 
 
 @triton.jit
-def siglip_lean_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, bias_ptr, ginv_ptr, g_row_ptr,
-                       row_loss_ptr, out_ptr, db_ptr, ds_ptr,
-                       r0, r1, M, D, stride_q, stride_k, stride_out,
-                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
-                       LOSS: tl.constexpr, GRAD: tl.constexpr, HAS_TGT: tl.constexpr,
-                       EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
-                       TMA_OUT: tl.constexpr = False, DS: tl.constexpr = False, WS: tl.constexpr = False):
-    """``siglip_kernel`` (same arguments and outputs) with the lean epilogue above.
-
-    Per program: the rows' loss sums added to ``row_loss`` (relaxed atomics), the bias and (``DS``)
-    scale gradient sums ``sum_i g_i sum_j ...`` stored at ``db[pid]`` and ``ds[pid]``, the gradient
-    tile stored at the panel-relative rows.
-    """
-    row0 = r0 + tl.program_id(0) * BM
-    col0 = tl.program_id(1) * BN
-    rows = row0 + tl.arange(0, BM)
-    rmask = rows < r1
+def _siglip_lean_tile(q_ptr, k_ptr, out_ptr, row0, col0, rows, rmask, t, r0, r1, M, D, stride_q, stride_k,
+                      stride_out, s2, b2, gg,
+                      BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                      LOSS: tl.constexpr, GRAD: tl.constexpr, HAS_TGT: tl.constexpr, DS: tl.constexpr,
+                      EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+                      TMA_OUT: tl.constexpr, WS: tl.constexpr):
+    """One tile of ``siglip_lean_kernel``: its rows' sums (loss, ``g``, ``g * acc``; see
+    ``_siglip_lean_epilogue``) returned, its gradient tile stored (``GRAD``)."""
     if HAS_TGT:
-        t = tl.load(tgt_ptr + rows, mask=rmask, other=-1)
         hit = tl.max(((t >= col0) & (t < col0 + BN)).to(tl.int32), 0) > 0
     else:
-        t = rows
         hit = (row0 < col0 + BN) & (col0 < row0 + BM)
     general = hit | (col0 + BN > M)
     acc = _tile_dot_ws(q_ptr, k_ptr, row0, col0, r1, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC,
                        TMA, WS)
     cols = col0 + tl.arange(0, BN)
     cmask = cols < M
-    s2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
-    b2 = tl.load(bias_ptr).to(tl.float32) * 1.4426950408889634
-    if GRAD:
-        g_r = tl.load(g_row_ptr + rows, mask=rmask, other=0.0)  # 0 on rows past the panel
-        gg = g_r * tl.load(ginv_ptr)
-    else:
-        g_r = tl.zeros((BM,), dtype=tl.float32)
-        gg = g_r
     if TMA_OUT:
         out_dtype: tl.constexpr = out_ptr.dtype
     else:
@@ -692,6 +673,64 @@ def siglip_lean_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, bias_ptr, ginv_ptr, g_r
     else:
         loss_rows, g_rows, ds_rows, out = _siglip_lean_epilogue(acc, s2, b2, gg, t, cols, cmask,
                                                                 LOSS, GRAD, DS, False, UPCAST, out_dtype)
+    if GRAD:
+        if TMA_OUT:
+            out_ptr.store([row0 - r0, col0], out)
+        else:
+            dst = out_ptr + (rows - r0)[:, None].to(tl.int64) * stride_out + cols[None, :]
+            tl.store(dst, out, mask=rmask[:, None] & cmask[None, :])
+    return loss_rows, g_rows, ds_rows
+
+
+@triton.jit
+def siglip_lean_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, bias_ptr, ginv_ptr, g_row_ptr,
+                       row_loss_ptr, out_ptr, db_ptr, ds_ptr,
+                       r0, r1, M, D, stride_q, stride_k, stride_out,
+                       BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+                       LOSS: tl.constexpr, GRAD: tl.constexpr, HAS_TGT: tl.constexpr,
+                       EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
+                       TMA_OUT: tl.constexpr = False, DS: tl.constexpr = False, WS: tl.constexpr = False,
+                       TPP: tl.constexpr = 1, FLAT: tl.constexpr = False):
+    """``siglip_kernel`` (same arguments and outputs) with the lean epilogue above.
+
+    A program owns BM rows and ``TPP`` consecutive column tiles (grid ``(row blocks, cdiv(column
+    tiles, TPP))``; ``FLAT`` lets Triton flatten the tile and d loops into one pipeline). Per program:
+    the rows' loss sums added to ``row_loss`` (relaxed atomics), the bias and (``DS``) scale gradient
+    sums ``sum_i g_i sum_j ...`` stored at ``db[pid]`` and ``ds[pid]``, the gradient tiles stored at
+    the panel-relative rows.
+    """
+    row0 = r0 + tl.program_id(0) * BM
+    rows = row0 + tl.arange(0, BM)
+    rmask = rows < r1
+    if HAS_TGT:
+        t = tl.load(tgt_ptr + rows, mask=rmask, other=-1)
+    else:
+        t = rows
+    s2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+    b2 = tl.load(bias_ptr).to(tl.float32) * 1.4426950408889634
+    if GRAD:
+        g_r = tl.load(g_row_ptr + rows, mask=rmask, other=0.0)  # 0 on rows past the panel
+        gg = g_r * tl.load(ginv_ptr)
+    else:
+        g_r = tl.zeros((BM,), dtype=tl.float32)
+        gg = g_r
+    if TPP == 1:
+        loss_rows, g_rows, ds_rows = _siglip_lean_tile(
+            q_ptr, k_ptr, out_ptr, row0, tl.program_id(1) * BN, rows, rmask, t, r0, r1, M, D, stride_q, stride_k,
+            stride_out, s2, b2, gg, BM, BN, BD, LOSS, GRAD, HAS_TGT, DS, EVEN_D, UPCAST, PREC, TMA, TMA_OUT, WS)
+    else:
+        loss_rows = tl.zeros((BM,), dtype=tl.float32)
+        g_rows = tl.zeros((BM,), dtype=tl.float32)
+        ds_rows = tl.zeros((BM,), dtype=tl.float32)
+        t0 = tl.program_id(1) * TPP
+        t1 = tl.minimum(t0 + TPP, tl.cdiv(M, BN))
+        for tile in tl.range(t0, t1, flatten=FLAT):
+            lr, gr, dr = _siglip_lean_tile(
+                q_ptr, k_ptr, out_ptr, row0, tile * BN, rows, rmask, t, r0, r1, M, D, stride_q, stride_k,
+                stride_out, s2, b2, gg, BM, BN, BD, LOSS, GRAD, HAS_TGT, DS, EVEN_D, UPCAST, PREC, TMA, TMA_OUT, WS)
+            loss_rows += lr
+            g_rows += gr
+            ds_rows += dr
     if LOSS:
         tl.atomic_add(row_loss_ptr + rows, loss_rows, mask=rmask, sem="relaxed")
     if GRAD:
@@ -699,8 +738,3 @@ def siglip_lean_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, bias_ptr, ginv_ptr, g_r
         tl.store(db_ptr + pid, tl.sum(g_r * g_rows, 0))
         if DS:
             tl.store(ds_ptr + pid, tl.sum(g_r * ds_rows, 0))
-        if TMA_OUT:
-            out_ptr.store([row0 - r0, col0], out)
-        else:
-            dst = out_ptr + (rows - r0)[:, None].to(tl.int64) * stride_out + cols[None, :]
-            tl.store(dst, out, mask=rmask[:, None] & cmask[None, :])

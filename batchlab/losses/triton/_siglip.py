@@ -47,12 +47,15 @@ def siglip_pass(q, k, scale, bias, targets, *, loss: bool, g_row=None, workspace
     col_blocks = triton.cdiv(m, bn)
     q_arg, k_arg, cfg = operands(q, k, cfg)
     every = dict(cfg, HAS_TGT=targets is not None, **kernel_flags(q, cfg["BD"]))
-    lean = cfg.get("TILE") == 2  # siglip_lean_kernel: siglip_kernel's arguments, plus WS
-    flags = {key: v for key, v in every.items() if key != "TILE" and (lean or key != "WS")}
+    lean = cfg.get("TILE") == 2  # siglip_lean_kernel: siglip_kernel's arguments, plus WS, TPP and FLAT
+    lean_only = ("WS", "TPP", "FLAT")
+    flags = {key: v for key, v in every.items() if key != "TILE" and (lean or key not in lean_only)}
     main_kernel = _kernels.siglip_lean_kernel if lean else _kernels.siglip_kernel
     tgt = targets if targets is not None else row_loss
+    # the lean kernel's programs take TPP column tiles each (a launch option where _launch.KERNEL_OPTIONS allows it)
+    program_cols = triton.cdiv(col_blocks, cfg.get("TPP", 1)) if lean else col_blocks
     if not grad:
-        main_kernel[(triton.cdiv(n, bm), col_blocks)](
+        main_kernel[(triton.cdiv(n, bm), program_cols)](
             q_arg, k_arg, tgt, scale32, bias32, row_loss, row_loss, row_loss, row_loss, row_loss, row_loss,
             0, n, m, d, q.stride(0), k.stride(0), 0, LOSS=True, GRAD=False, **{**flags, "TMA_OUT": False},
         )
@@ -67,7 +70,7 @@ def siglip_pass(q, k, scale, bias, targets, *, loss: bool, g_row=None, workspace
     programs = triton.cdiv(rows_per_panel, bm) * col_blocks
     sums = torch.zeros(panels, 2, 1 if tiled else programs, **f32)
     if tiled:  # per-(column tile, row) partial sums instead of atomics; summed after each panel
-        tile_cfg = {key: v for key, v in every.items() if key not in ("TILE", "TMA_OUT")}
+        tile_cfg = {key: v for key, v in every.items() if key not in ("TILE", "TMA_OUT", "TPP", "FLAT")}
         parts = torch.empty(3 if ds_in_kernel else 2, col_blocks, rows_per_panel, **f32)
 
     def fill(p, r0, r1, buf):
@@ -84,7 +87,7 @@ def siglip_pass(q, k, scale, bias, targets, *, loss: bool, g_row=None, workspace
                 torch.sum(parts[2, :, : r1 - r0], dim=(0, 1), out=sums[p, 0, 0])
             return
         out, tma_out = panel_output(buf, r1 - r0, cfg)
-        main_kernel[(triton.cdiv(r1 - r0, bm), col_blocks)](
+        main_kernel[(triton.cdiv(r1 - r0, bm), program_cols)](
             q_arg, k_arg, tgt, scale32, bias32, ginv, g_row, row_loss, out, sums[p, 1], sums[p, 0],
             r0, r1, m, d, q.stride(0), k.stride(0), buf.stride(0), LOSS=loss, GRAD=True, DS=ds_in_kernel,
             **{**flags, "TMA_OUT": tma_out},
