@@ -4,15 +4,18 @@ that PyTorch's ops did in ~45 launches per forward + backward, in four.
 * ``stream_prologue_kernel`` (forward, before ``control_kernel``): each block of rows' largest squared
   norm (``norm_max_kernel``'s output, same layout), the positives ``q_i . k_i`` in fp32 (the diagonal),
   and the zeroed row and column sums that ``lse_fwd_tile_kernel`` adds into.
-* ``stream_loss_kernel`` (forward, one program, after the finishes): the natural log-sum-exps and the
-  loss ``c_r sum_i (lse_i - s pos_i) + c_c sum_j (lse_j - s pos_j)`` (or per row for ``"none"``).
+* ``stream_loss_kernel`` (forward, after the finishes): the natural log-sum-exps and the loss
+  ``c_r sum_i (lse_i - s pos_i) + c_c sum_j (lse_j - s pos_j)`` (or per row for ``"none"``).
 * ``stream_grad_prologue_kernel`` (backward, before the panels): the upstream weights of the row
   and column log-sum-exps (``g_row``, ``g_col``) and the positives' gradients, written where the
   panels' products then add theirs: ``dq_i = -s w_i k_i`` (in dq's dtype) and ``dk_i = -s w_i q_i``
   (fp32 accumulator; zero for keys past N).
 * ``stream_grad_epilogue_kernel`` (backward, after the panels): the fp32 key gradient rounded once
-  into the inputs' dtype and (program 0) the scale gradient: the panel kernels' fp32 partials minus
-  ``sum_i w_i pos_i``.
+  into the inputs' dtype and the scale gradient: the panel kernels' fp32 partials minus ``sum_i w_i pos_i``.
+
+The totals (loss, scale gradient) are summed without float atomics: each program stores its partial, the
+last program to finish (an int32 counter zeroed by the kernel before) adds them in program order, so
+the results are the same on every call.
 
 ``w_i = (c_r + c_c) g_i``: the weight of query i's positive in the loss (``g``: the upstream gradient,
 one value or one per row).
@@ -25,11 +28,26 @@ import triton.language as tl
 
 
 @triton.jit
-def stream_prologue_kernel(q_ptr, k_ptr, part_ptr, pos_ptr, sums_ptr, N, M, D, stride_q, stride_k, q_blocks,
-                           BR: tl.constexpr, BD: tl.constexpr):
+def _round(x, ty: tl.constexpr, RNE: tl.constexpr):
+    """fp32 ``x`` in ``ty``, rounded to nearest even. ``RNE``: by hand (bf16): Triton's CPU interpreter
+    truncates its fp32 -> bf16 casts (the GPU's conversion rounds to nearest even)."""
+    if RNE:
+        if ty == tl.bfloat16:
+            b = x.to(tl.uint32, bitcast=True)
+            b = (b + 0x7FFF + ((b >> 16) & 1)) & 0xFFFF0000
+            x = b.to(tl.float32, bitcast=True)
+    return x.to(ty)
+
+
+@triton.jit
+def stream_prologue_kernel(q_ptr, k_ptr, part_ptr, pos_ptr, sums_ptr, ctr_ptr, N, M, D, stride_q, stride_k,
+                           q_blocks, BR: tl.constexpr, BD: tl.constexpr):
     """Programs [0, q_blocks): BR rows of ``q``: ``part[pid]`` (largest squared norm), ``pos[rows] =
-    q_i . k_i`` (fp32), ``sums[rows] = 0``. The others: BR rows of ``k``: ``part[pid]``, ``sums[N + rows] = 0``."""
+    q_i . k_i`` (fp32), ``sums[rows] = 0``. The others: BR rows of ``k``: ``part[pid]``, ``sums[N + rows] = 0``.
+    Program 0 also zeroes the loss kernel's counter ``ctr[0]``."""
     pid = tl.program_id(0)
+    if pid == 0:
+        tl.store(ctr_ptr, 0)
     if pid < q_blocks:
         rows = pid * BR + tl.arange(0, BR)
         rmask = rows < N
@@ -60,40 +78,56 @@ def stream_prologue_kernel(q_ptr, k_ptr, part_ptr, pos_ptr, sums_ptr, N, M, D, s
 
 
 @triton.jit
-def stream_loss_kernel(row2_ptr, col2_ptr, pos_ptr, scale_ptr, loss_ptr, lse_ptr, N, cr, cc,
-                       COLS: tl.constexpr, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
-    """One program: ``lse[:N]`` (rows) and, with ``COLS``, ``lse[N:2N]`` (columns) in natural log from the
-    base-2 ``row2``/``col2``; the loss: ``loss[i] = cr (row_i - s pos_i) + cc (col_i - s pos_i)`` per row
-    (``PER_ROW``) or their total in ``loss[0]``."""
-    s = tl.load(scale_ptr).to(tl.float32)
-    total = tl.zeros((BLOCK,), dtype=tl.float32)
-    for i0 in range(0, N, BLOCK):
-        i = i0 + tl.arange(0, BLOCK)
-        mask = i < N
-        sp = s * tl.load(pos_ptr + i, mask=mask, other=0.0)
-        r = tl.load(row2_ptr + i, mask=mask, other=0.0) * 0.6931471805599453
-        tl.store(lse_ptr + i, r, mask=mask)
-        x = cr * (r - sp)
-        if COLS:
-            c = tl.load(col2_ptr + i, mask=mask, other=0.0) * 0.6931471805599453
-            tl.store(lse_ptr + N + i, c, mask=mask)
-            x += cc * (c - sp)
-        if PER_ROW:
-            tl.store(loss_ptr + i, x, mask=mask)
-        else:
-            total += tl.where(mask, x, 0.0)
-    if not PER_ROW:
-        tl.store(loss_ptr, tl.sum(total, 0))
+def _last_total(part_ptr, total, ctr_ptr, out_ptr, programs, BLOCK: tl.constexpr):
+    """Stores this program's ``total`` at ``part[pid]``; the last of ``programs`` to arrive (counter at
+    ``ctr``, zero before the launch, left at zero) sums the partials in program order into ``out[0]``
+    (deterministic: the same partition and order on every call)."""
+    tl.store(part_ptr + tl.program_id(0), total)
+    tl.debug_barrier()  # this program's partial is stored before it counts itself
+    done = tl.atomic_add(ctr_ptr, 1, sem="acq_rel", scope="gpu")
+    if done == programs - 1:
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for i0 in range(0, programs, BLOCK):
+            i = i0 + tl.arange(0, BLOCK)
+            acc += tl.load(part_ptr + i, mask=i < programs, other=0.0, cache_modifier=".cg")
+        tl.store(out_ptr, tl.sum(acc, 0))
+        tl.store(ctr_ptr, 0)
 
 
 @triton.jit
-def stream_grad_prologue_kernel(go_ptr, q_ptr, k_ptr, scale_ptr, g_row_ptr, g_col_ptr, dq_ptr, dk_ptr,
+def stream_loss_kernel(row2_ptr, col2_ptr, pos_ptr, scale_ptr, loss_ptr, lse_ptr, part_ptr, ctr_ptr, N, cr, cc,
+                       COLS: tl.constexpr, PER_ROW: tl.constexpr, BLOCK: tl.constexpr):
+    """BLOCK rows per program: ``lse[:N]`` (rows) and, with ``COLS``, ``lse[N:2N]`` (columns) in natural log
+    from the base-2 ``row2``/``col2``; the loss: ``loss[i] = cr (row_i - s pos_i) + cc (col_i - s pos_i)`` per
+    row (``PER_ROW``), or their total in ``loss[0]`` (programs' partials in ``part``, summed by the last;
+    counter ``ctr[0]``, zeroed by ``stream_prologue_kernel``)."""
+    s = tl.load(scale_ptr).to(tl.float32)
+    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = i < N
+    sp = s * tl.load(pos_ptr + i, mask=mask, other=0.0)
+    r = tl.load(row2_ptr + i, mask=mask, other=0.0) * 0.6931471805599453
+    tl.store(lse_ptr + i, r, mask=mask)
+    x = cr * (r - sp)
+    if COLS:
+        c = tl.load(col2_ptr + i, mask=mask, other=0.0) * 0.6931471805599453
+        tl.store(lse_ptr + N + i, c, mask=mask)
+        x += cc * (c - sp)
+    if PER_ROW:
+        tl.store(loss_ptr + i, x, mask=mask)
+    else:
+        _last_total(part_ptr, tl.sum(tl.where(mask, x, 0.0), 0), ctr_ptr, loss_ptr, tl.num_programs(0), BLOCK)
+
+
+@triton.jit
+def stream_grad_prologue_kernel(go_ptr, q_ptr, k_ptr, scale_ptr, g_row_ptr, g_col_ptr, dq_ptr, dk_ptr, ctr_ptr,
                                 N, M, D, stride_q, stride_k, cr, cc,
                                 BR: tl.constexpr, BD: tl.constexpr, GO_VEC: tl.constexpr, COLS: tl.constexpr,
-                                NEED_Q: tl.constexpr, NEED_K: tl.constexpr):
+                                NEED_Q: tl.constexpr, NEED_K: tl.constexpr, RNE: tl.constexpr):
     """BR rows per program over max(N, M) rows: ``g_row = cr g``, ``g_col = cc g`` (``COLS``), ``dq[rows] =
-    -s w k[rows]`` (``NEED_Q``; dq's dtype), ``dk[rows] = -s w q[rows]`` (``NEED_K``; fp32, zero past N);
-    dq and dk are contiguous (N, D) and (M, D)."""
+    -s w k[rows]`` (``NEED_Q``; dq's dtype), ``dk[rows] = -s w q[rows]`` (``NEED_K``; dk's dtype, zero past N);
+    dq and dk are contiguous (N, D) and (M, D). Program 0 also zeroes the epilogue's counter ``ctr[0]``."""
+    if tl.program_id(0) == 0:
+        tl.store(ctr_ptr, 0)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     qmask = rows < N
     if GO_VEC:
@@ -112,37 +146,43 @@ def stream_grad_prologue_kernel(go_ptr, q_ptr, k_ptr, scale_ptr, g_row_ptr, g_co
         if NEED_Q:
             y = tl.load(k_ptr + rows[:, None].to(tl.int64) * stride_k + dd[None, :], mask=qmask[:, None] & dmask,
                         other=0.0).to(tl.float32)
-            tl.store(dq_ptr + out, (w[:, None] * y).to(dq_ptr.dtype.element_ty), mask=qmask[:, None] & dmask)
+            tl.store(dq_ptr + out, _round(w[:, None] * y, dq_ptr.dtype.element_ty, RNE), mask=qmask[:, None] & dmask)
         if NEED_K:
             x = tl.load(q_ptr + rows[:, None].to(tl.int64) * stride_q + dd[None, :], mask=qmask[:, None] & dmask,
                         other=0.0).to(tl.float32)
-            tl.store(dk_ptr + out, w[:, None] * x, mask=kmask[:, None] & dmask)
+            tl.store(dk_ptr + out, _round(w[:, None] * x, dk_ptr.dtype.element_ty, RNE), mask=kmask[:, None] & dmask)
 
 
 @triton.jit
-def stream_grad_epilogue_kernel(acc_ptr, dk_ptr, parts_ptr, n_parts, go_ptr, pos_ptr, ds_ptr, total, N, cpos,
-                                BLOCK: tl.constexpr, CAST: tl.constexpr, DS: tl.constexpr, GO_VEC: tl.constexpr):
-    """``dk[i] = acc[i]`` rounded to dk's dtype for the BLOCK flat entries of each program (``CAST``);
-    program 0 also stores ``ds = sum(parts[:n_parts]) - cpos sum_i g_i pos_i`` (``DS``)."""
+def stream_grad_epilogue_kernel(acc_ptr, dk_ptr, parts_ptr, n_parts, per_part, go_ptr, pos_ptr, per_pos, ds_ptr,
+                                part_ptr, ctr_ptr, total, N, cpos,
+                                BLOCK: tl.constexpr, CAST: tl.constexpr, DS: tl.constexpr, GO_VEC: tl.constexpr,
+                                RNE: tl.constexpr):
+    """``dk[i] = acc[i]`` rounded to dk's dtype for the BLOCK flat entries of each program (``CAST``); with
+    ``DS`` the scale gradient ``ds = sum(parts[:n_parts]) - cpos sum_i g_i pos_i``: each program sums
+    ``per_part`` partials and ``per_pos`` positives, the last to finish adds the programs' totals
+    (``_last_total``; counter ``ctr[0]``, zeroed by ``stream_grad_prologue_kernel``)."""
     pid = tl.program_id(0)
     if CAST:
         i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
         mask = i < total
-        tl.store(dk_ptr + i, tl.load(acc_ptr + i, mask=mask, other=0.0).to(dk_ptr.dtype.element_ty), mask=mask)
+        tl.store(dk_ptr + i, _round(tl.load(acc_ptr + i, mask=mask, other=0.0), dk_ptr.dtype.element_ty, RNE),
+                 mask=mask)
     if DS:
-        if pid == 0:
-            acc = tl.zeros((BLOCK,), dtype=tl.float32)
-            for j0 in range(0, n_parts, BLOCK):
-                j = j0 + tl.arange(0, BLOCK)
-                acc += tl.load(parts_ptr + j, mask=j < n_parts, other=0.0)
-            pos = tl.zeros((BLOCK,), dtype=tl.float32)
-            for j0 in range(0, N, BLOCK):
-                j = j0 + tl.arange(0, BLOCK)
-                p = tl.load(pos_ptr + j, mask=j < N, other=0.0)
-                if GO_VEC:
-                    p = p * tl.load(go_ptr + j, mask=j < N, other=0.0).to(tl.float32)
-                pos += p
-            weight = cpos
-            if not GO_VEC:
-                weight = cpos * tl.load(go_ptr).to(tl.float32)
-            tl.store(ds_ptr, tl.sum(acc, 0) - weight * tl.sum(pos, 0))
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        end = tl.minimum(n_parts, (pid + 1) * per_part)
+        for j0 in range(pid * per_part, end, BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            acc += tl.load(parts_ptr + j, mask=j < end, other=0.0)
+        pos = tl.zeros((BLOCK,), dtype=tl.float32)
+        end = tl.minimum(N, (pid + 1) * per_pos)
+        for j0 in range(pid * per_pos, end, BLOCK):
+            j = j0 + tl.arange(0, BLOCK)
+            p = tl.load(pos_ptr + j, mask=j < end, other=0.0)
+            if GO_VEC:
+                p = p * tl.load(go_ptr + j, mask=j < end, other=0.0).to(tl.float32)
+            pos += p
+        weight = cpos
+        if not GO_VEC:
+            weight = cpos * tl.load(go_ptr).to(tl.float32)
+        _last_total(part_ptr, tl.sum(acc, 0) - weight * tl.sum(pos, 0), ctr_ptr, ds_ptr, tl.num_programs(0), BLOCK)

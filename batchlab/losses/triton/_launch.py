@@ -226,10 +226,10 @@ def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bo
     Launches per panel: ``fill``, ``G @ k`` (into ``dq``'s rows, or fp32 then scaled with
     ``factor``: one more), ``G.T @ q`` (into the fp32 accumulator); with ``dot`` two more.
 
-    ``dq`` (the inputs' dtype) and ``dk_acc`` (fp32 (M, d)), when given, already hold a part of the
-    gradients (the positives', ``_lse.stream_loss``): the products add into them (``G @ k`` rounded
-    once with dq's rows, ``beta = 1``), and ``dk_acc`` is returned as ``dk`` in fp32, not rounded
-    (the caller rounds it). Only with ``factor`` None.
+    ``dq`` (the inputs' dtype) and ``dk_acc`` (fp32 or the inputs' dtype, (M, d)), when given, already
+    hold a part of the gradients (the positives', ``_lse.stream_loss``): the products add into them
+    (``G @ k`` rounded once with dq's rows, ``beta = 1``), and ``dk_acc`` is returned as ``dk`` as it is
+    (fp32: not rounded; the caller rounds it). Only with ``factor`` None.
     """
     n, d = q.shape
     m = k.shape[0]
@@ -289,7 +289,9 @@ def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bo
         elif need_q:
             torch.mm(g, k, out=dq[r0:r1])  # fp32 accumulation, rounded once into dq
         if need_k:
-            if several or add_k:
+            if add_k and dk32.dtype != torch.float32:  # (bf16 dk accumulated in place: rounded once per panel)
+                dk32.addmm_(g.t(), q[r0:r1])
+            elif several or add_k:
                 addmm_f32_(dk32, g.t(), q[r0:r1])
             elif factor is None:
                 dk = torch.mm(g.t(), q[r0:r1])

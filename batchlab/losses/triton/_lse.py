@@ -37,6 +37,7 @@ from batchlab.losses.triton._launch import (
     LOG2E,
     config,
     gradients_from_panels,
+    interpreting,
     kernel_flags,
     logit_grad_factor,
     operands,
@@ -387,12 +388,24 @@ def pair_lse(q, k, scale, targets=None, *, cols: bool, exclude: bool = False, wo
 STREAM_LOSS = os.environ.get("BATCHLAB_TRITON_STREAM_LOSS", "1") != "0"
 #: Use the autograd function in eager mode (the custom ops under ``torch.compile``).
 STREAM_EAGER_FUNCTION = True
+#: Accumulate the key gradient in the inputs' dtype (bf16: each panel's product adds into dk and rounds it,
+#: 8 roundings at 65,536) instead of fp32 rounded once: half the accumulator's traffic in the products
+#: and no cast. Off by default (``BATCHLAB_TRITON_DK_IN_PLACE=1``: on); errors in the module's tests.
+DK_IN_PLACE = os.environ.get("BATCHLAB_TRITON_DK_IN_PLACE", "0") == "1"
 _REDUCTIONS = ("mean", "sum", "none")
-#: Rows and d chunk per program of the gradient prologue; entries per program of the epilogue's cast;
-#: entries per step of the one-program loss and scale-gradient sums.
+#: Rows and d chunk per program of the gradient prologue; entries per program of the epilogue's cast
+#: (and per step of its scale-gradient sums); rows per program of the loss kernel.
 _GRAD_BLOCK = (32, 128)
 _CAST_BLOCK = 4096
 _SUM_BLOCK = 1024
+#: The same in the interpreter: several programs (and their last-program sums) at test sizes.
+_INTERPRET_BLOCKS = dict(cast=64, sum=16)
+
+
+def _glue_block(kind: str) -> int:
+    if interpreting():
+        return _INTERPRET_BLOCKS[kind]
+    return _CAST_BLOCK if kind == "cast" else _SUM_BLOCK
 
 
 def stream_ok(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -423,7 +436,8 @@ def _stream_forward(q, k, scale, cols: bool, exclude: bool, reduction: int):
     blocks = q_blocks + triton.cdiv(m, rows)
     parts, ctl, pos, sums = (torch.empty(blocks, **f32), torch.empty(2, **f32), torch.empty(n, **f32),
                              torch.empty(n + m, **f32))
-    _glue.stream_prologue_kernel[(blocks,)](q, k, parts, pos, sums, n, m, d, q.stride(0), k.stride(0), q_blocks,
+    ctr = torch.empty(1, device=q.device, dtype=torch.int32)
+    _glue.stream_prologue_kernel[(blocks,)](q, k, parts, pos, sums, ctr, n, m, d, q.stride(0), k.stride(0), q_blocks,
                                             BR=rows, BD=chunk)
     limit = _ONE_EXP_RANGE2 - math.log2(max(n, m, 2)) if ONE_EXP else -1.0
     _kernels.control_kernel[(1,)](parts, scale.detach(), ctl, q_blocks, blocks, limit, _BOUND_MARGIN, _HEADROOM2,
@@ -433,8 +447,11 @@ def _stream_forward(q, k, scale, cols: bool, exclude: bool, reduction: int):
     per_row = _REDUCTIONS[reduction] == "none"
     loss = torch.empty(n if per_row else (), **f32)
     lse = torch.empty(n + (m if cols else 0), **f32)
-    _glue.stream_loss_kernel[(1,)](row2, col2 if cols else row2, pos, scale.detach(), loss, lse, n, cr, cc,
-                                   COLS=cols, PER_ROW=per_row, BLOCK=_SUM_BLOCK)
+    block = _glue_block("sum")
+    programs = triton.cdiv(n, block)
+    _glue.stream_loss_kernel[(programs,)](row2, col2 if cols else row2, pos, scale.detach(), loss, lse,
+                                          torch.empty(programs, **f32), ctr, n, cr, cc, COLS=cols, PER_ROW=per_row,
+                                          BLOCK=block)
     return loss, lse, row2, (col2 if cols else row2.new_empty(0)), ctl, pos
 
 
@@ -454,12 +471,13 @@ def _stream_backward(q, k, scale, row2, col2, ctl, pos, g, g_lse, cols: bool, ex
     g_row = torch.empty(n, **f32)
     g_col = torch.empty(m, **f32) if cols else None
     dq = torch.empty_like(q) if need_q else None
-    dk_acc = torch.empty(m, d, **f32) if need_k else None
+    dk_acc = torch.empty(m, d, device=q.device, dtype=k.dtype if DK_IN_PLACE else torch.float32) if need_k else None
     rows, chunk = _GRAD_BLOCK
+    ctr = torch.empty(1, device=q.device, dtype=torch.int32)
     _glue.stream_grad_prologue_kernel[(triton.cdiv(max(n, m), rows),)](
         g, q, k, scale.detach(), g_row, g_row if g_col is None else g_col, g_row if dq is None else dq,
-        g_row if dk_acc is None else dk_acc, n, m, d, q.stride(0), k.stride(0), cr, cc,
-        BR=rows, BD=chunk, GO_VEC=g.dim() > 0, COLS=cols, NEED_Q=need_q, NEED_K=need_k)
+        g_row if dk_acc is None else dk_acc, ctr, n, m, d, q.stride(0), k.stride(0), cr, cc,
+        BR=rows, BD=chunk, GO_VEC=g.dim() > 0, COLS=cols, NEED_Q=need_q, NEED_K=need_k, RNE=interpreting())
     if g_lse is not None:  # the returned log-sum-exps were used too (return_lse)
         g_row += g_lse[:n]
         if cols:
@@ -468,16 +486,19 @@ def _stream_backward(q, k, scale, row2, col2, ctl, pos, g, g_lse, cols: bool, ex
         q, k, scale, None, row2, col2 if cols else None, g_row, g_col, exclude=exclude,
         workspace_bytes=workspace_bytes, need_q=need_q, need_k=need_k, need_s=need_s, ctl=ctl,
         ds_in_kernel=need_s, dq=dq, dk_acc=dk_acc)
-    cast = need_k and k.dtype != torch.float32
+    cast = need_k and dk_acc.dtype != k.dtype
     dk = torch.empty_like(k) if cast else dk_acc
     ds = torch.empty((), **f32) if need_s else None
-    programs = triton.cdiv(m * d, _CAST_BLOCK) if cast else int(need_s)
+    n_parts = ds_parts.numel() if need_s else 0
+    block = _glue_block("cast")
+    programs = triton.cdiv(m * d, block) if cast else (triton.cdiv(max(n_parts, n), block) if need_s else 0)
     if programs:
         dummy = g_row
         _glue.stream_grad_epilogue_kernel[(programs,)](
-            dk_acc if cast else dummy, dk if cast else dummy, ds_parts if need_s else dummy,
-            ds_parts.numel() if need_s else 0, g, pos, ds if need_s else dummy, m * d, n, cr + cc,
-            BLOCK=_CAST_BLOCK, CAST=cast, DS=need_s, GO_VEC=g.dim() > 0)
+            dk_acc if cast else dummy, dk if cast else dummy, ds_parts if need_s else dummy, n_parts,
+            triton.cdiv(n_parts, programs), g, pos, triton.cdiv(n, programs), ds if need_s else dummy,
+            torch.empty(programs, **f32), ctr, m * d, n, cr + cc,
+            BLOCK=block, CAST=cast, DS=need_s, GO_VEC=g.dim() > 0, RNE=interpreting())
     return dq, dk, ds
 
 
