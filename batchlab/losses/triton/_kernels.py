@@ -24,7 +24,8 @@ Three kernels:
   ``dk`` with two matrix products (cuBLAS).
 * ``siglip_kernel``: one pass that writes per-row loss sums and, when asked, the
   logit gradient of the sigmoid loss the same way (no normaliser, so no statistics),
-  with per-program fp32 sums for the bias and (``DS``) scale gradients.
+  with per-program fp32 sums for the bias and (``DS``) scale gradients. ``siglip_lean_kernel``
+  (``TILE=2``) is the same pass with an element-wise epilogue that sm_90 compiles without spills.
 * ``norm_max_kernel`` and ``control_kernel``: the logits' bound and ``ctl`` (``_lse.control``).
 
 The scale-gradient sums (``DS``) are taken before the logit gradient's store: after it, the
