@@ -67,7 +67,7 @@ def siglip_pass(q, k, scale, bias, targets, *, loss: bool, g_row=None, workspace
     panels = triton.cdiv(n, rows_per_panel)
     tiled = cfg.get("TILE") == 1
     # (panels, [ds, db], programs): each program's fp32 sums, zeros where a shorter last panel has fewer
-    programs = triton.cdiv(rows_per_panel, bm) * col_blocks
+    programs = triton.cdiv(rows_per_panel, bm) * program_cols
     sums = torch.zeros(panels, 2, 1 if tiled else programs, **f32)
     if tiled:  # per-(column tile, row) partial sums instead of atomics; summed after each panel
         tile_cfg = {key: v for key, v in every.items() if key not in ("TILE", "TMA_OUT", "TPP", "FLAT")}
