@@ -488,3 +488,16 @@ def test_fused_module_step_gathering_temperatures_first(monkeypatch):
     monkeypatch.setattr(_sogclr, "_forward", lambda *a, **kw: calls.append(kw.get("gather_tau")) or real(*a, **kw))
     test_fused_module_step_matches_reference_module(True, "symmetric", "mean", monkeypatch)
     assert calls and not any(calls)
+
+
+@pytest.mark.parametrize("gather", [0, 1])
+def test_tile_module_step_gathers_temperatures_as_asked(gather, monkeypatch):
+    """TILE=1 above GATHER_TAU_MAX_LOGITS: the "tile" config's GATHER decides whether iSogCLR's step
+    reads the temperatures at the ids in-kernel (1) or gathers them first (0); both match float64."""
+    monkeypatch.setattr(_sogclr, "GATHER_TAU_MAX_LOGITS", 0)
+    monkeypatch.setattr(_sogclr, "_INTERPRET", {**_sogclr._INTERPRET, "TILE": 1, "GATHER": gather})
+    calls = []
+    real = _sogclr._forward
+    monkeypatch.setattr(_sogclr, "_forward", lambda *a, **kw: calls.append(kw.get("gather_tau")) or real(*a, **kw))
+    test_fused_module_step_matches_reference_module(True, "symmetric", "mean", monkeypatch)
+    assert calls and all(c == bool(gather) for c in calls)

@@ -87,6 +87,8 @@ _INTERPRET = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, TMA=0, FAST=0,
 #: temperature): one exponential per logit, a tile redone with two where it could lose terms; PANEL:
 #: rows per panel of the launch's tile order (``_lse._TILE_PANEL_ROWS``); MASK_ALL=0: only tiles with an
 #: excluded entry or out-of-range rows or columns mask the product (a uniform branch per tile).
+#: GATHER ("tile", iSogCLR's module step): 1 reads the temperatures at the ids in the kernel, 0 gathers
+#: them first (one index_select; contiguous loads per tile).
 #: FASTLOG (any forward config; GPU only, inline PTX): the partials' log2 as one ``lg2.approx`` and
 #: the divisions (temperatures, weighted means) as ``div.full`` instead of libdevice's log2f and IEEE
 #: divisions: the reduced column vectors are replicated over the lanes and warps, so each thread took
@@ -506,7 +508,11 @@ GATHER_TAU_MAX_LOGITS = 8192 * 8192
 def _gathers_tau(a: torch.Tensor, c: torch.Tensor) -> bool:
     logits = a.shape[0] * c.shape[0]
     cfg = _config("fwd", a.dtype)
-    return logits < GATHER_TAU_MAX_LOGITS or any(0 < cfg.get(key, 0) <= logits for key in ("SPLIT", "TILE"))
+    if logits < GATHER_TAU_MAX_LOGITS:
+        return True
+    if 0 < cfg.get("TILE", 0) <= logits:  # the TILE forward's GATHER option (1: in-kernel, 0: gathered first)
+        return bool(_config("tile", a.dtype).get("GATHER", 1))
+    return 0 < cfg.get("SPLIT", 0) <= logits
 
 
 def step_ok(q: torch.Tensor, k: torch.Tensor, tables) -> bool:
