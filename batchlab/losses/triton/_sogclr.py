@@ -87,6 +87,8 @@ _INTERPRET = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, TMA=0, FAST=0,
 #: temperature): one exponential per logit, a tile redone with two where it could lose terms; PANEL:
 #: rows per panel of the launch's tile order (``_lse._TILE_PANEL_ROWS``); MASK_ALL=0: only tiles with an
 #: excluded entry or out-of-range rows or columns mask the product (a uniform branch per tile).
+#: PB ("tile"): partials the finish kernel combines per step (their loads in flight together; the TILE
+#: forward leaves N / BN + N / BM of them per anchor: 512 + 512 at N = 65,536).
 #: GATHER ("tile", iSogCLR's module step): 1 reads the temperatures at the ids in the kernel, 0 gathers
 #: them first (one index_select; contiguous loads per tile).
 #: FASTLOG (any forward config; GPU only, inline PTX): the partials' log2 as one ``lg2.approx`` and
@@ -217,7 +219,7 @@ def _tile_plan(a, size: int, cfg: dict, one: bool, wsum: bool, gather: bool, gam
                     PAIR=bool(cfg.get("PAIR", 0)), MASK_ALL=bool(cfg.get("MASK_ALL", 1)),
                     FASTLOG=bool(cfg.get("FASTLOG", 0)) and not _INTERPRETING, **kernel_flags(a, cfg["BD"])),
         programs=_cdiv(n, _FINISH_BLOCK), memory=gamma < 1.0,
-        finish=_finish_consts(d, gamma < 1.0, one, wsum, gather, gather_tau),
+        finish={**_finish_consts(d, gamma < 1.0, one, wsum, gather, gather_tau), "PB": cfg.get("PB", 8)},
     )
 
 

@@ -367,7 +367,7 @@ def sog_finish_kernel(lse_ptr, wm_ptr, x_ptr, p_ptr, ids_ptr, tau_ptr, logu_ptr,
                       rho, coef, tau_value, keep, beta, eta, tau_min, tau_max,
                       BLOCK: tl.constexpr, BD: tl.constexpr, MEMORY: tl.constexpr, ONE_TAU: tl.constexpr,
                       WSUM: tl.constexpr, GATHER: tl.constexpr, UPDATE: tl.constexpr, ISOG: tl.constexpr,
-                      TOTAL: tl.constexpr, SNAP: tl.constexpr = False):
+                      TOTAL: tl.constexpr, SNAP: tl.constexpr = False, PB: tl.constexpr = 8):
     """The update rules for anchors ``idx`` of direction ``program_id(1)`` (see :mod:`batchlab.losses.sogclr`).
 
     Direction 0's partials are ``P0`` rows of (lse, mean) from offset 0, direction 1's ``P1`` rows
@@ -389,7 +389,7 @@ def sog_finish_kernel(lse_ptr, wm_ptr, x_ptr, p_ptr, ids_ptr, tau_ptr, logu_ptr,
     mask = idx < L
     P = tl.where(d == 0, P0, P1)
     base = (d * P0).to(tl.int64) * L
-    mx, s, w = _combine(lse_ptr, wm_ptr, base, L, P, idx, mask, BLOCK, WSUM)
+    mx, s, w = _combine(lse_ptr, wm_ptr, base, L, P, idx, mask, BLOCK, WSUM, PB)
     pos = tl.zeros((BLOCK,), dtype=tl.float32)
     for d0 in range(0, D, BD):
         dd = d0 + tl.arange(0, BD)
