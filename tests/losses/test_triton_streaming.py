@@ -261,6 +261,19 @@ def test_stream_loss_matches_float64(loss, symmetric, reduction, dtype, gen, mon
     assert len(calls) >= 2
 
 
+def test_stream_loss_key_gradient_accumulated_in_bf16(gen, monkeypatch):
+    """``_lse.DK_IN_PLACE``: the key gradient accumulated in bf16 by the products (the positives' part added
+    in fp32 by the epilogue): values and gradients against float64, 5 panels."""
+    monkeypatch.setattr(_lse, "DK_IN_PLACE", True)
+    calls = _spy_stream(monkeypatch)
+    n, d = 40, 24
+    q, k = unit(n, d, gen, torch.bfloat16), unit(n, d, gen, torch.bfloat16)
+    compare(lambda impl, q, k, s: info_nce(q, k, s, impl=impl, **({"workspace_bytes": 8 * n * 2} if impl == "triton"
+                                                                  else {})),
+            [q, k, torch.tensor(14.3)], torch.bfloat16, gen)
+    assert calls == [1]
+
+
 def test_stream_loss_gradients_through_the_log_sum_exps(gen, monkeypatch):
     """The returned log-sum-exps stay differentiable: a loss that uses them gets their gradient too;
     one-way with more keys than queries (keys past N: negatives only); only k and the scale need a gradient."""
@@ -333,7 +346,7 @@ def test_launches_per_forward_and_backward(dtype, monkeypatch):
     # autograd's seed (the caller's loss.backward() makes it too), then per panel G @ k added into dq's rows
     # (which hold the positives' part)
     assert ops == ["aten.ones_like.default"] + ["aten.addmm_.default"] * 8, ops
-    assert products == ["addmm_f32_"] * 8, products  # G.T @ q added into the fp32 key gradient
+    assert products == ["mm_f32"] + ["addmm_f32_"] * 7, products  # G.T @ q: the fp32 key gradient's sum
     total = len(kernels) + len(ops) + len(products)
     assert total - 1 - 3 * 8 == 8, (total, kernels)
     old = _launch_count(monkeypatch, dtype, stream=False)

@@ -7,11 +7,11 @@ that PyTorch's ops did in ~45 launches per forward + backward, in four.
 * ``stream_loss_kernel`` (forward, after the finishes): the natural log-sum-exps and the loss
   ``c_r sum_i (lse_i - s pos_i) + c_c sum_j (lse_j - s pos_j)`` (or per row for ``"none"``).
 * ``stream_grad_prologue_kernel`` (backward, before the panels): the upstream weights of the row
-  and column log-sum-exps (``g_row``, ``g_col``) and the positives' gradients, written where the
-  panels' products then add theirs: ``dq_i = -s w_i k_i`` (in dq's dtype) and ``dk_i = -s w_i q_i``
-  (fp32 accumulator; zero for keys past N).
-* ``stream_grad_epilogue_kernel`` (backward, after the panels): the fp32 key gradient rounded once
-  into the inputs' dtype and the scale gradient: the panel kernels' fp32 partials minus ``sum_i w_i pos_i``.
+  and column log-sum-exps (``g_row``, ``g_col``) and the positives' query gradient ``dq_i = -s w_i k_i``,
+  written in dq where the panels' products then add theirs.
+* ``stream_grad_epilogue_kernel`` (backward, after the panels): the key gradient: the products' fp32
+  accumulator plus the positives' ``-s w_i q_i``, rounded once into the inputs' dtype; the scale gradient:
+  the panel kernels' fp32 partials minus ``sum_i w_i pos_i``.
 
 The totals (loss, scale gradient) are summed without float atomics: each program stores its partial, the
 last program to finish (an int32 counter zeroed by the kernel before) adds them in program order, so
@@ -119,13 +119,12 @@ def stream_loss_kernel(row2_ptr, col2_ptr, pos_ptr, scale_ptr, loss_ptr, lse_ptr
 
 
 @triton.jit
-def stream_grad_prologue_kernel(go_ptr, q_ptr, k_ptr, scale_ptr, g_row_ptr, g_col_ptr, dq_ptr, dk_ptr, ctr_ptr,
-                                N, M, D, stride_q, stride_k, cr, cc,
+def stream_grad_prologue_kernel(go_ptr, k_ptr, scale_ptr, g_row_ptr, g_col_ptr, dq_ptr, ctr_ptr,
+                                N, D, stride_k, cr, cc,
                                 BR: tl.constexpr, BD: tl.constexpr, GO_VEC: tl.constexpr, COLS: tl.constexpr,
-                                NEED_Q: tl.constexpr, NEED_K: tl.constexpr, RNE: tl.constexpr):
-    """BR rows per program over max(N, M) rows: ``g_row = cr g``, ``g_col = cc g`` (``COLS``), ``dq[rows] =
-    -s w k[rows]`` (``NEED_Q``; dq's dtype), ``dk[rows] = -s w q[rows]`` (``NEED_K``; dk's dtype, zero past N);
-    dq and dk are contiguous (N, D) and (M, D). Program 0 also zeroes the epilogue's counter ``ctr[0]``."""
+                                NEED_Q: tl.constexpr, RNE: tl.constexpr):
+    """BR rows per program: ``g_row = cr g``, ``g_col = cc g`` (``COLS``), ``dq[rows] = -s w k[rows]``
+    (``NEED_Q``; dq's dtype, contiguous (N, D)). Program 0 also zeroes the epilogue's counter ``ctr[0]``."""
     if tl.program_id(0) == 0:
         tl.store(ctr_ptr, 0)
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
@@ -137,47 +136,55 @@ def stream_grad_prologue_kernel(go_ptr, q_ptr, k_ptr, scale_ptr, g_row_ptr, g_co
     tl.store(g_row_ptr + rows, cr * go, mask=qmask)
     if COLS:
         tl.store(g_col_ptr + rows, cc * go, mask=qmask)
-    w = -tl.load(scale_ptr).to(tl.float32) * (cr + cc) * go
-    kmask = rows < M
-    for d0 in range(0, D, BD):
-        dd = d0 + tl.arange(0, BD)
-        dmask = dd[None, :] < D
-        out = rows[:, None].to(tl.int64) * D + dd[None, :]
-        if NEED_Q:
-            y = tl.load(k_ptr + rows[:, None].to(tl.int64) * stride_k + dd[None, :], mask=qmask[:, None] & dmask,
-                        other=0.0).to(tl.float32)
-            tl.store(dq_ptr + out, _round(w[:, None] * y, dq_ptr.dtype.element_ty, RNE), mask=qmask[:, None] & dmask)
-        if NEED_K:
-            x = tl.load(q_ptr + rows[:, None].to(tl.int64) * stride_q + dd[None, :], mask=qmask[:, None] & dmask,
-                        other=0.0).to(tl.float32)
-            tl.store(dk_ptr + out, _round(w[:, None] * x, dk_ptr.dtype.element_ty, RNE), mask=kmask[:, None] & dmask)
+    if NEED_Q:
+        w = -tl.load(scale_ptr).to(tl.float32) * (cr + cc) * go
+        for d0 in range(0, D, BD):
+            dd = d0 + tl.arange(0, BD)
+            mask = qmask[:, None] & (dd[None, :] < D)
+            y = tl.load(k_ptr + rows[:, None].to(tl.int64) * stride_k + dd[None, :], mask=mask, other=0.0)
+            tl.store(dq_ptr + rows[:, None].to(tl.int64) * D + dd[None, :],
+                     _round(w[:, None] * y.to(tl.float32), dq_ptr.dtype.element_ty, RNE), mask=mask)
 
 
 @triton.jit
-def stream_grad_epilogue_kernel(acc_ptr, dk_ptr, parts_ptr, n_parts, per_part, go_ptr, pos_ptr, per_pos, ds_ptr,
-                                part_ptr, ctr_ptr, total, N, cpos,
-                                BLOCK: tl.constexpr, CAST: tl.constexpr, DS: tl.constexpr, GO_VEC: tl.constexpr,
-                                RNE: tl.constexpr):
-    """``dk[i] = acc[i]`` rounded to dk's dtype for the BLOCK flat entries of each program (``CAST``); with
-    ``DS`` the scale gradient ``ds = sum(parts[:n_parts]) - cpos sum_i g_i pos_i``: each program sums
-    ``per_part`` partials and ``per_pos`` positives, the last to finish adds the programs' totals
-    (``_last_total``; counter ``ctr[0]``, zeroed by ``stream_grad_prologue_kernel``)."""
+def stream_grad_epilogue_kernel(acc_ptr, dk_ptr, q_ptr, stride_q, scale_ptr, parts_ptr, n_parts, per_part, go_ptr,
+                                pos_ptr, per_pos, ds_ptr, part_ptr, ctr_ptr, M, N, D, cpos,
+                                BR: tl.constexpr, BD: tl.constexpr, SB: tl.constexpr, DK: tl.constexpr,
+                                DS: tl.constexpr, GO_VEC: tl.constexpr, RNE: tl.constexpr):
+    """``DK``: BR key rows per program: ``dk = acc - s w_i q_i`` (the positives' key gradient, rows i < N)
+    rounded to dk's dtype (``acc`` and ``dk``: contiguous (M, D); ``dk`` may be ``acc``). ``DS``: the scale
+    gradient ``ds = sum(parts[:n_parts]) - cpos sum_i g_i pos_i``: each program sums ``per_part`` partials
+    and ``per_pos`` positives (SB per step), the last to finish adds the programs' totals (``_last_total``;
+    counter ``ctr[0]``, zeroed by ``stream_grad_prologue_kernel``)."""
     pid = tl.program_id(0)
-    if CAST:
-        i = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        mask = i < total
-        tl.store(dk_ptr + i, _round(tl.load(acc_ptr + i, mask=mask, other=0.0), dk_ptr.dtype.element_ty, RNE),
-                 mask=mask)
+    if DK:
+        rows = pid * BR + tl.arange(0, BR)
+        rmask = rows < M
+        pmask = rows < N
+        if GO_VEC:
+            go = tl.load(go_ptr + rows, mask=pmask, other=0.0).to(tl.float32)
+        else:
+            go = tl.load(go_ptr).to(tl.float32) + tl.zeros((BR,), dtype=tl.float32)
+        w = -tl.load(scale_ptr).to(tl.float32) * cpos * go
+        for d0 in range(0, D, BD):
+            dd = d0 + tl.arange(0, BD)
+            dmask = dd[None, :] < D
+            out = rows[:, None].to(tl.int64) * D + dd[None, :]
+            a = tl.load(acc_ptr + out, mask=rmask[:, None] & dmask, other=0.0).to(tl.float32)
+            x = tl.load(q_ptr + rows[:, None].to(tl.int64) * stride_q + dd[None, :], mask=pmask[:, None] & dmask,
+                        other=0.0).to(tl.float32)
+            tl.store(dk_ptr + out, _round(a + w[:, None] * x, dk_ptr.dtype.element_ty, RNE),
+                     mask=rmask[:, None] & dmask)
     if DS:
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        acc = tl.zeros((SB,), dtype=tl.float32)
         end = tl.minimum(n_parts, (pid + 1) * per_part)
-        for j0 in range(pid * per_part, end, BLOCK):
-            j = j0 + tl.arange(0, BLOCK)
+        for j0 in range(pid * per_part, end, SB):
+            j = j0 + tl.arange(0, SB)
             acc += tl.load(parts_ptr + j, mask=j < end, other=0.0)
-        pos = tl.zeros((BLOCK,), dtype=tl.float32)
+        pos = tl.zeros((SB,), dtype=tl.float32)
         end = tl.minimum(N, (pid + 1) * per_pos)
-        for j0 in range(pid * per_pos, end, BLOCK):
-            j = j0 + tl.arange(0, BLOCK)
+        for j0 in range(pid * per_pos, end, SB):
+            j = j0 + tl.arange(0, SB)
             p = tl.load(pos_ptr + j, mask=j < end, other=0.0)
             if GO_VEC:
                 p = p * tl.load(go_ptr + j, mask=j < end, other=0.0).to(tl.float32)
@@ -185,4 +192,4 @@ def stream_grad_epilogue_kernel(acc_ptr, dk_ptr, parts_ptr, n_parts, per_part, g
         weight = cpos
         if not GO_VEC:
             weight = cpos * tl.load(go_ptr).to(tl.float32)
-        _last_total(part_ptr, tl.sum(acc, 0) - weight * tl.sum(pos, 0), ctr_ptr, ds_ptr, tl.num_programs(0), BLOCK)
+        _last_total(part_ptr, tl.sum(acc, 0) - weight * tl.sum(pos, 0), ctr_ptr, ds_ptr, tl.num_programs(0), SB)

@@ -212,7 +212,7 @@ def logit_grad_factor(q: torch.Tensor, scale32: torch.Tensor, g: list, *, fold: 
 
 
 def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bool, need_k: bool,
-                          dot: bool = True, dq: torch.Tensor | None = None, dk_acc: torch.Tensor | None = None):
+                          dot: bool = True, dq: torch.Tensor | None = None, dk_raw: str | None = None):
     """``dq = factor * G @ k``, ``dk = factor * G.T @ q`` and ``sum_i q_i . (G @ k)_i``, panel by panel.
 
     ``fill(p, r0, r1, buf)`` writes rows [r0, r1) of ``G / factor`` into ``buf[: r1 - r0]``
@@ -226,10 +226,11 @@ def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bo
     Launches per panel: ``fill``, ``G @ k`` (into ``dq``'s rows, or fp32 then scaled with
     ``factor``: one more), ``G.T @ q`` (into the fp32 accumulator); with ``dot`` two more.
 
-    ``dq`` (the inputs' dtype) and ``dk_acc`` (fp32 or the inputs' dtype, (M, d)), when given, already
-    hold a part of the gradients (the positives', ``_lse.stream_loss``): the products add into them
-    (``G @ k`` rounded once with dq's rows, ``beta = 1``), and ``dk_acc`` is returned as ``dk`` as it is
-    (fp32: not rounded; the caller rounds it). Only with ``factor`` None.
+    ``dq`` (the inputs' dtype), when given, already holds a part of the query gradient (the positives',
+    ``_lse.stream_loss``): ``G @ k`` is added into its rows (accumulated in fp32, rounded once, ``beta = 1``).
+    ``dk_raw``: the key gradient is returned as accumulated, not rounded: ``"fp32"``: in fp32 (the caller
+    rounds it), ``"same"``: in the inputs' dtype (each panel's product adds into it and rounds); the first
+    panel's product writes it (no zero fill). Both only with ``factor`` None.
     """
     n, d = q.shape
     m = k.shape[0]
@@ -237,15 +238,14 @@ def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bo
     several = len(panels) > 1
     double = OVERLAP and several and q.is_cuda
     bufs = [torch.empty(rows_per_panel, m, device=q.device, dtype=q.dtype) for _ in range(2 if double else 1)]
-    add_q, add_k = dq is not None, dk_acc is not None
-    if (add_q or add_k) and factor is not None:
-        raise ValueError("gradients_from_panels adds into dq/dk_acc only without a factor")
+    add_q = dq is not None
+    if (add_q or dk_raw) and factor is not None:
+        raise ValueError("gradients_from_panels takes dq or dk_raw only without a factor")
     if dq is None and need_q:
         dq = torch.empty_like(q)
-    if add_k:
-        dk32 = dk_acc
-    else:
-        dk32 = torch.zeros(m, d, device=q.device, dtype=torch.float32) if need_k and several else None
+    dk32 = None
+    if need_k and several and not dk_raw:
+        dk32 = torch.zeros(m, d, device=q.device, dtype=torch.float32)
     dk = None
     want_dot, dot = dot, (torch.zeros((), device=q.device, dtype=torch.float32) if dot else None)
     if double:
@@ -289,9 +289,11 @@ def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bo
         elif need_q:
             torch.mm(g, k, out=dq[r0:r1])  # fp32 accumulation, rounded once into dq
         if need_k:
-            if add_k and dk32.dtype != torch.float32:  # (bf16 dk accumulated in place: rounded once per panel)
+            if dk_raw and dk32 is None:  # the first panel writes the accumulator
+                dk32 = mm_f32(g.t(), q[r0:r1]) if dk_raw == "fp32" else torch.mm(g.t(), q[r0:r1])
+            elif dk_raw == "same":  # accumulated in the inputs' dtype: rounded once per panel
                 dk32.addmm_(g.t(), q[r0:r1])
-            elif several or add_k:
+            elif several or dk_raw:
                 addmm_f32_(dk32, g.t(), q[r0:r1])
             elif factor is None:
                 dk = torch.mm(g.t(), q[r0:r1])
@@ -303,7 +305,7 @@ def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bo
     if double:
         main.wait_stream(side)
     bufs.clear()  # the panel workspace is free before dk's last step (it set the peak at 65,536)
-    if add_k:
+    if dk_raw:
         dk = dk32
     elif dk32 is not None:
         dk = dk32.to(k.dtype) if factor is None else torch.mul(dk32, factor, out=torch.empty_like(k))

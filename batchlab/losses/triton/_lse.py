@@ -253,10 +253,10 @@ def lse_backward(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, excl
 
 
 def _backward_panels(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, exclude: bool, workspace_bytes,
-                     need_q: bool, need_k: bool, need_s: bool, ctl, ds_in_kernel: bool, dq=None, dk_acc=None):
+                     need_q: bool, need_k: bool, need_s: bool, ctl, ds_in_kernel: bool, dq=None, dk_raw=None):
     """:func:`lse_backward` up to the scale gradient's last sum: ``(dq, dk, ds_parts, dot, gscale, scale32)``
     (``ds_parts``: the kernels' fp32 partials with ``ds_in_kernel``, else None and ``dot * gscale`` is
-    the scale gradient). ``dq``/``dk_acc``: see :func:`gradients_from_panels` (with ``ds_in_kernel`` or
+    the scale gradient). ``dq``/``dk_raw``: see :func:`gradients_from_panels` (with ``ds_in_kernel`` or
     ``need_s`` False and bf16/fp32 inputs only: the panels then hold ``s G``)."""
     n, d = q.shape
     m = k.shape[0]
@@ -308,7 +308,7 @@ def _backward_panels(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, 
         )
 
     dq, dk, dot = gradients_from_panels(q, k, rows_per_panel, fill, factor, need_q=need_q, need_k=need_k,
-                                        dot=need_s and not ds_in_kernel, dq=dq, dk_acc=dk_acc)
+                                        dot=need_s and not ds_in_kernel, dq=dq, dk_raw=dk_raw)
     return dq, dk, ds_parts, dot, gscale, scale32
 
 
@@ -389,23 +389,23 @@ STREAM_LOSS = os.environ.get("BATCHLAB_TRITON_STREAM_LOSS", "1") != "0"
 #: Use the autograd function in eager mode (the custom ops under ``torch.compile``).
 STREAM_EAGER_FUNCTION = True
 #: Accumulate the key gradient in the inputs' dtype (bf16: each panel's product adds into dk and rounds it,
-#: 8 roundings at 65,536) instead of fp32 rounded once: half the accumulator's traffic in the products
-#: and no cast. Off by default (``BATCHLAB_TRITON_DK_IN_PLACE=1``: on); errors in the module's tests.
+#: 8 roundings at 65,536) instead of fp32 rounded once: half the accumulator's traffic in the products.
+#: Off by default (``BATCHLAB_TRITON_DK_IN_PLACE=1``: on): 8 panels, interpreter: dk 5e-3 off float64
+#: against 1.9e-3 (fp32 accumulator) and 2.6e-3 (session 8's path).
 DK_IN_PLACE = os.environ.get("BATCHLAB_TRITON_DK_IN_PLACE", "0") == "1"
 _REDUCTIONS = ("mean", "sum", "none")
-#: Rows and d chunk per program of the gradient prologue; entries per program of the epilogue's cast
-#: (and per step of its scale-gradient sums); rows per program of the loss kernel.
+#: Rows and d chunk per program of the gradient prologue and epilogue; rows per program of the loss
+#: kernel (and entries per step of the epilogue's scale-gradient sums).
 _GRAD_BLOCK = (32, 128)
-_CAST_BLOCK = 4096
 _SUM_BLOCK = 1024
 #: The same in the interpreter: several programs (and their last-program sums) at test sizes.
-_INTERPRET_BLOCKS = dict(cast=64, sum=16)
+_INTERPRET_BLOCKS = dict(rows=8, sum=16)
 
 
 def _glue_block(kind: str) -> int:
     if interpreting():
         return _INTERPRET_BLOCKS[kind]
-    return _CAST_BLOCK if kind == "cast" else _SUM_BLOCK
+    return _GRAD_BLOCK[0] if kind == "rows" else _SUM_BLOCK
 
 
 def stream_ok(q: torch.Tensor, k: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -459,9 +459,10 @@ def _stream_backward(q, k, scale, row2, col2, ctl, pos, g, g_lse, cols: bool, ex
                      workspace_bytes, need_q: bool, need_k: bool, need_s: bool):
     """``(dq, dk, ds)`` of ``g . loss + g_lse . lse`` (``g_lse`` may be None; dq/dk/ds None when not needed).
 
-    Launches: the gradient prologue (the log-sum-exps' upstream weights; the positives' gradients, into
-    dq and the fp32 key accumulator), per panel the kernel and two products adding into them, the
-    epilogue (dk rounded once, the scale gradient): 2 + 3 per panel (+ 1 when ``g_lse`` is given).
+    Launches: the gradient prologue (the log-sum-exps' upstream weights; the positives' query gradient,
+    into dq), per panel the kernel and two products (``G @ k`` added into dq's rows; ``G.T @ q`` into the
+    fp32 key accumulator, written by the first panel's), the epilogue (the positives' key gradient added,
+    dk rounded once; the scale gradient): 2 + 3 per panel (+ 1 when ``g_lse`` is given).
     """
     n, d = q.shape
     m = k.shape[0]
@@ -471,34 +472,35 @@ def _stream_backward(q, k, scale, row2, col2, ctl, pos, g, g_lse, cols: bool, ex
     g_row = torch.empty(n, **f32)
     g_col = torch.empty(m, **f32) if cols else None
     dq = torch.empty_like(q) if need_q else None
-    dk_acc = torch.empty(m, d, device=q.device, dtype=k.dtype if DK_IN_PLACE else torch.float32) if need_k else None
-    rows, chunk = _GRAD_BLOCK
+    chunk = _GRAD_BLOCK[1]
+    rows = _glue_block("rows")
     ctr = torch.empty(1, device=q.device, dtype=torch.int32)
-    _glue.stream_grad_prologue_kernel[(triton.cdiv(max(n, m), rows),)](
-        g, q, k, scale.detach(), g_row, g_row if g_col is None else g_col, g_row if dq is None else dq,
-        g_row if dk_acc is None else dk_acc, ctr, n, m, d, q.stride(0), k.stride(0), cr, cc,
-        BR=rows, BD=chunk, GO_VEC=g.dim() > 0, COLS=cols, NEED_Q=need_q, NEED_K=need_k, RNE=interpreting())
+    _glue.stream_grad_prologue_kernel[(triton.cdiv(n, rows),)](
+        g, k, scale.detach(), g_row, g_row if g_col is None else g_col, g_row if dq is None else dq, ctr,
+        n, d, k.stride(0), cr, cc, BR=rows, BD=chunk, GO_VEC=g.dim() > 0, COLS=cols, NEED_Q=need_q,
+        RNE=interpreting())
     if g_lse is not None:  # the returned log-sum-exps were used too (return_lse)
         g_row += g_lse[:n]
         if cols:
             g_col += g_lse[n:]
-    dq, dk_acc, ds_parts, _, _, _ = _backward_panels(
+    in_place = DK_IN_PLACE and k.dtype != torch.float32
+    dq, acc, ds_parts, _, _, _ = _backward_panels(
         q, k, scale, None, row2, col2 if cols else None, g_row, g_col, exclude=exclude,
         workspace_bytes=workspace_bytes, need_q=need_q, need_k=need_k, need_s=need_s, ctl=ctl,
-        ds_in_kernel=need_s, dq=dq, dk_acc=dk_acc)
-    cast = need_k and dk_acc.dtype != k.dtype
-    dk = torch.empty_like(k) if cast else dk_acc
+        ds_in_kernel=need_s, dq=dq, dk_raw=("same" if in_place else "fp32") if need_k else None)
+    dk = (acc if acc.dtype == k.dtype else torch.empty_like(k)) if need_k else None
     ds = torch.empty((), **f32) if need_s else None
     n_parts = ds_parts.numel() if need_s else 0
-    block = _glue_block("cast")
-    programs = triton.cdiv(m * d, block) if cast else (triton.cdiv(max(n_parts, n), block) if need_s else 0)
+    rows = _glue_block("rows")
+    block = _glue_block("sum")
+    programs = triton.cdiv(m, rows) if need_k else (triton.cdiv(max(n_parts, n), block) if need_s else 0)
     if programs:
         dummy = g_row
         _glue.stream_grad_epilogue_kernel[(programs,)](
-            dk_acc if cast else dummy, dk if cast else dummy, ds_parts if need_s else dummy, n_parts,
-            triton.cdiv(n_parts, programs), g, pos, triton.cdiv(n, programs), ds if need_s else dummy,
-            torch.empty(programs, **f32), ctr, m * d, n, cr + cc,
-            BLOCK=block, CAST=cast, DS=need_s, GO_VEC=g.dim() > 0, RNE=interpreting())
+            acc if need_k else dummy, dk if need_k else dummy, q, q.stride(0), scale.detach(),
+            ds_parts if need_s else dummy, n_parts, triton.cdiv(n_parts, programs), g, pos,
+            triton.cdiv(n, programs), ds if need_s else dummy, torch.empty(programs, **f32), ctr, m, n, d,
+            cr + cc, BR=rows, BD=chunk, SB=block, DK=need_k, DS=need_s, GO_VEC=g.dim() > 0, RNE=interpreting())
     return dq, dk, ds
 
 
