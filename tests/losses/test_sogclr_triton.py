@@ -470,7 +470,7 @@ def test_tma_threshold_turns_descriptors_off_below_it(monkeypatch):
     the launch plans are keyed by it (a changed threshold never reuses a stale plan)."""
     monkeypatch.setattr(_sogclr, "_INTERPRETING", False)
     monkeypatch.setattr(_sogclr, "TMA_MIN_LOGITS", 100)
-    for kernel in ("fwd", "fwd_one", "split", "bwd"):
+    for kernel in ("fwd", "fwd_one", "split", "bwd", "tile"):
         assert _sogclr._config(kernel, torch.bfloat16, 99)["TMA"] == 0
         assert _sogclr._config(kernel, torch.bfloat16, 100)["TMA"] == _sogclr.CONFIGS[kernel]["TMA"]
     a = torch.zeros(4, 8)
