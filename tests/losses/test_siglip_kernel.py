@@ -84,3 +84,17 @@ def test_lean_kernel_matches_float64(kernel, gen, monkeypatch):
     want = torch.autograd.grad(siglip(qs.double(), ks.double(), s64, torch.tensor(0.0, dtype=torch.float64),
                                       impl="reference"), s64)[0]
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=0)
+
+
+def test_lean_kernel_fp16_and_scale_gradient_from_the_products(gen, monkeypatch):
+    """``TILE=2`` with fp16 inputs (the stored gradient normalised by ``ginv = 1 / max|g|``, not ``s``) and
+    with the scale gradient taken from the products (``_lse.DS_SUM`` off: the kernel's ``DS=False`` path)."""
+    from batchlab.losses.triton import _lse
+
+    _use(monkeypatch, "lean")
+    n, d = 40, 24
+    q, k = unit(n, d, gen, torch.float16), unit(n, d, gen, torch.float16)
+    args = [q, k, torch.tensor(10.0), torch.tensor(-10.0)]
+    compare(lambda impl, q, k, s, b: siglip(q, k, s, b, reduction="none", impl=impl), args, torch.float16, gen)
+    monkeypatch.setattr(_lse, "DS_SUM", False)
+    compare(lambda impl, q, k, s, b: siglip(q, k, s, b, impl=impl), args, torch.bfloat16, gen)
