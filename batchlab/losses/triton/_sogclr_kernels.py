@@ -53,7 +53,7 @@ import triton
 import triton.language as tl
 
 from batchlab.losses.triton._dense_kernels import _finish_total
-from batchlab.losses.triton._kernels import _tile_dot, _tile_dot_ws
+from batchlab.losses.triton._kernels import _rcp, _tile_dot, _tile_dot_ws
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -90,10 +90,10 @@ def _tau_at(tau_ptr, ids_ptr, idx, mask, GATHER: tl.constexpr):
 
 @triton.jit
 def _temps(tau_ptr, ids_ptr, idx, mask, GATHER: tl.constexpr = False, FASTDIV: tl.constexpr = False):
-    """``log2(e) / tau`` of the anchors ``idx`` (see :func:`_tau_at`); ``FASTDIV``: ``div.full`` (2 ulp)."""
+    """``log2(e) / tau`` of the anchors ``idx`` (see :func:`_tau_at`); ``FASTDIV`` (GPU only): times one
+    ``rcp.approx`` (1 ulp; temperatures are normal numbers)."""
     if FASTDIV:
-        return tl.fdiv(tl.zeros_like(idx).to(tl.float32) + 1.4426950408889634,
-                       _tau_at(tau_ptr, ids_ptr, idx, mask, GATHER))
+        return 1.4426950408889634 * _rcp(_tau_at(tau_ptr, ids_ptr, idx, mask, GATHER), False)
     return 1.4426950408889634 / _tau_at(tau_ptr, ids_ptr, idx, mask, GATHER)
 
 
@@ -113,9 +113,10 @@ def _fold_rows(m_i, l_i, w_i, shift, rl, rw, WSUM: tl.constexpr):
 @triton.jit
 def _store_cols(clse_ptr, cwm_ptr, out, cmask, shift, cl, cw, ac, WSUM: tl.constexpr, FASTLOG: tl.constexpr = False):
     """Partials ``(shift + log2 cl, ac cw / cl)`` (``(-inf, 0)`` where ``cl = 0``). ``FASTLOG`` (GPU only):
-    ``lg2.approx`` (one MUFU instruction; absolute error ~2^-22) and ``div.full`` (2 ulp) instead of
-    libdevice's log2f (a ~20-instruction polynomial) and an IEEE division: the reduced vectors are
-    replicated across the lanes and warps of a tile (each thread takes BN / 4 columns at 4 warps)."""
+    ``lg2.approx`` (one MUFU instruction; absolute error ~2^-22) and ``rcp.approx`` (1 ulp; ``cl`` is a
+    normal number: >= 1, or >= RISK in the one-exponential loops) instead of libdevice's log2f (a
+    ~20-instruction polynomial) and a division: the reduced vectors are replicated across the lanes and
+    warps of a tile (each thread takes BN / 4 columns at 4 warps)."""
     ok = cl > 0
     cl1 = tl.where(ok, cl, 1.0)
     if FASTLOG:
@@ -126,7 +127,7 @@ def _store_cols(clse_ptr, cwm_ptr, out, cmask, shift, cl, cw, ac, WSUM: tl.const
     tl.store(clse_ptr + out, tl.where(ok, shift + lg, float("-inf")), mask=cmask)
     if WSUM:
         if FASTLOG:
-            tl.store(cwm_ptr + out, tl.where(ok, ac * tl.fdiv(cw, cl1), 0.0), mask=cmask)
+            tl.store(cwm_ptr + out, tl.where(ok, ac * cw * _rcp(cl1, False), 0.0), mask=cmask)
         else:
             tl.store(cwm_ptr + out, tl.where(ok, ac * (cw / cl1), 0.0), mask=cmask)
 
