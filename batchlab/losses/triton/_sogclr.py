@@ -9,7 +9,9 @@ the one similarity tile ``S = a @ c.T``, so the kernels have InfoNCE's shape
   finish kernel applies the update rules (moving average of ``u``, value, temperature
   gradient) and sums the loss per program; 2 launches (+1 sum) and no host synchronisation.
   One temperature for all (SogCLR, or a float ``tau``) can take one exponential per logit
-  (``FAST``; off by default: measured slower on clustered embeddings, see ``CONFIGS``);
+  (``FAST``; off by default: measured slower on clustered embeddings, see ``CONFIGS``). ``TILE``:
+  the same statistics from one tile per program (``sog_fwd_tile_kernel``), the finish combining
+  every tile's row and column partials;
 * backward: one kernel recomputes the tiles and writes ``dLoss/dS`` (the positive's term
   folded into the excluded entry) in the inputs' dtype; two cuBLAS products give the
   gradients of both inputs (row panels of ``panel_rows`` above 8,192 rows, as the InfoNCE
