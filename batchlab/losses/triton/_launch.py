@@ -26,12 +26,15 @@ def interpreting() -> bool:
 #: v6; TPP and FLAT measured within noise of it, so they stay off). The forward since the H200
 #: grid at N=65,536 (d=512, bf16; benchmarks/results/losses-h200-s6/): the one-tile kernel
 #: (``TILE``, fixed-shift sums, no running max) with 2 stages, 7.79 ms against 9.03 ms for the
-#: looped kernel (backward and SigLIP: no variant beat the defaults). Edit at run time to
+#: looped kernel (backward and SigLIP: no variant beat the defaults). SigLIP since session 9's
+#: call 4 (H200, N = 65,536, d = 512, bf16): the lean kernel (``TILE=2``, ``siglip_lean_kernel``)
+#: 64x128, 4 warps, 3 stages, ``maxnreg=168`` (a launch option: registers per thread capped),
+#: 25.89 ms for the pass against 30.34 ms with the previous default. Edit at run time to
 #: try others (the sweep does this; ``python -m batchlab.bench.losses_triton --sweep``).
 CONFIGS: dict[str, dict[str, int]] = {
     "fwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=2, TMA=1, TILE=1),
     "bwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1, TMA_OUT=0, TILE=1, TWO_EXP=1),
-    "siglip": dict(BM=64, BN=128, BD=64, num_warps=4, num_stages=4, TMA=1, TMA_OUT=0),
+    "siglip": dict(BM=64, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1, TMA_OUT=0, TILE=2, maxnreg=168),
 }
 #: fp32 inputs double the bytes per chunk: halve the d chunk.
 FP32_BD = 32
@@ -45,8 +48,8 @@ INTERPRET_CONFIG = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, TMA=0)
 #: (``*_tile_kernel``), which take WS (Triton's Hopper warp specialisation of the d loop,
 #: with TMA only) and, in the backward, TWO_EXP (a branch-free epilogue).
 KERNEL_OPTIONS = {"fwd": ("FLAT", "TILE"), "bwd": ("TMA_OUT", "TPP", "FLAT", "TILE", "WS", "TWO_EXP"),
-                  "siglip": ("TMA_OUT", "TILE", "WS")}
-SHAPE_KEYS = ("BM", "BN", "BD", "num_warps", "num_stages", "TMA")
+                  "siglip": ("TMA_OUT", "TILE", "WS", "TPP", "FLAT")}
+SHAPE_KEYS = ("BM", "BN", "BD", "num_warps", "num_stages", "TMA", "maxnreg")
 #: Why WS is ignored on the GPU unless ``BATCHLAB_TRITON_WS=1``: the first H200 run that used the
 #: warp-specialised one-tile kernels (Triton 3.6) never finished (2026-12-02,
 #: benchmarks/results/losses-h200-large); the interpreter ignores the flag, so tests still run the path.

@@ -549,14 +549,13 @@ def _stream_setup(ctx, inputs, output):
     ctx.args = (cols, exclude, reduction, workspace_bytes)
 
 
-def _stream_grads(ctx, g, g_lse, n_args: int):
+def _stream_grads(ctx, g, g_lse, n_args: int, op):
     q, k, scale, row2, col2, ctl, pos = ctx.saved_tensors
     need_q, need_k, need_s = ctx.needs_input_grad[:3]
     cols, exclude, reduction, workspace_bytes = ctx.args
     if g is None:
         g = torch.zeros((q.shape[0],) if _REDUCTIONS[reduction] == "none" else (), device=q.device,
                         dtype=torch.float32)
-    op = stream_loss_backward_op if torch.compiler.is_compiling() or not STREAM_EAGER_FUNCTION else _stream_backward
     dq, dk, ds = op(q, k, scale, row2, col2, ctl, pos, g, g_lse, cols, exclude, reduction, workspace_bytes,
                     need_q, need_k, need_s)
     ds = (ds if ds.dtype == scale.dtype else ds.to(scale.dtype)) if need_s else None
@@ -564,7 +563,9 @@ def _stream_grads(ctx, g, g_lse, n_args: int):
 
 
 def _stream_op_backward(ctx, g, g_lse, *_unused):
-    return _stream_grads(ctx, g, g_lse, 7)
+    # always the opaque op: AOTAutograd traces this backward with fake tensors (where
+    # torch.compiler.is_compiling() may be False), which must never reach the kernels
+    return _stream_grads(ctx, g, g_lse, 7, stream_loss_backward_op)
 
 
 stream_loss_op.register_autograd(_stream_op_backward, setup_context=_stream_setup)
@@ -586,7 +587,7 @@ class _StreamLoss(torch.autograd.Function):
     def backward(ctx, g, g_lse):
         if g is None and g_lse is None:
             return (None,) * 7
-        return _stream_grads(ctx, g, g_lse, 7)
+        return _stream_grads(ctx, g, g_lse, 7, _stream_backward)
 
 
 def stream_loss(q, k, scale, *, symmetric: bool, exclude: bool, reduction: str, workspace_bytes=None):
