@@ -340,7 +340,8 @@ def test_launches_per_forward_and_backward(dtype, monkeypatch):
     """InfoNCE at 8 panels (as N = 65,536 on the GPU): the panels' 8 x (kernel + 2 products) and 8 more
     launches (forward: prologue, control, one-tile pass, 2 finishes, loss; backward: gradient prologue
     and epilogue), nothing else. Session 8's path (the log-sum-exps alone, PyTorch's ops around them,
-    ``STREAM_LOSS`` off): 76 (bf16) / 69 (fp32) by this count (84 in the H200's profile), now 33."""
+    ``STREAM_LOSS`` off): 76 (bf16) / 69 (fp32) by this count (84 in the H200's profile), now 33 (H200: 41,
+    with a cuBLAS memset before each key-gradient product)."""
     kernels, ops, products = _launch_count(monkeypatch, dtype, stream=True)
     assert kernels.count("lse_bwd_tile_kernel") == 8 and kernels.count("lse_fwd_tile_kernel") == 1
     # autograd's seed (the caller's loss.backward() makes it too), then per panel G @ k added into dq's rows

@@ -4,7 +4,12 @@ The kernels compute what needs every (query, key) pair: the log-sum-exp
 denominators (:mod:`._lse`) and SigLIP's pairwise sum (:mod:`._siglip`). The
 positive logits (one per target, or the pairs of ``pos_mask``), extra negatives
 and the DCLW weights touch O(N d) or O(N m d) numbers and stay in PyTorch, so
-autograd handles them.
+autograd handles them; except in the common case (InfoNCE or DCL with the diagonal
+positives, no extra negatives, bf16/fp32): :func:`._lse.stream_loss` computes the
+whole loss in one autograd node, with the positives, the loss and the gradients'
+glue in four small kernels (``_glue``): 41 launches per forward + backward at
+N = 65,536 on the H200 instead of 84 (8 panels x 3 of them the gradient kernel and
+its two products, 8 cuBLAS memsets).
 
 What the kernels cover natively, and what falls back to the tiled engine (or the
 reference when the tiled engine is not installed), with identical results:

@@ -20,6 +20,12 @@ the exact recomputation of underflowed columns is decided per program on the GPU
 (``lse_fwd_kernel``'s ``FIX``).
 
 ``exclude=True`` leaves each query's target out of both sums (DCL's denominator).
+
+:func:`stream_loss` (the default for InfoNCE/DCL with the diagonal positives, bf16/fp32): the loss
+itself in one autograd node on the same kernels, with the positives, the loss, the upstream weights,
+the positives' gradients, dk's rounding and the scale gradient's sum in the small kernels of
+:mod:`._glue` (forward 6 launches, backward 2 + 3 per panel). ``BATCHLAB_TRITON_STREAM_LOSS=0``: the
+log-sum-exps alone (:func:`pair_lse`) and PyTorch's ops around them, as before session 9.
 """
 
 from __future__ import annotations
