@@ -227,7 +227,8 @@ def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bo
     caller sums it otherwise, and no fp32 product of ``G @ k`` is made).
 
     Launches per panel: ``fill``, ``G @ k`` (into ``dq``'s rows, or fp32 then scaled with
-    ``factor``: one more), ``G.T @ q`` (into the fp32 accumulator); with ``dot`` two more.
+    ``factor``: one more), ``G.T @ q`` (into the fp32 accumulator, which the first panel's product
+    writes); with ``dot`` two more.
 
     ``dq`` (the inputs' dtype), when given, already holds a part of the query gradient (the positives',
     ``_lse.stream_loss``): ``G @ k`` is added into its rows (accumulated in fp32, rounded once, ``beta = 1``).
@@ -246,9 +247,7 @@ def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bo
         raise ValueError("gradients_from_panels takes dq or dk_raw only without a factor")
     if dq is None and need_q:
         dq = torch.empty_like(q)
-    dk32 = None
-    if need_k and several and not dk_raw:
-        dk32 = torch.zeros(m, d, device=q.device, dtype=torch.float32)
+    dk32 = None  # the key gradient's accumulator: written by the first panel's product (no zero fill)
     dk = None
     want_dot, dot = dot, (torch.zeros((), device=q.device, dtype=torch.float32) if dot else None)
     if double:
@@ -292,8 +291,8 @@ def gradients_from_panels(q, k, rows_per_panel: int, fill, factor, *, need_q: bo
         elif need_q:
             torch.mm(g, k, out=dq[r0:r1])  # fp32 accumulation, rounded once into dq
         if need_k:
-            if dk_raw and dk32 is None:  # the first panel writes the accumulator
-                dk32 = mm_f32(g.t(), q[r0:r1]) if dk_raw == "fp32" else torch.mm(g.t(), q[r0:r1])
+            if (several or dk_raw) and dk32 is None:  # the first panel writes the accumulator
+                dk32 = torch.mm(g.t(), q[r0:r1]) if dk_raw == "same" else mm_f32(g.t(), q[r0:r1])
             elif dk_raw == "same":  # accumulated in the inputs' dtype: rounded once per panel
                 dk32.addmm_(g.t(), q[r0:r1])
             elif several or dk_raw:
