@@ -149,7 +149,7 @@ class _Launches:
 def _count(monkeypatch, call):
     launches: list[str] = []
     for name in ("lse_fwd_kernel", "lse_fwd_tile_kernel", "lse_bwd_kernel", "lse_bwd_tile_kernel", "siglip_kernel",
-                 "siglip_tile_kernel", "norm_max_kernel", "control_kernel"):
+                 "siglip_lean_kernel", "siglip_tile_kernel", "norm_max_kernel", "control_kernel"):
         monkeypatch.setattr(_kernels, name, _Launches(getattr(_kernels, name), launches))
     for name in ("stream_prologue_kernel", "stream_loss_kernel", "stream_grad_prologue_kernel",
                  "stream_grad_epilogue_kernel"):

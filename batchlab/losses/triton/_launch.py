@@ -40,6 +40,9 @@ CONFIGS: dict[str, dict[str, int]] = {
 FP32_BD = 32
 #: Small blocks in the interpreter: several tiles and d chunks even at test sizes.
 INTERPRET_CONFIG = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, TMA=0)
+#: The kernel choice the interpreter takes from the GPU defaults (the looped InfoNCE kernels keep their own
+#: interpreter coverage; the one-tile ones have explicit tests).
+INTERPRET_KERNEL_CHOICE = {"siglip": {"TILE": CONFIGS["siglip"].get("TILE", 0)}}
 
 
 #: Speed-only options each kernel understands besides the tile shape (``_kernels`` says
@@ -58,7 +61,12 @@ WS_NOTE = "warp-specialised kernels hung on an H200 with Triton 3.6; opt in with
 
 def config(kernel: str, dtype: torch.dtype) -> dict[str, int]:
     """Launch keywords for ``kernel`` ("fwd", "bwd" or "siglip") on inputs of ``dtype``."""
-    cfg = dict(INTERPRET_CONFIG) if interpreting() else dict(CONFIGS[kernel])
+    if interpreting():
+        # Small shapes, but SigLIP's kernel as on the GPU (the lean one-tile kernel, TILE=2), so that the
+        # interpreter suites check the kernel the default path runs; a test may still set TILE itself.
+        cfg = {**INTERPRET_KERNEL_CHOICE.get(kernel, {}), **INTERPRET_CONFIG}
+    else:
+        cfg = dict(CONFIGS[kernel])
     cfg = {key: v for key, v in cfg.items() if key in SHAPE_KEYS or key in KERNEL_OPTIONS[kernel]}
     cfg.setdefault("TMA", 0)
     if cfg.get("WS") and not interpreting() and os.environ.get("BATCHLAB_TRITON_WS", "0") != "1":
