@@ -52,54 +52,60 @@ from batchlab.losses.triton._dense import EAGER_FUNCTION, _cdiv, _Kernel
 from batchlab.losses.triton._launch import FP32_BD, LOG2E, addmm_f32_, kernel_flags, operands, panel_rows, tile_shares
 
 #: Tile shapes on the GPU: "fwd" for per-row/per-column temperatures (iSogCLR), "fwd_one" for one
-#: temperature (SogCLR), "split" for the two-pass forward (below), "bwd" for the backward; FLAT as in
-#: ``_launch.KERNEL_OPTIONS``; FAST ("fwd_one"): the one-exponential loop (with its per-program redo)
-#: instead of the per-row / per-column one; PAIR ("fwd"): each weighted sum shares one reduction with
-#: its sum; SPLIT: from this many logits (N x N) on, the symmetric loss takes two row-only passes of
-#: the forward kernel with the "split" tiles (rows of ``a`` against ``c``, then rows of ``c``
-#: against ``a``: twice the products, but no column maxima or sums across the warps of a tile, one
-#: exponential per logit, one partial per (row, column group) for the finish; 0: never, 1: always).
-#: G0 and LEAN ("bwd", off by default until timed): a scalar upstream gradient (the reduced loss)
-#: applied once per entry, and (LEAN) the positive's entry from per-row values. sm_90 AOT, Triton 3.6,
-#: 128 x 128 / 4 warps, spill instructions: iSogCLR 18 (session 8's kernel) -> 2 (today's, G0=0) ->
-#: 2 (G0=1) / 6 (LEAN=1); SogCLR 2 -> 2 -> 0 / 0. fp32 inputs halve the d chunk (``BD``). Chosen by H200 sweeps at N = 65,536, d = 512, bf16
-#: (``tests/losses/gpu_check_sogclr.py``; ``benchmarks/results/sogclr-h200-v2/`` and ``-s7/``):
-#: SogCLRLoss forward 13.9 ms with FAST=1 and 15.2 ms with FAST=0 on random embeddings, but 28.8
-#: against 15.2 ms on clustered ones (the redo), so FAST=0; two passes 15.8 ms (128 x 128 / 4 warps),
-#: so no SPLIT. ISogCLRLoss forward 17.8 ms in one pass (PAIR=0; 18.5 with PAIR=1), 16.5 ms in two
-#: passes of 128 x 128 / 4 warps (30.7 ms at 128 x 64: the forward streams its row block's d = 512
-#: from L2 for every column tile, so wide tiles pay; 8 warps: 23-24 ms). At N = 4,096 (host-bound)
-#: the one pass launches less. 4 warps at 128 x 64 for one pass (8 warps: 15.5 and 44.5 ms); backward
-#: 128 x 128 / 4 warps (128 x 64: +3.5 ms). Registers for sm_90 (Triton 3.8, bf16, ``python -m
-#: batchlab.bench.sogclr --aot``): one-pass forward 191 without spills (per-row temperatures), 167 (one
-#: temperature, FAST=0), 229 (FAST=1); two-pass forward 255 at 128 x 128 / 4 warps, 128 at 128 x 64.
+#: temperature (SogCLR), "tile" for the one-tile forward (TILE, below), "split" for the two-pass
+#: forward, "bwd" for the backward; FLAT as in ``_launch.KERNEL_OPTIONS``; FAST ("fwd_one"): the
+#: one-exponential loop (with its per-program redo) instead of the per-row / per-column one; PAIR
+#: ("fwd"): each weighted sum shares one reduction with its sum; SPLIT: from this many logits (N x N)
+#: on, the symmetric loss takes two row-only passes of the forward kernel with the "split" tiles (rows
+#: of ``a`` against ``c``, then rows of ``c`` against ``a``: twice the products, but no column maxima
+#: or sums across the warps of a tile; 0: never, 1: always; TILE takes precedence).
+#:
+#: TILE ("fwd" / "fwd_one"; 0: never, else from this many logits on): the symmetric forward in one
+#: launch of ``sog_fwd_tile_kernel`` with the "tile" config: one tile per program (no loop-carried
+#: statistics: InfoNCE's one-tile shape, 128 x 128 at 4 warps), each storing its rows' and its columns'
+#: partials for the finish ((N / BN + N / BM) x N of them, 4 bytes each, 8 with the weighted sums;
+#: above CHUNK_BYTES of them the looped kernels run). "tile" options: FAST (one temperature): one
+#: exponential per logit, a tile redone with two where it could lose terms; PANEL: rows per panel of
+#: the launch's tile order (``_lse._TILE_PANEL_ROWS``); MASK_ALL=0: only tiles with an excluded entry
+#: or out-of-range rows or columns mask the product (a uniform branch per tile); PB: partials the
+#: finish kernel combines per step; GATHER (iSogCLR's module step): 1 reads the temperatures at the ids
+#: in the kernel, 0 gathers them first (one index_select); FASTLOG (any forward config; GPU only, inline
+#: PTX): the partials' log2 as one ``lg2.approx`` instead of libdevice's log2f, and the divisions
+#: (temperatures, weighted means) as ``div.full`` (1) or ``rcp.approx`` times (2): the reduced column
+#: vectors are replicated over the lanes and warps, so each thread took BN / 4 log2 polynomials and
+#: divisions per tile. sm_90 SASS of the tile kernel (Triton 3.6; InfoNCE's one-tile forward: 1,392
+#: instructions): SogCLR 3,704 (FASTLOG=0) -> 2,776 (1); iSogCLR ~4,100 -> 3,800 (1) -> 3,512 (2, not
+#: timed yet). 128 x 128 / 4 warps, 2 or 3 stages: 255 registers, no spills, 2 CTAs/SM (8 warps: one
+#: CTA/SM; iSogCLR spills at 256 x 128 and 128 x 256).
+#:
+#: G0 and LEAN ("bwd"): a scalar upstream gradient (the reduced loss) applied once per entry, and (LEAN)
+#: the positive's entry from per-row values. sm_90 AOT, Triton 3.6, 128 x 128 / 4 warps, spill
+#: instructions: iSogCLR 18 (session 8's kernel) -> 2 (G0=0 or 1) / 6 (LEAN=1); SogCLR 2 -> 0 (G0=1).
+#: fp32 inputs halve the d chunk (``BD``).
+#:
+#: Chosen by H200 runs at N = 65,536, d = 512, bf16, the module steps interleaved with
+#: ``info_nce(impl="auto")`` (session 9, ``.gpu/s9/sog_variants.py``, call 4 of the lead; forward-only
+#: ms, then the step's wall clock against InfoNCE's, random / clustered embeddings): the looped
+#: defaults until then (forward 15.2 SogCLR, 15.8 iSogCLR): 1.29x / 1.36x SogCLR, 1.31x / 1.34x
+#: iSogCLR; TILE with 3 stages, FASTLOG=1, MASK_ALL=0 and G0=1 (forward 9.5 / 12.2 ms): 1.06x /
+#: 1.04x SogCLR, 1.17x / 1.16x iSogCLR (2 stages: +1.3 ms forward; FASTLOG=0: +2.3 / +1.1 ms; MASK_ALL=1:
+#: +0.0 / +0.5 ms; FAST=1: 12.2 ms random but 21.3 ms clustered, the redo). G0 alone took iSogCLR's
+#: backward ~1.5 ms down (call 3). Below 8,192^2 logits (N = 4,096: host-bound, the target met by the
+#: looped kernels) the forward is as before. Session 7 (``benchmarks/results/sogclr-h200-s7/``): the
+#: looped kernels' shapes (128 x 64 / 4 warps one pass; two passes 16.2-16.5 ms at 128 x 128 / 4 warps,
+#: 30.7 at 128 x 64; FAST=1 28.8 ms on clustered embeddings), the backward's 128 x 128 / 4 warps
+#: (128 x 64: +3.5 ms).
 CONFIGS: dict[str, dict[str, int]] = {
-    "fwd": dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0, PAIR=0, SPLIT=8192 * 8192),
-    "fwd_one": dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0, FAST=0, SPLIT=0),
+    "fwd": dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0, PAIR=0, SPLIT=8192 * 8192,
+                TILE=8192 * 8192),
+    "fwd_one": dict(BM=128, BN=64, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0, FAST=0, SPLIT=0,
+                    TILE=8192 * 8192),
     "split": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1, FLAT=0),
-    "bwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1),
-    "tile": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=2, TMA=1, FAST=0, PAIR=0, PANEL=8192, MASK_ALL=1),
+    "bwd": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1, G0=1),
+    "tile": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1, FAST=0, PAIR=0, PANEL=8192, MASK_ALL=0,
+                 FASTLOG=1, PB=8, GATHER=1),
 }
 _INTERPRET = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, TMA=0, FAST=0, PAIR=0, SPLIT=0, TILE=0, PANEL=32)
-#: TILE ("fwd" / "fwd_one"; 0: never, the default until timed; else from this many logits on): the
-#: symmetric forward in one launch of ``sog_fwd_tile_kernel`` with the "tile" config: one tile per
-#: program (no loop-carried statistics: InfoNCE's one-tile shape, 128 x 128 at 4 warps), each storing
-#: its rows' and its columns' partials for the finish ((N / BN + N / BM) x N of them, 4 bytes each, 8
-#: with the weighted sums; above CHUNK_BYTES of them the looped kernels run). FAST ("tile", one
-#: temperature): one exponential per logit, a tile redone with two where it could lose terms; PANEL:
-#: rows per panel of the launch's tile order (``_lse._TILE_PANEL_ROWS``); MASK_ALL=0: only tiles with an
-#: excluded entry or out-of-range rows or columns mask the product (a uniform branch per tile).
-#: PB ("tile"): partials the finish kernel combines per step (their loads in flight together; the TILE
-#: forward leaves N / BN + N / BM of them per anchor: 512 + 512 at N = 65,536).
-#: GATHER ("tile", iSogCLR's module step): 1 reads the temperatures at the ids in the kernel, 0 gathers
-#: them first (one index_select; contiguous loads per tile).
-#: FASTLOG (any forward config; GPU only, inline PTX): the partials' log2 as one ``lg2.approx`` and
-#: the divisions (temperatures, weighted means) as ``div.full`` instead of libdevice's log2f and IEEE
-#: divisions: the reduced column vectors are replicated over the lanes and warps, so each thread took
-#: BN / 4 log2 polynomials per tile: sm_90 SASS of the tile kernel 3,704 -> 2,776 instructions
-#: (SogCLR), ~4,100 -> 3,736 (iSogCLR; InfoNCE's one-tile forward: 1,392).
-#: sm_90 AOT (Triton 3.6), 128 x 128 / 4 warps, 2 or 3 stages: 255 registers, no spills, 2 CTAs/SM for
-#: per-row temperatures, one temperature and FAST (8 warps: one CTA/SM; iSogCLR spills at 256 x 128).
 #: Tensor-descriptor loads (TMA) only from this many logits (N x M) on: below it the kernels load
 #: through pointers, and the host builds no descriptors (four per step, each encoded by Triton's
 #: launcher on every launch: host time, which bounds small batches). 0: TMA wherever a config asks.
@@ -131,7 +137,7 @@ def _launch_opts(cfg: dict, *, flat: bool = True) -> dict:
     keys = ("BM", "BN", "BD", "num_warps", "num_stages", "TMA") + (("FLAT", "FAST", "PAIR") if flat else ())
     opts = {key: cfg[key] for key in keys if key in cfg}
     if flat and cfg.get("FASTLOG", 0) and not _INTERPRETING:  # inline PTX: not in the interpreter
-        opts["FASTLOG"] = True
+        opts["FASTLOG"] = int(cfg["FASTLOG"])
     return opts
 
 
@@ -219,7 +225,7 @@ def _tile_plan(a, size: int, cfg: dict, one: bool, wsum: bool, gather: bool, gam
         row_blocks=row_blocks, split=False,
         consts=dict(ONE_TAU=one, WSUM=wsum, GATHER_TAU=gather_tau, FAST=bool(one and cfg.get("FAST", 0)),
                     PAIR=bool(cfg.get("PAIR", 0)), MASK_ALL=bool(cfg.get("MASK_ALL", 1)),
-                    FASTLOG=bool(cfg.get("FASTLOG", 0)) and not _INTERPRETING, **kernel_flags(a, cfg["BD"])),
+                    FASTLOG=0 if _INTERPRETING else int(cfg.get("FASTLOG", 0)), **kernel_flags(a, cfg["BD"])),
         programs=_cdiv(n, _FINISH_BLOCK), memory=gamma < 1.0,
         finish={**_finish_consts(d, gamma < 1.0, one, wsum, gather, gather_tau), "PB": cfg.get("PB", 8)},
     )

@@ -94,11 +94,14 @@ def _tau_at(tau_ptr, ids_ptr, idx, mask, GATHER: tl.constexpr):
 
 
 @triton.jit
-def _temps(tau_ptr, ids_ptr, idx, mask, GATHER: tl.constexpr = False, FASTDIV: tl.constexpr = False):
-    """``log2(e) / tau`` of the anchors ``idx`` (see :func:`_tau_at`); ``FASTDIV`` (GPU only): times one
-    ``rcp.approx`` (1 ulp; temperatures are normal numbers)."""
-    if FASTDIV:
+def _temps(tau_ptr, ids_ptr, idx, mask, GATHER: tl.constexpr = False, FASTLOG: tl.constexpr = 0):
+    """``log2(e) / tau`` of the anchors ``idx`` (see :func:`_tau_at`). ``FASTLOG`` (GPU only): 1, one
+    ``div.full`` (2 ulp); 2, times one ``rcp.approx`` (1 ulp; temperatures are normal numbers)."""
+    if FASTLOG == 2:
         return 1.4426950408889634 * _rcp(_tau_at(tau_ptr, ids_ptr, idx, mask, GATHER), False)
+    if FASTLOG == 1:
+        return tl.fdiv(tl.zeros_like(idx).to(tl.float32) + 1.4426950408889634,
+                       _tau_at(tau_ptr, ids_ptr, idx, mask, GATHER))
     return 1.4426950408889634 / _tau_at(tau_ptr, ids_ptr, idx, mask, GATHER)
 
 
@@ -116,12 +119,13 @@ def _fold_rows(m_i, l_i, w_i, shift, rl, rw, WSUM: tl.constexpr):
 
 
 @triton.jit
-def _store_cols(clse_ptr, cwm_ptr, out, cmask, shift, cl, cw, ac, WSUM: tl.constexpr, FASTLOG: tl.constexpr = False):
+def _store_cols(clse_ptr, cwm_ptr, out, cmask, shift, cl, cw, ac, WSUM: tl.constexpr, FASTLOG: tl.constexpr = 0):
     """Partials ``(shift + log2 cl, ac cw / cl)`` (``(-inf, 0)`` where ``cl = 0``). ``FASTLOG`` (GPU only):
-    ``lg2.approx`` (one MUFU instruction; absolute error ~2^-22) and ``rcp.approx`` (1 ulp; ``cl`` is a
-    normal number: >= 1, or >= RISK in the one-exponential loops) instead of libdevice's log2f (a
-    ~20-instruction polynomial) and a division: the reduced vectors are replicated across the lanes and
-    warps of a tile (each thread takes BN / 4 columns at 4 warps)."""
+    ``lg2.approx`` (one MUFU instruction; absolute error ~2^-22) instead of libdevice's log2f (a
+    ~20-instruction polynomial), and the division as ``div.full`` (1, 2 ulp) or times ``rcp.approx``
+    (2, 1 ulp; ``cl`` is a normal number: >= 1, or >= RISK in the one-exponential loops): the reduced
+    vectors are replicated across the lanes and warps of a tile (each thread takes BN / 4 columns at 4
+    warps)."""
     ok = cl > 0
     cl1 = tl.where(ok, cl, 1.0)
     if FASTLOG:
@@ -131,8 +135,10 @@ def _store_cols(clse_ptr, cwm_ptr, out, cmask, shift, cl, cw, ac, WSUM: tl.const
         lg = tl.log2(cl1)
     tl.store(clse_ptr + out, tl.where(ok, shift + lg, float("-inf")), mask=cmask)
     if WSUM:
-        if FASTLOG:
+        if FASTLOG == 2:
             tl.store(cwm_ptr + out, tl.where(ok, ac * cw * _rcp(cl1, False), 0.0), mask=cmask)
+        elif FASTLOG == 1:
+            tl.store(cwm_ptr + out, tl.where(ok, ac * tl.fdiv(cw, cl1), 0.0), mask=cmask)
         else:
             tl.store(cwm_ptr + out, tl.where(ok, ac * (cw / cl1), 0.0), mask=cmask)
 
@@ -144,7 +150,7 @@ def sog_fwd_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, ids_ptr, tau_scale, rlse_
                    ONE_TAU: tl.constexpr, WSUM: tl.constexpr, TOTAL: tl.constexpr,
                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr,
                    FLAT: tl.constexpr = False, FAST: tl.constexpr = False, PAIR: tl.constexpr = False,
-                   GATHER_TAU: tl.constexpr = False, FASTLOG: tl.constexpr = False):
+                   GATHER_TAU: tl.constexpr = False, FASTLOG: tl.constexpr = 0):
     """Partial row statistics over a group of column tiles; with ``COLS`` each tile's column partials.
 
     Row partials go to ``r*_ptr[(rpart0 + group) * N + row]``; column partials of row block
@@ -263,7 +269,7 @@ def sog_fwd_tile_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, ids_ptr, tau_scale, 
                         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr, ONE_TAU: tl.constexpr,
                         WSUM: tl.constexpr, TOTAL: tl.constexpr, EVEN_D: tl.constexpr, UPCAST: tl.constexpr,
                         PREC: tl.constexpr, TMA: tl.constexpr, FAST: tl.constexpr = False, PAIR: tl.constexpr = False,
-                        GATHER_TAU: tl.constexpr = False, MASK_ALL: tl.constexpr = True, FASTLOG: tl.constexpr = False):
+                        GATHER_TAU: tl.constexpr = False, MASK_ALL: tl.constexpr = True, FASTLOG: tl.constexpr = 0):
     """``sog_fwd_kernel`` with ``COLS`` and one tile per program: the tile's row AND column partials.
 
     Program ``pid`` (1-D grid of ``cdiv(N, BM) * cdiv(M, BN)``, walked as ``lse_fwd_tile_kernel``
