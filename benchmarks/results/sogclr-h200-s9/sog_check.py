@@ -28,6 +28,8 @@ rows = []
 
 def log(*a):
     print(f"[{time.time() - T0:6.1f}s]", *a, flush=True)
+    with open(os.path.join(OUT, "sog_check.json"), "w") as fh:  # after every row: a timeout keeps what ran
+        json.dump({"rows": rows, "configs": _sogclr.CONFIGS, "seconds": time.time() - T0}, fh, indent=1)
 
 
 def err(a, b):
