@@ -116,10 +116,27 @@ def test_chunks_and_panels(mode, monkeypatch):
     want = _run(q, k, log_u, tau, "triton", mode=mode)
     monkeypatch.setattr(_sogclr, "CHUNK_BYTES", 8 * 50 * 2)  # two row blocks per chunk
     monkeypatch.setattr(_sogclr, "panel_rows", lambda n, m, elem, block, ws: 16)
+    monkeypatch.setattr(_sogclr, "_PLANS", {})  # the plans hold the panels (not keyed by panel_rows)
     got = _run(q, k, log_u, tau, "triton", mode=mode)
     for name, a, b in zip(["loss", "log_u", "tau_grad", "dq", "dk", "dtau"], got, want):
         assert _err(a, b) <= (1e-2 if name in ("dq", "dk") else 1e-6), name
     _compare(got, _run(q, k, log_u, tau, "reference", mode=mode), torch.bfloat16)
+
+
+def test_tile_forward_falls_back_above_chunk_bytes(monkeypatch):
+    """TILE=1 whose per-tile partials would exceed CHUNK_BYTES: the looped kernels run (in chunks)."""
+    q, k, log_u, tau = _inputs("symmetric", 50, 12, torch.float32, seed=21)
+    monkeypatch.setattr(_sogclr, "_INTERPRET", {**_sogclr._INTERPRET, "TILE": 1})
+    tiled = _run(q, k, log_u, tau, "triton", mode="symmetric")
+    monkeypatch.setattr(_sogclr, "CHUNK_BYTES", 8 * 50 * 2)
+    launched = []
+    real = _sogclr._launch
+    monkeypatch.setattr(_sogclr, "_launch", lambda fn, *a: launched.append(fn.fn.__name__) or real(fn, *a))
+    got = _run(q, k, log_u, tau, "triton", mode="symmetric")
+    assert "sog_fwd_tile_kernel" not in launched and "sog_combine_kernel" in launched
+    for a, b in zip(got, tiled):
+        assert _err(a, b) <= 1e-5
+    _compare(got, _run(q, k, log_u, tau, "reference", mode="symmetric"), torch.float32)
 
 
 def test_fallbacks_and_strict_keywords():

@@ -163,7 +163,7 @@ def _plan(kind: str, a: torch.Tensor, build, *key):
     tf32 = a.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     # what _config(kind, a.dtype) derives its result from (the dtype is in the key): no dict built per call
     source = _INTERPRET if _INTERPRETING else CONFIGS[kind]
-    full = (kind, a.shape, a.dtype, a.device, tf32, tuple(source.items()), TMA_MIN_LOGITS, *key)
+    full = (kind, a.shape, a.dtype, a.device, tf32, tuple(source.items()), TMA_MIN_LOGITS, CHUNK_BYTES, *key)
     plan = _PLANS.get(full)
     if plan is None:
         if len(_PLANS) > 256:
