@@ -421,7 +421,8 @@ def test_fused_module_step_one_query_with_extra_keys():
 
 
 @pytest.mark.parametrize("option", [{}, {"PAIR": 1}, {"SPLIT": 1}, {"SPLIT": 1, "FAST": 1}, {"LEAN": 1}, {"G0": 1},
-                                    {"TILE": 1}, {"TILE": 1, "FAST": 1}, {"TILE": 1, "PAIR": 1}, {"TILE": 1, "PB": 2}])
+                                    {"TILE": 1}, {"TILE": 1, "FAST": 1}, {"TILE": 1, "PAIR": 1}, {"TILE": 1, "PB": 2},
+                                    {"TILE": 1, "MASK_ALL": 1}, {"G0": 0}])
 def test_kernel_options_match_float64_reference(option, monkeypatch):
     """The sweep's forward options: the defaults (FAST=0: the one-temperature kernel's per-row and
     per-column loop; PAIR=0: weighted sums in reductions of their own), PAIR=1 (one reduction

@@ -105,7 +105,10 @@ CONFIGS: dict[str, dict[str, int]] = {
     "tile": dict(BM=128, BN=128, BD=64, num_warps=4, num_stages=3, TMA=1, FAST=0, PAIR=0, PANEL=8192, MASK_ALL=0,
                  FASTLOG=1, PB=8, GATHER=1),
 }
-_INTERPRET = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, TMA=0, FAST=0, PAIR=0, SPLIT=0, TILE=0, PANEL=32)
+#: The interpreter's one config (every kernel): small tiles, the GPU defaults' options where they apply
+#: at test sizes (G0, MASK_ALL; TILE from 8,192^2 logits: never here, the tests ask for it).
+_INTERPRET = dict(BM=16, BN=32, BD=16, num_warps=4, num_stages=1, TMA=0, FAST=0, PAIR=0, SPLIT=0, TILE=0, PANEL=32,
+                  MASK_ALL=0, G0=1)
 #: Tensor-descriptor loads (TMA) only from this many logits (N x M) on: below it the kernels load
 #: through pointers, and the host builds no descriptors (four per step, each encoded by Triton's
 #: launcher on every launch: host time, which bounds small batches). 0: TMA wherever a config asks.
