@@ -519,3 +519,19 @@ def test_tile_module_step_gathers_temperatures_as_asked(gather, monkeypatch):
     monkeypatch.setattr(_sogclr, "_forward", lambda *a, **kw: calls.append(kw.get("gather_tau")) or real(*a, **kw))
     test_fused_module_step_matches_reference_module(True, "symmetric", "mean", monkeypatch)
     assert calls and all(c == bool(gather) for c in calls)
+
+
+def test_tile_forward_plan_skips_strict_fp32_on_the_gpu(monkeypatch):
+    """On the GPU the TILE forward takes bf16 and TF32 products; strict fp32 keeps the looped kernels
+    (the one-tile kernel's fp32 product without tensor cores spills)."""
+    monkeypatch.setattr(_sogclr, "_INTERPRETING", False)
+    monkeypatch.setitem(_sogclr.CONFIGS, "fwd", {**_sogclr.CONFIGS["fwd"], "TILE": 1})
+    plans, saved = {}, torch.backends.cuda.matmul.allow_tf32
+    try:
+        for dtype, tf32 in ((torch.bfloat16, False), (torch.float32, False), (torch.float32, True)):
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+            a = torch.zeros(256, 64, dtype=dtype)
+            plans[(dtype, tf32)] = _sogclr._forward_plan(a, [256], True, False, True, True, 0.9, True)["tile"]
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = saved
+    assert plans == {(torch.bfloat16, False): True, (torch.float32, False): False, (torch.float32, True): True}

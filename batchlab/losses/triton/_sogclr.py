@@ -183,7 +183,10 @@ def _forward_plan(a, sizes, cols: bool, one: bool, wsum: bool, gather: bool, gam
     logits = n * sum(sizes)
     cfg = _config("fwd_one" if one else "fwd", a.dtype, logits)
     # SPLIT: the symmetric loss as two row-only passes (rows of a against c, then rows of c against a)
-    tile = cols and len(sizes) == 1 and 0 < cfg.get("TILE", 0) <= logits
+    # strict fp32 (no TF32) keeps the looped kernels on the GPU: the one-tile kernel's fp32 product
+    # without tensor cores spills (sm_90 AOT, Triton 3.6: 15,080 spill instructions; with TF32: none)
+    strict = a.dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32 and not _INTERPRETING
+    tile = cols and len(sizes) == 1 and 0 < cfg.get("TILE", 0) <= logits and not strict
     if tile:
         t_cfg = _config("tile", a.dtype, logits)
         parts = (_cdiv(sizes[0], t_cfg["BN"]) + _cdiv(n, t_cfg["BM"])) * n * (8 if wsum else 4)

@@ -2,7 +2,7 @@
 
 The defaults (TILE forward from 8,192^2 logits, 3 stages, FASTLOG=1, MASK_ALL=0; backward G0=1) are
 forced down to small N (TILE threshold 1, TMA on) so that the float64 reference stays cheap; then one
-module step each at N = 8,192 with the thresholds as shipped. Writes $OUT/sog_check.json; exit 1 if a
+module step each at N = 8,192 (bf16) with the thresholds as shipped. Writes $OUT/sog_check.json; exit 1 if a
 check fails.
 """
 
@@ -99,16 +99,17 @@ def module(cls, n, d, dtype, steps=2):
 saved = (_sogclr.CONFIGS["fwd"]["TILE"], _sogclr.CONFIGS["fwd_one"]["TILE"], _sogclr.TMA_MIN_LOGITS)
 _sogclr.CONFIGS["fwd"]["TILE"] = _sogclr.CONFIGS["fwd_one"]["TILE"] = 1
 _sogclr.TMA_MIN_LOGITS = 0
+# bf16 (and TF32) take the TILE forward; strict fp32 keeps the looped kernels on the GPU (its one-tile
+# build spills), so the fp32 checks cover the backward's G0 and the looped forward there
 plan = [
-    lambda: functional(SMALL, 128, torch.float32, "per-example"),
-    lambda: functional(SMALL, 128, torch.float32, "small per-example"),
-    lambda: functional(SMALL, 128, torch.float32, "0.005"),
     lambda: functional(SMALL, 128, torch.bfloat16, "per-example"),
+    lambda: functional(SMALL, 128, torch.bfloat16, "small per-example"),
+    lambda: functional(SMALL, 128, torch.bfloat16, "0.005"),
     lambda: functional(SMALL, 128, torch.bfloat16, "0.01"),
-    lambda: module(SogCLRLoss, SMALL, 128, torch.float32),
-    lambda: module(ISogCLRLoss, SMALL, 128, torch.float32),
     lambda: module(SogCLRLoss, SMALL, 512, torch.bfloat16),
     lambda: module(ISogCLRLoss, SMALL, 512, torch.bfloat16),
+    lambda: functional(SMALL, 128, torch.float32, "small per-example"),
+    lambda: module(ISogCLRLoss, SMALL, 128, torch.float32),
 ]
 for fn in plan:
     if time.time() - T0 > 60:
@@ -123,8 +124,8 @@ for fn in plan:
 # the untimed FASTLOG=2 (rcp.approx instead of div.full), for a later flip: two checks, budget allowing
 if time.time() - T0 < 55:
     _sogclr.CONFIGS["tile"]["FASTLOG"] = 2
-    for fn in (lambda: functional(SMALL, 128, torch.float32, "small per-example"),
-               lambda: module(ISogCLRLoss, SMALL, 128, torch.float32)):
+    for fn in (lambda: functional(SMALL, 128, torch.bfloat16, "small per-example"),
+               lambda: module(ISogCLRLoss, SMALL, 512, torch.bfloat16)):
         try:
             row = {**fn(), "FASTLOG": 2}
         except Exception as exc:  # noqa: BLE001
@@ -139,7 +140,7 @@ for cls in (SogCLRLoss, ISogCLRLoss):
         log("budget: skipping", cls.__name__, "at 8,192")
         continue
     try:
-        row = module(cls, LARGE, 256, torch.float32, steps=1)
+        row = module(cls, LARGE, 256, torch.bfloat16, steps=1)
     except Exception as exc:  # noqa: BLE001
         row = {"error": repr(exc)[:300], "pass": False}
     rows.append(row)
