@@ -467,6 +467,19 @@ def _panel_tile_ws(q_ptr, k_ptr, r0, r1, M, D, stride_q, stride_k,
 
 
 @triton.jit
+def panel_order_tile(pid, N, M, BM: tl.constexpr, BN: tl.constexpr, panel_blocks):
+    """``(row_tile, col_tile)`` of program ``pid`` of a 1-D grid over the (N, M) tiles in panels of
+    ``panel_blocks`` row blocks: panel by panel, column tile by column tile, row block fastest (the
+    programs in flight share a panel's rows in L2 while the columns stream past once per panel)."""
+    per_panel = panel_blocks * tl.cdiv(M, BN)
+    panel = pid // per_panel
+    rem = pid - panel * per_panel
+    blocks_here = tl.minimum(panel_blocks, tl.cdiv(N, BM) - panel * panel_blocks)  # the last panel: fewer
+    col_tile = rem // blocks_here
+    return panel * panel_blocks + rem - col_tile * blocks_here, col_tile
+
+
+@triton.jit
 def lse_fwd_tile_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ctl_ptr, row_sum_ptr, col_sum_ptr,
                         N, M, D, stride_q, stride_k, panel_blocks,
                         BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
@@ -485,13 +498,8 @@ def lse_fwd_tile_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ctl_ptr, row_sum_ptr, 
     panel (the order that one launch per panel had).
     """
     pid = tl.program_id(0)
-    col_tiles = tl.cdiv(M, BN)
-    per_panel = panel_blocks * col_tiles
-    panel = pid // per_panel
-    rem = pid - panel * per_panel
-    blocks_here = tl.minimum(panel_blocks, tl.cdiv(N, BM) - panel * panel_blocks)  # the last panel: fewer
-    col_tile = rem // blocks_here
-    row0 = (panel * panel_blocks + rem - col_tile * blocks_here) * BM
+    row_tile, col_tile = panel_order_tile(pid, N, M, BM, BN, panel_blocks)
+    row0 = row_tile * BM
     col0 = col_tile * BN
     acc = _tile_dot_ws(q_ptr, k_ptr, row0, col0, N, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC,
                        TMA, False)

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from batchlab.losses.triton._dense_kernels import _finish_total
-from batchlab.losses.triton._kernels import _rcp, _tile_dot, _tile_dot_ws
+from batchlab.losses.triton._kernels import _rcp, _tile_dot, _tile_dot_ws, panel_order_tile
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -285,13 +285,7 @@ def sog_fwd_tile_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, ids_ptr, tau_scale, 
     if TOTAL:
         if pid == 0:
             tl.store(ctr_ptr, 0)
-    col_tiles = tl.cdiv(M, BN)
-    per_panel = panel_blocks * col_tiles
-    panel = pid // per_panel
-    rem = pid - panel * per_panel
-    blocks_here = tl.minimum(panel_blocks, tl.cdiv(N, BM) - panel * panel_blocks)
-    col_tile = rem // blocks_here
-    row_tile = panel * panel_blocks + rem - col_tile * blocks_here
+    row_tile, col_tile = panel_order_tile(pid, N, M, BM, BN, panel_blocks)  # InfoNCE's forward tile order
     row0 = row_tile * BM
     col0 = col_tile * BN
     acc = _tile_dot_ws(a_ptr, c_ptr, row0, col0, N, M, D, stride_a, stride_c, BM, BN, BD, EVEN_D, UPCAST, PREC,
