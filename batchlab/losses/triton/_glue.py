@@ -26,6 +26,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from batchlab.losses.triton._dense_kernels import _finish_total
+from batchlab.losses.triton._kernels import _row_norm2_max
+
 
 @triton.jit
 def _round(x, ty: tl.constexpr, RNE: tl.constexpr):
@@ -65,16 +68,10 @@ def stream_prologue_kernel(q_ptr, k_ptr, part_ptr, pos_ptr, sums_ptr, ctr_ptr, N
         tl.store(pos_ptr + rows, dot, mask=rmask)
         tl.store(sums_ptr + rows, tl.zeros((BR,), dtype=tl.float32), mask=rmask)
     else:
-        rows = (pid - q_blocks) * BR + tl.arange(0, BR)
-        rmask = rows < M
-        norm = tl.zeros((BR,), dtype=tl.float32)
-        for d0 in range(0, D, BD):
-            dd = d0 + tl.arange(0, BD)
-            y = tl.load(k_ptr + rows[:, None].to(tl.int64) * stride_k + dd[None, :],
-                        mask=rmask[:, None] & (dd[None, :] < D), other=0.0).to(tl.float32)
-            norm += tl.sum(y * y, 1)
-        tl.store(part_ptr + pid, tl.max(norm, 0))
-        tl.store(sums_ptr + N + rows, tl.zeros((BR,), dtype=tl.float32), mask=rmask)
+        row0 = (pid - q_blocks) * BR
+        tl.store(part_ptr + pid, _row_norm2_max(k_ptr, row0, M, D, stride_k, BR, BD))
+        rows = row0 + tl.arange(0, BR)
+        tl.store(sums_ptr + N + rows, tl.zeros((BR,), dtype=tl.float32), mask=rows < M)
 
 
 @triton.jit
@@ -83,15 +80,7 @@ def _last_total(part_ptr, total, ctr_ptr, out_ptr, programs, BLOCK: tl.constexpr
     ``ctr``, zero before the launch, left at zero) sums the partials in program order into ``out[0]``
     (deterministic: the same partition and order on every call)."""
     tl.store(part_ptr + tl.program_id(0), total)
-    tl.debug_barrier()  # this program's partial is stored before it counts itself
-    done = tl.atomic_add(ctr_ptr, 1, sem="acq_rel", scope="gpu")
-    if done == programs - 1:
-        acc = tl.zeros((BLOCK,), dtype=tl.float32)
-        for i0 in range(0, programs, BLOCK):
-            i = i0 + tl.arange(0, BLOCK)
-            acc += tl.load(part_ptr + i, mask=i < programs, other=0.0, cache_modifier=".cg")
-        tl.store(out_ptr, tl.sum(acc, 0))
-        tl.store(ctr_ptr, 0)
+    _finish_total(part_ptr, out_ptr, ctr_ptr, programs, 1, BLOCK)
 
 
 @triton.jit
