@@ -76,6 +76,16 @@ def peak_memory_call(fn: Callable[[], Any], device: str | torch.device) -> int |
     return peak_and_time(fn, device)[1]
 
 
+def _cute_state() -> str:
+    """Whether the streaming InfoNCE path ran on the optional CuTe kernels (``batchlab.losses.cute``)."""
+    from batchlab.losses import cute
+
+    if not torch.cuda.is_available():
+        return "n/a (no CUDA)"
+    reason = cute.unavailable(torch.device("cuda"))
+    return f"BATCHLAB_CUTE={cute.mode()}; " + ("available" if reason is None else f"unavailable: {reason}")
+
+
 def write_results(out_dir: str | Path, name: str, payload: dict[str, Any]) -> Path:
     """Write ``payload`` plus environment facts to ``out_dir/name.json``; returns the path."""
     out = Path(out_dir)
@@ -90,6 +100,7 @@ def write_results(out_dir: str | Path, name: str, payload: dict[str, Any]) -> Pa
             # CPU timings on a shared 2-core machine mean little without this
             "load_average_1_5_15min": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
             "cpu_count": os.cpu_count(),
+            "cute_kernels": _cute_state(),
         },
         **payload,
     }

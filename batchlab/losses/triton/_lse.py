@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 import triton
 
+from batchlab.losses import cute as _cute
 from batchlab.losses.triton import _glue, _kernels
 from batchlab.losses.triton._launch import (
     LN2,
@@ -222,10 +223,15 @@ def _lse_forward_tiles(q, k, scale, targets, *, cols: bool, exclude: bool, ctl, 
     tile_cfg = {key: v for key, v in cfg.items() if key not in ("TILE", "FLAT")}
     q_arg, k_arg, tile_cfg = operands(q, k, tile_cfg)
     bm, bn = tile_cfg["BM"], tile_cfg["BN"]
-    _kernels.lse_fwd_tile_kernel[(triton.cdiv(n, bm) * triton.cdiv(m, bn),)](
-        q_arg, k_arg, tgt, scale32, ctl, row_sum, col_sum, n, m, d, q.stride(0), k.stride(0),
-        max(1, _TILE_PANEL_ROWS // bm), COLS=cols, **tile_cfg, **flags,
-    )
+    if _cute.wanted(q, k, targets=targets, exclude=exclude, cols=cols):  # the same sums from a CuTe epilogue GEMM
+        from batchlab.losses.cute import _streaming
+
+        _streaming.shifted_sums(q, k, scale32, ctl, row_sum, col_sum)
+    else:
+        _kernels.lse_fwd_tile_kernel[(triton.cdiv(n, bm) * triton.cdiv(m, bn),)](
+            q_arg, k_arg, tgt, scale32, ctl, row_sum, col_sum, n, m, d, q.stride(0), k.stride(0),
+            max(1, _TILE_PANEL_ROWS // bm), COLS=cols, **tile_cfg, **flags,
+        )
     # the finishes take the tile kernel's shape (the forward config less its loop options): the row
     # finish reuses its operands, the column finish swaps their roles
     row_lse2 = _finish(q_arg, k_arg, tgt, scale32, ctl, row_sum, torch.empty(n, **f32), n, m, d, q.stride(0),
@@ -287,10 +293,11 @@ def _backward_panels(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, 
     if not cols_on:
         tile_cfg.pop("TWO_EXP", None)
     tiled = bool(cfg.get("TILE"))
+    cute = _cute.wanted(q, k, targets=targets, exclude=exclude, cols=cols_on)
     # DS: one fp32 partial of the scale gradient per program of every panel, the panel from row r0's
-    # at cdiv(r0, BM) * per_block
+    # at cdiv(r0, BM) * per_block; with the CuTe kernels, one per row
     per_block = triton.cdiv(m, bn) if tiled else col_groups
-    ds_parts = torch.empty(triton.cdiv(n, bm) * per_block, device=q.device,
+    ds_parts = torch.empty(n if cute else triton.cdiv(n, bm) * per_block, device=q.device,
                            dtype=torch.float32) if ds_in_kernel else None
 
     # the same for every panel
@@ -300,6 +307,12 @@ def _backward_panels(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, 
                  **kernel_flags(q, cfg["BD"]))
 
     def fill(p, r0, r1, buf):
+        if cute:
+            from batchlab.losses.cute import _streaming
+
+            _streaming.logit_grad_panel(q[r0:r1], k, scale32, ginv, row_lse2[r0:r1], g_row[r0:r1], col_lse2, g_col,
+                                        buf[: r1 - r0], ds_parts[r0:r1] if ds_in_kernel else None)
+            return
         ds_arg = ds_parts[triton.cdiv(r0, bm) * per_block:] if ds_in_kernel else dummy
         if tiled:
             _kernels.lse_bwd_tile_kernel[(triton.cdiv(r1 - r0, bm), triton.cdiv(m, bn))](
