@@ -10,10 +10,16 @@ bound and shift ``ctl``, the exact recomputation of underflowed sums, the produc
 Install the extra to get it: ``pip install "batchlab[cute]"`` (``quack-kernels``, which brings
 ``nvidia-cutlass-dsl``). Triton stays the portable path and the one CI runs.
 
-``BATCHLAB_CUTE`` (read at each call): ``auto`` (default) uses the CuTe kernels where they run (:func:`unavailable`)
-and take the call (:func:`unsupported`), ``0`` never, ``1`` as ``auto`` but raises ``RuntimeError`` with the reason
-when they cannot run at all (no quack, not a Hopper GPU) instead of falling back silently. :data:`MODE` (``None``:
-the variable) overrides it in-process.
+``BATCHLAB_CUTE`` (read at each call): ``0`` (default) never uses them, ``auto`` uses them where they run
+(:func:`unavailable`) and take the call (:func:`unsupported`), ``1`` as ``auto`` but raises ``RuntimeError`` with the
+reason when they cannot run at all (no quack, not a Hopper GPU) instead of falling back silently. :data:`MODE`
+(``None``: the variable) overrides it in-process.
+
+Why they are off by default: on one H200 (session 10, ``benchmarks/results/losses-h200-s10/``) each pass alone is
+faster than its Triton kernel in some runs (the logit-gradient pass 8.9-9.9 ms against ~10.2-11.3 ms for 8 panels at
+N = 65,536), but a whole InfoNCE step at 65,536 runs at the GPU's 700 W power cap (SM clock ~1.5 GHz instead of
+1.98), and there the two paths take the same time (31.5 against 31.2 ms, 31.8 against 31.8 ms); at N = 1,048,576
+the CuTe path took 8.02 s against 8.16 s. The issue's rule: use it only where it wins clearly.
 
 Example::
 
@@ -35,11 +41,12 @@ _MODES = ("auto", "0", "1")
 
 
 def mode() -> str:
-    """The switch in force: :data:`MODE`, else ``BATCHLAB_CUTE``, else ``"auto"``."""
-    value = MODE if MODE is not None else os.environ.get("BATCHLAB_CUTE", "auto")
+    """The switch in force: :data:`MODE`, else ``BATCHLAB_CUTE``, else ``"0"``."""
+    value = MODE if MODE is not None else os.environ.get("BATCHLAB_CUTE", "0")
     if value not in _MODES:
         raise ValueError(f"BATCHLAB_CUTE={value!r}: expected one of {', '.join(_MODES)} "
-                         "(auto: use the CuTe kernels where they apply; 0: never; 1: always, or raise)")
+                         "(0: never, the default; auto: use the CuTe kernels where they apply; 1: as auto, but raise "
+                         "if they cannot run here)")
     return value
 
 
@@ -103,6 +110,6 @@ def wanted(q: torch.Tensor, k: torch.Tensor, **kw) -> bool:
     if reason is not None:
         if switch == "1":
             raise RuntimeError(f"BATCHLAB_CUTE=1 but the CuTe kernels cannot run: {reason}. "
-                               "Set BATCHLAB_CUTE=auto (or unset it) to use the Triton kernels.")
+                               "Set BATCHLAB_CUTE=0 (or unset it) to use the Triton kernels.")
         return False
     return unsupported(q, k, **kw) is None

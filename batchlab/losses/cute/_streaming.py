@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import torch
 
-from batchlab.losses.cute import _epilogues
-
 #: quack tile configs (tile rows, tile columns, cluster rows, pingpong): the fastest of seven for each pass at
 #: N = 65,536, d = 512 on an H200 (session 10, ``benchmarks/results/losses-h200-s10/``). Edit at run time to try others.
 CONFIGS = {
@@ -26,6 +24,13 @@ CONFIGS = {
 }
 #: fp32 elements of partial sums the forward may hold at once (256 MiB); larger problems go in row panels.
 SCRATCH_FLOATS = 1 << 26
+
+
+def _mods():
+    """The epilogue GEMMs (imports quack; a test may stand in CPU versions with the same call contract)."""
+    from batchlab.losses.cute import _epilogues
+
+    return _epilogues
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -54,7 +59,7 @@ def shifted_sums(q, k, scale32, ctl, row_sum, col_sum) -> None:
     rp_all = torch.empty(rows, _cdiv(m, cfg["tile_N"]), **f32)
     cp_all = torch.empty(_cdiv(rows, cfg["tile_M"]), m, **f32)
     ref2 = ctl[:1]
-    mod = _epilogues.shifted_sums[bool(n % cfg["tile_M"] or m % cfg["tile_N"] or rows % cfg["tile_M"])]
+    mod = _mods().shifted_sums[bool(n % cfg["tile_M"] or m % cfg["tile_N"] or rows % cfg["tile_M"])]
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         rp, cp = rp_all[: r1 - r0], cp_all[: _cdiv(r1 - r0, cfg["tile_M"])]
@@ -76,8 +81,8 @@ def logit_grad_panel(q_rows, k, scale32, ginv, lse_r, g_r, lse_c, g_c, out, ds_r
     cfg = CONFIGS["grad"]
     args = dict(scale=scale32, lse_r=lse_r[None], g_r=g_r[None], lse_c=lse_c[None], g_c=g_c[None], ginv=ginv)
     if ds_rows is None:
-        _epilogues.logit_grad.gemm(q_rows, k, out, epi_args=args, **cfg)
+        _mods().logit_grad.gemm(q_rows, k, out, epi_args=args, **cfg)
         return
     parts = torch.empty(q_rows.shape[0], _cdiv(k.shape[0], cfg["tile_N"]), device=q_rows.device, dtype=torch.float32)
-    _epilogues.logit_grad_ds[bool(k.shape[0] % cfg["tile_N"])].gemm(q_rows, k, out, epi_args=dict(args, ds=parts), **cfg)
+    _mods().logit_grad_ds[bool(k.shape[0] % cfg["tile_N"])].gemm(q_rows, k, out, epi_args=dict(args, ds=parts), **cfg)
     torch.sum(parts, 1, out=ds_rows)
