@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import torch
 
-#: quack tile configs (tile rows, tile columns, cluster rows, pingpong): the fastest of seven for each pass at
-#: N = 65,536, d = 512 on an H200 (session 10, ``benchmarks/results/losses-h200-s10/``). Edit at run time to try others.
+#: quack tile configs (tile rows, tile columns, cluster rows, pingpong). At N = 65,536, d = 512 on an H200 128 x 128
+#: pingpong tiles were the fastest of seven configs for both passes in three runs, cluster 1 or 2 by turns within
+#: noise (session 10, ``benchmarks/results/losses-h200-s10/``). Edit at run time to try others.
 CONFIGS = {
     "sums": dict(tile_M=128, tile_N=128, cluster_M=1, cluster_N=1, pingpong=True),
     "grad": dict(tile_M=128, tile_N=128, cluster_M=1, cluster_N=1, pingpong=True),
