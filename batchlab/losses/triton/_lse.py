@@ -26,6 +26,10 @@ itself in one autograd node on the same kernels, with the positives, the loss, t
 the positives' gradients, dk's rounding and the scale gradient's sum in the small kernels of
 :mod:`._glue` (forward 6 launches, backward 2 + 3 per panel). ``BATCHLAB_TRITON_STREAM_LOSS=0``: the
 log-sum-exps alone (:func:`pair_lse`) and PyTorch's ops around them, as before session 9.
+
+With ``BATCHLAB_CUTE=auto`` or ``1`` (and the ``cute`` extra on a Hopper GPU) the forward's tile kernel and the
+backward's panel kernel are replaced by the CuTe epilogue GEMMs of :mod:`batchlab.losses.cute` for the calls they
+take (:func:`batchlab.losses.cute.unsupported`); the rest of this module is the same either way.
 """
 
 from __future__ import annotations
