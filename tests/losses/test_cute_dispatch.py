@@ -30,10 +30,6 @@ from tests.losses.test_triton import unit  # noqa: E402
 LOG2E = 1.4426950408889634
 
 
-def _tiles(x: torch.Tensor, size: int, dim: int):
-    return torch.split(x, size, dim=dim)
-
-
 class _FakeGemm:
     """CPU stand-in for one quack epilogue GEMM of ``_epilogues`` (float64; ``calls`` counts launches)."""
 
@@ -49,8 +45,8 @@ class _FakeGemm:
             rsum, csum = epi_args["rsum"], epi_args["csum"]
             assert rsum.shape == (A.shape[0], -(-B.shape[0] // tile_N)), rsum.shape
             assert csum.shape == (-(-A.shape[0] // tile_M), B.shape[0]), csum.shape
-            rsum.copy_(torch.stack([t.sum(1) for t in _tiles(p, tile_N, 1)], 1))
-            csum.copy_(torch.stack([t.sum(0) for t in _tiles(p, tile_M, 0)], 0))
+            rsum.copy_(torch.stack([t.sum(1) for t in p.split(tile_N, 1)], 1))
+            csum.copy_(torch.stack([t.sum(0) for t in p.split(tile_M, 0)], 0))
             return
         v = {name: epi_args[name].double() for name in ("lse_r", "g_r", "lse_c", "g_c")}
         assert all(x.dim() == 2 and x.shape[0] == 1 for x in v.values())
@@ -60,7 +56,7 @@ class _FakeGemm:
         if self.kind == "grad_ds":
             ds = epi_args["ds"]
             assert ds.shape == (A.shape[0], -(-B.shape[0] // tile_N)), ds.shape
-            ds.copy_(torch.stack([t.sum(1) for t in _tiles(g * acc, tile_N, 1)], 1))
+            ds.copy_(torch.stack([t.sum(1) for t in (g * acc).split(tile_N, 1)], 1))
 
 
 @pytest.fixture

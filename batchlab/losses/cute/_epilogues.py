@@ -58,15 +58,18 @@ def _sums_fn(acc, scale, ref2):
     return {"rsum": p, "csum": p}
 
 
-def _grad_fn(acc, scale, lse_r, g_r, lse_c, g_c, ginv):
+def _logit_grad(acc, scale, lse_r, g_r, lse_c, g_c):
+    """``G = g_r 2^(l2 - lse_r) + g_c 2^(l2 - lse_c)``, ``l2 = acc * s * log2(e)`` (one element)."""
     s2 = scale * LOG2E
-    g = g_r * pexp2(acc * s2 - lse_r) + g_c * pexp2(acc * s2 - lse_c)
-    return {"D": g * ginv}
+    return g_r * pexp2(acc * s2 - lse_r) + g_c * pexp2(acc * s2 - lse_c)
+
+
+def _grad_fn(acc, scale, lse_r, g_r, lse_c, g_c, ginv):
+    return {"D": _logit_grad(acc, scale, lse_r, g_r, lse_c, g_c) * ginv}
 
 
 def _grad_ds_fn(acc, scale, lse_r, g_r, lse_c, g_c, ginv):
-    s2 = scale * LOG2E
-    g = g_r * pexp2(acc * s2 - lse_r) + g_c * pexp2(acc * s2 - lse_c)
+    g = _logit_grad(acc, scale, lse_r, g_r, lse_c, g_c)
     return {"D": g * ginv, "ds": (g, acc)}
 
 

@@ -60,7 +60,7 @@ def shifted_sums(q, k, scale32, ctl, row_sum, col_sum) -> None:
     rp_all = torch.empty(rows, _cdiv(m, cfg["tile_N"]), **f32)
     cp_all = torch.empty(_cdiv(rows, cfg["tile_M"]), m, **f32)
     ref2 = ctl[:1]
-    mod = _mods().shifted_sums[bool(n % cfg["tile_M"] or m % cfg["tile_N"] or rows % cfg["tile_M"])]
+    mod = _mods().shifted_sums[bool(n % cfg["tile_M"] or m % cfg["tile_N"])]  # (panels are whole tiles but the last)
     for r0 in range(0, n, rows):
         r1 = min(n, r0 + rows)
         rp, cp = rp_all[: r1 - r0], cp_all[: _cdiv(r1 - r0, cfg["tile_M"])]

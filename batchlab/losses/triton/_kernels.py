@@ -454,16 +454,24 @@ def _tile_dot_ws(q_ptr, k_ptr, row0, col0, N, M, D, stride_q, stride_k,
 
 
 @triton.jit
+def _tile_at(q_ptr, k_ptr, row0, col0, N, M, D, stride_q, stride_k,
+             BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
+             EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
+    """The (BM, BN) tile from (row0, col0) of a one-tile kernel: rows, columns, their masks (< N, < M) and
+    ``q . k`` in fp32."""
+    acc = _tile_dot_ws(q_ptr, k_ptr, row0, col0, N, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC, TMA, WS)
+    rows = row0 + tl.arange(0, BM)
+    cols = col0 + tl.arange(0, BN)
+    return rows, cols, rows < N, cols < M, acc
+
+
+@triton.jit
 def _panel_tile_ws(q_ptr, k_ptr, r0, r1, M, D, stride_q, stride_k,
                    BM: tl.constexpr, BN: tl.constexpr, BD: tl.constexpr,
                    EVEN_D: tl.constexpr, UPCAST: tl.constexpr, PREC: tl.constexpr, TMA: tl.constexpr, WS: tl.constexpr):
     """``_panel_tile`` for the one-tile kernels: rows, columns, their masks and ``q . k`` in fp32."""
-    row0 = r0 + tl.program_id(0) * BM
-    col0 = tl.program_id(1) * BN
-    acc = _tile_dot_ws(q_ptr, k_ptr, row0, col0, r1, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC, TMA, WS)
-    rows = row0 + tl.arange(0, BM)
-    cols = col0 + tl.arange(0, BN)
-    return rows, cols, rows < r1, cols < M, acc
+    return _tile_at(q_ptr, k_ptr, r0 + tl.program_id(0) * BM, tl.program_id(1) * BN, r1, M, D, stride_q, stride_k,
+                    BM, BN, BD, EVEN_D, UPCAST, PREC, TMA, WS)
 
 
 @triton.jit
@@ -497,16 +505,9 @@ def lse_fwd_tile_kernel(q_ptr, k_ptr, tgt_ptr, scale_ptr, ctl_ptr, row_sum_ptr, 
     programs in flight share a panel's query rows in L2 while the keys stream past once per
     panel (the order that one launch per panel had).
     """
-    pid = tl.program_id(0)
-    row_tile, col_tile = panel_order_tile(pid, N, M, BM, BN, panel_blocks)
-    row0 = row_tile * BM
-    col0 = col_tile * BN
-    acc = _tile_dot_ws(q_ptr, k_ptr, row0, col0, N, M, D, stride_q, stride_k, BM, BN, BD, EVEN_D, UPCAST, PREC,
-                       TMA, False)
-    rows = row0 + tl.arange(0, BM)
-    cols = col0 + tl.arange(0, BN)
-    rmask = rows < N
-    cmask = cols < M
+    row_tile, col_tile = panel_order_tile(tl.program_id(0), N, M, BM, BN, panel_blocks)
+    rows, cols, rmask, cmask, acc = _tile_at(q_ptr, k_ptr, row_tile * BM, col_tile * BN, N, M, D, stride_q, stride_k,
+                                             BM, BN, BD, EVEN_D, UPCAST, PREC, TMA, False)
     s2 = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
     valid = _valid(rows, cols, N, M, tgt_ptr, EXCLUDE, HAS_TGT, False)
     p = tl.where(valid, tl.exp2(acc * s2 - tl.load(ctl_ptr)), 0.0)

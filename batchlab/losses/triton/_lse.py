@@ -297,11 +297,11 @@ def _backward_panels(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, 
     if not cols_on:
         tile_cfg.pop("TWO_EXP", None)
     tiled = bool(cfg.get("TILE"))
-    cute = _cute.wanted(q, k, targets=targets, exclude=exclude, cols=cols_on)
+    use_cute = _cute.wanted(q, k, targets=targets, exclude=exclude, cols=cols_on)
     # DS: one fp32 partial of the scale gradient per program of every panel, the panel from row r0's
     # at cdiv(r0, BM) * per_block; with the CuTe kernels, one per row
     per_block = triton.cdiv(m, bn) if tiled else col_groups
-    ds_parts = torch.empty(n if cute else triton.cdiv(n, bm) * per_block, device=q.device,
+    ds_parts = torch.empty(n if use_cute else triton.cdiv(n, bm) * per_block, device=q.device,
                            dtype=torch.float32) if ds_in_kernel else None
 
     # the same for every panel
@@ -311,7 +311,7 @@ def _backward_panels(q, k, scale, targets, row_lse2, col_lse2, g_row, g_col, *, 
                  **kernel_flags(q, cfg["BD"]))
 
     def fill(p, r0, r1, buf):
-        if cute:
+        if use_cute:
             from batchlab.losses.cute import _streaming
 
             _streaming.logit_grad_panel(q[r0:r1], k, scale32, ginv, row_lse2[r0:r1], g_row[r0:r1], col_lse2, g_col,

@@ -58,7 +58,7 @@ import triton
 import triton.language as tl
 
 from batchlab.losses.triton._dense_kernels import _finish_total
-from batchlab.losses.triton._kernels import _rcp, _tile_dot, _tile_dot_ws, panel_order_tile
+from batchlab.losses.triton._kernels import _rcp, _tile_at, _tile_dot, _tile_dot_ws, panel_order_tile
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -288,12 +288,8 @@ def sog_fwd_tile_kernel(a_ptr, c_ptr, tau_r_ptr, tau_c_ptr, ids_ptr, tau_scale, 
     row_tile, col_tile = panel_order_tile(pid, N, M, BM, BN, panel_blocks)  # InfoNCE's forward tile order
     row0 = row_tile * BM
     col0 = col_tile * BN
-    acc = _tile_dot_ws(a_ptr, c_ptr, row0, col0, N, M, D, stride_a, stride_c, BM, BN, BD, EVEN_D, UPCAST, PREC,
-                       TMA, False)
-    rows = row0 + tl.arange(0, BM)
-    cols = col0 + tl.arange(0, BN)
-    rmask = rows < N
-    cmask = cols < M
+    rows, cols, rmask, cmask, acc = _tile_at(a_ptr, c_ptr, row0, col0, N, M, D, stride_a, stride_c, BM, BN, BD,
+                                             EVEN_D, UPCAST, PREC, TMA, False)
     excl = rows + OFF
     if MASK_ALL:
         s = tl.where(rmask[:, None] & cmask[None, :] & (cols[None, :] != excl[:, None]), acc, NEG)
